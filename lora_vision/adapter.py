@@ -1,0 +1,121 @@
+"""The on-disk adapter: canonical LoRA tensors per model component plus string metadata, in one .safetensors file.
+
+Keys: `<component>.<module>[.<part>].lora_A.weight`, `.lora_B.weight`, `.alpha` (0-dim), where component is one of
+`unet`, `text_encoder`, `text_encoder_2` (diffusers pipelines) or `model` (a single model such as a ViT), and
+`module` is the live module name in that component. Metadata values are strings; ours live under `lora_vision.`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from .io import AdapterFileError, read_safetensors, write_safetensors
+from .lora.inject import inject_lora_from_state_dict, lora_layers
+from .lora.ops import lora_state_dict, parse_canonical
+
+FORMAT_VERSION = "1"
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "model")
+
+
+@dataclass
+class Adapter:
+    """LoRA weights for one or more model components, with metadata."""
+
+    tensors: dict[str, torch.Tensor]
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_models(cls, models: Mapping[str, nn.Module], name: str = "default",
+                    metadata: Mapping[str, str] | None = None,
+                    configs: Mapping[str, object] | None = None) -> "Adapter":
+        """Collect adapter `name` from each component (e.g. {"unet": unet, "text_encoder": te})."""
+        tensors: dict[str, torch.Tensor] = {}
+        for comp, model in models.items():
+            _check_component(comp)
+            if not any(name in layer.lora_A for _, layer in lora_layers(model)):
+                continue
+            for k, v in lora_state_dict(model, name).items():
+                tensors[f"{comp}.{k}"] = v.detach().to("cpu").clone()
+        if not tensors:
+            raise ValueError(f"no adapter named {name!r} in components {list(models)}")
+        meta = {"lora_vision.format": FORMAT_VERSION, "lora_vision.components": json.dumps(sorted(
+            {k.split(".", 1)[0] for k in tensors}))}
+        try:
+            import transformers
+
+            meta["lora_vision.transformers_version"] = transformers.__version__
+        except ImportError:  # pragma: no cover - transformers is a dependency
+            pass
+        for comp, cfg in (configs or {}).items():
+            meta[f"lora_vision.config.{comp}"] = json.dumps(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
+        meta.update(metadata or {})
+        return cls(tensors, meta)
+
+    def components(self) -> list[str]:
+        """Components present in the file, in canonical order."""
+        present = {k.split(".", 1)[0] for k in self.tensors}
+        return [c for c in COMPONENTS if c in present]
+
+    def state_dict_for(self, component: str) -> dict[str, torch.Tensor]:
+        """The canonical state dict of one component (prefix stripped)."""
+        _check_component(component)
+        p = component + "."
+        return {k[len(p):]: v for k, v in self.tensors.items() if k.startswith(p)}
+
+    def apply_to(self, models: Mapping[str, nn.Module], name: str = "default", strength: float = 1.0,
+                 freeze_base: bool = True) -> dict[str, list[str]]:
+        """Inject this adapter as `name` into the given components; returns the adapted module names per component.
+
+        Every component of the file must be given, so nothing is silently dropped.
+        """
+        missing = [c for c in self.components() if c not in models]
+        if missing:
+            raise KeyError(f"the adapter has weights for {missing} but only {list(models)} were given")
+        return {c: inject_lora_from_state_dict(models[c], self.state_dict_for(c), name=name, strength=strength,
+                                               freeze_base=freeze_base)
+                for c in self.components()}
+
+    def ranks(self) -> dict[str, int]:
+        """Rank per adapted module (`component.module[.part]`)."""
+        out = {}
+        for comp in self.components():
+            for (mod, part), e in parse_canonical(self.state_dict_for(comp)).items():
+                out[f"{comp}.{mod}" + (f".{part}" if part else "")] = e["rank"]
+        return out
+
+    def save(self, path: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
+        """Write the adapter atomically (optionally casting LoRA weights to `dtype`; alphas stay float32)."""
+        for comp in self.components():
+            parse_canonical(self.state_dict_for(comp))  # refuse to write something we could not read back
+        tensors = {k: (v.to(dtype) if dtype is not None and not k.endswith(".alpha") else v)
+                   for k, v in self.tensors.items()}
+        return write_safetensors(path, tensors, self.metadata)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Adapter":
+        """Read an adapter written by `save` (safetensors only; validated, NaN/Inf refused)."""
+        tensors, meta = read_safetensors(path)
+        bad = [k for k in tensors if k.split(".", 1)[0] not in COMPONENTS]
+        if bad:
+            raise AdapterFileError(
+                f"{path}: {len(bad)} key(s) are not lora_vision adapter keys (first: {bad[:3]}); expected keys "
+                f"starting with one of {COMPONENTS}. For kohya/diffusers/peft files use lora_vision.formats")
+        adapter = cls(tensors, meta)
+        for comp in adapter.components():
+            try:
+                parse_canonical(adapter.state_dict_for(comp))
+            except KeyError as e:
+                raise AdapterFileError(f"{path}: {e}") from None
+        return adapter
+
+
+def _check_component(comp: str) -> None:
+    if comp not in COMPONENTS:
+        raise ValueError(f"unknown component {comp!r}; expected one of {COMPONENTS}")

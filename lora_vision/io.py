@@ -1,0 +1,135 @@
+"""Safe file I/O: atomic writes and a defensive safetensors reader (files we read can be hostile)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import struct
+import tempfile
+from pathlib import Path
+from typing import Iterator, Mapping
+
+import torch
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit; a larger header is refused before it is read
+
+
+class AdapterFileError(ValueError):
+    """A file could not be read as a LoRA adapter; the message says what was wrong and what to do."""
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to `path`; on success it is renamed over `path`, on error it is removed.
+
+    A crash never leaves a half-written file under the final name.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a text file atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
+                      metadata: Mapping[str, str] | None = None) -> Path:
+    """Write tensors (made contiguous, on CPU) and string metadata to a .safetensors file atomically."""
+    from safetensors.torch import save_file
+
+    bad = {k: type(v).__name__ for k, v in (metadata or {}).items() if not isinstance(v, str)}
+    if bad:
+        raise TypeError(f"safetensors metadata values must be strings; got {bad}")
+    clean = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(clean, str(tmp), metadata=dict(metadata or {}))
+    return Path(path)
+
+
+def _sniff(head: bytes) -> str | None:
+    if head[:2] == b"PK":
+        return "a zip archive (torch.save / .pt / .ckpt pickle)"
+    if head[:1] == b"\x80":
+        return "a Python pickle"
+    return None
+
+
+def read_header(path: str | os.PathLike) -> tuple[dict, int]:
+    """Parse and validate the JSON header of a .safetensors file; returns (header, header_length)."""
+    path = Path(path)
+    if not path.is_file():
+        raise AdapterFileError(f"{path}: no such file")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        kind = _sniff(head)
+        if kind:
+            raise AdapterFileError(f"{path} is {kind}; lora_vision loads only .safetensors files, never pickles "
+                                   f"(convert it in a trusted environment first)")
+        if len(head) < 8:
+            raise AdapterFileError(f"{path}: file too short ({size} bytes) to be a safetensors file")
+        (n,) = struct.unpack("<Q", head)
+        if n > MAX_HEADER_BYTES:
+            raise AdapterFileError(f"{path}: header length {n:,} bytes exceeds the {MAX_HEADER_BYTES:,} byte limit; "
+                                   "not a valid safetensors file")
+        if 8 + n > size:
+            raise AdapterFileError(f"{path}: header says {n:,} bytes but the file has only {size - 8:,} after the "
+                                   "length field; the file is truncated")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise AdapterFileError(f"{path}: header is not valid JSON ({e}); not a safetensors file") from None
+    if not isinstance(header, dict):
+        raise AdapterFileError(f"{path}: header is JSON but not an object")
+    data_len = size - 8 - n
+    for key, info in header.items():
+        if key == "__metadata__":
+            if not isinstance(info, dict) or not all(isinstance(v, str) for v in info.values()):
+                raise AdapterFileError(f"{path}: __metadata__ must map strings to strings")
+            continue
+        try:
+            start, end = info["data_offsets"]
+        except (TypeError, KeyError, ValueError):
+            raise AdapterFileError(f"{path}: tensor {key!r} has no valid data_offsets") from None
+        if not (0 <= start <= end <= data_len):
+            raise AdapterFileError(f"{path}: tensor {key!r} spans bytes {start}..{end} but the data region has "
+                                   f"{data_len} bytes; the file is truncated or corrupt")
+    return header, n
+
+
+def read_safetensors(path: str | os.PathLike, check_finite: bool = True) -> tuple[dict[str, torch.Tensor],
+                                                                                 dict[str, str]]:
+    """Load tensors and metadata from a .safetensors file after validating it.
+
+    Raises AdapterFileError for pickles, truncated files, bad headers, and (with check_finite) NaN/Inf tensors,
+    naming the offending tensors.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    header, _ = read_header(path)
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, ValueError, RuntimeError) as e:
+        raise AdapterFileError(f"{path}: could not read tensors ({e})") from None
+    if check_finite:
+        bad = [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+        if bad:
+            more = f" (+{len(bad) - 5} more)" if len(bad) > 5 else ""
+            raise AdapterFileError(f"{path}: {len(bad)} tensor(s) contain NaN/Inf: {', '.join(bad[:5])}{more}")
+    return tensors, dict(header.get("__metadata__", {}))

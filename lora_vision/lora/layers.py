@@ -1,0 +1,408 @@
+"""LoRA wrappers: each keeps the frozen layer as `self.base` and adds `lora_A` / `lora_B` per named adapter.
+
+h = base(x) + strength * scaling * B(A(dropout(x)))  with scaling = alpha / rank (alpha / sqrt(rank) for rsLoRA).
+
+The per-layer factor strength * scaling lives in a `StrengthTable` shared by every layer of one adapter, as one
+tensor: changing the strength of an adapter is one small copy, and under torch.compile only a tensor value
+changes, so nothing recompiles.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import scaling as _scaling
+
+# Part letters of fused projections and their row block in the fused weight.
+_QKV = ("q", "k", "v")
+
+
+class StrengthTable:
+    """Strength of one adapter in every layer it adapts, stored as `values[slot] = scaling[slot] * strength[slot]`."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.layer_names: list[str] = []
+        self.scaling = torch.zeros(0, dtype=torch.float64)
+        self.strength = torch.zeros(0, dtype=torch.float64)
+        self.values = torch.zeros(0, dtype=torch.float32)
+
+    def add_slot(self, layer_name: str, scaling: float, strength: float = 1.0) -> int:
+        """Register one more layer; returns its slot index."""
+        self.layer_names.append(layer_name)
+        self.scaling = torch.cat([self.scaling, torch.tensor([scaling], dtype=torch.float64)])
+        self.strength = torch.cat([self.strength, torch.tensor([strength], dtype=torch.float64)])
+        self.values = (self.scaling * self.strength).to(torch.float32).to(self.values.device)
+        return len(self.layer_names) - 1
+
+    def set_strength(self, strength: float | torch.Tensor, slots: list[int] | None = None) -> None:
+        """Set the strength of all slots (or of the given ones); one host-to-device copy."""
+        if slots is None:
+            self.strength.fill_(float(strength)) if not torch.is_tensor(strength) else self.strength.copy_(strength)
+        else:
+            self.strength[slots] = float(strength)
+        self.values.copy_((self.scaling * self.strength).to(torch.float32), non_blocking=True)
+
+    def to(self, device: torch.device) -> None:
+        """Move the values to `device` (done lazily by the layers on first use)."""
+        self.values = self.values.to(device)
+
+
+class LoRALayer(nn.Module):
+    """Common state of every LoRA wrapper: adapters, their tables, which ones run, merge backups."""
+
+    base: nn.Module
+
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__()
+        self.base = base
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.ranks: dict[str, int] = {}
+        self.alphas: dict[str, float] = {}
+        self.rslora: dict[str, bool] = {}
+        self.tables: dict[str, tuple[StrengthTable, int]] = {}
+        self.active: list[str] = []
+        self.merged: dict[str, float] = {}
+        self.disabled = False
+        self._backup: dict[str, torch.Tensor] = {}
+        self._run: tuple[str, ...] = ()
+
+    # ---- adapter bookkeeping -------------------------------------------------------------------------
+    def add_adapter(self, name: str, rank: int, alpha: float, dropout: float, init: str, rslora: bool,
+                    table: StrengthTable, layer_name: str) -> None:
+        """Create adapter `name` with zero B (so it starts as the identity) and register it in `table`."""
+        if name in self.lora_A:
+            raise ValueError(f"adapter {name!r} already exists in {layer_name}; remove it first or use another name")
+        a, b = self._new_params(rank)
+        self._init_A(a, init, rank)
+        self.lora_A[name] = nn.Parameter(a)
+        self.lora_B[name] = nn.Parameter(b)
+        self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.ranks[name], self.alphas[name], self.rslora[name] = rank, float(alpha), rslora
+        self.tables[name] = (table, table.add_slot(layer_name, _scaling(alpha, rank, rslora)))
+        self.active.append(name)
+        self._refresh()
+
+    def delete_adapter(self, name: str) -> None:
+        """Remove adapter `name` (unmerging it first if it was merged)."""
+        if name in self.merged:
+            self.unmerge_()
+        for d in (self.lora_A, self.lora_B, self.lora_dropout):
+            del d[name]
+        for d in (self.ranks, self.alphas, self.rslora, self.tables):
+            d.pop(name)
+        if name in self.active:
+            self.active.remove(name)
+        self._refresh()
+
+    def set_active(self, names: list[str]) -> None:
+        """Which adapters run (a subset of the adapters of this layer, others are ignored)."""
+        self.active = [n for n in names if n in self.lora_A]
+        self._refresh()
+
+    def _refresh(self) -> None:
+        self._run = () if self.disabled else tuple(n for n in self.active if n not in self.merged)
+
+    def factor(self, name: str, device: torch.device) -> torch.Tensor:
+        """0-dim tensor strength * scaling of adapter `name` on `device`."""
+        table, slot = self.tables[name]
+        if table.values.device != device:
+            table.to(device)
+        return table.values[slot]
+
+    def current_strength(self, name: str) -> float:
+        """The strength of adapter `name` in this layer."""
+        table, slot = self.tables[name]
+        return float(table.strength[slot])
+
+    def scaling(self, name: str) -> float:
+        """alpha / rank (or alpha / sqrt(rank)) of adapter `name`."""
+        return _scaling(self.alphas[name], self.ranks[name], self.rslora[name])
+
+    # ---- merge ---------------------------------------------------------------------------------------
+    def merge_(self, names: list[str], strengths: dict[str, float], dry_run: bool = False) -> None:
+        """Fold adapters into the base weights (fp32 math, cast back).
+
+        Raises FloatingPointError, leaving the weights as they were, if the result would hold NaN or Inf (also
+        after the cast to a half-precision weight). `dry_run` only checks.
+        """
+        names = [n for n in names if n not in self.merged]
+        if not names:
+            return
+        targets = dict(self._base_weights())
+        new: dict[str, torch.Tensor] = {}
+        with torch.no_grad():
+            for key, w in targets.items():
+                acc = w.detach().float()
+                for n in names:
+                    d = self.delta(n).get(key)
+                    if d is not None:
+                        acc = acc + strengths[n] * d.to(acc.device)
+                cast = acc.to(w.dtype)
+                if not torch.isfinite(cast).all():
+                    raise FloatingPointError(
+                        f"merging adapter(s) {names} would put NaN/Inf into {key} ({w.dtype}); weights left unchanged")
+                new[key] = cast
+            if dry_run:
+                return
+            for key, w in targets.items():
+                if key not in self._backup:
+                    self._backup[key] = w.detach().clone()
+                w.data.copy_(new[key])
+        for n in names:
+            self.merged[n] = strengths[n]
+        self._refresh()
+
+    def unmerge_(self) -> None:
+        """Restore the exact base weights saved at the first merge (bit for bit)."""
+        targets = dict(self._base_weights())
+        for key, saved in self._backup.items():
+            targets[key].data.copy_(saved)
+        self._backup.clear()
+        self.merged.clear()
+        self._refresh()
+
+    # ---- per-kind hooks ------------------------------------------------------------------------------
+    def _new_params(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def _init_A(self, a: torch.Tensor, init: str, rank: int) -> None:
+        if init == "gaussian":
+            nn.init.normal_(a, std=1.0 / rank)
+            return
+        # Same as nn.Linear's default and the paper's reference code (loralib): kaiming-uniform with a = sqrt(5).
+        # Fused layers stack parts on dim 0 (P, r, in): each part is initialised as its own matrix.
+        for chunk in (a.unbind(0) if a.dim() == 3 else [a]):
+            nn.init.kaiming_uniform_(chunk, a=math.sqrt(5))
+
+    def _base_weights(self) -> Iterator[tuple[str, nn.Parameter]]:
+        yield "weight", self.base.weight
+
+    def delta(self, name: str) -> dict[str, torch.Tensor]:
+        """The update scaling * B @ A of adapter `name` in fp32, per base weight it touches, at strength 1."""
+        raise NotImplementedError
+
+    def lora_pairs(self, name: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Canonical (A, B) per sub-module suffix ("" for plain layers, "q"/"k"/"v"/"o" for fused parts)."""
+        return {"": (self.lora_A[name], self.lora_B[name])}
+
+    def load_pair_(self, name: str, suffix: str, a: torch.Tensor, b: torch.Tensor) -> None:
+        """Copy canonical A and B (shapes as lora_pairs returns them) into adapter `name`."""
+        with torch.no_grad():
+            self.lora_A[name].copy_(a)
+            self.lora_B[name].copy_(b)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{n}: r={self.ranks[n]} alpha={self.alphas[n]:g}" for n in self.lora_A)
+
+
+def _cast_in(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    # Under autocast the matmul picks its own dtype; otherwise run the low-rank path in the LoRA weights' dtype.
+    if x.dtype != w.dtype and not torch.is_autocast_enabled(x.device.type):
+        return x.to(w.dtype)
+    return x
+
+
+class LoRALinear(LoRALayer):
+    """LoRA around nn.Linear: A is (rank, in), B is (out, rank)."""
+
+    def __init__(self, base: nn.Linear) -> None:
+        super().__init__(base)
+        self.in_features, self.out_features = base.in_features, base.out_features
+
+    def _new_params(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        dev = self.base.weight.device
+        return (torch.empty(rank, self.in_features, device=dev, dtype=torch.float32),
+                torch.zeros(self.out_features, rank, device=dev, dtype=torch.float32))
+
+    def delta(self, name: str) -> dict[str, torch.Tensor]:
+        return {"weight": (self.lora_B[name].float() @ self.lora_A[name].float()) * self.scaling(name)}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        for name in self._run:
+            a, b = self.lora_A[name], self.lora_B[name]
+            h = self.lora_dropout[name](_cast_in(x, a))
+            out = out + (F.linear(F.linear(h, a), b) * self.factor(name, out.device)).to(out.dtype)
+        return out
+
+
+class LoRAConv2d(LoRALayer):
+    """LoRA around nn.Conv2d: A carries the kernel, stride, padding and dilation (rank, in, kh, kw); B is 1x1."""
+
+    def __init__(self, base: nn.Conv2d) -> None:
+        if base.groups != 1:
+            raise ValueError(f"LoRAConv2d supports groups=1 only, got a Conv2d with groups={base.groups}")
+        if base.padding_mode != "zeros":
+            raise ValueError(f"LoRAConv2d supports padding_mode='zeros' only, got {base.padding_mode!r}")
+        super().__init__(base)
+
+    def _new_params(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self.base
+        dev = c.weight.device
+        return (torch.empty(rank, c.in_channels, *c.kernel_size, device=dev, dtype=torch.float32),
+                torch.zeros(c.out_channels, rank, 1, 1, device=dev, dtype=torch.float32))
+
+    def delta(self, name: str) -> dict[str, torch.Tensor]:
+        a, b = self.lora_A[name].float(), self.lora_B[name].float()
+        w = (b.flatten(1) @ a.flatten(1)).reshape(self.base.weight.shape)
+        return {"weight": w * self.scaling(name)}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        c = self.base
+        for name in self._run:
+            a, b = self.lora_A[name], self.lora_B[name]
+            h = self.lora_dropout[name](_cast_in(x, a))
+            h = F.conv2d(h, a, None, c.stride, c.padding, c.dilation)
+            out = out + (F.conv2d(h, b) * self.factor(name, out.device)).to(out.dtype)
+        return out
+
+
+class _FusedLoRA(LoRALayer):
+    """Shared logic of fused projections: adapters per part, stored stacked as A (P, r, in) and B (P, d, r)."""
+
+    part_names: tuple[str, ...] = _QKV
+
+    def __init__(self, base: nn.Module, parts: tuple[str, ...], d: int, d_in: int) -> None:
+        super().__init__(base)
+        unknown = [p for p in parts if p not in self.part_names]
+        if unknown or not parts:
+            raise ValueError(f"parts {parts!r} not valid for {type(base).__name__}: choose from {self.part_names}")
+        self.parts = tuple(p for p in self.part_names if p in parts)
+        self.d, self.d_in = d, d_in
+
+    def _new_params(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        dev = self._device()
+        p = len(self.parts)
+        return (torch.empty(p, rank, self.d_in, device=dev, dtype=torch.float32),
+                torch.zeros(p, self.d, rank, device=dev, dtype=torch.float32))
+
+    def _device(self) -> torch.device:
+        return next(self.base.parameters()).device
+
+    def _qkv_B(self, name: str) -> torch.Tensor:
+        """B of the q/k/v parts as one (3d, P_qkv * r) block matrix, zero rows for parts without adapter."""
+        b = self.lora_B[name]
+        blocks = [b[self.parts.index(p)] if p in self.parts else b.new_zeros(self.d, 0) for p in _QKV]
+        return torch.block_diag(*blocks)
+
+    def _qkv_A(self, name: str) -> torch.Tensor:
+        idx = [self.parts.index(p) for p in _QKV if p in self.parts]
+        return self.lora_A[name][idx].reshape(-1, self.d_in)
+
+    def lora_pairs(self, name: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        a, b = self.lora_A[name], self.lora_B[name]
+        return {p: (a[i], b[i]) for i, p in enumerate(self.parts)}
+
+    def load_pair_(self, name: str, suffix: str, a: torch.Tensor, b: torch.Tensor) -> None:
+        i = self.parts.index(suffix)
+        with torch.no_grad():
+            self.lora_A[name][i].copy_(a)
+            self.lora_B[name][i].copy_(b)
+
+    def _part_deltas(self, name: str) -> dict[str, torch.Tensor]:
+        a, b = self.lora_A[name].float(), self.lora_B[name].float()
+        s = self.scaling(name)
+        return {p: (b[i] @ a[i]) * s for i, p in enumerate(self.parts)}
+
+    def _qkv_delta(self, name: str, like: torch.Tensor) -> torch.Tensor | None:
+        parts = self._part_deltas(name)
+        if not any(p in parts for p in _QKV):
+            return None
+        zero = torch.zeros(self.d, self.d_in, device=like.device, dtype=torch.float32)
+        return torch.cat([parts.get(p, zero) for p in _QKV], dim=0)
+
+
+class LoRAFusedLinear(_FusedLoRA):
+    """LoRA around a fused q/k/v nn.Linear (timm's `qkv`): separate adapters for q, k and v in one batched product."""
+
+    def __init__(self, base: nn.Linear, parts: tuple[str, ...] = _QKV) -> None:
+        if base.out_features % 3:
+            raise ValueError(f"fused qkv Linear must have out_features divisible by 3, got {base.out_features}")
+        super().__init__(base, tuple(p for p in parts if p in _QKV), base.out_features // 3, base.in_features)
+
+    def delta(self, name: str) -> dict[str, torch.Tensor]:
+        return {"weight": self._qkv_delta(name, self.base.weight)}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        for name in self._run:
+            a = self.lora_A[name]
+            h = self.lora_dropout[name](_cast_in(x, a))
+            # One (P*r, in) product for all parts, then one block-diagonal (3d, P*r) product.
+            low = F.linear(F.linear(h, a.reshape(-1, self.d_in)), self._qkv_B(name))
+            out = out + (low * self.factor(name, out.device)).to(out.dtype)
+        return out
+
+
+class LoRAMultiheadAttention(_FusedLoRA):
+    """LoRA around nn.MultiheadAttention (torchvision ViT) with adapters on q, k, v and out_proj (o).
+
+    MultiheadAttention's forward reads `in_proj_weight` and `out_proj.weight` directly, so wrapping a child Linear
+    is not enough: this wrapper adds the low-rank updates to those weights and calls the functional attention.
+    """
+
+    part_names = ("q", "k", "v", "o")
+
+    def __init__(self, base: nn.MultiheadAttention, parts: tuple[str, ...] = ("q", "k", "v", "o")) -> None:
+        if not base._qkv_same_embed_dim:
+            raise ValueError("LoRAMultiheadAttention needs kdim == vdim == embed_dim (a packed in_proj_weight)")
+        super().__init__(base, parts, base.embed_dim, base.embed_dim)
+        self.batch_first = base.batch_first
+
+    def _base_weights(self) -> Iterator[tuple[str, nn.Parameter]]:
+        if any(p in self.parts for p in _QKV):
+            yield "in_proj_weight", self.base.in_proj_weight
+        if "o" in self.parts:
+            yield "out_proj.weight", self.base.out_proj.weight
+
+    def delta(self, name: str) -> dict[str, torch.Tensor]:
+        out = {}
+        qkv = self._qkv_delta(name, self.base.in_proj_weight)
+        if qkv is not None:
+            out["in_proj_weight"] = qkv
+        if "o" in self.parts:
+            out["out_proj.weight"] = self._part_deltas(name)["o"]
+        return out
+
+    def _weights_with_lora(self) -> tuple[torch.Tensor, torch.Tensor]:
+        m = self.base
+        w_in, w_out = m.in_proj_weight, m.out_proj.weight
+        for name in self._run:
+            a, b = self.lora_A[name], self.lora_B[name]
+            f = self.factor(name, w_in.device)
+            if any(p in self.parts for p in _QKV):
+                w_in = w_in + (self._qkv_B(name) @ self._qkv_A(name) * f).to(w_in.dtype)
+            if "o" in self.parts:
+                i = self.parts.index("o")
+                w_out = w_out + (b[i] @ a[i] * f).to(w_out.dtype)
+        return w_in, w_out
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                key_padding_mask: torch.Tensor | None = None, need_weights: bool = True,
+                attn_mask: torch.Tensor | None = None, average_attn_weights: bool = True,
+                is_causal: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        m = self.base
+        if not self._run:
+            return m(query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
+                     attn_mask=attn_mask, average_attn_weights=average_attn_weights, is_causal=is_causal)
+        w_in, w_out = self._weights_with_lora()
+        batched = query.dim() == 3
+        if self.batch_first and batched:
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        out, weights = F.multi_head_attention_forward(
+            query, key, value, m.embed_dim, m.num_heads, w_in, m.in_proj_bias, m.bias_k, m.bias_v,
+            m.add_zero_attn, m.dropout, w_out, m.out_proj.bias, training=self.training,
+            key_padding_mask=key_padding_mask, need_weights=need_weights, attn_mask=attn_mask,
+            average_attn_weights=average_attn_weights, is_causal=is_causal)
+        if self.batch_first and batched:
+            out = out.transpose(0, 1)
+        return out, weights

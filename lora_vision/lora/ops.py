@@ -1,0 +1,291 @@
+"""Operations on a model that carries LoRA: strength, enable/disable, merge/unmerge, state dicts, counts."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Iterator, Mapping
+
+import torch
+from torch import nn
+
+from .config import matches
+from .inject import lora_layers
+from .layers import LoRALayer
+
+
+class LoRAStateDictError(KeyError):
+    """A LoRA state dict does not fit the adapters of a model; the message lists every mismatch."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; show it as written
+        return str(self.args[0])
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    """Names of the adapters present anywhere in `model`, in order of creation."""
+    seen: dict[str, None] = {}
+    for _, layer in lora_layers(model):
+        for n in layer.lora_A:
+            seen.setdefault(n)
+    return list(seen)
+
+
+def _require(model: nn.Module, name: str | None) -> list[str]:
+    names = adapter_names(model)
+    if not names:
+        raise ValueError(f"{type(model).__name__} has no LoRA adapters; call inject_lora first")
+    if name is not None and name not in names:
+        raise KeyError(f"no adapter named {name!r}; this model has {names}")
+    return names if name is None else [name]
+
+
+def set_strength(model: nn.Module, strength: float, name: str | None = None, pattern: str | None = None) -> int:
+    """Set the strength of adapter `name` (all adapters if None) in the layers whose name matches `pattern`.
+
+    One small copy per adapter table: cheap enough to call every step, and no recompilation under torch.compile.
+    Returns the number of layers changed.
+    """
+    names = _require(model, name)
+    per_table: dict[int, tuple] = {}
+    for mod_name, layer in lora_layers(model):
+        if pattern is not None and not matches(mod_name, pattern):
+            continue
+        for n in names:
+            if n in layer.tables:
+                table, slot = layer.tables[n]
+                per_table.setdefault(id(table), (table, []))[1].append(slot)
+    count = 0
+    for table, slots in per_table.values():
+        table.set_strength(strength, None if len(slots) == len(table.layer_names) else slots)
+        count += len(slots)
+    return count
+
+
+def get_strength(model: nn.Module, name: str) -> dict[str, float]:
+    """Strength of adapter `name` per adapted layer."""
+    _require(model, name)
+    return {m: layer.current_strength(name) for m, layer in lora_layers(model) if name in layer.tables}
+
+
+def set_active_adapters(model: nn.Module, names: list[str] | str) -> None:
+    """Which adapters run in forward (the others stay loaded)."""
+    names = [names] if isinstance(names, str) else list(names)
+    known = adapter_names(model)
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise KeyError(f"unknown adapter(s) {unknown}; this model has {known}")
+    for _, layer in lora_layers(model):
+        layer.set_active(names)
+
+
+@contextlib.contextmanager
+def disable_lora(model: nn.Module) -> Iterator[None]:
+    """Run the base model inside the block (merged adapters stay in the weights)."""
+    layers = [layer for _, layer in lora_layers(model)]
+    before = [layer.disabled for layer in layers]
+    try:
+        for layer in layers:
+            layer.disabled = True
+            layer._refresh()
+        yield
+    finally:
+        for layer, was in zip(layers, before):
+            layer.disabled = was
+            layer._refresh()
+
+
+def merge_lora(model: nn.Module, strength: float | None = None, adapters: list[str] | None = None) -> int:
+    """Fold the active adapters (or `adapters`) into the base weights; returns the number of layers changed.
+
+    The update is computed in float32 and cast back to the weight dtype. `strength` None uses each adapter's
+    current strength. If any layer would get a NaN or Inf, nothing is changed and FloatingPointError is raised.
+    Merged adapters stop running in forward; `unmerge_lora` restores the base weights bit for bit.
+    """
+    plan = []
+    for mod_name, layer in lora_layers(model):
+        names = [n for n in (adapters if adapters is not None else layer.active) if n in layer.lora_A]
+        if names:
+            strengths = {n: float(strength) if strength is not None else layer.current_strength(n) for n in names}
+            plan.append((mod_name, layer, names, strengths))
+    if adapters is not None and not plan:
+        _require(model, adapters[0] if adapters else None)
+    # Check every layer before changing any, so a bad adapter leaves the whole model untouched.
+    for mod_name, layer, names, strengths in plan:
+        try:
+            layer.merge_(names, strengths, dry_run=True)
+        except FloatingPointError as e:
+            raise FloatingPointError(f"{mod_name}: {e}") from None
+    for _, layer, names, strengths in plan:
+        layer.merge_(names, strengths)
+    return len(plan)
+
+
+def unmerge_lora(model: nn.Module) -> int:
+    """Restore the base weights saved at merge time (bit-exact); returns the number of layers restored."""
+    count = 0
+    for _, layer in lora_layers(model):
+        if layer.merged:
+            layer.unmerge_()
+            count += 1
+    return count
+
+
+def lora_parameters(model: nn.Module, name: str | None = None) -> list[nn.Parameter]:
+    """The LoRA parameters (A and B) of adapter `name`, or of all adapters."""
+    out = []
+    for _, layer in lora_layers(model):
+        for n in layer.lora_A:
+            if name is None or n == name:
+                out += [layer.lora_A[n], layer.lora_B[n]]
+    return out
+
+
+def lora_state_dict(model: nn.Module, name: str = "default") -> dict[str, torch.Tensor]:
+    """Canonical state dict of adapter `name`: `<module>[.<part>].lora_A.weight`, `.lora_B.weight`, `.alpha`.
+
+    Fused projections (MultiheadAttention, timm qkv) get one entry per part (`q`, `k`, `v`, `o`). Tensors are
+    detached views; alpha is a 0-dim float32 tensor.
+    """
+    _require(model, name)
+    sd: dict[str, torch.Tensor] = {}
+    for mod_name, layer in lora_layers(model):
+        if name not in layer.lora_A:
+            continue
+        for suffix, (a, b) in layer.lora_pairs(name).items():
+            key = f"{mod_name}.{suffix}" if suffix else mod_name
+            sd[f"{key}.lora_A.weight"] = a.detach()
+            sd[f"{key}.lora_B.weight"] = b.detach()
+            sd[f"{key}.alpha"] = torch.tensor(layer.alphas[name], dtype=torch.float32)
+    return sd
+
+
+def parse_canonical(state_dict: Mapping[str, torch.Tensor]) -> dict[tuple[str, str], dict]:
+    """Group canonical keys per (module, part); checks that every entry has both A and B and ranks agree."""
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    bad: list[str] = []
+    for key, t in state_dict.items():
+        for suffix in (".lora_A.weight", ".lora_B.weight", ".alpha"):
+            if key.endswith(suffix):
+                groups.setdefault(key[: -len(suffix)], {})[suffix] = t
+                break
+        else:
+            bad.append(key)
+    problems = [f"unexpected key {k!r} (expected <module>.lora_A.weight / .lora_B.weight / .alpha)" for k in bad]
+    entries: dict[tuple[str, str], dict] = {}
+    for key, g in groups.items():
+        if ".lora_A.weight" not in g or ".lora_B.weight" not in g:
+            have = sorted(s.lstrip(".") for s in g)
+            problems.append(f"{key}: has {have} but needs both lora_A.weight and lora_B.weight")
+            continue
+        a, b = g[".lora_A.weight"], g[".lora_B.weight"]
+        if a.shape[0] != b.shape[1]:
+            problems.append(f"{key}: lora_A has rank {a.shape[0]} but lora_B has rank {b.shape[1]}")
+            continue
+        alpha = float(g[".alpha"].item()) if ".alpha" in g else float(a.shape[0])
+        mod, _, last = key.rpartition(".")
+        part = last if last in ("q", "k", "v", "o") and mod else ""
+        entries[(mod if part else key, part)] = {"A": a, "B": b, "rank": int(a.shape[0]), "alpha": alpha}
+    if problems:
+        raise LoRAStateDictError("invalid LoRA state dict:\n  - " + "\n  - ".join(problems))
+    return entries
+
+
+@dataclass
+class LoadReport:
+    """What `load_lora_state_dict` matched and what it did not."""
+
+    matched: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    mismatched: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.unexpected or self.mismatched)
+
+    def __str__(self) -> str:
+        lines = [f"matched {len(self.matched)} LoRA modules"]
+        for what in ("missing", "unexpected", "mismatched"):
+            items = getattr(self, what)
+            if items:
+                more = f" ... (+{len(items) - 8} more)" if len(items) > 8 else ""
+                lines.append(f"{what} ({len(items)}): " + ", ".join(items[:8]) + more)
+        return "\n".join(lines)
+
+
+def load_lora_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], name: str = "default",
+                         strict: bool = True) -> LoadReport:
+    """Copy a canonical state dict into adapter `name` of `model`.
+
+    strict: any missing, unexpected or wrongly shaped entry (or a different alpha) raises LoRAStateDictError
+    listing all of them, before anything is copied. Non-strict: loads what fits and returns the report.
+    """
+    _require(model, name)
+    entries = parse_canonical(state_dict)
+    report = LoadReport()
+    todo = []
+    present: set[tuple[str, str]] = set()
+    for mod_name, layer in lora_layers(model):
+        if name not in layer.lora_A:
+            continue
+        for suffix, (a, b) in layer.lora_pairs(name).items():
+            key = (mod_name, suffix)
+            present.add(key)
+            label = f"{mod_name}.{suffix}" if suffix else mod_name
+            e = entries.get(key)
+            if e is None:
+                report.missing.append(label)
+                continue
+            bad = []
+            if tuple(e["A"].shape) != tuple(a.shape):
+                bad.append(f"lora_A {tuple(e['A'].shape)} vs expected {tuple(a.shape)}")
+            if tuple(e["B"].shape) != tuple(b.shape):
+                bad.append(f"lora_B {tuple(e['B'].shape)} vs expected {tuple(b.shape)}")
+            if abs(e["alpha"] - layer.alphas[name]) > 1e-6 * max(1.0, abs(layer.alphas[name])):
+                bad.append(f"alpha {e['alpha']:g} vs expected {layer.alphas[name]:g}")
+            for t, what in ((e["A"], "lora_A"), (e["B"], "lora_B")):
+                if not t.is_floating_point():
+                    bad.append(f"{what} dtype {t.dtype} is not floating point")
+                elif not torch.isfinite(t).all():
+                    bad.append(f"{what} contains NaN/Inf")
+            if bad:
+                report.mismatched.append(f"{label} ({'; '.join(bad)})")
+                continue
+            report.matched.append(label)
+            todo.append((layer, suffix, e))
+    report.unexpected = [f"{m}.{p}" if p else m for (m, p) in entries if (m, p) not in present]
+    if strict and not report.ok:
+        raise LoRAStateDictError(f"LoRA state dict does not fit adapter {name!r} of {type(model).__name__}:\n"
+                                 + str(report))
+    for layer, suffix, e in todo:
+        layer.load_pair_(name, suffix, e["A"], e["B"])
+    return report
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; shared parameters counted once."""
+    seen: set[int] = set()
+    trainable = total = 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+    return trainable, total
+
+
+def lora_report(model: nn.Module, label: str | None = None) -> str:
+    """One line: `adapted 192 modules in unet (797,184 trainable parameters, 0.09%)`."""
+    layers = list(lora_layers(model))
+    trainable, total = count_parameters(model)
+    where = label or type(model).__name__
+    names = adapter_names(model)
+    pct = 100.0 * trainable / max(total, 1)
+    adapters = f", adapters: {', '.join(names)}" if len(names) > 1 else ""
+    return f"adapted {len(layers)} modules in {where} ({trainable:,} trainable parameters, {pct:.2f}%{adapters})"
+
+
+def is_lora_layer(module: nn.Module) -> bool:
+    """True for a LoRA wrapper."""
+    return isinstance(module, LoRALayer)

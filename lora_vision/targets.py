@@ -1,0 +1,128 @@
+"""Named target presets: which modules of UNets, CLIP text encoders and ViTs get LoRA.
+
+Patterns cover both transformers 4.x and 5.x module names (5.x flattened CLIPTextModel and renamed HF ViT).
+
+| preset              | model                      | modules                                                         |
+|---------------------|----------------------------|-----------------------------------------------------------------|
+| unet-cross-attn     | diffusers UNet2DCondition  | attn2.{to_q,to_k,to_v,to_out.0}                                 |
+| unet-attn           | diffusers UNet2DCondition  | attn1 and attn2 {to_q,to_k,to_v,to_out.0}                       |
+| unet-attn-ff        | diffusers UNet2DCondition  | every Linear/Conv2d of the transformer blocks (kohya's default): |
+|                     |                            | attn1, attn2, ff.net.0.proj, ff.net.2, proj_in, proj_out        |
+| unet-locon          | diffusers UNet2DCondition  | unet-attn-ff + ResNet conv1/conv2/time_emb_proj/conv_shortcut   |
+|                     |                            | + down/upsampler convs (kohya LoCon)                            |
+| clip-attn           | CLIPTextModel(+Projection) | self_attn.{q,k,v,out}_proj                                      |
+| clip-attn-mlp       | CLIPTextModel(+Projection) | clip-attn + mlp.fc1, mlp.fc2                                    |
+| hf-vit-attn         | transformers ViT           | q/k/v/o (v5) or attention.attention.{query,key,value},          |
+|                     |                            | attention.output.dense (v4)                                     |
+| hf-vit-attn-mlp     | transformers ViT           | hf-vit-attn + mlp.fc1/fc2 (v5) or intermediate/output.dense (v4) |
+| tv-vit-attn         | torchvision ViT            | self_attention (nn.MultiheadAttention: q, k, v, o)              |
+| tv-vit-attn-mlp     | torchvision ViT            | tv-vit-attn + mlp.0, mlp.3                                      |
+| timm-vit-attn       | timm VisionTransformer     | attn.qkv (split into q, k, v) and attn.proj                     |
+| timm-vit-attn-mlp   | timm VisionTransformer     | timm-vit-attn + mlp.fc1, mlp.fc2                                |
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from typing import Callable
+
+from torch import nn
+
+_QKVO = r"(to_q|to_k|to_v|to_out\.0)"
+_UNET_ATTN_FF = (
+    rf"re:.*transformer_blocks\.\d+\.(attn[12]\.{_QKVO}|ff\.net\.(0\.proj|2))",
+    r"re:.*attentions\.\d+\.(proj_in|proj_out)",
+)
+_UNET_CONV = (
+    r"re:.*resnets\.\d+\.(conv1|conv2|time_emb_proj|conv_shortcut)",
+    r"re:.*(downsamplers|upsamplers)\.0\.conv",
+)
+_CLIP_ATTN = (r"re:(.*\.)?encoder\.layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|out_proj)",)
+_CLIP_MLP = (r"re:(.*\.)?encoder\.layers\.\d+\.mlp\.(fc1|fc2)",)
+_HF_VIT_ATTN = (
+    r"re:(.*\.)?layers\.\d+\.attention\.(q_proj|k_proj|v_proj|o_proj)",  # transformers 5
+    r"re:(.*\.)?layer\.\d+\.attention\.(attention\.(query|key|value)|output\.dense)",  # transformers 4
+)
+_HF_VIT_MLP = (
+    r"re:(.*\.)?layers\.\d+\.mlp\.(fc1|fc2)",  # transformers 5
+    r"re:(.*\.)?layer\.\d+\.(intermediate\.dense|output\.dense)",  # transformers 4
+)
+_TV_ATTN = (r"re:encoder\.layers\.encoder_layer_\d+\.self_attention",)
+_TV_MLP = (r"re:encoder\.layers\.encoder_layer_\d+\.mlp\.(0|3)",)
+_TIMM_ATTN = (r"re:blocks\.\d+\.attn\.(qkv|proj)",)
+_TIMM_MLP = (r"re:blocks\.\d+\.mlp\.(fc1|fc2)",)
+
+
+def _cls(model: nn.Module) -> str:
+    return f"{type(model).__module__}.{type(model).__name__}"
+
+
+def _is_unet(m: nn.Module) -> bool:
+    return type(m).__name__ == "UNet2DConditionModel"
+
+
+def _is_clip_text(m: nn.Module) -> bool:
+    return type(m).__name__ in ("CLIPTextModel", "CLIPTextModelWithProjection", "CLIPTextTransformer")
+
+
+def _is_hf_vit(m: nn.Module) -> bool:
+    return _cls(m).startswith("transformers.") and "ViT" in type(m).__name__
+
+
+def _is_tv_vit(m: nn.Module) -> bool:
+    return _cls(m) == "torchvision.models.vision_transformer.VisionTransformer"
+
+
+def _is_timm_vit(m: nn.Module) -> bool:
+    return _cls(m).startswith("timm.") and type(m).__name__ == "VisionTransformer"
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named set of target patterns and the kind of model it is meant for."""
+
+    name: str
+    model_kind: str
+    patterns: tuple[str, ...]
+    fits: Callable[[nn.Module], bool]
+
+
+PRESETS: dict[str, Preset] = {p.name: p for p in (
+    Preset("unet-cross-attn", "diffusers UNet2DConditionModel", (rf"re:.*attn2\.{_QKVO}",), _is_unet),
+    Preset("unet-attn", "diffusers UNet2DConditionModel", (rf"re:.*attn[12]\.{_QKVO}",), _is_unet),
+    Preset("unet-attn-ff", "diffusers UNet2DConditionModel", _UNET_ATTN_FF, _is_unet),
+    Preset("unet-locon", "diffusers UNet2DConditionModel", _UNET_ATTN_FF + _UNET_CONV, _is_unet),
+    Preset("clip-attn", "CLIPTextModel / CLIPTextModelWithProjection", _CLIP_ATTN, _is_clip_text),
+    Preset("clip-attn-mlp", "CLIPTextModel / CLIPTextModelWithProjection", _CLIP_ATTN + _CLIP_MLP, _is_clip_text),
+    Preset("hf-vit-attn", "transformers ViT", _HF_VIT_ATTN, _is_hf_vit),
+    Preset("hf-vit-attn-mlp", "transformers ViT", _HF_VIT_ATTN + _HF_VIT_MLP, _is_hf_vit),
+    Preset("tv-vit-attn", "torchvision VisionTransformer", _TV_ATTN, _is_tv_vit),
+    Preset("tv-vit-attn-mlp", "torchvision VisionTransformer", _TV_ATTN + _TV_MLP, _is_tv_vit),
+    Preset("timm-vit-attn", "timm VisionTransformer", _TIMM_ATTN, _is_timm_vit),
+    Preset("timm-vit-attn-mlp", "timm VisionTransformer", _TIMM_ATTN + _TIMM_MLP, _is_timm_vit),
+)}
+
+
+def resolve_preset(name: str, model: nn.Module | None = None) -> tuple[str, ...]:
+    """The patterns of preset `name`; with `model`, checks that the preset is meant for that kind of model."""
+    from .lora.inject import TargetError
+
+    preset = PRESETS.get(name)
+    if preset is None:
+        close = difflib.get_close_matches(name, list(PRESETS), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise TargetError(f"unknown target preset {name!r}{hint}; presets: {', '.join(PRESETS)}")
+    if model is not None and not preset.fits(model):
+        raise TargetError(f"preset {name!r} is for a {preset.model_kind}, but the model is a {_cls(model)}; "
+                          f"choose a preset for this model or give explicit target patterns")
+    return preset.patterns
+
+
+def default_preset(model: nn.Module) -> str:
+    """A sensible default preset for `model` (attention of UNets, CLIP and ViTs)."""
+    for test, name in ((_is_unet, "unet-attn"), (_is_clip_text, "clip-attn"), (_is_hf_vit, "hf-vit-attn"),
+                       (_is_tv_vit, "tv-vit-attn"), (_is_timm_vit, "timm-vit-attn")):
+        if test(model):
+            return name
+    raise ValueError(f"no default preset for {_cls(model)}; give explicit target patterns")
