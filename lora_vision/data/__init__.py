@@ -1,0 +1,1 @@
+"""Datasets: DreamBooth instance/class images with captions and buckets, synthetic and ImageNet-style subsets."""
