@@ -230,7 +230,14 @@ class LoRALinear(LoRALayer):
         for name in self._run:
             a, b = self.lora_A[name], self.lora_B[name]
             h = self.lora_dropout[name](_cast_in(x, a))
-            out = out + (F.linear(F.linear(h, a), b) * self.factor(name, out.device)).to(out.dtype)
+            # Scale the small (..., r) intermediate, not the output, and let one addmm add B's product to the
+            # base output: no extra full-size elementwise passes.
+            low = F.linear(h, a) * self.factor(name, out.device)
+            if low.dtype == out.dtype or torch.is_autocast_enabled(out.device.type):
+                flat = torch.addmm(out.reshape(-1, out.shape[-1]), low.reshape(-1, low.shape[-1]), b.t())
+                out = flat.view(out.shape)
+            else:
+                out = out + F.linear(low, b).to(out.dtype)
         return out
 
 
