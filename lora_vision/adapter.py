@@ -3,6 +3,9 @@
 Keys: `<component>.<module>[.<part>].lora_A.weight`, `.lora_B.weight`, `.alpha` (0-dim), where component is one of
 `unet`, `text_encoder`, `text_encoder_2` (diffusers pipelines) or `model` (a single model such as a ViT), and
 `module` is the live module name in that component. Metadata values are strings; ours live under `lora_vision.`.
+
+Modules trained in full next to the adapter (a new classification head; peft's `modules_to_save`) are stored as
+`full.<component>.<module>.<param>`; `apply_to` copies them into the model after checking every shape.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -22,6 +25,7 @@ from .lora.ops import lora_state_dict, parse_canonical
 
 FORMAT_VERSION = "1"
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "model")
+FULL = "full"
 
 
 @dataclass
@@ -34,19 +38,28 @@ class Adapter:
     @classmethod
     def from_models(cls, models: Mapping[str, nn.Module], name: str = "default",
                     metadata: Mapping[str, str] | None = None,
-                    configs: Mapping[str, object] | None = None) -> "Adapter":
-        """Collect adapter `name` from each component (e.g. {"unet": unet, "text_encoder": te})."""
+                    configs: Mapping[str, object] | None = None,
+                    full_modules: Mapping[str, Sequence[str]] | None = None) -> "Adapter":
+        """Collect adapter `name` from each component (e.g. {"unet": unet, "text_encoder": te}).
+
+        `full_modules` names modules per component whose weights are stored in full (e.g. {"model": ["classifier"]}).
+        """
         tensors: dict[str, torch.Tensor] = {}
+        for comp, mods in (full_modules or {}).items():
+            _check_component(comp)
+            for mod in mods:
+                for k, v in models[comp].get_submodule(mod).state_dict().items():
+                    tensors[f"{FULL}.{comp}.{mod}.{k}"] = v.detach().to("cpu").clone()
         for comp, model in models.items():
             _check_component(comp)
             if not any(name in layer.lora_A for _, layer in lora_layers(model)):
                 continue
             for k, v in lora_state_dict(model, name).items():
                 tensors[f"{comp}.{k}"] = v.detach().to("cpu").clone()
-        if not tensors:
+        if not any(not k.startswith(FULL + ".") for k in tensors):
             raise ValueError(f"no adapter named {name!r} in components {list(models)}")
         meta = {"lora_vision.format": FORMAT_VERSION, "lora_vision.components": json.dumps(sorted(
-            {k.split(".", 1)[0] for k in tensors}))}
+            {k.split(".", 1)[0] for k in tensors} - {FULL}))}
         try:
             import transformers
 
@@ -63,6 +76,12 @@ class Adapter:
         present = {k.split(".", 1)[0] for k in self.tensors}
         return [c for c in COMPONENTS if c in present]
 
+    def full_state_dict_for(self, component: str) -> dict[str, torch.Tensor]:
+        """Weights of the modules stored in full for `component`: `<module>.<param>` -> tensor."""
+        _check_component(component)
+        p = f"{FULL}.{component}."
+        return {k[len(p):]: v for k, v in self.tensors.items() if k.startswith(p)}
+
     def state_dict_for(self, component: str) -> dict[str, torch.Tensor]:
         """The canonical state dict of one component (prefix stripped)."""
         _check_component(component)
@@ -75,9 +94,16 @@ class Adapter:
 
         Every component of the file must be given, so nothing is silently dropped.
         """
-        missing = [c for c in self.components() if c not in models]
+        full = {c: self.full_state_dict_for(c) for c in COMPONENTS if self.full_state_dict_for(c)}
+        missing = [c for c in dict.fromkeys(self.components() + list(full)) if c not in models]
         if missing:
             raise KeyError(f"the adapter has weights for {missing} but only {list(models)} were given")
+        for c, sd in full.items():  # check every shape before anything changes
+            _check_full(models[c], sd, c)
+        for c, sd in full.items():
+            with torch.no_grad():
+                for k, v in sd.items():
+                    _model_tensor(models[c], k).copy_(v)
         return {c: inject_lora_from_state_dict(models[c], self.state_dict_for(c), name=name, strength=strength,
                                                freeze_base=freeze_base)
                 for c in self.components()}
@@ -102,7 +128,8 @@ class Adapter:
     def load(cls, path: str | os.PathLike) -> "Adapter":
         """Read an adapter written by `save` (safetensors only; validated, NaN/Inf refused)."""
         tensors, meta = read_safetensors(path)
-        bad = [k for k in tensors if k.split(".", 1)[0] not in COMPONENTS]
+        bad = [k for k in tensors if k.split(".", 1)[0] not in COMPONENTS
+               and not (k.startswith(FULL + ".") and k.split(".", 2)[1] in COMPONENTS)]
         if bad:
             raise AdapterFileError(
                 f"{path}: {len(bad)} key(s) are not lora_vision adapter keys (first: {bad[:3]}); expected keys "
@@ -114,6 +141,31 @@ class Adapter:
             except KeyError as e:
                 raise AdapterFileError(f"{path}: {e}") from None
         return adapter
+
+
+def _model_tensor(model: nn.Module, key: str) -> torch.Tensor:
+    mod, _, attr = key.rpartition(".")
+    owner = model.get_submodule(mod) if mod else model
+    t = getattr(owner, attr, None)
+    if not isinstance(t, torch.Tensor):
+        raise AttributeError(f"{type(model).__name__} has no parameter or buffer {key!r}")
+    return t
+
+
+def _check_full(model: nn.Module, sd: Mapping[str, torch.Tensor], comp: str) -> None:
+    problems = []
+    for k, v in sd.items():
+        try:
+            t = _model_tensor(model, k)
+        except AttributeError:
+            problems.append(f"{k}: the model has no such parameter")
+            continue
+        if tuple(t.shape) != tuple(v.shape):
+            problems.append(f"{k}: adapter has shape {tuple(v.shape)}, model has {tuple(t.shape)}")
+    if problems:
+        raise ValueError(f"the adapter's fully trained modules do not fit {comp} ({type(model).__name__}):\n  - "
+                         + "\n  - ".join(problems) + "\nbuild the model with the same head size (number of "
+                         "classes) the adapter was trained with")
 
 
 def _check_component(comp: str) -> None:
