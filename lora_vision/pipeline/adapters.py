@@ -1,0 +1,373 @@
+"""Adapters in diffusers SD 1.x / 2.x / SDXL pipelines: load, strength per component and block, switch, unload.
+
+Every adapter loaded into a pipeline gets one StrengthTable per device, shared by all its layers in the UNet and the
+text encoder(s), so a strength change is one small host-to-device copy. Switching the active adapters flips which
+adapters each cached LoRA layer runs: nothing is reloaded. The bookkeeping lives on the pipeline object
+(`pipe._lora_vision`), the LoRA wrappers in its modules.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence, Union
+
+import torch
+from torch import nn
+
+from ..adapter import Adapter
+from ..lora.inject import _set_child, lora_layers, remove_lora
+from ..lora.layers import LoRAConv2d, LoRALayer, LoRALinear, StrengthTable
+from ..lora.ops import parse_canonical
+from .blocks import BlockStrengths, block_of, multiplier, parse_block_strengths
+
+PIPELINE_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+AdapterSource = Union[str, os.PathLike, Adapter]
+
+
+class AdapterMismatchError(ValueError):
+    """An adapter file does not fit the pipeline (another base model, missing modules, wrong shapes)."""
+
+
+@dataclass
+class AdapterLoadReport:
+    """What `load_adapter` did: the modules adapted per component, and what was skipped (strict=False)."""
+
+    name: str
+    source: str
+    format: str
+    modules: dict[str, list[str]]
+    skipped: list[str] = field(default_factory=list)
+    strength: float = 1.0
+    te_strength: float = 1.0
+    block_strengths: dict[str, float] = field(default_factory=dict)
+    source_report: Any = None
+
+    @property
+    def num_modules(self) -> int:
+        return sum(len(v) for v in self.modules.values())
+
+    def __str__(self) -> str:
+        comps = ", ".join(f"{c} {len(m)} modules" for c, m in self.modules.items())
+        blocks = f", blocks {self.block_strengths}" if self.block_strengths else ""
+        skipped = f"; skipped {len(self.skipped)} that did not fit" if self.skipped else ""
+        return (f"loaded adapter {self.name!r} from {self.source} ({self.format}): {comps}; strength "
+                f"{self.strength:g} (text encoder {self.te_strength:g}{blocks}){skipped}")
+
+
+@dataclass
+class _Loaded:
+    """One adapter resident in a pipeline."""
+
+    name: str
+    modules: dict[str, list[str]]
+    tables: list[StrengthTable]
+    slot_groups: list[torch.Tensor]  # per table: group index of every slot
+    groups: list[str]  # "unet:<block>" or a text-encoder component name
+    strength: float
+    te_strength: float
+    blocks: dict[str, float]
+
+
+@dataclass
+class _State:
+    adapters: dict[str, _Loaded] = field(default_factory=dict)
+    active: list[str] = field(default_factory=list)
+    fused: dict[str, float] = field(default_factory=dict)
+    layers: list[LoRALayer] = field(default_factory=list)
+
+
+def _state(pipe: Any) -> _State:
+    st = getattr(pipe, "_lora_vision", None)
+    if st is None:
+        st = _State()
+        pipe._lora_vision = st
+    return st
+
+
+def pipeline_components(pipe: Any) -> dict[str, nn.Module]:
+    """The adaptable components of a diffusers pipeline: unet, text_encoder, text_encoder_2 (those present)."""
+    comps = {c: getattr(pipe, c, None) for c in PIPELINE_COMPONENTS}
+    comps = {c: m for c, m in comps.items() if isinstance(m, nn.Module)}
+    if "unet" not in comps:
+        raise TypeError(f"{type(pipe).__name__} has no `unet`; expected a diffusers Stable Diffusion 1.x/2.x/SDXL "
+                        "pipeline (components unet, text_encoder[, text_encoder_2])")
+    return comps
+
+
+def _require(pipe: Any, names: Sequence[str]) -> _State:
+    st = _state(pipe)
+    unknown = [n for n in names if n not in st.adapters]
+    if unknown:
+        raise KeyError(f"unknown adapter(s) {unknown}; loaded in this pipeline: {list(st.adapters) or 'none'} "
+                       "(load one with load_adapter(pipe, path, name=...))")
+    return st
+
+
+def _no_fused(st: _State, what: str) -> None:
+    if st.fused:
+        raise RuntimeError(f"cannot {what} while adapter(s) {list(st.fused)} are fused into the weights; "
+                           "call unfuse(pipe) first")
+
+
+# ---- reading ---------------------------------------------------------------------------------------------------
+
+def read_adapter(source: AdapterSource) -> tuple[Adapter, str, str, Any]:
+    """(adapter, source label, format, format report) for a native Adapter, a native file or any supported file.
+
+    Files go through `lora_vision.formats.load_any` (kohya, diffusers, peft, ...) when it is available, else they
+    must be lora_vision adapter files.
+    """
+    if isinstance(source, Adapter):
+        return source, "<Adapter>", "lora_vision", None
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(f"expected a file path or an Adapter, got {type(source).__name__}")
+    path = Path(source)
+    try:
+        from ..formats import load_any  # type: ignore[attr-defined]
+    except ImportError:
+        load_any = None
+    if load_any is None:
+        return Adapter.load(path), str(path), "lora_vision", None
+    adapter, report = load_any(path)
+    return adapter, str(path), str(getattr(report, "format", "detected")), report
+
+
+def _rslora(adapter: Adapter, comp: str) -> bool:
+    raw = adapter.metadata.get(f"lora_vision.config.{comp}")
+    try:
+        return bool(json.loads(raw).get("rslora", False)) if raw else False
+    except (ValueError, AttributeError):
+        return False
+
+
+def _live_name(name: str, modules: Mapping[str, nn.Module]) -> str | None:
+    # Files may carry transformers-4 CLIP names (`text_model.` prefix) that transformers 5 flattened, or the reverse.
+    for cand in (name, name.removeprefix("text_model."), "text_model." + name):
+        if cand in modules:
+            return cand
+    return None
+
+
+def _expected_shapes(base: nn.Module, rank: int) -> tuple[tuple, tuple] | None:
+    if isinstance(base, nn.Linear):
+        return (rank, base.in_features), (base.out_features, rank)
+    if isinstance(base, nn.Conv2d) and base.groups == 1:
+        return (rank, base.in_channels, *base.kernel_size), (base.out_channels, rank, 1, 1)
+    return None
+
+
+def _plan(pipe: Any, adapter: Adapter, name: str, source: str, strict: bool) -> tuple[dict, list[str]]:
+    """Match every module of the adapter to the pipeline and check shapes, before anything changes."""
+    comps = pipeline_components(pipe)
+    problems: list[str] = []
+    skipped: list[str] = []
+    plan: dict[str, list] = {}
+    extra = [c for c in adapter.components() if c not in comps]
+    if extra:
+        hint = " (an SDXL adapter?)" if "text_encoder_2" in extra else ""
+        problems.append(f"the file has weights for {extra}, which {type(pipe).__name__} does not have{hint}")
+    for comp in adapter.components():
+        if comp not in comps:
+            continue
+        model = comps[comp]
+        modules = dict(model.named_modules())
+        entries = parse_canonical(adapter.state_dict_for(comp))
+        missing, bad = [], []
+        for (mod, part), e in entries.items():
+            live = _live_name(mod, modules)
+            label = f"{comp}.{mod}" + (f".{part}" if part else "")
+            if live is None or part:
+                missing.append(label)
+                continue
+            target = modules[live]
+            if isinstance(target, LoRALayer) and name in target.lora_A:
+                raise ValueError(f"{comp}.{live} already has an adapter named {name!r}; unload it first or "
+                                 "choose another name")
+            base = target.base if isinstance(target, LoRALayer) else target
+            shapes = _expected_shapes(base, e["rank"])
+            if shapes is None:
+                bad.append(f"{label} is a {type(base).__name__}, which cannot take LoRA")
+            elif tuple(e["A"].shape) != shapes[0] or tuple(e["B"].shape) != shapes[1]:
+                bad.append(f"{label}: lora_A {tuple(e['A'].shape)} / lora_B {tuple(e['B'].shape)}, expected "
+                           f"{shapes[0]} / {shapes[1]}")
+            else:
+                plan.setdefault(comp, []).append((live, target, e))
+        if missing:
+            problems.append(f"{len(missing)} of {len(entries)} {comp} modules not found (first: {missing[:3]})")
+        if bad:
+            problems.append(f"{len(bad)} {comp} modules have other shapes (first: {bad[:2]})")
+        skipped += missing + bad
+    if (problems and strict) or not plan:
+        raise AdapterMismatchError(
+            f"{source} does not fit this {type(pipe).__name__}: " + "; ".join(problems or ["it adapts nothing"])
+            + ". It was probably made for another base model (e.g. an SDXL LoRA on an SD 1.x pipeline, or "
+            "SD 2.x on SD 1.x); load it into the model it was trained for, or pass strict=False to load only the "
+            "modules that fit.")
+    return plan, skipped
+
+
+# ---- loading ---------------------------------------------------------------------------------------------------
+
+def load_adapter(pipe: Any, source: AdapterSource, name: str = "default", strength: float = 1.0,
+                 te_strength: float | None = None, block_strengths: BlockStrengths = None, strict: bool = True,
+                 dtype: torch.dtype | None = None) -> AdapterLoadReport:
+    """Apply an adapter (a file in any supported format, or an `Adapter`) to the UNet and text encoder(s) of `pipe`.
+
+    The adapter is added to the active set with UNet strength `strength`, text-encoder strength `te_strength`
+    (None: same as `strength`), and UNet block multipliers `block_strengths` (syntax in pipeline.blocks, e.g.
+    "down=1,mid=0.5,up=0"). LoRA weights take the dtype of the layer they adapt unless `dtype` is given.
+    Nothing changes if the file does not fit the pipeline (AdapterMismatchError); strict=False loads what fits.
+    """
+    if not name or "." in name:
+        raise ValueError(f"adapter name {name!r}: expected a non-empty name without '.'")
+    st = _state(pipe)
+    if name in st.adapters:
+        raise ValueError(f"an adapter named {name!r} is already loaded; unload_adapter(pipe, {name!r}) first or "
+                         "choose another name")
+    unet = pipeline_components(pipe)["unet"]
+    blocks = parse_block_strengths(block_strengths, len(unet.down_blocks), len(unet.up_blocks))
+    adapter, label, fmt, src_report = read_adapter(source)
+    plan, skipped = _plan(pipe, adapter, name, label, strict)
+    tables: dict[str, StrengthTable] = {}
+    groups: list[str] = []
+    slot_groups: dict[str, list[int]] = {}
+    modules: dict[str, list[str]] = {}
+    comps = pipeline_components(pipe)
+    try:
+        with torch.no_grad():
+            for comp, items in plan.items():
+                rslora = _rslora(adapter, comp)
+                for live, target, e in items:
+                    layer = target if isinstance(target, LoRALayer) else (
+                        LoRALinear(target) if isinstance(target, nn.Linear) else LoRAConv2d(target))
+                    w = layer.base.weight
+                    table = tables.setdefault(str(w.device), StrengthTable(name))
+                    layer.add_adapter(name, e["rank"], e["alpha"], 0.0, "kaiming", rslora, table, f"{comp}.{live}")
+                    dt = dtype or w.dtype
+                    layer.lora_A[name] = nn.Parameter(e["A"].to(w.device, dt), requires_grad=False)
+                    layer.lora_B[name] = nn.Parameter(e["B"].to(w.device, dt), requires_grad=False)
+                    if layer is not target:
+                        _set_child(comps[comp], live, layer)
+                        st.layers.append(layer)
+                    elif not any(layer is x for x in st.layers):  # a wrapper made outside this module
+                        st.layers.append(layer)
+                    group = f"unet:{block_of(live)}" if comp == "unet" else comp
+                    if group not in groups:
+                        groups.append(group)
+                    slot_groups.setdefault(str(w.device), []).append(groups.index(group))
+                    modules.setdefault(comp, []).append(live)
+    except BaseException:
+        for comp in modules:
+            remove_lora(comps[comp], name)
+        st.layers = _collect_layers(pipe)
+        raise
+    table_list = list(tables.values())
+    for dev, table in tables.items():
+        table.to(torch.device(dev))
+    loaded = _Loaded(name, modules, table_list, [torch.tensor(slot_groups[d]) for d in tables], groups,
+                     float(strength), float(strength if te_strength is None else te_strength), blocks)
+    st.adapters[name] = loaded
+    st.active.append(name)
+    _apply_strength(loaded)
+    for layer in st.layers:
+        if name in layer.lora_A:
+            layer.set_active(st.active)
+    return AdapterLoadReport(name, label, fmt, modules, skipped, loaded.strength, loaded.te_strength, blocks,
+                             src_report)
+
+
+def _collect_layers(pipe: Any) -> list[LoRALayer]:
+    return [layer for m in pipeline_components(pipe).values() for _, layer in lora_layers(m)]
+
+
+def _apply_strength(loaded: _Loaded) -> None:
+    """Write every slot's strength: one small copy per table (one table per device)."""
+    vals = []
+    for g in loaded.groups:
+        if g.startswith("unet:"):
+            vals.append(loaded.strength * multiplier(g[5:], loaded.blocks))
+        else:
+            vals.append(loaded.te_strength)
+    v = torch.tensor(vals, dtype=torch.float64)
+    for table, idx in zip(loaded.tables, loaded.slot_groups):
+        table.set_strength(v[idx])
+
+
+# ---- runtime control -------------------------------------------------------------------------------------------
+
+def set_adapter_strength(pipe: Any, name: str, strength: float, te_strength: float | None = None,
+                         block_strengths: BlockStrengths = None) -> None:
+    """Change the strength of a loaded adapter without reloading: UNet `strength`, text encoder `te_strength`
+    (None: same as `strength`), block multipliers (None keeps the current ones; {} resets them to 1)."""
+    st = _require(pipe, [name])
+    if name in st.fused:
+        raise RuntimeError(f"adapter {name!r} is fused into the weights; call unfuse(pipe) before changing its "
+                           "strength")
+    loaded = st.adapters[name]
+    if block_strengths is not None:
+        unet = pipe.unet
+        loaded.blocks = parse_block_strengths(block_strengths, len(unet.down_blocks), len(unet.up_blocks))
+    loaded.strength = float(strength)
+    loaded.te_strength = float(strength if te_strength is None else te_strength)
+    _apply_strength(loaded)
+
+
+def set_adapters(pipe: Any, names: Sequence[str] | str,
+                 strengths: float | Sequence[float] | Mapping[str, float] | None = None) -> None:
+    """Make exactly `names` active (the others stay loaded but do not run), optionally setting their strengths
+    (one number for all, one per name, or {name: strength}; text encoders follow, block multipliers are kept)."""
+    names = [names] if isinstance(names, str) else list(names)
+    st = _require(pipe, names)
+    _no_fused(st, "switch adapters")
+    if strengths is not None:
+        if isinstance(strengths, Mapping):
+            per = dict(strengths)
+            _require(pipe, list(per))
+        elif isinstance(strengths, (int, float)):
+            per = {n: float(strengths) for n in names}
+        else:
+            strengths = list(strengths)
+            if len(strengths) != len(names):
+                raise ValueError(f"{len(strengths)} strengths for {len(names)} adapters {names}")
+            per = dict(zip(names, strengths))
+        for n, s in per.items():
+            set_adapter_strength(pipe, n, s)
+    st.active = names
+    for layer in st.layers:
+        layer.set_active(names)
+
+
+def active_adapters(pipe: Any) -> list[str]:
+    """Names of the adapters that run, in load order."""
+    return list(_state(pipe).active)
+
+
+def list_adapters(pipe: Any) -> dict[str, dict[str, Any]]:
+    """Every loaded adapter: active, fused, strengths, block multipliers, and modules per component."""
+    st = _state(pipe)
+    return {n: {"active": n in st.active, "fused": n in st.fused, "strength": a.strength,
+                "te_strength": a.te_strength, "block_strengths": dict(a.blocks),
+                "modules": {c: len(m) for c, m in a.modules.items()}} for n, a in st.adapters.items()}
+
+
+def unload_adapter(pipe: Any, name: str | None = None) -> list[str]:
+    """Remove adapter `name` (all if None) and return the pipeline to its original modules and exact weights.
+
+    Returns the names of the adapters removed.
+    """
+    st = _state(pipe)
+    names = list(st.adapters) if name is None else [name]
+    _require(pipe, names)
+    _no_fused(st, "unload adapters")
+    comps = pipeline_components(pipe)
+    for n in names:
+        for comp in st.adapters[n].modules:
+            remove_lora(comps[comp], n)
+        del st.adapters[n]
+        if n in st.active:
+            st.active.remove(n)
+    st.layers = _collect_layers(pipe)
+    return names
