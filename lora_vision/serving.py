@@ -30,6 +30,8 @@ from torch import nn
 
 from .adapter import Adapter
 from .lora.ops import parse_canonical
+from .pipeline import block_of, parse_block_strengths, read_adapter
+from .pipeline.blocks import BlockStrengths, multiplier
 
 SERVED_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 
@@ -114,8 +116,7 @@ class AdapterServer:
         slots (rank <= slot rank, modules within the slots) and is copied to the device at once."""
         if name in self._pending or name in self._resident:
             raise ValueError(f"adapter {name!r} is already loaded; remove it first or use another name")
-        if not isinstance(adapter, Adapter):
-            adapter = read_adapter(adapter)
+        adapter = read_adapter(adapter)[0]
         entries: dict[str, dict[tuple[str, str], dict]] = {}
         for comp in adapter.components():
             if comp not in self.components:
@@ -261,10 +262,11 @@ class AdapterServer:
 
     # ---- per request ---------------------------------------------------------------------------------
     def activate(self, name: str | None, strength: float = 1.0, te_strength: float | None = None,
-                 block_strengths: Mapping[str, float] | None = None) -> None:
+                 block_strengths: BlockStrengths = None) -> None:
         """Make adapter `name` the one that runs (None: the base model), at a UNet / text-encoder strength.
 
-        block_strengths: optional UNet multipliers per block ("down", "mid", "up"), on top of `strength`.
+        block_strengths: optional UNet multipliers per block, on top of `strength` (syntax of
+        lora_vision.pipeline.blocks: "down=1,mid=0.5,up=0", {"up.1": 0}, ...).
         """
         if not self._slots:
             self.prepare()
@@ -287,20 +289,19 @@ class AdapterServer:
         self.set_strength(strength, te_strength, block_strengths)
 
     def set_strength(self, strength: float, te_strength: float | None = None,
-                     block_strengths: Mapping[str, float] | None = None) -> None:
+                     block_strengths: BlockStrengths = None) -> None:
         """Change the strength of the active adapter: two multi-tensor kernels, no recompile."""
         if self.active is None:
             raise RuntimeError("no adapter is active; call activate(name) first")
         te = strength if te_strength is None else te_strength
-        blocks = dict(block_strengths or {})
-        unknown = set(blocks) - {"down", "mid", "up"}
-        if unknown:
-            raise ValueError(f"block_strengths keys {sorted(unknown)}: expected 'down', 'mid', 'up'")
+        unet = self.components.get("unet")
+        blocks = parse_block_strengths(block_strengths, len(unet.down_blocks), len(unet.up_blocks)) \
+            if unet is not None else {}
         st = self._resident[self.active]
         factors = []
         for i, s in zip(st["idx"], st["scaling"]):
             comp, m = self._order[i]
-            f = te if comp != "unet" else strength * blocks.get(_block_of(m), 1.0)
+            f = te if comp != "unet" else strength * multiplier(block_of(m), blocks)
             factors.append(s * f)
         with torch.no_grad():
             dst_b = [self._dst_B[i] for i in st["idx"]]
@@ -309,16 +310,3 @@ class AdapterServer:
         self.strengths = {"unet": strength, "text_encoder": te, **blocks}
 
 
-def _block_of(module: str) -> str:
-    head = module.split(".", 1)[0]
-    return {"down_blocks": "down", "mid_block": "mid", "up_blocks": "up"}.get(head, "other")
-
-
-def read_adapter(path: str | os.PathLike) -> Adapter:
-    """Read an adapter file in any supported format (lora_vision.formats when present, else our native file)."""
-    try:
-        from .formats import load_any  # type: ignore[attr-defined]
-    except ImportError:
-        return Adapter.load(path)
-    loaded = load_any(path)
-    return loaded if isinstance(loaded, Adapter) else getattr(loaded, "adapter", loaded)
