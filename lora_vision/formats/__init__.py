@@ -1,0 +1,184 @@
+"""Foreign LoRA formats at the edge: detect a file's format, import it into our canonical `Adapter` for the live
+module names of the installed libraries, and export an `Adapter` to kohya (A1111 / ComfyUI), diffusers or PEFT.
+
+    adapter, report = load_any("my_lora.safetensors", models={"unet": pipe.unet, "text_encoder": pipe.text_encoder})
+    export(adapter, "kohya", "out.safetensors", base="sd1")
+
+Give `models` (or `infos` from `describe_models`) whenever the target is known: names are then matched against
+the real modules and shapes are checked, so a file made for another base is an error that says so.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from ..adapter import COMPONENTS, Adapter
+from ..io import AdapterFileError, read_safetensors
+from ..lora.ops import parse_canonical
+from . import naming
+from .common import BaseMismatchError, ComponentInfo, ImportReport, describe_models, fit_pair, put
+from .detect import FORMATS, classify_keys, detect_format, guess_base
+
+__all__ = ["FORMATS", "BaseMismatchError", "ComponentInfo", "ImportReport", "describe_models", "detect_format",
+           "export", "guess_base", "import_tensors", "load_any"]
+
+
+def load_any(source: str | os.PathLike | Mapping[str, torch.Tensor], models: Mapping[str, nn.Module] | None = None,
+             strict: bool = False, infos: Mapping[str, ComponentInfo] | None = None,
+             metadata: Mapping[str, str] | None = None) -> tuple[Adapter, ImportReport]:
+    """Read any supported LoRA file (or PEFT folder, or dict of tensors) into an `Adapter` plus an `ImportReport`.
+
+    models: the live target components ({"unet": ..., "text_encoder": ..., "text_encoder_2": ...} or
+    {"model": vit}); infos: the same described ahead of time. strict: any unused tensor, module not found or
+    unsupported tensor kind raises. A file made for another base raises BaseMismatchError in every mode.
+    """
+    if infos is None and models is not None:
+        infos = describe_models(models)
+    label = "<tensors>" if isinstance(source, Mapping) else str(source)
+    if not isinstance(source, Mapping) and Path(source).is_dir():
+        from .peft import import_peft_dir
+
+        tensors, report = import_peft_dir(Path(source), infos)
+        meta: dict[str, str] = {}
+    else:
+        if isinstance(source, Mapping):
+            raw, meta = dict(source), dict(metadata or {})
+        else:
+            raw, meta = read_safetensors(source)
+        tensors, report = import_tensors(raw, meta, infos, label)
+    _check_base(tensors, report, infos, source, label)
+    report.raise_if_strict(strict, label)
+    if not tensors:
+        raise AdapterFileError(f"{label}: no LoRA module could be imported ({report}); the file is for another "
+                               "model, or of a kind lora_vision does not apply")
+    meta = {k: v for k, v in meta.items() if k != "format"}
+    meta["lora_vision.source_format"] = report.format
+    meta.setdefault("lora_vision.format", "1")
+    meta.setdefault("lora_vision.base", report.base or "unknown")
+    return Adapter(tensors, meta), report
+
+
+def import_tensors(raw: Mapping[str, torch.Tensor], metadata: Mapping[str, str], infos: Mapping[str, ComponentInfo]
+                   | None = None, source: str = "<tensors>") -> tuple[dict[str, torch.Tensor], ImportReport]:
+    """Canonical tensors and a report from the tensors and metadata of a single file of any supported format."""
+    fmt = classify_keys(list(raw), metadata, source)
+    if fmt == "kohya":
+        from .kohya import import_kohya
+
+        tensors, report = import_kohya(raw, infos, source)
+    elif fmt == "diffusers":
+        from .diffusers import import_diffusers
+
+        tensors, report = import_diffusers(raw, metadata, infos, source)
+    elif fmt == "peft":
+        from .peft import import_peft_tensors
+
+        tensors, report = import_peft_tensors(raw, {}, infos, source)
+    else:
+        tensors, report = import_native(raw, infos, source)
+    report.base = guess_base(tensors) if tensors else None
+    for k, t in tensors.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise AdapterFileError(f"{source}: {k} contains NaN/Inf")
+    return tensors, report
+
+
+def import_native(raw: Mapping[str, torch.Tensor], infos: Mapping[str, ComponentInfo] | None = None,
+                  source: str = "<tensors>") -> tuple[dict[str, torch.Tensor], ImportReport]:
+    """Our own files: names are re-mapped for the installed transformers (CLIP `text_model.`) and checked."""
+    report = ImportReport("lora_vision")
+    out: dict[str, torch.Tensor] = {}
+    comps = sorted({k.split(".", 1)[0] for k in raw})
+    for comp in comps:
+        if comp not in COMPONENTS:
+            report.unused += [k for k in raw if k.startswith(comp + ".")]
+            continue
+        p = comp + "."
+        try:
+            entries = parse_canonical({k[len(p):]: v for k, v in raw.items() if k.startswith(p)})
+        except KeyError as e:
+            raise AdapterFileError(f"{source}: {e}") from None
+        info = (infos or {}).get(comp)
+        for (mod, part), e in entries.items():
+            live = mod
+            if comp.startswith("text_encoder"):
+                has = info.has_text_model if info is not None else naming.default_has_text_model(comp)
+                live = naming.te_to_live(mod, has)
+            a, b = e["A"], e["B"]
+            if info is not None and info.live:
+                if live not in info.modules:
+                    report.not_found.append(f"{comp}.{live}")
+                    continue
+                kind, wshape = info.modules[live]
+                if not part:
+                    a, b = fit_pair(f"{source}: {comp}.{mod}", kind, wshape, a, b, True)
+            put(out, comp, f"{live}.{part}" if part else live, a, b, e["alpha"])
+            report.matched.append(f"{comp}.{live}" + (f".{part}" if part else ""))
+    return out, report
+
+
+def _check_base(tensors: dict, report: ImportReport, infos: Mapping[str, ComponentInfo] | None,
+                source: object, label: str) -> None:
+    """A file for another base (SDXL file on SD 1.5, ...) is an error whatever `strict` says."""
+    if not infos or not any(i.live for i in infos.values()):
+        return
+    file_comps = {m.split(".", 1)[0] for m in report.matched + report.not_found if "." in m}
+    lacking = [c for c in file_comps if c in COMPONENTS and c not in infos]
+    n_unet = sum(1 for m in report.not_found if not m.startswith(("text_encoder", "model.")))
+    matched = len(report.matched)
+    if lacking or (report.not_found and len(report.not_found) >= max(1, matched)):
+        file_base = "unknown"
+        try:
+            if not isinstance(source, Mapping) and not Path(str(source)).is_dir():
+                raw, meta = read_safetensors(str(source))
+                file_base = import_tensors(raw, meta, None, label)[1].base or "unknown"
+            elif isinstance(source, Mapping):
+                file_base = import_tensors(source, {}, None, label)[1].base or "unknown"
+        except (AdapterFileError, KeyError, ValueError):
+            pass
+        fams = {i.family for i in infos.values() if i.family}
+        target = ", ".join(sorted(fams)) or "the given model"
+        what = f"components {lacking} that the model does not have" if lacking else \
+            f"{len(report.not_found)} modules the model does not have ({n_unet} in the UNet; first: " \
+            f"{report.not_found[:3]})"
+        raise BaseMismatchError(f"{label}: the file looks like a {file_base} LoRA but the target is {target}: it "
+                                f"has {what}. Load it into a {file_base} model")
+
+
+def export(adapter: Adapter, fmt: str, path: str | os.PathLike, base: str | None = None, **kwargs) -> Path:
+    """Write `adapter` as fmt ("kohya", "diffusers", "peft" or "lora_vision") to `path`; returns the path.
+
+    base: "sd1", "sd2", "sd2-v" or "sdxl" for kohya (default: from the adapter's metadata or guessed).
+    Extra keyword arguments go to the format's exporter (e.g. dtype, title, trigger_phrase).
+    """
+    if fmt == "kohya":
+        from .kohya_export import export_kohya
+
+        return export_kohya(adapter, path, base=base, **kwargs)
+    if fmt == "diffusers":
+        from .diffusers import export_diffusers
+
+        return export_diffusers(adapter, path, **kwargs)
+    if fmt == "peft":
+        from .peft import export_peft
+
+        return export_peft(adapter, path, **kwargs)
+    if fmt == "lora_vision":
+        return adapter.save(path, **kwargs)
+    raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
+
+
+def adapter_summary(adapter: Adapter) -> dict:
+    """Modules, ranks and alphas per component (what `inspect` prints)."""
+    out = {}
+    for comp in adapter.components():
+        entries = parse_canonical(adapter.state_dict_for(comp))
+        out[comp] = {"modules": len(entries), "ranks": sorted({e["rank"] for e in entries.values()}),
+                     "alphas": sorted({e["alpha"] for e in entries.values()})}
+    return json.loads(json.dumps(out))

@@ -1,0 +1,159 @@
+"""What every importer shares: the description of the target models, the import report, and the assembly of
+foreign (down, up, alpha) groups into canonical tensors checked against the target's shapes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from ..io import AdapterFileError
+from . import naming
+
+SD_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+
+
+class BaseMismatchError(AdapterFileError):
+    """The file was made for another base model (other architecture, other widths)."""
+
+
+@dataclass
+class ComponentInfo:
+    """What an importer needs to know about one live model: adaptable modules (class name, weight shape) and
+    naming facts. Built from a live model (`describe_models`) or from a standard layout when none is given."""
+
+    modules: dict[str, tuple[str, tuple[int, ...]]]
+    has_text_model: bool = False
+    unet_config: Mapping[str, Any] | None = None
+    family: str | None = None
+    live: bool = False  # True when built from the real target model (shapes are authoritative)
+
+
+def describe_models(models: Mapping[str, nn.Module]) -> dict[str, ComponentInfo]:
+    """ComponentInfo per component of live models, e.g. {"unet": pipe.unet, "text_encoder": pipe.text_encoder}."""
+    out: dict[str, ComponentInfo] = {}
+    for comp, model in models.items():
+        if model is None:
+            continue
+        mods = {n: (type(m).__name__, _weight_shape(m)) for n, m in naming.adaptable_modules(model).items()}
+        cfg = dict(model.config) if comp == "unet" and hasattr(model, "config") else None
+        fam = None
+        if cfg is not None:
+            from ..models.sd import detect_sd_family
+
+            fam = detect_sd_family(cfg)
+        out[comp] = ComponentInfo(mods, hasattr(model, "text_model"), cfg, fam, live=True)
+    return out
+
+
+def _weight_shape(m: nn.Module) -> tuple[int, ...]:
+    if isinstance(m, nn.MultiheadAttention):
+        return tuple(m.in_proj_weight.shape)
+    return tuple(m.weight.shape)
+
+
+def standard_unet_info(layout: str) -> ComponentInfo:
+    """ComponentInfo of a standard full-size UNet layout ("sd1", "sd2", "sdxl"), for files loaded without a model."""
+    return ComponentInfo(naming.standard_unet_modules(layout), unet_config=naming.STANDARD_UNET_CONFIGS[layout],
+                         family=layout)
+
+
+@dataclass
+class ImportReport:
+    """What an import matched and what it did not; `strict` loads raise unless `ok`."""
+
+    format: str
+    base: str | None = None
+    matched: list[str] = field(default_factory=list)
+    unused: list[str] = field(default_factory=list)
+    not_found: list[str] = field(default_factory=list)
+    unsupported: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    full_weights: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not (self.unused or self.not_found or self.unsupported)
+
+    def __str__(self) -> str:
+        lines = [f"format {self.format}" + (f", base {self.base}" if self.base else "")
+                 + f": matched {len(self.matched)} modules"]
+        for what, label in (("unused", "tensors not used"), ("not_found", "modules not found in the model"),
+                            ("unsupported", "unsupported tensors (not applied)")):
+            items = getattr(self, what)
+            if items:
+                more = f" ... (+{len(items) - 6} more)" if len(items) > 6 else ""
+                lines.append(f"{label} ({len(items)}): " + ", ".join(items[:6]) + more)
+        lines += self.notes
+        if self.full_weights:
+            lines.append(f"full weights (modules_to_save): {', '.join(sorted(self.full_weights))}")
+        return "\n".join(lines)
+
+    def raise_if_strict(self, strict: bool, source: str) -> None:
+        """In strict mode any mismatch is an error naming all of them."""
+        if strict and not self.ok:
+            raise AdapterFileError(f"{source}: strict load failed:\n{self}\n(pass strict=False to load what fits)")
+
+
+# Tensor kinds we recognise but cannot represent as plain LoRA.
+UNSUPPORTED_MARKERS = ("hada_", "lokr_", "dora_scale", "lora_mid", ".scale", ".bias", "oft_", "boft_", ".diff",
+                       "w_norm", "b_norm", "bundle_emb", "lora_te_embedding", "reshape_weight", "magnitude_vector")
+
+
+def is_unsupported(suffix: str) -> bool:
+    """True for tensor suffixes of LoRA variants we do not apply (LoHa, LoKr, DoRA, Tucker mid, ...)."""
+    s = "." + suffix
+    return any(m in s for m in UNSUPPORTED_MARKERS)
+
+
+def fit_pair(label: str, kind: str, wshape: tuple[int, ...] | None, down: torch.Tensor, up: torch.Tensor,
+             live: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reshape (down, up) to the canonical layout of a `kind` module with weight `wshape`; raise on mismatch.
+
+    Linear: A (r, in), B (out, r). Conv2d: A (r, in, kh, kw) carrying the kernel, B (out, r, 1, 1).
+    """
+    r = down.shape[0]
+    if up.dim() < 2 or up.shape[1] != r:
+        raise BaseMismatchError(f"{label}: lora_up/B has shape {tuple(up.shape)} but lora_down/A has rank {r}")
+    if kind == "Conv2d":
+        if down.dim() == 2:
+            down = down.reshape(r, down.shape[1], 1, 1)
+        if up.dim() == 2:
+            up = up.reshape(up.shape[0], r, 1, 1)
+    elif kind == "Linear":
+        if down.dim() == 4 and down.shape[2:] == (1, 1):
+            down = down.flatten(1)
+        if up.dim() == 4 and up.shape[2:] == (1, 1):
+            up = up.flatten(1)
+    if wshape is not None and live:
+        want_a = (r, wshape[1], *wshape[2:]) if kind == "Conv2d" else (r, wshape[1])
+        want_b = (wshape[0], r, 1, 1) if kind == "Conv2d" else (wshape[0], r)
+        if tuple(down.shape) != want_a or tuple(up.shape) != want_b:
+            raise BaseMismatchError(
+                f"{label}: the file has lora_down {tuple(down.shape)} / lora_up {tuple(up.shape)} but the model's "
+                f"{kind} weight is {tuple(wshape)} (needs {want_a} / {want_b}); the file was made for another base "
+                f"model (different widths)")
+    return down, up
+
+
+def alpha_value(label: str, t: torch.Tensor | None, rank: int) -> float:
+    """alpha as a float (defaults to rank, as every loader does); rejects non-scalar, 0 or non-finite."""
+    if t is None:
+        return float(rank)
+    if t.numel() != 1:
+        raise AdapterFileError(f"{label}: alpha must be a scalar, got shape {tuple(t.shape)}")
+    a = float(t.float().item())
+    if not (a == a) or a in (float("inf"), float("-inf")) or a == 0:
+        raise AdapterFileError(f"{label}: alpha {a} is not a usable scale (must be finite and non-zero)")
+    return a
+
+
+def put(out: dict[str, torch.Tensor], comp: str, module: str, down: torch.Tensor, up: torch.Tensor,
+        alpha: float) -> None:
+    """Store one canonical entry `comp.module.lora_A.weight` / `.lora_B.weight` / `.alpha`."""
+    key = f"{comp}.{module}"
+    out[f"{key}.lora_A.weight"] = down
+    out[f"{key}.lora_B.weight"] = up
+    out[f"{key}.alpha"] = torch.tensor(alpha, dtype=torch.float32)

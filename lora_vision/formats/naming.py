@@ -1,0 +1,217 @@
+"""Module names: live (installed libraries) <-> the names LoRA files use.
+
+- CLIP text encoders: files keep transformers-4 names (`text_model.encoder.layers.N...`); transformers 5 flattened
+  `CLIPTextModel` (no `text_model.`), while `CLIPTextModelWithProjection` keeps it.
+- HF ViT: transformers 4 (`vit.encoder.layer.N.attention.attention.query`) <-> 5 (`vit.layers.N.attention.q_proj`).
+- UNet: diffusers names <-> LDM/SGM names, computed from the UNet config (formats.md section 6).
+- kohya keys: `prefix + "_" + name.replace(".", "_")`; the inverse is a lookup over known names, never a string
+  replacement (module names contain underscores themselves).
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from typing import Any, Iterable, Mapping
+
+import torch
+from torch import nn
+
+# ---- CLIP text encoders -------------------------------------------------------------------------------------
+
+TEXT_MODEL = "text_model."
+
+
+def te_to_file(name: str) -> str:
+    """A live CLIP text-encoder module name -> the transformers-4 name files use (`text_model.` inserted)."""
+    return name if name.startswith(TEXT_MODEL) else TEXT_MODEL + name
+
+
+def te_to_live(name: str, has_text_model: bool) -> str:
+    """A file (transformers-4) CLIP name -> the live name (`text_model.` stripped when the model has none)."""
+    if has_text_model:
+        return name if name.startswith(TEXT_MODEL) else TEXT_MODEL + name
+    return name.removeprefix(TEXT_MODEL)
+
+
+def default_has_text_model(component: str) -> bool:
+    """Whether the installed transformers' CLIP class for `component` has a `.text_model` child.
+
+    transformers 5 flattened CLIPTextModel (SD text_encoder); CLIPTextModelWithProjection (SDXL text_encoder_2)
+    keeps `text_model`. In transformers 4 both have it.
+    """
+    import transformers
+
+    if int(transformers.__version__.split(".")[0]) < 5:
+        return True
+    return component == "text_encoder_2"
+
+
+# ---- HF ViT v4 <-> v5 ------------------------------------------------------------------------------------------
+
+_VIT_V4_TO_V5 = (
+    (r"encoder\.layer\.(\d+)\.attention\.attention\.query", r"layers.\1.attention.q_proj"),
+    (r"encoder\.layer\.(\d+)\.attention\.attention\.key", r"layers.\1.attention.k_proj"),
+    (r"encoder\.layer\.(\d+)\.attention\.attention\.value", r"layers.\1.attention.v_proj"),
+    (r"encoder\.layer\.(\d+)\.attention\.output\.dense", r"layers.\1.attention.o_proj"),
+    (r"encoder\.layer\.(\d+)\.intermediate\.dense", r"layers.\1.mlp.fc1"),
+    (r"encoder\.layer\.(\d+)\.output\.dense", r"layers.\1.mlp.fc2"),
+)
+
+
+def _vit_rules(to_v5: bool) -> list[tuple[re.Pattern, str]]:
+    out = []
+    for v4, v5 in _VIT_V4_TO_V5:
+        if to_v5:
+            out.append((re.compile(r"(^|.*\.)" + v4 + r"$"), r"\g<1>" + v5.replace(r"\1", r"\g<2>")))
+        else:
+            pat = re.escape(v5.replace(r"\1", "@")).replace("@", r"(\d+)")
+            rep = v4.replace(r"(\d+)", r"\g<2>").replace("\\.", ".")
+            out.append((re.compile(r"(^|.*\.)" + pat + r"$"), r"\g<1>" + rep))
+    return out
+
+
+def vit_v4_to_v5(name: str) -> str:
+    """HF ViT transformers-4 module name -> transformers-5 name (other names unchanged)."""
+    for pat, rep in _vit_rules(True):
+        if pat.match(name):
+            return pat.sub(rep, name)
+    return name
+
+
+def vit_v5_to_v4(name: str) -> str:
+    """HF ViT transformers-5 module name -> transformers-4 name (other names unchanged)."""
+    for pat, rep in _vit_rules(False):
+        if pat.match(name):
+            return pat.sub(rep, name)
+    return name
+
+
+# ---- UNet: diffusers <-> LDM/SGM -----------------------------------------------------------------------------
+
+_RESNET_CHILDREN = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+                    "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+_STEM = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0",
+         "time_embedding.linear_2": "time_embed.2", "add_embedding.linear_1": "label_emb.0.0",
+         "add_embedding.linear_2": "label_emb.0.2", "conv_norm_out": "out.0", "conv_out": "out.2"}
+
+
+def _cfg(config: Any) -> Mapping[str, Any]:
+    if isinstance(config, Mapping):
+        return config
+    config = getattr(getattr(config, "unet", config), "config", config)
+    if not isinstance(config, Mapping):
+        raise TypeError(f"expected a UNet config mapping, a UNet2DConditionModel or a pipeline, got {type(config)}")
+    return config
+
+
+def unet_block_map(config: Any) -> dict[str, str]:
+    """diffusers block prefix -> LDM/SGM block prefix, from the UNet config (formats.md 6.1)."""
+    cfg = _cfg(config)
+    down, up = list(cfg["down_block_types"]), list(cfg["up_block_types"])
+    lpb = cfg.get("layers_per_block", 2)
+    lpbs = list(lpb) if isinstance(lpb, (list, tuple)) else [lpb] * len(down)
+    if len(set(lpbs)) != 1:
+        raise ValueError(f"per-block layers_per_block {lpbs} has no LDM equivalent")
+    n = lpbs[0]
+    out: dict[str, str] = dict(_STEM)
+    for i, t in enumerate(down):
+        for j in range(n):
+            out[f"down_blocks.{i}.resnets.{j}"] = f"input_blocks.{1 + (n + 1) * i + j}.0"
+            if "CrossAttn" in t:
+                out[f"down_blocks.{i}.attentions.{j}"] = f"input_blocks.{1 + (n + 1) * i + j}.1"
+        if i < len(down) - 1:
+            out[f"down_blocks.{i}.downsamplers.0.conv"] = f"input_blocks.{(n + 1) * (i + 1)}.0.op"
+    out["mid_block.resnets.0"] = "middle_block.0"
+    out["mid_block.attentions.0"] = "middle_block.1"
+    out["mid_block.resnets.1"] = "middle_block.2"
+    for i, t in enumerate(up):
+        for j in range(n + 1):
+            out[f"up_blocks.{i}.resnets.{j}"] = f"output_blocks.{(n + 1) * i + j}.0"
+            if "CrossAttn" in t:
+                out[f"up_blocks.{i}.attentions.{j}"] = f"output_blocks.{(n + 1) * i + j}.1"
+        if i < len(up) - 1:
+            out[f"up_blocks.{i}.upsamplers.0.conv"] = \
+                f"output_blocks.{(n + 1) * i + n}.{2 if 'CrossAttn' in t else 1}.conv"
+    return out
+
+
+def diffusers_to_ldm(name: str, block_map: Mapping[str, str]) -> str:
+    """One diffusers UNet module name -> its LDM/SGM name (KeyError if the name is not in any known block)."""
+    best = max((p for p in block_map if name == p or name.startswith(p + ".")), key=len, default=None)
+    if best is None:
+        raise KeyError(f"UNet module {name!r} has no LDM/SGM equivalent")
+    rest = name[len(best) + 1:]
+    if ".resnets." in best + "." and rest:
+        head, _, tail = rest.partition(".")
+        if head not in _RESNET_CHILDREN:
+            raise KeyError(f"UNet module {name!r}: unknown ResNet child {head!r}")
+        rest = _RESNET_CHILDREN[head] + (f".{tail}" if tail else "")
+    return block_map[best] + (f".{rest}" if rest else "")
+
+
+# Standard layouts (block topology only; widths do not change names). SD 2.x has the names of SD 1.x.
+STANDARD_UNET_CONFIGS: dict[str, dict[str, Any]] = {
+    "sd1": dict(block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, cross_attention_dim=768,
+                down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, attention_head_dim=8),
+    "sd2": dict(block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, cross_attention_dim=1024,
+                down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, attention_head_dim=(5, 10, 20, 20),
+                use_linear_projection=True),
+    "sdxl": dict(block_out_channels=(320, 640, 1280), layers_per_block=2, cross_attention_dim=2048,
+                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                 transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), use_linear_projection=True,
+                 addition_embed_type="text_time", addition_time_embed_dim=256,
+                 projection_class_embeddings_input_dim=2816),
+}
+
+
+def adaptable_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Linear / Conv2d / MultiheadAttention modules of `model` by name (LoRA wrappers count as their base)."""
+    from ..lora.inject import candidate_modules
+    from ..lora.layers import LoRALayer
+
+    return {n: (m.base if isinstance(m, LoRALayer) else m) for n, m in candidate_modules(model).items()}
+
+
+@functools.lru_cache(maxsize=8)
+def _meta_unet_modules(key: str) -> tuple[tuple[str, str, tuple[int, ...]], ...]:
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**STANDARD_UNET_CONFIGS[key])
+    return tuple((n, type(m).__name__, tuple(m.weight.shape)) for n, m in adaptable_modules(unet).items())
+
+
+def standard_unet_modules(layout: str) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Module name -> (class name, weight shape) of a standard full-size UNet (built on the meta device)."""
+    return {n: (k, s) for n, k, s in _meta_unet_modules(layout)}
+
+
+# ---- kohya keys ------------------------------------------------------------------------------------------------
+
+def kohya_key(prefix: str, name: str) -> str:
+    """`lora_unet` + `down_blocks.0.attentions.0.proj_in` -> `lora_unet_down_blocks_0_attentions_0_proj_in`."""
+    return f"{prefix}_{name.replace('.', '_')}"
+
+
+def kohya_lookup(prefix: str, names: Iterable[str]) -> dict[str, str]:
+    """kohya key -> name, for a set of known names (the only safe inverse of `kohya_key`)."""
+    table: dict[str, str] = {}
+    for n in names:
+        k = kohya_key(prefix, n)
+        if k in table and table[k] != n:
+            raise ValueError(f"kohya key {k!r} is ambiguous: {table[k]!r} and {n!r}")
+        table[k] = n
+    return table
+
+
+CLIP_SUFFIXES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1",
+                 "mlp.fc2")
+
+
+def clip_file_names(num_layers: int) -> list[str]:
+    """transformers-4 names of the Linear layers kohya adapts in a CLIP text encoder with `num_layers` layers."""
+    return [f"text_model.encoder.layers.{i}.{s}" for i in range(num_layers) for s in CLIP_SUFFIXES]
