@@ -1,0 +1,217 @@
+"""The configuration of DreamBooth LoRA training (scripts/train_sd.py).
+
+Field names follow diffusers' examples/dreambooth/train_dreambooth_lora.py wherever the meaning is the same, so
+an existing command line keeps working.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+from ..lora.config import ConfigError
+
+# Fields that may change between a checkpoint and the run that resumes it; every other field must match.
+RESUMABLE_CHANGES: frozenset[str] = frozenset({
+    "max_train_steps", "checkpointing_steps", "checkpoints_total_limit", "resume_from_checkpoint", "output_dir",
+    "validation_prompt", "num_validation_images", "validation_steps", "validation_inference_steps",
+    "strength_sweep", "logging_steps", "report_to", "export_kohya", "time_steps", "cuda_graph", "compile",
+    "sample_batch_size", "class_inference_steps", "num_class_images", "logging_dir",
+})
+
+
+@dataclass(frozen=True)
+class SDTrainConfig:
+    """Everything scripts/train_sd.py needs; built by load_config from defaults, YAML and flags."""
+
+    pretrained_model_name_or_path: str | None = None
+    """Local diffusers folder or hub id (SD 1.x/2.x/SDXL, detected from the model); None: the built-in tiny model."""
+    variant: str | None = None
+    """Weight file variant to load, e.g. fp16."""
+    instance_data_dir: str | None = None
+    """Folder of instance images (a .txt beside an image is its caption); None with no model: samples/instance."""
+    instance_prompt: str | None = None
+    """Prompt with the trigger phrase (e.g. 'a photo of sks dog'); also the trigger phrase in the adapter metadata."""
+    use_captions: bool = True
+    """Use `<image>.txt` as the caption of an image when it exists."""
+    class_data_dir: str | None = None
+    """Folder of class images for prior preservation; missing ones are generated into it."""
+    class_prompt: str | None = None
+    """Prompt of the class images (e.g. 'a photo of a dog')."""
+    with_prior_preservation: bool = False
+    """Add the prior-preservation loss on class images."""
+    prior_loss_weight: float = 1.0
+    """Weight of the prior-preservation loss."""
+    num_class_images: int = 100
+    """How many class images to have; fewer in class_data_dir are topped up by generation."""
+    sample_batch_size: int = 4
+    """Batch size when generating class images."""
+    class_inference_steps: int = 25
+    """Denoising steps per generated class image."""
+    output_dir: str = "outputs/train_sd"
+    """Where the adapter, checkpoints, samples and the resolved config go."""
+    logging_dir: str = "logs"
+    """Folder under output_dir for the loss log and TensorBoard events."""
+    seed: int = 0
+    """Seed of everything random (data order, noise, timesteps, LoRA init)."""
+    resolution: int | None = None
+    """Training size in pixels (the square bucket side); None: the model's native size."""
+    center_crop: bool = False
+    """Center crop (true) or random crop (false) to the bucket."""
+    random_flip: bool = False
+    """Mirror images left-right at random."""
+    bucketing: bool = False
+    """Aspect-ratio bucketing: each image trains at the bucket nearest its aspect ratio instead of a square crop."""
+    bucket_step: int = 64
+    """Bucket sides are multiples of this many pixels."""
+    small_images: str = "upscale"
+    """Images smaller than the resolution: 'upscale' (with a warning) or 'error'."""
+    train_text_encoder: bool = False
+    """Also train LoRA on the text encoder(s)."""
+    train_batch_size: int = 4
+    """Instance images per step (prior preservation adds as many class images)."""
+    max_train_steps: int = 400
+    """Optimizer steps to train."""
+    checkpointing_steps: int = 500
+    """Save a resumable checkpoint every this many steps."""
+    checkpoints_total_limit: int | None = None
+    """Keep at most this many checkpoints (oldest deleted first)."""
+    resume_from_checkpoint: str | None = None
+    """A checkpoint folder, or 'latest' for the newest in output_dir."""
+    gradient_accumulation_steps: int = 1
+    """Micro-batches per optimizer step."""
+    gradient_checkpointing: bool = False
+    """Recompute UNet activations in backward to save memory."""
+    learning_rate: float = 1e-4
+    """Learning rate of the UNet LoRA."""
+    text_encoder_lr: float | None = None
+    """Learning rate of the text-encoder LoRA; None: learning_rate."""
+    scale_lr: bool = False
+    """Multiply learning rates by batch size x accumulation x processes."""
+    lr_scheduler: str = "constant"
+    """constant, constant_with_warmup, linear, cosine, cosine_with_restarts or polynomial."""
+    lr_warmup_steps: int = 0
+    """Steps of linear warm-up from 0."""
+    lr_num_cycles: int = 1
+    """Cycles of cosine_with_restarts."""
+    lr_power: float = 1.0
+    """Power of the polynomial schedule."""
+    use_8bit_adam: bool = False
+    """8-bit AdamW from bitsandbytes (must be installed)."""
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+    adam_beta2: float = 0.999
+    """AdamW beta2."""
+    adam_weight_decay: float = 1e-2
+    """AdamW weight decay."""
+    adam_epsilon: float = 1e-8
+    """AdamW epsilon."""
+    max_grad_norm: float = 1.0
+    """Clip the gradient norm to this (0 disables clipping)."""
+    mixed_precision: str = "no"
+    """no, fp16 or bf16: dtype of the frozen base weights; LoRA weights and optimizer stay in float32."""
+    allow_tf32: bool = False
+    """Allow TF32 matrix math on Ampere and newer GPUs."""
+    rank: int = 4
+    """LoRA rank."""
+    lora_alpha: float | None = None
+    """LoRA alpha (scaling = alpha / rank); None: alpha = rank."""
+    lora_dropout: float = 0.0
+    """Dropout on the LoRA input."""
+    unet_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    """UNet modules to adapt: a preset name (unet-attn, unet-attn-ff, ...) or module-name patterns."""
+    text_encoder_targets: tuple[str, ...] = ("clip-attn",)
+    """Text-encoder modules to adapt: a preset name or module-name patterns."""
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    """Per-module ranks: pattern -> rank (e.g. {'re:.*up_blocks.*': 8}); JSON on the command line."""
+    snr_gamma: float | None = None
+    """Min-SNR-gamma loss weighting (Hang et al. 2023); 5.0 is the paper's value; None disables it."""
+    noise_offset: float = 0.0
+    """Offset noise strength (0 disables)."""
+    prediction_type: str | None = None
+    """epsilon or v_prediction; None: the model's scheduler decides."""
+    validation_prompt: str | None = None
+    """Prompt for validation grids; None: no periodic validation (the final sweep uses the instance prompt)."""
+    num_validation_images: int = 4
+    """Images per validation grid (fixed seeds 0..n-1)."""
+    validation_steps: int = 100
+    """Write a validation grid every this many steps."""
+    validation_inference_steps: int = 25
+    """Denoising steps of validation images."""
+    strength_sweep: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+    """Strengths of the final sweep grid; empty disables it."""
+    logging_steps: int = 10
+    """Log loss and learning rate every this many steps (the only host syncs of the loop)."""
+    report_to: str = "tensorboard"
+    """tensorboard (when installed) or none."""
+    cache_latents: bool = True
+    """Encode every image with the VAE once instead of every step."""
+    cuda_graph: bool = True
+    """Capture the whole training step in a CUDA graph when possible (CUDA, one bucket, no accumulation)."""
+    compile: bool = False
+    """torch.compile the UNet."""
+    channels_last: bool = True
+    """Use channels_last memory format for the UNet on CUDA."""
+    export_kohya: bool | None = None
+    """Also write the A1111/ComfyUI (kohya) file; None: when the exporter is available."""
+    time_steps: bool = False
+    """Time every step with CUDA events and print a STEPS line (benchmarks)."""
+
+    def __post_init__(self) -> None:
+        problems = self.problems()
+        if problems:
+            raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+    def problems(self) -> list[str]:
+        """Every problem of this config, one line each."""
+        out: list[str] = []
+        positive = ("train_batch_size", "max_train_steps", "checkpointing_steps", "gradient_accumulation_steps",
+                    "rank", "num_validation_images", "validation_steps", "logging_steps", "sample_batch_size",
+                    "bucket_step", "class_inference_steps", "validation_inference_steps")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                out.append(f"{name}={getattr(self, name)}: expected a positive integer")
+        if self.resolution is not None and (self.resolution <= 0 or self.resolution % 8):
+            out.append(f"resolution={self.resolution}: expected a positive multiple of 8")
+        if self.checkpoints_total_limit is not None and self.checkpoints_total_limit <= 0:
+            out.append(f"checkpoints_total_limit={self.checkpoints_total_limit}: expected a positive integer or None")
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            out.append(f"mixed_precision={self.mixed_precision!r}: expected one of no, fp16, bf16")
+        if self.small_images not in ("upscale", "error"):
+            out.append(f"small_images={self.small_images!r}: expected 'upscale' or 'error'")
+        if self.prediction_type not in (None, "epsilon", "v_prediction"):
+            out.append(f"prediction_type={self.prediction_type!r}: expected epsilon or v_prediction")
+        if self.report_to not in ("tensorboard", "none"):
+            out.append(f"report_to={self.report_to!r}: expected tensorboard or none")
+        for name in ("learning_rate", "adam_epsilon"):
+            if not getattr(self, name) > 0:
+                out.append(f"{name}={getattr(self, name)}: expected a number > 0")
+        if self.snr_gamma is not None and not self.snr_gamma > 0:
+            out.append(f"snr_gamma={self.snr_gamma}: expected a number > 0 or None")
+        if not 0 <= self.lora_dropout < 1:
+            out.append(f"lora_dropout={self.lora_dropout}: expected a probability in [0, 1)")
+        if self.with_prior_preservation:
+            if self.class_data_dir is None:
+                out.append("with_prior_preservation needs class_data_dir (a folder for the class images; "
+                           "missing ones are generated into it)")
+            if self.class_prompt is None:
+                out.append("with_prior_preservation needs class_prompt (e.g. 'a photo of a dog')")
+        elif self.class_data_dir is not None and self.class_prompt is None:
+            out.append(f"class_data_dir={self.class_data_dir!r} was given without class_prompt; give "
+                       "--class_prompt (and --with_prior_preservation to use the class images)")
+        if self.pretrained_model_name_or_path is not None and self.instance_data_dir is None:
+            out.append("instance_data_dir is required with a model (the built-in tiny model defaults to samples/)")
+        if self.pretrained_model_name_or_path is not None and self.instance_prompt is None:
+            out.append("instance_prompt is required with a model (e.g. 'a photo of sks dog')")
+        return out
+
+    def resume_mismatches(self, saved: dict) -> list[str]:
+        """Fields that differ from a checkpoint's saved config and must not (see RESUMABLE_CHANGES)."""
+        out = []
+        for f in fields(self):
+            if f.name in RESUMABLE_CHANGES or f.name not in saved:
+                continue
+            mine = getattr(self, f.name)
+            mine = list(mine) if isinstance(mine, tuple) else mine
+            if mine != saved[f.name]:
+                out.append(f"{f.name}: checkpoint has {saved[f.name]!r}, this run has {mine!r}")
+        return out

@@ -1,0 +1,91 @@
+"""Images made with the pipeline during training: class images for prior preservation, validation grids, and the
+final strength sweep. Grids are PNGs (rows = seeds, columns = strengths or one column per seed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from PIL import Image, ImageDraw
+from tqdm.auto import tqdm
+
+from ..data.images import IMAGE_SUFFIXES
+from ..io import atomic_path
+from ..lora.ops import set_strength
+
+
+def _generate(pipe, prompts: list[str], seeds: Sequence[int], steps: int, resolution: int) -> list[Image.Image]:
+    generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
+    with torch.no_grad():
+        out = pipe(prompts, num_inference_steps=steps, height=resolution, width=resolution, generator=generators,
+                   output_type="pil")
+    return list(out.images)
+
+
+def save_png(image: Image.Image, path: str | Path) -> Path:
+    """Write a PNG atomically."""
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
+    return Path(path)
+
+
+def generate_class_images(pipe, prompt: str, folder: str | Path, wanted: int, batch_size: int, steps: int,
+                          resolution: int, seed: int = 0) -> int:
+    """Top the class folder up to `wanted` images with the base pipeline (batched, with a progress bar).
+
+    Images are kept in the folder for the next run. Returns how many were generated.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    have = sum(1 for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    missing = max(0, wanted - have)
+    if not missing:
+        return 0
+    tag = hashlib.sha1(prompt.encode()).hexdigest()[:8]
+    start = have
+    with tqdm(total=missing, desc="generating class images", unit="image") as bar:
+        for first in range(0, missing, batch_size):
+            n = min(batch_size, missing - first)
+            seeds = [seed * 100_003 + start + first + i for i in range(n)]
+            for i, image in enumerate(_generate(pipe, [prompt] * n, seeds, steps, resolution)):
+                save_png(image, folder / f"class_{start + first + i:05d}_{tag}.png")
+            bar.update(n)
+    return missing
+
+
+def grid(images: list[list[Image.Image]], labels: list[str] | None = None) -> Image.Image:
+    """Paste rows of equally sized images into one image; optional column labels on a white strip on top."""
+    w, h = images[0][0].size
+    top = 14 if labels else 0
+    out = Image.new("RGB", (w * len(images[0]), h * len(images) + top), "white")
+    draw = ImageDraw.Draw(out)
+    for c, label in enumerate(labels or []):
+        draw.text((c * w + 2, 1), label, fill="black")
+    for r, row in enumerate(images):
+        for c, image in enumerate(row):
+            out.paste(image, (c * w, top + r * h))
+    return out
+
+
+def validation_grid(pipe, prompt: str, num_images: int, steps: int, resolution: int) -> Image.Image:
+    """One row of images for `prompt` at seeds 0..num_images-1 (the same seeds every time)."""
+    return grid([_generate(pipe, [prompt] * num_images, range(num_images), steps, resolution)])
+
+
+def strength_sweep(pipe, models: list[torch.nn.Module], prompt: str, strengths: Sequence[float], num_seeds: int,
+                   steps: int, resolution: int) -> Image.Image:
+    """Rows = seeds, columns = LoRA strengths (0 is the base model); strengths are set back to 1 afterwards."""
+    columns = []
+    try:
+        for s in tqdm(strengths, desc="strength sweep", unit="strength", leave=False):
+            for m in models:
+                set_strength(m, float(s))
+            columns.append(_generate(pipe, [prompt] * num_seeds, range(num_seeds), steps, resolution))
+    finally:
+        for m in models:
+            set_strength(m, 1.0)
+    rows = [[col[r] for col in columns] for r in range(num_seeds)]
+    return grid(rows, [f"strength {s:g}" for s in strengths])

@@ -1,0 +1,167 @@
+"""The DreamBooth training step: sample latents, noise and timesteps on the device, predict, weigh, update.
+
+Two ways to run the same step:
+- `eager`: plain PyTorch (any device, gradient accumulation, DDP, live text encoders);
+- `static`: the step reads fixed input buffers, so it can be captured once in a CUDA graph and replayed every
+  step, which removes the per-step host work (Python and kernel launches) that dominates on fast GPUs. Random
+  numbers are drawn outside the graph into the buffers, from the same generator in the same order as `eager`,
+  so both paths compute the same function (tests compare their loss curves on CPU, where `static` runs uncaptured).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .caching import BucketCache, TextTable, encode_text
+from .losses import add_noise, diffusion_loss, min_snr_weights, target_for
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    """What the loss needs besides the data."""
+
+    prediction_type: str
+    num_timesteps: int
+    snr_gamma: float | None
+    noise_offset: float
+    prior_loss_weight: float
+    max_grad_norm: float
+    sdxl: bool
+
+
+@dataclass
+class Inputs:
+    """One step's tensors (instance rows first, then class rows)."""
+
+    latents: torch.Tensor
+    noise: torch.Tensor
+    timesteps: torch.Tensor
+    text_rows: torch.Tensor
+    time_ids: torch.Tensor
+    n_instance: int
+
+
+def gather_inputs(parts: list[tuple[BucketCache, torch.Tensor]], generator: torch.Generator,
+                  settings: StepSettings) -> Inputs:
+    """Rows of one or two caches (same size) -> latent samples plus fresh noise and timesteps (no host sync)."""
+    mean = torch.cat([c.mean[rows] for c, rows in parts])
+    std = torch.cat([c.std[rows] for c, rows in parts])
+    dev, n = mean.device, mean.shape[0]
+    latents = mean + std * torch.randn(mean.shape, generator=generator, device=dev, dtype=mean.dtype)
+    noise = torch.randn(mean.shape, generator=generator, device=dev, dtype=mean.dtype)
+    if settings.noise_offset:
+        noise = noise + settings.noise_offset * torch.randn((n, mean.shape[1], 1, 1), generator=generator,
+                                                            device=dev, dtype=mean.dtype)
+    t = torch.randint(0, settings.num_timesteps, (n,), generator=generator, device=dev)
+    return Inputs(latents, noise, t, torch.cat([c.text_row[rows] for c, rows in parts]),
+                  torch.cat([c.time_ids[rows] for c, rows in parts]), parts[0][1].shape[0])
+
+
+def text_conditioning(table: TextTable, rows: torch.Tensor, time_ids: torch.Tensor, text_encoders: list,
+                      settings: StepSettings, dtype: torch.dtype) -> tuple[torch.Tensor, dict | None]:
+    """Encoder hidden states (cached, or from the live LoRA text encoders) and SDXL's added conditioning."""
+    if table.hidden is not None:
+        hidden, pooled = table.hidden[rows], (table.pooled[rows] if table.pooled is not None else None)
+    else:
+        hidden, pooled = encode_text(text_encoders, [ids[rows] for ids in table.ids], settings.sdxl)
+    added = {"text_embeds": pooled.to(dtype), "time_ids": time_ids.to(dtype)} if settings.sdxl else None
+    return hidden.to(dtype), added
+
+
+def step_loss(unet: nn.Module, x: Inputs, table: TextTable, text_encoders: list, ac: torch.Tensor,
+              settings: StepSettings, dtype: torch.dtype, channels_last: bool = False) -> torch.Tensor:
+    """The DreamBooth loss of one batch (instance loss + prior_loss_weight x class loss)."""
+    noisy = add_noise(x.latents, x.noise, x.timesteps, ac).to(dtype)
+    if channels_last:
+        noisy = noisy.contiguous(memory_format=torch.channels_last)
+    hidden, added = text_conditioning(table, x.text_rows, x.time_ids, text_encoders, settings, dtype)
+    pred = unet(noisy, x.timesteps, hidden, added_cond_kwargs=added, return_dict=False)[0]
+    target = target_for(settings.prediction_type, x.latents, x.noise, x.timesteps, ac)
+    weights = (min_snr_weights(x.timesteps, ac, settings.snr_gamma, settings.prediction_type)
+               if settings.snr_gamma else None)
+    return diffusion_loss(pred, target, weights, x.n_instance, settings.prior_loss_weight)
+
+
+def clip_and_step(params: list[torch.Tensor], optimizer: torch.optim.Optimizer, max_grad_norm: float,
+                  scaler: torch.amp.GradScaler | None = None) -> None:
+    """Clip the gradient norm (no host sync) and step the optimizer; grads are set to None afterwards."""
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    if max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm, foreach=True)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+class StaticStep:
+    """A training step over fixed buffers, optionally captured as one CUDA graph (forward, backward, optimizer).
+
+    `load(inputs)` copies a step's inputs into the buffers; `run()` replays the graph (or calls the step when
+    not captured) and returns the loss buffer. Capturing first runs warm-up steps on a side stream and then puts
+    back the LoRA weights and optimizer state, so capturing does not change the training.
+    """
+
+    def __init__(self, loss_fn: Callable[[Inputs], torch.Tensor], params: list[torch.Tensor],
+                 optimizer: torch.optim.Optimizer, max_grad_norm: float, example: Inputs) -> None:
+        self.loss_fn, self.params, self.optimizer, self.max_grad_norm = loss_fn, params, optimizer, max_grad_norm
+        self.buf = Inputs(*(t.clone() for t in (example.latents, example.noise, example.timesteps,
+                                                 example.text_rows, example.time_ids)), example.n_instance)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.loss = torch.zeros((), device=example.latents.device)
+
+    def shape(self) -> tuple:
+        """The input shape this step was built for."""
+        return tuple(self.buf.latents.shape), self.buf.n_instance
+
+    def load(self, x: Inputs) -> None:
+        """Copy one step's inputs into the buffers."""
+        for dst, src in ((self.buf.latents, x.latents), (self.buf.noise, x.noise), (self.buf.timesteps, x.timesteps),
+                         (self.buf.text_rows, x.text_rows), (self.buf.time_ids, x.time_ids)):
+            dst.copy_(src, non_blocking=True)
+
+    def _body(self) -> torch.Tensor:
+        loss = self.loss_fn(self.buf)
+        loss.backward()
+        clip_and_step(self.params, self.optimizer, self.max_grad_norm)
+        return loss.detach()
+
+    def run(self) -> torch.Tensor:
+        """One training step on the current buffers; returns the loss (a device tensor)."""
+        if self.graph is not None:
+            self.graph.replay()
+            return self.loss
+        self.loss = self._body()
+        return self.loss
+
+    def capture(self, warmup: int = 3) -> None:
+        """Record the step as a CUDA graph (CUDA only)."""
+        saved_params = [p.detach().clone() for p in self.params]
+        had_state = {id(p) for p in self.params if self.optimizer.state.get(p)}
+        saved_state = {id(p): {k: v.clone() for k, v in self.optimizer.state[p].items() if torch.is_tensor(v)}
+                       for p in self.params if id(p) in had_state}
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                self._body()
+        torch.cuda.current_stream().wait_stream(side)
+        with torch.no_grad():  # undo the warm-up updates: the same tensors, their values from before
+            for p, v in zip(self.params, saved_params):
+                p.copy_(v)
+            for p in self.params:
+                for k, v in self.optimizer.state[p].items():
+                    if torch.is_tensor(v):
+                        v.copy_(saved_state[id(p)][k]) if id(p) in had_state else v.zero_()
+        self.optimizer.zero_grad(set_to_none=True)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.loss = self._body()
+        self.graph = graph
