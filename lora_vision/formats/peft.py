@@ -1,0 +1,277 @@
+"""PEFT adapter folders (`adapter_config.json` + `adapter_model.safetensors`): the ViT exchange format (formats.md 4.4, 7).
+
+- Keys `base_model.model.<module>.lora_A.weight` / `.lora_B.weight`; alpha only in the JSON (r, lora_alpha,
+  rank_pattern, alpha_pattern, use_rslora); `modules_to_save` heads stored in full (`base_model.model.head.weight`).
+- Fused projections, exactly: our q/k/v adapters (rank r each) on timm's `qkv` Linear or on torchvision's
+  nn.MultiheadAttention become one rank-P*r adapter on the fused weight, A = cat(A_q, A_k, A_v) and
+  B = block_diag(B_q, B_k, B_v), with alpha scaled by P so alpha/rank is unchanged. PEFT adapts
+  MultiheadAttention as a whole (in_proj and out_proj with one rank): out_proj gets our `o` part zero-padded to
+  that rank (an all-zero pair when there is no `o`). Import undoes both: rank columns that are zero in A or B are
+  dropped per part, which is exact, and a general fused adapter becomes q/k/v parts sharing A.
+- HF ViT names are written as the installed transformers names them (recorded in lora_vision.* metadata of the
+  safetensors file); import converts transformers-4 names to the live ones.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from ..adapter import Adapter
+from ..io import AdapterFileError, atomic_write_text, read_safetensors, write_safetensors
+from ..lora.ops import parse_canonical
+from . import naming
+from .common import ComponentInfo, ImportReport, alpha_value, fit_pair, put
+from .diffusers import peft_alpha, provenance
+
+PREFIX = "base_model.model."
+# Measured with peft 0.21.2 (tests/formats/test_peft_format.py): its MultiheadAttention layer applies the out_proj
+# LoRA twice (forward and merge_and_unload alike). We write out_proj's B halved and double it on import, so the
+# folder gives our outputs in PEFT and round-trips exactly (x2 and /2 are exact in floating point).
+PEFT_MHA_OUT_PROJ_FACTOR = 2.0
+CONFIG = "adapter_config.json"
+WEIGHTS = "adapter_model.safetensors"
+_OUT_PROJ = ".base_layer.out_proj"
+
+
+def _drop_zero_rank(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    keep = [i for i in range(a.shape[0]) if a[i].abs().sum() > 0 and b[:, i].abs().sum() > 0]
+    keep = keep or [0]
+    return a[keep], b[:, keep]
+
+
+def split_fused(a: torch.Tensor, b: torch.Tensor, parts: tuple[str, ...]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """A fused (R, d_in) / (P*d, R) pair -> per-part pairs; exact, with unused rank columns dropped."""
+    d = b.shape[0] // len(parts)
+    blocks = {p: b[i * d:(i + 1) * d] for i, p in enumerate(parts)}
+    return {p: _drop_zero_rank(a, bp) for p, bp in blocks.items() if bp.abs().sum() > 0 or not bp.numel()}
+
+
+def _pad(pairs: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    r = max(a.shape[0] for a, _ in pairs.values())
+    out = {}
+    for p, (a, b) in pairs.items():
+        extra = r - a.shape[0]
+        out[p] = (torch.cat([a, a.new_zeros(extra, a.shape[1])]), torch.cat([b, b.new_zeros(b.shape[0], extra)], 1))
+    return out
+
+
+def _component(mods: list[str], infos: Mapping[str, ComponentInfo] | None) -> str:
+    if infos and len(infos) == 1:
+        return next(iter(infos))
+    if infos and "model" in infos:
+        return "model"
+    if any(m.startswith(("down_blocks.", "mid_block.", "up_blocks.")) for m in mods):
+        return "unet"
+    return "model"
+
+
+def _live_name(mod: str, info: ComponentInfo | None, comp: str) -> str | None:
+    if comp.startswith("text_encoder"):
+        has = info.has_text_model if info is not None else naming.default_has_text_model(comp)
+        mod = naming.te_to_live(mod, has)
+    if info is None or not info.live:
+        import transformers
+
+        v5 = int(transformers.__version__.split(".")[0]) >= 5
+        return naming.vit_v4_to_v5(mod) if v5 and comp == "model" else mod
+    for cand in (mod, naming.vit_v4_to_v5(mod), naming.vit_v5_to_v4(mod)):
+        if cand in info.modules:
+            return cand
+    return None
+
+
+def import_peft_tensors(raw: Mapping[str, torch.Tensor], config: Mapping, infos: Mapping[str, ComponentInfo] | None
+                        = None, source: str = "<tensors>", comp: str | None = None
+                        ) -> tuple[dict[str, torch.Tensor], ImportReport]:
+    """PEFT state dict (+ its adapter_config) -> canonical tensors; full weights go to report.full_weights."""
+    report = ImportReport("peft")
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    full: dict[str, torch.Tensor] = {}
+    for key, t in raw.items():
+        k = key.removeprefix(PREFIX).replace(".default.weight", ".weight")
+        for s, which in ((".lora_A.weight", "A"), (".lora_B.weight", "B")):
+            if k.endswith(s):
+                groups.setdefault(k[: -len(s)], {})[which] = t
+                break
+        else:
+            if ".lora_" in k or k.endswith(".alpha"):
+                report.unsupported.append(key)
+            else:
+                full[k.replace(".modules_to_save", "")] = t
+    mods = [m.removesuffix(_OUT_PROJ) for m in groups]
+    comp = comp or _component(mods, infos)
+    info = (infos or {}).get(comp)
+    out: dict[str, torch.Tensor] = {}
+    mha: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
+    for mod, g in groups.items():
+        label = f"{source}: {mod}"
+        if "A" not in g or "B" not in g:
+            raise AdapterFileError(f"{label} has only lora_{''.join(sorted(g))}; a LoRA module needs lora_A and lora_B")
+        alpha = peft_alpha(config, mod.removesuffix(_OUT_PROJ), g["A"].shape[0]) if config else \
+            alpha_value(label, None, g["A"].shape[0])
+        is_out = mod.endswith(_OUT_PROJ)
+        base = mod.removesuffix(_OUT_PROJ)
+        live = _live_name(base, info, comp)
+        if live is None:
+            report.not_found.append(f"{comp}.{base}")
+            continue
+        kind, wshape = info.modules[live] if info is not None and live in info.modules else ("", ())
+        a, b = g["A"], g["B"]
+        fused = kind == "MultiheadAttention" or is_out or (live.endswith("qkv") and b.shape[0] == 3 * a.shape[1]) \
+            or (kind == "" and b.shape[0] == 3 * a.shape[1] and live.endswith(("qkv", "self_attention")))
+        if fused:
+            scale = (alpha, a.shape[0])  # scaling alpha / R of the fused adapter
+            parts = {"o": (a, b * PEFT_MHA_OUT_PROJ_FACTOR)} if is_out else split_fused(a, b, ("q", "k", "v"))
+            for p, (pa, pb) in parts.items():
+                mha.setdefault(live, {})[p] = (pa, pb, scale)
+            continue
+        if info is None or not info.live:
+            kind = "Conv2d" if a.dim() == 4 else "Linear"
+        a, b = fit_pair(label, kind, wshape or None, a, b, bool(info and info.live))
+        put(out, comp, live, a, b, alpha)
+        report.matched.append(f"{comp}.{live}")
+    for live, parts in mha.items():
+        # Parts of one module share rank and alpha: keep the first part's scaling, fold any other into B.
+        (al0, r0) = next(iter(parts.values()))[2]
+        pairs = _pad({p: (a, b if s == (al0, r0) else b * (s[0] / s[1] * r0 / al0)) for p, (a, b, s) in parts.items()})
+        for p, (a, b) in pairs.items():
+            put(out, comp, f"{live}.{p}", a, b, al0 * a.shape[0] / r0)
+            report.matched.append(f"{comp}.{live}.{p}")
+    report.full_weights = {f"{comp}.{k}": v for k, v in full.items()}
+    return out, report
+
+
+def import_peft_dir(path: Path, infos: Mapping[str, ComponentInfo] | None = None
+                    ) -> tuple[dict[str, torch.Tensor], ImportReport]:
+    """A PEFT folder, or a folder of per-component PEFT folders (unet/, text_encoder/, ...)."""
+    if not (path / CONFIG).is_file():
+        subs = [d for d in sorted(path.iterdir()) if (d / CONFIG).is_file()]
+        if not subs:
+            raise AdapterFileError(f"{path}: no {CONFIG} (not a PEFT adapter folder)")
+        out, report = {}, ImportReport("peft")
+        for d in subs:
+            t, r = _import_one(d, infos, d.name)
+            out.update(t)
+            for f in ("matched", "unused", "not_found", "unsupported", "notes"):
+                getattr(report, f).extend(getattr(r, f))
+            report.full_weights.update(r.full_weights)
+        return out, report
+    return _import_one(path, infos, None)
+
+
+def _import_one(path: Path, infos, comp: str | None) -> tuple[dict[str, torch.Tensor], ImportReport]:
+    try:
+        config = json.loads((path / CONFIG).read_text())
+    except json.JSONDecodeError as e:
+        raise AdapterFileError(f"{path / CONFIG}: not valid JSON ({e})") from None
+    if config.get("peft_type", "LORA") != "LORA":
+        raise AdapterFileError(f"{path}: peft_type {config.get('peft_type')!r} is not supported (only LORA)")
+    if config.get("use_dora"):
+        raise AdapterFileError(f"{path}: DoRA adapters (use_dora=true) are not supported")
+    weights = path / WEIGHTS
+    if not weights.is_file():
+        raise AdapterFileError(f"{path}: no {WEIGHTS} (pickled adapter_model.bin files are not loaded)")
+    raw, _meta = read_safetensors(weights)
+    sub = {comp: infos[comp]} if comp and infos and comp in infos else infos
+    return import_peft_tensors(raw, config, sub, str(path), comp)
+
+
+def _fused_pair(entries: dict, mod: str, parts: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+    have = [p for p in parts if (mod, p) in entries]
+    if not have:
+        return None
+    a = torch.cat([entries[(mod, p)]["A"] for p in have])
+    d = entries[(mod, have[0])]["B"].shape[0]
+    blocks = [entries[(mod, p)]["B"] if p in have else entries[(mod, have[0])]["B"].new_zeros(d, 0) for p in parts]
+    return a, torch.block_diag(*blocks), entries[(mod, have[0])]["alpha"]
+
+
+def peft_state(adapter: Adapter, comp: str) -> tuple[dict[str, torch.Tensor], dict[str, tuple[int, float]]]:
+    """PEFT tensors (prefixed) and (rank, alpha) per PEFT target module for one component."""
+    entries = parse_canonical(adapter.state_dict_for(comp))
+    tensors: dict[str, torch.Tensor] = {}
+    targets: dict[str, tuple[int, float]] = {}
+    fused = sorted({m for (m, p) in entries if p})
+    for (mod, part), e in entries.items():
+        if part:
+            continue
+        name = naming.te_to_file(mod) if comp.startswith("text_encoder") else mod
+        tensors[f"{PREFIX}{name}.lora_A.weight"], tensors[f"{PREFIX}{name}.lora_B.weight"] = e["A"], e["B"]
+        targets[name] = (e["rank"], e["alpha"])
+    for mod in fused:
+        qkv = _fused_pair(entries, mod, ("q", "k", "v"))
+        o = entries.get((mod, "o"))
+        is_mha = o is not None or mod.endswith("self_attention")
+        any_e = next(e for (m, p), e in entries.items() if m == mod)
+        r_part, alpha_part = any_e["rank"], any_e["alpha"]
+        if qkv is None:  # only `o`: PEFT still adapts in_proj; give it an all-zero pair of the same rank
+            d = o["B"].shape[0]
+            qkv = (o["A"].new_zeros(r_part, d), o["B"].new_zeros(3 * d, r_part), alpha_part)
+        a, b, _ = qkv
+        rank = a.shape[0]
+        tensors[f"{PREFIX}{mod}.lora_A.weight"], tensors[f"{PREFIX}{mod}.lora_B.weight"] = a, b
+        targets[mod] = (rank, alpha_part * rank / r_part)
+        if is_mha:
+            d = b.shape[0] // 3
+            oa = o["A"] if o is not None else a.new_zeros(0, d)
+            ob = o["B"] / PEFT_MHA_OUT_PROJ_FACTOR if o is not None else b.new_zeros(d, 0)
+            extra = rank - oa.shape[0]
+            tensors[f"{PREFIX}{mod}{_OUT_PROJ}.lora_A.weight"] = torch.cat([oa, oa.new_zeros(extra, d)])
+            tensors[f"{PREFIX}{mod}{_OUT_PROJ}.lora_B.weight"] = torch.cat([ob, ob.new_zeros(d, extra)], 1)
+    return tensors, targets
+
+
+def export_peft(adapter: Adapter, path: str | Path, model: nn.Module | None = None,
+                modules_to_save: list[str] | None = None, full_weights: Mapping[str, torch.Tensor] | None = None,
+                base_model_name_or_path: str | None = None, dtype: torch.dtype | None = None) -> Path:
+    """Write a PEFT adapter folder; several components go to one subfolder each (unet/, text_encoder/, ...).
+
+    modules_to_save: module names stored in full (e.g. ["classifier"]), taken from `model` or `full_weights`
+    (`<module>.weight` -> tensor).
+    """
+    path = Path(path)
+    comps = adapter.components()
+    if len(comps) > 1:
+        for c in comps:
+            sub = Adapter({k: v for k, v in adapter.tensors.items() if k.startswith(c + ".")}, adapter.metadata)
+            export_peft(sub, path / c, None, None, None, base_model_name_or_path, dtype)
+        return path
+    comp = comps[0]
+    tensors, targets = peft_state(adapter, comp)
+    full = dict(full_weights or {})
+    for m in modules_to_save or []:
+        if model is None and not any(k.startswith(m + ".") for k in full):
+            raise ValueError(f"modules_to_save {m!r}: pass the model or full_weights holding its tensors")
+        if model is not None:
+            full.update({f"{m}.{k}": v for k, v in model.get_submodule(m).state_dict().items()})
+    tensors.update({PREFIX + k: v for k, v in full.items()})
+    if dtype is not None:
+        tensors = {k: v.to(dtype) for k, v in tensors.items()}
+    ranks = [r for r, _ in targets.values()]
+    alphas = [a for _, a in targets.values()]
+    r = max(set(ranks), key=ranks.count)
+    a = max(set(alphas), key=alphas.count)
+    config = {
+        "peft_type": "LORA", "task_type": None, "r": r, "lora_alpha": a, "target_modules": sorted(targets),
+        "rank_pattern": {m: rk for m, (rk, _) in targets.items() if rk != r},
+        "alpha_pattern": {m: al for m, (_, al) in targets.items() if al != a},
+        "modules_to_save": sorted({k.rsplit(".", 1)[0] for k in full}) or None, "use_rslora": False,
+        "use_dora": False, "bias": "none", "lora_dropout": 0.0, "fan_in_fan_out": False, "init_lora_weights": True,
+        "base_model_name_or_path": base_model_name_or_path, "inference_mode": True,
+    }
+    base = adapter.metadata.get("lora_vision.base", "")
+    if "timm" in base or any(m.endswith(".qkv") for m in targets):
+        config["auto_mapping"] = {"base_model_class": "VisionTransformer",
+                                  "parent_library": "timm.models.vision_transformer"}
+    meta = {"format": "pt", **provenance(adapter.metadata)}
+    import transformers
+
+    meta["lora_vision.transformers_version"] = transformers.__version__
+    write_safetensors(path / WEIGHTS, tensors, meta)
+    atomic_write_text(path / CONFIG, json.dumps(config, indent=2, sort_keys=True))
+    return path
