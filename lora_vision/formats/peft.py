@@ -126,7 +126,7 @@ def import_peft_tensors(raw: Mapping[str, torch.Tensor], config: Mapping, infos:
             or (kind == "" and b.shape[0] == 3 * a.shape[1] and live.endswith(("qkv", "self_attention")))
         if fused:
             scale = (alpha, a.shape[0])  # scaling alpha / R of the fused adapter
-            parts = {"o": (a, b * PEFT_MHA_OUT_PROJ_FACTOR)} if is_out else split_fused(a, b, ("q", "k", "v"))
+            parts = {"o": _drop_zero_rank(a, b * PEFT_MHA_OUT_PROJ_FACTOR)} if is_out else split_fused(a, b, ("q", "k", "v"))
             for p, (pa, pb) in parts.items():
                 mha.setdefault(live, {})[p] = (pa, pb, scale)
             continue
