@@ -18,7 +18,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from ..adapter import COMPONENTS, Adapter
+from ..adapter import COMPONENTS, FULL, Adapter
 from ..io import AdapterFileError, read_safetensors
 from ..lora.ops import parse_canonical
 from . import naming
@@ -57,6 +57,7 @@ def load_any(source: str | os.PathLike | Mapping[str, torch.Tensor], models: Map
     if not tensors:
         raise AdapterFileError(f"{label}: no LoRA module could be imported ({report}); the file is for another "
                                "model, or of a kind lora_vision does not apply")
+    tensors.update({f"{FULL}.{k}": v for k, v in report.full_weights.items()})
     meta = {k: v for k, v in meta.items() if k != "format"}
     meta["lora_vision.source_format"] = report.format
     meta.setdefault("lora_vision.format", "1")
@@ -82,7 +83,7 @@ def import_tensors(raw: Mapping[str, torch.Tensor], metadata: Mapping[str, str],
         tensors, report = import_peft_tensors(raw, {}, infos, source)
     else:
         tensors, report = import_native(raw, infos, source)
-    report.base = guess_base(tensors) if tensors else None
+    report.base = guess_base({k: v for k, v in tensors.items() if not k.startswith(FULL + ".")}) if tensors else None
     for k, t in tensors.items():
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise AdapterFileError(f"{source}: {k} contains NaN/Inf")
@@ -96,6 +97,9 @@ def import_native(raw: Mapping[str, torch.Tensor], infos: Mapping[str, Component
     out: dict[str, torch.Tensor] = {}
     comps = sorted({k.split(".", 1)[0] for k in raw})
     for comp in comps:
+        if comp == FULL:  # modules stored in full (a new head): kept as they are
+            out.update({k: v for k, v in raw.items() if k.startswith(FULL + ".")})
+            continue
         if comp not in COMPONENTS:
             report.unused += [k for k in raw if k.startswith(comp + ".")]
             continue

@@ -23,8 +23,8 @@ def classify_keys(keys: list[str], metadata: Mapping[str, str] | None = None, so
     metadata = metadata or {}
     if not keys:
         raise AdapterFileError(f"{source}: the file holds no tensors; expected LoRA weights")
-    if "lora_vision.format" in metadata and "lora_adapter_metadata" not in metadata and all(k.startswith(_OUR_COMPONENTS) and k.endswith(_CANONICAL)
-                                                for k in keys):
+    if "lora_vision.format" in metadata and "lora_adapter_metadata" not in metadata and all(
+            (k.startswith(_OUR_COMPONENTS) and k.endswith(_CANONICAL)) or k.startswith("full.") for k in keys):
         return "lora_vision"
     if any(is_kohya_key(k) for k in keys):
         return "kohya"

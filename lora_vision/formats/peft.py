@@ -231,19 +231,21 @@ def export_peft(adapter: Adapter, path: str | Path, model: nn.Module | None = No
                 base_model_name_or_path: str | None = None, dtype: torch.dtype | None = None) -> Path:
     """Write a PEFT adapter folder; several components go to one subfolder each (unet/, text_encoder/, ...).
 
-    modules_to_save: module names stored in full (e.g. ["classifier"]), taken from `model` or `full_weights`
-    (`<module>.weight` -> tensor).
+    Modules stored in full in the adapter (`full.<component>.*`) become `modules_to_save`; more can be named in
+    `modules_to_save` (taken from `model`) or given as `full_weights` (`<module>.weight` -> tensor).
     """
     path = Path(path)
     comps = adapter.components()
     if len(comps) > 1:
         for c in comps:
-            sub = Adapter({k: v for k, v in adapter.tensors.items() if k.startswith(c + ".")}, adapter.metadata)
+            sub = Adapter({k: v for k, v in adapter.tensors.items() if k.startswith((c + ".", f"full.{c}."))},
+                          adapter.metadata)
             export_peft(sub, path / c, None, None, None, base_model_name_or_path, dtype)
         return path
     comp = comps[0]
     tensors, targets = peft_state(adapter, comp)
-    full = dict(full_weights or {})
+    full = dict(adapter.full_state_dict_for(comp))
+    full.update(full_weights or {})
     for m in modules_to_save or []:
         if model is None and not any(k.startswith(m + ".") for k in full):
             raise ValueError(f"modules_to_save {m!r}: pass the model or full_weights holding its tensors")

@@ -1,0 +1,242 @@
+"""Adapter arithmetic: SVD resize, merging several adapters into one, and extracting an adapter from two models.
+
+Every function works on canonical `Adapter` tensors and returns per-layer rows saying how much of each layer's
+update was kept: kept = ||approximation||_F / ||update||_F (1.0 means exact). The update of a layer is
+delta = (alpha / rank) * B @ A (flattened to out x in*kh*kw for convolutions; A keeps the kernel).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .adapter import Adapter
+from .lora.ops import parse_canonical
+
+
+@dataclass
+class LayerRow:
+    """One line of a resize/merge/extract report."""
+
+    module: str
+    rank_in: int
+    rank_out: int
+    kept: float  # Frobenius norm kept, in [0, 1]
+
+    def __str__(self) -> str:
+        return f"{self.module}: rank {self.rank_in} -> {self.rank_out}, kept {100 * self.kept:.2f}% of ||delta||_F"
+
+
+def _key(comp: str, mod: str, part: str) -> str:
+    return f"{comp}.{mod}" + (f".{part}" if part else "")
+
+
+def _entries(adapter: Adapter) -> dict[str, dict]:
+    out = {}
+    for comp in adapter.components():
+        for (mod, part), e in parse_canonical(adapter.state_dict_for(comp)).items():
+            out[_key(comp, mod, part)] = e
+    return out
+
+
+def _choose_rank(s: torch.Tensor, rank: int | None, energy: float | None) -> int:
+    """Rank to keep: `rank` (capped at the numerical rank), or the fewest values holding `energy` of sum(s^2)."""
+    n = int((s > s[0] * 1e-7).sum()) if s.numel() and s[0] > 0 else 0
+    if energy is not None:
+        if not 0 < energy <= 1:
+            raise ValueError(f"energy={energy}: expected a fraction in (0, 1]")
+        c = torch.cumsum(s.double() ** 2, 0)
+        k = int((c < energy * c[-1] * (1 - 1e-12)).sum()) + 1 if n else 0
+        return max(1, min(k, max(n, 1)))
+    if rank is None or rank < 1:
+        raise ValueError(f"rank={rank!r}: expected a positive integer (or give energy)")
+    return max(1, min(rank, max(n, 1)))
+
+
+def _factor(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """A (k, in), B (out, k) with B @ A = best rank-k approximation (Eckart-Young); plus the kept norm fraction."""
+    root = s[:k].sqrt()
+    total = float(s.double().pow(2).sum().sqrt())
+    kept = float(s[:k].double().pow(2).sum().sqrt()) / total if total > 0 else 1.0
+    return root[:, None] * vh[:k], u[:, :k] * root[None, :], kept
+
+
+def lowrank_svd(b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SVD of B @ A (B: out x r, A: r x in) through two thin QRs: cost O((out + in) r^2), exact."""
+    qb, rb = torch.linalg.qr(b.double())
+    qa, ra = torch.linalg.qr(a.double().T)
+    u, s, vh = torch.linalg.svd(rb @ ra.T)
+    return qb @ u, s, vh @ qa.T
+
+
+def _shape_back(e_like: dict, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reshape flat (k, in*kh*kw) / (out, k) factors to the canonical layout of `e_like` (conv: 4D)."""
+    A0 = e_like["A"]
+    if A0.dim() == 4:
+        return a.reshape(a.shape[0], *A0.shape[1:]), b.reshape(b.shape[0], b.shape[1], 1, 1)
+    return a, b
+
+
+def _build(rows: dict[str, tuple[torch.Tensor, torch.Tensor]], metadata: Mapping[str, str],
+           dtype: torch.dtype = torch.float32) -> Adapter:
+    """Canonical adapter with alpha = rank (scaling 1); parts of one fused module are padded to one rank."""
+    by_mod: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
+    for key, pair in rows.items():
+        mod, _, last = key.rpartition(".")
+        if last in ("q", "k", "v", "o"):
+            by_mod.setdefault(mod, {})[last] = pair
+        else:
+            by_mod.setdefault(key, {})[""] = pair
+    tensors: dict[str, torch.Tensor] = {}
+    for mod, parts in by_mod.items():
+        r = max(a.shape[0] for a, _ in parts.values())
+        for part, (a, b) in parts.items():
+            extra = r - a.shape[0]
+            if extra:  # zero rank columns change nothing
+                a = torch.cat([a, a.new_zeros(extra, *a.shape[1:])])
+                b = torch.cat([b, b.new_zeros(b.shape[0], extra, *b.shape[2:])], 1)
+            k = f"{mod}.{part}" if part else mod
+            tensors[f"{k}.lora_A.weight"] = a.to(dtype).contiguous()
+            tensors[f"{k}.lora_B.weight"] = b.to(dtype).contiguous()
+            tensors[f"{k}.alpha"] = torch.tensor(float(r), dtype=torch.float32)
+    return Adapter(tensors, dict(metadata))
+
+
+def resize(adapter: Adapter, rank: int | None = None, energy: float | None = None,
+           progress: bool = True) -> tuple[Adapter, list[LayerRow]]:
+    """Reduce every layer to `rank` (or the fewest singular values keeping `energy` of sum(s^2)) by SVD."""
+    rows, report = {}, []
+    for key, e in tqdm(_entries(adapter).items(), desc="resize", disable=not progress, leave=False):
+        scale = e["alpha"] / e["rank"]
+        u, s, vh = lowrank_svd(e["B"].flatten(1) * scale, e["A"].flatten(1))
+        k = _choose_rank(s, rank, energy)
+        a, b, kept = _factor(u, s, vh, k)
+        rows[key] = _shape_back(e, a, b)
+        report.append(LayerRow(key, e["rank"], k, kept))
+    meta = dict(adapter.metadata, **{"lora_vision.resized": f"rank={rank}" if energy is None else f"energy={energy}"})
+    return _build(rows, meta), report
+
+
+def merge_adapters(adapters: Sequence[Adapter], weights: Sequence[float] | None = None, rank: int | None = None,
+                   energy: float | None = None, progress: bool = True) -> tuple[Adapter, list[LayerRow]]:
+    """One adapter whose update is sum_i w_i * delta_i.
+
+    Without rank/energy it is exact: ranks are concatenated, A = [A_1; A_2; ...], B = [w_1 s_1 B_1, ...].
+    With rank or energy the sum is compressed by SVD, and each row says how much of its norm was kept.
+    """
+    weights = list(weights) if weights is not None else [1.0] * len(adapters)
+    if len(weights) != len(adapters) or not adapters:
+        raise ValueError(f"got {len(adapters)} adapters and {len(weights)} weights; give one weight per adapter")
+    all_entries = [_entries(ad) for ad in adapters]
+    keys = list(dict.fromkeys(k for es in all_entries for k in es))
+    rows, report = {}, []
+    for key in tqdm(keys, desc="merge", disable=not progress, leave=False):
+        es = [(w, es[key]) for w, es in zip(weights, all_entries) if key in es]
+        shapes = {tuple(e["A"].shape[1:]) for _, e in es} | {(e["B"].shape[0],) for _, e in es}
+        if len({tuple(e["A"].shape[1:]) for _, e in es}) != 1 or len({e["B"].shape[0] for _, e in es}) != 1:
+            raise ValueError(f"{key}: the adapters disagree on the layer's shape {sorted(shapes)}; they are for "
+                             "different base models")
+        a = torch.cat([e["A"].flatten(1).double() for _, e in es])
+        b = torch.cat([e["B"].flatten(1).double() * (w * e["alpha"] / e["rank"]) for w, e in es], 1)
+        r_in = a.shape[0]
+        if rank is None and energy is None:
+            rows[key] = _shape_back(es[0][1], a, b)
+            report.append(LayerRow(key, r_in, r_in, 1.0))
+            continue
+        u, s, vh = lowrank_svd(b, a)
+        k = _choose_rank(s, rank, energy)
+        fa, fb, kept = _factor(u, s, vh, k)
+        rows[key] = _shape_back(es[0][1], fa, fb)
+        report.append(LayerRow(key, r_in, k, kept))
+    meta = dict(adapters[0].metadata)
+    meta["lora_vision.merged_from"] = str(len(adapters))
+    return _build(rows, meta), report
+
+
+def _is_adaptable_weight(name: str, t: torch.Tensor) -> bool:
+    if not name.endswith(".weight") or t.dim() not in (2, 4) or not t.is_floating_point():
+        return False
+    last_module = name[: -len(".weight")].rsplit(".", 1)[-1]
+    return "embed" not in last_module or last_module.startswith("linear")  # token/position/patch embeddings
+
+
+def extract(base: Mapping[str, Mapping[str, torch.Tensor]], tuned: Mapping[str, Mapping[str, torch.Tensor]],
+            rank: int | None = None, energy: float | None = None, min_change: float = 1e-6,
+            progress: bool = True) -> tuple[Adapter, list[LayerRow]]:
+    """Adapter from the difference of two models: per component, per Linear/Conv weight, SVD of tuned - base.
+
+    base/tuned: {component: state dict}. Layers whose relative change ||dW|| / ||W|| is below min_change are
+    skipped. Text-encoder names are mapped to the installed transformers' live names.
+    """
+    from .formats import naming
+
+    rows, report = {}, []
+    todo = [(c, k) for c, sd in tuned.items() for k, t in sd.items()
+            if c in base and k in base[c] and _is_adaptable_weight(k, t)]
+    for comp, k in tqdm(todo, desc="extract", disable=not progress, leave=False):
+        w0, w1 = base[comp][k], tuned[comp][k]
+        if w0.shape != w1.shape:
+            raise ValueError(f"{comp}.{k}: base {tuple(w0.shape)} vs tuned {tuple(w1.shape)}; not the same model")
+        d = (w1.double() - w0.double())
+        if float(d.norm()) <= min_change * max(float(w0.double().norm()), 1e-30):
+            continue
+        u, s, vh = torch.linalg.svd(d.flatten(1), full_matrices=False)
+        r = _choose_rank(s, rank, energy)
+        a, b, kept = _factor(u, s, vh, r)
+        mod = k[: -len(".weight")]
+        if comp.startswith("text_encoder"):
+            mod = naming.te_to_live(mod, naming.default_has_text_model(comp))
+        key = f"{comp}.{mod}"
+        rows[key] = (a.reshape(r, *w0.shape[1:]), b.reshape(b.shape[0], r, 1, 1)) if w0.dim() == 4 else (a, b)
+        report.append(LayerRow(key, min(d.flatten(1).shape), r, kept))
+    if not rows:
+        raise ValueError("the two models have no differing Linear/Conv2d weights; nothing to extract")
+    return _build(rows, {"lora_vision.format": "1", "lora_vision.extracted": "1"}), report
+
+
+PIPELINE_FILES = {"unet": ("unet/diffusion_pytorch_model.safetensors",),
+                  "text_encoder": ("text_encoder/model.safetensors",),
+                  "text_encoder_2": ("text_encoder_2/model.safetensors",)}
+
+
+def load_weights(path: str | os.PathLike, component: str = "model") -> dict[str, dict[str, torch.Tensor]]:
+    """{component: state dict} from a diffusers pipeline folder (unet, text encoders) or one .safetensors file."""
+    from .io import read_safetensors
+
+    p = Path(path)
+    if p.is_dir():
+        out = {}
+        for comp, names in PIPELINE_FILES.items():
+            for n in names:
+                if (p / n).is_file():
+                    out[comp] = read_safetensors(p / n, check_finite=False)[0]
+        if not out:
+            raise FileNotFoundError(f"{p}: no unet/text_encoder safetensors weights found (expected a diffusers "
+                                    "pipeline folder saved with safe_serialization)")
+        return out
+    return {component: read_safetensors(p, check_finite=False)[0]}
+
+
+def print_rows(rows: Iterable[LayerRow], limit: int | None = None) -> str:
+    """The per-layer report as text, with a summary line."""
+    rows = list(rows)
+    lines = [str(r) for r in (rows if limit is None else rows[:limit])]
+    if limit is not None and len(rows) > limit:
+        lines.append(f"... ({len(rows) - limit} more layers)")
+    if rows:
+        worst = min(rows, key=lambda r: r.kept)
+        mean = sum(r.kept for r in rows) / len(rows)
+        lines.append(f"{len(rows)} layers; mean kept {100 * mean:.2f}%, lowest {100 * worst.kept:.2f}% "
+                     f"({worst.module})")
+    return "\n".join(lines)
+
+
+def total_kept(rows: Sequence[LayerRow]) -> float:
+    """Mean kept fraction over layers (1.0 for an exact result)."""
+    return sum(r.kept for r in rows) / max(len(rows), 1) if rows else math.nan
