@@ -1,0 +1,211 @@
+"""`lora-vision generate`: prompt tags, LoRA folders, PNG infotext, strength grids, exact adapter switching."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import struct
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lora_vision.commands.generate import register
+from lora_vision.generate import GenerateConfig, generate, load_pipeline, parse_sweeps
+from lora_vision.io import AdapterFileError
+from lora_vision.prompt_syntax import (LoraDirectory, addnet_hash, build_infotext, extract_lora_tags,
+                                       parse_infotext, parse_lora_flag, parse_lora_hashes)
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_serving import make_adapter  # noqa: E402
+
+torch.set_num_threads(2)
+
+
+# ---- prompt syntax -----------------------------------------------------------------------------------------------
+
+def test_tags_multiple_named_negative_and_spaces():
+    clean, tags, ignored = extract_lora_tags(
+        "a photo, <lora:ink style:0.6> of a dog <lora:clay:-0.5:1.2>, <lyco:x:0.3:unet=-1> <hypernet:h:1> sunny")
+    assert clean == "a photo, of a dog, sunny"
+    assert [(t.name, t.te, t.unet) for t in tags] == [("ink style", 0.6, 0.6), ("clay", -0.5, 1.2), ("x", 0.3, -1.0)]
+    assert ignored == ["<hypernet:h:1>"]
+    _, tags, _ = extract_lora_tags("<lora:a>, <lora:b:te=0.2:unet=0.9> <lora:a:1>")
+    assert [(t.name, t.te, t.unet) for t in tags] == [("a", 1.0, 1.0), ("b", 0.2, 0.9)]
+    assert extract_lora_tags("no tags here")[1] == []
+
+
+@pytest.mark.parametrize("prompt, message", [
+    ("<lora:a:strong>", "not a number"),
+    ("<lora:a:1:1:8>", "dyn"),
+    ("<lora:a:dyn=8>", "dyn"),
+    ("<lora:a:foo=1>", "unknown argument"),
+    ("<lora: :1>", "no LoRA name"),
+    ("<lora:a:1> <lora:a:0.5>", "twice"),
+])
+def test_bad_tags_are_clear_errors(prompt, message):
+    with pytest.raises(ValueError, match=message):
+        extract_lora_tags(prompt)
+
+
+def test_lora_flag_parsing():
+    assert parse_lora_flag("style.safetensors") == (Path("style.safetensors"), 1.0, 1.0)
+    assert parse_lora_flag("style.safetensors:0.5") == (Path("style.safetensors"), 0.5, 0.5)
+    assert parse_lora_flag("C:/loras/x.safetensors:-0.5:0.25") == (Path("C:/loras/x.safetensors"), -0.5, 0.25)
+    assert parse_lora_flag("odd:name.safetensors:1.5") == (Path("odd:name.safetensors"), 1.5, 1.5)
+    with pytest.raises(ValueError, match="no file"):
+        parse_lora_flag(":0.5")
+
+
+def test_sweep_parsing():
+    assert parse_sweeps(["strength=0,0.5,1"]) == [("strength", [0.0, 0.5, 1.0])]
+    for bad in (["strength"], ["a=x,y"], ["a=1", "b=1", "c=1"], ["a=1", "a=2"]):
+        with pytest.raises(ValueError):
+            parse_sweeps(bad)
+
+
+@pytest.fixture(scope="module")
+def lora_files(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("loras")
+    ink = make_adapter("unet-attn", "clip-attn", 4, 4.0, 1)
+    ink.metadata["ss_output_name"] = "inky"
+    clay = make_adapter("unet-attn-ff", None, 8, 8.0, 2)
+    (d / "sub").mkdir()
+    return {"dir": d, "ink": ink.save(d / "ink style.safetensors"), "clay": clay.save(d / "sub" / "clay.safetensors")}
+
+
+def test_lora_directory_resolves_stem_alias_and_explains_misses(lora_files, tmp_path):
+    lib = LoraDirectory(lora_files["dir"])
+    assert lib.resolve("ink style") == lora_files["ink"] and lib.resolve("inky") == lora_files["ink"]
+    assert lib.resolve("clay") == lora_files["clay"]
+    with pytest.raises(FileNotFoundError, match=r"no LoRA named 'clai'.*did you mean clay"):
+        lib.resolve("clai")
+    (lora_files["dir"] / "old.pt").write_bytes(b"PK\x03\x04")
+    with pytest.raises(AdapterFileError, match="pickle"):
+        LoraDirectory(lora_files["dir"]).resolve("old")
+    with pytest.raises(FileNotFoundError, match="no --lora_dir"):
+        LoraDirectory(None).resolve("ink")
+
+
+def test_addnet_hash_is_sha256_of_the_data_region(lora_files):
+    raw = lora_files["clay"].read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    assert addnet_hash(lora_files["clay"]) == hashlib.sha256(raw[8 + n:]).hexdigest()
+
+
+def test_infotext_round_trip():
+    params = {"Steps": 20, "Sampler": "DPM++ 2M", "Schedule type": "Karras", "CFG scale": "7.5", "Seed": 42,
+              "Size": "512x768", "Model": "sd15", "Lora hashes": "ink style: 0123456789ab, clay: ba9876543210",
+              "Version": "lora_vision 0.1.0"}
+    text = build_infotext("a dog, sunny\nsecond line", "blurry, low quality", params)
+    back = parse_infotext(text)
+    assert back["Prompt"] == "a dog, sunny\nsecond line" and back["Negative prompt"] == "blurry, low quality"
+    assert {k: back[k] for k in params} == {k: str(v) for k, v in params.items()}
+    assert parse_lora_hashes(back["Lora hashes"]) == {"ink style": "0123456789ab", "clay": "ba9876543210"}
+
+
+# ---- generation --------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def pipe():
+    return load_pipeline(GenerateConfig(device="cpu"))
+
+
+def _fresh(pipe):
+    from lora_vision.pipeline import unload_adapter
+
+    unload_adapter(pipe)
+    return pipe
+
+
+def _pixels(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def _run(pipe, tmp: Path, **kw) -> list[Path]:
+    cfg = GenerateConfig(steps=2, output_dir=str(tmp), progress=False, **kw)
+    return generate(cfg, pipe=_fresh(pipe))
+
+
+def test_strength_zero_equals_base_and_png_metadata_round_trips(pipe, lora_files, tmp_path):
+    base = _run(pipe, tmp_path / "base", prompts=["a red box"], seeds=[7, 8], batch_size=2)
+    zero = _run(pipe, tmp_path / "zero", prompts=["a red box <lora:inky:0>"], seeds=[7, 8], batch_size=2,
+                lora_dir=str(lora_files["dir"]), loras=[f"{lora_files['clay']}:0"], scheduler="euler_a")
+    assert len(base) == len(zero) == 2
+    full = _run(pipe, tmp_path / "full", prompts=["a red box <lora:inky:1>"], seeds=[7],
+                lora_dir=str(lora_files["dir"]))
+    assert not np.array_equal(_pixels(full[0]), _pixels(base[0]))
+    # Euler a differs from the default DDPM only in the noise schedule; compare like with like.
+    base_ea = _run(pipe, tmp_path / "base_ea", prompts=["a red box"], seeds=[7, 8], batch_size=2, scheduler="euler_a")
+    for a, b in zip(base_ea, zero):
+        assert np.array_equal(_pixels(a), _pixels(b))
+
+    info = parse_infotext(Image.open(zero[1]).info["parameters"])
+    assert info["Prompt"] == "a red box <lora:clay:0:0> <lora:inky:0:0>"
+    assert (info["Seed"], info["Steps"], info["Sampler"], info["Size"]) == ("8", "2", "Euler a", "64x64")
+    hashes = parse_lora_hashes(info["Lora hashes"])
+    assert hashes == {"clay": addnet_hash(lora_files["clay"])[:12], "inky": addnet_hash(lora_files["ink"])[:12]}
+    side = json.loads(zero[1].with_suffix(".json").read_text())
+    assert side["seed"] == 8 and side["prompt"] == "a red box" and side["parameters"] == Image.open(zero[1]).info[
+        "parameters"]
+    assert {x["name"]: x["strength"] for x in side["loras"]} == {"clay": 0.0, "inky": 0.0}
+
+
+def test_switching_adapters_between_prompts_equals_loading_one_alone(pipe, lora_files, tmp_path):
+    both = _run(pipe, tmp_path / "both", prompts=["a dog <lora:inky:0.9>", "a dog <lora:clay:1.1>", "a dog"],
+                seeds=[3], lora_dir=str(lora_files["dir"]))
+    alone = _run(pipe, tmp_path / "alone", prompts=["a dog <lora:clay:1.1>"], seeds=[3],
+                 lora_dir=str(lora_files["dir"]))
+    base = _run(pipe, tmp_path / "base", prompts=["a dog"], seeds=[3])
+    assert np.array_equal(_pixels(both[1]), _pixels(alone[0]))
+    assert np.array_equal(_pixels(both[2]), _pixels(base[0]))
+    assert not np.array_equal(_pixels(both[0]), _pixels(both[1]))
+
+
+def test_two_adapter_sweep_writes_a_labelled_grid_of_the_cells(pipe, lora_files, tmp_path):
+    out = _run(pipe, tmp_path, prompts=["a box <lora:inky:1>"], seeds=[5], loras=[str(lora_files["clay"])],
+               lora_dir=str(lora_files["dir"]), sweeps=["clay=0,1", "inky=0,0.5,1"])
+    with pytest.raises(ValueError, match="no adapter named"):
+        _run(pipe, tmp_path / "bad", prompts=["a box"], seeds=[5], sweeps=["nope=0,1"])
+    images, grids = out[:-1], out[-1:]
+    assert len(images) == 6 and grids[0].name.startswith("grid-")
+    grid = _pixels(grids[0])
+    cell = _pixels(images[0])
+    h, w = cell.shape[:2]
+    assert grid.shape[1] > 3 * w and grid.shape[0] > 2 * h
+    # The bottom-right cell is clay=1, inky=1 (the last image), pasted unchanged.
+    assert np.array_equal(grid[-h:, -w:], _pixels(images[-1]))
+    sweep_cells = [json.loads(p.with_suffix(".json").read_text())["sweep_cell"] for p in images]
+    assert sweep_cells[0] == {"clay": 0.0, "inky": 0.0} and sweep_cells[-1] == {"clay": 1.0, "inky": 1.0}
+    assert "Sweep" in parse_infotext(Image.open(grids[0]).info["parameters"])
+
+
+def _cli(argv: list[str]) -> int:
+    # The `generate` subcommand exactly as lora_vision.cli registers it (other subcommands are not needed here).
+    parser = argparse.ArgumentParser(prog="lora-vision")
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def test_cli_and_script_run_end_to_end(lora_files, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# comment\na red box <lora:inky:0.5>\n\n")
+    rc = _cli(["generate", "--prompt_file", str(prompts), "--lora_dir", str(lora_files["dir"]), "--steps", "1",
+               "--num_images", "2", "--seed", "11", "-o", str(tmp_path / "cli"), "--no_progress"])
+    assert rc == 0 and "wrote 2 image(s)" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "cli").glob("*.png")) == ["00000-11.png", "00001-12.png"]
+    with pytest.raises(FileNotFoundError, match="no LoRA named 'missing'"):
+        _cli(["generate", "--prompt", "a <lora:missing:1>", "--lora_dir", str(lora_files["dir"]),
+              "-o", str(tmp_path / "x")])
+    assert not (tmp_path / "x").exists()
+    sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
+    import generate as script
+
+    assert script.main(["--prompt", "a box", "--steps", "1", "-o", str(tmp_path / "script"), "--no_progress",
+                        "--scheduler", "ddim"]) == 0
+    assert len(list((tmp_path / "script").glob("*.png"))) == 1
