@@ -109,18 +109,31 @@ def _build(rows: dict[str, tuple[torch.Tensor, torch.Tensor]], metadata: Mapping
 
 
 def resize(adapter: Adapter, rank: int | None = None, energy: float | None = None,
-           progress: bool = True) -> tuple[Adapter, list[LayerRow]]:
-    """Reduce every layer to `rank` (or the fewest singular values keeping `energy` of sum(s^2)) by SVD."""
+           ranks: Mapping[str, int] | None = None, progress: bool = True) -> tuple[Adapter, list[LayerRow]]:
+    """Reduce every layer to `rank` (or the fewest singular values keeping `energy` of sum(s^2)) by SVD.
+
+    ranks: {component.module[.part]: rank} per layer instead (layers not listed keep their rank, exactly).
+    """
+    if sum(x is not None for x in (rank, energy, ranks)) != 1:
+        raise ValueError("give exactly one of rank, energy or ranks")
+    entries = _entries(adapter)
+    unknown = [k for k in (ranks or {}) if k not in entries]
+    if unknown:
+        raise KeyError(f"ranks names {len(unknown)} layer(s) the adapter does not have (first: {unknown[:3]})")
     rows, report = {}, []
-    for key, e in tqdm(_entries(adapter).items(), desc="resize", disable=not progress, leave=False):
+    for key, e in tqdm(entries.items(), desc="resize", disable=not progress, leave=False):
         scale = e["alpha"] / e["rank"]
         u, s, vh = lowrank_svd(e["B"].flatten(1) * scale, e["A"].flatten(1))
-        k = _choose_rank(s, rank, energy)
+        want = rank if ranks is None else int(ranks.get(key, e["rank"]))
+        k = _choose_rank(s, want, energy)
         a, b, kept = _factor(u, s, vh, k)
         rows[key] = _shape_back(e, a, b)
         report.append(LayerRow(key, e["rank"], k, kept))
-    meta = dict(adapter.metadata, **{"lora_vision.resized": f"rank={rank}" if energy is None else f"energy={energy}"})
-    return _build(rows, meta), report
+    how = f"rank={rank}" if rank is not None else (f"energy={energy}" if energy is not None else "per-layer ranks")
+    full = {k: v for k, v in adapter.tensors.items() if k.startswith("full.")}
+    out = _build(rows, dict(adapter.metadata, **{"lora_vision.resized": how}))
+    out.tensors.update(full)
+    return out, report
 
 
 def merge_adapters(adapters: Sequence[Adapter], weights: Sequence[float] | None = None, rank: int | None = None,

@@ -1,0 +1,49 @@
+"""Helpers shared by the adapter subcommands (inspect, convert, merge, resize, extract): read any file, write any
+format."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import torch
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+OUT_FORMATS = ("lora_vision", "kohya", "diffusers", "peft")
+
+
+def read(path: str, strict: bool = False) -> tuple[Any, Any]:
+    """(Adapter, ImportReport) for any supported file or PEFT folder."""
+    from ..formats import load_any
+
+    return load_any(path, strict=strict)
+
+
+def add_output_args(p: argparse.ArgumentParser, default_fmt: str = "lora_vision") -> None:
+    """-o/--output, --to, --family, --dtype (the arguments every writing command shares)."""
+    p.add_argument("-o", "--output", required=True, help="output file (a folder for --to peft)")
+    p.add_argument("--to", choices=OUT_FORMATS, default=default_fmt,
+                   help=f"output format (default {default_fmt}): kohya for A1111/ComfyUI/kohya, diffusers for "
+                        "pipe.load_lora_weights, peft for a PEFT folder (ViT), lora_vision for our own files")
+    p.add_argument("--family", choices=("sd1", "sd2", "sd2-v", "sdxl"),
+                   help="base model family for kohya metadata and SDXL naming (default: from the file)")
+    p.add_argument("--dtype", choices=tuple(DTYPES),
+                   help="tensor dtype of the output (kohya default fp16, others keep the input dtype)")
+
+
+def write(adapter: Any, args: argparse.Namespace, **kwargs: Any) -> Path:
+    """Write `adapter` as args.to to args.output; prints one line and returns the path."""
+    from ..formats import export
+
+    extra = dict(kwargs)
+    if args.dtype:
+        extra["dtype"] = DTYPES[args.dtype]
+    if args.to == "kohya":
+        out = export(adapter, "kohya", args.output, base=args.family, **extra)
+    elif args.to == "lora_vision":
+        out = export(adapter, "lora_vision", args.output, dtype=extra.get("dtype"))
+    else:
+        out = export(adapter, args.to, args.output, **{k: v for k, v in extra.items() if k == "dtype"})
+    print(f"wrote {args.to} adapter: {out}")
+    return Path(out)
