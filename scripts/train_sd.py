@@ -249,9 +249,13 @@ def train(cfg: SDTrainConfig) -> int:
         saved_rng = generator.get_state(), data_rng.bit_generator.state
         static = StaticStep(loss_of, params, optimizer, cfg.max_grad_norm, next_inputs()[0])
         if use_graph:
-            static.capture()
-            if main_proc:
-                print("training step captured as one CUDA graph")
+            try:
+                static.capture(warmup=2)
+                if main_proc:
+                    print("training step captured as one CUDA graph")
+            except RuntimeError as err:  # e.g. an op that cannot be captured: keep training, eagerly
+                print(f"warning: CUDA graph capture failed ({err}); using the eager step", file=sys.stderr)
+                static = None
         generator.set_state(saved_rng[0])  # the example batch drew random numbers: give them back
         data_rng.bit_generator.state = saved_rng[1]
 
