@@ -279,6 +279,11 @@ def test_cli_writes_report_pngs_and_suggested_ranks(tmp_path, capsys) -> None:
     for name in ("update_norm", "spectra", "amplification", "update_norm_2", "spectra_2", "amplification_2",
                  "similarity", "similarity_layers"):
         assert _png(out / f"{name}.png"), name
+    # suggested_ranks.json feeds `lora-vision resize --ranks`; it agrees with resize's own --energy 0.99.
+    for flag, value in (("--ranks", str(out / "suggested_ranks.json")), ("--energy", "0.99")):
+        resized = tmp_path / f"resized{flag}.safetensors"
+        assert main(["resize", str(f1), flag, value, "-o", str(resized)]) == 0
+        assert Adapter.load(resized).ranks() == {"model.0": 2, "model.2": 3}
 
 
 def test_cli_on_a_tiny_sd_adapter_with_builtin_base(tmp_path) -> None:
@@ -302,6 +307,15 @@ def test_cli_on_a_tiny_sd_adapter_with_builtin_base(tmp_path) -> None:
     w = pipe.unet.get_submodule(key[5:]).base.weight  # the frozen weight under the LoRA wrapper
     assert layers[key]["base_norm"] == pytest.approx(float(w.detach().double().norm()), rel=1e-5)
     assert _png(out / "update_norm.png") and _png(out / "amplification.png") and not (out / "similarity.png").exists()
+    # A kohya export of the same adapter is read through lora_vision.formats and gives the same numbers.
+    from lora_vision.formats.kohya_export import export_kohya
+
+    kohya = export_kohya(Adapter.load(f), tmp_path / "sd_kohya.safetensors", dtype=torch.float32)
+    assert main(["analyze", str(kohya), "-o", str(tmp_path / "k"), "--no-plots", "--quiet"]) == 0
+    k_layers = json.loads((tmp_path / "k" / "report.json").read_text())["adapters"][0]["layers"]
+    assert set(k_layers) == set(layers)
+    for name, v in layers.items():
+        assert k_layers[name]["singular_values"] == pytest.approx(v["singular_values"], rel=1e-5, abs=1e-7)
 
 
 def test_cli_errors_are_one_clear_line(tmp_path, capsys) -> None:
