@@ -71,20 +71,21 @@ def _vit_rules(to_v5: bool) -> list[tuple[re.Pattern, str]]:
     return out
 
 
-def vit_v4_to_v5(name: str) -> str:
-    """HF ViT transformers-4 module name -> transformers-5 name (other names unchanged)."""
-    for pat, rep in _vit_rules(True):
+def _vit_convert(name: str, to_v5: bool) -> str:
+    for pat, rep in _vit_rules(to_v5):
         if pat.match(name):
             return pat.sub(rep, name)
     return name
+
+
+def vit_v4_to_v5(name: str) -> str:
+    """HF ViT transformers-4 module name -> transformers-5 name (other names unchanged)."""
+    return _vit_convert(name, True)
 
 
 def vit_v5_to_v4(name: str) -> str:
     """HF ViT transformers-5 module name -> transformers-4 name (other names unchanged)."""
-    for pat, rep in _vit_rules(False):
-        if pat.match(name):
-            return pat.sub(rep, name)
-    return name
+    return _vit_convert(name, False)
 
 
 # ---- UNet: diffusers <-> LDM/SGM -----------------------------------------------------------------------------
