@@ -14,7 +14,8 @@ from ..io import atomic_path
 from .sources import natural_key
 
 # Short labels: "unet.down_blocks.1.attentions.0.transformer_blocks.0" -> "down1.at0.tb0".
-_ABBREV = [(r"down_blocks\.(\d+)", r"down\1"), (r"up_blocks\.(\d+)", r"up\1"), (r"mid_block", "mid"),
+_ABBREV = [(r"^text_model\.", ""), (r"down_blocks\.(\d+)", r"down\1"), (r"up_blocks\.(\d+)", r"up\1"),
+           (r"mid_block", "mid"),
            (r"attentions\.(\d+)", r"at\1"), (r"transformer_blocks\.(\d+)", r"tb\1"), (r"resnets\.(\d+)", r"res\1"),
            (r"(?:encoder\.)?layers?\.(\d+)", r"layer\1"), (r"blocks\.(\d+)", r"block\1")]
 _COMP = {"unet": "unet", "text_encoder": "te", "text_encoder_2": "te2", "model": "model"}
@@ -70,10 +71,11 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
-def _layer_value(v: dict) -> tuple[float | None, str]:
-    if v.get("relative_norm") is not None:
-        return v["relative_norm"], "||ΔW||_F / ||W||_F"
-    return v.get("update_norm"), "||ΔW||_F"
+def _size_field(layers: dict[str, dict]) -> tuple[str, str]:
+    """The update-size number of an adapter's plots: relative to the base weight when any layer has it."""
+    if any(v.get("relative_norm") is not None for v in layers.values()):
+        return "relative_norm", "||ΔW||_F / ||W||_F"
+    return "update_norm", "||ΔW||_F"
 
 
 def plot_update_heatmap(report: dict, path: Path, adapter_index: int = 0) -> Path:
@@ -83,7 +85,7 @@ def plot_update_heatmap(report: dict, path: Path, adapter_index: int = 0) -> Pat
 
     ad = report["adapters"][adapter_index]
     comps: dict[str, dict[str, dict[str, float | None]]] = {}
-    label = "||ΔW||_F"
+    field, label = _size_field(ad["layers"])
     split = {key: split_block_kind(key) for key in ad["layers"]}
     # SD 1.x/2.x have one transformer block per attention block: show its layers on the row of proj_in/proj_out.
     tb = [re.search(r"transformer_blocks\.(\d+)$", b) for _, b, _ in split.values()]
@@ -92,8 +94,7 @@ def plot_update_heatmap(report: dict, path: Path, adapter_index: int = 0) -> Pat
         comp, block, kind = split[key]
         if single_tb:
             block = re.sub(r"\.transformer_blocks\.0$", "", block)
-        val, label = _layer_value(v)
-        comps.setdefault(comp, {}).setdefault(block, {})[kind] = val
+        comps.setdefault(comp, {}).setdefault(block, {})[kind] = v.get(field)
     heights = [max(len(rows), 2) for rows in comps.values()]
     fig = _pyplot_free_figure(figsize=(11, 1.6 + 0.32 * sum(heights) + 0.9 * len(comps)), dpi=100)
     axes = fig.subplots(len(comps), 1, squeeze=False, gridspec_kw={"height_ratios": heights})[:, 0]
@@ -158,8 +159,8 @@ def plot_spectra(report: dict, path: Path, adapter_index: int = 0) -> Path:
     _layer_axis(ax1, keys)
     fig.colorbar(im, ax=ax1, label="σ_i / σ_1", fraction=0.04, pad=0.01, location="bottom", aspect=40)
     y = np.arange(len(keys))
-    for field, marker, name in (("effective_rank", "o", "entropy effective rank"), ("rank_90", "s", "rank at 90% energy"),
-                                ("rank_99", "^", "rank at 99% energy")):
+    for field, marker, name in (("effective_rank", "o", "entropy effective rank"),
+                                ("rank_90", "s", "rank at 90% energy"), ("rank_99", "^", "rank at 99% energy")):
         ax2.scatter([ad["layers"][k][field] for k in keys], y, marker=marker, s=14, label=name, alpha=0.8)
     ranks = [ad["layers"][k]["rank"] for k in keys]
     if len(set(ranks)) == 1:
@@ -178,7 +179,8 @@ def plot_spectra(report: dict, path: Path, adapter_index: int = 0) -> Path:
 def _pick_layers(layers: dict[str, dict], report: dict, max_layers: int) -> list[str]:
     """The layers with the largest updates in the first adapter, shown in model order."""
     sizes = report["adapters"][0]["layers"]
-    ranked = sorted(layers, key=lambda k: -(_layer_value(sizes[k])[0] or 0.0))[:max_layers]
+    field, _ = _size_field(sizes)
+    ranked = sorted(layers, key=lambda k: -(sizes[k].get(field) or 0.0))[:max_layers]
     return [k for k in layers if k in ranked]
 
 

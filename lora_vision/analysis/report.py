@@ -124,7 +124,8 @@ def analyze(adapters: Sequence[tuple[str, Adapter]], base: BaseWeights | None = 
     report: dict[str, Any] = {"format": REPORT_FORMAT, "energy": options.energy,
                               "base": base.description if base is not None else None, "adapters": []}
     svds: list[dict[str, LowRankSVD]] = []
-    with tqdm(total=total, desc="analyze", unit="layer", disable=(not progress) if progress is not None else None) as bar:
+    disable = (not progress) if progress is not None else None  # None: tqdm shows the bar on a terminal only
+    with tqdm(total=total, desc="analyze", unit="layer", disable=disable) as bar:
         for idx, ((label, _), layers) in enumerate(zip(adapters, factors)):
             stats, svd_of, missing = {}, {}, []
             for key, f in layers.items():
