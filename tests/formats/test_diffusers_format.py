@@ -76,12 +76,13 @@ def test_load_lora_weights_equals_our_runtime(setup, fmt):
         assert (max(moved.values()) == 0.0) if s == 0 else all(v > 1e-3 for v in moved.values()), (s, moved)
 
 
-def test_short_pipeline_call_matches(setup):
-    kind, _, files = setup
-    ref, ours = build_tiny_sd(kind), build_tiny_sd(kind)
-    ref.load_lora_weights(str(files["diffusers"]), adapter_name="x")
+def test_short_pipeline_call_matches(tmp_path):
+    """One short end-to-end call (SD 1.x, 2 steps) on top of the forward-level checks above."""
+    path = export(make_sd_adapter("sd1", locon=True, te_alpha=6.0), "diffusers", tmp_path / "a.safetensors")
+    ref, ours = build_tiny_sd("sd1"), build_tiny_sd("sd1")
+    ref.load_lora_weights(str(path), adapter_name="x")
     ref.set_adapters(["x"], adapter_weights=[0.5])
-    load_any(files["diffusers"], models=sd_components(ours))[0].apply_to(sd_components(ours), strength=0.5)
+    load_any(path, models=sd_components(ours))[0].apply_to(sd_components(ours), strength=0.5)
     kw = dict(prompt="a photo of sks toy", num_inference_steps=2, height=64, width=64, output_type="np")
     a = ref(generator=torch.Generator().manual_seed(0), **kw).images
     b = ours(generator=torch.Generator().manual_seed(0), **kw).images
