@@ -61,6 +61,10 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tenso
 
 
 def _sniff(head: bytes) -> str | None:
+    # `head` is the first 9 bytes. A safetensors file is an 8-byte little-endian length, then a JSON header that
+    # starts with "{"; the length bytes alone can look like a zip ("PK") or pickle (0x80) signature.
+    if head[8:9] == b"{":
+        return None
     if head[:2] == b"PK":
         return "a zip archive (torch.save / .pt / .ckpt pickle)"
     if head[:1] == b"\x80":
@@ -75,20 +79,21 @@ def read_header(path: str | os.PathLike) -> tuple[dict, int]:
         raise AdapterFileError(f"{path}: no such file")
     size = path.stat().st_size
     with open(path, "rb") as f:
-        head = f.read(8)
+        head = f.read(9)
         kind = _sniff(head)
         if kind:
             raise AdapterFileError(f"{path} is {kind}; lora_vision loads only .safetensors files, never pickles "
                                    f"(convert it in a trusted environment first)")
         if len(head) < 8:
             raise AdapterFileError(f"{path}: file too short ({size} bytes) to be a safetensors file")
-        (n,) = struct.unpack("<Q", head)
+        (n,) = struct.unpack("<Q", head[:8])
         if n > MAX_HEADER_BYTES:
             raise AdapterFileError(f"{path}: header length {n:,} bytes exceeds the {MAX_HEADER_BYTES:,} byte limit; "
                                    "not a valid safetensors file")
         if 8 + n > size:
             raise AdapterFileError(f"{path}: header says {n:,} bytes but the file has only {size - 8:,} after the "
                                    "length field; the file is truncated")
+        f.seek(8)
         raw = f.read(n)
     try:
         header = json.loads(raw)

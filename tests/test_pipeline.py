@@ -265,3 +265,41 @@ def test_bad_input_raises_clear_errors(kind, adapters):
         unload_adapter(pipe, "a")
     unfuse(pipe)
     unload_adapter(pipe, "a")
+
+
+def test_foreign_files_load_like_the_native_adapter(tmp_path, kind, adapters):
+    from lora_vision.formats import export
+
+    pipe = new_pipe(kind)
+    load_adapter(pipe, adapters[0], name="native", strength=0.9, te_strength=0.6)
+    expected = images(pipe)
+    unload_adapter(pipe)
+    for fmt in ("diffusers", "kohya"):
+        path = export(adapters[0], fmt, tmp_path / f"{fmt}.safetensors", base=kind, dtype=torch.float32) \
+            if fmt == "kohya" else export(adapters[0], fmt, tmp_path / f"{fmt}.safetensors", dtype=torch.float32)
+        report = load_adapter(pipe, path, name=fmt, strength=0.9, te_strength=0.6)
+        assert report.format == fmt and report.num_modules == len(adapters[0].ranks())
+        assert np.abs(images(pipe) - expected).max() < TOL, fmt
+        unload_adapter(pipe, fmt)
+    wrong = make_adapter("sdxl" if kind == "sd1" else "sd1", 3).save(tmp_path / "wrong.safetensors")
+    with pytest.raises(AdapterMismatchError, match="another base"):
+        load_adapter(pipe, wrong, name="wrong")
+    assert not list_adapters(pipe) and not any(True for _ in lora_layers(pipe.unet))
+
+
+def test_safetensors_whose_header_length_starts_like_a_pickle_is_read(tmp_path):
+    # The 8-byte header length can begin with 0x80, a pickle's first byte; such files are valid safetensors and
+    # must load (lora_vision.io looks for the "{" that starts the JSON header).
+    from safetensors.torch import save_file
+
+    path = tmp_path / "f.safetensors"
+    for pad in range(300):
+        save_file({"unet.x.lora_A.weight": torch.ones(1, 2)}, str(path), metadata={"p": "x" * pad})
+        if path.read_bytes()[0] == 0x80:
+            break
+    tensors, meta = read_safetensors(path)
+    assert meta["p"] == "x" * pad and torch.equal(tensors["unet.x.lora_A.weight"], torch.ones(1, 2))
+    pickle = tmp_path / "p.safetensors"
+    torch.save({"a": torch.ones(1)}, pickle, _use_new_zipfile_serialization=False)
+    with pytest.raises(ValueError, match="pickle"):
+        read_safetensors(pickle)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Mapping, Sequence, Union
 
 import torch
@@ -114,25 +113,24 @@ def _no_fused(st: _State, what: str) -> None:
 
 # ---- reading ---------------------------------------------------------------------------------------------------
 
-def read_adapter(source: AdapterSource) -> tuple[Adapter, str, str, Any]:
-    """(adapter, source label, format, format report) for a native Adapter, a native file or any supported file.
+def read_adapter(source: AdapterSource, models: Mapping[str, nn.Module] | None = None) -> tuple[Adapter, str, str, Any]:
+    """(adapter, source label, format, format report) for an `Adapter`, or a file in any supported format.
 
-    Files go through `lora_vision.formats.load_any` (kohya, diffusers, peft, ...) when it is available, else they
-    must be lora_vision adapter files.
+    Files go through `lora_vision.formats.load_any` (kohya, diffusers, peft, lora_vision); with `models` (e.g. the
+    pipeline's components) names are matched against the live modules, and a file made for another base raises
+    AdapterMismatchError.
     """
     if isinstance(source, Adapter):
         return source, "<Adapter>", "lora_vision", None
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(f"expected a file path or an Adapter, got {type(source).__name__}")
-    path = Path(source)
+    from ..formats import BaseMismatchError, load_any
+
     try:
-        from ..formats import load_any  # type: ignore[attr-defined]
-    except ImportError:
-        load_any = None
-    if load_any is None:
-        return Adapter.load(path), str(path), "lora_vision", None
-    adapter, report = load_any(path)
-    return adapter, str(path), str(getattr(report, "format", "detected")), report
+        adapter, report = load_any(source, models=models)
+    except BaseMismatchError as e:
+        raise AdapterMismatchError(str(e)) from e
+    return adapter, str(source), str(report.format), report
 
 
 def _rslora(adapter: Adapter, comp: str) -> bool:
@@ -165,6 +163,10 @@ def _plan(pipe: Any, adapter: Adapter, name: str, source: str, strict: bool) -> 
     problems: list[str] = []
     skipped: list[str] = []
     plan: dict[str, list] = {}
+    full = sorted(k[len("full."):] for k in adapter.tensors if k.startswith("full."))
+    if full:
+        problems.append(f"the adapter carries fully trained modules {full[:3]}, which load_adapter does not apply "
+                        "(use Adapter.apply_to for those)")
     extra = [c for c in adapter.components() if c not in comps]
     if extra:
         hint = " (an SDXL adapter?)" if "text_encoder_2" in extra else ""
@@ -229,7 +231,7 @@ def load_adapter(pipe: Any, source: AdapterSource, name: str = "default", streng
                          "choose another name")
     unet = pipeline_components(pipe)["unet"]
     blocks = parse_block_strengths(block_strengths, len(unet.down_blocks), len(unet.up_blocks))
-    adapter, label, fmt, src_report = read_adapter(source)
+    adapter, label, fmt, src_report = read_adapter(source, pipeline_components(pipe))
     plan, skipped = _plan(pipe, adapter, name, label, strict)
     tables: dict[str, StrengthTable] = {}
     groups: list[str] = []
