@@ -155,10 +155,11 @@ def _check_base(tensors: dict, report: ImportReport, infos: Mapping[str, Compone
                                 f"has {what}. Load it into a {file_base} model")
 
 
-def export(adapter: Adapter, fmt: str, path: str | os.PathLike, base: str | None = None, **kwargs) -> Path:
+def export(adapter: Adapter, fmt: str, path: str | os.PathLike, base: object = None, **kwargs) -> Path:
     """Write `adapter` as fmt ("kohya", "diffusers", "peft" or "lora_vision") to `path`; returns the path.
 
-    base: "sd1", "sd2", "sd2-v" or "sdxl" for kohya (default: from the adapter's metadata or guessed).
+    base: for kohya, "sd1", "sd2", "sd2-v", "sdxl" or the target pipeline (default: the adapter's metadata, else
+    guessed from its tensors).
     Extra keyword arguments go to the format's exporter (e.g. dtype, title, trigger_phrase).
     """
     if fmt == "kohya":

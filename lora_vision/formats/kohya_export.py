@@ -15,6 +15,7 @@ import hashlib
 import json
 import struct
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -98,14 +99,34 @@ def kohya_tensors(adapter: Adapter, base: str, dtype: torch.dtype = torch.float1
     return tensors, meta
 
 
-def export_kohya(adapter: Adapter, path: str | Path, base: str | None = None, dtype: torch.dtype = torch.float16,
+def resolve_base(base: Any, adapter: Adapter) -> tuple[str, dict | None]:
+    """(family, UNet config) from a family name, a pipeline or a UNet; None: the adapter's metadata, else a guess."""
+    if base is None or base == "unknown":
+        base = adapter.metadata.get("lora_vision.base")
+        if base not in BASES:
+            base = guess_base({k: v for k, v in adapter.tensors.items() if not k.startswith("full.")})
+        return base, None
+    if isinstance(base, str):
+        return base, None
+    from ..models.sd import detect_sd_family
+
+    unet = getattr(base, "unet", base)
+    family = detect_sd_family(unet)
+    sched = getattr(getattr(base, "scheduler", None), "config", {})
+    if family == "sd2" and sched.get("prediction_type") == "v_prediction":
+        family = "sd2-v"
+    return family, dict(unet.config)
+
+
+def export_kohya(adapter: Adapter, path: str | Path, base: Any = None, dtype: torch.dtype = torch.float16,
                  title: str | None = None, trigger_phrase: str | None = None, unet_config: dict | None = None,
                  metadata: dict[str, str] | None = None) -> Path:
-    """Write `adapter` as a kohya file that A1111, ComfyUI, kohya and diffusers load (see the module docstring)."""
-    base = base or adapter.metadata.get("lora_vision.base") or guess_base(adapter.tensors)
-    if base == "unknown":
-        base = guess_base(adapter.tensors)
-    tensors, net_meta = kohya_tensors(adapter, base, dtype, unet_config)
+    """Write `adapter` as a kohya file that A1111, ComfyUI, kohya and diffusers load (see the module docstring).
+
+    base: "sd1", "sd2", "sd2-v", "sdxl", or the target pipeline / UNet (family and SGM naming from its config).
+    """
+    base, config = resolve_base(base, adapter)
+    tensors, net_meta = kohya_tensors(adapter, base, dtype, unet_config or config)
     from safetensors.torch import save
 
     digest = data_region_sha256(save(tensors))
