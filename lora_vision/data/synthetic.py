@@ -14,7 +14,7 @@ from PIL import Image
 PATTERNS = ("hstripes", "vstripes", "checker", "rings", "diagonal", "antidiagonal", "dots", "cross")
 
 
-def pattern_image(kind: str, size: int, rng: np.random.Generator, noise: float = 0.15) -> np.ndarray:
+def pattern_image(kind: str, size: int, rng: np.random.Generator, noise: float = 0.1) -> np.ndarray:
     """One (size, size, 3) uint8 image of pattern `kind` with random colours, frequency, phase and noise."""
     if kind not in PATTERNS:
         raise ValueError(f"unknown pattern {kind!r}; choose from {PATTERNS}")
@@ -40,7 +40,8 @@ def pattern_image(kind: str, size: int, rng: np.random.Generator, noise: float =
         w = rng.uniform(0.06, 0.12)
         v = np.where((np.abs(x - cx) < w) | (np.abs(y - cy) < w), 1.0, -1.0)
     mask = (np.tanh(3 * v) + 1) / 2  # soft two-tone pattern in [0, 1]
-    fg, bg = rng.uniform(0, 1, size=3), rng.uniform(0, 1, size=3)
+    fg = rng.uniform(0, 1, size=3)
+    bg = (fg + rng.uniform(0.35, 0.65, size=3)) % 1.0  # always a clear contrast between the two tones
     img = mask[..., None] * fg + (1 - mask[..., None]) * bg
     img = img + rng.normal(0, noise, size=img.shape)
     return (np.clip(img, 0, 1) * 255).astype(np.uint8)

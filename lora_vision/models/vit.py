@@ -6,11 +6,12 @@ Model names:
   local .safetensors file;
 - `timm:<model name>` (needs timm), weights from a local .safetensors file;
 - `tiny-hf`, `tiny-torchvision`, `tiny-timm`: the small random models of lora_vision.models.tiny (tests, offline demo).
+
+The peft adapter folder is written by lora_vision.formats.peft.export_peft (the head goes in as modules_to_save).
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -19,10 +20,8 @@ import torch
 from torch import nn
 
 from ..data.imagenet import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
-from ..io import atomic_write_text, read_safetensors, write_safetensors
+from ..io import read_safetensors, write_safetensors
 from ..lora.inject import lora_layers
-from ..lora.layers import LoRAFusedLinear, LoRALinear, LoRAMultiheadAttention
-from ..lora.ops import lora_state_dict
 
 FAMILIES = ("hf", "torchvision", "timm")
 HEADS = {"hf": "classifier", "torchvision": "heads.head", "timm": "head"}
@@ -133,7 +132,7 @@ def _load_hf(source: str, num_classes: int, labels: Sequence[str] | None) -> tup
     kw = {}
     if labels:
         kw = {"id2label": dict(enumerate(labels)), "label2id": {c: i for i, c in enumerate(labels)}}
-    model = AutoModelForImageClassification.from_pretrained(source, num_labels=num_classes,
+    model = AutoModelForImageClassification.from_pretrained(source, num_labels=num_classes, dtype=torch.float32,
                                                             ignore_mismatched_sizes=True, **kw)
     size = getattr(config, "image_size", 224)
     mean, std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)  # ViTImageProcessor's defaults
@@ -161,75 +160,39 @@ def freeze_to(model: nn.Module, dtype: torch.dtype) -> int:
     return n
 
 
-# ---- peft adapter folder (formats.md 4.4 / 7) -------------------------------------------------------------------
+def lora_targets(loaded: LoadedViT, spec: str = "") -> str | tuple[str, ...]:
+    """Target spec for LoRAConfig: the family's preset when `spec` is empty, a preset name, or comma patterns."""
+    from ..targets import PRESETS as NAMED
 
-def _peft_pairs(model: nn.Module, name: str) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
-    """(A, B, alpha) per peft target module; timm's split q/k/v become one qkv LoRA of rank P*r (same update)."""
-    sd = lora_state_dict(model, name)
-    out: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
-    for mod, layer in lora_layers(model):
-        if name not in layer.lora_A:
-            continue
-        alpha = layer.alphas[name]
-        if isinstance(layer, LoRAMultiheadAttention):
-            raise NotImplementedError(
-                f"{mod}: peft export of torchvision MultiheadAttention adapters is not supported (peft wraps "
-                "MultiheadAttention differently); use the lora_vision adapter file, or the HF/timm models")
-        if isinstance(layer, LoRAFusedLinear):
-            a = torch.cat([sd[f"{mod}.{p}.lora_A.weight"] for p in layer.parts])
-            blocks = [sd[f"{mod}.{p}.lora_B.weight"] if p in layer.parts else None for p in ("q", "k", "v")]
-            r = layer.ranks[name]
-            # (3d, P*r): each part's B in its row block and its own rank columns.
-            b = torch.zeros(3 * layer.d, a.shape[0])
-            j = 0
-            for i, blk in enumerate(blocks):
-                if blk is not None:
-                    b[i * layer.d:(i + 1) * layer.d, j * r:(j + 1) * r] = blk
-                    j += 1
-            # peft's scaling is alpha / rank: keep alpha / r per part with rank P*r.
-            out[mod] = (a, b, alpha * len(layer.parts))
-        elif isinstance(layer, LoRALinear):
-            out[mod] = (sd[f"{mod}.lora_A.weight"], sd[f"{mod}.lora_B.weight"], alpha)
-        else:
-            raise NotImplementedError(f"{mod}: peft export of {type(layer).__name__} is not supported here")
+    if not spec:
+        return PRESETS[loaded.family]
+    if spec in NAMED:
+        return spec
+    return tuple(p.strip() for p in spec.split(",") if p.strip())
+
+
+def merged_copy(model: nn.Module) -> nn.Module:
+    """A deep copy with every LoRA adapter folded into plain layers (no LoRA wrappers left: zero overhead)."""
+    import copy
+
+    from ..lora.ops import merge_lora
+
+    out = copy.deepcopy(model)
+    merge_lora(out)
+    for name, layer in list(lora_layers(out)):
+        parent, _, child = name.rpartition(".")
+        setattr(out.get_submodule(parent) if parent else out, child, layer.base)
     return out
 
 
-def save_peft_folder(loaded: LoadedViT, out_dir: str | Path, name: str = "default", rslora: bool = False) -> Path:
-    """Write a peft adapter folder (adapter_config.json + adapter_model.safetensors) with the head in full.
-
-    Load it with `PeftModel.from_pretrained(base, out_dir)` where `base` has a head of the same size.
-    """
+def save_model(loaded: LoadedViT, out_dir: str | Path, model: nn.Module | None = None) -> Path:
+    """Save a whole classifier: transformers' save_pretrained (safetensors) for HF, else model.safetensors."""
+    model = model if model is not None else loaded.model
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    pairs = _peft_pairs(loaded.model, name)
-    if not pairs:
-        raise ValueError(f"no adapter {name!r} in the model")
-    ranks = {m: int(a.shape[0]) for m, (a, _, _) in pairs.items()}
-    alphas = {m: float(al) for m, (_, _, al) in pairs.items()}
-    r = max(set(ranks.values()), key=list(ranks.values()).count)
-    alpha = max(set(alphas.values()), key=list(alphas.values()).count)
-    tensors = {}
-    for m, (a, b, _) in pairs.items():
-        tensors[f"base_model.model.{m}.lora_A.weight"] = a.detach().float().cpu().contiguous()
-        tensors[f"base_model.model.{m}.lora_B.weight"] = b.detach().float().cpu().contiguous()
-    head = loaded.model.get_submodule(loaded.head_name)
-    for k, v in head.state_dict().items():
-        tensors[f"base_model.model.{loaded.head_name}.{k}"] = v.detach().float().cpu().contiguous()
-    cls = type(loaded.model)
-    config = {
-        "peft_type": "LORA", "task_type": None, "r": r, "lora_alpha": alpha, "lora_dropout": 0.0,
-        "target_modules": sorted(pairs), "modules_to_save": [loaded.head_name],
-        # Full module names: peft matches a rank_pattern key as a suffix of the module name.
-        "rank_pattern": {m: v for m, v in ranks.items() if v != r},
-        "alpha_pattern": {m: v for m, v in alphas.items() if v != alpha},
-        "use_rslora": rslora, "use_dora": False, "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True,
-        "inference_mode": True, "base_model_name_or_path": None if loaded.source.startswith("tiny-") else loaded.source,
-        "auto_mapping": {"base_model_class": cls.__name__, "parent_library": cls.__module__},
-    }
-    write_safetensors(out_dir / "adapter_model.safetensors", tensors, {"format": "pt"})
-    atomic_write_text(out_dir / "adapter_config.json", json.dumps(config, indent=2) + "\n")
-    atomic_write_text(out_dir / "README.md", f"# LoRA adapter for {loaded.source}\n\npeft adapter folder written by "
-                      f"lora_vision: `PeftModel.from_pretrained(base, \"{out_dir.name}\")` with a base whose "
-                      f"`{loaded.head_name}` has {head.state_dict()['weight'].shape[0]} outputs.\n")
+    if loaded.family == "hf":
+        model.save_pretrained(out_dir, safe_serialization=True)
+    else:
+        sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        write_safetensors(out_dir / "model.safetensors", sd, {"lora_vision.source": loaded.source})
     return out_dir

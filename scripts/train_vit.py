@@ -1,0 +1,273 @@
+#!/usr/bin/env python
+"""Fine-tune a ViT classifier on an ImageNet subset (or any ImageFolder tree): LoRA, full fine-tuning or a linear probe.
+
+    accelerate launch scripts/train_vit.py --model_name_or_path google/vit-base-patch16-224-in21k \\
+        --train_dir /data/imagenet/train --validation_dir /data/imagenet/val --subset imagenette \\
+        --mode lora --lora_rank 16 --mixed_precision bf16 --output_dir out/vit-imagenette
+    python scripts/train_vit.py                 # offline demo: tiny ViT on samples/vit/train (seconds on a CPU)
+    python scripts/train_vit.py --compare       # lora, full and linear-probe with the same data and seed
+
+Flags follow transformers' image-classification example; `--config FILE.yaml` takes the same keys. Outputs in
+output_dir: adapter.safetensors (LoRA + head, lora_vision format), peft/ (PeftModel.from_pretrained), merged/
+(--save_merged), model/ (full, linear-probe), metrics.json, train_config.yaml, checkpoint-<step>/.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from lora_vision import LoRAConfig, count_parameters, inject_lora, lora_report
+from lora_vision.adapter import Adapter
+from lora_vision.data.imagenet import ImageListDataset, build_subset, build_transforms
+from lora_vision.io import write_safetensors
+from lora_vision.lora.config import ConfigError
+from lora_vision.models.vit import freeze_to, load_vit, lora_targets, merged_copy, save_model
+from lora_vision.training.checkpoint import find_checkpoint
+from lora_vision.training.classification import (MODES, EpochSampler, SeededAugment, ViTTrainConfig, evaluate,
+                                                  load_state, save_state, write_comparison)
+from lora_vision.training.config import load_config, save_config
+from lora_vision.training.optim import LRSchedule, build_optimizer
+
+REPO = Path(__file__).resolve().parents[1]
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_args(argv: list[str] | None) -> ViTTrainConfig:
+    """Flags and --config YAML -> a validated ViTTrainConfig (all problems in one error)."""
+    cfg = load_config(ViTTrainConfig, argv, prog="train_vit.py", description=__doc__.splitlines()[0])
+    problems = cfg.problems()
+    if cfg.base_dtype in ("bfloat16", "float16") and cfg.mixed_precision == "no":
+        problems.append(f"base_dtype={cfg.base_dtype} needs --mixed_precision bf16/fp16 (autocast feeds the "
+                        "frozen half-precision weights)")
+    if problems:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+    # The offline defaults live in the repository: find them from any working directory.
+    fix = {k: str(REPO / v) for k, v in (("model_name_or_path", cfg.model_name_or_path), ("train_dir", cfg.train_dir))
+           if v.startswith("samples/") and not Path(v).exists() and (REPO / v).exists()}
+    return dataclasses.replace(cfg, **fix) if fix else cfg
+
+
+def frozen_dtype(cfg: ViTTrainConfig) -> torch.dtype:
+    """dtype of the frozen weights: half precision only under autocast of that type."""
+    if cfg.base_dtype != "auto":
+        return DTYPES[cfg.base_dtype]
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision, torch.float32)
+
+
+def forward_fn(model: torch.nn.Module, family: str):
+    """A function images -> logits for this model family."""
+    if family == "hf":
+        return lambda x: model(pixel_values=x).logits
+    return lambda x: model(x)
+
+
+def build_model(cfg: ViTTrainConfig, mode: str, classes: list[str]):
+    """Load the model with a new head and make the right parameters trainable for `mode`."""
+    loaded = load_vit(cfg.model_name_or_path, len(classes), cfg.weights, classes, seed=cfg.seed)
+    model, head = loaded.model, loaded.model.get_submodule(loaded.head_name)
+    lora_cfg = None
+    if mode == "lora":
+        lora_cfg = LoRAConfig(rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                              targets=lora_targets(loaded, cfg.lora_targets), rank_pattern=cfg.rank_pattern)
+        inject_lora(model, lora_cfg)  # freezes everything else
+        head.requires_grad_(True)
+    elif mode == "linear-probe":
+        model.requires_grad_(False)
+        head.requires_grad_(True)
+    else:
+        model.requires_grad_(True)
+    if mode != "full":
+        freeze_to(model, frozen_dtype(cfg))
+    return loaded, lora_cfg
+
+
+def build_loaders(cfg: ViTTrainConfig, subset, pre, cuda: bool):
+    """Training loader (seeded order and augmentation, see EpochSampler) and evaluation loader."""
+    train_ds = SeededAugment(ImageListDataset(subset.train, subset.classes, build_transforms(pre, True, cfg.augment)),
+                             cfg.seed)
+    eval_ds = ImageListDataset(subset.val, subset.classes, build_transforms(pre, False))
+    sampler = EpochSampler(len(train_ds), cfg.seed)
+    common = {"num_workers": cfg.dataloader_num_workers, "pin_memory": cuda,
+              "persistent_workers": cfg.dataloader_num_workers > 0,
+              "generator": torch.Generator().manual_seed(cfg.seed)}  # never draw from the global RNG
+    train = DataLoader(train_ds, batch_size=cfg.per_device_train_batch_size, sampler=sampler, **common)
+    evl = DataLoader(eval_ds, batch_size=cfg.per_device_eval_batch_size, shuffle=False, **common)
+    return train, evl, sampler
+
+
+def train_one(cfg: ViTTrainConfig, mode: str, out: Path, accelerator, subset) -> dict:
+    """Train one mode end to end; returns its metrics (also written to out/metrics.json)."""
+    from accelerate.utils import set_seed
+
+    set_seed(cfg.seed)
+    out.mkdir(parents=True, exist_ok=True)
+    loaded, lora_cfg = build_model(cfg, mode, subset.classes)
+    raw = loaded.model
+    trainable_params = [p for p in raw.parameters() if p.requires_grad]
+    n_train, n_total = count_parameters(raw)
+    accelerator.print(f"[{mode}] " + (lora_report(raw, loaded.source) if mode == "lora" else
+                                      f"{n_train:,} trainable parameters of {n_total:,} "
+                                      f"({100 * n_train / n_total:.2f}%)"))
+    train_loader, eval_loader, sampler = build_loaders(cfg, subset, loaded.preprocessing,
+                                                       accelerator.device.type == "cuda")
+    lr = cfg.lr(mode)
+    optimizer = build_optimizer([{"params": trainable_params, "lr": lr}], betas=(0.9, 0.999),
+                                weight_decay=cfg.weight_decay, eps=1e-8)
+    model = torch.compile(raw) if cfg.torch_compile else raw
+    model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
+    per_epoch = math.ceil(len(train_loader) / cfg.gradient_accumulation_steps)
+    total = cfg.max_train_steps or cfg.num_train_epochs * per_epoch
+    epochs = math.ceil(total / per_epoch)
+    warm = cfg.num_warmup_steps if cfg.num_warmup_steps is not None else int(cfg.warmup_ratio * total)
+    schedule = LRSchedule(cfg.lr_scheduler_type, warm, total)
+    fwd = forward_fn(model, loaded.family)
+
+    step, start_epoch, skip, history, seen, train_time = 0, 0, 0, [], 0, 0.0
+    if cfg.resume_from_checkpoint:
+        ckpt = find_checkpoint(out, cfg.resume_from_checkpoint)
+        if ckpt is None:
+            accelerator.print(f"[{mode}] no checkpoint in {out}; starting from scratch")
+        else:
+            st = load_state(ckpt, raw, optimizer.optimizer)
+            step, start_epoch, skip = st["step"], st["epoch"], st["batch_in_epoch"]
+            history, seen, train_time = st["history"], st["seen"], st["train_time_s"]
+            accelerator.print(f"[{mode}] resumed from {ckpt} (step {step}, epoch {start_epoch + 1})")
+
+    def checkpoint(epoch: int, batch: int) -> None:
+        if accelerator.is_main_process:
+            state = {"epoch": epoch, "batch_in_epoch": batch, "history": history, "seen": seen,
+                     "train_time_s": train_time, "mode": mode}
+            save_state(out, step, raw, optimizer.optimizer, state, cfg.checkpoints_total_limit)
+
+    bar = tqdm(total=total, initial=step, desc=f"train {mode}", disable=not accelerator.is_local_main_process)
+    for epoch in range(start_epoch, epochs):
+        if step >= total:
+            break
+        model.train()
+        sampler.set_epoch(epoch)
+        loader = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
+        batch, skip, losses = skip, 0, []
+        t0 = time.perf_counter()
+        for x, y in loader:
+            with accelerator.accumulate(model):
+                loss = F.cross_entropy(fwd(x).float(), y, label_smoothing=cfg.label_smoothing)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    if cfg.max_grad_norm > 0:
+                        accelerator.clip_grad_norm_(trainable_params, cfg.max_grad_norm)
+                    schedule.apply(optimizer, [lr], step)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+            batch += 1
+            seen += x.shape[0] * accelerator.num_processes
+            losses.append(loss.detach())
+            if accelerator.sync_gradients:
+                step += 1
+                bar.update(1)
+                if step % cfg.logging_steps == 0:
+                    bar.set_postfix(loss=f"{float(loss.detach()):.4f}", lr=f"{lr * schedule.factor(step - 1):.2e}")
+                if cfg.checkpointing_steps and step % cfg.checkpointing_steps == 0 and step < total:
+                    train_time += _elapsed(t0, accelerator)
+                    checkpoint(epoch, batch)
+                    t0 = time.perf_counter()
+                if step >= total:
+                    break
+        train_time += _elapsed(t0, accelerator)
+        model.eval()
+        metrics = evaluate(fwd, eval_loader, accelerator.device, accelerator.gather_for_metrics)
+        train_loss = float(torch.stack(losses).float().mean()) if losses else float("nan")
+        history.append({"epoch": epoch + 1, "step": step, "train_loss": round(train_loss, 5),
+                        "top1": metrics["top1"], "top5": metrics["top5"], "val_loss": round(metrics["loss"], 5)})
+        accelerator.print(f"[{mode}] epoch {epoch + 1}/{epochs}: train loss {train_loss:.4f}, "
+                          f"val top-1 {metrics['top1']:.2f}%, top-5 {metrics['top5']:.2f}%")
+        if cfg.checkpointing_steps and step < total:
+            checkpoint(epoch + 1, 0)
+    bar.close()
+    accelerator.wait_for_everyone()
+    result = {"mode": mode, "model": loaded.source, "classes": len(subset.classes), "train_images": len(subset.train),
+              "val_images": len(subset.val), "split": subset.split, "trainable": n_train, "total": n_total,
+              "trainable_pct": 100.0 * n_train / n_total, "top1": history[-1]["top1"] if history else float("nan"),
+              "top5": history[-1]["top5"] if history else float("nan"), "steps": step,
+              "train_time_s": round(train_time, 3), "images_per_s": round(seen / max(train_time, 1e-9), 2),
+              "history": history}
+    if accelerator.is_main_process:
+        result.update(export(cfg, mode, out, loaded, lora_cfg, subset, history))
+        (out / "metrics.json").write_text(json.dumps(result, indent=1) + "\n")
+    accelerator.free_memory()
+    return result
+
+
+def _elapsed(t0: float, accelerator) -> float:
+    if accelerator.device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def export(cfg: ViTTrainConfig, mode: str, out: Path, loaded, lora_cfg, subset, history) -> dict:
+    """Save what the mode produced; returns the artifact name and size for the comparison table."""
+    meta = {"lora_vision.base": loaded.source, "lora_vision.family": loaded.family, "lora_vision.mode": mode,
+            "lora_vision.classes": json.dumps(subset.classes),
+            "lora_vision.preprocessing": json.dumps(vars(loaded.preprocessing)),
+            "lora_vision.top1": f"{history[-1]['top1']:.3f}" if history else ""}
+    if mode == "lora":
+        adapter = Adapter.from_models({"model": loaded.model}, metadata=meta, configs={"model": lora_cfg},
+                                      full_modules={"model": [loaded.head_name]})
+        path = adapter.save(out / "adapter.safetensors")
+        if cfg.save_peft:
+            from lora_vision.formats.peft import export_peft
+
+            base = None if loaded.source.startswith("tiny-") else loaded.source
+            export_peft(adapter, out / "peft", base_model_name_or_path=base)
+        if cfg.save_merged:
+            save_model(loaded, out / "merged", merged_copy(loaded.model))
+        return {"artifact": "adapter.safetensors", "artifact_bytes": path.stat().st_size}
+    save_model(loaded, out / "model")
+    if mode == "linear-probe":
+        head = loaded.model.get_submodule(loaded.head_name)
+        path = write_safetensors(out / "head.safetensors", {f"full.model.{loaded.head_name}.{k}": v.detach().cpu()
+                                                            for k, v in head.state_dict().items()}, meta)
+        return {"artifact": "head.safetensors", "artifact_bytes": path.stat().st_size}
+    size = sum(p.stat().st_size for p in (out / "model").glob("*.safetensors"))
+    return {"artifact": "model/*.safetensors", "artifact_bytes": size}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse, build the subset once, train the mode(s), write the comparison."""
+    from accelerate import Accelerator
+
+    cfg = parse_args(argv)
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision,
+                              gradient_accumulation_steps=cfg.gradient_accumulation_steps)
+    subset = build_subset(cfg.train_dir, cfg.validation_dir, cfg.classes or None, cfg.class_list,
+                          cfg.first_n_classes, cfg.subset, cfg.train_val_split, cfg.seed, cfg.verify_images,
+                          cfg.skip_corrupt)
+    accelerator.print(f"{len(subset.classes)} classes, {len(subset.train)} training and {len(subset.val)} "
+                      f"validation images (split: {subset.split})")
+    out = Path(cfg.output_dir)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "train_config.yaml")
+    modes = MODES if cfg.compare else (cfg.mode,)
+    results = {m: train_one(cfg, m, out / m if cfg.compare else out, accelerator, subset) for m in modes}
+    if cfg.compare and accelerator.is_main_process:
+        written = write_comparison(results, out)
+        accelerator.print((out / "compare.md").read_text() + "wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except (ConfigError, ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
