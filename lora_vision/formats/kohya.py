@@ -70,6 +70,7 @@ def import_kohya(tensors: Mapping[str, torch.Tensor], infos: Mapping[str, Compon
     resolver = NameResolver(_infos_for(groups, infos))
     out: dict[str, torch.Tensor] = {}
     for mod, g in groups.items():
+        scale = g.pop("scale", None)  # A1111: `scale` overrides alpha / r
         bad = sorted(s for s in g if is_unsupported(s))
         if bad:
             # A LoHa/LoKr/DoRA/Tucker module cannot be represented as plain LoRA: skip it whole, say so.
@@ -93,7 +94,10 @@ def import_kohya(tensors: Mapping[str, torch.Tensor], infos: Mapping[str, Compon
         if not info.live:
             kind = "Conv2d" if down.dim() == 4 else "Linear"
         a, b = fit_pair(f"{source}: {mod}", kind, wshape or None, down, up, info.live)
-        put(out, comp, live, a, b, alpha_value(f"{source}: {mod}", g.get("alpha"), a.shape[0]))
+        alpha = alpha_value(f"{source}: {mod}", g.get("alpha"), a.shape[0])
+        if scale is not None:
+            alpha = alpha_value(f"{source}: {mod}.scale", scale, 1) * a.shape[0]
+        put(out, comp, live, a, b, alpha)
         report.matched.append(f"{comp}.{live}")
     return out, report
 

@@ -182,6 +182,10 @@ def test_sdxl_diffusers_named_kohya_file(files, tmp_path):
     assert all(torch.equal(a.tensors[k], b.tensors[k]) for k in b.tensors)
 
 
+K_SCALE_LIVE = "down_blocks.0.attentions.1.transformer_blocks.0.attn1.to_q"
+K_SCALE = "lora_unet_" + K_SCALE_LIVE.replace(".", "_")
+
+
 def test_report_unknown_unsupported_and_strict(files, tmp_path):
     sd = load_file(files["sd1"])
     sd["lora_unet_down_blocks_0_attentions_0_proj_in.dora_scale"] = torch.ones(32, 1)
@@ -189,6 +193,7 @@ def test_report_unknown_unsupported_and_strict(files, tmp_path):
     sd["lora_unet_not_a_module_anywhere.lora_down.weight"] = torch.ones(4, 8)
     sd["lora_unet_not_a_module_anywhere.lora_up.weight"] = torch.ones(8, 4)
     sd["bundle_emb.sks.string_to_param.*"] = torch.ones(1, 32)
+    sd[f"{K_SCALE}.scale"] = torch.tensor(0.25, dtype=torch.float16)  # A1111: overrides alpha / r
     path = tmp_path / "extra.safetensors"
     save_file(sd, str(path))
     comps = sd_components(build_tiny_sd("sd1"))
@@ -197,6 +202,7 @@ def test_report_unknown_unsupported_and_strict(files, tmp_path):
     assert any("dora_scale" in u for u in report.unsupported) and any("hada_w1_a" in u for u in report.unsupported)
     assert "bundle_emb.sks.string_to_param.*" in report.unused
     assert len(report.matched) == 127  # the DoRA module and the LoHa module are skipped whole, never half-applied
+    assert adapter.tensors[f"unet.{K_SCALE_LIVE}.alpha"].item() == 0.25 * 4
     with pytest.raises(AdapterFileError, match="strict"):
         load_any(path, models=comps, strict=True)
 
