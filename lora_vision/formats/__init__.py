@@ -51,7 +51,10 @@ def load_any(source: str | os.PathLike | Mapping[str, torch.Tensor], models: Map
             raw, meta = dict(source), dict(metadata or {})
         else:
             raw, meta = read_safetensors(source)
-        tensors, report = import_tensors(raw, meta, infos, label)
+        try:
+            tensors, report = import_tensors(raw, meta, infos, label)
+        except BaseMismatchError as e:
+            raise BaseMismatchError(f"{e}\n{_bases(source, infos, label)}") from None
     _check_base(tensors, report, infos, source, label)
     report.raise_if_strict(strict, label)
     if not tensors:
@@ -132,27 +135,41 @@ def _check_base(tensors: dict, report: ImportReport, infos: Mapping[str, Compone
     """A file for another base (SDXL file on SD 1.5, ...) is an error whatever `strict` says."""
     if not infos or not any(i.live for i in infos.values()):
         return
-    file_comps = {m.split(".", 1)[0] for m in report.matched + report.not_found if "." in m}
+    file_comps = {_component_hint(m) for m in report.matched + report.not_found}
     lacking = [c for c in file_comps if c in COMPONENTS and c not in infos]
     n_unet = sum(1 for m in report.not_found if not m.startswith(("text_encoder", "model.")))
     matched = len(report.matched)
     if lacking or (report.not_found and len(report.not_found) >= max(1, matched)):
-        file_base = "unknown"
-        try:
-            if not isinstance(source, Mapping) and not Path(str(source)).is_dir():
-                raw, meta = read_safetensors(str(source))
-                file_base = import_tensors(raw, meta, None, label)[1].base or "unknown"
-            elif isinstance(source, Mapping):
-                file_base = import_tensors(source, {}, None, label)[1].base or "unknown"
-        except (AdapterFileError, KeyError, ValueError):
-            pass
-        fams = {i.family for i in infos.values() if i.family}
-        target = ", ".join(sorted(fams)) or "the given model"
         what = f"components {lacking} that the model does not have" if lacking else \
             f"{len(report.not_found)} modules the model does not have ({n_unet} in the UNet; first: " \
             f"{report.not_found[:3]})"
-        raise BaseMismatchError(f"{label}: the file looks like a {file_base} LoRA but the target is {target}: it "
-                                f"has {what}. Load it into a {file_base} model")
+        raise BaseMismatchError(f"{label}: it has {what}.\n{_bases(source, infos, label)}")
+
+
+def _bases(source: object, infos: Mapping[str, ComponentInfo], label: str) -> str:
+    """"the file looks like a <base> LoRA but the target is <family>", from a model-free import of the file."""
+    file_base = "unknown"
+    try:
+        if isinstance(source, Mapping):
+            file_base = import_tensors(source, {}, None, label)[1].base or "unknown"
+        elif not Path(str(source)).is_dir():
+            raw, meta = read_safetensors(str(source))
+            file_base = import_tensors(raw, meta, None, label)[1].base or "unknown"
+    except (AdapterFileError, KeyError, ValueError):
+        pass
+    fams = {i.family for i in infos.values() if i.family}
+    target = ", ".join(sorted(fams)) or "the given model"
+    return f"The file looks like a {file_base} LoRA but the target is {target}: load it into a {file_base} model."
+
+
+def _component_hint(name: str) -> str:
+    """The component a matched or unmatched module name belongs to (kohya keys carry it in their prefix)."""
+    for prefixes, comp in ((("lora_te2_", "text_encoders.clip_g"), "text_encoder_2"),
+                           (("lora_te_", "lora_te1_", "text_encoders."), "text_encoder"),
+                           (("lora_unet_", "lycoris_", "diffusion_model."), "unet")):
+        if name.startswith(prefixes):
+            return comp
+    return name.split(".", 1)[0]
 
 
 def export(adapter: Adapter, fmt: str, path: str | os.PathLike, base: object = None, **kwargs) -> Path:

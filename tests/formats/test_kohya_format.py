@@ -209,10 +209,13 @@ def test_report_unknown_unsupported_and_strict(files, tmp_path):
 
 def test_file_for_another_base_is_an_error(files):
     sd1 = sd_components(build_tiny_sd("sd1"))
-    with pytest.raises(BaseMismatchError, match="sdxl"):
+    with pytest.raises(BaseMismatchError, match="looks like a sdxl LoRA but the target is sd1"):
         load_any(files["sdxl"], models=sd1)
-    with pytest.raises(BaseMismatchError, match="sdxl"):
-        load_any(files["sdxl"], models={"unet": sd1["unet"], "text_encoder": sd1["text_encoder"]}, strict=False)
+    with pytest.raises(BaseMismatchError, match="looks like a sd1 LoRA but the target is sdxl"):
+        load_any(files["sd1"], models=sd_components(build_tiny_sd("sdxl")), strict=False)
+    unet_only = {k: v for k, v in load_file(files["sdxl"]).items() if k.startswith("lora_unet_input_blocks_4_1_")}
+    with pytest.raises(BaseMismatchError, match="looks like a sdxl LoRA"):  # depth-2 blocks SD 1.x does not have
+        load_any(unet_only, models=sd1)
     from transformers import CLIPTextConfig, CLIPTextModel
 
     wide = CLIPTextModel(CLIPTextConfig(hidden_size=48, intermediate_size=37, num_hidden_layers=2,
