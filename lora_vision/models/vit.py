@@ -91,7 +91,10 @@ def load_vit(source: str, num_classes: int, weights: str | Path | None = None, l
                     "timm": tiny.build_tiny_timm_vit}
         if family not in builders:
             raise ModelLoadError(f"unknown tiny model {source!r}; choose tiny-hf, tiny-torchvision or tiny-timm")
-        model = builders[family](num_classes, 32, seed)
+        # The tiny models stand for one fixed pretrained base (seed 0); the run's seed draws only the new head.
+        model = builders[family](num_classes, 32, 0)
+        torch.manual_seed(seed)
+        model.get_submodule(HEADS[family]).reset_parameters()
         if weights:
             _load_weights(model, weights, HEADS[family])
         pre = Preprocessing(32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), 1.0)

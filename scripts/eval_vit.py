@@ -1,0 +1,114 @@
+#!/usr/bin/env python
+"""Evaluate a ViT classifier (top-1 / top-5) with or without a LoRA adapter, merged or not.
+
+    python scripts/eval_vit.py --adapter out/vit/adapter.safetensors              # base, classes, split from the file
+    python scripts/eval_vit.py --adapter out/vit/peft --model_name_or_path M --validation_dir V
+    python scripts/eval_vit.py --adapter out/vit/adapter.safetensors --merge      # merged weights: same predictions
+    python scripts/eval_vit.py --model_name_or_path out/vit-full/model --train_dir D   # a saved full model
+
+The adapter may be our .safetensors file or a peft folder (anything lora_vision.formats reads). Our files record
+the base model, the classes and the preprocessing; give them as flags for other files. Without --validation_dir
+the seeded split of train_dir is rebuilt with --train_val_split and --seed (the same as train_vit.py's).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from lora_vision.data.imagenet import (DatasetError, ImageListDataset, Preprocessing, build_subset, build_transforms,
+                                       scan_images, select_classes)
+from lora_vision.io import AdapterFileError, atomic_write_text, read_safetensors
+from lora_vision.models.vit import load_vit, merged_copy
+from lora_vision.training.classification import evaluate
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Command-line flags (names as in train_vit.py)."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    p.add_argument("--adapter", help="our adapter .safetensors file or a peft adapter folder")
+    p.add_argument("--model_name_or_path", help="base model (default: the one recorded in our adapter file)")
+    p.add_argument("--weights", help="local .safetensors weights for torchvision / timm / tiny models")
+    p.add_argument("--merge", action="store_true", help="fold the adapter into the weights before evaluating")
+    p.add_argument("--train_dir", default="samples/vit/train", help="rebuild the seeded split of this folder")
+    p.add_argument("--validation_dir", help="evaluate on this folder instead of a split")
+    p.add_argument("--classes", help="comma-separated classes (default: from our adapter file, else all folders)")
+    p.add_argument("--subset", help="class-list preset (imagenette, imagewoof, imagenet100)")
+    p.add_argument("--class_list", help="class-list file")
+    p.add_argument("--train_val_split", type=float, default=0.2)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--per_device_eval_batch_size", type=int, default=64)
+    p.add_argument("--dataloader_num_workers", type=int, default=2)
+    p.add_argument("--output_json", help="write the metrics here as JSON")
+    return p.parse_args(argv)
+
+
+def recorded(adapter: str | None) -> dict[str, str]:
+    """The lora_vision.* metadata of our adapter file (empty for peft folders and other files)."""
+    if not adapter or Path(adapter).is_dir():
+        return {}
+    _, meta = read_safetensors(adapter)
+    return meta
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Build the data and the model, apply the adapter, evaluate, print and save the metrics."""
+    args = parse_args(argv)
+    meta = recorded(args.adapter)
+    base = args.model_name_or_path or meta.get("lora_vision.base")
+    if not base:
+        raise ValueError("give --model_name_or_path (the adapter does not record its base model)")
+    if base.startswith("samples/") and not Path(base).exists():
+        base = str(REPO / base)
+    train_dir = args.train_dir
+    if train_dir.startswith("samples/") and not Path(train_dir).exists():
+        train_dir = str(REPO / train_dir)
+    classes = args.classes.split(",") if args.classes else json.loads(meta.get("lora_vision.classes", "null"))
+    if args.validation_dir:
+        classes = select_classes(args.validation_dir, classes, args.class_list, None, args.subset)
+        samples = scan_images(args.validation_dir, classes)
+    else:
+        subset = build_subset(train_dir, None, classes, args.class_list, None, args.subset, args.train_val_split,
+                              args.seed)
+        classes, samples = subset.classes, subset.val
+    loaded = load_vit(base, len(classes), args.weights, classes)
+    if "lora_vision.preprocessing" in meta:
+        loaded.preprocessing = Preprocessing(**{k: tuple(v) if isinstance(v, list) else v for k, v in
+                                                json.loads(meta["lora_vision.preprocessing"]).items()})
+    model = loaded.model
+    if args.adapter:
+        from lora_vision.formats import load_any
+
+        adapter, report = load_any(args.adapter, {"model": model}, strict=True)
+        adapter.apply_to({"model": model})
+        print(f"applied {args.adapter}: {report}")
+        if args.merge:
+            model = merged_copy(model)
+    model.eval()
+    loader = DataLoader(ImageListDataset(samples, classes, build_transforms(loaded.preprocessing, False)),
+                        batch_size=args.per_device_eval_batch_size, num_workers=args.dataloader_num_workers)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    fwd = (lambda x: model(pixel_values=x).logits) if loaded.family == "hf" else model
+    metrics = evaluate(fwd, loader, device)
+    result = {"model": base, "adapter": args.adapter, "merged": bool(args.merge), "classes": len(classes), **metrics}
+    print(f"top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  loss {metrics['loss']:.4f}  "
+          f"({metrics['n']} images, {len(classes)} classes)")
+    if args.output_json:
+        atomic_write_text(args.output_json, json.dumps(result, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except (DatasetError, AdapterFileError, ValueError, KeyError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
