@@ -54,6 +54,8 @@ def load_any(source: str | os.PathLike | Mapping[str, torch.Tensor], models: Map
         try:
             tensors, report = import_tensors(raw, meta, infos, label)
         except BaseMismatchError as e:
+            if not infos:
+                raise
             raise BaseMismatchError(f"{e}\n{_bases(source, infos, label)}") from None
     _check_base(tensors, report, infos, source, label)
     report.raise_if_strict(strict, label)

@@ -116,7 +116,8 @@ def fit_pair(label: str, kind: str, wshape: tuple[int, ...] | None, down: torch.
     """
     r = down.shape[0]
     if up.dim() < 2 or up.shape[1] != r:
-        raise BaseMismatchError(f"{label}: lora_up/B has shape {tuple(up.shape)} but lora_down/A has rank {r}")
+        raise AdapterFileError(f"{label}: lora_up/B has shape {tuple(up.shape)} but lora_down/A has rank {r}; "
+                               "the file is broken")
     if kind == "Conv2d":
         if down.dim() == 2:
             down = down.reshape(r, down.shape[1], 1, 1)
