@@ -11,13 +11,15 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Mapping, Sequence, Union
 
 import torch
 from torch import nn
 
 from ..adapter import Adapter
-from ..lora.inject import _set_child, lora_layers, remove_lora
+from ..io import AdapterFileError, read_safetensors
+from ..lora.inject import lora_layers, remove_lora
 from ..lora.layers import LoRAConv2d, LoRALayer, LoRALinear, StrengthTable
 from ..lora.ops import parse_canonical
 from .blocks import BlockStrengths, block_of, multiplier, parse_block_strengths
@@ -113,24 +115,42 @@ def _no_fused(st: _State, what: str) -> None:
 
 # ---- reading ---------------------------------------------------------------------------------------------------
 
-def read_adapter(source: AdapterSource, models: Mapping[str, nn.Module] | None = None) -> tuple[Adapter, str, str, Any]:
+def read_adapter(source: AdapterSource, models: Mapping[str, nn.Module] | None = None,
+                 check_finite: bool = True) -> tuple[Adapter, str, str, Any]:
     """(adapter, source label, format, format report) for an `Adapter`, or a file in any supported format.
 
     Files go through `lora_vision.formats.load_any` (kohya, diffusers, peft, lora_vision); with `models` (e.g. the
     pipeline's components) names are matched against the live modules, and a file made for another base raises
-    AdapterMismatchError.
+    AdapterMismatchError. lora_vision files are read directly (header-validated safetensors); with
+    check_finite=False their NaN/Inf check is left to the caller (load_adapter does it on the device).
     """
     if isinstance(source, Adapter):
         return source, "<Adapter>", "lora_vision", None
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(f"expected a file path or an Adapter, got {type(source).__name__}")
-    from ..formats import BaseMismatchError, load_any
+    from ..formats import BaseMismatchError, detect_format, load_any
 
+    if not Path(source).is_dir() and detect_format(source) == "lora_vision":
+        tensors, meta = read_safetensors(source, check_finite=check_finite)
+        return Adapter(tensors, meta), str(source), "lora_vision", None
     try:
         adapter, report = load_any(source, models=models)
     except BaseMismatchError as e:
         raise AdapterMismatchError(str(e)) from e
     return adapter, str(source), str(report.format), report
+
+
+def _check_finite(moved: dict[str, torch.Tensor], source: str) -> None:
+    """Refuse NaN/Inf weights; one fused norm per tensor list and a single sync."""
+    if not moved:
+        return
+    vals = list(moved.values())
+    if bool(torch.isfinite(torch.stack([n.float() for n in torch._foreach_norm(vals)])).all()):
+        return
+    bad = [k for k, t in moved.items() if not bool(torch.isfinite(t).all())]
+    if bad:
+        raise AdapterFileError(f"{source}: {len(bad)} tensor(s) contain NaN/Inf (or overflow the weight dtype): "
+                               f"{', '.join(bad[:5])}")
 
 
 def _rslora(adapter: Adapter, comp: str) -> bool:
@@ -157,9 +177,9 @@ def _expected_shapes(base: nn.Module, rank: int) -> tuple[tuple, tuple] | None:
     return None
 
 
-def _plan(pipe: Any, adapter: Adapter, name: str, source: str, strict: bool) -> tuple[dict, list[str]]:
+def _plan(pipe: Any, comps: Mapping[str, nn.Module], adapter: Adapter, name: str, source: str,
+          strict: bool) -> tuple[dict, list[str]]:
     """Match every module of the adapter to the pipeline and check shapes, before anything changes."""
-    comps = pipeline_components(pipe)
     problems: list[str] = []
     skipped: list[str] = []
     plan: dict[str, list] = {}
@@ -196,7 +216,9 @@ def _plan(pipe: Any, adapter: Adapter, name: str, source: str, strict: bool) -> 
                 bad.append(f"{label}: lora_A {tuple(e['A'].shape)} / lora_B {tuple(e['B'].shape)}, expected "
                            f"{shapes[0]} / {shapes[1]}")
             else:
-                plan.setdefault(comp, []).append((live, target, e))
+                parent_name, _, child = live.rpartition(".")
+                plan.setdefault(comp, []).append((live, target, e, modules[parent_name] if parent_name else model,
+                                                  child))
         if missing:
             problems.append(f"{len(missing)} of {len(entries)} {comp} modules not found (first: {missing[:3]})")
         if bad:
@@ -229,40 +251,47 @@ def load_adapter(pipe: Any, source: AdapterSource, name: str = "default", streng
     if name in st.adapters:
         raise ValueError(f"an adapter named {name!r} is already loaded; unload_adapter(pipe, {name!r}) first or "
                          "choose another name")
-    unet = pipeline_components(pipe)["unet"]
+    comps = pipeline_components(pipe)
+    unet = comps["unet"]
     blocks = parse_block_strengths(block_strengths, len(unet.down_blocks), len(unet.up_blocks))
-    adapter, label, fmt, src_report = read_adapter(source, pipeline_components(pipe))
-    plan, skipped = _plan(pipe, adapter, name, label, strict)
+    adapter, label, fmt, src_report = read_adapter(source, comps, check_finite=False)
+    plan, skipped = _plan(pipe, comps, adapter, name, label, strict)
+    # Move every A and B to its layer's device and dtype first, and check them there, before anything changes.
+    moved: dict[str, torch.Tensor] = {}
+    for comp, items in plan.items():
+        for live, target, e, _, _ in items:
+            w = (target.base if isinstance(target, LoRALayer) else target).weight
+            for k in ("A", "B"):
+                moved[f"{comp}.{live}.lora_{k}"] = e[k].to(w.device, dtype or w.dtype)
+    _check_finite(moved, label)
     tables: dict[str, StrengthTable] = {}
     groups: list[str] = []
     slot_groups: dict[str, list[int]] = {}
     modules: dict[str, list[str]] = {}
-    comps = pipeline_components(pipe)
     try:
         with torch.no_grad():
             for comp, items in plan.items():
                 rslora = _rslora(adapter, comp)
-                for live, target, e in items:
+                for live, target, e, parent, child in items:
                     layer = target if isinstance(target, LoRALayer) else (
                         LoRALinear(target) if isinstance(target, nn.Linear) else LoRAConv2d(target))
-                    w = layer.base.weight
-                    table = tables.setdefault(str(w.device), StrengthTable(name))
+                    dev = layer.base.weight.device
+                    table = tables.setdefault(str(dev), StrengthTable(name))
                     layer.add_adapter(name, e["rank"], e["alpha"], 0.0, "kaiming", rslora, table, f"{comp}.{live}")
-                    dt = dtype or w.dtype
-                    layer.lora_A[name] = nn.Parameter(e["A"].to(w.device, dt), requires_grad=False)
-                    layer.lora_B[name] = nn.Parameter(e["B"].to(w.device, dt), requires_grad=False)
+                    layer.lora_A[name] = nn.Parameter(moved[f"{comp}.{live}.lora_A"], requires_grad=False)
+                    layer.lora_B[name] = nn.Parameter(moved[f"{comp}.{live}.lora_B"], requires_grad=False)
                     if layer is not target:
-                        _set_child(comps[comp], live, layer)
+                        setattr(parent, child, layer)
                         st.layers.append(layer)
                     elif not any(layer is x for x in st.layers):  # a wrapper made outside this module
                         st.layers.append(layer)
                     group = f"unet:{block_of(live)}" if comp == "unet" else comp
                     if group not in groups:
                         groups.append(group)
-                    slot_groups.setdefault(str(w.device), []).append(groups.index(group))
+                    slot_groups.setdefault(str(dev), []).append(groups.index(group))
                     modules.setdefault(comp, []).append(live)
     except BaseException:
-        for comp in modules:
+        for comp in plan:
             remove_lora(comps[comp], name)
         st.layers = _collect_layers(pipe)
         raise
