@@ -63,7 +63,7 @@ def build_pipeline(model: str, device: str, dtype: torch.dtype):
             vocab_size=len(tok), hidden_size=768 if big else 32, intermediate_size=3072 if big else 37,
             num_hidden_layers=12 if big else 2, num_attention_heads=12 if big else 4, max_position_embeddings=77,
             hidden_act="quick_gelu", projection_dim=768 if big else 32))
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet, scheduler=DDPMScheduler(),
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet, scheduler=DDPMScheduler(steps_offset=1, clip_sample=False),
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.to(dtype=dtype)
     for m in (unet, vae, te):
