@@ -63,7 +63,8 @@ def build_pipeline(model: str, device: str, dtype: torch.dtype):
             vocab_size=len(tok), hidden_size=768 if big else 32, intermediate_size=3072 if big else 37,
             num_hidden_layers=12 if big else 2, num_attention_heads=12 if big else 4, max_position_embeddings=77,
             hidden_act="quick_gelu", projection_dim=768 if big else 32))
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet, scheduler=DDPMScheduler(steps_offset=1, clip_sample=False),
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet,
+                                   scheduler=DDPMScheduler(steps_offset=1, clip_sample=False),
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.to(dtype=dtype)
     for m in (unet, vae, te):
@@ -235,7 +236,8 @@ def main() -> None:
         ad = make_adapter(pipe, args.rank, seed)
         ours_files[key] = ad.save(tmp / f"{key}.safetensors")  # fp32, like the reference's files
         diff_files[key] = export(ad, "diffusers", tmp / f"{key}_diffusers.safetensors", dtype=torch.float32)
-    sizes = {k: os.path.getsize(v) for k, v in {**ours_files, **{k + "_diffusers": v for k, v in diff_files.items()}}.items()}
+    files = {**ours_files, **{k + "_diffusers": v for k, v in diff_files.items()}}
+    sizes = {k: os.path.getsize(v) for k, v in files.items()}
     print("files:", json.dumps(sizes), flush=True)
     step = unet_step(pipe, args.device, dtype)
     res: dict = {}
