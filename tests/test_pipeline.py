@@ -20,7 +20,8 @@ TOL = 1e-4  # float32 images in [0, 1]
 
 
 def make_adapter(kind: str, seed: int) -> Adapter:
-    """A random adapter on every UNet layer kind (attention, ff, proj, resnet and sampler convs) and the text encoders."""
+    """A random adapter on every UNet layer kind (attention, ff, proj, resnet and sampler convs) and the text
+    encoders."""
     pipe = build_tiny_sd(kind)
     comps = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
     cfgs = {"unet": LoRAConfig(rank=4, alpha=2.0, targets="unet-locon", conv_rank=2, conv_alpha=3.0),
