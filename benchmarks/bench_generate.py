@@ -85,7 +85,7 @@ def build_pipe(size: str, device: str, dtype: torch.dtype):
 
 
 def random_adapter(pipe, rank: int, unet_leaves: tuple[str, ...], seed: int) -> Adapter:
-    """A random adapter (alpha = rank / 2) on the given UNet Linear leaves and the text encoder's attention."""
+    """A random adapter (alpha = 0.75 rank, so scaling is not a power of two) on the given UNet Linear leaves and the text encoder's attention."""
     g = torch.Generator().manual_seed(seed)
     tensors = {}
     for comp, model, leaves in (("unet", pipe.unet, unet_leaves),
@@ -98,7 +98,7 @@ def random_adapter(pipe, rank: int, unet_leaves: tuple[str, ...], seed: int) -> 
             tensors[f"{comp}.{name}.lora_A.weight"] = torch.randn(rank, mod.in_features, generator=g) \
                 / mod.in_features ** 0.5
             tensors[f"{comp}.{name}.lora_B.weight"] = torch.randn(mod.out_features, rank, generator=g) * 0.05
-            tensors[f"{comp}.{name}.alpha"] = torch.tensor(rank / 2, dtype=torch.float32)
+            tensors[f"{comp}.{name}.alpha"] = torch.tensor(0.75 * rank, dtype=torch.float32)
     return Adapter(tensors, {})
 
 
@@ -158,6 +158,8 @@ class Bench:
         return (time.perf_counter() - t) * 1e3 / images
 
     def record(self, label: str, unet, pipe, out: Path) -> None:
+        if "eager" in self.args.skip and not label.startswith("compiled"):
+            return
         row = RESULTS.setdefault("configs", {}).setdefault(label, {})
         for images in self.args.batches:
             row[f"step_ms_bs{images}"] = self.step_ms(unet, images)
@@ -195,7 +197,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30, help="denoising steps of the full generations")
     ap.add_argument("--compile_backend", default="inductor")
     ap.add_argument("--no_generate", action="store_true", help="UNet steps only")
-    ap.add_argument("--skip", default="", help="comma list of sections to skip: peft,compile")
+    ap.add_argument("--skip", default="", help="comma list of sections to skip: eager (timings of the eager "
+                    "configurations), peft, compile")
     ap.add_argument("--out", default="bench_generate_out")
     args = ap.parse_args()
     out = Path(args.out)
@@ -219,6 +222,7 @@ def main() -> None:
     log("built pipeline and adapter files")
 
     # ours: base, unfused (pipeline.load_adapter), fused
+    base_out = bench.unet_step(pipe.unet, args.batches[0]).clone()
     bench.record("base", pipe.unet, pipe, out)
     t = time.perf_counter()
     load_adapter(pipe, str(files["a"]), name="a")
@@ -227,6 +231,7 @@ def main() -> None:
     load_adapter(pipe, str(files["b"]), name="b")
     set_adapters(pipe, ["a"])
     ref_a = bench.unet_step(pipe.unet, args.batches[0]).clone()
+    RESULTS["agreement"] = {"adapter effect: ours unfused vs base (max rel diff)": max_rel_diff(ref_a, base_out)}
     bench.record("ours unfused", pipe.unet, pipe, out)
     flip = [0]
 
@@ -273,7 +278,7 @@ def main() -> None:
     server.activate("a")
 
     # diffusers + peft on the same files
-    if "peft" not in skip:
+    if "peft" not in skip and "eager" not in skip:
         ref = with_parts(pipe, copy.deepcopy(pristine_unet), copy.deepcopy(pristine_te))
         t = time.perf_counter()
         ref.load_lora_weights(str(files["a"]), adapter_name="a")
@@ -336,7 +341,7 @@ def main() -> None:
 def print_table() -> None:
     cfg = RESULTS["configs"]
     batches = RESULTS["setup"]["batches"]
-    base = cfg["base"]
+    base = cfg.get("base", {})
     head = " | ".join(f"UNet step bs{b} (ms) | vs base | per image bs{b} (ms)" for b in batches)
     print(f"| configuration | {head} |")
     print("|---" * (1 + 3 * len(batches)) + "|")
@@ -347,7 +352,8 @@ def print_table() -> None:
         for b in batches:
             s = row.get(f"step_ms_bs{b}")
             g = row.get(f"gen_ms_per_image_bs{b}")
-            over = f"{100 * (s / ref[f'step_ms_bs{b}'] - 1):+.1f}%" if s else ""
+            r = ref.get(f"step_ms_bs{b}")
+            over = f"{100 * (s / r - 1):+.1f}%" if s and r else ""
             cells.append(f"{s:.2f} | {over} | {g:.0f}" if g else f"{s:.2f} | {over} | ")
         print(f"| {label} | " + " | ".join(cells) + " |")
     for k, v in RESULTS.items():
