@@ -178,3 +178,30 @@ def test_older_spellings(setup, tmp_path):
     back, report = load_any(path, models=sd_components(build_tiny_sd("sd1")), strict=True)
     assert report.ok and back.tensors.keys() == ad.tensors.keys()
     assert all(torch.equal(back.tensors[k], ad.tensors[k]) for k in ad.tensors)
+
+
+_TB = ["attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k", "attn2.to_v",
+       "attn2.to_out.0", "ff.net.0.proj", "ff.net.2"]
+_CLIP = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2"]
+_SD_BLOCKS = ["down_blocks.0.attentions.0", "down_blocks.0.attentions.1", "mid_block.attentions.0",
+              "up_blocks.1.attentions.0", "up_blocks.1.attentions.1", "up_blocks.1.attentions.2"]
+_XL_BLOCKS = ["down_blocks.1.attentions.0", "down_blocks.1.attentions.1", "mid_block.attentions.0",
+              "up_blocks.0.attentions.0", "up_blocks.0.attentions.1", "up_blocks.0.attentions.2"]
+
+
+def _golden(blocks, depth, encoders):
+    mods = [f"unet.{b}.{m}" for b in blocks for m in ["proj_in", "proj_out"]
+            + [f"transformer_blocks.{d}.{t}" for d in range(depth) for t in _TB]]
+    mods += [f"{e}.text_model.encoder.layers.{i}.{c}" for e in encoders for i in range(2) for c in _CLIP]
+    return {f"{m}.lora_{x}.weight" for m in mods for x in "AB"}
+
+
+@pytest.mark.parametrize("kind,golden", [
+    ("sd1", _golden(_SD_BLOCKS, 1, ["text_encoder"])), ("sd2", _golden(_SD_BLOCKS, 1, ["text_encoder"])),
+    ("sdxl", _golden(_XL_BLOCKS, 2, ["text_encoder", "text_encoder_2"]))])
+def test_golden_key_lists(kind, golden, tmp_path):
+    path = export(make_sd_adapter(kind), "diffusers", tmp_path / "a.safetensors")
+    sd = load_file(path)
+    assert set(sd) == golden and len(golden) == {"sd1": 168, "sd2": 168, "sdxl": 312}[kind]
+    assert (sd["unet.down_blocks.0.attentions.0.proj_in.lora_A.weight"].dim() == 4) == (kind == "sd1") \
+        if kind != "sdxl" else sd["unet.mid_block.attentions.0.proj_in.lora_A.weight"].dim() == 2
