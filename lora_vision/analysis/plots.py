@@ -117,7 +117,7 @@ def plot_update_heatmap(report: dict, path: Path, adapter_index: int = 0) -> Pat
             hi = np.nanmax(grid) if np.isfinite(grid).any() else 1.0
             for (i, j), x in np.ndenumerate(grid):
                 if np.isfinite(x):
-                    ax.text(j, i, f"{x:.2g}", ha="center", va="center", fontsize=6,
+                    ax.text(j, i, f"{x:.2g}", ha="center", va="center", fontsize=7,
                             color="black" if x > 0.6 * hi else "white")
         fig.colorbar(im, ax=ax, label=label, fraction=0.03, pad=0.01)
     fig.supxlabel(ABBREV_NOTE + "; grey = not adapted", fontsize=7, color="#555555")
@@ -232,10 +232,14 @@ def plot_similarity_layers(report: dict, path: Path) -> Path:
     im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest",
                    extent=(0.5, width + 0.5, len(keys) - 0.5, -0.5))
     _layer_axis(ax, keys)
-    ax.set_xlabel("i (top-i directions of both adapters)")
     _integer_x(ax)
     a, b = (ad["label"] for ad in report["adapters"])
     ax.set_title(f"φ(i, i) between {a} and {b} per layer", fontsize=10)
+    dims = sorted({v["input_dim"] for v in sim["layers"].values() if "input_dim" in v})
+    note = "random i-dim subspaces of R^n: E φ(i, i) = i / n"
+    if dims:
+        note += f" (n = {dims[0]}" + (f" to {dims[-1]})" if len(dims) > 1 else ")")
+    ax.set_xlabel(f"i (top-i directions of both adapters)\n{note}", fontsize=9)
     fig.colorbar(im, ax=ax, label="φ(i, i)", fraction=0.05, pad=0.02)
     return _save(fig, path)
 
@@ -259,6 +263,12 @@ def plot_amplification(report: dict, path: Path, adapter_index: int = 0) -> Path
     ax1.scatter([ad["layers"][k]["update_norm"] for k in keys], y, marker="|", s=40, color="black",
                 label="||ΔW||_F")
     ax1.set_xscale("log")
+    from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
+
+    # Ticks at 1, 2, 5 x 10^k as plain numbers: a narrow log range would otherwise get one label, or overlaps.
+    ax1.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax1.xaxis.set_major_formatter(FormatStrFormatter("%g"))
+    ax1.xaxis.set_minor_formatter(NullFormatter())
     ax1.set_xlabel("||U^T W V||_F  (k = numerical rank of the update)")
     ax1.legend(fontsize=7, loc="lower left")
     ax1.grid(axis="x", alpha=0.3)

@@ -164,7 +164,7 @@ def similarity(factors: Sequence[dict[str, LayerFactors]], svds: Sequence[dict[s
             va, vb = svds[0][key].V, svds[1][key].V
         phi = subspace_similarity(va, vb)
         n = min(phi.shape)
-        layers[key] = {"phi": [[round(float(x), 4) for x in row] for row in phi],
+        layers[key] = {"input_dim": int(fa.A.shape[1]), "phi": [[round(float(x), 4) for x in row] for row in phi],
                        "phi_diag": [round(float(phi[i, i]), 4) for i in range(n)],
                        "mean_phi": round(float(phi.mean()), 4)}
     return {"space": options.subspace, "layers": layers,

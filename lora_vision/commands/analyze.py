@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -51,15 +52,23 @@ def register(subparsers: Any) -> None:
     p.add_argument("--max-layers", type=int, default=6, help="layers drawn in similarity.png (default 6)")
     p.add_argument("--draws", type=int, default=4, help="random direction pairs for the baseline (default 4)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random directions (default 0)")
+    p.add_argument("--labels", nargs="+", metavar="NAME", help="names of the adapters in plots and the report "
+                   "(default: the file names)")
     p.add_argument("--no-plots", action="store_true", help="write only the JSON files (no matplotlib needed)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
 
-def _labels(paths: list[str]) -> list[str]:
+def _labels(paths: list[str], given: list[str] | None) -> list[str]:
+    if given:
+        if len(given) != len(paths):
+            raise ValueError(f"--labels got {len(given)} name(s) for {len(paths)} adapter(s); give one per file")
+        return given
     stems = [Path(p).stem for p in paths]
-    if len(stems) == 2 and stems[0] == stems[1]:
-        return [f"{stems[0]} (1)", f"{stems[1]} (2)"]
+    if len(stems) == 2 and stems[0] == stems[1]:  # run_a/adapter.safetensors vs run_b/adapter.safetensors
+        stems = [f"{Path(p).parent.name}/{Path(p).stem}" for p in paths]
+        if stems[0] == stems[1]:
+            stems = [f"{stems[0]} (1)", f"{stems[1]} (2)"]
     return stems
 
 
@@ -76,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
 
         plots._pyplot_free_figure()  # fail now, before the work, when matplotlib is missing
     paths = [args.file] + ([args.file2] if args.file2 else [])
-    adapters = [(label, load_adapter(p)) for label, p in zip(_labels(paths), paths)]
+    adapters = [(label, load_adapter(p)) for label, p in zip(_labels(paths, args.labels), paths)]
     comps = sorted({c for _, a in adapters for c in a.components()})
     base = BaseWeights.open(args.base, comps) if args.base else None
     report = analyze(adapters, base, options, progress=False if args.quiet else None, paths=paths)
@@ -107,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
     if sim is not None and sim["layers"]:
         phis = [v["phi_diag"][0] for v in sim["layers"].values()]
         print(f"similarity ({sim['space']}): {len(sim['layers'])} shared layers, median phi(1, 1) "
-              f"{sorted(phis)[len(phis) // 2]:.3g}; {len(sim['only_first'])} layers only in the first adapter, "
+              f"{statistics.median(phis):.3g}; {len(sim['only_first'])} layers only in the first adapter, "
               f"{len(sim['only_second'])} only in the second")
     print("wrote " + ", ".join(str(p) for p in written))
     return 0
