@@ -89,10 +89,23 @@ def import_tensors(raw: Mapping[str, torch.Tensor], metadata: Mapping[str, str],
     else:
         tensors, report = import_native(raw, infos, source)
     report.base = guess_base({k: v for k, v in tensors.items() if not k.startswith(FULL + ".")}) if tensors else None
+    if report.base in ("sd1", "sd2"):  # same module names: the file's own metadata tells them apart when present
+        report.base = _declared_base(metadata) or report.base
     for k, t in tensors.items():
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise AdapterFileError(f"{source}: {k} contains NaN/Inf")
     return tensors, report
+
+
+def _declared_base(metadata: Mapping[str, str]) -> str | None:
+    version = metadata.get("ss_base_model_version", "")
+    if metadata.get("lora_vision.base") in ("sd1", "sd2", "sd2-v"):
+        return metadata["lora_vision.base"]
+    if version.startswith("sd_v2") or metadata.get("ss_v2") == "True":
+        return "sd2-v" if version.endswith("_v") else "sd2"
+    if version.startswith("sd_v1"):
+        return "sd1"
+    return None
 
 
 def import_native(raw: Mapping[str, torch.Tensor], infos: Mapping[str, ComponentInfo] | None = None,
