@@ -45,6 +45,7 @@ def load_any(source: str | os.PathLike | Mapping[str, torch.Tensor], models: Map
         from .peft import import_peft_dir
 
         tensors, report = import_peft_dir(Path(source), infos)
+        report.base = guess_base(tensors) if tensors else None
         meta: dict[str, str] = {}
     else:
         if isinstance(source, Mapping):

@@ -53,14 +53,14 @@ def _common(values: list[float]) -> float | None:
 def kohya_tensors(adapter: Adapter, base: str, dtype: torch.dtype = torch.float16,
                   unet_config: dict | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The kohya tensors of `adapter` and the ss_network_* metadata describing them."""
-    if base not in BASES:
-        raise ValueError(f"unknown base {base!r}; expected one of {list(BASES)}")
     xl = base == "sdxl"
     comps = adapter.components()
     bad = [c for c in comps if c not in ("unet", "text_encoder", "text_encoder_2")]
     if bad or ("text_encoder_2" in comps and not xl):
         raise ValueError(f"the kohya format holds SD UNet/text-encoder adapters; got components {comps} for base "
                          f"{base!r} (ViT adapters: use fmt='peft'; text_encoder_2 needs base='sdxl')")
+    if base not in BASES:
+        raise ValueError(f"unknown base {base!r}; expected one of {list(BASES)}")
     bmap = naming.unet_block_map(unet_config or naming.STANDARD_UNET_CONFIGS["sdxl"]) if xl else None
     prefixes = {"unet": "lora_unet", "text_encoder": "lora_te1" if xl else "lora_te", "text_encoder_2": "lora_te2"}
     rows = []  # (kohya module key, entry, is k x k conv)
