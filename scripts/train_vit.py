@@ -154,8 +154,14 @@ def train_one(cfg: ViTTrainConfig, mode: str, out: Path, accelerator, subset) ->
         if step >= total:
             break
         model.train()
-        sampler.set_epoch(epoch)
         loader = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
+        # accelerate's loaders call set_epoch(<their own iteration count>) on the sampler when iterated: set theirs.
+        for obj in (sampler, loader):
+            if hasattr(obj, "set_epoch"):
+                obj.set_epoch(epoch)
+        # accelerate groups micro-batches by its own counter, which runs on across epochs: restart it per epoch
+        # (at `skip` on resume, a multiple of gradient_accumulation_steps) so grouping never depends on history.
+        accelerator.step = skip
         batch, skip, losses = skip, 0, []
         t0 = time.perf_counter()
         for x, y in loader:

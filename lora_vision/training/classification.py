@@ -252,7 +252,8 @@ def load_state(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimi
                               "same mode, model, targets and rank, or use a new output_dir")
     bad = [n for n, p in params.items() if tuple(p.shape) != tuple(weights[n].shape)]
     if bad:
-        raise CheckpointError(f"{path}: shapes differ for {bad[:5]} (another rank or number of classes?)")
+        raise CheckpointError(f"{path} does not fit this run: shapes differ for {bad[:5]} (another rank or number "
+                              "of classes?); resume with the same settings or use a new output_dir")
     with torch.no_grad():
         for n, p in params.items():
             p.copy_(weights[n])

@@ -1,0 +1,139 @@
+"""scripts/train_vit.py and scripts/eval_vit.py end to end on tiny ViTs and generated image folders."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lora_vision.data.synthetic import make_pattern_folder
+from lora_vision.io import read_safetensors
+
+REPO = Path(__file__).resolve().parents[2]
+BASE = str(REPO / "samples" / "vit" / "tiny-vit-patterns")  # tiny ViT pretrained on procedural patterns
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+train_vit, eval_vit = _script("train_vit"), _script("eval_vit")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("vitdata")
+    make_pattern_folder(root / "train", classes=("hstripes", "vstripes", "checker", "rings"), per_class=16, size=32,
+                        seed=1)
+    return root / "train"
+
+
+def _run(out: Path, data: Path, *extra: str) -> dict:
+    args = ["--train_dir", str(data), "--output_dir", str(out), "--dataloader_num_workers", "0",
+            "--per_device_train_batch_size", "16", "--logging_steps", "1", *extra]
+    assert train_vit.main(args) == 0
+    return json.loads((out / "metrics.json").read_text()) if (out / "metrics.json").exists() else {}
+
+
+@pytest.mark.parametrize("mode", ["lora", "full", "linear-probe"])
+def test_three_modes_end_to_end(mode: str, data: Path, tmp_path: Path) -> None:
+    m = _run(tmp_path, data, "--model_name_or_path", "tiny-hf", "--mode", mode, "--max_train_steps", "3",
+             "--save_merged", "true")
+    assert m["steps"] == 3 and len(m["history"]) == 1 and 0 <= m["top1"] <= 100 and m["images_per_s"] > 0
+    if mode == "lora":
+        assert (tmp_path / "adapter.safetensors").is_file() and (tmp_path / "peft" / "adapter_config.json").is_file()
+        assert (tmp_path / "merged" / "model.safetensors").is_file()
+        tensors, meta = read_safetensors(tmp_path / "adapter.safetensors")
+        assert "full.model.classifier.weight" in tensors and json.loads(meta["lora_vision.classes"])[0] == "checker"
+        assert m["trainable"] < m["total"] * 0.3
+    elif mode == "full":
+        assert m["trainable"] == m["total"] and (tmp_path / "model" / "model.safetensors").is_file()
+    else:
+        assert m["trainable"] == 32 * 4 + 4 and (tmp_path / "head.safetensors").is_file()
+
+
+def test_resume_equals_unbroken_run(data: Path, tmp_path: Path) -> None:
+    common = ["--model_name_or_path", "tiny-timm", "--max_train_steps", "7", "--lora_dropout", "0.1",
+              "--checkpointing_steps", "2", "--checkpoints_total_limit", "10", "--gradient_accumulation_steps", "2",
+              "--save_peft", "false"]
+    full = _run(tmp_path / "a", data, *common)
+    assert sorted(p.name for p in (tmp_path / "a").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4",
+                                                                            "checkpoint-6"]
+    # restart from a mid-epoch checkpoint (4 optimizer steps = 8 micro-batches of 16; an epoch has 4 micro-batches)
+    (tmp_path / "b").mkdir()
+    shutil.copytree(tmp_path / "a" / "checkpoint-6", tmp_path / "b" / "checkpoint-6")
+    state = json.loads((tmp_path / "b" / "checkpoint-6" / "state.json").read_text())
+    assert state["batch_in_epoch"] == 0 and state["epoch"] == 3  # step 6 ends epoch 3: saved after its evaluation
+    shutil.rmtree(tmp_path / "b" / "checkpoint-6")
+    shutil.copytree(tmp_path / "a" / "checkpoint-4", tmp_path / "b" / "checkpoint-4")
+    resumed = _run(tmp_path / "b", data, *common, "--resume_from_checkpoint", "latest")
+    a, _ = read_safetensors(tmp_path / "a" / "adapter.safetensors")
+    b, _ = read_safetensors(tmp_path / "b" / "adapter.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed["history"] == full["history"] and resumed["steps"] == 7
+
+
+def test_resume_into_another_setup_is_refused(data: Path, tmp_path: Path) -> None:
+    _run(tmp_path, data, "--model_name_or_path", "tiny-hf", "--max_train_steps", "4", "--checkpointing_steps", "2",
+         "--save_peft", "false")
+    with pytest.raises(ValueError, match="does not fit this run"):
+        _run(tmp_path, data, "--model_name_or_path", "tiny-hf", "--max_train_steps", "4", "--lora_rank", "2",
+             "--resume_from_checkpoint", "latest", "--save_peft", "false")
+
+
+def test_compare_writes_table_json_and_plot(data: Path, tmp_path: Path) -> None:
+    _run(tmp_path, data, "--model_name_or_path", "tiny-hf", "--compare", "--max_train_steps", "2")
+    table = (tmp_path / "compare.md").read_text()
+    assert all(m in table for m in ("| lora |", "| full |", "| linear-probe |")) and "images/s" in table
+    res = json.loads((tmp_path / "compare.json").read_text())
+    assert res["lora"]["trainable"] < res["full"]["trainable"] and res["linear-probe"]["artifact_bytes"] > 0
+    assert (tmp_path / "compare.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bad_input_is_reported(data: Path, tmp_path: Path, capsys) -> None:
+    with pytest.raises(ValueError, match="2 of 3 requested classes are missing.*n01440764, zebra"):
+        _run(tmp_path, data, "--classes", "rings,n01440764,zebra")
+    with pytest.raises(ValueError, match="tv-vit-attn' is for a torchvision"):
+        _run(tmp_path, data, "--lora_targets", "tv-vit-attn")
+    with pytest.raises(ValueError, match="mode='lroa'"):
+        _run(tmp_path, data, "--mode", "lroa")
+
+
+def test_lora_learns_as_well_as_full_fine_tuning(tmp_path: Path) -> None:
+    """Real signal: new images of 4 pattern classes, a new head; LoRA within 2 points of full, <10% of its params."""
+    make_pattern_folder(tmp_path / "train", ("hstripes", "vstripes", "checker", "rings"), per_class=24, seed=11)
+    make_pattern_folder(tmp_path / "val", ("hstripes", "vstripes", "checker", "rings"), per_class=50, seed=12)
+    common = ["--model_name_or_path", BASE, "--validation_dir", str(tmp_path / "val"), "--max_train_steps", "48",
+              "--per_device_train_batch_size", "16", "--augment", "false", "--seed", "0"]
+    lora = _run(tmp_path / "lora", tmp_path / "train", *common, "--mode", "lora", "--lora_targets", "hf-vit-attn-mlp",
+                "--lora_rank", "2", "--learning_rate", "1e-2", "--save_peft", "false")
+    full = _run(tmp_path / "full", tmp_path / "train", *common, "--mode", "full", "--learning_rate", "1e-3")
+    print(f"lora top-1 {lora['top1']:.1f}% ({lora['trainable']:,} params), full {full['top1']:.1f}% "
+          f"({full['trainable']:,} params)")
+    assert lora["trainable"] < 0.10 * full["trainable"]
+    assert full["top1"] >= 75.0, full["history"]  # far above chance (25%)
+    assert lora["top1"] >= full["top1"] - 2.0, (lora["history"], full["history"])
+
+
+def test_eval_script_reproduces_training_metrics(data: Path, tmp_path: Path, capsys) -> None:
+    m = _run(tmp_path, data, "--model_name_or_path", BASE, "--max_train_steps", "6")
+    for extra in ([], ["--merge"]):
+        assert eval_vit.main(["--adapter", str(tmp_path / "adapter.safetensors"), "--train_dir", str(data),
+                              "--dataloader_num_workers", "0", "--output_json", str(tmp_path / "e.json"), *extra]) == 0
+        e = json.loads((tmp_path / "e.json").read_text())
+        assert e["top1"] == pytest.approx(m["top1"]) and e["n"] == m["val_images"]
+    assert eval_vit.main(["--adapter", str(tmp_path / "peft"), "--model_name_or_path", BASE, "--train_dir", str(data),
+                          "--dataloader_num_workers", "0", "--output_json", str(tmp_path / "p.json")]) == 0
+    assert json.loads((tmp_path / "p.json").read_text())["top1"] == pytest.approx(m["top1"])
+    with pytest.raises(ValueError, match="classifier.weight: adapter has shape"):
+        eval_vit.main(["--adapter", str(tmp_path / "adapter.safetensors"), "--train_dir", str(data),
+                       "--classes", "rings,checker", "--dataloader_num_workers", "0"])
