@@ -1,6 +1,8 @@
 """ViT-B/16 training throughput: our LoRA vs peft LoRA (same HF model, targets q,v + head, rank 16) vs full fine-tuning.
 
     python benchmarks/bench_vit.py [--batch 128] [--steps 20] [--out DIR]     (GPU; --tiny for a CPU smoke test)
+    python benchmarks/bench_vit.py --variants peft,ours-bf16,ours-bf16-patchlinear,ours-bf16-cudnnbench \
+        --profile peft,ours-bf16                                                 (where the time goes)
 
 Every variant runs in this one process on the same random-weight ViTForImageClassification (built from a config,
 seed 0), the same batch of random images and labels, bf16 autocast and fused AdamW (as the reference in
@@ -52,6 +54,10 @@ def variant(kind: str, tiny: bool, dev: str):
         model.classifier.requires_grad_(True)
         if "bf16" in kind:
             freeze_to(model, torch.bfloat16)
+        if "patchlinear" in kind:  # patch embedding as one matmul instead of a cuDNN conv (same function)
+            from lora_vision.models.vit import patchify_as_linear
+
+            patchify_as_linear(model)
     model.to(dev).train()
     params = [p for p in model.parameters() if p.requires_grad]
     if kind.endswith("compile"):
@@ -59,8 +65,9 @@ def variant(kind: str, tiny: bool, dev: str):
     return model, params, size
 
 
-def measure(kind: str, batch: int, steps: int, warm: int, tiny: bool, dev: str) -> dict:
+def measure(kind: str, batch: int, steps: int, warm: int, tiny: bool, dev: str, profile: str | None = None) -> dict:
     torch.cuda.empty_cache() if dev == "cuda" else None
+    torch.backends.cudnn.benchmark = "cudnnbench" in kind
     model, params, size = variant(kind, tiny, dev)
     g = torch.Generator(device="cpu").manual_seed(1)
     x = torch.randn(batch, 3, size, size, generator=g).to(dev)
@@ -97,6 +104,17 @@ def measure(kind: str, batch: int, steps: int, warm: int, tiny: bool, dev: str) 
             step()
             times.append((time.perf_counter() - t) * 1000)
     ms = statistics.median(times)
+    if profile:  # where the time goes: device kernels of 3 more steps, by total time
+        from torch.profiler import ProfilerActivity, profile as prof
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev == "cuda" else [])
+        with prof(activities=acts) as p:
+            for _ in range(3):
+                step()
+            torch.cuda.synchronize() if dev == "cuda" else None
+        key = "self_cuda_time_total" if dev == "cuda" else "self_cpu_time_total"
+        with open(os.path.join(profile, f"profile_{kind}.txt"), "w") as f:
+            f.write(p.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=70))
     ips = batch / (ms / 1000)
     gflop = FULL_GFLOP if kind.startswith("full") else LORA_GFLOP
     out = {"variant": kind, "trainable": sum(p.numel() for p in params), "step_ms": round(ms, 2),
@@ -115,12 +133,14 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="tiny ViT (CPU smoke test)")
     ap.add_argument("--variants", default="peft,ours-bf16,full,ours-fp32,ours-bf16-compile,peft-compile")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--profile", default="", help="comma-separated variants to profile (kernel table per variant)")
     args = ap.parse_args()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     torch.backends.cuda.matmul.allow_tf32 = True
     rows = []
     for kind in args.variants.split(","):
-        r = measure(kind, args.batch, args.steps, args.warmup + (3 if kind.endswith("compile") else 0), args.tiny, dev)
+        r = measure(kind, args.batch, args.steps, args.warmup + (3 if kind.endswith("compile") else 0), args.tiny, dev,
+                    args.out if kind in args.profile.split(",") else None)
         rows.append(r)
         print(json.dumps(r), flush=True)
         table = write(rows, args, dev)  # after every variant, so a timeout keeps what was measured

@@ -138,3 +138,17 @@ def test_bf16_frozen_base_matches_the_plain_fp32_path() -> None:
     assert F.cosine_similarity(gp, gf, dim=0) > 0.99
     # no gradient is ever made for a frozen weight (no weight-gradient GEMMs for the base)
     assert all(p.grad is None for p in fast.model.parameters() if not p.requires_grad)
+
+
+@pytest.mark.parametrize("source", FAMILIES)
+def test_patch_embedding_as_matmul_equals_the_conv(source: str) -> None:
+    from lora_vision.models.vit import patchify_as_linear
+
+    loaded = load_vit(source, 3)
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    want = loaded.logits(x)
+    keys = set(loaded.model.state_dict())
+    assert len(patchify_as_linear(loaded.model)) == 1
+    assert set(loaded.model.state_dict()) == keys  # same parameters, same names
+    out = loaded.logits(x)
+    assert torch.linalg.norm(out - want) / torch.linalg.norm(want) < 1e-5

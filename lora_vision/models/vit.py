@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..data.imagenet import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
@@ -161,6 +162,41 @@ def freeze_to(model: nn.Module, dtype: torch.dtype) -> int:
             p.data = p.data.to(dtype)
             n += p.numel()
     return n
+
+
+class PatchLinear(nn.Module):
+    """A patch-embedding Conv2d (kernel_size == stride, no padding) computed as one matrix product.
+
+    Same parameters (`weight`, `bias`: state-dict keys unchanged) and the same output (N, C, H/p, W/p), returned as
+    a view whose `flatten(2).transpose(1, 2)` (what ViTs do next) needs no copy.
+    """
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        super().__init__()
+        if conv.kernel_size != conv.stride or conv.padding not in (0, (0, 0)) or conv.groups != 1 \
+                or conv.dilation not in (1, (1, 1)):
+            raise ValueError(f"PatchLinear needs kernel_size == stride, no padding, groups 1; got {conv}")
+        self.patch, self.out_channels = conv.kernel_size, conv.out_channels
+        self.weight, self.bias = conv.weight, conv.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        (ph, pw), gh, gw = self.patch, h // self.patch[0], w // self.patch[1]
+        x = x[:, :, :gh * ph, :gw * pw].reshape(b, c, gh, ph, gw, pw).permute(0, 2, 4, 1, 3, 5)
+        y = F.linear(x.reshape(b, gh * gw, c * ph * pw), self.weight.reshape(self.out_channels, -1), self.bias)
+        return y.view(b, gh, gw, self.out_channels).permute(0, 3, 1, 2)
+
+
+def patchify_as_linear(model: nn.Module) -> list[str]:
+    """Replace every patch-embedding Conv2d (kernel == stride) of `model` by PatchLinear; returns their names."""
+    done = []
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, nn.Conv2d) and mod.kernel_size == mod.stride and mod.kernel_size != (1, 1) \
+                and mod.padding in (0, (0, 0)) and mod.groups == 1:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, PatchLinear(mod))
+            done.append(name)
+    return done
 
 
 def lora_targets(loaded: LoadedViT, spec: str = "") -> str | tuple[str, ...]:
