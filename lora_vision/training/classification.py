@@ -68,7 +68,7 @@ class ViTTrainConfig:
     """Dropout on the LoRA path input."""
     lora_targets: str = ""
     """Preset name (hf-vit-attn, hf-vit-attn-mlp, tv-vit-attn, timm-vit-attn, ...) or comma-separated patterns; default: the family's attention preset."""
-    rank_pattern: dict = field(default_factory=dict)
+    rank_pattern: dict[str, int] = field(default_factory=dict)
     """Per-module ranks as JSON, e.g. '{"re:.*layers\\\\.1[01]\\\\..*": 16}'."""
     per_device_train_batch_size: int = 32
     """Training batch size per device."""

@@ -47,12 +47,14 @@ def _run(out: Path, data: Path, *extra: str) -> dict:
 @pytest.mark.parametrize("mode", ["lora", "full", "linear-probe"])
 def test_three_modes_end_to_end(mode: str, data: Path, tmp_path: Path) -> None:
     m = _run(tmp_path, data, "--model_name_or_path", "tiny-hf", "--mode", mode, "--max_train_steps", "3",
-             "--save_merged", "true")
+             "--save_merged", "true", "--rank_pattern", '{"re:.*layers\\\\.1\\\\..*": 2}')
     assert m["steps"] == 3 and len(m["history"]) == 1 and 0 <= m["top1"] <= 100 and m["images_per_s"] > 0
     if mode == "lora":
         assert (tmp_path / "adapter.safetensors").is_file() and (tmp_path / "peft" / "adapter_config.json").is_file()
         assert (tmp_path / "merged" / "model.safetensors").is_file()
         tensors, meta = read_safetensors(tmp_path / "adapter.safetensors")
+        assert tensors["model.vit.layers.1.attention.q_proj.lora_A.weight"].shape[0] == 2  # --rank_pattern
+        assert tensors["model.vit.layers.0.attention.q_proj.lora_A.weight"].shape[0] == 8
         assert "full.model.classifier.weight" in tensors and json.loads(meta["lora_vision.classes"])[0] == "checker"
         assert m["trainable"] < m["total"] * 0.3
     elif mode == "full":
