@@ -196,7 +196,7 @@ def export(adapter: Adapter, fmt: str, path: str | os.PathLike, base: object = N
     Extra keyword arguments go to the format's exporter (e.g. dtype, title, trigger_phrase).
     """
     if fmt == "kohya":
-        from .kohya_export import export_kohya
+        from .kohya import export_kohya
 
         return export_kohya(adapter, path, base=base, **kwargs)
     if fmt == "diffusers":

@@ -1,21 +1,38 @@
 """The kohya format (`lora_unet_...`, `lora_te[12]_...`) that A1111, ComfyUI and kohya sd-scripts load.
 
 Import accepts both UNet naming styles (diffusers and LDM/SGM), `lycoris_` (SimpleTuner) and ComfyUI's generic
-`diffusion_model.<ldm>` / `text_encoders.<clip>.transformer.<hf>` names. Export follows formats.md section 8
-("Export (UI-targeted)"); see `export_kohya`.
+`diffusion_model.<ldm>` / `text_encoders.<clip>.transformer.<hf>` names.
+
+Export follows exactly what formats.md section 8 "Export (UI-targeted)" says.
+
+- SD 1.x / 2.x: `lora_unet_<diffusers name>`, `lora_te_text_model_encoder_layers_...`;
+  SDXL: `lora_unet_<SGM name>`, `lora_te1_...`, `lora_te2_...` (transformers-4 CLIP names).
+- `.lora_down.weight` (A; conv: 4D, kernel on down), `.lora_up.weight` (B; conv 1x1, 4D), 0-dim `.alpha`.
+- One dtype for everything (fp16 by default), one alpha for the file (a second one for k x k convs): modules with
+  another alpha get B rescaled by alpha_module / alpha_file, which keeps the update exact. No other tensors.
+- Metadata: ss_*, modelspec.*, sshs_model_hash = sha256 of the exact data region written, lora_vision.*.
 """
 
 from __future__ import annotations
 
+import datetime
+import hashlib
+import json
 import re
-from typing import Mapping
+import struct
+from pathlib import Path
+from typing import Any, Mapping
 
 import torch
 
-from ..io import AdapterFileError
+from ..adapter import Adapter
+from ..io import AdapterFileError, write_safetensors
+from ..lora.ops import parse_canonical
+from . import naming
 from .common import ComponentInfo, ImportReport, alpha_value, fit_pair, is_unsupported, put
-from .resolve import (COMFY_CLIP, KOHYA_TE_PREFIXES, NameResolver, default_infos, guess_unet_layout,
-                      te_layer_count)
+from .detect import guess_base
+from .diffusers import provenance
+from .resolve import COMFY_CLIP, NameResolver, default_infos, guess_unet_layout, te_layer_count
 
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lycoris_")
 COMFY_PREFIXES = ("diffusion_model.", "text_encoders.")
@@ -117,4 +134,133 @@ def _resolve(mod: str, r: NameResolver) -> tuple[str, str] | None:
     return None
 
 
-__all__ = ["KOHYA_PREFIXES", "KOHYA_TE_PREFIXES", "import_kohya", "is_kohya_key"]
+# ---- export ----------------------------------------------------------------------------------------------------
+
+BASES = {
+    # base: (ss_base_model_version, ss_v2, modelspec.architecture, resolution, prediction_type)
+    "sd1": ("sd_v1", "False", "stable-diffusion-v1/lora", "512x512", "epsilon"),
+    "sd2": ("sd_v2", "True", "stable-diffusion-v2-512/lora", "512x512", "epsilon"),
+    "sd2-v": ("sd_v2_v", "True", "stable-diffusion-v2-768-v/lora", "768x768", "v"),
+    "sdxl": ("sdxl_base_v1-0", "False", "stable-diffusion-xl-v1-base/lora", "1024x1024", "epsilon"),
+}
+SGM_IMPLEMENTATION = "https://github.com/Stability-AI/generative-models"
+# Metadata carried over from the adapter (user-facing facts); everything else is recomputed.
+_KEEP = ("modelspec.trigger_phrase", "modelspec.title", "modelspec.description", "modelspec.author",
+         "modelspec.tags", "modelspec.thumbnail", "modelspec.license", "modelspec.usage_hint", "ss_output_name",
+         "ss_tag_frequency", "ssmd_cover_images", "ss_training_comment")
+
+
+def data_region_sha256(blob: bytes) -> str:
+    """sha256 of the bytes after the header of a serialised safetensors file (kohya's / A1111's addnet hash)."""
+    (n,) = struct.unpack("<Q", blob[:8])
+    return hashlib.sha256(blob[8 + n:]).hexdigest()
+
+
+def _common(values: list[float]) -> float | None:
+    return max(set(values), key=values.count) if values else None
+
+
+def kohya_tensors(adapter: Adapter, base: str, dtype: torch.dtype = torch.float16,
+                  unet_config: dict | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The kohya tensors of `adapter` and the ss_network_* metadata describing them."""
+    xl = base == "sdxl"
+    comps = adapter.components()
+    bad = [c for c in comps if c not in ("unet", "text_encoder", "text_encoder_2")]
+    if bad or ("text_encoder_2" in comps and not xl):
+        raise ValueError(f"the kohya format holds SD UNet/text-encoder adapters; got components {comps} for base "
+                         f"{base!r} (ViT adapters: use fmt='peft'; text_encoder_2 needs base='sdxl')")
+    if base not in BASES:
+        raise ValueError(f"unknown base {base!r}; expected one of {list(BASES)}")
+    bmap = naming.unet_block_map(unet_config or naming.STANDARD_UNET_CONFIGS["sdxl"]) if xl else None
+    prefixes = {"unet": "lora_unet", "text_encoder": "lora_te1" if xl else "lora_te", "text_encoder_2": "lora_te2"}
+    rows = []  # (kohya module key, entry, is k x k conv)
+    for comp in comps:
+        for (mod, part), e in parse_canonical(adapter.state_dict_for(comp)).items():
+            if part:
+                raise ValueError(f"{comp}.{mod}: fused q/k/v parts have no kohya spelling")
+            if comp == "unet":
+                name = naming.diffusers_to_ldm(mod, bmap) if xl else mod
+            else:
+                name = naming.te_to_file(mod)
+            rows.append((naming.kohya_key(prefixes[comp], name), e, e["A"].dim() == 4 and e["A"].shape[-1] > 1))
+    lin_alpha = _common([e["alpha"] for _, e, conv in rows if not conv])
+    conv_alpha = _common([e["alpha"] for _, e, conv in rows if conv])
+    tensors: dict[str, torch.Tensor] = {}
+    for key, e, conv in rows:
+        alpha = conv_alpha if conv else lin_alpha
+        b = e["B"]
+        if e["alpha"] != alpha:
+            b = b.float() * (e["alpha"] / alpha)
+        if key + ".lora_down.weight" in tensors:
+            raise AdapterFileError(f"two modules map to the kohya key {key}")
+        tensors[key + ".lora_down.weight"] = e["A"].to(dtype).contiguous()
+        tensors[key + ".lora_up.weight"] = b.to(dtype).contiguous()
+        tensors[key + ".alpha"] = torch.tensor(alpha, dtype=dtype)
+    ranks = sorted({int(e["rank"]) for _, e, conv in rows if not conv})
+    conv_ranks = sorted({int(e["rank"]) for _, e, conv in rows if conv})
+    meta = {"ss_network_module": "networks.lora",
+            "ss_network_dim": str(ranks[0]) if len(ranks) == 1 else ("Dynamic" if ranks else str(conv_ranks[0])),
+            "ss_network_alpha": str(float(lin_alpha if lin_alpha is not None else conv_alpha))}
+    args = {}
+    if conv_ranks:
+        args = {"conv_dim": str(conv_ranks[0]) if len(conv_ranks) == 1 else "Dynamic",
+                "conv_alpha": str(float(conv_alpha))}
+    meta["ss_network_args"] = json.dumps(args)
+    return tensors, meta
+
+
+def resolve_base(base: Any, adapter: Adapter) -> tuple[str, dict | None]:
+    """(family, UNet config) from a family name, a pipeline or a UNet; None: the adapter's metadata, else a guess."""
+    if base is None or base == "unknown":
+        base = adapter.metadata.get("lora_vision.base")
+        if base not in BASES:
+            base = guess_base({k: v for k, v in adapter.tensors.items() if not k.startswith("full.")})
+        return base, None
+    if isinstance(base, str):
+        return base, None
+    from ..models.sd import detect_sd_family
+
+    unet = getattr(base, "unet", base)
+    family = detect_sd_family(unet)
+    sched = getattr(getattr(base, "scheduler", None), "config", {})
+    if family == "sd2" and sched.get("prediction_type") == "v_prediction":
+        family = "sd2-v"
+    return family, dict(unet.config)
+
+
+def export_kohya(adapter: Adapter, path: str | Path, base: Any = None, dtype: torch.dtype = torch.float16,
+                 title: str | None = None, trigger_phrase: str | None = None, unet_config: dict | None = None,
+                 metadata: dict[str, str] | None = None) -> Path:
+    """Write `adapter` as a kohya file that A1111, ComfyUI, kohya and diffusers load (see the module docstring).
+
+    base: "sd1", "sd2", "sd2-v", "sdxl", or the target pipeline / UNet (family and SGM naming from its config).
+    """
+    base, config = resolve_base(base, adapter)
+    tensors, net_meta = kohya_tensors(adapter, base, dtype, unet_config or config)
+    from safetensors.torch import save
+
+    digest = data_region_sha256(save(tensors))
+    version, v2, arch, res, pred = BASES[base]
+    path = Path(path)
+    name = title or adapter.metadata.get("modelspec.title") or adapter.metadata.get("ss_output_name") or path.stem
+    meta: dict[str, str] = {k: v for k, v in adapter.metadata.items() if k in _KEEP}
+    meta.update(provenance(adapter.metadata))
+    meta.update(net_meta)
+    meta.update({
+        "ss_base_model_version": version, "ss_v2": v2, "ss_output_name": meta.get("ss_output_name", name),
+        "sshs_model_hash": digest,
+        "modelspec.sai_model_spec": "1.0.1", "modelspec.architecture": arch,
+        "modelspec.implementation": SGM_IMPLEMENTATION if base == "sdxl" else "diffusers",
+        "modelspec.title": name, "modelspec.resolution": res, "modelspec.prediction_type": pred,
+        "modelspec.date": datetime.datetime.now().replace(microsecond=0).isoformat(),
+        "modelspec.hash_sha256": "0x" + digest, "lora_vision.base": base,
+    })
+    if trigger_phrase:
+        meta["modelspec.trigger_phrase"] = trigger_phrase
+    meta.update(metadata or {})
+    write_safetensors(path, tensors, meta)
+    with open(path, "rb") as f:
+        written = data_region_sha256(f.read())
+    if written != digest:  # the hash must describe the exact bytes on disk (A1111 trusts it)
+        raise AdapterFileError(f"{path}: data region hash changed while writing ({written} != {digest})")
+    return path
