@@ -139,3 +139,14 @@ def test_eval_script_reproduces_training_metrics(data: Path, tmp_path: Path, cap
     with pytest.raises(ValueError, match="classifier.weight: adapter has shape"):
         eval_vit.main(["--adapter", str(tmp_path / "adapter.safetensors"), "--train_dir", str(data),
                        "--classes", "rings,checker", "--dataloader_num_workers", "0"])
+
+
+def test_bf16_mixed_precision_run_and_shipped_config(data: Path, tmp_path: Path) -> None:
+    m = _run(tmp_path, data, "--model_name_or_path", "tiny-timm", "--mixed_precision", "bf16", "--max_train_steps", "2")
+    assert m["steps"] == 2 and (tmp_path / "peft" / "adapter_model.safetensors").is_file()
+    tensors, _ = read_safetensors(tmp_path / "adapter.safetensors")
+    assert all(t.dtype == torch.float32 for t in tensors.values())  # trained weights stay fp32 (bf16 base only)
+    cfg = train_vit.parse_args(["--config", str(REPO / "configs" / "vit_imagenette_lora.yaml")])
+    assert cfg.subset == "imagenette" and cfg.mixed_precision == "bf16" and cfg.lr() == 5e-3
+    with pytest.raises(ValueError, match="base_dtype=bfloat16 needs --mixed_precision"):
+        train_vit.parse_args(["--base_dtype", "bfloat16"])
