@@ -176,9 +176,17 @@ def adapter_metadata(adapter: Adapter, comp: str) -> dict:
             "init_lora_weights": True}
 
 
+# User-facing facts carried into every export; everything else (hashes, dims, dates) is recomputed there.
+CARRIED_METADATA = ("modelspec.trigger_phrase", "modelspec.title", "modelspec.description", "modelspec.author",
+                    "modelspec.tags", "modelspec.thumbnail", "modelspec.license", "modelspec.usage_hint",
+                    "ss_output_name", "ss_tag_frequency", "ssmd_cover_images", "ss_training_comment")
+
+
 def provenance(metadata: Mapping[str, str]) -> dict[str, str]:
-    """Our `lora_vision.*` metadata for foreign files (without `lora_vision.format`, which marks native files)."""
-    return {k: v for k, v in metadata.items() if k.startswith("lora_vision.") and k != "lora_vision.format"}
+    """Metadata carried into foreign files: our `lora_vision.*` (without `lora_vision.format`, which marks native
+    files) and the user-facing CARRIED_METADATA."""
+    return {k: v for k, v in metadata.items()
+            if (k.startswith("lora_vision.") and k != "lora_vision.format") or k in CARRIED_METADATA}
 
 
 def file_module(comp: str, live: str) -> str:

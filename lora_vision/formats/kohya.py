@@ -144,10 +144,6 @@ BASES = {
     "sdxl": ("sdxl_base_v1-0", "False", "stable-diffusion-xl-v1-base/lora", "1024x1024", "epsilon"),
 }
 SGM_IMPLEMENTATION = "https://github.com/Stability-AI/generative-models"
-# Metadata carried over from the adapter (user-facing facts); everything else is recomputed.
-_KEEP = ("modelspec.trigger_phrase", "modelspec.title", "modelspec.description", "modelspec.author",
-         "modelspec.tags", "modelspec.thumbnail", "modelspec.license", "modelspec.usage_hint", "ss_output_name",
-         "ss_tag_frequency", "ssmd_cover_images", "ss_training_comment")
 
 
 def data_region_sha256(blob: bytes) -> str:
@@ -243,8 +239,7 @@ def export_kohya(adapter: Adapter, path: str | Path, base: Any = None, dtype: to
     version, v2, arch, res, pred = BASES[base]
     path = Path(path)
     name = title or adapter.metadata.get("modelspec.title") or adapter.metadata.get("ss_output_name") or path.stem
-    meta: dict[str, str] = {k: v for k, v in adapter.metadata.items() if k in _KEEP}
-    meta.update(provenance(adapter.metadata))
+    meta: dict[str, str] = provenance(adapter.metadata)
     meta.update(net_meta)
     meta.update({
         "ss_base_model_version": version, "ss_v2": v2, "ss_output_name": meta.get("ss_output_name", name),

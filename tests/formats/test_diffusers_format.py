@@ -205,3 +205,18 @@ def test_golden_key_lists(kind, golden, tmp_path):
     assert set(sd) == golden and len(golden) == {"sd1": 168, "sd2": 168, "sdxl": 312}[kind]
     assert (sd["unet.down_blocks.0.attentions.0.proj_in.lora_A.weight"].dim() == 4) == (kind == "sd1") \
         if kind != "sdxl" else sd["unet.mid_block.attentions.0.proj_in.lora_A.weight"].dim() == 2
+
+
+def test_unprefixed_unet_file_and_json_inspect(setup, tmp_path, capsys):
+    kind, ad, files = setup
+    sd = {k.removeprefix("unet."): v for k, v in load_file(files["diffusers"]).items() if k.startswith("unet.")}
+    save_file(sd, str(tmp_path / "unet_only.safetensors"))
+    back, report = load_any(tmp_path / "unet_only.safetensors")
+    assert back.components() == ["unet"] and report.format == "diffusers"
+    assert any("alpha = rank" in n for n in report.notes)  # no metadata left: said, not silently assumed
+    from lora_vision.cli import main
+
+    assert main(["inspect", str(files["diffusers"]), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["format"] == "diffusers" and info["base"] == kind and info["trigger_phrase"] == "sks toy"
+    assert info["components"]["text_encoder"]["alphas"] == [6.0]

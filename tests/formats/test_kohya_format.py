@@ -222,3 +222,12 @@ def test_file_for_another_base_is_an_error(files):
                                         num_attention_heads=4, vocab_size=300))
     with pytest.raises(BaseMismatchError, match="another base"):
         load_any(files["sd1"], models={"unet": sd1["unet"], "text_encoder": wide})
+
+
+def test_base_from_a_pipeline_sets_family_and_v_prediction(sd2_adapter, tmp_path):
+    pipe = build_tiny_sd("sd2")  # the tiny SD 2.x pipeline predicts v, like SD 2.1 768
+    path = export(sd2_adapter, "kohya", tmp_path / "v.safetensors", base=pipe)
+    meta = load_any(path)[0].metadata
+    assert (meta["ss_base_model_version"], meta["ss_v2"], meta["modelspec.prediction_type"],
+            meta["modelspec.resolution"]) == ("sd_v2_v", "True", "v", "768x768")
+    assert load_any(path)[1].base == "sd2-v"
