@@ -22,15 +22,19 @@ from torch import nn
 TEXT_MODEL = "text_model."
 
 
+# What transformers 4 keeps under `text_model.` (the projection of CLIPTextModelWithProjection sits outside it).
+_INSIDE_TEXT_MODEL = ("encoder.", "embeddings.", "final_layer_norm")
+
+
 def te_to_file(name: str) -> str:
     """A live CLIP text-encoder module name -> the transformers-4 name files use (`text_model.` inserted)."""
-    return name if name.startswith(TEXT_MODEL) else TEXT_MODEL + name
+    return TEXT_MODEL + name if name.startswith(_INSIDE_TEXT_MODEL) else name
 
 
 def te_to_live(name: str, has_text_model: bool) -> str:
     """A file (transformers-4) CLIP name -> the live name (`text_model.` stripped when the model has none)."""
     if has_text_model:
-        return name if name.startswith(TEXT_MODEL) else TEXT_MODEL + name
+        return te_to_file(name)
     return name.removeprefix(TEXT_MODEL)
 
 

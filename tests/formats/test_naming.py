@@ -128,6 +128,8 @@ def test_clip_names():
     assert naming.te_to_file("text_model.encoder.layers.3.mlp.fc1") == "text_model.encoder.layers.3.mlp.fc1"
     assert naming.te_to_live("text_model.encoder.layers.3.mlp.fc1", False) == "encoder.layers.3.mlp.fc1"
     assert naming.te_to_live("encoder.layers.3.mlp.fc1", True) == "text_model.encoder.layers.3.mlp.fc1"
+    assert naming.te_to_file("text_projection") == "text_projection"  # outside text_model in transformers 4 too
+    assert naming.te_to_live("text_projection", True) == "text_projection"
     from lora_vision.models import build_tiny_sd
 
     pipe = build_tiny_sd("sdxl")
