@@ -249,9 +249,15 @@ def export(cfg: ViTTrainConfig, mode: str, out: Path, loaded, lora_cfg, subset, 
 
 def main(argv: list[str] | None = None) -> int:
     """Parse, build the subset once, train the mode(s), write the comparison."""
-    from accelerate import Accelerator
+    from accelerate import Accelerator, PartialState
+    from accelerate.state import AcceleratorState, GradientState
 
     cfg = parse_args(argv)
+    if not PartialState._shared_state or not PartialState().use_distributed:
+        # accelerate keeps one global state per process; a second main() in the same (non-distributed) process,
+        # e.g. a notebook or a test, may ask for another mixed precision, which it would refuse.
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision,
                               gradient_accumulation_steps=cfg.gradient_accumulation_steps)
     subset = build_subset(cfg.train_dir, cfg.validation_dir, cfg.classes or None, cfg.class_list,
