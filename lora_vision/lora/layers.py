@@ -57,6 +57,10 @@ class LoRALayer(nn.Module):
     """Common state of every LoRA wrapper: adapters, their tables, which ones run, merge backups."""
 
     base: nn.Module
+    compute_dtype: torch.dtype | None = None
+    """When set (e.g. torch.bfloat16 for a bf16 base), A and B are cast to it for the forward product, so the
+    low-rank path runs in the base's precision while the parameters (and their gradients) stay float32; None keeps
+    the default (the input is cast to the LoRA weights' dtype outside autocast)."""
 
     def __init__(self, base: nn.Module) -> None:
         super().__init__()
@@ -106,6 +110,13 @@ class LoRALayer(nn.Module):
         """Which adapters run (a subset of the adapters of this layer, others are ignored)."""
         self.active = [n for n in names if n in self.lora_A]
         self._refresh()
+
+    def _pair(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) of adapter `name`, cast to compute_dtype when one is set."""
+        a, b = self.lora_A[name], self.lora_B[name]
+        if self.compute_dtype is not None and a.dtype != self.compute_dtype:
+            return a.to(self.compute_dtype), b.to(self.compute_dtype)
+        return a, b
 
     def _refresh(self) -> None:
         self._run = () if self.disabled else tuple(n for n in self.active if n not in self.merged)
@@ -228,7 +239,7 @@ class LoRALinear(LoRALayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
         for name in self._run:
-            a, b = self.lora_A[name], self.lora_B[name]
+            a, b = self._pair(name)
             h = self.lora_dropout[name](_cast_in(x, a))
             # Scale the small (..., r) intermediate, not the output, and let one addmm add B's product to the
             # base output: no extra full-size elementwise passes.
@@ -266,7 +277,7 @@ class LoRAConv2d(LoRALayer):
         out = self.base(x)
         c = self.base
         for name in self._run:
-            a, b = self.lora_A[name], self.lora_B[name]
+            a, b = self._pair(name)
             h = self.lora_dropout[name](_cast_in(x, a))
             h = F.conv2d(h, a, None, c.stride, c.padding, c.dilation)
             out = out + (F.conv2d(h, b) * self.factor(name, out.device)).to(out.dtype)
