@@ -38,24 +38,32 @@ ref() { label=$1; shift
 }
 ours() { label=$1; shift
   rm -rf "/tmp/out_$label"
-  timeout 300 python3 scripts/train_sd.py "${COMMON[@]}" --output_dir="/tmp/out_$label" --report_to=none \
+  timeout "${T:-300}" python3 scripts/train_sd.py "${COMMON[@]}" --output_dir="/tmp/out_$label" --report_to=none \
     --strength_sweep= --time_steps --logging_steps=50 "$@" > "/tmp/log_$label" 2>&1
   { echo "== $label"; grep -E "STEPS|captured|error|Error" "/tmp/log_$label" | tail -5; } | tee -a "$LOG"
 }
 
+# RUNS picks runs by label (default: all of the mode's runs, in this order)
 if [ "$MODE" = sd15 ]; then
-  ref  ref_bs1  --train_batch_size=1 --max_train_steps=$(steps 80)
-  ours ours_bs1 --train_batch_size=1 --max_train_steps=$(steps 200)
-  ref  ref_bs4  --train_batch_size=4 --max_train_steps=$(steps 50)
-  ours ours_bs4 --train_batch_size=4 --max_train_steps=$(steps 150)
-  ours ours_bs4_eager --train_batch_size=4 --max_train_steps=$(steps 40) --cuda_graph=false --channels_last=false
-  ours ours_bs16 --train_batch_size=16 --max_train_steps=$(steps 80)
+  RUNS=${RUNS:-"ref_bs1 ours_bs1 ref_bs4 ours_bs4 ours_bs4_eager ours_bs16 ours_bs16_compile"}
   LIMIT=470
 else
-  ours ours_xl_bs1 --train_batch_size=1 --max_train_steps=$(steps 40)
-  ours ours_xl_bs4 --train_batch_size=4 --max_train_steps=$(steps 30)
-  LIMIT=27.6  # 790 TFLOP/s / (2.1 x 6.76 TFLOP per image) at 1024 px
+  RUNS=${RUNS:-"ours_xl_bs1 ours_xl_bs4"}
+  LIMIT=55.6  # 790 TFLOP/s / (2.1 x 6.76 TFLOP per image) at 1024 px
 fi
+for r in $RUNS; do case $r in
+  ref_bs1)  ref  ref_bs1  --train_batch_size=1 --max_train_steps=$(steps 80) ;;
+  ours_bs1) ours ours_bs1 --train_batch_size=1 --max_train_steps=$(steps 200) ;;
+  ref_bs4)  ref  ref_bs4  --train_batch_size=4 --max_train_steps=$(steps 50) ;;
+  ours_bs4) ours ours_bs4 --train_batch_size=4 --max_train_steps=$(steps 150) ;;
+  ours_bs4_fp32lora) ours ours_bs4_fp32lora --train_batch_size=4 --max_train_steps=$(steps 150) --lora_precision=fp32 ;;
+  ours_bs4_eager) ours ours_bs4_eager --train_batch_size=4 --max_train_steps=$(steps 40) --cuda_graph=false --channels_last=false ;;
+  ours_bs16) ours ours_bs16 --train_batch_size=16 --max_train_steps=$(steps 80) ;;
+  ours_bs16_compile) T=${COMPILE_TIMEOUT:-300} ours ours_bs16_compile --train_batch_size=16 --max_train_steps=$(steps 60) --compile ;;
+  ours_xl_bs1) ours ours_xl_bs1 --train_batch_size=1 --max_train_steps=$(steps 40) ;;
+  ours_xl_bs4) ours ours_xl_bs4 --train_batch_size=4 --max_train_steps=$(steps 30) ;;
+  *) echo "unknown run $r" ;;
+esac; done
 for f in /tmp/log_ref_* /tmp/log_ours_*; do [ -f "$f" ] && { echo "#### $f"; tail -40 "$f"; } >> "$OUTD/logs_${MODE}.txt"; done
 
 python3 - "$LOG" "$LIMIT" <<'EOF'

@@ -27,7 +27,7 @@ if str(REPO) not in sys.path:  # run as a file from a checkout
     sys.path.insert(0, str(REPO))
 
 from lora_vision.adapter import Adapter  # noqa: E402
-from lora_vision.lora import LoRAConfig, inject_lora, lora_parameters, lora_report  # noqa: E402
+from lora_vision.lora import LoRAConfig, inject_lora, lora_layers, lora_parameters, lora_report  # noqa: E402
 from lora_vision.lora.config import ConfigError  # noqa: E402
 from lora_vision.models.sd import detect_sd_family, load_sd_pipeline, prediction_type  # noqa: E402
 from lora_vision.data.dreambooth import scan_folder  # noqa: E402
@@ -162,6 +162,10 @@ def train(cfg: SDTrainConfig) -> int:
         for key, te in zip(("text_encoder", "text_encoder_2"), text_encoders):
             inject_lora(te, te_lora)
             models[key], lora_cfgs[key] = te, te_lora
+    if cfg.lora_precision == "base" and dtype != torch.float32:
+        for m in models.values():
+            for _, layer in lora_layers(m):
+                layer.compute_dtype = dtype  # the low-rank product in bf16/fp16; parameters stay float32
     if main_proc:
         print("; ".join(lora_report(m, k) for k, m in models.items()))
     if cfg.gradient_checkpointing:

@@ -109,6 +109,8 @@ class SDTrainConfig:
     """Clip the gradient norm to this (0 disables clipping)."""
     mixed_precision: str = "no"
     """no, fp16 or bf16: dtype of the frozen base weights; LoRA weights and optimizer stay in float32."""
+    lora_precision: str = "base"
+    """Precision of the LoRA product: 'base' (the base weights' dtype; parameters stay float32) or 'fp32'."""
     allow_tf32: bool = False
     """Allow TF32 matrix math on Ampere and newer GPUs."""
     rank: int = 4
@@ -176,6 +178,8 @@ class SDTrainConfig:
             out.append(f"checkpoints_total_limit={self.checkpoints_total_limit}: expected a positive integer or None")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             out.append(f"mixed_precision={self.mixed_precision!r}: expected one of no, fp16, bf16")
+        if self.lora_precision not in ("base", "fp32"):
+            out.append(f"lora_precision={self.lora_precision!r}: expected 'base' or 'fp32'")
         if self.small_images not in ("upscale", "error"):
             out.append(f"small_images={self.small_images!r}: expected 'upscale' or 'error'")
         if self.prediction_type not in (None, "epsilon", "v_prediction"):
