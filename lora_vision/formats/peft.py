@@ -200,9 +200,9 @@ def peft_state(adapter: Adapter, comp: str) -> tuple[dict[str, torch.Tensor], di
     for (mod, part), e in entries.items():
         if part:
             continue
-        name = naming.te_to_file(mod) if comp.startswith("text_encoder") else mod
-        tensors[f"{PREFIX}{name}.lora_A.weight"], tensors[f"{PREFIX}{name}.lora_B.weight"] = e["A"], e["B"]
-        targets[name] = (e["rank"], e["alpha"])
+        # Live names: PEFT matches them against the installed model (import converts older names back).
+        tensors[f"{PREFIX}{mod}.lora_A.weight"], tensors[f"{PREFIX}{mod}.lora_B.weight"] = e["A"], e["B"]
+        targets[mod] = (e["rank"], e["alpha"])
     for mod in fused:
         qkv = _fused_pair(entries, mod, ("q", "k", "v"))
         o = entries.get((mod, "o"))

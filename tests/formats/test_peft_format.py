@@ -138,3 +138,22 @@ def test_peft_mha_out_proj_factor_is_what_peft_does():
     merged = pm.merge_and_unload().get_submodule(name).out_proj.weight
     got = merged - base.get_submodule(name).out_proj.weight
     assert torch.allclose(got, PEFT_MHA_OUT_PROJ_FACTOR * delta, atol=1e-6)
+
+
+def test_sd_adapter_as_peft_folders_per_component(tmp_path):
+    from peft import PeftModel
+
+    from conftest import make_sd_adapter
+    from lora_vision.models import build_tiny_sd
+
+    ad = make_sd_adapter("sd1", unet_targets="unet-attn")
+    path = export(ad, "peft", tmp_path / "sd")
+    assert sorted(p.name for p in path.iterdir()) == ["text_encoder", "unet"]
+    ref, ours = build_tiny_sd("sd1"), build_tiny_sd("sd1")
+    te = PeftModel.from_pretrained(ref.text_encoder, str(path / "text_encoder"))
+    ad.apply_to({"unet": ours.unet, "text_encoder": ours.text_encoder})
+    ids = torch.randint(0, 300, (1, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (te(ids).last_hidden_state - ours.text_encoder(ids).last_hidden_state).abs().max() < TOL
+    back, report = load_any(path)
+    assert report.format == "peft" and all(torch.equal(back.tensors[k], ad.tensors[k]) for k in ad.tensors)
