@@ -159,7 +159,11 @@ def _check_base(tensors: dict, report: ImportReport, infos: Mapping[str, Compone
         what = f"components {lacking} that the model does not have" if lacking else \
             f"{len(report.not_found)} modules the model does not have ({n_unet} in the UNet; first: " \
             f"{report.not_found[:3]})"
-        raise BaseMismatchError(f"{label}: it has {what}.\n{_bases(source, infos, label)}")
+        bases = _bases(source, infos, label)
+        if lacking and "the same base" in bases:
+            raise AdapterFileError(f"{label}: it has weights for {lacking}, which were not given; pass those "
+                                   f"components too (models={{...}}) so that nothing is silently dropped")
+        raise BaseMismatchError(f"{label}: it has {what}.\n{bases}")
 
 
 def _bases(source: object, infos: Mapping[str, ComponentInfo], label: str) -> str:
@@ -175,6 +179,8 @@ def _bases(source: object, infos: Mapping[str, ComponentInfo], label: str) -> st
         pass
     fams = {i.family for i in infos.values() if i.family}
     target = ", ".join(sorted(fams)) or "the given model"
+    if file_base in fams:
+        return f"The file and the target are the same base ({file_base})."
     return f"The file looks like a {file_base} LoRA but the target is {target}: load it into a {file_base} model."
 
 

@@ -231,3 +231,9 @@ def test_base_from_a_pipeline_sets_family_and_v_prediction(sd2_adapter, tmp_path
     assert (meta["ss_base_model_version"], meta["ss_v2"], meta["modelspec.prediction_type"],
             meta["modelspec.resolution"]) == ("sd_v2_v", "True", "v", "768x768")
     assert load_any(path)[1].base == "sd2-v"
+
+
+def test_components_not_given_are_an_error_that_says_so(files):
+    pipe = build_tiny_sd("sdxl")
+    with pytest.raises(AdapterFileError, match=r"\['text_encoder_2'\], which were not given"):
+        load_any(files["sdxl"], models={"unet": pipe.unet, "text_encoder": pipe.text_encoder})
