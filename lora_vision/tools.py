@@ -7,7 +7,6 @@ delta = (alpha / rank) * B @ A (flattened to out x in*kh*kw for convolutions; A 
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -249,7 +248,3 @@ def print_rows(rows: Iterable[LayerRow], limit: int | None = None) -> str:
                      f"({worst.module})")
     return "\n".join(lines)
 
-
-def total_kept(rows: Sequence[LayerRow]) -> float:
-    """Mean kept fraction over layers (1.0 for an exact result)."""
-    return sum(r.kept for r in rows) / max(len(rows), 1) if rows else math.nan

@@ -10,7 +10,7 @@ import re
 from typing import Iterable, Mapping
 
 from . import naming
-from .common import SD_COMPONENTS, ComponentInfo, standard_unet_info
+from .common import ComponentInfo, standard_unet_info
 
 KOHYA_TE_PREFIXES = {"lora_te": "text_encoder", "lora_te1": "text_encoder", "lora_te2": "text_encoder_2"}
 COMFY_CLIP = {"clip_l": "text_encoder", "clip_h": "text_encoder", "clip_g": "text_encoder_2"}
@@ -51,6 +51,7 @@ class NameResolver:
                     self.kohya.setdefault(naming.kohya_key(p, file_name), (comp, live))
 
     def info(self, comp: str) -> ComponentInfo | None:
+        """The description of component `comp`, if the target has it."""
         return self.infos.get(comp)
 
     def te_live(self, comp: str, file_name: str) -> str | None:
@@ -95,6 +96,3 @@ def default_infos(unet_layout: str | None, te_layers: Mapping[str, int]) -> dict
             out[comp] = synthetic_te_info(comp, n)
     return out
 
-
-def is_sd_component(comp: str) -> bool:
-    return comp in SD_COMPONENTS
