@@ -25,8 +25,8 @@ from . import naming
 from .common import BaseMismatchError, ComponentInfo, ImportReport, describe_models, fit_pair, put
 from .detect import FORMATS, classify_keys, detect_format, guess_base
 
-__all__ = ["FORMATS", "BaseMismatchError", "ComponentInfo", "ImportReport", "describe_models", "detect_format",
-           "export", "guess_base", "import_tensors", "load_any"]
+__all__ = ["FORMATS", "BaseMismatchError", "ComponentInfo", "ImportReport", "adapter_summary", "describe_models",
+           "detect_format", "export", "guess_base", "import_tensors", "load_any"]
 
 
 def load_any(source: str | os.PathLike | Mapping[str, torch.Tensor], models: Mapping[str, nn.Module] | None = None,

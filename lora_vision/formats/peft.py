@@ -1,4 +1,5 @@
-"""PEFT adapter folders (`adapter_config.json` + `adapter_model.safetensors`): the ViT exchange format (formats.md 4.4, 7).
+"""PEFT adapter folders (`adapter_config.json` + `adapter_model.safetensors`): the ViT exchange format
+(formats.md 4.4 and 7).
 
 - Keys `base_model.model.<module>.lora_A.weight` / `.lora_B.weight`; alpha only in the JSON (r, lora_alpha,
   rank_pattern, alpha_pattern, use_rslora); `modules_to_save` heads stored in full (`base_model.model.head.weight`).
@@ -44,7 +45,8 @@ def _drop_zero_rank(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, tor
     return a[keep], b[:, keep]
 
 
-def split_fused(a: torch.Tensor, b: torch.Tensor, parts: tuple[str, ...]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def split_fused(a: torch.Tensor, b: torch.Tensor,
+                parts: tuple[str, ...]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """A fused (R, d_in) / (P*d, R) pair -> per-part pairs; exact, with unused rank columns dropped."""
     d = b.shape[0] // len(parts)
     blocks = {p: b[i * d:(i + 1) * d] for i, p in enumerate(parts)}
@@ -126,7 +128,10 @@ def import_peft_tensors(raw: Mapping[str, torch.Tensor], config: Mapping, infos:
             or (kind == "" and b.shape[0] == 3 * a.shape[1] and live.endswith(("qkv", "self_attention")))
         if fused:
             scale = (alpha, a.shape[0])  # scaling alpha / R of the fused adapter
-            parts = {"o": _drop_zero_rank(a, b * PEFT_MHA_OUT_PROJ_FACTOR)} if is_out else split_fused(a, b, ("q", "k", "v"))
+            if is_out:
+                parts = {"o": _drop_zero_rank(a, b * PEFT_MHA_OUT_PROJ_FACTOR)}
+            else:
+                parts = split_fused(a, b, ("q", "k", "v"))
             for p, (pa, pb) in parts.items():
                 mha.setdefault(live, {})[p] = (pa, pb, scale)
             continue

@@ -37,12 +37,14 @@ def _te(prefix):
 
 
 SD_RES = ["down_blocks_0_resnets_0", "down_blocks_0_resnets_1", "down_blocks_1_resnets_0", "down_blocks_1_resnets_1",
-          "mid_block_resnets_0", "mid_block_resnets_1"] + [f"up_blocks_{i}_resnets_{j}" for i in (0, 1) for j in range(3)]
+          "mid_block_resnets_0", "mid_block_resnets_1"]
+SD_RES += [f"up_blocks_{i}_resnets_{j}" for i in (0, 1) for j in range(3)]
 SD_SHORT = {"down_blocks_1_resnets_0"} | {f"up_blocks_{i}_resnets_{j}" for i in (0, 1) for j in range(3)}
 GOLDEN_SD = set(
     _attn(["down_blocks_0_attentions_0", "down_blocks_0_attentions_1", "mid_block_attentions_0",
            "up_blocks_1_attentions_0", "up_blocks_1_attentions_1", "up_blocks_1_attentions_2"], 1)
-    + _res(SD_RES, SD_SHORT) + ["lora_unet_down_blocks_0_downsamplers_0_conv", "lora_unet_up_blocks_0_upsamplers_0_conv"]
+    + _res(SD_RES, SD_SHORT)
+    + ["lora_unet_down_blocks_0_downsamplers_0_conv", "lora_unet_up_blocks_0_upsamplers_0_conv"]
     + _te("lora_te"))
 XL_RES = ["input_blocks_1_0", "input_blocks_2_0", "input_blocks_4_0", "input_blocks_5_0", "middle_block_0",
           "middle_block_2"] + [f"output_blocks_{i}_0" for i in range(6)]
