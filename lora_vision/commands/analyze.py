@@ -50,8 +50,6 @@ def register(subparsers: Any) -> None:
                    help="directions compared between two adapters: right-singular vectors of A (the paper's "
                         "choice, default) or of the update scale * B A")
     p.add_argument("--max-layers", type=int, default=6, help="layers drawn in similarity.png (default 6)")
-    p.add_argument("--draws", type=int, default=4, help="random direction pairs for the baseline (default 4)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random directions (default 0)")
     p.add_argument("--labels", nargs="+", metavar="NAME", help="names of the adapters in plots and the report "
                    "(default: the file names)")
     p.add_argument("--no-plots", action="store_true", help="write only the JSON files (no matplotlib needed)")
@@ -77,9 +75,9 @@ def run(args: argparse.Namespace) -> int:
     from ..analysis import AnalysisOptions, BaseWeights, analyze, load_adapter, suggested_ranks
     from ..io import atomic_write_text
 
-    if args.max_layers < 1 or args.draws < 1:
-        raise ValueError(f"--max-layers and --draws must be >= 1, got {args.max_layers} and {args.draws}")
-    options = AnalysisOptions(energy=args.energy, subspace=args.subspace, draws=args.draws, seed=args.seed)
+    if args.max_layers < 1:
+        raise ValueError(f"--max-layers must be >= 1, got {args.max_layers}")
+    options = AnalysisOptions(energy=args.energy, subspace=args.subspace)
     if not args.no_plots:
         from ..analysis import plots
 
