@@ -1,14 +1,16 @@
 """ViT-B/16 training throughput: our LoRA vs peft LoRA (same HF model, targets q,v + head, rank 16) vs full fine-tuning.
 
     python benchmarks/bench_vit.py [--batch 128] [--steps 20] [--out DIR]     (GPU; --tiny for a CPU smoke test)
-    python benchmarks/bench_vit.py --variants peft,ours-bf16,ours-bf16-patchlinear,ours-bf16-cudnnbench \
-        --profile peft,ours-bf16                                                 (where the time goes)
+    python benchmarks/bench_vit.py --variants peft,ours-purebf16,ours-purebf16-compile,ours-bf16-patchlinear \
+        --profile peft,ours-purebf16                                             (follow-up: where the time goes)
 
 Every variant runs in this one process on the same random-weight ViTForImageClassification (built from a config,
 seed 0), the same batch of random images and labels, bf16 autocast and fused AdamW (as the reference in
 ../shared/tools/probe_reference_inference.py). Timing: CUDA events around whole optimizer steps, warm-up dropped,
 median. Ours differs from peft in: frozen base weights stored in bf16 (no per-step weight casts, half the weight
-memory), the LoRA path of lora_vision's LoRALinear, and optionally torch.compile.
+memory), the LoRA path of lora_vision's LoRALinear, and optionally torch.compile. `ours-purebf16` runs the whole
+model in bf16 without autocast (bf16 activations and residual stream, no per-op casts), with fp32 master copies
+of the trainable parameters (lora_vision.training.classification.MasterWeights).
 """
 
 from __future__ import annotations
@@ -60,27 +62,40 @@ def variant(kind: str, tiny: bool, dev: str):
             patchify_as_linear(model)
     model.to(dev).train()
     params = [p for p in model.parameters() if p.requires_grad]
+    master = None
+    if "purebf16" in kind:  # everything in bf16 (no autocast), fp32 master copies of the trainable parameters
+        from lora_vision.training.classification import MasterWeights
+
+        model.to(torch.bfloat16)
+        master = MasterWeights(params)
     if kind.endswith("compile"):
         model = torch.compile(model)
-    return model, params, size
+    return model, params, size, master
 
 
 def measure(kind: str, batch: int, steps: int, warm: int, tiny: bool, dev: str, profile: str | None = None) -> dict:
     torch.cuda.empty_cache() if dev == "cuda" else None
     torch.backends.cudnn.benchmark = "cudnnbench" in kind
-    model, params, size = variant(kind, tiny, dev)
+    model, params, size, master = variant(kind, tiny, dev)
     g = torch.Generator(device="cpu").manual_seed(1)
     x = torch.randn(batch, 3, size, size, generator=g).to(dev)
     y = torch.randint(0, 100, (batch,), generator=g).to(dev)
-    opt = torch.optim.AdamW(params, lr=1e-4, fused=dev == "cuda")
+    opt = torch.optim.AdamW(master.master if master else params, lr=1e-4, fused=dev == "cuda")
     losses = []
 
     def step() -> None:
-        with torch.autocast(dev, dtype=torch.bfloat16):
-            loss = F.cross_entropy(model(pixel_values=x).logits.float(), y)
-        loss.backward()
+        if master is None:
+            with torch.autocast(dev, dtype=torch.bfloat16):
+                loss = F.cross_entropy(model(pixel_values=x).logits.float(), y)
+            loss.backward()
+        else:
+            loss = F.cross_entropy(model(pixel_values=x.to(torch.bfloat16)).logits.float(), y)
+            loss.backward()
+            master.grads_to_master()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if master is not None:
+            master.master_to_model()
         losses.append(loss.detach())
 
     t0 = time.perf_counter()

@@ -33,8 +33,8 @@ from lora_vision.io import write_safetensors
 from lora_vision.lora.config import ConfigError
 from lora_vision.models.vit import freeze_to, load_vit, lora_targets, merged_copy, save_model
 from lora_vision.training.checkpoint import find_checkpoint
-from lora_vision.training.classification import (MODES, EpochSampler, SeededAugment, ViTTrainConfig, evaluate,
-                                                  load_state, save_state, write_comparison)
+from lora_vision.training.classification import (MODES, EpochSampler, MasterWeights, SeededAugment, ViTTrainConfig,
+                                                  evaluate, load_state, save_state, write_comparison)
 from lora_vision.training.config import load_config, save_config
 from lora_vision.training.optim import LRSchedule, build_optimizer
 
@@ -49,6 +49,8 @@ def parse_args(argv: list[str] | None) -> ViTTrainConfig:
     if cfg.base_dtype in ("bfloat16", "float16") and cfg.mixed_precision == "no":
         problems.append(f"base_dtype={cfg.base_dtype} needs --mixed_precision bf16/fp16 (autocast feeds the "
                         "frozen half-precision weights)")
+    if cfg.pure_bf16 and cfg.mixed_precision != "no":
+        problems.append("pure_bf16 runs without autocast: leave --mixed_precision at no")
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
     # The offline defaults live in the repository: find them from any working directory.
@@ -121,7 +123,13 @@ def train_one(cfg: ViTTrainConfig, mode: str, out: Path, accelerator, subset) ->
     train_loader, eval_loader, sampler = build_loaders(cfg, subset, loaded.preprocessing,
                                                        accelerator.device.type == "cuda")
     lr = cfg.lr(mode)
-    optimizer = build_optimizer([{"params": trainable_params, "lr": lr}], betas=(0.9, 0.999),
+    master, named = None, None
+    if cfg.pure_bf16:  # bf16 everywhere, no autocast casts; the optimizer steps fp32 copies
+        raw.to(torch.bfloat16)
+        master = MasterWeights(trainable_params)
+        named = dict(zip([n for n, p in raw.named_parameters() if p.requires_grad], master.master))
+    opt_params = master.master if master else trainable_params
+    optimizer = build_optimizer([{"params": opt_params, "lr": lr}], betas=(0.9, 0.999),
                                 weight_decay=cfg.weight_decay, eps=1e-8)
     model = torch.compile(raw) if cfg.torch_compile else raw
     model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
@@ -130,7 +138,8 @@ def train_one(cfg: ViTTrainConfig, mode: str, out: Path, accelerator, subset) ->
     epochs = math.ceil(total / per_epoch)
     warm = cfg.num_warmup_steps if cfg.num_warmup_steps is not None else int(cfg.warmup_ratio * total)
     schedule = LRSchedule(cfg.lr_scheduler_type, warm, total)
-    fwd = forward_fn(model, loaded.family)
+    plain = forward_fn(model, loaded.family)
+    fwd = (lambda x: plain(x.to(torch.bfloat16))) if master else plain
 
     step, start_epoch, skip, history, seen, train_time = 0, 0, 0, [], 0, 0.0
     if cfg.resume_from_checkpoint:
@@ -138,7 +147,9 @@ def train_one(cfg: ViTTrainConfig, mode: str, out: Path, accelerator, subset) ->
         if ckpt is None:
             accelerator.print(f"[{mode}] no checkpoint in {out}; starting from scratch")
         else:
-            st = load_state(ckpt, raw, optimizer.optimizer)
+            st = load_state(ckpt, raw, optimizer.optimizer, named)
+            if master:
+                master.master_to_model()
             step, start_epoch, skip = st["step"], st["epoch"], st["batch_in_epoch"]
             history, seen, train_time = st["history"], st["seen"], st["train_time_s"]
             accelerator.print(f"[{mode}] resumed from {ckpt} (step {step}, epoch {start_epoch + 1})")
@@ -147,7 +158,7 @@ def train_one(cfg: ViTTrainConfig, mode: str, out: Path, accelerator, subset) ->
         if accelerator.is_main_process:
             state = {"epoch": epoch, "batch_in_epoch": batch, "history": history, "seen": seen,
                      "train_time_s": train_time, "mode": mode}
-            save_state(out, step, raw, optimizer.optimizer, state, cfg.checkpoints_total_limit)
+            save_state(out, step, raw, optimizer.optimizer, state, cfg.checkpoints_total_limit, named)
 
     bar = tqdm(total=total, initial=step, desc=f"train {mode}", disable=not accelerator.is_local_main_process)
     for epoch in range(start_epoch, epochs):
@@ -168,12 +179,16 @@ def train_one(cfg: ViTTrainConfig, mode: str, out: Path, accelerator, subset) ->
             with accelerator.accumulate(model):
                 loss = F.cross_entropy(fwd(x).float(), y, label_smoothing=cfg.label_smoothing)
                 accelerator.backward(loss)
+                if master:
+                    master.grads_to_master()
                 if accelerator.sync_gradients:
                     if cfg.max_grad_norm > 0:
-                        accelerator.clip_grad_norm_(trainable_params, cfg.max_grad_norm)
+                        accelerator.clip_grad_norm_(opt_params, cfg.max_grad_norm)
                     schedule.apply(optimizer, [lr], step)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
+                    if master:
+                        master.master_to_model()
             batch += 1
             seen += x.shape[0] * accelerator.num_processes
             losses.append(loss.detach())
@@ -206,6 +221,9 @@ def train_one(cfg: ViTTrainConfig, mode: str, out: Path, accelerator, subset) ->
               "top5": history[-1]["top5"] if history else float("nan"), "steps": step,
               "train_time_s": round(train_time, 3), "images_per_s": round(seen / max(train_time, 1e-9), 2),
               "history": history}
+    if master:  # export the fp32 values of what was trained
+        for p, m in zip(trainable_params, master.master):
+            p.data = m.detach().clone()
     if accelerator.is_main_process:
         result.update(export(cfg, mode, out, loaded, lora_cfg, subset, history))
         (out / "metrics.json").write_text(json.dumps(result, indent=1) + "\n")

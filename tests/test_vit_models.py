@@ -152,3 +152,43 @@ def test_patch_embedding_as_matmul_equals_the_conv(source: str) -> None:
     assert set(loaded.model.state_dict()) == keys  # same parameters, same names
     out = loaded.logits(x)
     assert torch.linalg.norm(out - want) / torch.linalg.norm(want) < 1e-5
+
+
+def test_pure_bf16_with_master_weights_follows_fp32_training() -> None:
+    """Fast path of bench_vit's `ours-purebf16`: whole model in bf16, fp32 master weights; checked against fp32."""
+    from lora_vision.training.classification import MasterWeights
+
+    runs = {}
+    for kind in ("fp32", "bf16"):
+        loaded = _trained("tiny-hf")
+        model = loaded.model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        start = torch.cat([p.detach().float().flatten() for p in params])
+        master = None
+        if kind == "bf16":
+            model.to(torch.bfloat16)
+            master = MasterWeights(params)
+        opt = torch.optim.AdamW(master.master if master else params, lr=1e-2)
+        g = torch.Generator().manual_seed(0)
+        losses = []
+        for _ in range(6):
+            x, y = torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 3, (8,), generator=g)
+            loss = F.cross_entropy(model(pixel_values=x.to(params[0].dtype)).logits.float(), y)
+            loss.backward()
+            if master:
+                master.grads_to_master()
+            opt.step()
+            opt.zero_grad()
+            if master:
+                master.master_to_model()
+                assert all(p.dtype == torch.bfloat16 and p.grad is None for p in params)
+            losses.append(loss.item())
+        end = torch.cat([p.detach().float().flatten() for p in (master.master if master else params)])
+        runs[kind] = (torch.tensor(losses), end - start)  # what training changed
+    (l32, d32), (l16, d16) = runs["fp32"], runs["bf16"]
+    print(f"max loss diff {(l16 - l32).abs().max():.4f}, update rel. diff "
+          f"{torch.linalg.norm(d16 - d32) / torch.linalg.norm(d32):.4f}")
+    assert (l16 - l32).abs().max() < 0.05 * l32.abs().max()
+    # Adam normalises each update, so bf16 rounding in the gradients shows up fully: 8.8% measured here
+    assert torch.linalg.norm(d16 - d32) / torch.linalg.norm(d32) < 0.15
+    assert l16[-1] < l16[0]  # it trains

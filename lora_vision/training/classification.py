@@ -96,6 +96,8 @@ class ViTTrainConfig:
     """Cross-entropy label smoothing."""
     mixed_precision: str = "no"
     """no, fp16 or bf16 (autocast through accelerate)."""
+    pure_bf16: bool = False
+    """Run the whole model in bf16 without autocast, with fp32 master copies of the trainable parameters."""
     base_dtype: str = "auto"
     """dtype of frozen weights: auto (bf16/fp16 with mixed precision, else float32), float32, bfloat16, float16."""
     torch_compile: bool = False
@@ -211,15 +213,19 @@ def trainable_named(model: nn.Module) -> dict[str, nn.Parameter]:
 
 
 def save_state(output_dir: str | Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-               state: Mapping[str, Any], total_limit: int | None = None) -> Path:
-    """Write checkpoint-<step> (trainable weights, optimizer, RNGs, loop state) atomically; prune old ones."""
+               state: Mapping[str, Any], total_limit: int | None = None,
+               params: Mapping[str, torch.Tensor] | None = None) -> Path:
+    """Write checkpoint-<step> (trainable weights, optimizer, RNGs, loop state) atomically; prune old ones.
+
+    `params` replaces the model's trainable parameters by name (the fp32 master copies of pure-bf16 training).
+    """
     root = Path(output_dir)
     final, tmp = root / f"checkpoint-{step}", root / f".checkpoint-{step}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        write_safetensors(tmp / "trainable.safetensors",
-                          {n: p.detach().cpu().contiguous() for n, p in trainable_named(model).items()})
+        named = params if params is not None else trainable_named(model)
+        write_safetensors(tmp / "trainable.safetensors", {n: p.detach().cpu().contiguous() for n, p in named.items()})
         opt_tensors, opt_meta = _split_optimizer(optimizer)
         write_safetensors(tmp / "optimizer.safetensors", opt_tensors)
         rng = {"torch_cpu": torch.get_rng_state()}
@@ -239,12 +245,13 @@ def save_state(output_dir: str | Path, step: int, model: nn.Module, optimizer: t
     return final
 
 
-def load_state(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Restore what save_state wrote; raises CheckpointError when it does not fit this run's trainable set."""
+def load_state(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+               params: Mapping[str, torch.Tensor] | None = None) -> dict[str, Any]:
+    """Restore what save_state wrote (into `params` when given); raises CheckpointError when it does not fit."""
     path = Path(path)
     state = json.loads((path / "state.json").read_text())
     weights, _ = read_safetensors(path / "trainable.safetensors", check_finite=False)
-    params = trainable_named(model)
+    params = dict(params) if params is not None else trainable_named(model)
     if set(weights) != set(params):
         extra, missing = sorted(set(weights) - set(params)), sorted(set(params) - set(weights))
         raise CheckpointError(f"{path} does not fit this run: {len(missing)} trainable parameter(s) missing "
@@ -301,3 +308,29 @@ def write_comparison(results: Mapping[str, Mapping[str, Any]], out_dir: str | Pa
     plt.close(fig)
     os.replace(tmp, out / "compare.png")
     return paths + [out / "compare.png"]
+
+
+class MasterWeights:
+    """fp32 master copies of half-precision trainable parameters, for pure bf16 training (no autocast at all).
+
+    The whole model, activations included, runs in bf16, so no op casts and no fp32 residual stream is written;
+    the optimizer steps the fp32 copies. `grads_to_master` adds the model's gradients into the copies (micro-batches
+    accumulate in fp32) and `master_to_model` writes the updated values back into the model.
+    """
+
+    def __init__(self, params: list[nn.Parameter]) -> None:
+        self.params = list(params)
+        self.master = [nn.Parameter(p.detach().float().clone()) for p in self.params]
+
+    def grads_to_master(self) -> None:
+        """Move (and add) the model's gradients into the fp32 copies; the model's gradients are cleared."""
+        for m, p in zip(self.master, self.params):
+            if p.grad is not None:
+                g = p.grad.float()
+                m.grad = g if m.grad is None else m.grad.add_(g)
+                p.grad = None
+
+    @torch.no_grad()
+    def master_to_model(self) -> None:
+        """Copy the fp32 values into the model's parameters (rounded to their dtype)."""
+        torch._foreach_copy_(self.params, self.master)

@@ -63,10 +63,11 @@ def test_three_modes_end_to_end(mode: str, data: Path, tmp_path: Path) -> None:
         assert m["trainable"] == 32 * 4 + 4 and (tmp_path / "head.safetensors").is_file()
 
 
-def test_resume_equals_unbroken_run(data: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("pure_bf16", ["false", "true"])
+def test_resume_equals_unbroken_run(pure_bf16: str, data: Path, tmp_path: Path) -> None:
     common = ["--model_name_or_path", "tiny-timm", "--max_train_steps", "7", "--lora_dropout", "0.1",
               "--checkpointing_steps", "2", "--checkpoints_total_limit", "10", "--gradient_accumulation_steps", "2",
-              "--save_peft", "false"]
+              "--save_peft", "false", "--pure_bf16", pure_bf16]
     full = _run(tmp_path / "a", data, *common)
     assert sorted(p.name for p in (tmp_path / "a").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4",
                                                                             "checkpoint-6"]
@@ -146,6 +147,9 @@ def test_bf16_mixed_precision_run_and_shipped_config(data: Path, tmp_path: Path)
     assert m["steps"] == 2 and (tmp_path / "peft" / "adapter_model.safetensors").is_file()
     tensors, _ = read_safetensors(tmp_path / "adapter.safetensors")
     assert all(t.dtype == torch.float32 for t in tensors.values())  # trained weights stay fp32 (bf16 base only)
+    m = _run(tmp_path / "pure", data, "--model_name_or_path", "tiny-hf", "--pure_bf16", "--max_train_steps", "2")
+    tensors, _ = read_safetensors(tmp_path / "pure" / "adapter.safetensors")
+    assert m["steps"] == 2 and all(t.dtype == torch.float32 for t in tensors.values())  # the fp32 master copies
     cfg = train_vit.parse_args(["--config", str(REPO / "configs" / "vit_imagenette_lora.yaml")])
     assert cfg.subset == "imagenette" and cfg.mixed_precision == "bf16" and cfg.lr() == 5e-3
     with pytest.raises(ValueError, match="base_dtype=bfloat16 needs --mixed_precision"):
