@@ -100,7 +100,8 @@ def train(cfg: SDTrainConfig) -> int:
     if cfg.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     dtype = DTYPES[cfg.mixed_precision]
-    pipe = load_sd_pipeline(cfg.pretrained_model_name_or_path, torch_dtype=dtype, variant=cfg.variant)
+    pipe = load_sd_pipeline(cfg.pretrained_model_name_or_path, torch_dtype=None if dtype == torch.float32 else dtype,
+                            variant=cfg.variant)
     pipe.set_progress_bar_config(disable=True)
     family = detect_sd_family(pipe)
     sdxl = family == "sdxl"

@@ -120,10 +120,15 @@ def load_config(cls: type[C], argv: Sequence[str] | None, prog: str = "train", d
     flags = vars(args)
     names = [f.name for f in dataclasses.fields(cls)]
     problems: list[str] = []
+    skip_value = False
     for item in unknown:
         if item.startswith("--"):
-            problems.append("unknown flag " + _hint(item[2:].split("=", 1)[0], names).replace("'", "--", 1)
-                            .replace("'", "", 1))
+            key = item[2:].split("=", 1)[0]
+            close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
+            problems.append(f"unknown flag --{key}" + (f" (did you mean --{close[0]}?)" if close else ""))
+            skip_value = "=" not in item
+        elif skip_value:  # the value of an unknown flag
+            skip_value = False
         else:
             problems.append(f"unexpected argument {item!r} (flags are written --name value)")
     values: dict[str, Any] = {}
@@ -147,9 +152,13 @@ def load_config(cls: type[C], argv: Sequence[str] | None, prog: str = "train", d
             converted[key] = _coerce(key, value, hints[key])
         except (ValueError, TypeError, argparse.ArgumentTypeError, json.JSONDecodeError) as err:
             problems.append(f"{key}={value!r}: {err}")
+    try:
+        config = cls(**converted)
+    except ConfigError as err:  # report the values' problems together with the unknown keys
+        problems += [line[4:] for line in str(err).splitlines() if line.startswith("  - ")] or [str(err)]
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
-    return cls(**converted)
+    return config
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:
