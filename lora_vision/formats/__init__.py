@@ -48,8 +48,11 @@ def load_any(source: str | os.PathLike | Mapping[str, torch.Tensor], models: Map
         report.base = guess_base(tensors) if tensors else None
         meta: dict[str, str] = {}
     else:
-        if isinstance(source, Mapping):
+        if isinstance(source, Mapping):  # files are checked by read_safetensors; tensors given directly here
             raw, meta = dict(source), dict(metadata or {})
+            bad = [k for k, t in raw.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+            if bad:
+                raise AdapterFileError(f"{label}: {len(bad)} tensor(s) contain NaN/Inf: {', '.join(bad[:5])}")
         else:
             raw, meta = read_safetensors(source)
         try:
@@ -92,9 +95,6 @@ def import_tensors(raw: Mapping[str, torch.Tensor], metadata: Mapping[str, str],
     report.base = guess_base({k: v for k, v in tensors.items() if not k.startswith(FULL + ".")}) if tensors else None
     if report.base in ("sd1", "sd2"):  # same module names: the file's own metadata tells them apart when present
         report.base = _declared_base(metadata) or report.base
-    for k, t in tensors.items():
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            raise AdapterFileError(f"{source}: {k} contains NaN/Inf")
     return tensors, report
 
 
@@ -160,7 +160,7 @@ def _check_base(tensors: dict, report: ImportReport, infos: Mapping[str, Compone
             f"{len(report.not_found)} modules the model does not have ({n_unet} in the UNet; first: " \
             f"{report.not_found[:3]})"
         bases = _bases(source, infos, label)
-        if lacking and "the same base" in bases:
+        if lacking and "same layout" in bases:
             raise AdapterFileError(f"{label}: it has weights for {lacking}, which were not given; pass those "
                                    f"components too (models={{...}}) so that nothing is silently dropped")
         raise BaseMismatchError(f"{label}: it has {what}.\n{bases}")
@@ -180,7 +180,7 @@ def _bases(source: object, infos: Mapping[str, ComponentInfo], label: str) -> st
     fams = {i.family for i in infos.values() if i.family}
     target = ", ".join(sorted(fams)) or "the given model"
     if file_base in fams:
-        return f"The file and the target are the same base ({file_base})."
+        return f"The file is also a {file_base} LoRA (same layout as the target)."
     return f"The file looks like a {file_base} LoRA but the target is {target}: load it into a {file_base} model."
 
 

@@ -6,6 +6,7 @@ built by applying the forward rules of `naming` to each known name. Nothing is i
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Iterable, Mapping
 
@@ -27,18 +28,9 @@ class NameResolver:
         self.te_names: dict[str, dict[str, str]] = {}  # component -> file (v4) name -> live name
         unet = self.infos.get("unet")
         if unet is not None:
-            bmap = naming.unet_block_map(unet.unet_config) if unet.unet_config else None
-            for n in unet.modules:
-                self.unet_names[n] = n
-                self.kohya[naming.kohya_key("lora_unet", n)] = ("unet", n)
-                self.kohya[naming.kohya_key("lycoris", n)] = ("unet", n)
-                if bmap is not None:
-                    try:
-                        ldm = naming.diffusers_to_ldm(n, bmap)
-                    except KeyError:
-                        continue
-                    self.unet_names["diffusion_model." + ldm] = n
-                    self.kohya[naming.kohya_key("lora_unet", ldm)] = ("unet", n)
+            names, kohya = _unet_tables(unet.family) if not unet.live and unet.family else _build_unet_tables(unet)
+            self.unet_names.update(names)
+            self.kohya.update(kohya)
         for comp in ("text_encoder", "text_encoder_2"):
             info = self.infos.get(comp)
             if info is None:
@@ -58,6 +50,31 @@ class NameResolver:
         """Live name of a text-encoder module given with or without `text_model.`."""
         table = self.te_names.get(comp, {})
         return table.get(naming.te_to_file(file_name))
+
+
+def _build_unet_tables(unet: ComponentInfo) -> tuple[dict[str, str], dict[str, tuple[str, str]]]:
+    """(accepted UNet spelling -> live name, kohya key -> ("unet", live name)) for one UNet description."""
+    names: dict[str, str] = {}
+    kohya: dict[str, tuple[str, str]] = {}
+    bmap = naming.unet_block_map(unet.unet_config) if unet.unet_config else None
+    for n in unet.modules:
+        names[n] = n
+        kohya[naming.kohya_key("lora_unet", n)] = ("unet", n)
+        kohya[naming.kohya_key("lycoris", n)] = ("unet", n)
+        if bmap is not None:
+            try:
+                ldm = naming.diffusers_to_ldm(n, bmap)
+            except KeyError:
+                continue
+            names["diffusion_model." + ldm] = n
+            kohya[naming.kohya_key("lora_unet", ldm)] = ("unet", n)
+    return names, kohya
+
+
+@functools.lru_cache(maxsize=4)
+def _unet_tables(layout: str) -> tuple[dict[str, str], dict[str, tuple[str, str]]]:
+    # Standard layouts never change: build their lookups once (callers copy them into their own dicts).
+    return _build_unet_tables(standard_unet_info(layout))
 
 
 def te_layer_count(keys: Iterable[str]) -> int:
