@@ -27,7 +27,8 @@ def _trained(source: str, classes: int = 3, seed: int = 0):
     with torch.no_grad():
         for p in lora_parameters(loaded.model) + list(head.parameters()):
             p.add_(torch.randn(p.shape, generator=g) * 0.2)
-    return loaded.model.eval() and loaded
+    loaded.model.eval()
+    return loaded
 
 
 def _x(n: int = 4) -> torch.Tensor:
@@ -39,6 +40,16 @@ def test_new_head_sized_to_classes(source: str) -> None:
     loaded = load_vit(source, 7)
     assert loaded.logits(_x()).shape == (4, 7)
     assert loaded.model.get_submodule(loaded.head_name).out_features == 7
+
+
+def test_real_size_torchvision_and_timm_names() -> None:
+    tv = load_vit("torchvision:vit_b_16", 5)
+    assert tv.family == "torchvision" and tv.model.heads.head.out_features == 5
+    assert tv.preprocessing.image_size == 224 and tv.preprocessing.mean[0] == pytest.approx(0.485)
+    tm = load_vit("timm:vit_tiny_patch16_224", 6)
+    assert tm.family == "timm" and tm.logits(torch.randn(1, 3, 224, 224)).shape == (1, 6)
+    with pytest.raises(ModelLoadError, match="not a torchvision ViT"):
+        load_vit("torchvision:resnet50", 5)
 
 
 def test_hf_folder_gets_a_new_head(tmp_path: Path) -> None:
