@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return train(cfg)
-    except (TrainingDiverged, CheckpointError, ConfigError, FileNotFoundError, ValueError) as err:
+    except (TrainingDiverged, CheckpointError, ConfigError, FileNotFoundError, ValueError, ImportError) as err:
         print(f"train_sd.py: error: {err}", file=sys.stderr)
         return 1
 

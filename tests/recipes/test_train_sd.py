@@ -125,3 +125,16 @@ def test_loss_goes_down_when_overfitting(train_sd, tmp_path):
     losses = [float(line.split(",")[1]) for line in (out / "logs/loss.csv").read_text().splitlines()[1:]]
     first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
     assert last < 0.8 * first, (first, last)
+
+
+def test_sd2_v_prediction_with_accumulation_and_checkpointing(train_sd, instance_dir, tmp_path):
+    out = tmp_path / "out"
+    args = base_args("tiny-sd2", instance_dir, out, steps=2) + [
+        "--gradient_accumulation_steps", "2", "--gradient_checkpointing", "--snr_gamma", "5",
+        "--unet_targets", "unet-attn-ff", "--lr_scheduler", "cosine", "--lr_warmup_steps", "1"]
+    assert train_sd.main(args) == 0
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["prediction_type"] == "v_prediction"
+    adapter = Adapter.load(out / "adapter.safetensors")
+    assert adapter.metadata["lora_vision.base"] == "sd2-v"
+    assert any(".ff.net.2." in k for k in adapter.tensors)  # the preset reached the feed-forward layers

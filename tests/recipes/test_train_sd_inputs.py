@@ -133,3 +133,14 @@ def test_nan_loss_stops_naming_the_step_and_keeps_last_checkpoint(train_sd, caps
     assert not (out / "adapter.safetensors").exists()
     kept = sorted(p.name for p in out.glob("checkpoint-*"))
     assert kept and "last good checkpoint" in err and kept[-1] in err
+
+
+def test_8bit_adam_without_bitsandbytes_says_what_to_install(train_sd, capsys, tmp_path):
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("bitsandbytes is installed")
+    code, err = _run(train_sd, capsys, _args(SAMPLE.parent, tmp_path / "o", "--use_8bit_adam"))
+    assert code == 1 and "pip install bitsandbytes" in err
