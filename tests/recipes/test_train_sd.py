@@ -69,7 +69,11 @@ def test_prior_preservation_text_encoder_run_writes_expected_files(train_sd, ins
         "--strength_sweep", "0,1", "--random_flip"]
     if model == "tiny-sdxl":  # 4:3 instance image -> 80x48 bucket, class images 64x64: two shapes per step
         args += ["--bucketing", "--bucket_step", "16"]
+    else:
+        args += ["--checkpoints_total_limit", "1"]
     assert train_sd.main(args) == 0
+    kept = sorted(p.name for p in out.glob("checkpoint-*"))
+    assert kept == (["checkpoint-2", "checkpoint-3"] if model == "tiny-sdxl" else ["checkpoint-3"])
 
     assert _count_images(classes) == 3  # generated, batched 2 + 1, and kept for the next run
     adapter = Adapter.load(out / "adapter.safetensors")
@@ -79,7 +83,7 @@ def test_prior_preservation_text_encoder_run_writes_expected_files(train_sd, ins
     assert json.loads(adapter.metadata["lora_vision.training_config"])["train_text_encoder"] is True
     trained_b = [v for k, v in adapter.tensors.items() if k.endswith("lora_B.weight")]
     assert all(torch.isfinite(b).all() for b in trained_b) and any(b.abs().sum() > 0 for b in trained_b)
-    for rel in ("config.yaml", "checkpoint-2/state.json", "checkpoint-3/adapter.safetensors",
+    for rel in ("config.yaml", "checkpoint-3/state.json", "checkpoint-3/adapter.safetensors",
                 "samples/validation_step000003.png", "samples/strength_sweep.png", "logs/loss.csv"):
         assert (out / rel).is_file(), rel
     assert len((out / "logs" / "loss.csv").read_text().splitlines()) == 1 + 3
