@@ -145,8 +145,6 @@ class SDTrainConfig:
     """Log loss and learning rate every this many steps (the only host syncs of the loop)."""
     report_to: str = "tensorboard"
     """tensorboard (when installed) or none."""
-    cache_latents: bool = True
-    """Encode every image with the VAE once instead of every step."""
     cuda_graph: bool = True
     """Capture the whole training step in a CUDA graph when possible (CUDA, one bucket, no accumulation)."""
     compile: bool = False
