@@ -304,3 +304,21 @@ def test_safetensors_whose_header_length_starts_like_a_pickle_is_read(tmp_path):
     torch.save({"a": torch.ones(1)}, pickle, _use_new_zipfile_serialization=False)
     with pytest.raises(ValueError, match="pickle"):
         read_safetensors(pickle)
+
+
+def test_adapter_from_a_trained_pipeline_reproduces_its_images_rslora_included():
+    src = new_pipe("sd1")
+    cfgs = {"unet": LoRAConfig(rank=4, alpha=8.0, rslora=True, targets="unet-attn-ff"),
+            "text_encoder": LoRAConfig(rank=2, alpha=3.0, targets="clip-attn")}
+    g = torch.Generator().manual_seed(5)
+    comps = {"unet": src.unet, "text_encoder": src.text_encoder}
+    for comp, model in comps.items():
+        inject_lora(model, cfgs[comp], name="trained")
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.data = torch.randn(p.shape, generator=g) * 0.2
+    expected = images(src)
+    adapter = Adapter.from_models(comps, "trained", configs=cfgs)
+    pipe = new_pipe("sd1")
+    load_adapter(pipe, adapter, name="t")
+    assert np.abs(images(pipe) - expected).max() < 1e-6
