@@ -44,9 +44,10 @@ def _entries(adapter: Adapter) -> dict[str, dict]:
     return out
 
 
-def _choose_rank(s: torch.Tensor, rank: int | None, energy: float | None) -> int:
-    """Rank to keep: `rank` (capped at the numerical rank), or the fewest values holding `energy` of sum(s^2)."""
-    n = int((s > s[0] * 1e-7).sum()) if s.numel() and s[0] > 0 else 0
+def _choose_rank(s: torch.Tensor, rank: int | None, energy: float | None, floor: float = 0.0) -> int:
+    """Rank to keep: `rank` (capped at the numerical rank: values above `floor` and 1e-7 * s[0]), or the fewest
+    values holding `energy` of sum(s^2)."""
+    n = int((s > max(float(s[0]) * 1e-7, floor)).sum()) if s.numel() and s[0] > 0 else 0
     if energy is not None:
         if not 0 < energy <= 1:
             raise ValueError(f"energy={energy}: expected a fraction in (0, 1]")
@@ -178,34 +179,68 @@ def _is_adaptable_weight(name: str, t: torch.Tensor) -> bool:
     return "embed" not in last_module or last_module.startswith("linear")  # token/position/patch embeddings
 
 
+def _weight_diffs(base: Mapping[str, torch.Tensor], tuned: Mapping[str, torch.Tensor], comp: str,
+                  min_change: float) -> dict[str, tuple[torch.Tensor, float]]:
+    """Canonical layer name -> (tuned - base in float64, its rounding-noise level) for the weights that changed.
+
+    The noise level eps(dtype) * max|W| * sqrt(max dim) bounds the singular values that storing the weights in
+    their dtype can create; values below it are not counted as rank.
+
+    nn.MultiheadAttention (`X.in_proj_weight` + `X.out_proj.weight`) becomes the parts X.q, X.k, X.v and X.o.
+    """
+    from .formats import naming
+
+    mha = {k[: -len(".in_proj_weight")] for k in tuned if k.endswith(".in_proj_weight")}
+    out: dict[str, torch.Tensor] = {}
+    for k, w1 in tuned.items():
+        is_in_proj = k.endswith(".in_proj_weight") and w1.dim() == 2
+        if k not in base or not (is_in_proj or _is_adaptable_weight(k, w1)):
+            continue
+        w0 = base[k]
+        if w0.shape != w1.shape:
+            raise ValueError(f"{comp}.{k}: base {tuple(w0.shape)} vs tuned {tuple(w1.shape)}; not the same model")
+        d = w1.double() - w0.double()
+        if float(d.norm()) <= min_change * max(float(w0.double().norm()), 1e-30):
+            continue
+        floor = torch.finfo(w1.dtype).eps * float(torch.maximum(w0.abs().max(), w1.abs().max())) * \
+            max(d.flatten(1).shape) ** 0.5
+        if is_in_proj:
+            mod = k[: -len(".in_proj_weight")]
+            for p, block in zip("qkv", d.chunk(3)):
+                if float(block.norm()) > 0:
+                    out[f"{mod}.{p}"] = (block, floor)
+            continue
+        mod = k[: -len(".weight")]
+        if mod.endswith(".out_proj") and mod[: -len(".out_proj")] in mha:
+            out[f"{mod[: -len('.out_proj')]}.o"] = (d, floor)
+            continue
+        if comp.startswith("text_encoder"):
+            mod = naming.te_to_live(mod, naming.default_has_text_model(comp))
+        elif comp == "model" and naming.transformers_major() >= 5:
+            mod = naming.vit_v4_to_v5(mod)  # checkpoints saved by transformers 4 keep the old ViT names
+        out[mod] = (d, floor)
+    return out
+
+
 def extract(base: Mapping[str, Mapping[str, torch.Tensor]], tuned: Mapping[str, Mapping[str, torch.Tensor]],
             rank: int | None = None, energy: float | None = None, min_change: float = 1e-6,
             progress: bool = True) -> tuple[Adapter, list[LayerRow]]:
     """Adapter from the difference of two models: per component, per Linear/Conv weight, SVD of tuned - base.
 
     base/tuned: {component: state dict}. Layers whose relative change ||dW|| / ||W|| is below min_change are
-    skipped. Text-encoder names are mapped to the installed transformers' live names.
+    skipped. Text-encoder (and HF ViT) names are mapped to the installed transformers' live names.
     """
-    from .formats import naming
-
+    diffs, floors = {}, {}
+    for c in tuned:
+        if c in base:
+            for m, (d, floor) in _weight_diffs(base[c], tuned[c], c, min_change).items():
+                diffs[f"{c}.{m}"], floors[f"{c}.{m}"] = d, floor
     rows, report = {}, []
-    todo = [(c, k) for c, sd in tuned.items() for k, t in sd.items()
-            if c in base and k in base[c] and _is_adaptable_weight(k, t)]
-    for comp, k in tqdm(todo, desc="extract", disable=not progress, leave=False):
-        w0, w1 = base[comp][k], tuned[comp][k]
-        if w0.shape != w1.shape:
-            raise ValueError(f"{comp}.{k}: base {tuple(w0.shape)} vs tuned {tuple(w1.shape)}; not the same model")
-        d = (w1.double() - w0.double())
-        if float(d.norm()) <= min_change * max(float(w0.double().norm()), 1e-30):
-            continue
+    for key, d in tqdm(diffs.items(), desc="extract", disable=not progress, leave=False):
         u, s, vh = torch.linalg.svd(d.flatten(1), full_matrices=False)
-        r = _choose_rank(s, rank, energy)
+        r = _choose_rank(s, rank, energy, floors[key])
         a, b, kept = _factor(u, s, vh, r)
-        mod = k[: -len(".weight")]
-        if comp.startswith("text_encoder"):
-            mod = naming.te_to_live(mod, naming.default_has_text_model(comp))
-        key = f"{comp}.{mod}"
-        rows[key] = (a.reshape(r, *w0.shape[1:]), b.reshape(b.shape[0], r, 1, 1)) if w0.dim() == 4 else (a, b)
+        rows[key] = (a.reshape(r, *d.shape[1:]), b.reshape(b.shape[0], r, 1, 1)) if d.dim() == 4 else (a, b)
         report.append(LayerRow(key, min(d.flatten(1).shape), r, kept))
     if not rows:
         raise ValueError("the two models have no differing Linear/Conv2d weights; nothing to extract")

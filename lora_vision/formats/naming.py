@@ -44,11 +44,14 @@ def default_has_text_model(component: str) -> bool:
     transformers 5 flattened CLIPTextModel (SD text_encoder); CLIPTextModelWithProjection (SDXL text_encoder_2)
     keeps `text_model`. In transformers 4 both have it.
     """
+    return transformers_major() < 5 or component == "text_encoder_2"
+
+
+def transformers_major() -> int:
+    """Major version of the installed transformers (module names changed in 5)."""
     import transformers
 
-    if int(transformers.__version__.split(".")[0]) < 5:
-        return True
-    return component == "text_encoder_2"
+    return int(transformers.__version__.split(".")[0])
 
 
 # ---- HF ViT v4 <-> v5 ------------------------------------------------------------------------------------------

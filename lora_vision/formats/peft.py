@@ -77,10 +77,7 @@ def _live_name(mod: str, info: ComponentInfo | None, comp: str) -> str | None:
         has = info.has_text_model if info is not None else naming.default_has_text_model(comp)
         mod = naming.te_to_live(mod, has)
     if info is None or not info.live:
-        import transformers
-
-        v5 = int(transformers.__version__.split(".")[0]) >= 5
-        return naming.vit_v4_to_v5(mod) if v5 and comp == "model" else mod
+        return naming.vit_v4_to_v5(mod) if comp == "model" and naming.transformers_major() >= 5 else mod
     for cand in (mod, naming.vit_v4_to_v5(mod), naming.vit_v5_to_v4(mod)):
         if cand in info.modules:
             return cand

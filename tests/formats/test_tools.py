@@ -147,3 +147,24 @@ def test_cli_commands_end_to_end(tmp_path, capsys):
     out_dir = tmp_path / "merged_pipe"
     assert main(["merge", str(src), "--into", "tiny-sd1", "--weights", "0.5", "-o", str(out_dir)]) == 0
     assert (out_dir / "model_index.json").is_file()
+
+
+def test_extract_torchvision_attention_and_apply():
+    from lora_vision.models import build_tiny_torchvision_vit
+
+    base, tuned = build_tiny_torchvision_vit(), build_tiny_torchvision_vit()
+    name = "encoder.layers.encoder_layer_1.self_attention"
+    _, _, dq = planted(out=32, inp=32, s=(0.4, 0.2), seed=3)
+    _, _, do = planted(out=32, inp=32, s=(0.3,), seed=4)
+    with torch.no_grad():
+        tuned.get_submodule(name).in_proj_weight[:32] += dq.float()  # the q block only
+        tuned.get_submodule(name).out_proj.weight += do.float()
+        tuned.get_submodule("encoder.layers.encoder_layer_0.mlp.0").weight += dq.float()[:, :32].repeat(37 // 32 + 1,
+                                                                                                        1)[:37]
+    ad, rows = extract({"model": base.state_dict()}, {"model": tuned.state_dict()}, rank=4, progress=False)
+    assert {r.module: r.rank_out for r in rows} == {f"model.{name}.q": 2, f"model.{name}.o": 1,
+                                                    "model.encoder.layers.encoder_layer_0.mlp.0": 2}
+    ad.apply_to({"model": base})
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (base(x) - tuned(x)).abs().max() < 1e-5
