@@ -2,7 +2,7 @@
 # The worked example of README "What did the adapter learn? lora-vision analyze", offline on a CPU:
 # two tiny DreamBooth runs that differ only in the seed (rank 8, UNet + text encoder), `lora-vision analyze` on the
 # pair, then the PNGs shrunk to 128-colour palettes for docs/img/analyze/.
-#   bash docs/examples/analyze_tiny.sh [WORK_DIR]      (default outputs/analyze_example; about 2-5 min per run on 2 cores)
+#   bash docs/examples/analyze_tiny.sh [WORK_DIR]    (default outputs/analyze_example; 2-5 min per run on 2 cores)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 WORK=${1:-outputs/analyze_example}

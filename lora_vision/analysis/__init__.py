@@ -12,5 +12,6 @@ from .sources import BaseWeights, LayerFactors, adapter_layers, load_adapter
 __all__ = [
     "AnalysisOptions", "BaseWeights", "LayerFactors", "LowRankSVD", "adapter_layers", "amplification", "analyze",
     "effective_rank", "energy_rank", "layer_stats", "load_adapter", "lowrank_svd", "projection_norm",
-    "random_orthonormal", "random_projection_norm", "row_space", "subspace_similarity", "suggested_ranks", "top_singular_values",
+    "random_orthonormal", "random_projection_norm", "row_space", "subspace_similarity", "suggested_ranks",
+    "top_singular_values",
 ]

@@ -105,11 +105,12 @@ def projection_norm(W: torch.Tensor, U: torch.Tensor, V: torch.Tensor) -> float:
 
 
 def random_projection_norm(W: torch.Tensor, k: int, draws: int = 4, seed: int = 0) -> float:
-    """Mean of ||U^T W V||_F over `draws` pairs of uniformly random k-dimensional subspaces (sampled)."""
+    """Root-mean-square of ||U^T W V||_F over `draws` pairs of uniformly random k-dimensional subspaces (sampled)."""
     gen = torch.Generator().manual_seed(seed)
     m, n = W.shape
-    vals = [projection_norm(W, random_orthonormal(m, k, gen), random_orthonormal(n, k, gen)) for _ in range(draws)]
-    return sum(vals) / len(vals)
+    w = W.to(torch.float64)
+    sq = [projection_norm(w, random_orthonormal(m, k, gen), random_orthonormal(n, k, gen)) ** 2 for _ in range(draws)]
+    return math.sqrt(sum(sq) / len(sq))
 
 
 def amplification(W: torch.Tensor, update: LowRankSVD, k: int | None = None,
