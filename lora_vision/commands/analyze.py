@@ -36,7 +36,7 @@ def register(subparsers: Any) -> None:
         "analyze", help="spectra, effective ranks, subspace similarity and update size of adapters (PNG + JSON)",
         description=__doc__.split("\n\n")[1].replace("\n", " "), epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("file", help="adapter .safetensors file")
+    p.add_argument("file", help="adapter: a lora_vision, kohya or diffusers .safetensors file, or a PEFT folder")
     p.add_argument("file2", nargs="?", help="a second adapter for the same model, to compare subspaces with FILE")
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="folder for report.json and the PNGs")
     p.add_argument("--base", metavar="MODEL",
