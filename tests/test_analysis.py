@@ -339,3 +339,23 @@ def test_cli_errors_are_one_clear_line(tmp_path, capsys) -> None:
     other = write_safetensors(tmp_path / "other.safetensors", {"foo.weight": torch.zeros(3, 3)})
     assert main(["analyze", str(f), "-o", str(tmp_path / "o"), "--base", str(other), "--no-plots"]) == 1
     assert "has none of the" in capsys.readouterr().err
+
+
+def test_peft_folder_of_a_vit_adapter_gives_the_same_numbers(tmp_path) -> None:
+    from lora_vision.formats import export
+    from lora_vision.models import build_tiny_hf_vit
+
+    vit = build_tiny_hf_vit()
+    lv.inject_lora(vit, lv.LoRAConfig(rank=4, targets="hf-vit-attn"))
+    torch.manual_seed(0)
+    for p in lv.lora_parameters(vit):
+        p.data.normal_(std=0.1)
+    native = Adapter.from_models({"model": vit}).save(tmp_path / "vit.safetensors")
+    peft_dir = export(Adapter.load(native), "peft", tmp_path / "vit_peft")
+    assert main(["analyze", str(native), str(peft_dir), "-o", str(tmp_path / "o"), "--no-plots", "--quiet"]) == 0
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    a, b = (ad["layers"] for ad in report["adapters"])
+    assert set(a) == set(b) and len(a) == 8
+    for key in a:
+        assert b[key]["singular_values"] == pytest.approx(a[key]["singular_values"], rel=1e-5)
+        assert report["similarity"]["layers"][key]["phi_diag"][-1] == pytest.approx(1.0, abs=1e-4)
