@@ -133,9 +133,22 @@ def _integer_x(*axes: Any, y: bool = False) -> None:
             ax.yaxis.set_major_locator(MaxNLocator(integer=True))
 
 
+# Figures with one row per layer: 0.13 inch per row up to this many labelled rows; beyond, every n-th layer is
+# labelled and the figure stops growing (an SDXL adapter has 700+ layers).
+MAX_LABELLED_ROWS = 160
+
+
+def _rows_height(n: int) -> float:
+    return 1.8 + 0.13 * min(n, MAX_LABELLED_ROWS)
+
+
 def _layer_axis(ax: Any, keys: list[str]) -> None:
-    ax.set_yticks(range(len(keys)), [short_name(k) for k in keys], fontsize=6 if len(keys) > 40 else 7)
+    step = math.ceil(len(keys) / MAX_LABELLED_ROWS)
+    ticks = list(range(0, len(keys), step))
+    ax.set_yticks(ticks, [short_name(keys[i]) for i in ticks], fontsize=6 if len(ticks) > 40 else 7)
     ax.set_ylim(len(keys) - 0.5, -0.5)
+    if step > 1:
+        ax.set_ylabel(f"layer (every {step}th labelled)", fontsize=8)
 
 
 def plot_spectra(report: dict, path: Path, adapter_index: int = 0) -> Path:
@@ -150,7 +163,7 @@ def plot_spectra(report: dict, path: Path, adapter_index: int = 0) -> Path:
         s = np.asarray(ad["layers"][k]["singular_values"], dtype=float)
         if s.size and s[0] > 0:
             grid[i, : s.size] = s / s[0]
-    fig = _pyplot_free_figure(figsize=(11, 1.8 + 0.13 * len(keys)), dpi=100)
+    fig = _pyplot_free_figure(figsize=(11, _rows_height(len(keys))), dpi=100)
     ax1, ax2 = fig.subplots(1, 2, sharey=True, gridspec_kw={"width_ratios": [1.3, 1]})
     im = ax1.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap="magma", vmin=0, vmax=1,
                     interpolation="nearest", extent=(0.5, width + 0.5, len(keys) - 0.5, -0.5))
@@ -227,7 +240,7 @@ def plot_similarity_layers(report: dict, path: Path) -> Path:
     for r, k in enumerate(keys):
         d = sim["layers"][k]["phi_diag"]
         grid[r, : len(d)] = d
-    fig = _pyplot_free_figure(figsize=(7, 1.8 + 0.13 * len(keys)), dpi=100)
+    fig = _pyplot_free_figure(figsize=(7, _rows_height(len(keys))), dpi=100)
     ax = fig.subplots()
     im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest",
                    extent=(0.5, width + 0.5, len(keys) - 0.5, -0.5))
@@ -252,7 +265,7 @@ def plot_amplification(report: dict, path: Path, adapter_index: int = 0) -> Path
     keys = [k for k, v in ad["layers"].items() if v.get("amplification", {}).get("k")]
     if not keys:
         raise ValueError("no layer has amplification numbers (needs --base and non-zero updates)")
-    fig = _pyplot_free_figure(figsize=(11, 1.8 + 0.13 * len(keys)), dpi=100)
+    fig = _pyplot_free_figure(figsize=(11, _rows_height(len(keys))), dpi=100)
     ax1, ax2 = fig.subplots(1, 2, sharey=True, gridspec_kw={"width_ratios": [1.4, 1]})
     y = np.arange(len(keys))
     amp = [ad["layers"][k]["amplification"] for k in keys]
