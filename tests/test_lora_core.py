@@ -420,3 +420,26 @@ def test_strength_table_is_one_tensor_per_adapter() -> None:
     assert t.values.shape == (len(KINDS),)
     lv.set_strength(m, 0.5)
     assert torch.allclose(t.values, (t.scaling * 0.5).float())
+
+
+def test_failed_merge_undoes_earlier_layers_and_keeps_prior_merges() -> None:
+    m = _toy()
+    lv.inject_lora(m, lv.LoRAConfig(rank=2, targets=KINDS), name="second")
+    _randomize(m)
+    lv.merge_lora(m, adapters=["default"])  # a first, good merge
+    merged_state = {k: v.clone() for k, v in m.state_dict().items()}
+    with torch.no_grad():
+        m.blk.qkv.lora_B["second"][0, 0, 0] = float("inf")  # the last layer of the plan goes bad
+    with pytest.raises(FloatingPointError, match="blk.qkv"):
+        lv.merge_lora(m, adapters=["second"])
+    for k, v in m.state_dict().items():
+        if "lora_" not in k:
+            assert torch.equal(v, merged_state[k]), k
+    assert all(layer.merged == {"default": 1.0} for _, layer in lv.lora_layers(m))
+    lv.unmerge_lora(m)  # and the original weights still come back exactly
+    torch.manual_seed(0)
+    ref = Toy()
+    now = m.state_dict()
+    for k, v in ref.state_dict().items():
+        prefix = next(p for p in KINDS if k.startswith(p + "."))
+        assert torch.equal(now[f"{prefix}.base.{k[len(prefix) + 1:]}"], v), k

@@ -76,6 +76,7 @@ class LoRALayer(nn.Module):
         self.merged: dict[str, float] = {}
         self.disabled = False
         self._backup: dict[str, torch.Tensor] = {}
+        self._undo: tuple[dict[str, torch.Tensor | None], dict[str, float]] | None = None
         self._run: tuple[str, ...] = ()
 
     # ---- adapter bookkeeping -------------------------------------------------------------------------
@@ -138,37 +139,57 @@ class LoRALayer(nn.Module):
         return _scaling(self.alphas[name], self.ranks[name], self.rslora[name])
 
     # ---- merge ---------------------------------------------------------------------------------------
-    def merge_(self, names: list[str], strengths: dict[str, float], dry_run: bool = False) -> None:
+    def merge_(self, names: list[str], strengths: dict[str, float], check: bool = True) -> torch.Tensor | None:
         """Fold adapters into the base weights (fp32 math, cast back).
 
-        Raises FloatingPointError, leaving the weights as they were, if the result would hold NaN or Inf (also
-        after the cast to a half-precision weight). `dry_run` only checks.
+        Returns a 0-dim bool tensor on the weights' device that is True when the result holds NaN or Inf (also
+        after the cast to a half-precision weight), without waiting for the device; `merge_lora` checks all layers
+        with one sync and undoes the merge if any is bad. With `check`, this raises FloatingPointError itself and
+        leaves the weights unchanged. Returns None when there was nothing to merge.
         """
         names = [n for n in names if n not in self.merged]
         if not names:
-            return
+            return None
         targets = dict(self._base_weights())
         new: dict[str, torch.Tensor] = {}
+        bad = None
         with torch.no_grad():
             for key, w in targets.items():
-                acc = w.detach().float()
+                acc = w.detach().to(torch.float32, copy=True)  # never alias the weight itself
                 for n in names:
                     d = self.delta(n).get(key)
                     if d is not None:
-                        acc = acc + strengths[n] * d.to(acc.device)
+                        acc.add_(d.to(acc.device), alpha=strengths[n])
                 cast = acc.to(w.dtype)
-                if not torch.isfinite(cast).all():
-                    raise FloatingPointError(
-                        f"merging adapter(s) {names} would put NaN/Inf into {key} ({w.dtype}); weights left unchanged")
+                flag = ~torch.isfinite(cast).all()
+                bad = flag if bad is None else bad | flag
                 new[key] = cast
-            if dry_run:
-                return
+            if check and bool(bad):
+                raise FloatingPointError(
+                    f"merging adapter(s) {names} would put NaN/Inf into {', '.join(targets)}; weights left unchanged")
+            self._undo = ({k: (None if k not in self._backup else w.detach().clone()) for k, w in targets.items()},
+                          dict(self.merged))
             for key, w in targets.items():
                 if key not in self._backup:
                     self._backup[key] = w.detach().clone()
                 w.data.copy_(new[key])
         for n in names:
             self.merged[n] = strengths[n]
+        self._refresh()
+        return bad
+
+    def undo_merge_(self) -> None:
+        """Undo the last `merge_` exactly (weights and merged state as they were before it)."""
+        snapshot, merged = self._undo
+        targets = dict(self._base_weights())
+        with torch.no_grad():
+            for key, before in snapshot.items():
+                if before is None:  # this merge made the backup: the backup is the state before it
+                    targets[key].data.copy_(self._backup.pop(key))
+                else:
+                    targets[key].data.copy_(before)
+        self.merged = merged
+        self._undo = None
         self._refresh()
 
     def unmerge_(self) -> None:

@@ -109,14 +109,32 @@ def merge_lora(model: nn.Module, strength: float | None = None, adapters: list[s
             plan.append((mod_name, layer, names, strengths))
     if adapters is not None and not plan:
         _require(model, adapters[0] if adapters else None)
-    # Check every layer before changing any, so a bad adapter leaves the whole model untouched.
-    for mod_name, layer, names, strengths in plan:
-        try:
-            layer.merge_(names, strengths, dry_run=True)
-        except FloatingPointError as e:
-            raise FloatingPointError(f"{mod_name}: {e}") from None
-    for _, layer, names, strengths in plan:
-        layer.merge_(names, strengths)
+    # One pass: merge every layer, collecting NaN/Inf flags on the device, then one sync. If any layer went bad,
+    # every layer merged here is put back exactly, so a bad adapter leaves the whole model untouched.
+    flags: list[tuple[str, torch.Tensor]] = []
+    done: list[LoRALayer] = []
+    try:
+        for mod_name, layer, names, strengths in plan:
+            flag = layer.merge_(names, strengths, check=False)
+            done.append(layer)
+            if flag is not None:
+                flags.append((mod_name, flag))
+        per_device: dict[torch.device, list[tuple[str, torch.Tensor]]] = {}
+        for mod_name, flag in flags:
+            per_device.setdefault(flag.device, []).append((mod_name, flag))
+        bad = []
+        for items in per_device.values():  # one transfer (one sync) per device
+            values = torch.stack([f for _, f in items]).tolist()
+            bad += [mod_name for (mod_name, _), v in zip(items, values) if v]
+    except BaseException:
+        for layer in reversed(done):
+            layer.undo_merge_()
+        raise
+    if bad:
+        for layer in reversed(done):
+            layer.undo_merge_()
+        more = f" (+{len(bad) - 5} more)" if len(bad) > 5 else ""
+        raise FloatingPointError(f"merging would put NaN/Inf into {', '.join(bad[:5])}{more}; weights left unchanged")
     return len(plan)
 
 
