@@ -443,3 +443,22 @@ def test_failed_merge_undoes_earlier_layers_and_keeps_prior_merges() -> None:
     for k, v in ref.state_dict().items():
         prefix = next(p for p in KINDS if k.startswith(p + "."))
         assert torch.equal(now[f"{prefix}.base.{k[len(prefix) + 1:]}"], v), k
+
+
+def test_atomic_write_leaves_no_temp_and_normal_permissions(tmp_path) -> None:
+    import os
+
+    from lora_vision.io import atomic_path, atomic_write_text
+
+    target = tmp_path / "out.txt"
+    atomic_write_text(target, "hello")
+    assert target.read_text() == "hello"
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (target.stat().st_mode & 0o777) == (0o666 & ~mask)
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("crash while writing")
+    assert target.read_text() == "hello"  # the old file survives a crash
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.txt"]  # no temporary left behind

@@ -81,14 +81,22 @@ class LoRALayer(nn.Module):
 
     # ---- adapter bookkeeping -------------------------------------------------------------------------
     def add_adapter(self, name: str, rank: int, alpha: float, dropout: float, init: str, rslora: bool,
-                    table: StrengthTable, layer_name: str) -> None:
-        """Create adapter `name` with zero B (so it starts as the identity) and register it in `table`."""
+                    table: StrengthTable, layer_name: str,
+                    weights: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """Create adapter `name` with zero B (so it starts as the identity) and register it in `table`.
+
+        `weights` (A, B), in this layer's parameter layout, are used as they are instead of a fresh
+        initialisation (loading a file: nothing is allocated or initialised twice).
+        """
         if name in self.lora_A:
             raise ValueError(f"adapter {name!r} already exists in {layer_name}; remove it first or use another name")
-        a, b = self._new_params(rank)
-        self._init_A(a, init, rank)
-        self.lora_A[name] = nn.Parameter(a)
-        self.lora_B[name] = nn.Parameter(b)
+        if weights is None:
+            a, b = self._new_params(rank)
+            self._init_A(a, init, rank)
+        else:
+            a, b = weights
+        self.lora_A[name] = nn.Parameter(a, requires_grad=weights is None)
+        self.lora_B[name] = nn.Parameter(b, requires_grad=weights is None)
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.ranks[name], self.alphas[name], self.rslora[name] = rank, float(alpha), rslora
         self.tables[name] = (table, table.add_slot(layer_name, _scaling(alpha, rank, rslora)))

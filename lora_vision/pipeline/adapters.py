@@ -277,9 +277,8 @@ def load_adapter(pipe: Any, source: AdapterSource, name: str = "default", streng
                         LoRALinear(target) if isinstance(target, nn.Linear) else LoRAConv2d(target))
                     dev = layer.base.weight.device
                     table = tables.setdefault(str(dev), StrengthTable(name))
-                    layer.add_adapter(name, e["rank"], e["alpha"], 0.0, "kaiming", rslora, table, f"{comp}.{live}")
-                    layer.lora_A[name] = nn.Parameter(moved[f"{comp}.{live}.lora_A"], requires_grad=False)
-                    layer.lora_B[name] = nn.Parameter(moved[f"{comp}.{live}.lora_B"], requires_grad=False)
+                    layer.add_adapter(name, e["rank"], e["alpha"], 0.0, "kaiming", rslora, table, f"{comp}.{live}",
+                                      weights=(moved[f"{comp}.{live}.lora_A"], moved[f"{comp}.{live}.lora_B"]))
                     if layer is not target:
                         setattr(parent, child, layer)
                         st.layers.append(layer)
