@@ -41,6 +41,21 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+def replace_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> None:
+    """Move a fully written folder `tmp` to `final`; an existing `final` is swapped out first and then removed,
+    so at every moment one complete folder exists under the final name (or the old one)."""
+    import shutil
+
+    tmp, final = Path(tmp), Path(final)
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

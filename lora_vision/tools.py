@@ -68,11 +68,11 @@ def _factor(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, k: int) -> tuple
 
 
 def lowrank_svd(b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """SVD of B @ A (B: out x r, A: r x in) through two thin QRs: cost O((out + in) r^2), exact."""
-    qb, rb = torch.linalg.qr(b.double())
-    qa, ra = torch.linalg.qr(a.double().T)
-    u, s, vh = torch.linalg.svd(rb @ ra.T)
-    return qb @ u, s, vh @ qa.T
+    """SVD (U, S, Vh) of B @ A (B: out x r, A: r x in) from the factors, in float64 (see analysis.linalg)."""
+    from .analysis.linalg import lowrank_svd as _svd
+
+    r = _svd(b, a)
+    return r.U, r.S, r.V.T
 
 
 def _shape_back(e_like: dict, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,7 +14,7 @@ from typing import Any, Iterator, Mapping, Sequence, Union
 import torch
 from torch import nn
 
-from ..io import write_safetensors
+from ..io import replace_dir, write_safetensors
 from ..lora.inject import _set_child, lora_layers
 from ..lora.ops import merge_lora, unmerge_lora
 from .adapters import (AdapterLoadReport, AdapterSource, _apply_strength, _require, _state, load_adapter,
@@ -172,13 +172,7 @@ def _write(pipe: Any, out: Path, single_file: bool | str | os.PathLike,
                 else:
                     single = Path(single_file)
                     write_safetensors(single, tensors, meta)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        replace_dir(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..adapter import Adapter
-from ..io import atomic_write_text, read_safetensors, write_safetensors
+from ..io import atomic_write_text, read_safetensors, replace_dir, write_safetensors
 from ..lora.ops import load_lora_state_dict
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -117,13 +117,7 @@ def save_checkpoint(output_dir: str | Path, step: int, models: Mapping[str, nn.M
         state = {"step": step, "optimizer": opt_meta, "rng": rng_meta, "config": dict(config),
                  "extra": dict(extra or {})}
         atomic_write_text(tmp / "state.json", json.dumps(state, indent=1, default=str))
-        if final.exists():  # re-saving a step (e.g. after a resume): swap, never leave no checkpoint behind
-            old = root / f".checkpoint-{step}.old-{os.getpid()}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        replace_dir(tmp, final)  # re-saving a step (e.g. after a resume) swaps, never leaving no checkpoint
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if total_limit is not None:
