@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -27,7 +28,9 @@ if str(REPO) not in sys.path:  # run as a file from a checkout
     sys.path.insert(0, str(REPO))
 
 from lora_vision.adapter import Adapter  # noqa: E402
-from lora_vision.lora import LoRAConfig, inject_lora, lora_layers, lora_parameters, lora_report  # noqa: E402
+from lora_vision.io import write_safetensors  # noqa: E402
+from lora_vision.lora import (LoRAConfig, inject_lora, lora_layers, lora_parameters, lora_report,  # noqa: E402
+                              lora_state_dict)
 from lora_vision.lora.config import ConfigError  # noqa: E402
 from lora_vision.models.sd import detect_sd_family, load_sd_pipeline, prediction_type  # noqa: E402
 from lora_vision.data.dreambooth import scan_folder  # noqa: E402
@@ -40,7 +43,7 @@ from lora_vision.training.optim import LRSchedule, build_optimizer  # noqa: E402
 from lora_vision.training.sd_config import SDTrainConfig  # noqa: E402
 from lora_vision.training.sd_samples import generate_class_images, save_png, strength_sweep, validation_grid  # noqa: E402,E501
 from lora_vision.training.sd_step import (StaticStep, StepSettings, clip_and_step, gather_inputs,  # noqa: E402
-                                          step_loss)
+                                          shard_inputs, step_loss)
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 TINY_PROMPT = "a photo of sks toy"
@@ -94,6 +97,11 @@ def train(cfg: SDTrainConfig) -> int:
     # ---- build ---------------------------------------------------------------------------------------------
     acc = Accelerator()
     device, main_proc = acc.device, acc.is_main_process
+    rank, world = acc.process_index, acc.num_processes
+    if acc.distributed_type.name not in ("NO", "MULTI_GPU", "MULTI_CPU", "MULTI_XPU", "MULTI_NPU"):
+        raise ValueError(f"train_sd.py runs on one process or under DDP (accelerate's multi_gpu), not "
+                         f"{acc.distributed_type.name}; use configs/accelerate/multi_gpu.yaml (the LoRA weights "
+                         "are small, so sharding them with FSDP saves nothing)")
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed + acc.process_index)
@@ -116,19 +124,20 @@ def train(cfg: SDTrainConfig) -> int:
     pred_type = cfg.prediction_type or prediction_type(pipe)
     resolution = cfg.resolution or int(unet.config.sample_size) * pipe.vae_scale_factor
     base_name = cfg.pretrained_model_name_or_path or "tiny (built-in)"
-    resolved = dict(config_to_dict(cfg), resolution=resolution, prediction_type=pred_type)
+    resolved = dict(config_to_dict(cfg), resolution=resolution, prediction_type=pred_type, num_processes=world)
     if main_proc:
         save_config(dataclasses.replace(cfg, resolution=resolution, prediction_type=pred_type), out / "config.yaml")
         print(f"model: {base_name} ({family}, {pred_type}), resolution {resolution}, device {device}, "
               f"base weights {dtype}")
 
     if cfg.with_prior_preservation:  # top the class folder up with the base model before any LoRA exists
-        if main_proc:
-            made = generate_class_images(pipe, cfg.class_prompt, cfg.class_data_dir, cfg.num_class_images,
-                                         cfg.sample_batch_size, cfg.class_inference_steps, resolution, cfg.seed)
-            if made:
-                print(f"generated {made} class images into {cfg.class_data_dir}")
-        acc.wait_for_everyone()
+        acc.wait_for_everyone()  # every process counts the same folder before any writes to it
+        made = generate_class_images(pipe, cfg.class_prompt, cfg.class_data_dir, cfg.num_class_images,
+                                     cfg.sample_batch_size, cfg.class_inference_steps, resolution, cfg.seed,
+                                     rank=rank, world=world)
+        acc.wait_for_everyone()  # each process wrote its share (atomically); all see every image after this
+        if made and main_proc:
+            print(f"generated {made} class images into {cfg.class_data_dir}")
 
     scan = dict(resolution=resolution, bucketing=cfg.bucketing, bucket_step=cfg.bucket_step,
                 small_images=cfg.small_images)
@@ -138,9 +147,11 @@ def train(cfg: SDTrainConfig) -> int:
     prompts = sorted(set(instance.captions) | set(classes.captions if classes else ()))
     table = build_text_table(prompts, tokenizers, text_encoders, sdxl, cache=not cfg.train_text_encoder, dtype=dtype)
     row_of = {p: i for i, p in enumerate(prompts)}
-    data_rng = np.random.default_rng(cfg.seed)
+    data_rng = np.random.default_rng(cfg.seed)  # the same on every process: all draw the same global batches
     latent_dtype = torch.float32 if dtype == torch.float32 else dtype
-    crop = dict(center_crop=cfg.center_crop, flip=cfg.random_flip, rng=data_rng, dtype=latent_dtype)
+    from accelerate.utils import gather_object
+    crop = dict(center_crop=cfg.center_crop, flip=cfg.random_flip, seed=cfg.seed, dtype=latent_dtype, rank=rank,
+                world=world, gather=gather_object)
     inst_cache = cache_latents(instance, vae, row_of, desc="caching instance latents", **crop)
     class_cache = cache_latents(classes, vae, row_of, desc="caching class latents", **crop) if classes else None
     if main_proc:
@@ -191,7 +202,7 @@ def train(cfg: SDTrainConfig) -> int:
     optimizer = build_optimizer(groups, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay,
                                 eps=cfg.adam_epsilon, use_8bit=cfg.use_8bit_adam, capturable=use_graph)
     schedule = LRSchedule(cfg.lr_scheduler, cfg.lr_warmup_steps, cfg.max_train_steps, cfg.lr_num_cycles, cfg.lr_power)
-    generator = torch.Generator(device=device).manual_seed(cfg.seed + 1 + acc.process_index)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed + 1)  # the same on every process, as data_rng
 
     start, last_good = 0, None
     if cfg.resume_from_checkpoint:
@@ -200,12 +211,20 @@ def train(cfg: SDTrainConfig) -> int:
             print(f"no checkpoint in {out} yet: starting from step 0")
         else:
             saved = json.loads((ckpt / "state.json").read_text(encoding="utf-8"))["config"]
+            saved_world = int(saved.get("num_processes", 1))
+            if saved.get("train_batch_size", 0) * saved_world == cfg.train_batch_size * world:
+                saved = dict(saved, train_batch_size=cfg.train_batch_size)  # same global batch, another split: fine
+            elif saved_world != world:
+                saved = dict(saved, train_batch_size=f"{saved['train_batch_size']} per process x {saved_world} "
+                             f"processes (keep train_batch_size x processes = {saved['train_batch_size'] * saved_world})")
             bad = dataclasses.replace(cfg, resolution=resolution, prediction_type=pred_type).resume_mismatches(saved)
             if bad:
                 raise CheckpointError(f"{ckpt} was written by a different configuration:\n  - " + "\n  - ".join(bad)
                                       + "\nresume with the same settings, or use a new --output_dir")
             state = load_checkpoint(ckpt, models, optimizer)
             restore_rng(state["rng_tensors"], state["rng"], generator, data_rng)
+            if world > 1:  # the global-batch streams above are shared; dropout's stream is each process's own
+                torch.manual_seed(cfg.seed + 1_000_003 * (rank + 1) + start)
             start, last_good = int(state["step"]), ckpt
             if main_proc:
                 print(f"resumed from {ckpt} at step {start}")
@@ -215,8 +234,9 @@ def train(cfg: SDTrainConfig) -> int:
     ac = alphas_cumprod(pipe.scheduler, device)
     settings = StepSettings(pred_type, int(pipe.scheduler.config.num_train_timesteps), cfg.snr_gamma,
                             cfg.noise_offset, cfg.prior_loss_weight, cfg.max_grad_norm, sdxl)
-    inst_sampler = BatchSampler(inst_cache, cfg.train_batch_size, data_rng)
-    class_sampler = BatchSampler(class_cache, cfg.train_batch_size, data_rng) if class_cache else None
+    global_batch = cfg.train_batch_size * world  # drawn identically everywhere; each process trains on its slice
+    inst_sampler = BatchSampler(inst_cache, global_batch, data_rng)
+    class_sampler = BatchSampler(class_cache, global_batch, data_rng) if class_cache else None
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 and device.type == "cuda" else None
 
     def next_inputs() -> list:
@@ -224,12 +244,13 @@ def train(cfg: SDTrainConfig) -> int:
         size, rows = inst_sampler.next()
         parts = [(inst_cache[size], torch.from_numpy(rows).to(device, non_blocking=True))]
         if class_sampler is None:
-            return [gather_inputs(parts, generator, settings)]
+            return [shard_inputs(gather_inputs(parts, generator, settings), rank, world)]
         csize, crows = class_sampler.next()
         cpart = (class_cache[csize], torch.from_numpy(crows).to(device, non_blocking=True))
         if csize == size:
-            return [gather_inputs(parts + [cpart], generator, settings)]
-        return [gather_inputs(parts, generator, settings), gather_inputs([cpart], generator, settings)]
+            return [shard_inputs(gather_inputs(parts + [cpart], generator, settings), rank, world)]
+        return [shard_inputs(gather_inputs(parts, generator, settings), rank, world),
+                shard_inputs(gather_inputs([cpart], generator, settings), rank, world)]
 
     def loss_of(x) -> torch.Tensor:
         return step_loss(unet, x, table, text_encoders, ac, settings, dtype, use_cl)
@@ -287,7 +308,8 @@ def train(cfg: SDTrainConfig) -> int:
         nonlocal pending_from, pending
         if not pending:
             return
-        values = check_losses(losses[:pending], pending_from, last_good)
+        logged = acc.reduce(losses[:pending].clone(), "mean") if world > 1 else losses[:pending]  # the global loss
+        values = check_losses(logged, pending_from, last_good)
         mean, lr = statistics.fmean(values), base_lrs[0] * schedule.factor(step - 1)
         bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr:.2e}")
         if main_proc:
@@ -328,6 +350,11 @@ def train(cfg: SDTrainConfig) -> int:
     flush(cfg.max_train_steps)
     if cfg.time_steps:
         _report_times(events, cfg.train_batch_size)
+    dump = os.environ.get("LORA_VISION_DUMP_RANK_LORA")
+    if dump:  # debugging/tests: every process writes the LoRA weights it holds, to compare processes
+        Path(dump).mkdir(parents=True, exist_ok=True)
+        write_safetensors(Path(dump) / f"rank{rank}.safetensors",
+                          {k: v.detach().float().cpu().contiguous() for k, v in lora_state_dict(models["unet"]).items()})
 
     # ---- save ----------------------------------------------------------------------------------------------
     if not main_proc:

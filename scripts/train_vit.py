@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -224,6 +225,12 @@ def train_one(cfg: ViTTrainConfig, mode: str, out: Path, accelerator, subset) ->
     if master:  # export the fp32 values of what was trained
         for p, m in zip(trainable_params, master.master):
             p.data = m.detach().clone()
+    dump = os.environ.get("LORA_VISION_DUMP_RANK_LORA")
+    if dump:  # debugging/tests: every process writes the trainable weights it holds, to compare processes
+        Path(dump).mkdir(parents=True, exist_ok=True)
+        write_safetensors(Path(dump) / f"rank{accelerator.process_index}.safetensors",
+                          {n: p.detach().float().cpu().contiguous() for n, p in raw.named_parameters()
+                           if p.requires_grad})
     if accelerator.is_main_process:
         result.update(export(cfg, mode, out, loaded, lora_cfg, subset, history))
         (out / "metrics.json").write_text(json.dumps(result, indent=1) + "\n")

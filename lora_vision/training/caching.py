@@ -9,6 +9,7 @@ Rows are grouped by bucket size so a batch always has one shape.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
@@ -77,27 +78,43 @@ def build_text_table(prompts: list[str], tokenizers: list, text_encoders: list, 
 
 @torch.no_grad()
 def cache_latents(images: DreamBoothImages, vae: torch.nn.Module, prompt_row: dict[str, int], *,
-                  center_crop: bool, flip: bool, rng: np.random.Generator, dtype: torch.dtype,
-                  desc: str) -> dict[tuple[int, int], BucketCache]:
+                  center_crop: bool, flip: bool, seed: int, dtype: torch.dtype, desc: str, rank: int = 0,
+                  world: int = 1, gather: Callable[[list], list] | None = None) -> dict[tuple[int, int], BucketCache]:
     """Encode every image (and its mirror when `flip`) once; returns the caches per bucket size (width, height).
 
     Stored latents are already multiplied by the VAE's scaling factor. With random crops, each image's crop is
-    drawn once here (documented: random crops vary between runs, not between steps, when latents are cached).
+    drawn once here from a generator seeded by (seed, image index), so it does not depend on which process
+    encodes the image (random crops vary between runs, not between steps, when latents are cached).
+    Split across processes: process `rank` of `world` encodes images rank, rank + world, ...; `gather`
+    (e.g. accelerate.utils.gather_object) collects every process's rows, which are then put back in image order,
+    so every process ends with the same caches as one process alone would build.
     """
     factor = float(vae.config.scaling_factor)
     device, vae_dtype = vae.device, vae.dtype
-    rows: dict[tuple[int, int], dict[str, list]] = {}
-    for index in tqdm(range(len(images)), desc=desc, unit="image", leave=False):
+    records = []
+    for index in tqdm(range(rank, len(images), world), desc=desc, unit="image", leave=False, disable=rank != 0):
+        rng = np.random.default_rng([seed, index])
         for mirrored in ((False, True) if flip else (False,)):
             ex = load_example(images, index, center_crop, mirrored, rng)
             dist = vae.encode(ex.pixels[None].to(device, vae_dtype)).latent_dist
             h, w = ex.pixels.shape[1:]
-            r = rows.setdefault((w, h), {"mean": [], "std": [], "text": [], "time": [], "paths": []})
-            r["mean"].append((dist.mean * factor).to(dtype))
-            r["std"].append((dist.std * factor).to(dtype))
-            r["text"].append(prompt_row[ex.caption])
-            r["time"].append([*ex.original_size, *ex.crop_top_left, h, w])
-            r["paths"].append(ex.path + (" (mirrored)" if mirrored else ""))
+            mean, std = (dist.mean * factor).to(dtype), (dist.std * factor).to(dtype)
+            if world > 1:
+                mean, std = mean.cpu(), std.cpu()
+            records.append((index, mirrored, (w, h), mean, std, prompt_row[ex.caption],
+                            [*ex.original_size, *ex.crop_top_left, h, w], ex.path + (" (mirrored)" if mirrored else "")))
+    if world > 1:
+        if gather is None:
+            raise ValueError(f"cache_latents: world={world} needs a gather function (e.g. accelerate's gather_object)")
+        records = sorted(gather(records), key=lambda r: (r[0], r[1]))
+    rows: dict[tuple[int, int], dict[str, list]] = {}
+    for _, _, size, mean, std, text, time_ids, path in records:
+        r = rows.setdefault(size, {"mean": [], "std": [], "text": [], "time": [], "paths": []})
+        r["mean"].append(mean.to(device))
+        r["std"].append(std.to(device))
+        r["text"].append(text)
+        r["time"].append(time_ids)
+        r["paths"].append(path)
     return {size: BucketCache(size, torch.cat(r["mean"]), torch.cat(r["std"]),
                               torch.tensor(r["text"], device=device),
                               torch.tensor(r["time"], dtype=torch.float32, device=device), r["paths"])
@@ -108,7 +125,10 @@ class BatchSampler:
     """Chooses each step's rows: a bucket (weighted by its size), then rows in random order, epoch by epoch.
 
     All choices are made on the host with a numpy Generator (its state goes into checkpoints), so sampling
-    never waits for the GPU.
+    never waits for the GPU. Under several processes, `batch_size` is the global batch (per-device batch x
+    processes) and every process draws from a generator with the same seed, so all draw the same global batch
+    and each takes its own slice of it (sd_step.shard_inputs): no image is duplicated or dropped between processes,
+    and N processes at batch b see exactly what one process at batch N*b sees.
     """
 
     def __init__(self, buckets: dict[tuple[int, int], BucketCache], batch_size: int, rng: np.random.Generator):
@@ -125,3 +145,4 @@ class BatchSampler:
         while rows.shape[0] < self.batch_size:
             rows = np.concatenate([rows, self.rng.permutation(n)])
         return self.sizes[b], rows[: self.batch_size]
+

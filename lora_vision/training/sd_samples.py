@@ -33,10 +33,13 @@ def save_png(image: Image.Image, path: str | Path) -> Path:
 
 
 def generate_class_images(pipe, prompt: str, folder: str | Path, wanted: int, batch_size: int, steps: int,
-                          resolution: int, seed: int = 0) -> int:
+                          resolution: int, seed: int = 0, rank: int = 0, world: int = 1) -> int:
     """Top the class folder up to `wanted` images with the base pipeline (batched, with a progress bar).
 
-    Images are kept in the folder for the next run. Returns how many were generated.
+    Images are kept in the folder for the next run. Returns how many were missing (all processes together).
+    Split across processes: process `rank` of `world` makes missing images rank, rank + world, ...; each image's
+    name and seed depend only on its number, so the result does not depend on the number of processes. Every
+    process must see the same folder when it counts (wait for all before calling) and wait for all afterwards.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -45,14 +48,14 @@ def generate_class_images(pipe, prompt: str, folder: str | Path, wanted: int, ba
     if not missing:
         return 0
     tag = hashlib.sha1(prompt.encode()).hexdigest()[:8]
-    start = have
-    with tqdm(total=missing, desc="generating class images", unit="image") as bar:
-        for first in range(0, missing, batch_size):
-            n = min(batch_size, missing - first)
-            seeds = [seed * 100_003 + start + first + i for i in range(n)]
-            for i, image in enumerate(_generate(pipe, [prompt] * n, seeds, steps, resolution)):
-                save_png(image, folder / f"class_{start + first + i:05d}_{tag}.png")
-            bar.update(n)
+    mine = [have + i for i in range(rank, missing, world)]
+    with tqdm(total=len(mine), desc="generating class images", unit="image", disable=rank != 0) as bar:
+        for first in range(0, len(mine), batch_size):
+            numbers = mine[first:first + batch_size]
+            seeds = [seed * 100_003 + k for k in numbers]
+            for k, image in zip(numbers, _generate(pipe, [prompt] * len(numbers), seeds, steps, resolution)):
+                save_png(image, folder / f"class_{k:05d}_{tag}.png")
+            bar.update(len(numbers))
     return missing
 
 

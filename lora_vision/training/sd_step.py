@@ -61,6 +61,23 @@ def gather_inputs(parts: list[tuple[BucketCache, torch.Tensor]], generator: torc
                   torch.cat([c.time_ids[rows] for c, rows in parts]), parts[0][1].shape[0])
 
 
+def shard_inputs(x: Inputs, rank: int, world: int) -> Inputs:
+    """Process `rank`'s part of a global batch: its slice of the instance rows and of the class rows.
+
+    Random numbers are drawn for the whole global batch (the same generator state on every process) and then
+    sliced, so N processes at batch b compute exactly the per-row inputs of one process at batch N*b.
+    """
+    if world == 1:
+        return x
+    n, n_class = x.n_instance, x.latents.shape[0] - x.n_instance
+    if n % world or n_class % world:
+        raise ValueError(f"a global batch of {n} instance + {n_class} class rows cannot be split over {world} "
+                         "processes; expected multiples of the number of processes")
+    idx = torch.cat([torch.arange(rank * n // world, (rank + 1) * n // world),
+                     n + torch.arange(rank * n_class // world, (rank + 1) * n_class // world)]).to(x.latents.device)
+    return Inputs(x.latents[idx], x.noise[idx], x.timesteps[idx], x.text_rows[idx], x.time_ids[idx], n // world)
+
+
 def text_conditioning(table: TextTable, rows: torch.Tensor, time_ids: torch.Tensor, text_encoders: list,
                       settings: StepSettings, dtype: torch.dtype) -> tuple[torch.Tensor, dict | None]:
     """Encoder hidden states (cached, or from the live LoRA text encoders) and SDXL's added conditioning."""
