@@ -427,6 +427,7 @@ def test_failed_merge_undoes_earlier_layers_and_keeps_prior_merges() -> None:
     lv.inject_lora(m, lv.LoRAConfig(rank=2, targets=KINDS), name="second")
     _randomize(m)
     lv.merge_lora(m, adapters=["default"])  # a first, good merge
+    assert all(layer._undo is None for _, layer in lv.lora_layers(m))  # no weight copies kept after success
     merged_state = {k: v.clone() for k, v in m.state_dict().items()}
     with torch.no_grad():
         m.blk.qkv.lora_B["second"][0, 0, 0] = float("inf")  # the last layer of the plan goes bad

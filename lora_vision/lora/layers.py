@@ -86,7 +86,7 @@ class LoRALayer(nn.Module):
         """Create adapter `name` with zero B (so it starts as the identity) and register it in `table`.
 
         `weights` (A, B), in this layer's parameter layout, are used as they are instead of a fresh
-        initialisation (loading a file: nothing is allocated or initialised twice).
+        initialisation (loading a file: nothing is allocated or initialised twice); they are not trainable.
         """
         if name in self.lora_A:
             raise ValueError(f"adapter {name!r} already exists in {layer_name}; remove it first or use another name")
@@ -162,10 +162,11 @@ class LoRALayer(nn.Module):
         new: dict[str, torch.Tensor] = {}
         bad = None
         with torch.no_grad():
+            deltas = {n: self.delta(n) for n in names}  # once per adapter, not once per weight it touches
             for key, w in targets.items():
                 acc = w.detach().to(torch.float32, copy=True)  # never alias the weight itself
                 for n in names:
-                    d = self.delta(n).get(key)
+                    d = deltas[n].get(key)
                     if d is not None:
                         acc.add_(d.to(acc.device), alpha=strengths[n])
                 cast = acc.to(w.dtype)
@@ -175,8 +176,11 @@ class LoRALayer(nn.Module):
             if check and bool(bad):
                 raise FloatingPointError(
                     f"merging adapter(s) {names} would put NaN/Inf into {', '.join(targets)}; weights left unchanged")
-            self._undo = ({k: (None if k not in self._backup else w.detach().clone()) for k, w in targets.items()},
-                          dict(self.merged))
+            # Unchecked merges keep what `undo_merge_` needs until the caller has checked the flag (merge_lora then
+            # drops it with `drop_undo_`); checked merges need no undo.
+            self._undo = None if check else (
+                {k: (None if k not in self._backup else w.detach().clone()) for k, w in targets.items()},
+                dict(self.merged))
             for key, w in targets.items():
                 if key not in self._backup:
                     self._backup[key] = w.detach().clone()
@@ -199,6 +203,10 @@ class LoRALayer(nn.Module):
         self.merged = merged
         self._undo = None
         self._refresh()
+
+    def drop_undo_(self) -> None:
+        """Forget the undo state of the last unchecked `merge_` (it may hold weight copies)."""
+        self._undo = None
 
     def unmerge_(self) -> None:
         """Restore the exact base weights saved at the first merge (bit for bit)."""

@@ -135,6 +135,8 @@ def merge_lora(model: nn.Module, strength: float | None = None, adapters: list[s
             layer.undo_merge_()
         more = f" (+{len(bad) - 5} more)" if len(bad) > 5 else ""
         raise FloatingPointError(f"merging would put NaN/Inf into {', '.join(bad[:5])}{more}; weights left unchanged")
+    for layer in done:
+        layer.drop_undo_()
     return len(plan)
 
 
