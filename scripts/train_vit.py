@@ -96,9 +96,9 @@ def build_model(cfg: ViTTrainConfig, mode: str, classes: list[str]):
 
 def build_loaders(cfg: ViTTrainConfig, subset, pre, cuda: bool):
     """Training loader (seeded order and augmentation, see EpochSampler) and evaluation loader."""
-    train_ds = SeededAugment(ImageListDataset(subset.train, subset.classes, build_transforms(pre, True, cfg.augment)),
-                             cfg.seed)
-    eval_ds = ImageListDataset(subset.val, subset.classes, build_transforms(pre, False))
+    train_ds = SeededAugment(ImageListDataset(subset.train, subset.classes, build_transforms(pre, True, cfg.augment),
+                                              cfg.skip_corrupt), cfg.seed)
+    eval_ds = ImageListDataset(subset.val, subset.classes, build_transforms(pre, False), cfg.skip_corrupt)
     sampler = EpochSampler(len(train_ds), cfg.seed)
     common = {"num_workers": cfg.dataloader_num_workers, "pin_memory": cuda,
               "persistent_workers": cfg.dataloader_num_workers > 0,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ from PIL import Image
 from lora_vision.data.imagenet import (DatasetError, ImageListDataset, Preprocessing, build_subset, build_transforms,
                                        load_rgb, read_class_list, scan_images, select_classes, stratified_split,
                                        subset_presets)
-from lora_vision.data.synthetic import make_pattern_folder
+from lora_vision.data.synthetic import make_pattern_folder, write_blank_png
 from lora_vision.training.classification import EpochSampler, SeededAugment
 
 
@@ -101,6 +102,75 @@ def test_corrupt_image_error_names_the_file(tmp_path: Path) -> None:
         build_subset(tmp_path, verify=True)
     sub = build_subset(tmp_path, verify=True, skip_corrupt=True)
     assert str(bad) not in [p for p, _ in sub.train + sub.val] and len(sub.train + sub.val) == 6
+
+
+def test_decompression_bomb_is_named_and_left_out(tmp_path: Path) -> None:
+    make_pattern_folder(tmp_path, classes=("hstripes", "rings"), per_class=3, size=8)
+    bomb = write_blank_png(tmp_path / "rings" / "bomb.png", 20000, 20000)
+    assert bomb.stat().st_size < 100_000  # 400 million pixels in a few KB
+    with pytest.raises(DatasetError, match=r"bomb.png: too large to decode safely.*decompression bomb.*--skip_corrupt"):
+        load_rgb(str(bomb))
+    with pytest.raises(DatasetError, match="1 image.*bomb.png.*--skip_corrupt"):
+        build_subset(tmp_path, verify=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sub = build_subset(tmp_path, verify=True, skip_corrupt=True)
+    listed = [str(w.message) for w in caught if "bomb.png" in str(w.message)]
+    assert len(listed) == 1 and "skipping 1 unreadable image(s) of 7 (--skip_corrupt)" in listed[0]
+    assert str(bomb) not in [p for p, _ in sub.train + sub.val] and len(sub.train + sub.val) == 6
+
+
+def test_image_between_the_bomb_limits_is_read_with_a_warning_naming_it(tmp_path: Path, monkeypatch) -> None:
+    path = tmp_path / "big.png"
+    Image.new("RGB", (30, 20), "red").save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)  # PIL warns above 500 pixels and refuses above 1000
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert load_rgb(str(path)).size == (30, 20)
+    assert [type(w.message).__name__ for w in caught] == ["UserWarning"]  # PIL's own (no file name) is replaced
+    assert "big.png is 30x20 (600 pixels)" in str(caught[0].message)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 250)
+    with pytest.raises(DatasetError, match="big.png: too large"):
+        load_rgb(str(path))
+
+
+def test_skip_corrupt_alone_skips_at_load_time(tmp_path: Path) -> None:
+    make_pattern_folder(tmp_path, classes=("hstripes", "rings"), per_class=1, size=8)
+    bad = tmp_path / "rings" / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    samples = [(str(tmp_path / "hstripes" / "hstripes_000.png"), 0), (str(bad), 1),
+               (str(tmp_path / "rings" / "rings_000.png"), 1)]
+    transform = build_transforms(Preprocessing(8), False)
+    with pytest.raises(DatasetError, match="broken.jpg.*--skip_corrupt"):
+        ImageListDataset(samples, ["hstripes", "rings"], transform)[1]
+    ds = ImageListDataset(samples, ["hstripes", "rings"], transform, skip_corrupt=True)
+    with pytest.warns(UserWarning, match=r"skipping image .*broken.jpg \(--skip_corrupt\): not a readable image"):
+        x, y = ds[1]
+    assert torch.equal(x, ds[2][0]) and y == 1  # the next image takes its place: batches keep their size
+    with pytest.warns(UserWarning), pytest.raises(DatasetError, match="none of the 1 images.*broken.jpg"):
+        ImageListDataset([(str(bad), 1)], ["hstripes", "rings"], transform, skip_corrupt=True)[0]
+
+
+def test_unreadable_image_in_a_dataloader_worker_is_one_line(tmp_path: Path) -> None:
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    loader = torch.utils.data.DataLoader(ImageListDataset([(str(bad), 0)], ["a"], build_transforms(Preprocessing(8),
+                                                                                                   False)),
+                                         num_workers=1)
+    with pytest.raises(DatasetError) as err:
+        next(iter(loader))
+    message = str(err.value)
+    assert "\n" not in message and "Traceback" not in message
+    assert message.startswith(f"cannot read image {bad}: not a readable image") and "--skip_corrupt" in message
+
+
+def test_class_list_that_is_not_utf8_is_named(tree: Path, tmp_path: Path) -> None:
+    f = tmp_path / "classes.txt"
+    f.write_bytes("rings  # anneaux\ncaf\u00e9\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"class list .*classes.txt is not UTF-8 text: byte 0xe9 .*save it as UTF-8"):
+        read_class_list(f)
+    f.write_bytes("\ufeffrings\nhstripes\n".encode("utf-8"))  # a byte-order mark is fine
+    assert select_classes(tree, class_file=f) == ["rings", "hstripes"]
 
 
 def test_seeded_augmentation_depends_only_on_seed_epoch_index(tree: Path) -> None:

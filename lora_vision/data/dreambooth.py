@@ -9,6 +9,7 @@ its bucket, then cropped to it (center or random), and optionally flipped.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +17,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .images import ImageFolderError, check_size, list_images, load_image
+from .images import (ImageFolderError, UnreadableImageError, check_size, list_images, name_list, open_image,
+                     read_text)
 
 
 @dataclass(frozen=True)
@@ -83,7 +85,7 @@ def read_caption(path: Path, default: str) -> str:
     """The text of `<image>.txt` beside the image when it exists and is not empty, else `default`."""
     txt = path.with_suffix(".txt")
     if txt.is_file():
-        text = txt.read_text(encoding="utf-8").strip()
+        text = read_text(txt, "caption file").strip()
         if text:
             return text
     return default
@@ -104,18 +106,24 @@ class DreamBoothImages:
 def scan_folder(folder: str | Path, prompt: str, resolution: int, *, what: str = "instance",
                 use_captions: bool = True, bucketing: bool = False, bucket_step: int = 64,
                 small_images: str = "upscale") -> DreamBoothImages:
-    """Read every image of `folder` once: skip unreadable files (warned), check sizes, pick captions and buckets."""
+    """Read every image of `folder` once: skip unreadable files (listed in one warning), check sizes, pick captions
+    and buckets."""
     files = list_images(folder, what)
     buckets = make_buckets(resolution, bucket_step) if bucketing else [(resolution, resolution)]
-    paths, captions, chosen = [], [], []
+    paths, captions, chosen, skipped = [], [], [], []
     for path in files:
-        image = load_image(path)
-        if image is None:
+        try:
+            image = open_image(path)
+        except UnreadableImageError as err:
+            skipped.append(f"{path.name} ({err.reason})")
             continue
         check_size(image, path, resolution, small_images)
         paths.append(path)
         captions.append(read_caption(path, prompt) if use_captions else prompt)
         chosen.append(nearest_bucket(image.size, buckets))
+    if skipped:
+        warnings.warn(f"skipping {len(skipped)} of {len(files)} image file(s) in the {what} folder {str(folder)!r} "
+                      f"that cannot be read: {name_list(skipped)}", stacklevel=2)
     if not paths:
         raise ImageFolderError(
             f"none of the {len(files)} image file(s) in the {what} folder {str(folder)!r} could be read "
@@ -127,9 +135,11 @@ def load_example(images: DreamBoothImages, index: int, center_crop: bool, flip: 
                  rng: np.random.Generator) -> Example:
     """Decode, resize, crop and (optionally) flip image `index` of `images`."""
     path = images.paths[index]
-    image = load_image(path)
-    if image is None:  # it was readable when scanned; it changed on disk since
-        raise ImageFolderError(f"{path} could not be read any more; it was readable when the folder was scanned")
+    try:
+        image = open_image(path)
+    except UnreadableImageError as err:  # it was readable when scanned; it changed on disk since
+        raise ImageFolderError(f"{err}; it was readable when the folder was scanned: restore it or remove it "
+                               f"and start again") from None
     original = (image.height, image.width)
     crop, top_left = resize_and_crop(image, images.buckets[index], center_crop, rng)
     if flip:

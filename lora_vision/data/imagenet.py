@@ -3,20 +3,22 @@
 Layout: `root/<class>/<image>`, one folder per class (ImageNet's train/ uses WordNet ids such as n01440764).
 Subsets: a class-list file, a list of ids, the first N classes (sorted), or a preset shipped in
 configs/imagenet_subsets/ (imagenette, imagewoof, imagenet100). Images are decoded in DataLoader workers; non-RGB
-images (grayscale, palette, CMYK, RGBA) are converted to RGB; a file that cannot be decoded raises an error naming it.
+images (grayscale, palette, CMYK, RGBA) are converted to RGB; a file that cannot be decoded (or is over PIL's
+decompression-bomb limit) raises an error naming it, or with `skip_corrupt` is skipped with a warning naming it.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset
 
-from .images import IMAGE_SUFFIXES, to_rgb
+from .images import IMAGE_SUFFIXES, UnreadableImageError, name_list, open_image, read_text
 
 IMAGE_EXTENSIONS = IMAGE_SUFFIXES
 SUBSET_DIR = Path(__file__).resolve().parents[2] / "configs" / "imagenet_subsets"
@@ -26,6 +28,14 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 class DatasetError(ValueError):
     """The image folder or the class selection does not fit; the message says what to fix."""
+
+
+class CorruptImageError(UnreadableImageError, DatasetError):
+    """An image of the subset cannot be read; the message names it and the flag that skips such files."""
+
+
+SKIP_HINT = ("delete or replace it, or add --skip_corrupt to skip unreadable images with a warning "
+             "(--verify_images also lists them all before training)")
 
 
 def subset_presets() -> list[str]:
@@ -39,7 +49,7 @@ def read_class_list(path: str | Path) -> list[str]:
     if not path.is_file():
         raise DatasetError(f"class list {path} does not exist")
     out = []
-    for line in path.read_text().splitlines():
+    for line in read_text(path, "class list").splitlines():
         line = line.split("#", 1)[0].strip()
         if line:
             out.append(line.split()[0])
@@ -148,14 +158,12 @@ def verify_images(samples: Sequence[tuple[str, int]]) -> list[str]:
 
 
 def load_rgb(path: str) -> Image.Image:
-    """Decode one image as RGB (grayscale, palette, CMYK, 16-bit and alpha images are converted); errors name the file."""
+    """Decode one image as RGB (grayscale, palette, CMYK, 16-bit and alpha images are converted); errors name the file
+    and the flag that skips it (CorruptImageError, also when raised in a DataLoader worker)."""
     try:
-        with Image.open(path) as im:
-            im.load()
-            return to_rgb(ImageOps.exif_transpose(im))
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
-        raise DatasetError(f"cannot decode image {path}: {e}; delete or replace it, or run with --verify_images "
-                           f"--skip_corrupt to list and leave out every unreadable file") from None
+        return open_image(path)
+    except UnreadableImageError as err:
+        raise CorruptImageError(f"{err}; {SKIP_HINT}", path=err.path, reason=err.reason) from None
 
 
 @dataclass(frozen=True)
@@ -180,19 +188,38 @@ def build_transforms(pre: Preprocessing, train: bool, augment: bool = True) -> C
 
 
 class ImageListDataset(Dataset):
-    """(image tensor, label) for a list of (path, label); decoding happens in __getitem__ (DataLoader workers)."""
+    """(image tensor, label) for a list of (path, label); decoding happens in __getitem__ (DataLoader workers).
 
-    def __init__(self, samples: Sequence[tuple[str, int]], classes: Sequence[str], transform: Callable) -> None:
+    An unreadable image raises CorruptImageError naming it; with `skip_corrupt` it is skipped with a warning naming it
+    and the next readable image of the list takes its place, so batches keep their size and a resumed run still sees
+    the same data.
+    """
+
+    def __init__(self, samples: Sequence[tuple[str, int]], classes: Sequence[str], transform: Callable,
+                 skip_corrupt: bool = False) -> None:
         self.samples = list(samples)
         self.classes = list(classes)
         self.transform = transform
+        self.skip_corrupt = skip_corrupt
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        path, label = self.samples[i]
-        return self.transform(load_rgb(path)), label
+        n = len(self.samples)
+        for k in range(n if self.skip_corrupt else 1):
+            path, label = self.samples[(i + k) % n]
+            try:
+                image = load_rgb(path)
+            except CorruptImageError as err:
+                if not self.skip_corrupt:
+                    raise
+                reason = err.reason
+                warnings.warn(f"skipping image {path} (--skip_corrupt): {reason}", stacklevel=2)
+                continue
+            return self.transform(image), label
+        raise CorruptImageError(f"none of the {n} images of this dataset can be read (last tried: {path}: "
+                                f"{reason}); check the image folder")
 
 
 @dataclass
@@ -225,8 +252,11 @@ def build_subset(train_dir: str | Path, validation_dir: str | Path | None = None
     if verify:
         bad = verify_images(train + val)
         if bad and not skip_corrupt:
-            raise DatasetError(f"{len(bad)} image(s) cannot be decoded: {', '.join(bad[:20])}"
-                               + (" ..." if len(bad) > 20 else "") + "; fix them or add --skip_corrupt")
+            raise DatasetError(f"{len(bad)} image(s) cannot be decoded: {name_list(bad)}; fix them or add "
+                               f"--skip_corrupt")
+        if bad:
+            warnings.warn(f"skipping {len(bad)} unreadable image(s) of {len(train + val)} (--skip_corrupt): "
+                          f"{name_list(bad)}", stacklevel=2)
         drop = set(bad)
         train = [s for s in train if s[0] not in drop]
         val = [s for s in val if s[0] not in drop]

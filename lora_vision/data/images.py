@@ -1,16 +1,21 @@
-"""Reading training images safely: EXIF rotation, any PIL mode to RGB, corrupt files named and skipped.
+"""Reading training images and captions safely: EXIF rotation, any PIL mode to RGB, unreadable files named.
 
-Policy (documented in the README):
-- a file that is not an image or cannot be decoded is named in a warning and skipped; when no usable image is left,
-  the folder is rejected with an error that lists what was found;
+`open_image` is the one way both recipes open an image. Policy (documented in the README):
+- a file that is not an image, cannot be decoded, or is larger than PIL's decompression-bomb limit
+  (`PIL.Image.MAX_IMAGE_PIXELS`, twice it for an outright refusal) is unreadable: the DreamBooth folder scan names it
+  in a warning and skips it (when no usable image is left, the folder is rejected with an error that lists what was
+  found); the ViT recipe stops naming it unless --skip_corrupt is given;
+- a caption or list file must be UTF-8 text (a byte-order mark is allowed); otherwise the error names the file;
 - an image smaller than the training resolution (its shorter side) is upscaled with a warning, unless
   `min_side_policy="error"`, which rejects it with a message naming the file and both sizes.
 """
 
 from __future__ import annotations
 
+import struct
 import warnings
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -20,6 +25,22 @@ IMAGE_SUFFIXES: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".t
 
 class ImageFolderError(ValueError):
     """An image folder is missing, empty or holds no usable image."""
+
+
+class UnreadableImageError(ValueError):
+    """One image file cannot be opened or decoded; the message names the file and says why."""
+
+    def __init__(self, message: str, *, path: str | Path | None = None, reason: str = "") -> None:
+        # A DataLoader worker's exception reaches the main process as `type(text of the worker's whole traceback)`
+        # (torch/_utils.py, ExceptionWrapper.reraise): keep only our own line, the last one of that text.
+        if message.startswith("Caught ") and "Original Traceback" in message:
+            message = message.rstrip().rsplit("\n", 1)[-1].split(": ", 1)[-1]
+        super().__init__(message)
+        self.path, self.reason = path, reason
+
+
+class TextFileError(ValueError):
+    """A caption or list file cannot be read as UTF-8 text."""
 
 
 def list_images(folder: str | Path, what: str = "instance") -> list[Path]:
@@ -56,16 +77,62 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB") if image.mode != "RGB" else image
 
 
-def load_image(path: str | Path) -> Image.Image | None:
-    """Open an image, apply its EXIF orientation and convert it to RGB; None (with a warning) if it is unreadable."""
+def open_image(path: str | Path) -> Image.Image:
+    """Open an image, apply its EXIF orientation and convert it to RGB; raises UnreadableImageError naming the file.
+
+    An image over PIL's decompression-bomb limit is refused before it is decoded (a few KB of PNG can hold
+    20000x20000 pixels); one between the warning and the refusal levels is read, with a warning naming it.
+    """
     try:
-        with Image.open(path) as im:
-            im.load()
-            image = ImageOps.exif_transpose(im)
-            return to_rgb(image)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
-        warnings.warn(f"skipping {path}: not a readable image ({type(err).__name__}: {err})", stacklevel=2)
+        with warnings.catch_warnings():
+            # PIL's own warning names no file: it is replaced by the one below
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                pixels = im.width * im.height
+                im.load()
+                image = to_rgb(ImageOps.exif_transpose(im))
+    except Image.DecompressionBombError as err:
+        reason = f"too large to decode safely, a possible decompression bomb ({err})"
+        raise UnreadableImageError(f"cannot read image {path}: {reason}", path=path, reason=reason) from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, struct.error) as err:
+        reason = f"not a readable image ({type(err).__name__}: {err})"
+        raise UnreadableImageError(f"cannot read image {path}: {reason}", path=path, reason=reason) from None
+    if Image.MAX_IMAGE_PIXELS and pixels > Image.MAX_IMAGE_PIXELS:
+        warnings.warn(f"{path} is {image.width}x{image.height} ({pixels:,} pixels), over PIL's decompression-bomb "
+                      f"warning limit of {Image.MAX_IMAGE_PIXELS:,}; it is read, but a smaller copy saves memory",
+                      stacklevel=2)
+    return image
+
+
+def load_image(path: str | Path) -> Image.Image | None:
+    """`open_image`, but None (with a warning naming the file and why) if it is unreadable."""
+    try:
+        return open_image(path)
+    except UnreadableImageError as err:
+        warnings.warn(f"skipping: {err}", stacklevel=2)
         return None
+
+
+def name_list(names: Sequence[str], limit: int = 20) -> str:
+    """`a, b, c` for messages that list files: at most `limit` names, then how many more."""
+    shown = ", ".join(str(n) for n in names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def read_text(path: str | Path, what: str = "text file") -> str:
+    """The text of a UTF-8 file (a leading byte-order mark is dropped); the error names the file and what to do."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise TextFileError(f"cannot read {what} {path}: {err.strerror or err}; check that it is a readable "
+                            f"file") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        utf16 = " (it looks like UTF-16)" if data[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
+        raise TextFileError(f"{what} {path} is not UTF-8 text{utf16}: byte 0x{data[err.start]:02x} at offset "
+                            f"{err.start} ({err.reason}); save it as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
 
 
 def check_size(image: Image.Image, path: Path, resolution: int, policy: str) -> None:

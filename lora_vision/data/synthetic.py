@@ -6,6 +6,8 @@ learn the shape, not a colour. Used by samples/vit/make_samples.py and by the te
 
 from __future__ import annotations
 
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -63,3 +65,21 @@ def make_pattern_folder(root: str | Path, classes: tuple[str, ...] = PATTERNS[:4
             else:
                 img.save(path, optimize=True)
     return root
+
+
+def write_blank_png(path: str | Path, width: int, height: int) -> Path:
+    """A valid all-black 1-bit PNG of any size, written without building it in memory: 20000x20000 is about 50 KB.
+
+    For decompression-bomb tests (PIL refuses more than 2 * Image.MAX_IMAGE_PIXELS pixels).
+    """
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+
+    row = bytes(1 + (width + 7) // 8)  # filter byte 0, then the packed bits of one row
+    packer = zlib.compressobj(9)
+    rows = 256
+    data = b"".join(packer.compress(row * min(rows, height - y)) for y in range(0, height, rows)) + packer.flush()
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # 1 bit, grayscale, no interlace
+    path = Path(path)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b""))
+    return path

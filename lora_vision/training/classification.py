@@ -53,9 +53,9 @@ class ViTTrainConfig:
     train_val_split: float = 0.2
     """Fraction of each class held out for validation when there is no validation_dir."""
     verify_images: bool = False
-    """Decode every image before training and list those that fail."""
+    """Decode every image before training and list those that fail (with skip_corrupt: leave them out)."""
     skip_corrupt: bool = False
-    """With verify_images: leave unreadable images out instead of stopping."""
+    """Skip unreadable images with a warning naming each (at load time the next image takes its place); else stop."""
     mode: str = "lora"
     """lora (adapters + new head), full (every parameter), linear-probe (the head only)."""
     compare: bool = False

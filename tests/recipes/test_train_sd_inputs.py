@@ -13,6 +13,7 @@ from PIL import Image
 
 from lora_vision.data.dreambooth import make_buckets, nearest_bucket, scan_folder
 from lora_vision.data.images import ImageFolderError, load_image
+from lora_vision.data.synthetic import write_blank_png
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLE = REPO / "samples" / "instance" / "toy_00.jpg"
@@ -70,6 +71,35 @@ def test_corrupt_files_are_named_and_skipped(tmp_path):
         warnings.simplefilter("ignore")
         with pytest.raises(ImageFolderError, match="none of the 1 image file"):
             scan_folder(tmp_path, "p", 64)
+
+
+def test_decompression_bomb_is_named_and_skipped(tmp_path):
+    shutil.copy(SAMPLE, tmp_path / "good.jpg")
+    write_blank_png(tmp_path / "bomb.png", 20000, 20000)  # 400 million pixels in about 50 KB
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        images = scan_folder(tmp_path, "p", 64)
+    assert [p.name for p in images.paths] == ["good.jpg"]
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 1  # every skipped file listed once, in one warning
+    assert "skipping 2 of 3 image file(s) in the instance folder" in messages[0]
+    assert "bomb.png (too large to decode safely, a possible decompression bomb" in messages[0]
+    assert "broken.jpg (not a readable image" in messages[0]
+
+
+def test_caption_that_is_not_utf8_is_named(train_sd, capsys, tmp_path):
+    shutil.copy(SAMPLE, tmp_path / "toy.jpg")
+    (tmp_path / "toy.txt").write_bytes("a photo of sks toy on a caf\u00e9 table".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"caption file .*toy.txt is not UTF-8 text: byte 0xe9 .*save it as UTF-8"):
+        scan_folder(tmp_path, "p", 64)
+    code, err = _run(train_sd, capsys, _args(tmp_path, tmp_path / "o"))
+    assert code == 1 and "toy.txt is not UTF-8" in err and len(err.strip().splitlines()) == 1
+    (tmp_path / "toy.txt").write_bytes("a photo of sks toy".encode("utf-16"))
+    with pytest.raises(ValueError, match=r"toy.txt is not UTF-8 text \(it looks like UTF-16\)"):
+        scan_folder(tmp_path, "p", 64)
+    (tmp_path / "toy.txt").write_bytes("\ufeffa photo of sks toy, caf\u00e9".encode("utf-8"))  # a BOM is dropped
+    assert scan_folder(tmp_path, "p", 64).captions == ("a photo of sks toy, caf\u00e9",)
 
 
 def test_small_images_upscaled_with_warning_or_rejected(tmp_path):

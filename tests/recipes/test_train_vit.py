@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lora_vision.data.synthetic import make_pattern_folder
+from lora_vision.data.synthetic import make_pattern_folder, write_blank_png
 from lora_vision.io import read_safetensors
 
 REPO = Path(__file__).resolve().parents[2]
@@ -109,6 +109,22 @@ def test_bad_input_is_reported(data: Path, tmp_path: Path, capsys) -> None:
         _run(tmp_path, data, "--lora_targets", "tv-vit-attn")
     with pytest.raises(ValueError, match="mode='lroa'"):
         _run(tmp_path, data, "--mode", "lroa")
+
+
+def test_skip_corrupt_alone_trains_past_unreadable_images(data: Path, tmp_path: Path) -> None:
+    train = shutil.copytree(data, tmp_path / "train")
+    (train / "rings" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    write_blank_png(train / "checker" / "bomb.png", 20000, 20000)
+    base = ("--model_name_or_path", "tiny-hf", "--max_train_steps", "1", "--per_device_train_batch_size", "80",
+            "--per_device_eval_batch_size", "80")  # one batch holds every image: both bad files are met
+    with pytest.raises(ValueError) as err:  # stops at the first unreadable image, even from a DataLoader worker
+        _run(tmp_path / "stop", train, *base, "--dataloader_num_workers", "1")
+    assert "\n" not in str(err.value) and "--skip_corrupt" in str(err.value)
+    assert "broken.jpg: not a readable image" in str(err.value) or "bomb.png: too large" in str(err.value)
+    with pytest.warns(UserWarning) as caught:
+        m = _run(tmp_path / "skip", train, *base, "--skip_corrupt", "true")
+    messages = " ".join(str(w.message) for w in caught)
+    assert m["steps"] == 1 and "skipping image" in messages and "broken.jpg" in messages and "bomb.png" in messages
 
 
 def test_lora_learns_as_well_as_full_fine_tuning(tmp_path: Path) -> None:
