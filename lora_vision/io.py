@@ -56,6 +56,23 @@ def replace_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> None:
         os.replace(tmp, final)
 
 
+def unwritable_reason(folder: str | os.PathLike) -> str | None:
+    """Why files cannot be written into `folder` (created if missing), or None when they can; creates nothing.
+
+    Looks at `folder` or, when it does not exist yet, the nearest existing folder above it.
+    """
+    probe = Path(folder).expanduser().absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{probe} is a file, not a folder"
+    if os.statvfs(probe).f_flag & os.ST_RDONLY:
+        return f"{probe} is on a read-only file system"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"{probe} is not writable by this user (permission denied)"
+    return None
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

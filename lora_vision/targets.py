@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 from torch import nn
 
@@ -117,6 +117,51 @@ def resolve_preset(name: str, model: nn.Module | None = None) -> tuple[str, ...]
         raise TargetError(f"preset {name!r} is for a {preset.model_kind}, but the model is a {_cls(model)}; "
                           f"choose a preset for this model or give explicit target patterns")
     return preset.patterns
+
+
+# The last part of the name of every Linear/Conv2d in diffusers' UNet2DConditionModel (SD 1.x, 2.x, SDXL) and in
+# CLIP text encoders ("to_out.0" and "net.2" keep their index). A one-word target that is none of these, and no
+# preset, can match nothing; tests/test_presets.py checks the lists against the tiny UNets and text encoders.
+UNET_LAYER_NAMES: frozenset[str] = frozenset({
+    "conv", "conv1", "conv2", "conv_in", "conv_out", "conv_shortcut", "linear_1", "linear_2", "net.2", "proj",
+    "proj_in", "proj_out", "time_emb_proj", "to_k", "to_out.0", "to_q", "to_v"})
+CLIP_LAYER_NAMES: frozenset[str] = frozenset({"fc1", "fc2", "k_proj", "out_proj", "q_proj", "text_projection",
+                                              "v_proj"})
+
+
+def target_problems(what: str, targets: Sequence[str], presets: Sequence[str],
+                    layer_names: frozenset[str] | None = None) -> list[str]:
+    """What can be said about target patterns before any model is loaded, one line per problem.
+
+    `presets` are the preset names meant for this kind of model. A word with a dash must be one of them (and
+    alone); with `layer_names`, a plain dotted pattern must end in one of those names. `re:` patterns are
+    left to inject_lora, which checks them against the real model.
+    """
+    out: list[str] = []
+    for pat in targets:
+        if not pat or pat.startswith("re:"):
+            continue
+        if pat in PRESETS or ("-" in pat and "." not in pat):
+            if pat not in presets:
+                close = difflib.get_close_matches(pat, list(presets), n=1)
+                kind = f"is a preset for a {PRESETS[pat].model_kind}" if pat in PRESETS else "is not a known preset"
+                out.append(f"{what}: {pat!r} {kind}" + (f" (did you mean {close[0]!r}?)" if close else "")
+                           + f"; expected one of {', '.join(presets)} or module-name patterns")
+            elif len(targets) > 1:
+                out.append(f"{what}: the preset {pat!r} must be given alone, not with other targets {list(targets)}")
+            continue
+        if layer_names is None:
+            continue
+        parts = pat.split(".")
+        tail = ".".join(parts[-2:]) if parts[-1].isdigit() else parts[-1]
+        if tail not in layer_names:
+            close = difflib.get_close_matches(tail, sorted(layer_names), n=1)
+            kind = PRESETS[presets[0]].model_kind if presets else "this kind of model"
+            out.append(f"{what}: {pat!r} names no Linear/Conv2d layer of a {kind}"
+                       + (f" (did you mean {close[0]!r}?)" if close else "")
+                       + f"; expected a preset ({', '.join(presets)}), a name ending in one of "
+                       f"{', '.join(sorted(layer_names))}, or a 're:' regex")
+    return out
 
 
 def default_preset(model: nn.Module) -> str:

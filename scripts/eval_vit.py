@@ -7,7 +7,8 @@
     python scripts/eval_vit.py --model_name_or_path out/vit-full/model --train_dir D   # a saved full model
 
 The adapter may be our .safetensors file or a peft folder (anything lora_vision.formats reads). Our files record
-the base model, the classes and the preprocessing; give them as flags for other files. Without --validation_dir
+the base model, the classes and the preprocessing; a peft folder records the base model (adapter_config.json's
+base_model_name_or_path); give the rest as flags. Without --validation_dir
 the seeded split of train_dir is rebuilt with --train_val_split and --seed (the same as train_vit.py's).
 """
 
@@ -51,9 +52,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def recorded(adapter: str | None) -> dict[str, str]:
-    """The lora_vision.* metadata of our adapter file (empty for peft folders and other files)."""
-    if not adapter or Path(adapter).is_dir():
+    """The lora_vision.* metadata of our adapter file; for a peft folder, the base model its adapter_config.json
+    names (as lora_vision.base)."""
+    if not adapter:
         return {}
+    if Path(adapter).is_dir():
+        from lora_vision.formats.peft import CONFIG
+
+        config_path = Path(adapter) / CONFIG
+        if not config_path.is_file():
+            return {}
+        try:
+            base = json.loads(config_path.read_text(encoding="utf-8")).get("base_model_name_or_path")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
+            raise ValueError(f"{config_path} is not a valid peft adapter_config.json ({err}); expected the JSON "
+                             "written by peft's save_pretrained") from None
+        return {"lora_vision.base": base} if isinstance(base, str) and base else {}
     _, meta = read_safetensors(adapter)
     return meta
 
@@ -64,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     meta = recorded(args.adapter)
     base = args.model_name_or_path or meta.get("lora_vision.base")
     if not base:
-        raise ValueError("give --model_name_or_path (the adapter does not record its base model)")
+        raise ValueError("give --model_name_or_path (the adapter does not record its base model: neither lora_vision "
+                         "metadata nor a peft base_model_name_or_path)")
     if base.startswith("samples/") and not Path(base).exists():
         base = str(REPO / base)
     train_dir = args.train_dir

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from tqdm.auto import tqdm
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,25 +31,31 @@ if str(REPO) not in sys.path:  # run as a file from a checkout
     sys.path.insert(0, str(REPO))
 
 from lora_vision.adapter import Adapter  # noqa: E402
-from lora_vision.io import write_safetensors  # noqa: E402
+from lora_vision.io import unwritable_reason, write_safetensors  # noqa: E402
 from lora_vision.lora import (LoRAConfig, inject_lora, lora_layers, lora_parameters, lora_report,  # noqa: E402
                               lora_state_dict)
 from lora_vision.lora.config import ConfigError  # noqa: E402
-from lora_vision.models.sd import detect_sd_family, load_sd_pipeline, prediction_type  # noqa: E402
-from lora_vision.data.dreambooth import scan_folder  # noqa: E402
-from lora_vision.training.caching import BatchSampler, build_text_table, cache_latents  # noqa: E402
+from lora_vision.models.sd import TINY_PIPELINES, detect_sd_family, load_sd_pipeline, prediction_type  # noqa: E402
+from lora_vision.data.dreambooth import make_buckets, scan_folder  # noqa: E402
+from lora_vision.training.caching import (BatchSampler, build_text_table, cache_latents,  # noqa: E402
+                                          truncated_captions)
 from lora_vision.training.checkpoint import (CheckpointError, find_checkpoint, load_checkpoint,  # noqa: E402
                                              restore_rng, rng_state, save_checkpoint)
 from lora_vision.training.config import config_to_dict, load_config, save_config  # noqa: E402
 from lora_vision.training.losses import alphas_cumprod  # noqa: E402
 from lora_vision.training.optim import LRSchedule, build_optimizer  # noqa: E402
-from lora_vision.training.sd_config import SDTrainConfig  # noqa: E402
+from lora_vision.training.sd_config import SDTrainConfig, kohya_folder_note  # noqa: E402
 from lora_vision.training.sd_samples import generate_class_images, save_png, strength_sweep, validation_grid  # noqa: E402,E501
 from lora_vision.training.sd_step import (StaticStep, StepSettings, clip_and_step, gather_inputs,  # noqa: E402
                                           shard_inputs, step_loss)
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 TINY_PROMPT = "a photo of sks toy"
+TINY_CONFIG = REPO / "configs" / "tiny.yaml"
+NO_MODEL = "with no model (configs/tiny.yaml)"
+HELP_EPILOG = ("With no --pretrained_model_name_or_path and no --config, the run is --config configs/tiny.yaml: the "
+               "built-in tiny SD 1.x model on samples/instance, offline on a CPU; the values marked '" + NO_MODEL
+               + "' apply then, other flags still override them.")
 
 
 class TrainingDiverged(RuntimeError):
@@ -59,12 +66,36 @@ def parse(argv: list[str] | None) -> SDTrainConfig:
     """Flags + YAML -> config; no model means the built-in tiny model on samples/."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not any(a.split("=")[0] in ("--config", "--pretrained_model_name_or_path") for a in argv):
-        argv = ["--config", str(REPO / "configs" / "tiny.yaml")] + argv  # the offline default run
-    cfg = load_config(SDTrainConfig, argv, prog="train_sd.py", description=__doc__.split("\n")[0])
+        argv = ["--config", str(TINY_CONFIG)] + argv  # the offline default run
+    tiny = dict(yaml.safe_load(TINY_CONFIG.read_text(encoding="utf-8")), instance_data_dir="samples/instance")
+    cfg = load_config(SDTrainConfig, argv, prog="train_sd.py", description=__doc__.split("\n")[0],
+                      other_defaults=(NO_MODEL, tiny), epilog=HELP_EPILOG)
     if cfg.pretrained_model_name_or_path is None:
         cfg = dataclasses.replace(cfg, instance_data_dir=cfg.instance_data_dir or str(REPO / "samples" / "instance"),
                                   instance_prompt=cfg.instance_prompt or TINY_PROMPT)
+    note = kohya_folder_note(cfg.instance_data_dir)
+    if note:
+        print(note)
     return cfg
+
+
+def choose_threads(cfg: SDTrainConfig, device: torch.device) -> str:
+    """Set torch's CPU threads; returns a few words for the start-up line.
+
+    --num_threads wins; then an explicit OMP_NUM_THREADS (torch follows it). The built-in tiny model on a CPU gets
+    one thread: its tensors are too small to split, and extra threads only wait on each other (the main job took
+    33 s with one thread and 379 s with the default on a busy 2-core machine, with the same loss).
+    """
+    if cfg.num_threads is not None:
+        torch.set_num_threads(cfg.num_threads)
+        return f"{cfg.num_threads} CPU thread(s) (--num_threads)"
+    if "OMP_NUM_THREADS" in os.environ:
+        return f"{torch.get_num_threads()} CPU thread(s) (OMP_NUM_THREADS)"
+    tiny = cfg.pretrained_model_name_or_path is None or cfg.pretrained_model_name_or_path in TINY_PIPELINES
+    if device.type == "cpu" and tiny:
+        torch.set_num_threads(1)
+        return "1 CPU thread (fastest for the tiny model; --num_threads to change)"
+    return f"{torch.get_num_threads()} CPU thread(s)"
 
 
 def check_losses(losses: torch.Tensor, first_step: int, last_good: Path | None) -> list[float]:
@@ -86,9 +117,14 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"train_sd.py: {err}", file=sys.stderr)
         return 2
+    why = unwritable_reason(cfg.output_dir)
+    if why:
+        print(f"train_sd.py: error: --output_dir {cfg.output_dir!r} cannot be written: {why}; choose a folder you "
+              "can write to", file=sys.stderr)
+        return 2
     try:
         return train(cfg)
-    except (TrainingDiverged, CheckpointError, ConfigError, FileNotFoundError, ValueError, ImportError) as err:
+    except (TrainingDiverged, CheckpointError, ConfigError, OSError, ValueError, ImportError) as err:
         print(f"train_sd.py: error: {err}", file=sys.stderr)
         return 1
 
@@ -105,13 +141,14 @@ def train(cfg: SDTrainConfig) -> int:
                          f"{acc.distributed_type.name}; use configs/accelerate/multi_gpu.yaml (the LoRA weights "
                          "are small, so sharding them with FSDP saves nothing)")
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    threads = choose_threads(cfg, device)
     torch.manual_seed(cfg.seed + acc.process_index)
     if cfg.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     dtype = DTYPES[cfg.mixed_precision]
     pipe = load_sd_pipeline(cfg.pretrained_model_name_or_path, torch_dtype=None if dtype == torch.float32 else dtype,
                             variant=cfg.variant)
+    out.mkdir(parents=True, exist_ok=True)  # only once the model loaded: a failed start leaves nothing behind
     pipe.set_progress_bar_config(disable=True)
     family = detect_sd_family(pipe)
     sdxl = family == "sdxl"
@@ -130,7 +167,11 @@ def train(cfg: SDTrainConfig) -> int:
     if main_proc:
         save_config(dataclasses.replace(cfg, resolution=resolution, prediction_type=pred_type), out / "config.yaml")
         print(f"model: {base_name} ({family}, {pred_type}), resolution {resolution}, device {device}, "
-              f"base weights {dtype}")
+              f"base weights {dtype}, {threads}")
+        if cfg.bucketing and len(make_buckets(resolution, cfg.bucket_step)) == 1:
+            print(f"note: --bucketing at resolution {resolution} with bucket_step {cfg.bucket_step} makes one bucket "
+                  f"({resolution}x{resolution}), so every image is cropped square; use a smaller --bucket_step "
+                  "(a multiple of 8) for aspect-ratio buckets")
 
     if cfg.with_prior_preservation:  # top the class folder up with the base model before any LoRA exists
         acc.wait_for_everyone()  # every process counts the same folder before any writes to it
@@ -147,6 +188,10 @@ def train(cfg: SDTrainConfig) -> int:
     classes = (scan_folder(cfg.class_data_dir, cfg.class_prompt, what="class", use_captions=False, **scan)
                if cfg.with_prior_preservation else None)
     prompts = sorted(set(instance.captions) | set(classes.captions if classes else ()))
+    long = truncated_captions(instance, tokenizers[0], cfg.instance_prompt)
+    if long and main_proc:
+        print(f"warning: {len(long)} caption(s) are longer than the text encoder's {tokenizers[0].model_max_length} "
+              f"tokens and are cut to that length: {', '.join(long)}", file=sys.stderr)
     table = build_text_table(prompts, tokenizers, text_encoders, sdxl, cache=not cfg.train_text_encoder, dtype=dtype)
     row_of = {p: i for i, p in enumerate(prompts)}
     data_rng = np.random.default_rng(cfg.seed)  # the same on every process: all draw the same global batches

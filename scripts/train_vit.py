@@ -46,14 +46,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def parse_args(argv: list[str] | None) -> ViTTrainConfig:
     """Flags and --config YAML -> a validated ViTTrainConfig (all problems in one error)."""
     cfg = load_config(ViTTrainConfig, argv, prog="train_vit.py", description=__doc__.splitlines()[0])
-    problems = cfg.problems()
-    if cfg.base_dtype in ("bfloat16", "float16") and cfg.mixed_precision == "no":
-        problems.append(f"base_dtype={cfg.base_dtype} needs --mixed_precision bf16/fp16 (autocast feeds the "
-                        "frozen half-precision weights)")
-    if cfg.pure_bf16 and cfg.mixed_precision != "no":
-        problems.append("pure_bf16 runs without autocast: leave --mixed_precision at no")
-    if problems:
-        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
     # The offline defaults live in the repository: find them from any working directory.
     fix = {k: str(REPO / v) for k, v in (("model_name_or_path", cfg.model_name_or_path), ("train_dir", cfg.train_dir))
            if v.startswith("samples/") and not Path(v).exists() and (REPO / v).exists()}

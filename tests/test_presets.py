@@ -178,3 +178,24 @@ def test_equivalent_to_peft_on_tiny_hf_vit() -> None:
     with torch.no_grad():
         a, b = ours(pixel_values=x).logits, theirs(pixel_values=x).logits
     assert (a - b).abs().max().item() < 1e-6
+
+
+def _leaf(name: str) -> str:
+    parts = name.split(".")
+    return ".".join(parts[-2:]) if parts[-1].isdigit() else parts[-1]
+
+
+def test_layer_name_lists_cover_the_real_layouts() -> None:
+    """UNET_LAYER_NAMES / CLIP_LAYER_NAMES (the pre-load target check) name every Linear/Conv2d of the layouts."""
+    from lora_vision.targets import CLIP_LAYER_NAMES, UNET_LAYER_NAMES, target_problems
+
+    unets = [sd15_layout_unet(), sdxl_layout_unet()] + [build_tiny_sd(f).unet for f in ("sd1", "sd2")]
+    leaves = {_leaf(n) for u in unets for n, m in u.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+    assert leaves == UNET_LAYER_NAMES
+    te = CLIPTextModelWithProjection(CLIPTextConfig(vocab_size=64, hidden_size=8, intermediate_size=16,
+                                                    num_hidden_layers=1, num_attention_heads=2))
+    assert {_leaf(n) for n, m in te.named_modules() if isinstance(m, nn.Linear)} == CLIP_LAYER_NAMES
+    unet_presets = [n for n in PRESETS if n.startswith("unet-")]
+    ok = ("to_q", "attn2.to_out.0", "ff.net.0.proj", "ff.net.2", "re:.*whatever", "unet-attn-ff")
+    assert all(target_problems("t", (p,), unet_presets, UNET_LAYER_NAMES) == [] for p in ok)
+    assert target_problems("t", ("to_out",), unet_presets, UNET_LAYER_NAMES)  # a ModuleList, not a layer

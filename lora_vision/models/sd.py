@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -99,6 +100,40 @@ def _check_local_folder(path: Path, name_or_path: str) -> None:
         )
 
 
+def _hub_failure(name: str, err: BaseException) -> str | None:
+    """A one-line reason when reading `name` from the hub failed for a known cause (no network, no such repo)."""
+    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    chain: list[BaseException] = []
+    while err is not None and err not in chain:
+        chain.append(err)
+        err = err.__cause__ or err.__context__
+    if any(isinstance(e, GatedRepoError) for e in chain):
+        return (f"{name!r} is a gated repository on the Hugging Face hub; accept its licence on the model page and "
+                "log in (`hf auth login`), or pass a local diffusers folder")
+    if any(isinstance(e, RepositoryNotFoundError) for e in chain):
+        return (f"{name!r} is not a local folder and the Hugging Face hub has no such model; check the id "
+                "(owner/name) or pass a local diffusers folder")
+    if any(isinstance(e, LocalEntryNotFoundError) for e in chain):
+        return (f"{name!r} is not a local folder and was not found in the Hugging Face cache, and the hub could not "
+                "be reached (offline or no network); download it where there is network (`hf download "
+                f"{name}`) or pass a local diffusers folder")
+    return None
+
+
+def _weight_problems(folder: Path) -> list[str]:
+    """Truncated or corrupt .safetensors files in the component folders of a local pipeline (headers only)."""
+    from lora_vision.io import AdapterFileError, read_header
+
+    out = []
+    for file in sorted(folder.glob("*/*.safetensors")):
+        try:
+            read_header(file)
+        except AdapterFileError as err:
+            out.append(str(err))
+    return out
+
+
 def load_sd_pipeline(
     name_or_path: str | None,
     torch_dtype: torch.dtype | None = None,
@@ -130,8 +165,13 @@ def load_sd_pipeline(
         raise FileNotFoundError(f"load_sd_pipeline got {name_or_path!r}, which does not exist; {_EXPECTED}")
 
     try:
-        index = DiffusionPipeline.load_config(source)
+        with warnings.catch_warnings():  # diffusers passes huggingface_hub a deprecated argument: not the user's concern
+            warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
+            index = DiffusionPipeline.load_config(source)
     except OSError as err:
+        known = _hub_failure(name_or_path, err)
+        if known:
+            raise OSError(known) from err
         raise OSError(f"could not read model_index.json of {name_or_path!r} ({err}); {_EXPECTED}") from err
     class_name = index.get("_class_name")
     if class_name not in _SUPPORTED_PIPELINES:
@@ -140,8 +180,19 @@ def load_sd_pipeline(
             f"{', '.join(_SUPPORTED_PIPELINES)}"
         )
 
+    bad = _weight_problems(path) if path.exists() else []
+    if bad:
+        raise ValueError(f"the weights of {name_or_path!r} cannot be loaded: {bad[0]}"
+                         + (f" (and {len(bad) - 1} more file(s))" if len(bad) > 1 else "")
+                         + "; re-download or re-save the model")
     kwargs: dict[str, Any] = {"torch_dtype": torch_dtype, "variant": variant}
+    cls = StableDiffusionPipeline if class_name == "StableDiffusionPipeline" else StableDiffusionXLPipeline
     if class_name == "StableDiffusionPipeline":
         kwargs.update(safety_checker=None, requires_safety_checker=False)
-        return StableDiffusionPipeline.from_pretrained(source, **kwargs)
-    return StableDiffusionXLPipeline.from_pretrained(source, **kwargs)
+    try:
+        return cls.from_pretrained(source, **kwargs)
+    except (OSError, ValueError, RuntimeError) as err:  # missing or unreadable files, shape mismatches, no network
+        known = _hub_failure(name_or_path, err)
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(known or f"the weights of {name_or_path!r} cannot be loaded ({first}); expected a complete "
+                         "diffusers folder or hub id: re-download or re-save the model") from err

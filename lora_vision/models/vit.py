@@ -136,8 +136,20 @@ def _load_hf(source: str, num_classes: int, labels: Sequence[str] | None) -> tup
     kw = {}
     if labels:
         kw = {"id2label": dict(enumerate(labels)), "label2id": {c: i for i, c in enumerate(labels)}}
-    model = AutoModelForImageClassification.from_pretrained(source, num_labels=num_classes, dtype=torch.float32,
-                                                            ignore_mismatched_sizes=True, **kw)
+    from transformers.utils import logging as hf_logging
+
+    # A new head of another size is the point here: transformers' size-mismatch table (and its num_labels vs
+    # id2label notice) would read like a failure, so it is silenced and one line of ours says what happened.
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        model = AutoModelForImageClassification.from_pretrained(source, num_labels=num_classes, dtype=torch.float32,
+                                                                ignore_mismatched_sizes=True, **kw)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    if config.num_labels != num_classes:
+        print(f"{source}: new classification head for {num_classes} classes (the checkpoint's has "
+              f"{config.num_labels}); it starts from random weights")
     size = getattr(config, "image_size", 224)
     mean, std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)  # ViTImageProcessor's defaults
     try:

@@ -46,6 +46,21 @@ def tokenize(tokenizers: list, prompts: list[str]) -> list[torch.Tensor]:
                 return_tensors="pt").input_ids for tok in tokenizers]
 
 
+def truncated_captions(images: DreamBoothImages, tokenizer, prompt: str) -> list[str]:
+    """'<caption file> (<n> tokens)' for every distinct caption longer than the tokenizer's window (the pipelines
+    and tokenize() cut them to model_max_length, 77 for CLIP, without a word)."""
+    limit, out, seen = tokenizer.model_max_length, [], set()
+    for path, caption in zip(images.paths, images.captions):
+        if caption in seen:
+            continue
+        seen.add(caption)
+        n = len(tokenizer(caption, truncation=False, verbose=False).input_ids)
+        if n > limit:
+            source = "the prompt" if caption == prompt else str(path.with_suffix(".txt"))
+            out.append(f"{source} ({n} tokens)")
+    return out
+
+
 def encode_text(text_encoders: list, ids: list[torch.Tensor], sdxl: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Prompt embeddings as the pipelines build them.
 

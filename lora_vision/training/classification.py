@@ -21,7 +21,10 @@ from torch import nn
 from torch.utils.data import Dataset, Sampler
 
 from ..io import atomic_write_text, read_safetensors, write_safetensors
+from ..lora.config import _check_pattern, _check_rank
+from ..targets import PRESETS, target_problems
 from .checkpoint import CheckpointError, _join_optimizer, _split_optimizer, list_checkpoints
+from .optim import SCHEDULES
 
 MODES = ("lora", "full", "linear-probe")
 # Learning rates that work for each mode when --learning_rate is not given (AdamW, batch 32-128).
@@ -136,6 +139,40 @@ class ViTTrainConfig:
                 out.append(f"{name}={getattr(self, name)}: expected >= 1")
         if not 0 <= self.label_smoothing < 1:
             out.append(f"label_smoothing={self.label_smoothing}: expected a value in [0, 1)")
+        if self.base_dtype in ("bfloat16", "float16") and self.mixed_precision == "no":
+            out.append(f"base_dtype={self.base_dtype} needs --mixed_precision bf16/fp16 (autocast feeds the "
+                       "frozen half-precision weights)")
+        if self.pure_bf16 and self.mixed_precision != "no":
+            out.append("pure_bf16 runs without autocast: leave --mixed_precision at no")
+        if self.seed < 0:
+            out.append(f"seed={self.seed}: expected an integer >= 0")
+        if self.lr_scheduler_type not in SCHEDULES:
+            out.append(f"lr_scheduler_type={self.lr_scheduler_type!r}: expected one of {', '.join(SCHEDULES)}")
+        if self.num_warmup_steps is not None and self.num_warmup_steps < 0:
+            out.append(f"num_warmup_steps={self.num_warmup_steps}: expected an integer >= 0")
+        if not 0 <= self.warmup_ratio <= 1:
+            out.append(f"warmup_ratio={self.warmup_ratio}: expected a fraction in [0, 1]")
+        if not 0 < self.train_val_split < 1:
+            out.append(f"train_val_split={self.train_val_split}: expected a fraction in (0, 1)")
+        for name in ("max_train_steps", "checkpointing_steps", "checkpoints_total_limit", "first_n_classes"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                out.append(f"{name}={getattr(self, name)}: expected an integer >= 1 or None")
+        if self.logging_steps < 1:
+            out.append(f"logging_steps={self.logging_steps}: expected an integer >= 1")
+        if self.dataloader_num_workers < 0:
+            out.append(f"dataloader_num_workers={self.dataloader_num_workers}: expected an integer >= 0")
+        for name in ("weight_decay", "max_grad_norm"):
+            if not getattr(self, name) >= 0:
+                out.append(f"{name}={getattr(self, name)}: expected a number >= 0")
+        for name in ("learning_rate", "lora_alpha"):
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
+                out.append(f"{name}={getattr(self, name)}: expected a number > 0 or None")
+        if not 0 <= self.lora_dropout < 1:
+            out.append(f"lora_dropout={self.lora_dropout}: expected a probability in [0, 1)")
+        targets = [p.strip() for p in self.lora_targets.split(",") if p.strip()]
+        out += target_problems("lora_targets", targets, [n for n in PRESETS if "vit-" in n])
+        for pat, r in self.rank_pattern.items():
+            out += [f"rank_pattern: {p}" for p in _check_pattern(pat)] + _check_rank(f"rank_pattern[{pat!r}]", r)
         return out
 
     def lr(self, mode: str | None = None) -> float:

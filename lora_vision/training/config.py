@@ -3,6 +3,8 @@
 Every field becomes a flag of the same name (`--train_batch_size 4`); booleans also accept `--flag` alone and
 `--flag false`; tuples take comma-separated values. `--config FILE.yaml` supplies the same keys. Unknown keys and
 flags are reported together, each with a "did you mean" hint; all invalid values are reported in one error.
+A config class may name other tools' flags: `ALIASES` (another name of a field, accepted) and `INSTEAD` (a flag
+with no counterpart: refused, saying what to use instead).
 """
 
 from __future__ import annotations
@@ -65,7 +67,15 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
         items = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else list(value)
         return tuple(_coerce(name, v, inner) for v in items)
     if origin is dict:
-        return dict(json.loads(value)) if isinstance(value, str) else dict(value)
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"not valid JSON ({err.msg} at character {err.pos}); expected a JSON object such "
+                                 """as '{"re:.*up_blocks.*": 8}' (quote it for the shell)""") from None
+        if not isinstance(value, dict):
+            raise ValueError(f"expected a mapping (a JSON object such as '{{\"to_q\": 8}}'), got {type(value).__name__}")
+        return dict(value)
     return value
 
 
@@ -92,40 +102,68 @@ def _field_help(cls: type) -> dict[str, str]:
     return out
 
 
-def build_parser(cls: type, prog: str, description: str) -> argparse.ArgumentParser:
-    """An argparse parser with one flag per field of dataclass `cls` (defaults suppressed) plus `--config`."""
-    parser = argparse.ArgumentParser(prog=prog, description=description, allow_abbrev=False,
+def build_parser(cls: type, prog: str, description: str, other_defaults: tuple[str, dict] | None = None,
+                 epilog: str | None = None) -> argparse.ArgumentParser:
+    """An argparse parser with one flag per field of dataclass `cls` (defaults suppressed) plus `--config`.
+
+    `other_defaults` is (when, values): values that replace the defaults in some runs, shown next to them in --help
+    (e.g. ("without a model, configs/tiny.yaml", {"max_train_steps": 200})).
+    """
+    parser = argparse.ArgumentParser(prog=prog, description=description, allow_abbrev=False, epilog=epilog,
                                      argument_default=argparse.SUPPRESS)
     parser.add_argument("--config", help="YAML file with the same keys as the flags; flags override it")
     helps = _field_help(cls)
     hints = typing.get_type_hints(cls)
+    when, others = other_defaults or ("", {})
     for f in dataclasses.fields(cls):
         base, _ = _base_type(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        text = f"{helps.get(f.name, '')} (default: {default!r})"
+        text = f"{helps.get(f.name, '')} (default: {default!r}"
+        if f.name in others and others[f.name] != default:
+            text += f"; {when}: {others[f.name]!r}"
+        text = text.replace("%", "%%") + ")"
         if base is bool:
             parser.add_argument(f"--{f.name}", nargs="?", const="true", help=text)
         else:
             parser.add_argument(f"--{f.name}", help=text)
+    for alias, name in getattr(cls, "ALIASES", {}).items():
+        parser.add_argument(f"--{alias}", dest=f"alias:{alias}", help=f"the same as --{name}")
     return parser
 
 
-def load_config(cls: type[C], argv: Sequence[str] | None, prog: str = "train", description: str = "") -> C:
+def _alias_problems(cls: type, values: dict[str, Any], given: dict[str, Any], where: str) -> list[str]:
+    """Move aliased keys of `given` into `values` (in place); problems when both names are given."""
+    out = []
+    for alias, name in getattr(cls, "ALIASES", {}).items():
+        if alias in given:
+            if name in given:
+                out.append(f"{where}{alias} and {name} are the same setting; give only --{name}")
+            values[name] = given[alias]
+    return out
+
+
+def load_config(cls: type[C], argv: Sequence[str] | None, prog: str = "train", description: str = "",
+                other_defaults: tuple[str, dict] | None = None, epilog: str | None = None) -> C:
     """Parse `argv` (flags and `--config FILE.yaml`) into a validated, frozen `cls`.
 
     Raises ConfigError listing every unknown key/flag (with "did you mean") and every invalid value.
+    `other_defaults` and `epilog` only change what --help shows (see build_parser).
     """
-    parser = build_parser(cls, prog, description)
+    parser = build_parser(cls, prog, description, other_defaults, epilog)
     args, unknown = parser.parse_known_args(list(argv) if argv is not None else None)
     flags = vars(args)
     names = [f.name for f in dataclasses.fields(cls)]
+    instead: dict[str, str] = getattr(cls, "INSTEAD", {})
     problems: list[str] = []
     skip_value = False
     for item in unknown:
         if item.startswith("--"):
             key = item[2:].split("=", 1)[0]
             close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
-            problems.append(f"unknown flag --{key}" + (f" (did you mean --{close[0]}?)" if close else ""))
+            if key in instead:
+                problems.append(f"--{key}: {instead[key]}")
+            else:
+                problems.append(f"unknown flag --{key}" + (f" (did you mean --{close[0]}?)" if close else ""))
             skip_value = "=" not in item
         elif skip_value:  # the value of an unknown flag
             skip_value = False
@@ -137,13 +175,29 @@ def load_config(cls: type[C], argv: Sequence[str] | None, prog: str = "train", d
         path = Path(config_path)
         if not path.is_file():
             raise ConfigError(f"--config {config_path!r} does not exist; expected a YAML file")
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            what = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ConfigError(f"--config {config_path}: not valid YAML{where} ({what}); expected 'key: value' lines "
+                              "with the same keys as the flags") from None
+        except (UnicodeDecodeError, OSError) as err:
+            raise ConfigError(f"--config {config_path}: could not be read as a UTF-8 text file ({err}); expected "
+                              "a YAML file") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{config_path}: expected a mapping of keys to values at the top, got {type(data).__name__}")
+        aliases = getattr(cls, "ALIASES", {})
         for key in data:
-            if key not in names:
+            if key in instead:
+                problems.append(f"{config_path}: {key}: {instead[key]}")
+            elif key not in names and key not in aliases:
                 problems.append(f"{config_path}: unknown key {_hint(str(key), names)}")
         values.update({k: v for k, v in data.items() if k in names})
+        problems += _alias_problems(cls, values, data, f"{config_path}: ")
+    given = {k.split(":", 1)[1]: flags.pop(k) for k in list(flags) if k.startswith("alias:")}
+    problems += _alias_problems(cls, values, dict(flags, **given), "")
     values.update(flags)
     hints = typing.get_type_hints(cls)
     converted: dict[str, Any] = {}
@@ -156,6 +210,8 @@ def load_config(cls: type[C], argv: Sequence[str] | None, prog: str = "train", d
         config = cls(**converted)
     except ConfigError as err:  # report the values' problems together with the unknown keys
         problems += [line[4:] for line in str(err).splitlines() if line.startswith("  - ")] or [str(err)]
+    else:  # a config class that does not check itself on construction still lists its problems
+        problems += config.problems() if hasattr(config, "problems") else []
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
     return config

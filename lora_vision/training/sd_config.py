@@ -6,17 +6,60 @@ an existing command line keeps working.
 
 from __future__ import annotations
 
+import difflib
+import re
 from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import ClassVar
 
-from ..lora.config import ConfigError
+from ..lora.config import ConfigError, _check_pattern, _check_rank
+from ..targets import CLIP_LAYER_NAMES, PRESETS, UNET_LAYER_NAMES, target_problems
+from .optim import SCHEDULES
 
 # Fields that may change between a checkpoint and the run that resumes it; every other field must match.
 RESUMABLE_CHANGES: frozenset[str] = frozenset({
     "max_train_steps", "checkpointing_steps", "checkpoints_total_limit", "resume_from_checkpoint", "output_dir",
     "validation_prompt", "num_validation_images", "validation_steps", "validation_inference_steps",
     "strength_sweep", "logging_steps", "report_to", "export_kohya", "time_steps", "cuda_graph", "compile",
-    "sample_batch_size", "class_inference_steps", "num_class_images", "logging_dir",
+    "sample_batch_size", "class_inference_steps", "num_class_images", "logging_dir", "num_threads",
 })
+
+# kohya sd-scripts flags with another name here (accepted as aliases), and those with no counterpart (refused,
+# saying what to use instead).
+KOHYA_ALIASES: dict[str, str] = {"network_dim": "rank", "network_alpha": "lora_alpha"}
+KOHYA_INSTEAD: dict[str, str] = {
+    "num_train_epochs": "this script counts optimizer steps, not epochs: use --max_train_steps "
+                        "(steps = epochs x images x repeats / train_batch_size)",
+    "caption_extension": "captions are read from <image>.txt beside each image (--use_captions): name the caption "
+                         "files .txt",
+    "network_module": "this script always trains LoRA: leave --network_module out and choose the layers with "
+                      "--unet_targets",
+    "train_data_dir": "use --instance_data_dir with the folder that holds the images (kohya's <repeats>_<name> "
+                      "folders are not needed: every step draws a random batch)",
+}
+
+_KOHYA_FOLDER = re.compile(r"^(\d+)_(.+)$")
+
+
+def kohya_folder_note(folder: str | None) -> str | None:
+    """A note when `folder` follows kohya's `<repeats>_<name>` convention (e.g. `10_sks toy`): the repeats are not
+    used here. Raises ConfigError when `folder` holds only such sub-folders, which this script would not read."""
+    if folder is None:
+        return None
+    path = Path(folder)
+    if path.is_dir():
+        entries = list(path.iterdir())
+        subs = sorted(p.name for p in entries if p.is_dir() and _KOHYA_FOLDER.match(p.name))
+        if subs and not any(p.is_file() for p in entries):
+            raise ConfigError(f"instance_data_dir={folder!r} holds kohya-style <repeats>_<name> folders ({subs[0]!r}"
+                              f"{', ...' if len(subs) > 1 else ''}) and no images; expected the folder with the "
+                              f"images: give --instance_data_dir {str(path / subs[0])!r}")
+    match = _KOHYA_FOLDER.match(path.name)
+    if match is None:
+        return None
+    return (f"note: the instance folder {path.name!r} is named in kohya's <repeats>_<name> style; the {match[1]} "
+            "repeats are not used (every step draws a random batch of all images): set the training length with "
+            "--max_train_steps")
 
 
 @dataclass(frozen=True)
@@ -155,6 +198,11 @@ class SDTrainConfig:
     """Also write the A1111/ComfyUI (kohya) file; None: when the exporter is available."""
     time_steps: bool = False
     """Time every step with CUDA events and print a STEPS line (benchmarks)."""
+    num_threads: int | None = None
+    """CPU threads of torch; None: 1 for the built-in tiny model on CPU unless OMP_NUM_THREADS is set, else torch's."""
+
+    ALIASES: ClassVar[dict[str, str]] = KOHYA_ALIASES
+    INSTEAD: ClassVar[dict[str, str]] = KOHYA_INSTEAD
 
     def __post_init__(self) -> None:
         problems = self.problems()
@@ -187,6 +235,40 @@ class SDTrainConfig:
         for name in ("learning_rate", "adam_epsilon"):
             if not getattr(self, name) > 0:
                 out.append(f"{name}={getattr(self, name)}: expected a number > 0")
+        if self.seed < 0:
+            out.append(f"seed={self.seed}: expected an integer >= 0")
+        if self.bucket_step > 0 and self.bucket_step % 8:
+            out.append(f"bucket_step={self.bucket_step}: expected a multiple of 8 (the VAE works on 8x8 pixel blocks)")
+        elif self.bucketing and self.resolution and self.bucket_step > 0 and self.resolution % self.bucket_step:
+            out.append(f"bucket_step={self.bucket_step}: resolution {self.resolution} is not a multiple of it; "
+                       "expected a divisor of the resolution")
+        if self.lr_scheduler not in SCHEDULES:
+            close = difflib.get_close_matches(self.lr_scheduler, SCHEDULES, n=1)
+            out.append(f"lr_scheduler={self.lr_scheduler!r}: expected one of {', '.join(SCHEDULES)}"
+                       + (f" (did you mean {close[0]!r}?)" if close else ""))
+        for name in ("lr_warmup_steps", "max_grad_norm", "noise_offset", "prior_loss_weight", "adam_weight_decay"):
+            if not getattr(self, name) >= 0:
+                out.append(f"{name}={getattr(self, name)}: expected a number >= 0")
+        if self.lr_num_cycles < 1:
+            out.append(f"lr_num_cycles={self.lr_num_cycles}: expected an integer >= 1")
+        if not self.lr_power > 0:
+            out.append(f"lr_power={self.lr_power}: expected a number > 0")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                out.append(f"{name}={getattr(self, name)}: expected a number in [0, 1)")
+        if self.lora_alpha is not None and not self.lora_alpha > 0:
+            out.append(f"lora_alpha={self.lora_alpha}: expected a number > 0 or None")
+        if self.num_threads is not None and self.num_threads < 1:
+            out.append(f"num_threads={self.num_threads}: expected an integer >= 1 or None")
+        unet_presets = [n for n in PRESETS if n.startswith("unet-")]
+        out += target_problems("unet_targets", self.unet_targets, unet_presets, UNET_LAYER_NAMES)
+        if not self.unet_targets:
+            out.append("unet_targets is empty: give a preset name or module-name patterns")
+        if self.train_text_encoder:
+            clip_presets = [n for n in PRESETS if n.startswith("clip-")]
+            out += target_problems("text_encoder_targets", self.text_encoder_targets, clip_presets, CLIP_LAYER_NAMES)
+        for pat, r in self.rank_pattern.items():
+            out += [f"rank_pattern: {p}" for p in _check_pattern(pat)] + _check_rank(f"rank_pattern[{pat!r}]", r)
         if self.snr_gamma is not None and not self.snr_gamma > 0:
             out.append(f"snr_gamma={self.snr_gamma}: expected a number > 0 or None")
         if not 0 <= self.lora_dropout < 1:

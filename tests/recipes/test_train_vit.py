@@ -170,3 +170,33 @@ def test_bf16_mixed_precision_run_and_shipped_config(data: Path, tmp_path: Path)
     assert cfg.subset == "imagenette" and cfg.mixed_precision == "bf16" and cfg.lr() == 5e-3
     with pytest.raises(ValueError, match="base_dtype=bfloat16 needs --mixed_precision"):
         train_vit.parse_args(["--base_dtype", "bfloat16"])
+
+
+def test_flags_are_checked_before_loading(tmp_path: Path) -> None:
+    from lora_vision.lora.config import ConfigError
+
+    with pytest.raises(ConfigError) as err:  # a model that does not exist: nothing was loaded before the check
+        train_vit.parse_args(["--model_name_or_path", str(tmp_path / "none"), "--seed", "-5", "--lr_scheduler_type",
+                              "cosin", "--lora_targets", "hf-vit-atn", "--num_warmup_steps", "-3",
+                              "--rank_pattern", "notjson", "--train_val_split", "1.5"])
+    text = str(err.value)
+    assert "seed=-5" in text and "lr_scheduler_type='cosin'" in text and "num_warmup_steps=-3" in text
+    assert "'hf-vit-atn' is not a known preset (did you mean 'hf-vit-attn'?)" in text
+    assert "rank_pattern='notjson': not valid JSON" in text and "train_val_split=1.5" in text
+
+
+def test_new_head_replaces_the_size_mismatch_table(capfd) -> None:
+    from lora_vision.models.vit import load_vit
+
+    load_vit(BASE, 3, None, ["a", "b", "c"])
+    out, err = capfd.readouterr()
+    assert "MISMATCH" not in out + err and "LOAD REPORT" not in out + err and "num_labels" not in out + err
+    assert "new classification head for 3 classes (the checkpoint's has 8)" in out
+
+
+def test_eval_reads_the_base_model_of_a_peft_folder(data: Path, tmp_path: Path) -> None:
+    m = _run(tmp_path, data, "--model_name_or_path", BASE, "--max_train_steps", "2", "--save_peft", "true")
+    assert eval_vit.main(["--adapter", str(tmp_path / "peft"), "--train_dir", str(data),  # no --model_name_or_path
+                          "--dataloader_num_workers", "0", "--output_json", str(tmp_path / "p.json")]) == 0
+    result = json.loads((tmp_path / "p.json").read_text())
+    assert result["model"] == BASE and result["top1"] == pytest.approx(m["top1"])
