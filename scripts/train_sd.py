@@ -83,8 +83,8 @@ def choose_threads(cfg: SDTrainConfig, device: torch.device) -> str:
     """Set torch's CPU threads; returns a few words for the start-up line.
 
     --num_threads wins; then an explicit OMP_NUM_THREADS (torch follows it). The built-in tiny model on a CPU gets
-    one thread: its tensors are too small to split, and extra threads only wait on each other (the main job took
-    33 s with one thread and 379 s with the default on a busy 2-core machine, with the same loss).
+    one thread: its tensors are too small to split, and on a busy machine extra threads only wait on each other
+    (docs/benchmarks.md has the main job timed with 1 and 2 threads).
     """
     if cfg.num_threads is not None:
         torch.set_num_threads(cfg.num_threads)
