@@ -23,6 +23,7 @@ import torch
 
 from . import __version__
 from .io import atomic_path, atomic_write_text
+from .terminal import printable
 from .prompt_syntax import (LoraDirectory, addnet_hash, build_infotext, extract_lora_tags, lora_hashes_field,
                             parse_lora_flag)
 
@@ -130,7 +131,8 @@ class AdapterSet:
         key = str(Path(use.path).resolve())
         if key not in self.by_path:
             name = _adapter_name(use.label, set(self.by_path.values()))
-            print(load_adapter(self.pipe, use.path, name=name, strength=use.strength, te_strength=use.te_strength))
+            print(printable(load_adapter(self.pipe, use.path, name=name, strength=use.strength,
+                                         te_strength=use.te_strength)))
             self.by_path[key] = name
             self.hashes[key] = addnet_hash(use.path)
         use.sha256 = self.hashes[key]
@@ -151,7 +153,7 @@ def plan_loras(raw_prompt: str, flags: Sequence[str], lora_dir: LoraDirectory) -
     """(prompt without tags, adapters for this prompt): --lora flags first, then the prompt's tags."""
     clean, tags, ignored = extract_lora_tags(raw_prompt)
     if ignored:
-        print(f"warning: ignoring extra-network tags other than <lora:...>: {' '.join(ignored)}")
+        print(f"warning: ignoring extra-network tags other than <lora:...>: {printable(' '.join(ignored))}")
     uses = []
     for flag in flags:
         path, s, te = parse_lora_flag(flag)

@@ -1,0 +1,35 @@
+"""The `lora-vision` command line against hostile files and failing disks: one clear line, exit code 1, nothing
+half-written, nothing of the user's replaced."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from lora_vision.cli import main
+
+sys.path.insert(0, str(Path(__file__).parent / "formats"))
+from conftest import make_sd_adapter  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def sd1_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("adapters") / "a.safetensors"
+    make_sd_adapter("sd1", unet_targets="unet-cross-attn").save(path)
+    return path
+
+
+def test_inspect_escapes_control_characters_from_the_file(tmp_path, capsys):
+    adapter = make_sd_adapter("sd1", unet_targets="unet-cross-attn")
+    adapter.metadata["evil\x1b[31m"] = "x\x1b[2J\x1b]0;pwned\x07\nformat:     forged\u202e"
+    adapter.metadata["modelspec.trigger_phrase"] = "sks\r\x1b[1A toy"
+    path = tmp_path / "evil.safetensors"
+    adapter.save(path)
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\x07" not in out and "\r" not in out and "\u202e" not in out
+    assert [ln for ln in out.splitlines() if ln.startswith("format:")] == ["format:     lora_vision"]
+    assert "evil\\x1b[31m = x\\x1b[2J\\x1b]0;pwned\\x07\\nformat:     forged\\u202e" in out
+    assert "trigger:    sks\\r\\x1b[1A toy" in out
