@@ -33,3 +33,35 @@ def test_inspect_escapes_control_characters_from_the_file(tmp_path, capsys):
     assert [ln for ln in out.splitlines() if ln.startswith("format:")] == ["format:     lora_vision"]
     assert "evil\\x1b[31m = x\\x1b[2J\\x1b]0;pwned\\x07\\nformat:     forged\\u202e" in out
     assert "trigger:    sks\\r\\x1b[1A toy" in out
+
+
+def test_merge_into_replaces_only_an_earlier_pipeline_output_with_normal_permissions(sd1_file, tmp_path, capsys):
+    import os
+    import stat
+
+    umask = os.umask(0o022)
+    try:
+        out = tmp_path / "merged"
+        assert main(["merge", str(sd1_file), "--into", "tiny-sd1", "-o", str(out), "--single-file"]) == 0
+        assert stat.S_IMODE(out.stat().st_mode) == 0o755
+        assert stat.S_IMODE((out / "merged.safetensors").stat().st_mode) == 0o644
+        assert stat.S_IMODE((out / "model_index.json").stat().st_mode) == 0o644
+        capsys.readouterr()
+
+        assert main(["merge", str(sd1_file), "--into", "tiny-sd1", "-o", str(out)]) == 1
+        err = capsys.readouterr().err
+        assert "already exists" in err and "--overwrite" in err and len(err.strip().splitlines()) == 1
+
+        docs = tmp_path / "documents"
+        docs.mkdir()
+        (docs / "thesis.txt").write_text("years of work")
+        assert main(["merge", str(sd1_file), "--into", "tiny-sd1", "-o", str(docs), "--overwrite"]) == 1
+        err = capsys.readouterr().err
+        assert "not a diffusers pipeline folder" in err and "Traceback" not in err
+        assert (docs / "thesis.txt").read_text() == "years of work"
+
+        assert main(["merge", str(sd1_file), "--into", "tiny-sd1", "-o", str(out), "--overwrite"]) == 0
+        assert (out / "model_index.json").is_file() and not (out / "merged.safetensors").exists()
+        assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    finally:
+        os.umask(umask)

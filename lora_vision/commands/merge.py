@@ -37,7 +37,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--into", metavar="BASE", help="fuse into this base pipeline (folder, hub id or tiny-sd1/...) "
                                                    "and write a merged diffusers folder to -o")
     p.add_argument("--single-file", action="store_true", help="with --into: also write one .safetensors checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="with --into: replace an existing output folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="with --into: replace an existing output folder that holds an earlier merged pipeline "
+                        "(model_index.json); any other folder is refused")
     p.add_argument("--layers", type=int, default=40, help="layers listed in the report (default 40; 0 = all)")
     p.set_defaults(func=run)
 
