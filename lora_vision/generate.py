@@ -25,7 +25,7 @@ from . import __version__
 from .io import atomic_path, atomic_write_text
 from .terminal import printable
 from .prompt_syntax import (LoraDirectory, addnet_hash, build_infotext, extract_lora_tags, lora_hashes_field,
-                            parse_lora_flag)
+                            parse_lora_flag, parse_strength)
 
 # name -> (diffusers class, extra config, A1111 sampler name, A1111 schedule type)
 SCHEDULERS: dict[str, tuple[str, dict, str, str | None]] = {
@@ -96,10 +96,7 @@ def parse_sweeps(specs: Sequence[str]) -> list[tuple[str, list[float]]]:
         key, sep, values = spec.partition("=")
         if not sep or not key.strip() or not values.strip():
             raise ValueError(f"--sweep {spec!r}: expected KEY=v1,v2,... such as strength=0,0.5,1")
-        try:
-            nums = [float(v) for v in values.split(",") if v.strip()]
-        except ValueError:
-            raise ValueError(f"--sweep {spec!r}: values must be numbers separated by commas") from None
+        nums = [parse_strength(v, f"--sweep {spec!r}: value") for v in values.split(",") if v.strip()]
         out.append((key.strip(), nums))
     if len(out) > 2:
         raise ValueError(f"{len(out)} --sweep flags; a grid has at most two axes")

@@ -209,3 +209,32 @@ def test_cli_and_script_run_end_to_end(lora_files, tmp_path, capsys):
     assert script.main(["--prompt", "a box", "--steps", "1", "-o", str(tmp_path / "script"), "--no_progress",
                         "--scheduler", "ddim"]) == 0
     assert len(list((tmp_path / "script").glob("*.png"))) == 1
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf", "-inf", "1e999"])
+def test_non_finite_strengths_are_refused_on_every_path(bad, tmp_path):
+    with pytest.raises(ValueError, match="not a finite number"):
+        extract_lora_tags(f"a dog <lora:dog:{bad}>")
+    with pytest.raises(ValueError, match="not a finite number"):
+        extract_lora_tags(f"a dog <lora:dog:1:unet={bad}>")
+    with pytest.raises(ValueError, match="not a finite number"):
+        parse_lora_flag(f"f.safetensors:{bad}")
+    with pytest.raises(ValueError, match="not a finite number"):
+        parse_sweeps([f"strength=0,{bad}"])
+    from lora_vision.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["merge", "a.safetensors", "--weights", bad, "-o", str(tmp_path / "m.safetensors")])
+    assert e.value.code == 2
+
+
+def test_lora_flag_with_a_word_for_strength_says_it_is_not_a_number(tmp_path):
+    f = tmp_path / "f.safetensors"
+    f.write_bytes(b"")
+    for text in (f"{f}:abc", "missing.safetensors:abc", f"{f}:0.5:abc"):
+        with pytest.raises(ValueError, match=r"strength 'abc' is not a number"):
+            parse_lora_flag(text)
+    odd = tmp_path / "odd:name.safetensors"
+    odd.write_bytes(b"")
+    assert parse_lora_flag(f"{odd}:0.5") == (odd, 0.5, 0.5)
+    assert parse_lora_flag(str(odd)) == (odd, 1.0, 1.0)
