@@ -234,14 +234,62 @@ def load_pipeline(cfg: GenerateConfig) -> Any:
     """The pipeline on its device and dtype, progress bar off (ours counts steps over the whole run)."""
     from .models.sd import load_sd_pipeline
 
-    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = check_device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype_name = cfg.dtype or ("fp16" if device.startswith("cuda") else "fp32")
     if dtype_name not in DTYPES:
         raise ValueError(f"dtype {dtype_name!r}: expected one of {', '.join(DTYPES)}")
     dtype = None if dtype_name == "fp32" else DTYPES[dtype_name]
-    pipe = load_sd_pipeline(cfg.model, torch_dtype=dtype).to(device)
+    try:
+        pipe = load_sd_pipeline(cfg.model, torch_dtype=dtype)
+    except OSError as err:
+        if cfg.model is None or Path(cfg.model).expanduser().exists() or not _unreachable(err):
+            raise
+        raise OSError(f"--model {cfg.model!r} is not a local folder and the Hugging Face hub could not be reached "
+                      "to download it; give the path of a local diffusers folder, or connect to the network (a "
+                      "model downloaded before is read from the cache)") from None
+    pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def check_device(device: str) -> str:
+    """`device` if torch can use it here; ValueError saying what is missing otherwise."""
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {device!r} is not a device name; expected cpu, cuda, cuda:N or mps") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device!r}: no CUDA GPU is available on this machine (or this torch build has no "
+                         "CUDA); use --device cpu, or leave --device out to pick what is available")
+    if kind == "cuda" and torch.device(device).index is not None and \
+            torch.device(device).index >= torch.cuda.device_count():
+        raise ValueError(f"--device {device!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s); "
+                         f"expected cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {device!r}: Apple MPS is not available here; use --device cpu")
+    return device
+
+
+def _unreachable(err: BaseException) -> bool:
+    """True when the chain of `err` says the hub could not be reached (no network, offline mode, no cached copy)."""
+    try:
+        from huggingface_hub.errors import LocalEntryNotFoundError
+    except ImportError:  # pragma: no cover - diffusers depends on huggingface_hub
+        LocalEntryNotFoundError = ConnectionError  # noqa: N806
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, (ConnectionError, LocalEntryNotFoundError)) or "ConnectionError" in type(err).__name__:
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def check_size(value: int | None, flag: str) -> None:
+    """Image sizes are None (the model's native size) or positive multiples of 8 (the VAE's downscale)."""
+    if value is not None and (value <= 0 or value % 8):
+        raise ValueError(f"{flag} {value}: expected a positive multiple of 8 such as 512 (or leave it out for the "
+                         "model's native size)")
 
 
 def generate(cfg: GenerateConfig, pipe: Any = None) -> list[Path]:
@@ -250,6 +298,8 @@ def generate(cfg: GenerateConfig, pipe: Any = None) -> list[Path]:
         raise ValueError("no prompt: give --prompt or --prompt_file")
     if cfg.batch_size < 1 or cfg.steps < 1:
         raise ValueError(f"batch_size and steps must be >= 1, got {cfg.batch_size} and {cfg.steps}")
+    check_size(cfg.width, "--width")
+    check_size(cfg.height, "--height")
     sweeps = parse_sweeps(cfg.sweeps)
     lora_dir = LoraDirectory(cfg.lora_dir)
     plans = [(raw, *plan_loras(raw, cfg.loras, lora_dir)) for raw in cfg.prompts]  # fail early, before loading
@@ -269,7 +319,8 @@ def _generate(cfg: GenerateConfig, pipe: Any, plans: list, sweeps: list, neg_cle
     from tqdm.auto import tqdm
 
     native = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    width, height = cfg.width or native, cfg.height or native
+    width = native if cfg.width is None else cfg.width
+    height = native if cfg.height is None else cfg.height
     adapters = AdapterSet(pipe)
     for _, _, uses in plans:  # load every file once, before the progress bar starts
         for u in uses:

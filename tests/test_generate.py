@@ -238,3 +238,36 @@ def test_lora_flag_with_a_word_for_strength_says_it_is_not_a_number(tmp_path):
     odd.write_bytes(b"")
     assert parse_lora_flag(f"{odd}:0.5") == (odd, 0.5, 0.5)
     assert parse_lora_flag(str(odd)) == (odd, 1.0, 1.0)
+
+
+def _main_err(argv: list[str], capsys) -> tuple[int, str]:
+    from lora_vision.cli import main
+
+    rc = main(argv)
+    return rc, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--height", "-8"], "--height -8: expected a positive multiple of 8"),
+    (["--width", "0"], "--width 0: expected a positive multiple of 8"),
+    (["--width", "100"], "--width 100: expected a positive multiple of 8"),
+    (["--device", "cuda"], "--device 'cuda': no CUDA GPU is available"),
+    (["--device", "gpu0"], "--device 'gpu0' is not a device name"),
+])
+def test_bad_sizes_and_devices_are_one_line_errors(flags, message, tmp_path, capsys):
+    if "cuda" in flags and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    rc, err = _main_err(["generate", "--prompt", "a box", "--steps", "1", "-o", str(tmp_path / "o"), *flags], capsys)
+    assert rc == 1 and message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_hub_id_without_network_says_so(tmp_path, capsys, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no network, without waiting for it
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty_cache"))
+    rc, err = _main_err(["generate", "--model", "someone/not-cached-model", "--prompt", "a box", "--steps", "1",
+                         "-o", str(tmp_path / "o")], capsys)
+    assert rc == 1 and len(err.strip().splitlines()) == 1
+    assert "'someone/not-cached-model' is not a local folder and the Hugging Face hub could not be reached" in err
