@@ -65,3 +65,23 @@ def test_merge_into_replaces_only_an_earlier_pipeline_output_with_normal_permiss
         assert stat.S_IMODE(out.stat().st_mode) == 0o755
     finally:
         os.umask(umask)
+
+
+@pytest.mark.parametrize("to, out_name", [("peft", "out_peft"), ("kohya", "out.safetensors")])
+def test_convert_on_a_full_disk_is_one_line_and_leaves_nothing(sd1_file, to, out_name, tmp_path, capsys,
+                                                               monkeypatch):
+    import errno
+
+    import safetensors.torch
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    out_dir = tmp_path / "converted"
+    out_dir.mkdir()
+    assert main(["convert", str(sd1_file), "--to", to, "-o", str(out_dir / out_name)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"lora-vision convert: error: no space left on the device") and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+    assert list(out_dir.iterdir()) == []  # no empty folder, no temporary file
