@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 import json
 import re
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -22,7 +23,7 @@ from typing import Any, Sequence
 import torch
 
 from . import __version__
-from .io import atomic_path, atomic_write_text
+from .io import atomic_path, atomic_write_text, read_header
 from .terminal import printable
 from .prompt_syntax import (LoraDirectory, addnet_hash, build_infotext, extract_lora_tags, lora_hashes_field,
                             parse_lora_flag, parse_strength)
@@ -61,6 +62,7 @@ class GenerateConfig:
     device: str | None = None
     dtype: str | None = None                      # fp32 | fp16 | bf16 (default fp16 on CUDA, fp32 on CPU)
     progress: bool = True
+    strict: bool = False                          # a file for another SD family or with unmatched modules: error
 
 
 @dataclass
@@ -115,25 +117,59 @@ def _adapter_name(label: str, taken: set[str]) -> str:
 
 
 class AdapterSet:
-    """Adapters of one pipeline, each loaded once by file; `use` makes a list of LoraUse the active set."""
+    """Adapters of one pipeline, each loaded once by file; `use` makes a list of LoraUse the active set.
 
-    def __init__(self, pipe: Any) -> None:
+    A file whose metadata names another SD family than the pipeline's, or with modules the pipeline does not have,
+    gets one warning (strict: an error, and the file is not loaded)."""
+
+    def __init__(self, pipe: Any, strict: bool = False) -> None:
         self.pipe = pipe
+        self.strict = strict
         self.by_path: dict[str, str] = {}
         self.hashes: dict[str, str] = {}
 
+    def _problem(self, message: str) -> None:
+        if self.strict:
+            raise ValueError(f"{message} (--strict)")
+        print(f"warning: {message}", file=sys.stderr)
+
     def ensure(self, use: LoraUse) -> str:
-        from .pipeline import load_adapter
+        from .pipeline import load_adapter, unload_adapter
 
         key = str(Path(use.path).resolve())
         if key not in self.by_path:
+            self._check_family(use.path)
             name = _adapter_name(use.label, set(self.by_path.values()))
-            print(printable(load_adapter(self.pipe, use.path, name=name, strength=use.strength,
-                                         te_strength=use.te_strength)))
+            report = load_adapter(self.pipe, use.path, name=name, strength=use.strength, te_strength=use.te_strength)
+            print(printable(report))
+            try:
+                self._check_unmatched(use.path, report)
+            except ValueError:
+                unload_adapter(self.pipe, name)
+                raise
             self.by_path[key] = name
             self.hashes[key] = addnet_hash(use.path)
         use.sha256 = self.hashes[key]
         return self.by_path[key]
+
+    def _check_family(self, path: str) -> None:
+        from .formats import declared_base
+        from .models.sd import detect_sd_family
+
+        declared = declared_base(read_header(path)[0].get("__metadata__", {}))
+        family = detect_sd_family(self.pipe.unet)
+        if declared is not None and declared.removesuffix("-v") != family:
+            self._problem(f"{printable(path)} was made for {declared} (its metadata says so) but the model is "
+                          f"{family}; its modules fit by name and shape, yet the images will not show what it learned"
+                          f": use a {declared} model")
+
+    def _check_unmatched(self, path: str, report: Any) -> None:
+        src = report.source_report
+        left = list(report.skipped) + (list(src.not_found) + list(src.unused) + list(src.unsupported) if src else [])
+        if left:
+            more = f" ... (+{len(left) - 3} more)" if len(left) > 3 else ""
+            self._problem(f"{printable(path)}: {len(left)} module(s)/tensor(s) of the file are not applied to this "
+                          f"model ({printable(', '.join(left[:3]))}{more}); the file may be for another base model")
 
     def use(self, uses: Sequence[LoraUse]) -> None:
         from .pipeline import set_adapter_strength, set_adapters
@@ -321,7 +357,7 @@ def _generate(cfg: GenerateConfig, pipe: Any, plans: list, sweeps: list, neg_cle
     native = pipe.unet.config.sample_size * pipe.vae_scale_factor
     width = native if cfg.width is None else cfg.width
     height = native if cfg.height is None else cfg.height
-    adapters = AdapterSet(pipe)
+    adapters = AdapterSet(pipe, strict=cfg.strict)
     for _, _, uses in plans:  # load every file once, before the progress bar starts
         for u in uses:
             adapters.ensure(u)

@@ -271,3 +271,35 @@ def test_hub_id_without_network_says_so(tmp_path, capsys, monkeypatch):
                          "-o", str(tmp_path / "o")], capsys)
     assert rc == 1 and len(err.strip().splitlines()) == 1
     assert "'someone/not-cached-model' is not a local folder and the Hugging Face hub could not be reached" in err
+
+
+def test_file_for_another_family_or_with_unmatched_modules_warns_or_fails_under_strict(pipe, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    from lora_vision.formats import export
+
+    sd2 = make_adapter("unet-attn", None, 4, 4.0, 5)
+    sd2.metadata["lora_vision.base"] = "sd2"  # fits the tiny SD 1.x by name and shape, but was made for SD 2.x
+    sd2_file = sd2.save(tmp_path / "sd2 style.safetensors")
+    _run(pipe, tmp_path / "a", prompts=["a box"], seeds=[1], loras=[str(sd2_file)])
+    err = capsys.readouterr().err
+    assert "warning:" in err and "was made for sd2" in err and "the model is sd1" in err
+    with pytest.raises(ValueError, match=r"was made for sd2.*\(--strict\)"):
+        _run(pipe, tmp_path / "b", prompts=["a box"], seeds=[1], loras=[str(sd2_file)], strict=True)
+    assert not (tmp_path / "b").exists()
+
+    kohya = export(make_adapter("unet-attn", None, 4, 4.0, 6), "kohya", tmp_path / "k.safetensors", base="sd1")
+    sd = load_file(kohya)
+    sd["lora_unet_not_in_this_model.lora_down.weight"] = torch.zeros(4, 8, dtype=torch.float16)
+    sd["lora_unet_not_in_this_model.lora_up.weight"] = torch.zeros(8, 4, dtype=torch.float16)
+    save_file(sd, str(tmp_path / "extra.safetensors"))
+    _run(pipe, tmp_path / "c", prompts=["a box"], seeds=[1], loras=[str(tmp_path / "extra.safetensors")])
+    err = capsys.readouterr().err
+    assert err.count("warning:") == 1 and "1 module(s)/tensor(s) of the file are not applied" in err
+    assert "lora_unet_not_in_this_model" in err
+    with pytest.raises(ValueError, match="not applied.*--strict"):
+        _run(pipe, tmp_path / "d", prompts=["a box"], seeds=[1], loras=[str(tmp_path / "extra.safetensors")],
+             strict=True)
+    from lora_vision.pipeline.adapters import _state
+
+    assert not _state(pipe).adapters  # nothing stays loaded after the refusal
