@@ -7,8 +7,12 @@ parser and sets `func` (a callable taking the parsed args and returning an exit 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
+from typing import Callable
+
+from .terminal import printable
 
 COMMANDS = ("inspect", "convert", "merge", "resize", "extract", "generate", "analyze")
 
@@ -28,6 +32,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def run_command(prog: str, func: Callable[[argparse.Namespace], int | None], args: argparse.Namespace) -> int:
+    """Run a command function; expected problems (bad files, bad arguments, a full disk) become one clear line on
+    stderr and exit code 1 instead of a traceback."""
+    try:
+        return int(func(args) or 0)
+    except (ValueError, KeyError, FileNotFoundError, OSError) as e:
+        # Messages can quote file contents (key names, metadata): escape terminal control characters.
+        print(f"{prog}: error: {printable(error_message(e), keep_newlines=True)}", file=sys.stderr)
+        return 1
+
+
+def error_message(e: BaseException) -> str:
+    """The text shown for an expected error (KeyError without its quotes, a full disk said in words)."""
+    if isinstance(e, KeyError) and e.args:
+        return str(e.args[0])
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        where = f" while writing {e.filename}" if e.filename else ""
+        return (f"no space left on the device{where} ({e.strerror or e}); free some space or write the output "
+                "somewhere else")
+    return str(e)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `lora-vision` console script."""
     parser = build_parser()
@@ -35,13 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    try:
-        return int(args.func(args) or 0)
-    except (ValueError, KeyError, FileNotFoundError, OSError) as e:
-        # Expected problems (bad files, bad arguments) are reported as one clear line, not a traceback.
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"lora-vision {args.command}: error: {msg}", file=sys.stderr)
-        return 1
+    return run_command(f"lora-vision {args.command}", args.func, args)
 
 
 if __name__ == "__main__":

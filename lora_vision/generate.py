@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 import json
 import re
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -22,9 +23,10 @@ from typing import Any, Sequence
 import torch
 
 from . import __version__
-from .io import atomic_path, atomic_write_text
+from .io import atomic_path, atomic_write_text, read_header
+from .terminal import printable
 from .prompt_syntax import (LoraDirectory, addnet_hash, build_infotext, extract_lora_tags, lora_hashes_field,
-                            parse_lora_flag)
+                            parse_lora_flag, parse_strength)
 
 # name -> (diffusers class, extra config, A1111 sampler name, A1111 schedule type)
 SCHEDULERS: dict[str, tuple[str, dict, str, str | None]] = {
@@ -60,6 +62,7 @@ class GenerateConfig:
     device: str | None = None
     dtype: str | None = None                      # fp32 | fp16 | bf16 (default fp16 on CUDA, fp32 on CPU)
     progress: bool = True
+    strict: bool = False                          # a file for another SD family or with unmatched modules: error
 
 
 @dataclass
@@ -95,10 +98,7 @@ def parse_sweeps(specs: Sequence[str]) -> list[tuple[str, list[float]]]:
         key, sep, values = spec.partition("=")
         if not sep or not key.strip() or not values.strip():
             raise ValueError(f"--sweep {spec!r}: expected KEY=v1,v2,... such as strength=0,0.5,1")
-        try:
-            nums = [float(v) for v in values.split(",") if v.strip()]
-        except ValueError:
-            raise ValueError(f"--sweep {spec!r}: values must be numbers separated by commas") from None
+        nums = [parse_strength(v, f"--sweep {spec!r}: value") for v in values.split(",") if v.strip()]
         out.append((key.strip(), nums))
     if len(out) > 2:
         raise ValueError(f"{len(out)} --sweep flags; a grid has at most two axes")
@@ -117,24 +117,59 @@ def _adapter_name(label: str, taken: set[str]) -> str:
 
 
 class AdapterSet:
-    """Adapters of one pipeline, each loaded once by file; `use` makes a list of LoraUse the active set."""
+    """Adapters of one pipeline, each loaded once by file; `use` makes a list of LoraUse the active set.
 
-    def __init__(self, pipe: Any) -> None:
+    A file whose metadata names another SD family than the pipeline's, or with modules the pipeline does not have,
+    gets one warning (strict: an error, and the file is not loaded)."""
+
+    def __init__(self, pipe: Any, strict: bool = False) -> None:
         self.pipe = pipe
+        self.strict = strict
         self.by_path: dict[str, str] = {}
         self.hashes: dict[str, str] = {}
 
+    def _problem(self, message: str) -> None:
+        if self.strict:
+            raise ValueError(f"{message} (--strict)")
+        print(f"warning: {message}", file=sys.stderr)
+
     def ensure(self, use: LoraUse) -> str:
-        from .pipeline import load_adapter
+        from .pipeline import load_adapter, unload_adapter
 
         key = str(Path(use.path).resolve())
         if key not in self.by_path:
+            self._check_family(use.path)
             name = _adapter_name(use.label, set(self.by_path.values()))
-            print(load_adapter(self.pipe, use.path, name=name, strength=use.strength, te_strength=use.te_strength))
+            report = load_adapter(self.pipe, use.path, name=name, strength=use.strength, te_strength=use.te_strength)
+            print(printable(report))
+            try:
+                self._check_unmatched(use.path, report)
+            except ValueError:
+                unload_adapter(self.pipe, name)
+                raise
             self.by_path[key] = name
             self.hashes[key] = addnet_hash(use.path)
         use.sha256 = self.hashes[key]
         return self.by_path[key]
+
+    def _check_family(self, path: str) -> None:
+        from .formats import declared_base
+        from .models.sd import detect_sd_family
+
+        declared = declared_base(read_header(path)[0].get("__metadata__", {}))
+        family = detect_sd_family(self.pipe.unet)
+        if declared is not None and declared.removesuffix("-v") != family:
+            self._problem(f"{printable(path)} was made for {declared} (its metadata says so) but the model is "
+                          f"{family}; its modules fit by name and shape, yet the images will not show what it learned"
+                          f": use a {declared} model")
+
+    def _check_unmatched(self, path: str, report: Any) -> None:
+        src = report.source_report
+        left = list(report.skipped) + (list(src.not_found) + list(src.unused) + list(src.unsupported) if src else [])
+        if left:
+            more = f" ... (+{len(left) - 3} more)" if len(left) > 3 else ""
+            self._problem(f"{printable(path)}: {len(left)} module(s)/tensor(s) of the file are not applied to this "
+                          f"model ({printable(', '.join(left[:3]))}{more}); the file may be for another base model")
 
     def use(self, uses: Sequence[LoraUse]) -> None:
         from .pipeline import set_adapter_strength, set_adapters
@@ -151,7 +186,7 @@ def plan_loras(raw_prompt: str, flags: Sequence[str], lora_dir: LoraDirectory) -
     """(prompt without tags, adapters for this prompt): --lora flags first, then the prompt's tags."""
     clean, tags, ignored = extract_lora_tags(raw_prompt)
     if ignored:
-        print(f"warning: ignoring extra-network tags other than <lora:...>: {' '.join(ignored)}")
+        print(f"warning: ignoring extra-network tags other than <lora:...>: {printable(' '.join(ignored))}")
     uses = []
     for flag in flags:
         path, s, te = parse_lora_flag(flag)
@@ -235,14 +270,62 @@ def load_pipeline(cfg: GenerateConfig) -> Any:
     """The pipeline on its device and dtype, progress bar off (ours counts steps over the whole run)."""
     from .models.sd import load_sd_pipeline
 
-    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = check_device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype_name = cfg.dtype or ("fp16" if device.startswith("cuda") else "fp32")
     if dtype_name not in DTYPES:
         raise ValueError(f"dtype {dtype_name!r}: expected one of {', '.join(DTYPES)}")
     dtype = None if dtype_name == "fp32" else DTYPES[dtype_name]
-    pipe = load_sd_pipeline(cfg.model, torch_dtype=dtype).to(device)
+    try:
+        pipe = load_sd_pipeline(cfg.model, torch_dtype=dtype)
+    except OSError as err:
+        if cfg.model is None or Path(cfg.model).expanduser().exists() or not _unreachable(err):
+            raise
+        raise OSError(f"--model {cfg.model!r} is not a local folder and the Hugging Face hub could not be reached "
+                      "to download it; give the path of a local diffusers folder, or connect to the network (a "
+                      "model downloaded before is read from the cache)") from None
+    pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def check_device(device: str) -> str:
+    """`device` if torch can use it here; ValueError saying what is missing otherwise."""
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {device!r} is not a device name; expected cpu, cuda, cuda:N or mps") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device!r}: no CUDA GPU is available on this machine (or this torch build has no "
+                         "CUDA); use --device cpu, or leave --device out to pick what is available")
+    if kind == "cuda" and torch.device(device).index is not None and \
+            torch.device(device).index >= torch.cuda.device_count():
+        raise ValueError(f"--device {device!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s); "
+                         f"expected cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {device!r}: Apple MPS is not available here; use --device cpu")
+    return device
+
+
+def _unreachable(err: BaseException) -> bool:
+    """True when the chain of `err` says the hub could not be reached (no network, offline mode, no cached copy)."""
+    try:
+        from huggingface_hub.errors import LocalEntryNotFoundError
+    except ImportError:  # pragma: no cover - diffusers depends on huggingface_hub
+        LocalEntryNotFoundError = ConnectionError  # noqa: N806
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, (ConnectionError, LocalEntryNotFoundError)) or "ConnectionError" in type(err).__name__:
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def check_size(value: int | None, flag: str) -> None:
+    """Image sizes are None (the model's native size) or positive multiples of 8 (the VAE's downscale)."""
+    if value is not None and (value <= 0 or value % 8):
+        raise ValueError(f"{flag} {value}: expected a positive multiple of 8 such as 512 (or leave it out for the "
+                         "model's native size)")
 
 
 def generate(cfg: GenerateConfig, pipe: Any = None) -> list[Path]:
@@ -251,6 +334,8 @@ def generate(cfg: GenerateConfig, pipe: Any = None) -> list[Path]:
         raise ValueError("no prompt: give --prompt or --prompt_file")
     if cfg.batch_size < 1 or cfg.steps < 1:
         raise ValueError(f"batch_size and steps must be >= 1, got {cfg.batch_size} and {cfg.steps}")
+    check_size(cfg.width, "--width")
+    check_size(cfg.height, "--height")
     sweeps = parse_sweeps(cfg.sweeps)
     lora_dir = LoraDirectory(cfg.lora_dir)
     plans = [(raw, *plan_loras(raw, cfg.loras, lora_dir)) for raw in cfg.prompts]  # fail early, before loading
@@ -270,8 +355,9 @@ def _generate(cfg: GenerateConfig, pipe: Any, plans: list, sweeps: list, neg_cle
     from tqdm.auto import tqdm
 
     native = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    width, height = cfg.width or native, cfg.height or native
-    adapters = AdapterSet(pipe)
+    width = native if cfg.width is None else cfg.width
+    height = native if cfg.height is None else cfg.height
+    adapters = AdapterSet(pipe, strict=cfg.strict)
     for _, _, uses in plans:  # load every file once, before the progress bar starts
         for u in uses:
             adapters.ensure(u)

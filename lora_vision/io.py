@@ -47,6 +47,7 @@ def replace_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> None:
     import shutil
 
     tmp, final = Path(tmp), Path(final)
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes owner-only folders; give the usual permissions
     if final.exists():
         old = final.with_name(f".{final.name}.old-{os.getpid()}")
         os.replace(final, old)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -39,12 +40,25 @@ class LoraTag:
     text: str
 
 
-def _number(value: str, what: str, tag: str) -> float:
+def parse_strength(value: str | float, what: str) -> float:
+    """A strength (multiplier) from text: a finite number, or ValueError naming `what` and the value.
+
+    The one parser of strengths for tags, --lora flags, --sweep values and merge --weights: NaN and Inf (also
+    what float() makes of "1e999") are refused, because they turn every image black.
+    """
     try:
-        return float(value)
-    except ValueError:
-        raise ValueError(f"{tag}: {what} {value.strip()!r} is not a number; expected <lora:NAME:TE:UNET> with "
-                         "numbers, e.g. <lora:style:0.8> or <lora:style:1:unet=0.5>") from None
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} {str(value).strip()!r} is not a number; expected a strength such as 0.8 "
+                         "or -0.5") from None
+    if not math.isfinite(number):
+        raise ValueError(f"{what} {str(value).strip()!r} is not a finite number; expected a strength such as 0.8 "
+                         "(NaN and Inf give black images)")
+    return number
+
+
+def _number(value: str, what: str, tag: str) -> float:
+    return parse_strength(value, f"{tag}: {what}")
 
 
 def parse_lora_tag(body: str, text: str) -> LoraTag:
@@ -111,10 +125,15 @@ def parse_lora_flag(text: str) -> tuple[Path, float, float]:
     nums: list[float] = []
     while len(parts) > 1 and len(nums) < 2:
         try:
-            nums.insert(0, float(parts[-1]))
+            float(parts[-1])
         except ValueError:
+            prefix = ":".join(parts[:-1])
+            last_is_file = Path(parts[-1]).suffix.lower() in (".safetensors", *PICKLE_SUFFIXES)
+            if not Path(text).exists() and not last_is_file and (Path(prefix).suffix or Path(prefix).is_file()):
+                # "style.safetensors:abc": a file name, then something that should have been a number.
+                parse_strength(parts[-1], f"--lora {text!r}: strength")
             break
-        parts.pop()
+        nums.insert(0, parse_strength(parts.pop(), f"--lora {text!r}: strength"))
     path = ":".join(parts)
     if not path:
         raise ValueError(f"--lora {text!r}: no file; expected FILE[:STRENGTH[:TE_STRENGTH]]")

@@ -37,6 +37,7 @@ from lora_vision.lora import (LoRAConfig, inject_lora, lora_layers, lora_paramet
 from lora_vision.lora.config import ConfigError  # noqa: E402
 from lora_vision.models.sd import TINY_PIPELINES, detect_sd_family, load_sd_pipeline, prediction_type  # noqa: E402
 from lora_vision.data.dreambooth import make_buckets, scan_folder  # noqa: E402
+from lora_vision.formats.kohya import tag_frequency  # noqa: E402
 from lora_vision.training.caching import (BatchSampler, build_text_table, cache_latents,  # noqa: E402
                                           truncated_captions)
 from lora_vision.training.checkpoint import (CheckpointError, find_checkpoint, load_checkpoint,  # noqa: E402
@@ -414,7 +415,8 @@ def train(cfg: SDTrainConfig) -> int:
                 "lora_vision.trigger_phrase": cfg.instance_prompt, "modelspec.trigger_phrase": cfg.instance_prompt,
                 "lora_vision.rank": str(cfg.rank), "lora_vision.alpha": str(cfg.lora_alpha or cfg.rank),
                 "lora_vision.targets": json.dumps({k: c.to_dict()["targets"] for k, c in lora_cfgs.items()}),
-                "lora_vision.steps": str(cfg.max_train_steps), "lora_vision.training_config": json.dumps(resolved)}
+                "lora_vision.steps": str(cfg.max_train_steps), "lora_vision.training_config": json.dumps(resolved),
+                "ss_tag_frequency": tag_frequency(instance.captions, cfg.instance_data_dir)}  # A1111's tag list
     adapter = Adapter.from_models(models, metadata=metadata, configs=lora_cfgs)
     path = adapter.save(out / "adapter.safetensors")
     print(f"wrote {path}")

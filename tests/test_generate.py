@@ -209,3 +209,97 @@ def test_cli_and_script_run_end_to_end(lora_files, tmp_path, capsys):
     assert script.main(["--prompt", "a box", "--steps", "1", "-o", str(tmp_path / "script"), "--no_progress",
                         "--scheduler", "ddim"]) == 0
     assert len(list((tmp_path / "script").glob("*.png"))) == 1
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf", "-inf", "1e999"])
+def test_non_finite_strengths_are_refused_on_every_path(bad, tmp_path):
+    with pytest.raises(ValueError, match="not a finite number"):
+        extract_lora_tags(f"a dog <lora:dog:{bad}>")
+    with pytest.raises(ValueError, match="not a finite number"):
+        extract_lora_tags(f"a dog <lora:dog:1:unet={bad}>")
+    with pytest.raises(ValueError, match="not a finite number"):
+        parse_lora_flag(f"f.safetensors:{bad}")
+    with pytest.raises(ValueError, match="not a finite number"):
+        parse_sweeps([f"strength=0,{bad}"])
+    from lora_vision.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["merge", "a.safetensors", "--weights", bad, "-o", str(tmp_path / "m.safetensors")])
+    assert e.value.code == 2
+
+
+def test_lora_flag_with_a_word_for_strength_says_it_is_not_a_number(tmp_path):
+    f = tmp_path / "f.safetensors"
+    f.write_bytes(b"")
+    for text in (f"{f}:abc", "missing.safetensors:abc", f"{f}:0.5:abc"):
+        with pytest.raises(ValueError, match=r"strength 'abc' is not a number"):
+            parse_lora_flag(text)
+    odd = tmp_path / "odd:name.safetensors"
+    odd.write_bytes(b"")
+    assert parse_lora_flag(f"{odd}:0.5") == (odd, 0.5, 0.5)
+    assert parse_lora_flag(str(odd)) == (odd, 1.0, 1.0)
+
+
+def _main_err(argv: list[str], capsys) -> tuple[int, str]:
+    from lora_vision.cli import main
+
+    rc = main(argv)
+    return rc, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--height", "-8"], "--height -8: expected a positive multiple of 8"),
+    (["--width", "0"], "--width 0: expected a positive multiple of 8"),
+    (["--width", "100"], "--width 100: expected a positive multiple of 8"),
+    (["--device", "cuda"], "--device 'cuda': no CUDA GPU is available"),
+    (["--device", "gpu0"], "--device 'gpu0' is not a device name"),
+])
+def test_bad_sizes_and_devices_are_one_line_errors(flags, message, tmp_path, capsys):
+    if "cuda" in flags and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    rc, err = _main_err(["generate", "--prompt", "a box", "--steps", "1", "-o", str(tmp_path / "o"), *flags], capsys)
+    assert rc == 1 and message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_hub_id_without_network_says_so(tmp_path, capsys, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no network, without waiting for it
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty_cache"))
+    rc, err = _main_err(["generate", "--model", "someone/not-cached-model", "--prompt", "a box", "--steps", "1",
+                         "-o", str(tmp_path / "o")], capsys)
+    assert rc == 1 and len(err.strip().splitlines()) == 1
+    assert "'someone/not-cached-model' is not a local folder and the Hugging Face hub could not be reached" in err
+
+
+def test_file_for_another_family_or_with_unmatched_modules_warns_or_fails_under_strict(pipe, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    from lora_vision.formats import export
+
+    sd2 = make_adapter("unet-attn", None, 4, 4.0, 5)
+    sd2.metadata["lora_vision.base"] = "sd2"  # fits the tiny SD 1.x by name and shape, but was made for SD 2.x
+    sd2_file = sd2.save(tmp_path / "sd2 style.safetensors")
+    _run(pipe, tmp_path / "a", prompts=["a box"], seeds=[1], loras=[str(sd2_file)])
+    err = capsys.readouterr().err
+    assert "warning:" in err and "was made for sd2" in err and "the model is sd1" in err
+    with pytest.raises(ValueError, match=r"was made for sd2.*\(--strict\)"):
+        _run(pipe, tmp_path / "b", prompts=["a box"], seeds=[1], loras=[str(sd2_file)], strict=True)
+    assert not (tmp_path / "b").exists()
+
+    kohya = export(make_adapter("unet-attn", None, 4, 4.0, 6), "kohya", tmp_path / "k.safetensors", base="sd1")
+    sd = load_file(kohya)
+    sd["lora_unet_not_in_this_model.lora_down.weight"] = torch.zeros(4, 8, dtype=torch.float16)
+    sd["lora_unet_not_in_this_model.lora_up.weight"] = torch.zeros(8, 4, dtype=torch.float16)
+    save_file(sd, str(tmp_path / "extra.safetensors"))
+    _run(pipe, tmp_path / "c", prompts=["a box"], seeds=[1], loras=[str(tmp_path / "extra.safetensors")])
+    err = capsys.readouterr().err
+    assert err.count("warning:") == 1 and "1 module(s)/tensor(s) of the file are not applied" in err
+    assert "lora_unet_not_in_this_model" in err
+    with pytest.raises(ValueError, match="not applied.*--strict"):
+        _run(pipe, tmp_path / "d", prompts=["a box"], seeds=[1], loras=[str(tmp_path / "extra.safetensors")],
+             strict=True)
+    from lora_vision.pipeline.adapters import _state
+
+    assert not _state(pipe).adapters  # nothing stays loaded after the refusal

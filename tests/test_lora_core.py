@@ -463,3 +463,14 @@ def test_atomic_write_leaves_no_temp_and_normal_permissions(tmp_path) -> None:
             raise RuntimeError("crash while writing")
     assert target.read_text() == "hello"  # the old file survives a crash
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.txt"]  # no temporary left behind
+
+
+def test_target_matching_nothing_alike_suggests_no_unrelated_name() -> None:
+    from lora_vision.models import build_tiny_sd
+
+    unet = build_tiny_sd("sd1").unet
+    with pytest.raises(lv.TargetError) as e:
+        lv.inject_lora(unet, lv.LoRAConfig(targets=("qqqqqqq",)))
+    msg = str(e.value)
+    assert "closest" not in msg and "0.conv" not in msg
+    assert "no module name resembles them; module names end in: " in msg and "to_q" in msg

@@ -29,7 +29,9 @@ def add_output_args(p: argparse.ArgumentParser, default_fmt: str = "lora_vision"
     p.add_argument("--family", choices=("sd1", "sd2", "sd2-v", "sdxl"),
                    help="base model family for kohya metadata and SDXL naming (default: from the file)")
     p.add_argument("--dtype", choices=tuple(DTYPES),
-                   help="tensor dtype of the output (kohya default fp16, others keep the input dtype)")
+                   help="tensor dtype of the output (others keep the input dtype). kohya default: fp16, or fp32 "
+                        "with a warning when a value exceeds fp16's range (65504); an explicit fp16 that would "
+                        "overflow is an error")
 
 
 def write(adapter: Any, args: argparse.Namespace, **kwargs: Any) -> Path:

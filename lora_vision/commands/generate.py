@@ -56,6 +56,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="default: cuda when available, else cpu")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="default: fp16 on CUDA, fp32 on CPU")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
+    p.add_argument("--strict", action="store_true",
+                   help="an adapter made for another SD family (from its metadata) or with modules the model does "
+                        "not have is an error (default: a warning)")
 
 
 def config_from_args(args: argparse.Namespace) -> Any:
@@ -71,7 +74,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
                           lora_dir=args.lora_dir, seeds=seeds, steps=args.steps, guidance_scale=args.guidance_scale,
                           width=args.width, height=args.height, scheduler=args.scheduler, batch_size=args.batch_size,
                           sweeps=args.sweep, output_dir=args.output_dir, device=args.device, dtype=args.dtype,
-                          progress=not args.no_progress)
+                          progress=not args.no_progress, strict=args.strict)
 
 
 def run(args: argparse.Namespace) -> int:

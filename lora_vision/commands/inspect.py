@@ -52,27 +52,30 @@ def summary(path: str) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..terminal import printable as esc  # every string that comes from the file is escaped
+
     if not os.path.exists(args.file):
         raise FileNotFoundError(f"{args.file}: no such file or folder")
     info = summary(args.file)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
-    print(f"file:       {info['file']} ({info['size_bytes']:,} bytes)")
+    print(f"file:       {esc(info['file'])} ({info['size_bytes']:,} bytes)")
     print(f"format:     {info['format']}")
-    print(f"base:       {info['base']}")
+    print(f"base:       {esc(info['base'])}")
     print(f"parameters: {info['parameters']:,} ({', '.join(info['dtypes'])})")
     for comp, c in info["components"].items():
-        print(f"  {comp}: {c['modules']} modules, ranks {c['ranks']}, alphas {[round(a, 4) for a in c['alphas']]}")
+        print(f"  {esc(comp)}: {c['modules']} modules, ranks {c['ranks']}, alphas {[round(a, 4) for a in c['alphas']]}")
     if info["full_modules"]:
-        print(f"  stored in full: {', '.join(info['full_modules'])}")
-    print(f"trigger:    {info['trigger_phrase'] or '-'}")
+        print(f"  stored in full: {esc(', '.join(info['full_modules']))}")
+    print(f"trigger:    {esc(info['trigger_phrase'] or '-')}")
+    # The report's own lines are joined by newlines; the names inside it are escaped by ImportReport.
     print(f"import:     {info['report'].replace(chr(10), chr(10) + '            ')}")
     if info["metadata"]:
         print("metadata:")
         for k in sorted(info["metadata"]):
-            v = info["metadata"][k]
+            v = esc(info["metadata"][k])
             if len(v) > 100 and not args.all_metadata:
                 v = v[:97] + f"... ({len(v):,} chars)"
-            print(f"  {k} = {v}")
+            print(f"  {esc(k)} = {v}")
     return 0

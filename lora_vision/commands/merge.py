@@ -20,13 +20,22 @@ examples:
 """
 
 
+def _weight(text: str) -> float:
+    from ..prompt_syntax import parse_strength  # the one strength parser (finite numbers only)
+
+    try:
+        return parse_strength(text, "--weights value")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def register(subparsers: Any) -> None:
     """Add the `merge` subcommand."""
     p = subparsers.add_parser("merge", help="merge adapters into one adapter (exact or SVD) or into a base model",
                               description=__doc__.split("\n\n")[1].replace("\n", " "), epilog=EPILOG,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("files", nargs="+", help="adapters (any supported format)")
-    p.add_argument("--weights", type=float, nargs="+", help="one weight (strength) per adapter (default 1.0 each)")
+    p.add_argument("--weights", type=_weight, nargs="+", help="one weight (strength) per adapter (default 1.0 each)")
     p.add_argument("-o", "--output", required=True, help="output adapter file, or folder with --into")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--rank", type=int, help="compress the merged update of every layer to this rank by SVD")
@@ -37,7 +46,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--into", metavar="BASE", help="fuse into this base pipeline (folder, hub id or tiny-sd1/...) "
                                                    "and write a merged diffusers folder to -o")
     p.add_argument("--single-file", action="store_true", help="with --into: also write one .safetensors checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="with --into: replace an existing output folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="with --into: replace an existing output folder that holds an earlier merged pipeline "
+                        "(model_index.json); any other folder is refused")
     p.add_argument("--layers", type=int, default=40, help="layers listed in the report (default 40; 0 = all)")
     p.set_defaults(func=run)
 

@@ -26,7 +26,7 @@ from .common import BaseMismatchError, ComponentInfo, ImportReport, describe_mod
 from .detect import FORMATS, classify_keys, detect_format, guess_base
 
 __all__ = ["FORMATS", "BaseMismatchError", "ComponentInfo", "ImportReport", "adapter_summary", "describe_models",
-           "detect_format", "export", "guess_base", "import_tensors", "load_any"]
+           "declared_base", "detect_format", "export", "guess_base", "import_tensors", "load_any"]
 
 
 def load_any(source: str | os.PathLike | Mapping[str, torch.Tensor], models: Mapping[str, nn.Module] | None = None,
@@ -94,11 +94,12 @@ def import_tensors(raw: Mapping[str, torch.Tensor], metadata: Mapping[str, str],
         tensors, report = import_native(raw, infos, source)
     report.base = guess_base({k: v for k, v in tensors.items() if not k.startswith(FULL + ".")}) if tensors else None
     if report.base in ("sd1", "sd2"):  # same module names: the file's own metadata tells them apart when present
-        report.base = _declared_base(metadata) or report.base
+        report.base = declared_base(metadata) or report.base
     return tensors, report
 
 
-def _declared_base(metadata: Mapping[str, str]) -> str | None:
+def declared_base(metadata: Mapping[str, str]) -> str | None:
+    """The SD 1.x / 2.x family a file's metadata declares (sd1, sd2, sd2-v), or None when it says nothing."""
     version = metadata.get("ss_base_model_version", "")
     if metadata.get("lora_vision.base") in ("sd1", "sd2", "sd2-v"):
         return metadata["lora_vision.base"]

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ..io import AdapterFileError
+from ..terminal import printable
 from . import naming
 
 SD_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
@@ -85,10 +86,10 @@ class ImportReport:
             items = getattr(self, what)
             if items:
                 more = f" ... (+{len(items) - 6} more)" if len(items) > 6 else ""
-                lines.append(f"{label} ({len(items)}): " + ", ".join(items[:6]) + more)
-        lines += self.notes
+                lines.append(f"{label} ({len(items)}): " + ", ".join(printable(i) for i in items[:6]) + more)
+        lines += [printable(n) for n in self.notes]
         if self.full_weights:
-            lines.append(f"full weights (modules_to_save): {', '.join(sorted(self.full_weights))}")
+            lines.append(f"full weights (modules_to_save): {printable(', '.join(sorted(self.full_weights)))}")
         return "\n".join(lines)
 
     def raise_if_strict(self, strict: bool, source: str) -> None:

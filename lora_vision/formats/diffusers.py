@@ -184,9 +184,39 @@ CARRIED_METADATA = ("modelspec.trigger_phrase", "modelspec.title", "modelspec.de
 
 def provenance(metadata: Mapping[str, str]) -> dict[str, str]:
     """Metadata carried into foreign files: our `lora_vision.*` (without `lora_vision.format`, which marks native
-    files) and the user-facing CARRIED_METADATA."""
-    return {k: v for k, v in metadata.items()
+    files) and the user-facing CARRIED_METADATA. These files are made for sharing, so local paths in the values
+    (the training config's folders, the base model's path) are cut to their last component, as kohya does."""
+    return {k: shareable(k, v) if k.startswith("lora_vision.") else v for k, v in metadata.items()
             if (k.startswith("lora_vision.") and k != "lora_vision.format") or k in CARRIED_METADATA}
+
+
+_PATH_KEYS = ("_dir", "_path", "_file", "_name_or_path", "base_model", "resume_from_checkpoint", "config")
+_ABSOLUTE = re.compile(r"^(?:/[^/\s]+/|~[\\/]|[A-Za-z]:[\\/]|\\\\)")  # /home/..., ~/..., C:\..., \\server
+
+
+def path_name(value: str) -> str:
+    """The last component of a POSIX or Windows path (`/home/me/data/dog/` -> `dog`)."""
+    return re.split(r"[\\/]", value.rstrip("\\/"))[-1] or value
+
+
+def shareable(key: str, value: object) -> object:
+    """`value` with local paths reduced to their last component: strings under path-like keys (`*_dir`,
+    `*_name_or_path`, ...) and every absolute path, also inside JSON objects and lists given as text."""
+    if isinstance(value, str):
+        if value[:1] in "{[":
+            try:
+                parsed = json.loads(value)
+            except ValueError:
+                parsed = None
+            if isinstance(parsed, (dict, list)):
+                return json.dumps(shareable(key, parsed))
+        key_says_path = key.rsplit(".", 1)[-1].endswith(_PATH_KEYS)
+        return path_name(value) if key_says_path or _ABSOLUTE.match(value) else value
+    if isinstance(value, dict):
+        return {k: shareable(str(k), v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [shareable(key, v) for v in value]
+    return value
 
 
 def file_module(comp: str, live: str) -> str:

@@ -8,8 +8,9 @@ Export follows exactly what formats.md section 8 "Export (UI-targeted)" says.
 - SD 1.x / 2.x: `lora_unet_<diffusers name>`, `lora_te_text_model_encoder_layers_...`;
   SDXL: `lora_unet_<SGM name>`, `lora_te1_...`, `lora_te2_...` (transformers-4 CLIP names).
 - `.lora_down.weight` (A; conv: 4D, kernel on down), `.lora_up.weight` (B; conv 1x1, 4D), 0-dim `.alpha`.
-- One dtype for everything (fp16 by default), one alpha for the file (a second one for k x k convs): modules with
-  another alpha get B rescaled by alpha_module / alpha_file, which keeps the update exact. No other tensors.
+- One dtype for everything (fp16 by default; fp32, with a warning, when a value exceeds fp16's range), one alpha
+  for the file (a second one for k x k convs): modules with another alpha get B rescaled by
+  alpha_module / alpha_file, which keeps the update exact. No other tensors.
 - Metadata: ss_*, modelspec.*, sshs_model_hash = sha256 of the exact data region written, lora_vision.*.
 """
 
@@ -20,6 +21,7 @@ import hashlib
 import json
 import re
 import struct
+import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -31,7 +33,7 @@ from ..lora.ops import parse_canonical
 from . import naming
 from .common import ComponentInfo, ImportReport, alpha_value, fit_pair, is_unsupported, put
 from .detect import guess_base
-from .diffusers import provenance
+from .diffusers import path_name, provenance
 from .resolve import COMFY_CLIP, NameResolver, default_infos, guess_unet_layout, te_layer_count
 
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lycoris_")
@@ -156,9 +158,13 @@ def _common(values: list[float]) -> float | None:
     return max(set(values), key=values.count) if values else None
 
 
-def kohya_tensors(adapter: Adapter, base: str, dtype: torch.dtype = torch.float16,
+def kohya_tensors(adapter: Adapter, base: str, dtype: torch.dtype | None = None,
                   unet_config: dict | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The kohya tensors of `adapter` and the ss_network_* metadata describing them."""
+    """The kohya tensors of `adapter` and the ss_network_* metadata describing them.
+
+    dtype None: float16 (what kohya writes), or float32 with a warning when a value would not fit float16 (it would
+    become Inf, and loaders refuse the file). An explicit dtype whose range a value exceeds is an error.
+    """
     xl = base == "sdxl"
     comps = adapter.components()
     bad = [c for c in comps if c not in ("unet", "text_encoder", "text_encoder_2")]
@@ -189,9 +195,11 @@ def kohya_tensors(adapter: Adapter, base: str, dtype: torch.dtype = torch.float1
             b = b.float() * (e["alpha"] / alpha)
         if key + ".lora_down.weight" in tensors:
             raise AdapterFileError(f"two modules map to the kohya key {key}")
-        tensors[key + ".lora_down.weight"] = e["A"].to(dtype).contiguous()
-        tensors[key + ".lora_up.weight"] = b.to(dtype).contiguous()
-        tensors[key + ".alpha"] = torch.tensor(alpha, dtype=dtype)
+        tensors[key + ".lora_down.weight"] = e["A"]
+        tensors[key + ".lora_up.weight"] = b
+        tensors[key + ".alpha"] = torch.tensor(float(alpha))
+    dtype = _output_dtype(tensors, dtype)
+    tensors = {k: v.to(dtype).contiguous() for k, v in tensors.items()}
     ranks = sorted({int(e["rank"]) for _, e, conv in rows if not conv})
     conv_ranks = sorted({int(e["rank"]) for _, e, conv in rows if conv})
     meta = {"ss_network_module": "networks.lora",
@@ -203,6 +211,60 @@ def kohya_tensors(adapter: Adapter, base: str, dtype: torch.dtype = torch.float1
                 "conv_alpha": str(float(conv_alpha))}
     meta["ss_network_args"] = json.dumps(args)
     return tensors, meta
+
+
+def _output_dtype(tensors: Mapping[str, torch.Tensor], dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype to write: `dtype`, or float16 when None and every value fits it (else float32, with a warning)."""
+    want = torch.float16 if dtype is None else dtype
+    if not want.is_floating_point:
+        raise ValueError(f"dtype {want}: expected a floating point dtype (float16, bfloat16 or float32)")
+    limit = torch.finfo(want).max
+    peaks = {k: float(v.detach().abs().max()) for k, v in tensors.items() if v.numel()}
+    over = sorted(((v, k) for k, v in peaks.items() if v > limit), reverse=True)
+    if not over:
+        return want
+    peak, layer = over[0]
+    what = f"{len(over)} tensor(s) exceed {str(want).removeprefix('torch.')}'s largest value {limit:g} (largest: " \
+           f"{layer} = {peak:.6g})"
+    if dtype is not None:
+        raise ValueError(f"kohya export: {what}, so they would be written as Inf; use dtype float32 or bfloat16 "
+                         "(--dtype fp32 / bf16), or leave the dtype out to get float32 for such a file")
+    warnings.warn(f"kohya export: {what}; writing this file in float32 instead of float16 so that nothing becomes "
+                  "Inf", stacklevel=3)
+    return torch.float32
+
+
+def tag_frequency(captions: list[str] | tuple[str, ...], dataset_dir: str) -> str:
+    """kohya's `ss_tag_frequency`: JSON {"<dataset folder name>": {tag: number of captions with it}}, tags being the
+    comma-separated parts of each caption (A1111 lists them in its LoRA card)."""
+    counts: dict[str, int] = {}
+    for caption in captions:
+        for tag in dict.fromkeys(t.strip() for t in caption.split(",")):
+            if tag:
+                counts[tag] = counts.get(tag, 0) + 1
+    return json.dumps({path_name(str(dataset_dir)) or "dataset": counts})
+
+
+def _training_facts(metadata: Mapping[str, str], trigger_phrase: str | None) -> dict[str, str]:
+    """What A1111 shows of a kohya file, from the adapter's own metadata: the base model's name
+    (`ss_sd_model_name`, no path), the training resolution, and the tags (`ss_tag_frequency`: the captions the
+    trainer recorded, else the trigger phrase)."""
+    out: dict[str, str] = {}
+    try:
+        config = json.loads(metadata.get("lora_vision.training_config", "{}"))
+    except ValueError:
+        config = {}
+    config = config if isinstance(config, dict) else {}
+    base_model = metadata.get("lora_vision.base_model") or config.get("pretrained_model_name_or_path")
+    if base_model:
+        out["ss_sd_model_name"] = path_name(str(base_model))
+    resolution = config.get("resolution")
+    if isinstance(resolution, int) and resolution > 0:
+        out["modelspec.resolution"] = f"{resolution}x{resolution}"
+        out["ss_resolution"] = f"({resolution}, {resolution})"
+    if "ss_tag_frequency" not in metadata and trigger_phrase:
+        out["ss_tag_frequency"] = tag_frequency([trigger_phrase], config.get("instance_data_dir") or "dataset")
+    return out
 
 
 def resolve_base(base: Any, adapter: Adapter) -> tuple[str, dict | None]:
@@ -224,12 +286,14 @@ def resolve_base(base: Any, adapter: Adapter) -> tuple[str, dict | None]:
     return family, dict(unet.config)
 
 
-def export_kohya(adapter: Adapter, path: str | Path, base: Any = None, dtype: torch.dtype = torch.float16,
+def export_kohya(adapter: Adapter, path: str | Path, base: Any = None, dtype: torch.dtype | None = None,
                  title: str | None = None, trigger_phrase: str | None = None, unet_config: dict | None = None,
                  metadata: dict[str, str] | None = None) -> Path:
     """Write `adapter` as a kohya file that A1111, ComfyUI, kohya and diffusers load (see the module docstring).
 
     base: "sd1", "sd2", "sd2-v", "sdxl", or the target pipeline / UNet (family and SGM naming from its config).
+    dtype: None writes float16, or float32 (with a warning naming the layer) when a value exceeds float16's range;
+    an explicit dtype that a value would overflow is an error.
     """
     base, config = resolve_base(base, adapter)
     tensors, net_meta = kohya_tensors(adapter, base, dtype, unet_config or config)
@@ -252,6 +316,7 @@ def export_kohya(adapter: Adapter, path: str | Path, base: Any = None, dtype: to
     })
     if trigger_phrase:
         meta["modelspec.trigger_phrase"] = trigger_phrase
+    meta.update(_training_facts(adapter.metadata, meta.get("modelspec.trigger_phrase")))
     meta.update(metadata or {})
     write_safetensors(path, tensors, meta)
     with open(path, "rb") as f:

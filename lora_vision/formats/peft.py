@@ -16,6 +16,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Mapping
 
@@ -23,7 +25,7 @@ import torch
 from torch import nn
 
 from ..adapter import Adapter
-from ..io import AdapterFileError, atomic_write_text, read_safetensors, write_safetensors
+from ..io import AdapterFileError, atomic_write_text, read_safetensors, replace_dir, write_safetensors
 from ..lora.ops import parse_canonical
 from . import naming
 from .common import ComponentInfo, ImportReport, alpha_value, fit_pair, put
@@ -235,15 +237,35 @@ def export_peft(adapter: Adapter, path: str | Path, model: nn.Module | None = No
 
     Modules stored in full in the adapter (`full.<component>.*`) become `modules_to_save`; more can be named in
     `modules_to_save` (taken from `model`) or given as `full_weights` (`<module>.weight` -> tensor).
+    A new folder is written under a temporary name and renamed when complete, so a failure (a full disk) leaves
+    nothing behind; in an existing folder each file is replaced atomically.
     """
     path = Path(path)
+    args = (model, modules_to_save, full_weights, base_model_name_or_path, dtype)
+    if path.exists():
+        _write_peft(adapter, path, *args)
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        _write_peft(adapter, tmp, *args)
+        replace_dir(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def _write_peft(adapter: Adapter, path: Path, model: nn.Module | None, modules_to_save: list[str] | None,
+                full_weights: Mapping[str, torch.Tensor] | None, base_model_name_or_path: str | None,
+                dtype: torch.dtype | None) -> None:
     comps = adapter.components()
     if len(comps) > 1:
         for c in comps:
             sub = Adapter({k: v for k, v in adapter.tensors.items() if k.startswith((c + ".", f"full.{c}."))},
                           adapter.metadata)
-            export_peft(sub, path / c, None, None, None, base_model_name_or_path, dtype)
-        return path
+            _write_peft(sub, path / c, None, None, None, base_model_name_or_path, dtype)
+        return
     comp = comps[0]
     tensors, targets = peft_state(adapter, comp)
     full = dict(adapter.full_state_dict_for(comp))
@@ -278,4 +300,3 @@ def export_peft(adapter: Adapter, path: str | Path, model: nn.Module | None = No
     meta["lora_vision.transformers_version"] = transformers.__version__
     write_safetensors(path / WEIGHTS, tensors, meta)
     atomic_write_text(path / CONFIG, json.dumps(config, indent=2, sort_keys=True))
-    return path

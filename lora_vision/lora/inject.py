@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import difflib
 from typing import Iterator, Mapping
 
@@ -58,7 +59,18 @@ def _closest(patterns: tuple[str, ...], names: list[str], n: int = 3) -> list[st
         for c in difflib.get_close_matches(p.removeprefix("re:"), tails, n=n, cutoff=0.4):
             if c not in close:
                 close.append(c)
-    return close[:n] or tails[:n]
+    return close[:n]
+
+
+def _target_hint(patterns: tuple[str, ...], names: list[str]) -> str:
+    """"closest: ..." when some names resemble the patterns; else the most common name endings (never an
+    unrelated name picked alphabetically)."""
+    close = _closest(patterns, names)
+    if close:
+        return f"closest: {', '.join(close)}"
+    ends = [".".join(x.split(".")[-2:]) if x.rsplit(".", 1)[-1].isdigit() else x.rsplit(".", 1)[-1] for x in names]
+    common = collections.Counter(ends).most_common(6)  # "to_out.0", not "0"
+    return f"no module name resembles them; module names end in: {', '.join(n for n, _ in common) or 'nothing'}"
 
 
 def resolve_targets(model: nn.Module, config: LoRAConfig) -> tuple[tuple[str, ...], dict[str, nn.Module]]:
@@ -76,7 +88,7 @@ def resolve_targets(model: nn.Module, config: LoRAConfig) -> tuple[tuple[str, ..
             f"targets {tuple(patterns)!r}"
         raise TargetError(
             f"{what} matched 0 of {len(cands)} Linear/Conv2d/MultiheadAttention modules in {type(model).__name__}; "
-            f"closest: {', '.join(_closest(tuple(patterns), list(cands)))}")
+            f"{_target_hint(tuple(patterns), list(cands))}")
     return tuple(patterns), chosen
 
 

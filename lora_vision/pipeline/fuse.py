@@ -114,7 +114,13 @@ def merge_into_pipeline(base: Any, adapters_with_strengths: Sequence[MergeItem] 
     """
     out = Path(out_dir)
     if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists; pass overwrite=True or choose another out_dir")
+        raise FileExistsError(f"{out} already exists; pass overwrite=True (--overwrite on the command line) or "
+                              "choose another output folder")
+    if out.exists() and not (out / "model_index.json").is_file():
+        # overwrite replaces a previous pipeline output only, never a folder of something else.
+        raise FileExistsError(f"{out} exists and is not a diffusers pipeline folder (no model_index.json); "
+                              "refusing to replace it even with overwrite / --overwrite: choose another output "
+                              "folder")
     items = list(adapters_with_strengths.items()) if isinstance(adapters_with_strengths, Mapping) else \
         list(adapters_with_strengths)
     if not items:

@@ -239,3 +239,60 @@ def test_components_not_given_are_an_error_that_says_so(files):
     pipe = build_tiny_sd("sdxl")
     with pytest.raises(AdapterFileError, match=r"\['text_encoder_2'\], which were not given"):
         load_any(files["sdxl"], models={"unet": pipe.unet, "text_encoder": pipe.text_encoder})
+
+
+def _header_meta(path) -> dict:
+    raw = open(path, "rb").read()
+    (n,) = struct.unpack("<Q", raw[:8])
+    return json.loads(raw[8:8 + n])["__metadata__"]
+
+
+def test_values_beyond_fp16_fall_back_to_fp32_with_a_warning_or_fail_when_fp16_was_asked(tmp_path):
+    ad = make_sd_adapter("sd1", unet_targets="unet-cross-attn")
+    key = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_q.lora_B.weight"
+    ad = Adapter(dict(ad.tensors), dict(ad.metadata))
+    ad.tensors[key] = ad.tensors[key].clone()
+    ad.tensors[key][0, 0] = 1e5  # finite in fp32, Inf in fp16 (max 65504)
+    with pytest.warns(UserWarning, match=r"exceed float16's largest value 65504 .*attn2_to_q\.lora_up\.weight = "
+                                         r"100000.*float32 instead"):
+        path = export(ad, "kohya", tmp_path / "big.safetensors")
+    sd = load_file(path)
+    assert {t.dtype for t in sd.values()} == {torch.float32}
+    back, _ = load_any(path)  # our loader refuses Inf: the file must load, with the value intact
+    assert back.tensors[key].max().item() == 1e5
+    with pytest.raises(ValueError, match="would be written as Inf"):
+        export(ad, "kohya", tmp_path / "fp16.safetensors", dtype=torch.float16)
+    assert not (tmp_path / "fp16.safetensors").exists()
+    # Within range the default stays fp16, without a warning.
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        small = export(make_sd_adapter("sd1", unet_targets="unet-cross-attn"), "kohya", tmp_path / "s.safetensors")
+    assert {t.dtype for t in load_file(small).values()} == {torch.float16}
+
+
+def test_shared_file_has_no_local_paths_the_real_resolution_and_a1111_model_and_tags(tmp_path):
+    ad = make_sd_adapter("sd1", unet_targets="unet-cross-attn")
+    config = {"instance_data_dir": "/home/alice/private/dog photos/", "output_dir": "/home/alice/runs/dog",
+              "class_data_dir": "C:\\Users\\alice\\class", "pretrained_model_name_or_path": "/models/sd15-local",
+              "resolution": 64, "instance_prompt": "a photo of sks dog", "logging_dir": "logs"}
+    ad.metadata.update({"lora_vision.training_config": json.dumps(config),
+                        "lora_vision.base_model": "/models/sd15-local", "lora_vision.base": "sd1"})
+    path = export(ad, "kohya", tmp_path / "share.safetensors", trigger_phrase="a photo of sks dog")
+    meta = _header_meta(path)
+    assert not [k for k, v in meta.items() if "alice" in v or "/models" in v]
+    shared = json.loads(meta["lora_vision.training_config"])
+    assert (shared["instance_data_dir"], shared["output_dir"], shared["class_data_dir"]) == ("dog photos", "dog",
+                                                                                          "class")
+    assert shared["instance_prompt"] == "a photo of sks dog" and shared["resolution"] == 64
+    assert meta["modelspec.resolution"] == "64x64"
+    assert meta["ss_sd_model_name"] == "sd15-local"
+    assert json.loads(meta["ss_tag_frequency"]) == {"dog photos": {"a photo of sks dog": 1}}
+    # Captions the trainer recorded win over the trigger phrase.
+    from lora_vision.formats.kohya import tag_frequency
+
+    ad.metadata["ss_tag_frequency"] = tag_frequency(["sks dog, on grass", "sks dog, in snow, on grass"],
+                                                    "/data/10_sks dog")
+    meta = _header_meta(export(ad, "kohya", tmp_path / "tags.safetensors"))
+    assert json.loads(meta["ss_tag_frequency"]) == {"10_sks dog": {"sks dog": 2, "on grass": 2, "in snow": 1}}
