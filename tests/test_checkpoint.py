@@ -69,9 +69,10 @@ def test_corrupt_state_json_is_named(tmp_path: Path) -> None:
     models, optimizer, _ = _run_state()
     with pytest.raises(CheckpointError, match=f"{state_file} is not readable JSON"):
         load_checkpoint(path, models, optimizer)
-    (path / "state.json").write_text("[1, 2]")
-    with pytest.raises(CheckpointError, match=f"{state_file} is not a checkpoint state"):
-        load_checkpoint(path, models, optimizer)
+    for bad in ("[1, 2]", '{"step": 3, "files": 7}', '{"step": 3, "files": ["../../x"]}'):
+        (path / "state.json").write_text(bad)
+        with pytest.raises(CheckpointError, match=f"{state_file} is not a checkpoint state"):
+            load_checkpoint(path, models, optimizer)
 
 
 def test_resuming_past_the_last_step_is_refused(tmp_path: Path) -> None:

@@ -63,8 +63,11 @@ def read_state(path: str | Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise CheckpointError(f"{file} is not readable JSON ({err}); the checkpoint is corrupt: delete {path} and "
                               "resume from an earlier one (--resume_from_checkpoint checkpoint-N)") from None
-    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
-        raise CheckpointError(f"{file} is not a checkpoint state (expected a JSON object with an integer 'step'); "
+    files = state.get("files") if isinstance(state, dict) else None
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int) or not (
+            files is None or isinstance(files, list) and all(isinstance(f, str) and "/" not in f for f in files)):
+        raise CheckpointError(f"{file} is not a checkpoint state (expected a JSON object with an integer 'step' and "
+                              "a list of file names 'files'); "
                               f"delete {path} and resume from an earlier one (--resume_from_checkpoint checkpoint-N)")
     return state
 
