@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
+import shutil
 import struct
 import tempfile
 from pathlib import Path
@@ -23,11 +25,12 @@ class AdapterFileError(ValueError):
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to `path`; on success it is renamed over `path`, on error it is removed.
 
-    A crash never leaves a half-written file under the final name.
+    A crash never leaves a half-written file under the final name; what a killed process leaves under the temporary
+    name (it carries the writer's PID) is removed by `remove_stale_temps`.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}-", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -44,12 +47,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 def replace_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> None:
     """Move a fully written folder `tmp` to `final`; an existing `final` is swapped out first and then removed,
     so at every moment one complete folder exists under the final name (or the old one)."""
-    import shutil
-
     tmp, final = Path(tmp), Path(final)
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes owner-only folders; give the usual permissions
     if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        old = temp_sibling(final, "old")
         os.replace(final, old)
         os.replace(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
@@ -74,6 +75,59 @@ def unwritable_reason(folder: str | os.PathLike) -> str | None:
     return None
 
 
+# Temporary names made here and by temp_sibling: `.NAME.PID-XXXX.tmp` files (atomic_path) and `.NAME.KIND-PID`
+# folders (KIND: tmp = being written, old = being replaced, trash = being deleted). The PID says whose they are.
+_TEMP_FILE = re.compile(r"^\..+\.(\d+)-[^.]*\.tmp$")
+_TEMP_DIR = re.compile(r"^\..+\.(?:tmp|old|trash)-(\d+)$")
+
+
+def temp_sibling(path: str | os.PathLike, kind: str) -> Path:
+    """`.NAME.KIND-PID` next to `path`: a temporary name that remove_stale_temps recognises (kind: tmp, old, trash)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{kind}-{os.getpid()}")
+
+
+def remove_tree(path: str | os.PathLike) -> None:
+    """Delete a folder so that a crash half-way never leaves a partial folder under its name: it is first renamed
+    to a trash name (one atomic step), then deleted; a killed deletion leaves only the trash name behind."""
+    path = Path(path)
+    if not path.exists():
+        return
+    trash = temp_sibling(path, "trash")
+    os.replace(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists on this machine (one owned by another user counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
+def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
+    """Remove the temporary files and folders in `folder` (not below it) that atomic_path, replace_dir, remove_tree
+    and temp_sibling users left behind when their process was killed; those of live processes are kept."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for entry in folder.iterdir():
+        m = (_TEMP_DIR if entry.is_dir() and not entry.is_symlink() else _TEMP_FILE).match(entry.name)
+        if not m or pid_alive(int(m.group(1))):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -89,15 +143,27 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
                       metadata: Mapping[str, str] | None = None) -> Path:
     """Write tensors (made contiguous, on CPU) and string metadata to a .safetensors file atomically."""
-    from safetensors.torch import save_file
-
     bad = {k: type(v).__name__ for k, v in (metadata or {}).items() if not isinstance(v, str)}
     if bad:
         raise TypeError(f"safetensors metadata values must be strings; got {bad}")
     clean = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
-        save_file(clean, str(tmp), metadata=dict(metadata or {}))
+        _save_file(clean, tmp, dict(metadata or {}))
     return Path(path)
+
+
+def _save_file(tensors: Mapping[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """The one place safetensors files are written; an I/O failure (e.g. a full disk) comes out as an OSError."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as err:  # an I/O failure reads "Error while serializing: I/O error: ... (os error 28) ..."
+        code = re.search(r"\(os error (\d+)\)", str(err))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
 
 
 def _sniff(head: bytes) -> str | None:

@@ -40,8 +40,9 @@ from lora_vision.data.dreambooth import make_buckets, scan_folder  # noqa: E402
 from lora_vision.formats.kohya import tag_frequency  # noqa: E402
 from lora_vision.training.caching import (BatchSampler, build_text_table, cache_latents,  # noqa: E402
                                           truncated_captions)
-from lora_vision.training.checkpoint import (CheckpointError, find_checkpoint, load_checkpoint,  # noqa: E402
-                                             restore_rng, rng_state, save_checkpoint)
+from lora_vision.training.checkpoint import (CheckpointError, StopOnInterrupt, find_checkpoint,  # noqa: E402
+                                             load_checkpoint, new_run_id, prepare_output_dir, read_state,
+                                             restore_rng, resume_command, rng_state, save_checkpoint, trim_log)
 from lora_vision.training.config import config_to_dict, load_config, save_config  # noqa: E402
 from lora_vision.training.losses import alphas_cumprod  # noqa: E402
 from lora_vision.training.optim import LRSchedule, build_optimizer  # noqa: E402
@@ -128,6 +129,10 @@ def main(argv: list[str] | None = None) -> int:
     except (TrainingDiverged, CheckpointError, ConfigError, OSError, ValueError, ImportError) as err:
         print(f"train_sd.py: error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # before or after the training loop (in it, the first Ctrl-C saves a checkpoint)
+        print("\ntrain_sd.py: interrupted; the checkpoints already written are complete and kept "
+              "(resume with --resume_from_checkpoint latest)", file=sys.stderr)
+        return 130
 
 
 def train(cfg: SDTrainConfig) -> int:
@@ -143,6 +148,10 @@ def train(cfg: SDTrainConfig) -> int:
                          "are small, so sharding them with FSDP saves nothing)")
     out = Path(cfg.output_dir)
     threads = choose_threads(cfg, device)
+    ckpt = find_checkpoint(out, cfg.resume_from_checkpoint, cfg.max_train_steps) if cfg.resume_from_checkpoint else None
+    for note in prepare_output_dir(out, ckpt is not None, cfg.overwrite_output_dir, main_proc):
+        print(note)
+    acc.wait_for_everyone()  # the folder is ready before any process writes to it
     torch.manual_seed(cfg.seed + acc.process_index)
     if cfg.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -252,13 +261,12 @@ def train(cfg: SDTrainConfig) -> int:
     schedule = LRSchedule(cfg.lr_scheduler, cfg.lr_warmup_steps, cfg.max_train_steps, cfg.lr_num_cycles, cfg.lr_power)
     generator = torch.Generator(device=device).manual_seed(cfg.seed + 1)  # the same on every process, as data_rng
 
-    start, last_good = 0, None
+    start, last_good, run_id = 0, None, new_run_id()
     if cfg.resume_from_checkpoint:
-        ckpt = find_checkpoint(out, cfg.resume_from_checkpoint)
         if ckpt is None:
             print(f"no checkpoint in {out} yet: starting from step 0")
         else:
-            saved = json.loads((ckpt / "state.json").read_text(encoding="utf-8"))["config"]
+            saved = read_state(ckpt).get("config", {})
             saved_world = int(saved.get("num_processes", 1))
             if saved.get("train_batch_size", 0) * saved_world == cfg.train_batch_size * world:
                 saved = dict(saved, train_batch_size=cfg.train_batch_size)  # same global batch, another split: fine
@@ -273,7 +281,7 @@ def train(cfg: SDTrainConfig) -> int:
             restore_rng(state["rng_tensors"], state["rng"], generator, data_rng)
             if world > 1:  # the global-batch streams above are shared; dropout's stream is each process's own
                 torch.manual_seed(cfg.seed + 1_000_003 * (rank + 1) + start)
-            start, last_good = int(state["step"]), ckpt
+            start, last_good, run_id = int(state["step"]), ckpt, state.get("run_id")
             if main_proc:
                 print(f"resumed from {ckpt} at step {start}")
 
@@ -341,9 +349,8 @@ def train(cfg: SDTrainConfig) -> int:
         except ImportError:
             writer = None
     log_path = out / cfg.logging_dir / "loss.csv"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    if start == 0:
-        log_path.write_text("step,loss,lr\n")
+    if main_proc:
+        trim_log(log_path, start, "step,loss,lr")  # the steps after `start` are trained (and logged) again
 
     # ---- loop ----------------------------------------------------------------------------------------------
     losses = torch.zeros(cfg.logging_steps, device=device)
@@ -368,33 +375,51 @@ def train(cfg: SDTrainConfig) -> int:
                 writer.add_scalar("train/lr", lr, step)
         pending_from, pending = step, 0
 
-    for step in bar:
-        schedule.apply(optimizer, base_lrs, step)
-        if static is not None:
-            static.load(next_inputs()[0])
-            loss = static.run()
-        else:
-            loss = eager_step()
-        losses[pending].copy_(loss, non_blocking=True)
-        pending += 1
-        if cfg.time_steps:
-            events.append(_stamp(device))
-        done = step + 1
-        if pending == cfg.logging_steps or done == cfg.max_train_steps:
-            flush(done)
-        if done % cfg.checkpointing_steps == 0 and done != cfg.max_train_steps:
-            flush(done)
-            if main_proc:
-                last_good = save_checkpoint(out, done, models, optimizer, rng_state(generator, data_rng), resolved,
-                                            cfg.checkpoints_total_limit)
-            acc.wait_for_everyone()
-        if cfg.validation_prompt and done % cfg.validation_steps == 0 and main_proc:
-            image = validation_grid(pipe, cfg.validation_prompt, cfg.num_validation_images,
-                                    cfg.validation_inference_steps, resolution)
-            save_png(image, out / "samples" / f"validation_step{done:06d}.png")
-            if writer:
-                writer.add_image("validation", np.asarray(image), done, dataformats="HWC")
+    def checkpoint(done: int) -> None:
+        nonlocal last_good
+        flush(done)
+        if main_proc:
+            last_good = save_checkpoint(out, done, models, optimizer, rng_state(generator, data_rng), resolved,
+                                        cfg.checkpoints_total_limit, run_id=run_id)
+        acc.wait_for_everyone()
+
+    stopped_at = None
+    with StopOnInterrupt() as stop:  # the first Ctrl-C ends the loop after the current step, with a checkpoint
+        for step in bar:
+            schedule.apply(optimizer, base_lrs, step)
+            if static is not None:
+                static.load(next_inputs()[0])
+                loss = static.run()
+            else:
+                loss = eager_step()
+            losses[pending].copy_(loss, non_blocking=True)
+            pending += 1
+            if cfg.time_steps:
+                events.append(_stamp(device))
+            done = step + 1
+            if pending == cfg.logging_steps or done == cfg.max_train_steps:
+                flush(done)
+            if done % cfg.checkpointing_steps == 0 and done != cfg.max_train_steps:
+                checkpoint(done)
+            if done < cfg.max_train_steps and stop.should_stop(acc, done, cfg.logging_steps):
+                if done % cfg.checkpointing_steps:
+                    checkpoint(done)
+                stopped_at = done
+                break
+            if cfg.validation_prompt and done % cfg.validation_steps == 0 and main_proc:
+                image = validation_grid(pipe, cfg.validation_prompt, cfg.num_validation_images,
+                                        cfg.validation_inference_steps, resolution)
+                save_png(image, out / "samples" / f"validation_step{done:06d}.png")
+                if writer:
+                    writer.add_image("validation", np.asarray(image), done, dataformats="HWC")
     bar.close()
+    if stopped_at is not None:
+        if main_proc:
+            print(f"interrupted at step {stopped_at} of {cfg.max_train_steps}; saved {out / f'checkpoint-{stopped_at}'}"
+                  f". Resume with:\n  {resume_command(__file__, out / 'config.yaml', world)}", file=sys.stderr)
+        if writer:
+            writer.close()
+        return 130
     flush(cfg.max_train_steps)
     if cfg.time_steps:
         _report_times(events, cfg.train_batch_size)
@@ -409,7 +434,7 @@ def train(cfg: SDTrainConfig) -> int:
         return 0
     if start < cfg.max_train_steps:
         last_good = save_checkpoint(out, cfg.max_train_steps, models, optimizer, rng_state(generator, data_rng),
-                                    resolved, cfg.checkpoints_total_limit)
+                                    resolved, cfg.checkpoints_total_limit, run_id=run_id)
     kohya_base = "sd2-v" if family == "sd2" and pred_type == "v_prediction" else family
     metadata = {"lora_vision.base": kohya_base, "lora_vision.base_model": base_name,
                 "lora_vision.trigger_phrase": cfg.instance_prompt, "modelspec.trigger_phrase": cfg.instance_prompt,
@@ -418,7 +443,12 @@ def train(cfg: SDTrainConfig) -> int:
                 "lora_vision.steps": str(cfg.max_train_steps), "lora_vision.training_config": json.dumps(resolved),
                 "ss_tag_frequency": tag_frequency(instance.captions, cfg.instance_data_dir)}  # A1111's tag list
     adapter = Adapter.from_models(models, metadata=metadata, configs=lora_cfgs)
-    path = adapter.save(out / "adapter.safetensors")
+    try:
+        path = adapter.save(out / "adapter.safetensors")
+    except OSError as err:
+        raise CheckpointError(f"could not write {out / 'adapter.safetensors'}: {err.strerror or err}; {last_good} "
+                              "holds the trained weights: free space and run the same command with "
+                              "--resume_from_checkpoint latest to write the adapter") from None
     print(f"wrote {path}")
     if cfg.export_kohya is not False:
         try:

@@ -33,7 +33,8 @@ from lora_vision.data.imagenet import ImageListDataset, build_subset, build_tran
 from lora_vision.io import write_safetensors
 from lora_vision.lora.config import ConfigError
 from lora_vision.models.vit import freeze_to, load_vit, lora_targets, merged_copy, save_model
-from lora_vision.training.checkpoint import find_checkpoint
+from lora_vision.training.checkpoint import (StopOnInterrupt, TrainingInterrupted, check_resume_step, find_checkpoint,
+                                             new_run_id, prepare_output_dir, resume_command)
 from lora_vision.training.classification import (MODES, EpochSampler, MasterWeights, SeededAugment, ViTTrainConfig,
                                                   evaluate, load_state, save_state, write_comparison)
 from lora_vision.training.config import load_config, save_config
@@ -100,8 +101,8 @@ def build_loaders(cfg: ViTTrainConfig, subset, pre, cuda: bool):
     return train, evl, sampler
 
 
-def train_one(cfg: ViTTrainConfig, mode: str, out: Path, accelerator, subset) -> dict:
-    """Train one mode end to end; returns its metrics (also written to out/metrics.json)."""
+def train_one(cfg: ViTTrainConfig, mode: str, out: Path, accelerator, subset, ckpt: Path | None = None) -> dict:
+    """Train one mode end to end, resuming from checkpoint `ckpt`; returns its metrics (also out/metrics.json)."""
     from accelerate.utils import set_seed
 
     set_seed(cfg.seed)
@@ -134,78 +135,100 @@ def train_one(cfg: ViTTrainConfig, mode: str, out: Path, accelerator, subset) ->
     plain = forward_fn(model, loaded.family)
     fwd = (lambda x: plain(x.to(torch.bfloat16))) if master else plain
 
-    step, start_epoch, skip, history, seen, train_time = 0, 0, 0, [], 0, 0.0
+    step, start_epoch, skip, history, seen, train_time, run_id = 0, 0, 0, [], 0, 0.0, new_run_id()
+    carried: list[torch.Tensor] = []  # the losses of a resumed epoch's first part: its mean covers all of them
     if cfg.resume_from_checkpoint:
-        ckpt = find_checkpoint(out, cfg.resume_from_checkpoint)
         if ckpt is None:
             accelerator.print(f"[{mode}] no checkpoint in {out}; starting from scratch")
         else:
+            check_resume_step(ckpt, total)
             st = load_state(ckpt, raw, optimizer.optimizer, named)
+            run_id = st.get("run_id")
             if master:
                 master.master_to_model()
             step, start_epoch, skip = st["step"], st["epoch"], st["batch_in_epoch"]
             history, seen, train_time = st["history"], st["seen"], st["train_time_s"]
+            carried = [torch.tensor(v, device=accelerator.device) for v in st.get("epoch_losses", [])]
             accelerator.print(f"[{mode}] resumed from {ckpt} (step {step}, epoch {start_epoch + 1})")
 
-    def checkpoint(epoch: int, batch: int) -> None:
+    def checkpoint(epoch: int, batch: int, losses: list[torch.Tensor]) -> None:
         if accelerator.is_main_process:
             state = {"epoch": epoch, "batch_in_epoch": batch, "history": history, "seen": seen,
-                     "train_time_s": train_time, "mode": mode}
-            save_state(out, step, raw, optimizer.optimizer, state, cfg.checkpoints_total_limit, named)
+                     "train_time_s": train_time, "mode": mode, "epoch_losses": [float(v) for v in losses]}
+            save_state(out, step, raw, optimizer.optimizer, state, cfg.checkpoints_total_limit, named, run_id)
+
+    def stop_here(at: int) -> bool:
+        return at < total and stop.should_stop(accelerator, at, cfg.logging_steps)
+
+    def interrupted() -> TrainingInterrupted:
+        bar.close()
+        return TrainingInterrupted(f"[{mode}] interrupted at step {step} of {total}; saved {out / f'checkpoint-{step}'}."
+                                   " Resume with:\n  " + resume_command(__file__, Path(cfg.output_dir) /
+                                                                       "train_config.yaml", accelerator.num_processes))
 
     bar = tqdm(total=total, initial=step, desc=f"train {mode}", disable=not accelerator.is_local_main_process)
-    for epoch in range(start_epoch, epochs):
-        if step >= total:
-            break
-        model.train()
-        loader = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
-        # accelerate's loaders call set_epoch(<their own iteration count>) on the sampler when iterated: set theirs.
-        for obj in (sampler, loader):
-            if hasattr(obj, "set_epoch"):
-                obj.set_epoch(epoch)
-        # accelerate groups micro-batches by its own counter, which runs on across epochs: restart it per epoch
-        # (at `skip` on resume, a multiple of gradient_accumulation_steps) so grouping never depends on history.
-        accelerator.step = skip
-        batch, skip, losses = skip, 0, []
-        t0 = time.perf_counter()
-        for x, y in loader:
-            with accelerator.accumulate(model):
-                loss = F.cross_entropy(fwd(x).float(), y, label_smoothing=cfg.label_smoothing)
-                accelerator.backward(loss)
-                if master:
-                    master.grads_to_master()
-                if accelerator.sync_gradients:
-                    if cfg.max_grad_norm > 0:
-                        accelerator.clip_grad_norm_(opt_params, cfg.max_grad_norm)
-                    schedule.apply(optimizer, [lr], step)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
+    with StopOnInterrupt() as stop:  # the first Ctrl-C stops after the current step, with a checkpoint
+        for epoch in range(start_epoch, epochs):
+            if step >= total:
+                break
+            model.train()
+            loader = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
+            # accelerate's loaders call set_epoch(<their own iteration count>) on the sampler when iterated: set
+            # theirs.
+            for obj in (sampler, loader):
+                if hasattr(obj, "set_epoch"):
+                    obj.set_epoch(epoch)
+            # accelerate groups micro-batches by its own counter, which runs on across epochs: restart it per epoch
+            # (at `skip` on resume, a multiple of gradient_accumulation_steps) so grouping never depends on history.
+            accelerator.step = skip
+            batch, skip, losses, carried = skip, 0, carried, []
+            t0 = time.perf_counter()
+            for x, y in loader:
+                with accelerator.accumulate(model):
+                    loss = F.cross_entropy(fwd(x).float(), y, label_smoothing=cfg.label_smoothing)
+                    accelerator.backward(loss)
                     if master:
-                        master.master_to_model()
-            batch += 1
-            seen += x.shape[0] * accelerator.num_processes
-            losses.append(loss.detach())
-            if accelerator.sync_gradients:
-                step += 1
-                bar.update(1)
-                if step % cfg.logging_steps == 0:
-                    bar.set_postfix(loss=f"{float(loss.detach()):.4f}", lr=f"{lr * schedule.factor(step - 1):.2e}")
-                if cfg.checkpointing_steps and step % cfg.checkpointing_steps == 0 and step < total:
-                    train_time += _elapsed(t0, accelerator)
-                    checkpoint(epoch, batch)
-                    t0 = time.perf_counter()
-                if step >= total:
-                    break
-        train_time += _elapsed(t0, accelerator)
-        model.eval()
-        metrics = evaluate(fwd, eval_loader, accelerator.device, accelerator.gather_for_metrics)
-        train_loss = float(torch.stack(losses).float().mean()) if losses else float("nan")
-        history.append({"epoch": epoch + 1, "step": step, "train_loss": round(train_loss, 5),
-                        "top1": metrics["top1"], "top5": metrics["top5"], "val_loss": round(metrics["loss"], 5)})
-        accelerator.print(f"[{mode}] epoch {epoch + 1}/{epochs}: train loss {train_loss:.4f}, "
-                          f"val top-1 {metrics['top1']:.2f}%, top-5 {metrics['top5']:.2f}%")
-        if cfg.checkpointing_steps and step < total:
-            checkpoint(epoch + 1, 0)
+                        master.grads_to_master()
+                    if accelerator.sync_gradients:
+                        if cfg.max_grad_norm > 0:
+                            accelerator.clip_grad_norm_(opt_params, cfg.max_grad_norm)
+                        schedule.apply(optimizer, [lr], step)
+                        optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)
+                        if master:
+                            master.master_to_model()
+                batch += 1
+                seen += x.shape[0] * accelerator.num_processes
+                losses.append(loss.detach())
+                if accelerator.sync_gradients:
+                    step += 1
+                    bar.update(1)
+                    if step % cfg.logging_steps == 0:
+                        bar.set_postfix(loss=f"{float(loss.detach()):.4f}", lr=f"{lr * schedule.factor(step - 1):.2e}")
+                    if cfg.checkpointing_steps and step % cfg.checkpointing_steps == 0 and step < total:
+                        train_time += _elapsed(t0, accelerator)
+                        checkpoint(epoch, batch, losses)
+                        t0 = time.perf_counter()
+                    if batch < len(train_loader) and stop_here(step):  # at an epoch's end: after its evaluation
+                        if not (cfg.checkpointing_steps and step % cfg.checkpointing_steps == 0):
+                            train_time += _elapsed(t0, accelerator)
+                            checkpoint(epoch, batch, losses)
+                        raise interrupted()
+                    if step >= total:
+                        break
+            train_time += _elapsed(t0, accelerator)
+            model.eval()
+            metrics = evaluate(fwd, eval_loader, accelerator.device, accelerator.gather_for_metrics)
+            train_loss = float(torch.stack(losses).float().mean()) if losses else float("nan")
+            history.append({"epoch": epoch + 1, "step": step, "train_loss": round(train_loss, 5),
+                            "top1": metrics["top1"], "top5": metrics["top5"], "val_loss": round(metrics["loss"], 5)})
+            accelerator.print(f"[{mode}] epoch {epoch + 1}/{epochs}: train loss {train_loss:.4f}, "
+                              f"val top-1 {metrics['top1']:.2f}%, top-5 {metrics['top5']:.2f}%")
+            stopping = stop_here(step)
+            if (cfg.checkpointing_steps or stopping) and step < total:
+                checkpoint(epoch + 1, 0, [])
+            if stopping:
+                raise interrupted()
     bar.close()
     accelerator.wait_for_everyone()
     result = {"mode": mode, "model": loaded.source, "classes": len(subset.classes), "train_images": len(subset.train),
@@ -283,11 +306,24 @@ def main(argv: list[str] | None = None) -> int:
     accelerator.print(f"{len(subset.classes)} classes, {len(subset.train)} training and {len(subset.val)} "
                       f"validation images (split: {subset.split})")
     out = Path(cfg.output_dir)
+    modes = MODES if cfg.compare else (cfg.mode,)
+    folders = {m: out / m if cfg.compare else out for m in modes}
+    resume = {m: find_checkpoint(f, cfg.resume_from_checkpoint) if cfg.resume_from_checkpoint else None
+              for m, f in folders.items()}
+    for m, folder in folders.items():  # before anything is written: refuse a folder holding another run's checkpoints
+        for note in prepare_output_dir(folder, resume[m] is not None, cfg.overwrite_output_dir,
+                                       accelerator.is_main_process):
+            accelerator.print(f"[{m}] {note}")
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "train_config.yaml")
-    modes = MODES if cfg.compare else (cfg.mode,)
-    results = {m: train_one(cfg, m, out / m if cfg.compare else out, accelerator, subset) for m in modes}
+    try:
+        results = {m: train_one(cfg, m, folders[m], accelerator, subset, resume[m]) for m in modes}
+    except TrainingInterrupted as stop:
+        if accelerator.is_main_process:
+            print(stop, file=sys.stderr)
+        return 130
     if cfg.compare and accelerator.is_main_process:
         written = write_comparison(results, out)
         accelerator.print((out / "compare.md").read_text() + "wrote " + ", ".join(str(p) for p in written))
@@ -300,3 +336,7 @@ if __name__ == "__main__":
     except (ConfigError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # outside the training loop (in it, the first Ctrl-C saves a checkpoint)
+        print("\ninterrupted; the checkpoints already written are complete and kept (resume with "
+              "--resume_from_checkpoint latest)", file=sys.stderr)
+        sys.exit(130)

@@ -4,56 +4,234 @@ A checkpoint is the folder `<output_dir>/checkpoint-<step>/`, written under a te
 complete, so a crash never leaves a half-written checkpoint under a final name. Files:
   adapter.safetensors    the LoRA weights (native adapter format)
   optimizer.safetensors  every tensor of the optimizer state
-  state.json             step, optimizer param groups and non-tensor state, RNG states, the run's config
+  state.json             step, run id, the files above, optimizer param groups and non-tensor state, RNG states,
+                         the run's config (written last)
   rng.safetensors        torch CPU / CUDA / device-generator RNG states
+
+The run lifecycle around them, shared by both recipes: a fresh run refuses a folder that holds another run's
+checkpoints (`prepare_output_dir`), temporary files of killed runs are removed at the next start, pruning deletes
+only this run's checkpoints and never leaves a partial one under its name, `latest` skips incomplete checkpoints,
+and Ctrl-C stops at the end of the current step (`StopOnInterrupt`) so the recipe can save and print the command that
+resumes (`resume_command`).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
+import shlex
 import shutil
+import signal
+import sys
+import threading
+import uuid
+import warnings
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
 from torch import nn
 
 from ..adapter import Adapter
-from ..io import atomic_write_text, read_safetensors, replace_dir, write_safetensors
+from ..io import (atomic_write_text, read_safetensors, remove_stale_temps, remove_tree, replace_dir, temp_sibling,
+                  write_safetensors)
 from ..lora.ops import load_lora_state_dict
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
+STATE = "state.json"
+# What a checkpoint written before state.json listed its files must hold besides state.json and its weights.
+_LEGACY_FILES = ("optimizer.safetensors", "rng.safetensors")
 
 
 class CheckpointError(ValueError):
     """A checkpoint is missing, incomplete, or does not match the run that wants to resume from it."""
 
 
-def list_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Complete checkpoint folders in `output_dir`, oldest (lowest step) first."""
-    root = Path(output_dir)
+def new_run_id() -> str:
+    """A fresh run's identity, stored in each of its checkpoints (a resumed run keeps the one it resumes)."""
+    return uuid.uuid4().hex[:16]
+
+
+def read_state(path: str | Path) -> dict[str, Any]:
+    """state.json of checkpoint folder `path`; CheckpointError naming the file when it is missing or not valid."""
+    file = Path(path) / STATE
+    try:
+        state = json.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{file} does not exist: {path} is not a complete checkpoint") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{file} is not readable JSON ({err}); the checkpoint is corrupt: delete {path} and "
+                              "resume from an earlier one (--resume_from_checkpoint checkpoint-N)") from None
+    files = state.get("files") if isinstance(state, dict) else None
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int) or not (
+            files is None or isinstance(files, list) and all(isinstance(f, str) and "/" not in f for f in files)):
+        raise CheckpointError(f"{file} is not a checkpoint state (expected a JSON object with an integer 'step' and "
+                              "a list of file names 'files'); "
+                              f"delete {path} and resume from an earlier one (--resume_from_checkpoint checkpoint-N)")
+    return state
+
+
+def _missing_files(path: Path, state: Mapping[str, Any]) -> list[str]:
+    names = state.get("files") or _LEGACY_FILES
+    return [n for n in names if not (path / n).is_file()]
+
+
+def _checkpoint_dirs(root: Path) -> list[tuple[int, Path]]:
+    """Every `checkpoint-N` folder in root, complete or not, lowest step first."""
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _NAME.match(p.name))
-             and (p / "state.json").is_file()]
-    return [p for _, p in sorted(found)]
+    return sorted((int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _NAME.match(p.name)))
 
 
-def find_checkpoint(output_dir: str | Path, spec: str) -> Path | None:
-    """`spec` 'latest' -> the newest checkpoint in output_dir (None when there is none); else the folder named."""
+def list_checkpoints(output_dir: str | Path, run_id: Any = ...) -> list[Path]:
+    """Complete checkpoint folders in `output_dir` (state.json valid, every file it lists present), oldest first;
+    with `run_id`, only that run's (None: checkpoints written before runs had an id)."""
+    found = []
+    for _, path in _checkpoint_dirs(Path(output_dir)):
+        try:
+            state = read_state(path)
+        except CheckpointError:
+            continue
+        if not _missing_files(path, state) and (run_id is ... or state.get("run_id") == run_id):
+            found.append(path)
+    return found
+
+
+def find_checkpoint(output_dir: str | Path, spec: str, max_steps: int | None = None) -> Path | None:
+    """`spec` 'latest' -> the newest complete checkpoint in output_dir (None when there is none); else the folder
+    named. Incomplete checkpoints (a file missing: an interrupted copy or deletion) are skipped by 'latest', with a
+    warning; a checkpoint past `max_steps` is refused (resuming it would train nothing and write its weights)."""
     if spec == "latest":
-        found = list_checkpoints(output_dir)
-        return found[-1] if found else None
-    path = Path(spec)
-    if not path.is_dir():
-        path = Path(output_dir) / spec
-    if not (path / "state.json").is_file():
-        raise CheckpointError(f"resume_from_checkpoint={spec!r}: {path} is not a checkpoint folder (no state.json); "
-                              f"expected 'latest' or one of {[p.name for p in list_checkpoints(output_dir)]}")
+        path = None
+        for _, candidate in reversed(_checkpoint_dirs(Path(output_dir))):
+            if not (candidate / STATE).is_file():
+                missing = [STATE]
+            else:
+                missing = _missing_files(candidate, read_state(candidate))  # a corrupt state.json is an error
+            if not missing:
+                path = candidate
+                break
+            warnings.warn(f"skipping incomplete {candidate} (missing {', '.join(missing)}; left by an interrupted "
+                          "copy or deletion)", stacklevel=2)
+        if path is None:
+            return None
+    else:
+        path = Path(spec)
+        if not path.is_dir():
+            path = Path(output_dir) / spec
+        if not (path / STATE).is_file():
+            raise CheckpointError(f"resume_from_checkpoint={spec!r}: {path} is not a checkpoint folder (no "
+                                  f"state.json); expected 'latest' or one of "
+                                  f"{[p.name for p in list_checkpoints(output_dir)]}")
+        missing = _missing_files(path, read_state(path))
+        if missing:
+            raise CheckpointError(f"resume_from_checkpoint={spec!r}: {path} is incomplete (missing "
+                                  f"{', '.join(missing)}); pick another one of "
+                                  f"{[p.name for p in list_checkpoints(output_dir)]}")
+    if max_steps is not None:
+        check_resume_step(path, max_steps)
     return path
+
+
+def check_resume_step(path: str | Path, max_steps: int) -> int:
+    """The step of checkpoint `path`; CheckpointError when it is past `max_steps` (resuming would train nothing and
+    write that checkpoint's weights as this run's)."""
+    step = read_state(path)["step"]
+    if step > max_steps:
+        raise CheckpointError(f"{path} is at step {step}, past this run's last step {max_steps}: resuming it would "
+                              f"train nothing. To continue that run, set --max_train_steps to at least {step}; for "
+                              f"a new {max_steps}-step run, use another --output_dir or --overwrite_output_dir")
+    return step
+
+
+def prepare_output_dir(output_dir: str | Path, resuming: bool, overwrite: bool, main_process: bool = True) -> list[str]:
+    """Get output_dir ready for a run; returns what was done, one line each, for the user.
+
+    Removes temporary files and folders left by killed runs (`remove_stale_temps`, in output_dir and its direct
+    sub-folders). A run that does not resume refuses a folder holding checkpoints (they belong to another run: its
+    checkpoints would be mixed with them, pruned in their favour, and `latest` would pick them), unless `overwrite`,
+    which deletes them. Only the main process changes files; every process raises the same error.
+    """
+    root = Path(output_dir)
+    found = [p for _, p in _checkpoint_dirs(root)]
+    if found and not resuming and not overwrite:
+        names = ", ".join(p.name for p in found[-3:]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
+        raise CheckpointError(f"{root} already holds checkpoints of another run ({names}); continue that run with "
+                              "--resume_from_checkpoint latest, use another --output_dir, or pass "
+                              "--overwrite_output_dir to delete them and start over")
+    if not main_process:
+        return []
+    done = []
+    folders = [root] + [p for p in sorted(root.iterdir()) if p.is_dir() and not p.name.startswith(".")
+                        and not _NAME.match(p.name)] if root.is_dir() else []
+    stale = [p for folder in folders for p in remove_stale_temps(folder)]
+    if stale:
+        done.append(f"removed {len(stale)} temporary file(s) left by a killed run: "
+                    + ", ".join(str(p) for p in stale[:3]) + (" ..." if len(stale) > 3 else ""))
+    if found and not resuming:
+        for path in found:
+            remove_tree(path)
+        done.append(f"--overwrite_output_dir: deleted {len(found)} checkpoint(s) of an earlier run in {root}")
+    return done
+
+
+def trim_log(path: str | Path, step: int, header: str) -> None:
+    """Make the CSV log `path` (first column: step) hold only the rows up to `step`, so that a resumed run does not
+    log the steps it redoes twice; step 0 (a fresh run) leaves just the header. Written atomically."""
+    path = Path(path)
+    rows = path.read_text(encoding="utf-8").splitlines()[1:] if step > 0 and path.is_file() else []
+    kept = [r for r in rows if r.split(",", 1)[0].isdigit() and int(r.split(",", 1)[0]) <= step]
+    atomic_write_text(path, "".join(line + "\n" for line in [header] + kept))
+
+
+class TrainingInterrupted(Exception):
+    """Training stopped on Ctrl-C after saving a checkpoint; the message says where and how to resume."""
+
+
+class StopOnInterrupt:
+    """While active, the first Ctrl-C (SIGINT) only sets `requested`: the training loop stops at the end of the
+    current step, saves a checkpoint and exits; a second Ctrl-C interrupts at once (KeyboardInterrupt). Outside the
+    main thread (where Python cannot handle signals) it does nothing."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def __enter__(self) -> "StopOnInterrupt":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+    def should_stop(self, accelerator: Any, step: int, every: int) -> bool:
+        """Whether to stop after `step`. One process: as soon as Ctrl-C was pressed. Several: only at multiples of
+        `every` (a step where the loop synchronises anyway), where all agree: Ctrl-C on any process stops all."""
+        if accelerator.num_processes == 1:
+            return self.requested
+        if step % every:
+            return False
+        return bool(accelerator.reduce(torch.tensor(float(self.requested), device=accelerator.device), "sum") > 0)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\ninterrupt: stopping after this step and saving a checkpoint (Ctrl-C again stops at once, saving "
+              "nothing more)", file=sys.stderr, flush=True)
+
+
+def resume_command(script: str | Path, config: str | Path, processes: int = 1) -> str:
+    """The shell command that resumes a run from the config it saved: `python SCRIPT --config CONFIG
+    --resume_from_checkpoint latest` (accelerate launch for several processes)."""
+    script, here = Path(script).resolve(), Path.cwd()
+    shown = script.relative_to(here) if script.is_relative_to(here) else script
+    launcher = "python" if processes == 1 else f"accelerate launch --num_processes {processes}"
+    return f"{launcher} {shlex.quote(str(shown))} --config {shlex.quote(str(config))} --resume_from_checkpoint latest"
 
 
 def _split_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -99,31 +277,53 @@ def restore_rng(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any], de
     data_rng.bit_generator.state = meta["data_rng"]
 
 
-def save_checkpoint(output_dir: str | Path, step: int, models: Mapping[str, nn.Module],
-                    optimizer: torch.optim.Optimizer, rng: tuple[dict, dict], config: Mapping[str, Any],
-                    total_limit: int | None = None, extra: Mapping[str, Any] | None = None) -> Path:
-    """Write checkpoint-<step> atomically (temporary folder, then rename) and prune to `total_limit` folders."""
+def write_checkpoint(output_dir: str | Path, step: int, write_files: Callable[[Path], None],
+                     state: Mapping[str, Any], total_limit: int | None = None, run_id: str | None = None) -> Path:
+    """Write checkpoint-<step> atomically and prune this run's older checkpoints to `total_limit`.
+
+    `write_files(folder)` writes the checkpoint's files into a temporary folder; state.json (step, run id, the list
+    of files, plus `state`) is written last and the folder renamed to its final name. When writing fails (a full
+    disk), nothing of it is left and CheckpointError says so; the earlier checkpoints are untouched.
+    """
     root = Path(output_dir)
     final = root / f"checkpoint-{step}"
-    tmp = root / f".checkpoint-{step}.tmp-{os.getpid()}"
+    tmp = temp_sibling(final, "tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     try:
-        Adapter.from_models(models).save(tmp / "adapter.safetensors")
-        opt_tensors, opt_meta = _split_optimizer(optimizer)
-        write_safetensors(tmp / "optimizer.safetensors", opt_tensors)
-        rng_tensors, rng_meta = rng
-        write_safetensors(tmp / "rng.safetensors", {k: v.cpu().contiguous() for k, v in rng_tensors.items()})
-        state = {"step": step, "optimizer": opt_meta, "rng": rng_meta, "config": dict(config),
-                 "extra": dict(extra or {})}
-        atomic_write_text(tmp / "state.json", json.dumps(state, indent=1, default=str))
+        tmp.mkdir(parents=True)
+        write_files(tmp)
+        files = sorted(p.name for p in tmp.iterdir())
+        body = {"step": step, "run_id": run_id, "files": files + [STATE], **state}
+        atomic_write_text(tmp / STATE, json.dumps(body, indent=1, default=str))
         replace_dir(tmp, final)  # re-saving a step (e.g. after a resume) swaps, never leaving no checkpoint
+    except OSError as err:
+        kept = list_checkpoints(root, run_id)
+        raise CheckpointError(f"could not write {final}: {err.strerror or err}; nothing of it was kept and the earlier "
+                              f"checkpoints are intact ({kept[-1].name if kept else 'none yet'}); free space (or use "
+                              "another --output_dir) and resume with --resume_from_checkpoint latest") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    if total_limit is not None:
-        for stale in list_checkpoints(root)[:-total_limit]:
-            shutil.rmtree(stale, ignore_errors=True)
+    if total_limit:
+        for stale in list_checkpoints(root, run_id)[:-total_limit]:  # another run's checkpoints are never deleted
+            remove_tree(stale)
     return final
+
+
+def save_checkpoint(output_dir: str | Path, step: int, models: Mapping[str, nn.Module],
+                    optimizer: torch.optim.Optimizer, rng: tuple[dict, dict], config: Mapping[str, Any],
+                    total_limit: int | None = None, extra: Mapping[str, Any] | None = None,
+                    run_id: str | None = None) -> Path:
+    """Write checkpoint-<step> of the LoRA models (write_checkpoint) and prune to `total_limit` folders."""
+    opt_tensors, opt_meta = _split_optimizer(optimizer)
+    rng_tensors, rng_meta = rng
+
+    def write(folder: Path) -> None:
+        Adapter.from_models(models).save(folder / "adapter.safetensors")
+        write_safetensors(folder / "optimizer.safetensors", opt_tensors)
+        write_safetensors(folder / "rng.safetensors", {k: v.cpu().contiguous() for k, v in rng_tensors.items()})
+
+    state = {"optimizer": opt_meta, "rng": rng_meta, "config": dict(config), "extra": dict(extra or {})}
+    return write_checkpoint(output_dir, step, write, state, total_limit, run_id)
 
 
 def load_checkpoint(path: str | Path, models: Mapping[str, nn.Module], optimizer: torch.optim.Optimizer,
@@ -134,7 +334,7 @@ def load_checkpoint(path: str | Path, models: Mapping[str, nn.Module], optimizer
     does not fit the models (e.g. another rank, other targets, text encoder trained or not).
     """
     path = Path(path)
-    state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+    state = read_state(path)
     adapter = Adapter.load(path / "adapter.safetensors")
     have, want = set(adapter.components()), {c for c in models}
     if have != want:

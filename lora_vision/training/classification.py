@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
@@ -23,7 +22,7 @@ from torch.utils.data import Dataset, Sampler
 from ..io import atomic_write_text, read_safetensors, write_safetensors
 from ..lora.config import _check_pattern, _check_rank
 from ..targets import PRESETS, target_problems
-from .checkpoint import CheckpointError, _join_optimizer, _split_optimizer, list_checkpoints
+from .checkpoint import CheckpointError, _join_optimizer, _split_optimizer, read_state, write_checkpoint
 from .optim import SCHEDULES
 
 MODES = ("lora", "full", "linear-probe")
@@ -117,6 +116,8 @@ class ViTTrainConfig:
     """Keep at most this many checkpoints."""
     resume_from_checkpoint: str | None = None
     """'latest' or a checkpoint folder."""
+    overwrite_output_dir: bool = False
+    """Start over in an output_dir that holds another run's checkpoints, deleting them (else that is an error)."""
     save_merged: bool = False
     """Also save the model with the adapter merged (zero inference overhead)."""
     save_peft: bool = True
@@ -251,42 +252,31 @@ def trainable_named(model: nn.Module) -> dict[str, nn.Parameter]:
 
 def save_state(output_dir: str | Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
                state: Mapping[str, Any], total_limit: int | None = None,
-               params: Mapping[str, torch.Tensor] | None = None) -> Path:
-    """Write checkpoint-<step> (trainable weights, optimizer, RNGs, loop state) atomically; prune old ones.
+               params: Mapping[str, torch.Tensor] | None = None, run_id: str | None = None) -> Path:
+    """Write checkpoint-<step> (trainable weights, optimizer, RNGs, loop state) atomically; prune this run's old ones.
 
     `params` replaces the model's trainable parameters by name (the fp32 master copies of pure-bf16 training).
     """
-    root = Path(output_dir)
-    final, tmp = root / f"checkpoint-{step}", root / f".checkpoint-{step}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        named = params if params is not None else trainable_named(model)
-        write_safetensors(tmp / "trainable.safetensors", {n: p.detach().cpu().contiguous() for n, p in named.items()})
-        opt_tensors, opt_meta = _split_optimizer(optimizer)
-        write_safetensors(tmp / "optimizer.safetensors", opt_tensors)
+    named = params if params is not None else trainable_named(model)
+    opt_tensors, opt_meta = _split_optimizer(optimizer)
+
+    def write(folder: Path) -> None:
+        write_safetensors(folder / "trainable.safetensors",
+                          {n: p.detach().cpu().contiguous() for n, p in named.items()})
+        write_safetensors(folder / "optimizer.safetensors", opt_tensors)
         rng = {"torch_cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng.update({f"cuda_{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-        write_safetensors(tmp / "rng.safetensors", rng)
-        atomic_write_text(tmp / "state.json", json.dumps({"step": step, "optimizer": opt_meta, **state}, indent=1,
-                                                         default=str))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    if total_limit:
-        for stale in list_checkpoints(root)[:-total_limit]:
-            shutil.rmtree(stale, ignore_errors=True)
-    return final
+        write_safetensors(folder / "rng.safetensors", rng)
+
+    return write_checkpoint(output_dir, step, write, {"optimizer": opt_meta, **state}, total_limit, run_id)
 
 
 def load_state(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
                params: Mapping[str, torch.Tensor] | None = None) -> dict[str, Any]:
     """Restore what save_state wrote (into `params` when given); raises CheckpointError when it does not fit."""
     path = Path(path)
-    state = json.loads((path / "state.json").read_text())
+    state = read_state(path)
     weights, _ = read_safetensors(path / "trainable.safetensors", check_finite=False)
     params = dict(params) if params is not None else trainable_named(model)
     if set(weights) != set(params):

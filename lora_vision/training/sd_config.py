@@ -19,6 +19,7 @@ from .optim import SCHEDULES
 # Fields that may change between a checkpoint and the run that resumes it; every other field must match.
 RESUMABLE_CHANGES: frozenset[str] = frozenset({
     "max_train_steps", "checkpointing_steps", "checkpoints_total_limit", "resume_from_checkpoint", "output_dir",
+    "overwrite_output_dir",
     "validation_prompt", "num_validation_images", "validation_steps", "validation_inference_steps",
     "strength_sweep", "logging_steps", "report_to", "export_kohya", "time_steps", "cuda_graph", "compile",
     "sample_batch_size", "class_inference_steps", "num_class_images", "logging_dir", "num_threads",
@@ -120,6 +121,8 @@ class SDTrainConfig:
     """Keep at most this many checkpoints (oldest deleted first)."""
     resume_from_checkpoint: str | None = None
     """A checkpoint folder, or 'latest' for the newest in output_dir."""
+    overwrite_output_dir: bool = False
+    """Start over in an output_dir that holds another run's checkpoints, deleting them (else that is an error)."""
     gradient_accumulation_steps: int = 1
     """Micro-batches per optimizer step."""
     gradient_checkpointing: bool = False

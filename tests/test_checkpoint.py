@@ -1,0 +1,137 @@
+"""lora_vision.training.checkpoint: the folder lifecycle of resumable checkpoints (runs, pruning, incomplete and
+corrupt checkpoints, files left by killed processes, the loss log after a resume)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lora_vision.lora import LoRAConfig, inject_lora, lora_parameters
+from lora_vision.training.checkpoint import (CheckpointError, find_checkpoint, list_checkpoints, load_checkpoint,
+                                             prepare_output_dir, read_state, rng_state, save_checkpoint, trim_log)
+
+
+def _run_state():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    inject_lora(model, LoRAConfig(rank=2, targets=("0",)))
+    optimizer = torch.optim.AdamW(lora_parameters(model), lr=1e-2)
+    model(torch.randn(2, 8)).sum().backward()
+    optimizer.step()
+    return {"unet": model}, optimizer, rng_state(torch.Generator(), np.random.default_rng(0))
+
+
+def _save(root: Path, step: int, run_id: str | None, limit: int | None = None) -> Path:
+    models, optimizer, rng = _run_state()
+    return save_checkpoint(root, step, models, optimizer, rng, {"rank": 2}, limit, run_id=run_id)
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_pruning_deletes_only_this_runs_checkpoints(tmp_path: Path) -> None:
+    for step in (30, 40):
+        _save(tmp_path, step, "run-a")
+    for step in (5, 10, 15):
+        _save(tmp_path, step, "run-b", limit=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-10", "checkpoint-15", "checkpoint-30",
+                                                            "checkpoint-40"]
+    assert [p.name for p in list_checkpoints(tmp_path, "run-b")] == ["checkpoint-10", "checkpoint-15"]
+    assert read_state(tmp_path / "checkpoint-15")["run_id"] == "run-b"
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no trash or temporary names left
+
+
+def test_latest_skips_a_half_deleted_checkpoint(tmp_path: Path) -> None:
+    _save(tmp_path, 1, "r")
+    _save(tmp_path, 2, "r")
+    (tmp_path / "checkpoint-2" / "optimizer.safetensors").unlink()  # a deletion killed half-way
+    with pytest.warns(UserWarning, match="skipping incomplete .*checkpoint-2 .*optimizer.safetensors"):
+        assert find_checkpoint(tmp_path, "latest") == tmp_path / "checkpoint-1"
+    with pytest.raises(CheckpointError, match="checkpoint-2 is incomplete .*optimizer.safetensors"):
+        find_checkpoint(tmp_path, "checkpoint-2")
+
+
+def test_corrupt_state_json_is_named(tmp_path: Path) -> None:
+    path = _save(tmp_path, 3, "r")
+    (path / "state.json").write_text('{"step": 3, "optim')
+    state_file = str(path / "state.json")
+    with pytest.raises(CheckpointError, match=f"{state_file} is not readable JSON"):
+        find_checkpoint(tmp_path, "latest")
+    models, optimizer, _ = _run_state()
+    with pytest.raises(CheckpointError, match=f"{state_file} is not readable JSON"):
+        load_checkpoint(path, models, optimizer)
+    for bad in ("[1, 2]", '{"step": 3, "files": 7}', '{"step": 3, "files": ["../../x"]}'):
+        (path / "state.json").write_text(bad)
+        with pytest.raises(CheckpointError, match=f"{state_file} is not a checkpoint state"):
+            load_checkpoint(path, models, optimizer)
+
+
+def test_resuming_past_the_last_step_is_refused(tmp_path: Path) -> None:
+    _save(tmp_path, 40, "a")
+    with pytest.raises(CheckpointError, match="checkpoint-40 is at step 40, past this run's last step 20"):
+        find_checkpoint(tmp_path, "latest", max_steps=20)
+    assert find_checkpoint(tmp_path, "latest", max_steps=40) == tmp_path / "checkpoint-40"
+
+
+def test_fresh_run_refuses_a_folder_with_checkpoints_unless_overwrite(tmp_path: Path) -> None:
+    _save(tmp_path, 10, "a")
+    with pytest.raises(CheckpointError, match=f"{tmp_path} already holds checkpoints of another run "
+                                              r"\(checkpoint-10\).*--overwrite_output_dir"):
+        prepare_output_dir(tmp_path, resuming=False, overwrite=False)
+    assert prepare_output_dir(tmp_path, resuming=True, overwrite=False) == []
+    notes = prepare_output_dir(tmp_path, resuming=False, overwrite=True)
+    assert "deleted 1 checkpoint" in notes[0] and not any(tmp_path.iterdir())
+
+
+def test_temporaries_of_killed_processes_are_removed_at_start(tmp_path: Path) -> None:
+    dead = _dead_pid()
+    live = subprocess.Popen([sys.executable, "-c", "input()"], stdin=subprocess.PIPE)
+    try:
+        (tmp_path / "logs").mkdir()
+        stale = [tmp_path / f".checkpoint-5.tmp-{dead}", tmp_path / f".checkpoint-3.trash-{dead}",
+                 tmp_path / f".checkpoint-4.old-{dead}"]
+        for folder in stale:
+            folder.mkdir()
+            (folder / "adapter.safetensors").write_bytes(b"half")
+        stale += [tmp_path / f".adapter.safetensors.{dead}-k2j3h4.tmp", tmp_path / "logs" / f".loss.csv.{dead}-x.tmp"]
+        for file in stale[3:]:
+            file.write_bytes(b"half")
+        kept = [tmp_path / f".checkpoint-6.tmp-{live.pid}", tmp_path / f".adapter.safetensors.{live.pid}-a1.tmp",
+                tmp_path / "notes.tmp", tmp_path / ".hidden"]
+        kept[0].mkdir()
+        for file in kept[1:]:
+            file.write_bytes(b"someone else's")
+        notes = prepare_output_dir(tmp_path, resuming=False, overwrite=False)
+        assert "removed 5 temporary file(s) left by a killed run" in notes[0]
+        assert not any(p.exists() for p in stale) and all(p.exists() for p in kept)
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_trim_log_drops_the_rows_a_resumed_run_redoes(tmp_path: Path) -> None:
+    log = tmp_path / "logs" / "loss.csv"
+    log.parent.mkdir()
+    log.write_text("step,loss,lr\n1,0.5,0.1\n2,0.4,0.1\n3,0.3,0.1\n4,0.2,0.1\n")
+    trim_log(log, 2, "step,loss,lr")
+    assert log.read_text() == "step,loss,lr\n1,0.5,0.1\n2,0.4,0.1\n"
+    trim_log(log, 0, "step,loss,lr")
+    assert log.read_text() == "step,loss,lr\n"
+    trim_log(tmp_path / "logs" / "missing.csv", 5, "step,loss,lr")
+    assert (tmp_path / "logs" / "missing.csv").read_text() == "step,loss,lr\n"
+
+
+def test_state_json_lists_the_checkpoint_files(tmp_path: Path) -> None:
+    path = _save(tmp_path, 1, "r")
+    state = json.loads((path / "state.json").read_text())
+    assert state["files"] == ["adapter.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json"]
+    assert sorted(p.name for p in path.iterdir()) == state["files"]
