@@ -124,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"train_sd.py: error: --output_dir {cfg.output_dir!r} cannot be written: {why}; choose a folder you "
               "can write to", file=sys.stderr)
         return 2
+    threads = torch.get_num_threads()  # choose_threads may change it; a caller of main() keeps its own
     try:
         return train(cfg)
     except (TrainingDiverged, CheckpointError, ConfigError, OSError, ValueError, ImportError) as err:
@@ -133,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
         print("\ntrain_sd.py: interrupted; the checkpoints already written are complete and kept "
               "(resume with --resume_from_checkpoint latest)", file=sys.stderr)
         return 130
+    finally:
+        torch.set_num_threads(threads)
 
 
 def train(cfg: SDTrainConfig) -> int:

@@ -170,6 +170,20 @@ def test_threads_for_the_tiny_model_on_cpu(train_sd, monkeypatch):
         torch.set_num_threads(before)
 
 
+def test_a_run_in_process_leaves_torch_threads_as_it_found_them(train_sd, capsys, tmp_path, monkeypatch):
+    # The tiny model trains on one thread; a caller of main() (a notebook, these tests) keeps its own setting.
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        code, err = _run(train_sd, capsys, _args("tiny-sd1", tmp_path / "o"))
+        assert code == 0, err
+        assert "1 CPU thread" in err
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_one_bucket_and_long_captions_are_said_once(train_sd, capsys, tmp_path):
     folder = tmp_path / "instance"
     folder.mkdir()
