@@ -38,17 +38,17 @@ from lora_vision.lora.config import ConfigError  # noqa: E402
 from lora_vision.models.sd import TINY_PIPELINES, detect_sd_family, load_sd_pipeline, prediction_type  # noqa: E402
 from lora_vision.data.dreambooth import make_buckets, scan_folder  # noqa: E402
 from lora_vision.formats.kohya import tag_frequency  # noqa: E402
-from lora_vision.training.caching import (BatchSampler, build_text_table, cache_latents,  # noqa: E402
+from lora_vision.training.sd.caching import (BatchSampler, build_text_table, cache_latents,  # noqa: E402
                                           truncated_captions)
 from lora_vision.training.checkpoint import (CheckpointError, StopOnInterrupt, find_checkpoint,  # noqa: E402
                                              load_checkpoint, new_run_id, prepare_output_dir, read_state,
                                              restore_rng, resume_command, rng_state, save_checkpoint, trim_log)
 from lora_vision.training.config import config_to_dict, load_config, save_config  # noqa: E402
-from lora_vision.training.losses import alphas_cumprod  # noqa: E402
+from lora_vision.training.sd.losses import alphas_cumprod  # noqa: E402
 from lora_vision.training.optim import LRSchedule, build_optimizer  # noqa: E402
-from lora_vision.training.sd_config import SDTrainConfig, kohya_folder_note  # noqa: E402
-from lora_vision.training.sd_samples import generate_class_images, save_png, strength_sweep, validation_grid  # noqa: E402,E501
-from lora_vision.training.sd_step import (StaticStep, StepSettings, clip_and_step, gather_inputs,  # noqa: E402
+from lora_vision.training.sd.config import SDTrainConfig, kohya_folder_note  # noqa: E402
+from lora_vision.training.sd.samples import generate_class_images, save_png, strength_sweep, validation_grid  # noqa: E402,E501
+from lora_vision.training.sd.step import (StaticStep, StepSettings, clip_and_step, gather_inputs,  # noqa: E402
                                           shard_inputs, step_loss)
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

@@ -35,8 +35,12 @@ from lora_vision.lora.config import ConfigError
 from lora_vision.models.vit import freeze_to, load_vit, lora_targets, merged_copy, save_model
 from lora_vision.training.checkpoint import (StopOnInterrupt, TrainingInterrupted, check_resume_step, find_checkpoint,
                                              new_run_id, prepare_output_dir, resume_command)
-from lora_vision.training.classification import (MODES, EpochSampler, MasterWeights, SeededAugment, ViTTrainConfig,
-                                                  evaluate, load_state, save_state, write_comparison)
+from lora_vision.training.checkpoint import load_state, save_state
+from lora_vision.training.vit.compare import write_comparison
+from lora_vision.training.vit.config import MODES, ViTTrainConfig
+from lora_vision.training.vit.data import EpochSampler, SeededAugment
+from lora_vision.training.vit.evaluate import evaluate
+from lora_vision.training.vit.precision import MasterWeights
 from lora_vision.training.config import load_config, save_config
 from lora_vision.training.optim import LRSchedule, build_optimizer
 

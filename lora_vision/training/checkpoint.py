@@ -357,3 +357,59 @@ def load_checkpoint(path: str | Path, models: Mapping[str, nn.Module], optimizer
             group["lr"] = lr
     state["rng_tensors"], _ = read_safetensors(path / "rng.safetensors", check_finite=False)
     return state
+
+
+def trainable_named(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The trainable parameters by name (what a checkpoint stores)."""
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_state(output_dir: str | Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+               state: Mapping[str, Any], total_limit: int | None = None,
+               params: Mapping[str, torch.Tensor] | None = None, run_id: str | None = None) -> Path:
+    """Write checkpoint-<step> (trainable weights, optimizer, RNGs, loop state) atomically; prune this run's old ones.
+
+    `params` replaces the model's trainable parameters by name (the fp32 master copies of pure-bf16 training).
+    """
+    named = params if params is not None else trainable_named(model)
+    opt_tensors, opt_meta = _split_optimizer(optimizer)
+
+    def write(folder: Path) -> None:
+        write_safetensors(folder / "trainable.safetensors",
+                          {n: p.detach().cpu().contiguous() for n, p in named.items()})
+        write_safetensors(folder / "optimizer.safetensors", opt_tensors)
+        rng = {"torch_cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng.update({f"cuda_{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+        write_safetensors(folder / "rng.safetensors", rng)
+
+    return write_checkpoint(output_dir, step, write, {"optimizer": opt_meta, **state}, total_limit, run_id)
+
+
+def load_state(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+               params: Mapping[str, torch.Tensor] | None = None) -> dict[str, Any]:
+    """Restore what save_state wrote (into `params` when given); raises CheckpointError when it does not fit."""
+    path = Path(path)
+    state = read_state(path)
+    weights, _ = read_safetensors(path / "trainable.safetensors", check_finite=False)
+    params = dict(params) if params is not None else trainable_named(model)
+    if set(weights) != set(params):
+        extra, missing = sorted(set(weights) - set(params)), sorted(set(params) - set(weights))
+        raise CheckpointError(f"{path} does not fit this run: {len(missing)} trainable parameter(s) missing "
+                              f"(first: {missing[:3]}), {len(extra)} unknown (first: {extra[:3]}); resume with the "
+                              "same mode, model, targets and rank, or use a new output_dir")
+    bad = [n for n, p in params.items() if tuple(p.shape) != tuple(weights[n].shape)]
+    if bad:
+        raise CheckpointError(f"{path} does not fit this run: shapes differ for {bad[:5]} (another rank or number "
+                              "of classes?); resume with the same settings or use a new output_dir")
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(weights[n])
+    opt_tensors, _ = read_safetensors(path / "optimizer.safetensors", check_finite=False)
+    optimizer.load_state_dict(_join_optimizer(opt_tensors, state["optimizer"]))
+    rng, _ = read_safetensors(path / "rng.safetensors", check_finite=False)
+    torch.set_rng_state(rng["torch_cpu"])
+    cuda = [rng[k] for k in sorted(k for k in rng if k.startswith("cuda_"))]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+    return state

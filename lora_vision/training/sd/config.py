@@ -12,9 +12,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import ClassVar
 
-from ..lora.config import ConfigError, _check_pattern, _check_rank
-from ..targets import CLIP_LAYER_NAMES, PRESETS, UNET_LAYER_NAMES, target_problems
-from .optim import SCHEDULES
+from ...lora.config import ConfigError, _check_pattern, _check_rank
+from ...targets import CLIP_LAYER_NAMES, PRESETS, UNET_LAYER_NAMES, target_problems
+from ..optim import SCHEDULES
 
 # Fields that may change between a checkpoint and the run that resumes it; every other field must match.
 RESUMABLE_CHANGES: frozenset[str] = frozenset({

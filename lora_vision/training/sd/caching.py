@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..data.dreambooth import DreamBoothImages, load_example
+from ...data.dreambooth import DreamBoothImages, load_example
 
 
 @dataclass
@@ -142,7 +142,7 @@ class BatchSampler:
     All choices are made on the host with a numpy Generator (its state goes into checkpoints), so sampling
     never waits for the GPU. Under several processes, `batch_size` is the global batch (per-device batch x
     processes) and every process draws from a generator with the same seed, so all draw the same global batch
-    and each takes its own slice of it (sd_step.shard_inputs): no image is duplicated or dropped between processes,
+    and each takes its own slice of it (step.shard_inputs): no image is duplicated or dropped between processes,
     and N processes at batch b see exactly what one process at batch N*b sees.
     """
 
