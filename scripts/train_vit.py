@@ -3,7 +3,7 @@
 
     accelerate launch scripts/train_vit.py --model_name_or_path google/vit-base-patch16-224-in21k \\
         --train_dir /data/imagenet/train --validation_dir /data/imagenet/val --subset imagenette \\
-        --mode lora --lora_rank 16 --mixed_precision bf16 --output_dir out/vit-imagenette
+        --mode lora --rank 16 --mixed_precision bf16 --output_dir out/vit-imagenette
     python scripts/train_vit.py                 # offline demo: tiny ViT on samples/vit/train (seconds on a CPU)
     python scripts/train_vit.py --compare       # lora, full and linear-probe with the same data and seed
 
@@ -77,8 +77,8 @@ def build_model(cfg: ViTTrainConfig, mode: str, classes: list[str]):
     model, head = loaded.model, loaded.model.get_submodule(loaded.head_name)
     lora_cfg = None
     if mode == "lora":
-        lora_cfg = LoRAConfig(rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                              targets=lora_targets(loaded, cfg.lora_targets), rank_pattern=cfg.rank_pattern)
+        lora_cfg = LoRAConfig(rank=cfg.rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                              targets=lora_targets(loaded, cfg.targets), rank_pattern=cfg.rank_pattern)
         inject_lora(model, lora_cfg)  # freezes everything else
         head.requires_grad_(True)
     elif mode == "linear-probe":

@@ -6,9 +6,11 @@ Field names follow transformers' examples/pytorch/image-classification wherever 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from ...lora.config import _check_pattern, _check_rank
 from ...targets import PRESETS, target_problems
+from ..config import LORA_ALIASES
 from ..optim import SCHEDULES
 
 MODES = ("lora", "full", "linear-probe")
@@ -48,13 +50,13 @@ class ViTTrainConfig:
     """lora (adapters + new head), full (every parameter), linear-probe (the head only)."""
     compare: bool = False
     """Run lora, full and linear-probe with the same data and seed; write compare.md/.json/.png."""
-    lora_rank: int = 8
+    rank: int = 8
     """LoRA rank r."""
     lora_alpha: float | None = None
     """LoRA alpha (scaling alpha / r); default: the rank."""
     lora_dropout: float = 0.0
     """Dropout on the LoRA path input."""
-    lora_targets: str = ""
+    targets: str = ""
     """Preset name (hf-vit-attn, hf-vit-attn-mlp, tv-vit-attn, timm-vit-attn, ...) or comma-separated patterns; default: the family's attention preset."""
     rank_pattern: dict[str, int] = field(default_factory=dict)
     """Per-module ranks as JSON, e.g. '{"re:.*layers\\\\.1[01]\\\\..*": 16}'."""
@@ -111,6 +113,8 @@ class ViTTrainConfig:
     logging_steps: int = 10
     """Log the loss every N optimizer steps."""
 
+    ALIASES: ClassVar[dict[str, str]] = LORA_ALIASES
+
     def problems(self) -> list[str]:
         """Every invalid value, one line each."""
         out = []
@@ -120,7 +124,7 @@ class ViTTrainConfig:
             out.append(f"mixed_precision={self.mixed_precision!r}: expected no, fp16 or bf16")
         if self.base_dtype not in ("auto", "float32", "bfloat16", "float16"):
             out.append(f"base_dtype={self.base_dtype!r}: expected auto, float32, bfloat16 or float16")
-        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "num_train_epochs", "lora_rank",
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "num_train_epochs", "rank",
                      "gradient_accumulation_steps"):
             if getattr(self, name) < 1:
                 out.append(f"{name}={getattr(self, name)}: expected >= 1")
@@ -156,8 +160,8 @@ class ViTTrainConfig:
                 out.append(f"{name}={getattr(self, name)}: expected a number > 0 or None")
         if not 0 <= self.lora_dropout < 1:
             out.append(f"lora_dropout={self.lora_dropout}: expected a probability in [0, 1)")
-        targets = [p.strip() for p in self.lora_targets.split(",") if p.strip()]
-        out += target_problems("lora_targets", targets, [n for n in PRESETS if "vit-" in n])
+        targets = [p.strip() for p in self.targets.split(",") if p.strip()]
+        out += target_problems("targets", targets, [n for n in PRESETS if "vit-" in n])
         for pat, r in self.rank_pattern.items():
             out += [f"rank_pattern: {p}" for p in _check_pattern(pat)] + _check_rank(f"rank_pattern[{pat!r}]", r)
         return out
