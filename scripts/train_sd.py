@@ -32,16 +32,16 @@ from lora_vision.io import unwritable_reason, write_safetensors  # noqa: E402
 from lora_vision.lora import lora_report, lora_state_dict  # noqa: E402
 from lora_vision.lora.config import ConfigError  # noqa: E402
 from lora_vision.models.sd import TINY_PIPELINES, detect_sd_family, load_sd_pipeline, prediction_type  # noqa: E402
-from lora_vision.data.dreambooth import make_buckets, scan_folder  # noqa: E402
+from lora_vision.data.dreambooth import make_buckets  # noqa: E402
 from lora_vision.training.checkpoint import (CheckpointError, StopOnInterrupt, find_checkpoint,  # noqa: E402
                                              new_run_id, prepare_output_dir, resume_command, trim_log)
 from lora_vision.training.config import config_to_dict, load_config, save_config  # noqa: E402
 from lora_vision.training.optim import LRSchedule, build_optimizer  # noqa: E402
-from lora_vision.training.sd.caching import build_text_table, cache_latents, truncated_captions  # noqa: E402
+from lora_vision.training.sd.caching import prepare_data  # noqa: E402
 from lora_vision.training.sd.config import SDTrainConfig, kohya_folder_note  # noqa: E402
 from lora_vision.training.sd.lora import add_lora, param_groups, save_adapter  # noqa: E402
 from lora_vision.training.sd.loop import (Checkpoints, LossLog, TrainingDiverged, TrainingSteps,  # noqa: E402
-                                          graph_possible, resume_from)
+                                          check_distributed, graph_possible, resume_from)
 from lora_vision.training.sd.losses import alphas_cumprod  # noqa: E402
 from lora_vision.training.sd.samples import generate_class_images, save_png, strength_sweep, validation_grid  # noqa: E402,E501
 from lora_vision.training.sd.step import StepSettings, clip_and_step  # noqa: E402
@@ -121,10 +121,7 @@ def train(cfg: SDTrainConfig) -> int:
     acc = Accelerator()
     device, main_proc = acc.device, acc.is_main_process
     rank, world = acc.process_index, acc.num_processes
-    if acc.distributed_type.name not in ("NO", "MULTI_GPU", "MULTI_CPU", "MULTI_XPU", "MULTI_NPU"):
-        raise ValueError(f"train_sd.py runs on one process or under DDP (accelerate's multi_gpu), not "
-                         f"{acc.distributed_type.name}; use configs/accelerate/multi_gpu.yaml (the LoRA weights "
-                         "are small, so sharding them with FSDP saves nothing)")
+    check_distributed(acc)
     out = Path(cfg.output_dir)
     threads = choose_threads(cfg, device)
     ckpt = find_checkpoint(out, cfg.resume_from_checkpoint, cfg.max_train_steps) if cfg.resume_from_checkpoint else None
@@ -172,27 +169,9 @@ def train(cfg: SDTrainConfig) -> int:
         if made and main_proc:
             print(f"generated {made} class images into {cfg.class_data_dir}")
 
-    scan = dict(resolution=resolution, bucketing=cfg.bucketing, bucket_step=cfg.bucket_step,
-                small_images=cfg.small_images)
-    instance = scan_folder(cfg.instance_data_dir, cfg.instance_prompt, use_captions=cfg.use_captions, **scan)
-    classes = (scan_folder(cfg.class_data_dir, cfg.class_prompt, what="class", use_captions=False, **scan)
-               if cfg.with_prior_preservation else None)
-    prompts = sorted(set(instance.captions) | set(classes.captions if classes else ()))
-    long = truncated_captions(instance, tokenizers[0], cfg.instance_prompt)
-    if long and main_proc:
-        print(f"warning: {len(long)} caption(s) are longer than the text encoder's {tokenizers[0].model_max_length} "
-              f"tokens and are cut to that length: {', '.join(long)}", file=sys.stderr)
-    table = build_text_table(prompts, tokenizers, text_encoders, sdxl, cache=not cfg.train_text_encoder, dtype=dtype)
-    row_of = {p: i for i, p in enumerate(prompts)}
+    data = prepare_data(cfg, resolution, tokenizers, text_encoders, vae, sdxl, dtype, rank, world, gather_object,
+                        verbose=main_proc)
     data_rng = np.random.default_rng(cfg.seed)  # the same on every process: all draw the same global batches
-    crop = dict(center_crop=cfg.center_crop, flip=cfg.random_flip, seed=cfg.seed, dtype=dtype, rank=rank,
-                world=world, gather=gather_object)
-    inst_cache = cache_latents(instance, vae, row_of, desc="caching instance latents", **crop)
-    class_cache = cache_latents(classes, vae, row_of, desc="caching class latents", **crop) if classes else None
-    if main_proc:
-        print(f"{len(instance)} instance images in {len(inst_cache)} bucket(s) "
-              f"{[f'{w}x{h}' for w, h in inst_cache]}" + (f", {len(classes)} class images" if classes else "")
-              + f", {len(prompts)} distinct prompt(s), text embeddings {'live' if cfg.train_text_encoder else 'cached'}")
 
     torch.manual_seed(cfg.seed)  # the same LoRA initialisation on every process and every run
     models, lora_cfgs = add_lora(cfg, unet, text_encoders, dtype)
@@ -206,7 +185,8 @@ def train(cfg: SDTrainConfig) -> int:
     if use_cl:
         unet.to(memory_format=torch.channels_last)
 
-    one_bucket = len(inst_cache) == 1 and (class_cache is None or list(class_cache) == list(inst_cache))
+    one_bucket = len(data.inst_cache) == 1 and (data.class_cache is None
+                                               or list(data.class_cache) == list(data.inst_cache))
     use_graph = graph_possible(cfg, device, world, one_bucket, dtype)
     groups = param_groups(cfg, models, world)
     base_lrs, params = [g["lr"] for g in groups], [p for g in groups for p in g["params"]]
@@ -228,14 +208,9 @@ def train(cfg: SDTrainConfig) -> int:
         unet = acc.prepare_model(unet)
     settings = StepSettings(pred_type, int(pipe.scheduler.config.num_train_timesteps), cfg.snr_gamma,
                             cfg.noise_offset, cfg.prior_loss_weight, cfg.max_grad_norm, sdxl)
-    steps = TrainingSteps(acc=acc, unet=unet, table=table, text_encoders=text_encoders,
-                          ac=alphas_cumprod(pipe.scheduler, device), settings=settings, dtype=dtype, channels_last=use_cl,
-                          inst_cache=inst_cache, class_cache=class_cache, batch_size=cfg.train_batch_size,
-                          data_rng=data_rng, generator=generator, params=params, optimizer=optimizer,
-                          accumulation=cfg.gradient_accumulation_steps, max_grad_norm=cfg.max_grad_norm,
-                          prior_loss_weight=cfg.prior_loss_weight,
-                          scaler=torch.amp.GradScaler("cuda") if dtype == torch.float16 and device.type == "cuda" else None,
-                          update=clip_and_step)
+    steps = TrainingSteps(cfg, acc, unet, data.table, text_encoders, alphas_cumprod(pipe.scheduler, device), settings,
+                          dtype, use_cl, data.inst_cache, data.class_cache, data_rng, generator, params, optimizer,
+                          update=clip_and_step)  # this module's name: wrapping it wraps every eager update
     if use_graph or cfg.compile:
         steps.use_static(capture=use_graph, compile_unet=cfg.compile, verbose=main_proc)
 
@@ -296,7 +271,7 @@ def train(cfg: SDTrainConfig) -> int:
         return 0
     last_good = checkpoints.write(cfg.max_train_steps) if start < cfg.max_train_steps else log.last_good
     kohya_base = "sd2-v" if family == "sd2" and pred_type == "v_prediction" else family
-    save_adapter(out, cfg, models, lora_cfgs, kohya_base, base_name, resolved, instance.captions, last_good)
+    save_adapter(out, cfg, models, lora_cfgs, kohya_base, base_name, resolved, data.instance.captions, last_good)
     if cfg.strength_sweep:
         prompt = cfg.validation_prompt or cfg.instance_prompt
         image = strength_sweep(pipe, list(models.values()), prompt, cfg.strength_sweep,

@@ -44,6 +44,14 @@ def check_losses(losses: torch.Tensor, first_step: int, last_good: Path | None) 
     return values
 
 
+def check_distributed(acc: Any) -> None:
+    """ValueError unless the run is one process or DDP (the LoRA weights are small: sharding them saves nothing)."""
+    if acc.distributed_type.name not in ("NO", "MULTI_GPU", "MULTI_CPU", "MULTI_XPU", "MULTI_NPU"):
+        raise ValueError(f"train_sd.py runs on one process or under DDP (accelerate's multi_gpu), not "
+                         f"{acc.distributed_type.name}; use configs/accelerate/multi_gpu.yaml (the LoRA weights "
+                         "are small, so sharding them with FSDP saves nothing)")
+
+
 def graph_possible(cfg: SDTrainConfig, device: torch.device, world: int, one_bucket: bool, dtype: torch.dtype) -> bool:
     """Whether the whole step can be one CUDA graph: CUDA, one process, one batch shape, no accumulation, no
     gradient checkpointing, no 8-bit Adam, no fp16 (its scaler syncs), no dropout."""
@@ -58,24 +66,25 @@ class TrainingSteps:
     `update(params, optimizer, max_grad_norm, scaler)` clips and steps after the eager backward (clip_and_step).
     """
 
-    def __init__(self, *, acc: Any, unet: nn.Module, table: TextTable, text_encoders: list, ac: torch.Tensor,
-                 settings: StepSettings, dtype: torch.dtype, channels_last: bool,
+    def __init__(self, cfg: SDTrainConfig, acc: Any, unet: nn.Module, table: TextTable, text_encoders: list,
+                 ac: torch.Tensor, settings: StepSettings, dtype: torch.dtype, channels_last: bool,
                  inst_cache: Mapping[tuple[int, int], BucketCache],
-                 class_cache: Mapping[tuple[int, int], BucketCache] | None, batch_size: int,
-                 data_rng: np.random.Generator, generator: torch.Generator, params: list[torch.Tensor],
-                 optimizer: torch.optim.Optimizer, accumulation: int, max_grad_norm: float, prior_loss_weight: float,
-                 scaler: torch.amp.GradScaler | None = None,
+                 class_cache: Mapping[tuple[int, int], BucketCache] | None, data_rng: np.random.Generator,
+                 generator: torch.Generator, params: list[torch.Tensor], optimizer: torch.optim.Optimizer,
                  update: Callable[..., None] = clip_and_step) -> None:
         self.acc, self.unet, self.table, self.text_encoders, self.ac = acc, unet, table, text_encoders, ac
         self.settings, self.dtype, self.channels_last = settings, dtype, channels_last
         self.rank, self.world, self.device = acc.process_index, acc.num_processes, acc.device
-        global_batch = batch_size * self.world  # drawn identically everywhere; each process trains on its slice
+        global_batch = cfg.train_batch_size * self.world  # drawn identically everywhere; each process its slice
         self.inst_cache, self.class_cache = inst_cache, class_cache
         self.inst_sampler = BatchSampler(inst_cache, global_batch, data_rng)
         self.class_sampler = BatchSampler(class_cache, global_batch, data_rng) if class_cache else None
         self.data_rng, self.generator = data_rng, generator
-        self.params, self.optimizer, self.scaler, self.update = params, optimizer, scaler, update
-        self.accumulation, self.max_grad_norm, self.prior_loss_weight = accumulation, max_grad_norm, prior_loss_weight
+        self.params, self.optimizer, self.update = params, optimizer, update
+        self.accumulation, self.max_grad_norm = cfg.gradient_accumulation_steps, cfg.max_grad_norm
+        self.prior_loss_weight = cfg.prior_loss_weight
+        fp16_cuda = dtype == torch.float16 and self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda") if fp16_cuda else None  # fp16 gradients need loss scaling
         self.static: StaticStep | None = None
 
     def _inputs(self, parts: list) -> Inputs:
