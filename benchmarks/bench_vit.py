@@ -10,7 +10,7 @@ seed 0), the same batch of random images and labels, bf16 autocast and fused Ada
 median. Ours differs from peft in: frozen base weights stored in bf16 (no per-step weight casts, half the weight
 memory), the LoRA path of lora_vision's LoRALinear, and optionally torch.compile. `ours-purebf16` runs the whole
 model in bf16 without autocast (bf16 activations and residual stream, no per-op casts), with fp32 master copies
-of the trainable parameters (lora_vision.training.classification.MasterWeights).
+of the trainable parameters (lora_vision.training.vit.precision.MasterWeights).
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def variant(kind: str, tiny: bool, dev: str):
     params = [p for p in model.parameters() if p.requires_grad]
     master = None
     if "purebf16" in kind:  # everything in bf16 (no autocast), fp32 master copies of the trainable parameters
-        from lora_vision.training.classification import MasterWeights
+        from lora_vision.training.vit.precision import MasterWeights
 
         model.to(torch.bfloat16)
         master = MasterWeights(params)

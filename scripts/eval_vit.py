@@ -26,7 +26,7 @@ from lora_vision.data.imagenet import (DatasetError, ImageListDataset, Preproces
                                        scan_images, select_classes)
 from lora_vision.io import AdapterFileError, atomic_write_text, read_safetensors
 from lora_vision.models.vit import load_vit, merged_copy
-from lora_vision.training.classification import evaluate
+from lora_vision.training.vit.evaluate import evaluate
 
 REPO = Path(__file__).resolve().parents[1]
 

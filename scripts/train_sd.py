@@ -13,8 +13,6 @@ flags override it. Reads top to bottom: parse, build (model, data, caches, LoRA,
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 import os
 import statistics
 import sys
@@ -30,26 +28,23 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a file from a checkout
     sys.path.insert(0, str(REPO))
 
-from lora_vision.adapter import Adapter  # noqa: E402
 from lora_vision.io import unwritable_reason, write_safetensors  # noqa: E402
-from lora_vision.lora import (LoRAConfig, inject_lora, lora_layers, lora_parameters, lora_report,  # noqa: E402
-                              lora_state_dict)
+from lora_vision.lora import lora_report, lora_state_dict  # noqa: E402
 from lora_vision.lora.config import ConfigError  # noqa: E402
 from lora_vision.models.sd import TINY_PIPELINES, detect_sd_family, load_sd_pipeline, prediction_type  # noqa: E402
-from lora_vision.data.dreambooth import make_buckets, scan_folder  # noqa: E402
-from lora_vision.formats.kohya import tag_frequency  # noqa: E402
-from lora_vision.training.caching import (BatchSampler, build_text_table, cache_latents,  # noqa: E402
-                                          truncated_captions)
+from lora_vision.data.dreambooth import make_buckets  # noqa: E402
 from lora_vision.training.checkpoint import (CheckpointError, StopOnInterrupt, find_checkpoint,  # noqa: E402
-                                             load_checkpoint, new_run_id, prepare_output_dir, read_state,
-                                             restore_rng, resume_command, rng_state, save_checkpoint, trim_log)
+                                             new_run_id, prepare_output_dir, resume_command, trim_log)
 from lora_vision.training.config import config_to_dict, load_config, save_config  # noqa: E402
-from lora_vision.training.losses import alphas_cumprod  # noqa: E402
 from lora_vision.training.optim import LRSchedule, build_optimizer  # noqa: E402
-from lora_vision.training.sd_config import SDTrainConfig, kohya_folder_note  # noqa: E402
-from lora_vision.training.sd_samples import generate_class_images, save_png, strength_sweep, validation_grid  # noqa: E402,E501
-from lora_vision.training.sd_step import (StaticStep, StepSettings, clip_and_step, gather_inputs,  # noqa: E402
-                                          shard_inputs, step_loss)
+from lora_vision.training.sd.caching import prepare_data  # noqa: E402
+from lora_vision.training.sd.config import SDTrainConfig, kohya_folder_note  # noqa: E402
+from lora_vision.training.sd.lora import add_lora, param_groups, save_adapter  # noqa: E402
+from lora_vision.training.sd.loop import (Checkpoints, LossLog, TrainingDiverged, TrainingSteps,  # noqa: E402
+                                          check_distributed, graph_possible, resume_from)
+from lora_vision.training.sd.losses import alphas_cumprod  # noqa: E402
+from lora_vision.training.sd.samples import generate_class_images, save_png, strength_sweep, validation_grid  # noqa: E402,E501
+from lora_vision.training.sd.step import StepSettings, clip_and_step  # noqa: E402
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 TINY_PROMPT = "a photo of sks toy"
@@ -58,10 +53,6 @@ NO_MODEL = "with no model (configs/tiny.yaml)"
 HELP_EPILOG = ("With no --pretrained_model_name_or_path and no --config, the run is --config configs/tiny.yaml: the "
                "built-in tiny SD 1.x model on samples/instance, offline on a CPU; the values marked '" + NO_MODEL
                + "' apply then, other flags still override them.")
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or Inf."""
 
 
 def parse(argv: list[str] | None) -> SDTrainConfig:
@@ -100,19 +91,6 @@ def choose_threads(cfg: SDTrainConfig, device: torch.device) -> str:
     return f"{torch.get_num_threads()} CPU thread(s)"
 
 
-def check_losses(losses: torch.Tensor, first_step: int, last_good: Path | None) -> list[float]:
-    """Bring the logged losses to the host (the loop's only sync); stop on the first NaN/Inf, naming its step."""
-    values = losses.float().cpu().tolist()
-    for i, v in enumerate(values):
-        if not math.isfinite(v):
-            kept = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
-            raise TrainingDiverged(
-                f"the loss became {v} at step {first_step + i + 1}; training stopped and nothing after that step "
-                f"was saved ({kept}). Lower --learning_rate, use --mixed_precision bf16 instead of fp16, or "
-                "set --max_grad_norm")
-    return values
-
-
 def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse(argv)
@@ -140,15 +118,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def train(cfg: SDTrainConfig) -> int:
     from accelerate import Accelerator
+    from accelerate.utils import gather_object
 
     # ---- build ---------------------------------------------------------------------------------------------
     acc = Accelerator()
     device, main_proc = acc.device, acc.is_main_process
     rank, world = acc.process_index, acc.num_processes
-    if acc.distributed_type.name not in ("NO", "MULTI_GPU", "MULTI_CPU", "MULTI_XPU", "MULTI_NPU"):
-        raise ValueError(f"train_sd.py runs on one process or under DDP (accelerate's multi_gpu), not "
-                         f"{acc.distributed_type.name}; use configs/accelerate/multi_gpu.yaml (the LoRA weights "
-                         "are small, so sharding them with FSDP saves nothing)")
+    check_distributed(acc)
     out = Path(cfg.output_dir)
     threads = choose_threads(cfg, device)
     ckpt = find_checkpoint(out, cfg.resume_from_checkpoint, cfg.max_train_steps) if cfg.resume_from_checkpoint else None
@@ -176,9 +152,10 @@ def train(cfg: SDTrainConfig) -> int:
     pred_type = cfg.prediction_type or prediction_type(pipe)
     resolution = cfg.resolution or int(unet.config.sample_size) * pipe.vae_scale_factor
     base_name = cfg.pretrained_model_name_or_path or "tiny (built-in)"
+    run_cfg = dataclasses.replace(cfg, resolution=resolution, prediction_type=pred_type)
     resolved = dict(config_to_dict(cfg), resolution=resolution, prediction_type=pred_type, num_processes=world)
     if main_proc:
-        save_config(dataclasses.replace(cfg, resolution=resolution, prediction_type=pred_type), out / "config.yaml")
+        save_config(run_cfg, out / "config.yaml")
         print(f"model: {base_name} ({family}, {pred_type}), resolution {resolution}, device {device}, "
               f"base weights {dtype}, {threads}")
         if cfg.bucketing and len(make_buckets(resolution, cfg.bucket_step)) == 1:
@@ -195,49 +172,12 @@ def train(cfg: SDTrainConfig) -> int:
         if made and main_proc:
             print(f"generated {made} class images into {cfg.class_data_dir}")
 
-    scan = dict(resolution=resolution, bucketing=cfg.bucketing, bucket_step=cfg.bucket_step,
-                small_images=cfg.small_images)
-    instance = scan_folder(cfg.instance_data_dir, cfg.instance_prompt, use_captions=cfg.use_captions, **scan)
-    classes = (scan_folder(cfg.class_data_dir, cfg.class_prompt, what="class", use_captions=False, **scan)
-               if cfg.with_prior_preservation else None)
-    prompts = sorted(set(instance.captions) | set(classes.captions if classes else ()))
-    long = truncated_captions(instance, tokenizers[0], cfg.instance_prompt)
-    if long and main_proc:
-        print(f"warning: {len(long)} caption(s) are longer than the text encoder's {tokenizers[0].model_max_length} "
-              f"tokens and are cut to that length: {', '.join(long)}", file=sys.stderr)
-    table = build_text_table(prompts, tokenizers, text_encoders, sdxl, cache=not cfg.train_text_encoder, dtype=dtype)
-    row_of = {p: i for i, p in enumerate(prompts)}
+    data = prepare_data(cfg, resolution, tokenizers, text_encoders, vae, sdxl, dtype, rank, world, gather_object,
+                        verbose=main_proc)
     data_rng = np.random.default_rng(cfg.seed)  # the same on every process: all draw the same global batches
-    latent_dtype = torch.float32 if dtype == torch.float32 else dtype
-    from accelerate.utils import gather_object
-    crop = dict(center_crop=cfg.center_crop, flip=cfg.random_flip, seed=cfg.seed, dtype=latent_dtype, rank=rank,
-                world=world, gather=gather_object)
-    inst_cache = cache_latents(instance, vae, row_of, desc="caching instance latents", **crop)
-    class_cache = cache_latents(classes, vae, row_of, desc="caching class latents", **crop) if classes else None
-    if main_proc:
-        print(f"{len(instance)} instance images in {len(inst_cache)} bucket(s) "
-              f"{[f'{w}x{h}' for w, h in inst_cache]}" + (f", {len(classes)} class images" if classes else "")
-              + f", {len(prompts)} distinct prompt(s), text embeddings {'live' if cfg.train_text_encoder else 'cached'}")
 
     torch.manual_seed(cfg.seed)  # the same LoRA initialisation on every process and every run
-    targets = cfg.unet_targets[0] if len(cfg.unet_targets) == 1 and "." not in cfg.unet_targets[0] \
-        and cfg.unet_targets[0].startswith("unet-") else cfg.unet_targets
-    unet_lora = LoRAConfig(rank=cfg.rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=targets,
-                           rank_pattern=cfg.rank_pattern)
-    lora_cfgs = {"unet": unet_lora}
-    inject_lora(unet, unet_lora)
-    models = {"unet": unet}
-    if cfg.train_text_encoder:
-        te_targets = cfg.text_encoder_targets[0] if len(cfg.text_encoder_targets) == 1 and \
-            cfg.text_encoder_targets[0].startswith("clip-") else cfg.text_encoder_targets
-        te_lora = LoRAConfig(rank=cfg.rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=te_targets)
-        for key, te in zip(("text_encoder", "text_encoder_2"), text_encoders):
-            inject_lora(te, te_lora)
-            models[key], lora_cfgs[key] = te, te_lora
-    if cfg.lora_precision == "base" and dtype != torch.float32:
-        for m in models.values():
-            for _, layer in lora_layers(m):
-                layer.compute_dtype = dtype  # the low-rank product in bf16/fp16; parameters stay float32
+    models, lora_cfgs = add_lora(cfg, unet, text_encoders, dtype)
     if main_proc:
         print("; ".join(lora_report(m, k) for k, m in models.items()))
     if cfg.gradient_checkpointing:
@@ -248,165 +188,62 @@ def train(cfg: SDTrainConfig) -> int:
     if use_cl:
         unet.to(memory_format=torch.channels_last)
 
-    one_bucket = len(inst_cache) == 1 and (class_cache is None or list(class_cache) == list(inst_cache))
-    use_graph = (cfg.cuda_graph and device.type == "cuda" and acc.num_processes == 1 and one_bucket
-                 and cfg.gradient_accumulation_steps == 1 and not cfg.gradient_checkpointing
-                 and not cfg.use_8bit_adam and dtype != torch.float16 and cfg.lora_dropout == 0)
-    scale = cfg.train_batch_size * cfg.gradient_accumulation_steps * acc.num_processes if cfg.scale_lr else 1
-    groups = [{"params": lora_parameters(unet), "lr": cfg.learning_rate * scale}]
-    for key in ("text_encoder", "text_encoder_2"):
-        if key in models:
-            groups.append({"params": lora_parameters(models[key]), "lr": (cfg.text_encoder_lr or cfg.learning_rate) * scale})
-    base_lrs = [g["lr"] for g in groups]
-    params = [p for g in groups for p in g["params"]]
+    one_bucket = len(data.inst_cache) == 1 and (data.class_cache is None
+                                               or list(data.class_cache) == list(data.inst_cache))
+    use_graph = graph_possible(cfg, device, world, one_bucket, dtype)
+    groups = param_groups(cfg, models, world)
+    base_lrs, params = [g["lr"] for g in groups], [p for g in groups for p in g["params"]]
     optimizer = build_optimizer(groups, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay,
                                 eps=cfg.adam_epsilon, use_8bit=cfg.use_8bit_adam, capturable=use_graph)
     schedule = LRSchedule(cfg.lr_scheduler, cfg.lr_warmup_steps, cfg.max_train_steps, cfg.lr_num_cycles, cfg.lr_power)
     generator = torch.Generator(device=device).manual_seed(cfg.seed + 1)  # the same on every process, as data_rng
 
     start, last_good, run_id = 0, None, new_run_id()
-    if cfg.resume_from_checkpoint:
-        if ckpt is None:
-            print(f"no checkpoint in {out} yet: starting from step 0")
-        else:
-            saved = read_state(ckpt).get("config", {})
-            saved_world = int(saved.get("num_processes", 1))
-            if saved.get("train_batch_size", 0) * saved_world == cfg.train_batch_size * world:
-                saved = dict(saved, train_batch_size=cfg.train_batch_size)  # same global batch, another split: fine
-            elif saved_world != world:
-                saved = dict(saved, train_batch_size=f"{saved['train_batch_size']} per process x {saved_world} "
-                             f"processes (keep train_batch_size x processes = {saved['train_batch_size'] * saved_world})")
-            bad = dataclasses.replace(cfg, resolution=resolution, prediction_type=pred_type).resume_mismatches(saved)
-            if bad:
-                raise CheckpointError(f"{ckpt} was written by a different configuration:\n  - " + "\n  - ".join(bad)
-                                      + "\nresume with the same settings, or use a new --output_dir")
-            state = load_checkpoint(ckpt, models, optimizer)
-            restore_rng(state["rng_tensors"], state["rng"], generator, data_rng)
-            if world > 1:  # the global-batch streams above are shared; dropout's stream is each process's own
-                torch.manual_seed(cfg.seed + 1_000_003 * (rank + 1) + start)
-            start, last_good, run_id = int(state["step"]), ckpt, state.get("run_id")
-            if main_proc:
-                print(f"resumed from {ckpt} at step {start}")
+    if cfg.resume_from_checkpoint and ckpt is None:
+        print(f"no checkpoint in {out} yet: starting from step 0")
+    elif ckpt is not None:
+        start, run_id = resume_from(ckpt, run_cfg, world, rank, models, optimizer, generator, data_rng)
+        last_good = ckpt
+        if main_proc:
+            print(f"resumed from {ckpt} at step {start}")
 
-    if acc.num_processes > 1:
+    if world > 1:
         unet = acc.prepare_model(unet)
-    ac = alphas_cumprod(pipe.scheduler, device)
     settings = StepSettings(pred_type, int(pipe.scheduler.config.num_train_timesteps), cfg.snr_gamma,
                             cfg.noise_offset, cfg.prior_loss_weight, cfg.max_grad_norm, sdxl)
-    global_batch = cfg.train_batch_size * world  # drawn identically everywhere; each process trains on its slice
-    inst_sampler = BatchSampler(inst_cache, global_batch, data_rng)
-    class_sampler = BatchSampler(class_cache, global_batch, data_rng) if class_cache else None
-    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 and device.type == "cuda" else None
-
-    def next_inputs() -> list:
-        """This micro-batch's inputs: one concatenated batch, or instance and class apart when sizes differ."""
-        size, rows = inst_sampler.next()
-        parts = [(inst_cache[size], torch.from_numpy(rows).to(device, non_blocking=True))]
-        if class_sampler is None:
-            return [shard_inputs(gather_inputs(parts, generator, settings), rank, world)]
-        csize, crows = class_sampler.next()
-        cpart = (class_cache[csize], torch.from_numpy(crows).to(device, non_blocking=True))
-        if csize == size:
-            return [shard_inputs(gather_inputs(parts + [cpart], generator, settings), rank, world)]
-        return [shard_inputs(gather_inputs(parts, generator, settings), rank, world),
-                shard_inputs(gather_inputs([cpart], generator, settings), rank, world)]
-
-    def loss_of(x) -> torch.Tensor:
-        return step_loss(unet, x, table, text_encoders, ac, settings, dtype, use_cl)
-
-    def eager_step() -> torch.Tensor:
-        total = torch.zeros((), device=device)
-        for micro in range(cfg.gradient_accumulation_steps):
-            xs = next_inputs()
-            loss = loss_of(xs[0]) + sum(cfg.prior_loss_weight * loss_of(x) for x in xs[1:])
-            loss = loss / cfg.gradient_accumulation_steps
-            sync = micro == cfg.gradient_accumulation_steps - 1 or acc.num_processes == 1
-            with (acc.no_sync(unet) if not sync else torch.enable_grad()):
-                (scaler.scale(loss) if scaler else loss).backward()
-            total = total + loss.detach()
-        clip_and_step(params, optimizer, cfg.max_grad_norm, scaler)
-        return total
-
-    static = None
+    steps = TrainingSteps(cfg, acc, unet, data.table, text_encoders, alphas_cumprod(pipe.scheduler, device), settings,
+                          dtype, use_cl, data.inst_cache, data.class_cache, data_rng, generator, params, optimizer,
+                          update=clip_and_step)  # this module's name: wrapping it wraps every eager update
     if use_graph or cfg.compile:
-        if cfg.compile:
-            unet.forward = torch.compile(unet.forward)
-        saved_rng = generator.get_state(), data_rng.bit_generator.state
-        static = StaticStep(loss_of, params, optimizer, cfg.max_grad_norm, next_inputs()[0])
-        if use_graph:
-            try:
-                static.capture(warmup=2)
-                if main_proc:
-                    print("training step captured as one CUDA graph")
-            except RuntimeError as err:  # e.g. an op that cannot be captured: keep training, eagerly
-                print(f"warning: CUDA graph capture failed ({err}); using the eager step", file=sys.stderr)
-                static = None
-        generator.set_state(saved_rng[0])  # the example batch drew random numbers: give them back
-        data_rng.bit_generator.state = saved_rng[1]
+        steps.use_static(capture=use_graph, compile_unet=cfg.compile, verbose=main_proc)
 
-    writer = None
-    if cfg.report_to == "tensorboard" and main_proc:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-            writer = SummaryWriter(str(out / cfg.logging_dir))
-        except ImportError:
-            writer = None
+    writer = open_tensorboard(out / cfg.logging_dir) if cfg.report_to == "tensorboard" and main_proc else None
     log_path = out / cfg.logging_dir / "loss.csv"
     if main_proc:
         trim_log(log_path, start, "step,loss,lr")  # the steps after `start` are trained (and logged) again
 
     # ---- loop ----------------------------------------------------------------------------------------------
-    losses = torch.zeros(cfg.logging_steps, device=device)
-    pending_from, pending = start, 0
     events: list = []
     bar = tqdm(range(start, cfg.max_train_steps), initial=start, total=cfg.max_train_steps, desc="training",
                unit="step", disable=not main_proc)
-
-    def flush(step: int) -> None:
-        nonlocal pending_from, pending
-        if not pending:
-            return
-        logged = acc.reduce(losses[:pending].clone(), "mean") if world > 1 else losses[:pending]  # the global loss
-        values = check_losses(logged, pending_from, last_good)
-        mean, lr = statistics.fmean(values), base_lrs[0] * schedule.factor(step - 1)
-        bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr:.2e}")
-        if main_proc:
-            with log_path.open("a") as f:
-                f.writelines(f"{pending_from + i + 1},{v:.6g},{lr:.6g}\n" for i, v in enumerate(values))
-            if writer:
-                writer.add_scalar("train/loss", mean, step)
-                writer.add_scalar("train/lr", lr, step)
-        pending_from, pending = step, 0
-
-    def checkpoint(done: int) -> None:
-        nonlocal last_good
-        flush(done)
-        if main_proc:
-            last_good = save_checkpoint(out, done, models, optimizer, rng_state(generator, data_rng), resolved,
-                                        cfg.checkpoints_total_limit, run_id=run_id)
-        acc.wait_for_everyone()
-
+    log = LossLog(acc, log_path, cfg.logging_steps, start, base_lrs[0], schedule, bar, writer, last_good)
+    checkpoints = Checkpoints(acc, out, models, optimizer, generator, data_rng, resolved, cfg.checkpoints_total_limit,
+                              run_id)
     stopped_at = None
     with StopOnInterrupt() as stop:  # the first Ctrl-C ends the loop after the current step, with a checkpoint
         for step in bar:
             schedule.apply(optimizer, base_lrs, step)
-            if static is not None:
-                static.load(next_inputs()[0])
-                loss = static.run()
-            else:
-                loss = eager_step()
-            losses[pending].copy_(loss, non_blocking=True)
-            pending += 1
+            log.record(steps.run())
             if cfg.time_steps:
                 events.append(_stamp(device))
             done = step + 1
-            if pending == cfg.logging_steps or done == cfg.max_train_steps:
-                flush(done)
+            if log.full() or done == cfg.max_train_steps:
+                log.flush(done)
             if done % cfg.checkpointing_steps == 0 and done != cfg.max_train_steps:
-                checkpoint(done)
+                checkpoints.save(done, log)
             if done < cfg.max_train_steps and stop.should_stop(acc, done, cfg.logging_steps):
                 if done % cfg.checkpointing_steps:
-                    checkpoint(done)
+                    checkpoints.save(done, log)
                 stopped_at = done
                 break
             if cfg.validation_prompt and done % cfg.validation_steps == 0 and main_proc:
@@ -423,7 +260,7 @@ def train(cfg: SDTrainConfig) -> int:
         if writer:
             writer.close()
         return 130
-    flush(cfg.max_train_steps)
+    log.flush(cfg.max_train_steps)
     if cfg.time_steps:
         _report_times(events, cfg.train_batch_size)
     dump = os.environ.get("LORA_VISION_DUMP_RANK_LORA")
@@ -435,32 +272,9 @@ def train(cfg: SDTrainConfig) -> int:
     # ---- save ----------------------------------------------------------------------------------------------
     if not main_proc:
         return 0
-    if start < cfg.max_train_steps:
-        last_good = save_checkpoint(out, cfg.max_train_steps, models, optimizer, rng_state(generator, data_rng),
-                                    resolved, cfg.checkpoints_total_limit, run_id=run_id)
+    last_good = checkpoints.write(cfg.max_train_steps) if start < cfg.max_train_steps else log.last_good
     kohya_base = "sd2-v" if family == "sd2" and pred_type == "v_prediction" else family
-    metadata = {"lora_vision.base": kohya_base, "lora_vision.base_model": base_name,
-                "lora_vision.trigger_phrase": cfg.instance_prompt, "modelspec.trigger_phrase": cfg.instance_prompt,
-                "lora_vision.rank": str(cfg.rank), "lora_vision.alpha": str(cfg.lora_alpha or cfg.rank),
-                "lora_vision.targets": json.dumps({k: c.to_dict()["targets"] for k, c in lora_cfgs.items()}),
-                "lora_vision.steps": str(cfg.max_train_steps), "lora_vision.training_config": json.dumps(resolved),
-                "ss_tag_frequency": tag_frequency(instance.captions, cfg.instance_data_dir)}  # A1111's tag list
-    adapter = Adapter.from_models(models, metadata=metadata, configs=lora_cfgs)
-    try:
-        path = adapter.save(out / "adapter.safetensors")
-    except OSError as err:
-        raise CheckpointError(f"could not write {out / 'adapter.safetensors'}: {err.strerror or err}; {last_good} "
-                              "holds the trained weights: free space and run the same command with "
-                              "--resume_from_checkpoint latest to write the adapter") from None
-    print(f"wrote {path}")
-    if cfg.export_kohya is not False:
-        try:
-            from lora_vision.formats import export
-        except ImportError as err:
-            if cfg.export_kohya:
-                raise ValueError(f"--export_kohya needs lora_vision.formats ({err})") from None
-        else:
-            print(f"wrote {export(adapter, 'kohya', out / 'adapter_kohya.safetensors', trigger_phrase=cfg.instance_prompt)}")
+    save_adapter(out, cfg, models, lora_cfgs, kohya_base, base_name, resolved, data.instance.captions, last_good)
     if cfg.strength_sweep:
         prompt = cfg.validation_prompt or cfg.instance_prompt
         image = strength_sweep(pipe, list(models.values()), prompt, cfg.strength_sweep,
@@ -469,6 +283,15 @@ def train(cfg: SDTrainConfig) -> int:
     if writer:
         writer.close()
     return 0
+
+
+def open_tensorboard(folder: Path):
+    """A TensorBoard SummaryWriter on `folder`, or None when tensorboard is not installed."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(folder))
 
 
 def _stamp(device: torch.device):

@@ -3,7 +3,7 @@
 
     accelerate launch scripts/train_vit.py --model_name_or_path google/vit-base-patch16-224-in21k \\
         --train_dir /data/imagenet/train --validation_dir /data/imagenet/val --subset imagenette \\
-        --mode lora --lora_rank 16 --mixed_precision bf16 --output_dir out/vit-imagenette
+        --mode lora --rank 16 --mixed_precision bf16 --output_dir out/vit-imagenette
     python scripts/train_vit.py                 # offline demo: tiny ViT on samples/vit/train (seconds on a CPU)
     python scripts/train_vit.py --compare       # lora, full and linear-probe with the same data and seed
 
@@ -33,11 +33,15 @@ from lora_vision.data.imagenet import ImageListDataset, build_subset, build_tran
 from lora_vision.io import write_safetensors
 from lora_vision.lora.config import ConfigError
 from lora_vision.models.vit import freeze_to, load_vit, lora_targets, merged_copy, save_model
-from lora_vision.training.checkpoint import (StopOnInterrupt, TrainingInterrupted, check_resume_step, find_checkpoint,
-                                             new_run_id, prepare_output_dir, resume_command)
-from lora_vision.training.classification import (MODES, EpochSampler, MasterWeights, SeededAugment, ViTTrainConfig,
-                                                  evaluate, load_state, save_state, write_comparison)
-from lora_vision.training.config import load_config, save_config
+from lora_vision.training.checkpoint import (StopOnInterrupt, TrainableWeights, TrainingInterrupted, check_resume_step,
+                                             find_checkpoint, load_checkpoint, new_run_id, prepare_output_dir,
+                                             restore_rng, resume_command, rng_state, save_checkpoint)
+from lora_vision.training.vit.compare import write_comparison
+from lora_vision.training.vit.config import MODES, ViTTrainConfig
+from lora_vision.training.vit.data import EpochSampler, SeededAugment
+from lora_vision.training.vit.evaluate import evaluate
+from lora_vision.training.vit.precision import MasterWeights
+from lora_vision.training.config import config_to_dict, load_config, save_config
 from lora_vision.training.optim import LRSchedule, build_optimizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -73,8 +77,8 @@ def build_model(cfg: ViTTrainConfig, mode: str, classes: list[str]):
     model, head = loaded.model, loaded.model.get_submodule(loaded.head_name)
     lora_cfg = None
     if mode == "lora":
-        lora_cfg = LoRAConfig(rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                              targets=lora_targets(loaded, cfg.lora_targets), rank_pattern=cfg.rank_pattern)
+        lora_cfg = LoRAConfig(rank=cfg.rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                              targets=lora_targets(loaded, cfg.targets), rank_pattern=cfg.rank_pattern)
         inject_lora(model, lora_cfg)  # freezes everything else
         head.requires_grad_(True)
     elif mode == "linear-probe":
@@ -117,11 +121,11 @@ def train_one(cfg: ViTTrainConfig, mode: str, out: Path, accelerator, subset, ck
     train_loader, eval_loader, sampler = build_loaders(cfg, subset, loaded.preprocessing,
                                                        accelerator.device.type == "cuda")
     lr = cfg.lr(mode)
-    master, named = None, None
-    if cfg.pure_bf16:  # bf16 everywhere, no autocast casts; the optimizer steps fp32 copies
+    master, weights = None, TrainableWeights.of_model(raw)
+    if cfg.pure_bf16:  # bf16 everywhere, no autocast casts; the optimizer steps fp32 copies (what a checkpoint keeps)
         raw.to(torch.bfloat16)
         master = MasterWeights(trainable_params)
-        named = dict(zip([n for n, p in raw.named_parameters() if p.requires_grad], master.master))
+        weights = TrainableWeights(dict(zip(weights.params, master.master)))
     opt_params = master.master if master else trainable_params
     optimizer = build_optimizer([{"params": opt_params, "lr": lr}], betas=(0.9, 0.999),
                                 weight_decay=cfg.weight_decay, eps=1e-8)
@@ -142,7 +146,8 @@ def train_one(cfg: ViTTrainConfig, mode: str, out: Path, accelerator, subset, ck
             accelerator.print(f"[{mode}] no checkpoint in {out}; starting from scratch")
         else:
             check_resume_step(ckpt, total)
-            st = load_state(ckpt, raw, optimizer.optimizer, named)
+            st = load_checkpoint(ckpt, weights, optimizer.optimizer)
+            restore_rng(st["rng_tensors"], st.get("rng", {}))
             run_id = st.get("run_id")
             if master:
                 master.master_to_model()
@@ -155,7 +160,8 @@ def train_one(cfg: ViTTrainConfig, mode: str, out: Path, accelerator, subset, ck
         if accelerator.is_main_process:
             state = {"epoch": epoch, "batch_in_epoch": batch, "history": history, "seen": seen,
                      "train_time_s": train_time, "mode": mode, "epoch_losses": [float(v) for v in losses]}
-            save_state(out, step, raw, optimizer.optimizer, state, cfg.checkpoints_total_limit, named, run_id)
+            save_checkpoint(out, step, weights, optimizer.optimizer, rng_state(), config_to_dict(cfg),
+                            cfg.checkpoints_total_limit, state, run_id)
 
     def stop_here(at: int) -> bool:
         return at < total and stop.should_stop(accelerator, at, cfg.logging_steps)

@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from lora_vision.lora import LoRAConfig, inject_lora, lora_parameters
-from lora_vision.training.checkpoint import (CheckpointError, find_checkpoint, list_checkpoints, load_checkpoint,
-                                             prepare_output_dir, read_state, rng_state, save_checkpoint, trim_log)
+from lora_vision.training.checkpoint import (CheckpointError, TrainableWeights, find_checkpoint, list_checkpoints,
+                                             load_checkpoint, prepare_output_dir, read_state, restore_rng, rng_state,
+                                             save_checkpoint, trim_log)
 
 
 def _run_state():
@@ -135,3 +136,38 @@ def test_state_json_lists_the_checkpoint_files(tmp_path: Path) -> None:
     state = json.loads((path / "state.json").read_text())
     assert state["files"] == ["adapter.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json"]
     assert sorted(p.name for p in path.iterdir()) == state["files"]
+
+
+def test_trainable_weights_resume_exactly_through_the_same_checkpoint(tmp_path: Path) -> None:
+    """The classification recipe's checkpoints (whole parameters by name, loop state at the top of state.json) go
+    through the same writer and reader as the LoRA ones: weights, optimizer and RNG come back exactly."""
+    def run(seed: int):
+        torch.manual_seed(seed)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 3))
+        return model, torch.optim.AdamW(model.parameters(), lr=1e-2)
+
+    model, optimizer = run(0)
+    model(torch.randn(2, 4)).sum().backward()
+    optimizer.step()
+    path = save_checkpoint(tmp_path, 1, TrainableWeights.of_model(model), optimizer, rng_state(), {"rank": 2},
+                           extra={"epoch": 3, "batch_in_epoch": 0})
+    expected_draw = torch.rand(3)
+    state = json.loads((path / "state.json").read_text())
+    assert state["epoch"] == 3 and state["batch_in_epoch"] == 0 and state["config"] == {"rank": 2}
+    assert state["files"] == ["optimizer.safetensors", "rng.safetensors", "trainable.safetensors", "state.json"]
+
+    other, other_opt = run(1)
+    loaded = load_checkpoint(path, TrainableWeights.of_model(other), other_opt)
+    restore_rng(loaded["rng_tensors"], loaded["rng"])
+    assert torch.equal(torch.rand(3), expected_draw)
+    for a, b in zip(model.parameters(), other.parameters()):
+        assert torch.equal(a, b)
+    assert torch.equal(optimizer.state_dict()["state"][0]["exp_avg"], other_opt.state_dict()["state"][0]["exp_avg"])
+
+    wider = torch.nn.Sequential(torch.nn.Linear(4, 5))
+    before = wider[0].weight.detach().clone()
+    with pytest.raises(CheckpointError, match=r"shapes differ for \['0.weight', '0.bias'\]"):
+        load_checkpoint(path, TrainableWeights.of_model(wider), torch.optim.AdamW(wider.parameters()))
+    assert torch.equal(wider[0].weight, before)  # nothing was loaded
+    with pytest.raises(ValueError, match="reserved key"):
+        save_checkpoint(tmp_path, 2, TrainableWeights.of_model(model), optimizer, rng_state(), {}, extra={"step": 9})

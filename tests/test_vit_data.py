@@ -14,7 +14,7 @@ from lora_vision.data.imagenet import (DatasetError, ImageListDataset, Preproces
                                        load_rgb, read_class_list, scan_images, select_classes, stratified_split,
                                        subset_presets)
 from lora_vision.data.synthetic import make_pattern_folder, write_blank_png
-from lora_vision.training.classification import EpochSampler, SeededAugment
+from lora_vision.training.vit.data import EpochSampler, SeededAugment
 
 
 @pytest.fixture(scope="module")

@@ -167,7 +167,7 @@ def test_patch_embedding_as_matmul_equals_the_conv(source: str) -> None:
 
 def test_pure_bf16_with_master_weights_follows_fp32_training() -> None:
     """Fast path of bench_vit's `ours-purebf16`: whole model in bf16, fp32 master weights; checked against fp32."""
-    from lora_vision.training.classification import MasterWeights
+    from lora_vision.training.vit.precision import MasterWeights
 
     runs = {}
     for kind in ("fp32", "bf16"):

@@ -1,1 +1,9 @@
-"""Pieces shared by the training recipes: config loading, losses, optimizers, checkpoints, caching, the step."""
+"""Training recipes: shared pieces at the top, one sub-package per recipe.
+
+- `config.py` (flags + YAML -> frozen config dataclass), `optim.py` (AdamW, LR schedules), `checkpoint.py` (resumable
+  checkpoints and the run lifecycle: atomic folders, optimizer and RNG states, resume checks, Ctrl-C): both recipes.
+- `sd/`: DreamBooth LoRA for Stable Diffusion (scripts/train_sd.py).
+- `vit/`: ViT classification with LoRA, full fine-tuning or a linear probe (scripts/train_vit.py, eval_vit.py).
+
+Dependency rule: training imports the lora_vision core, formats, models and data; never scripts or the CLI.
+"""

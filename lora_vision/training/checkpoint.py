@@ -1,11 +1,12 @@
-"""Resumable checkpoints: adapter + optimizer + schedule step + RNG states + step, in safetensors and JSON only.
+"""Resumable checkpoints of both recipes: weights + optimizer + RNG states + step, in safetensors and JSON only.
 
 A checkpoint is the folder `<output_dir>/checkpoint-<step>/`, written under a temporary name and renamed when
 complete, so a crash never leaves a half-written checkpoint under a final name. Files:
-  adapter.safetensors    the LoRA weights (native adapter format)
+  adapter.safetensors    the LoRA weights (native adapter format; train_sd.py), or
+  trainable.safetensors  every trained parameter by name (LoRA + a new head, full fine-tuning; train_vit.py)
   optimizer.safetensors  every tensor of the optimizer state
   state.json             step, run id, the files above, optimizer param groups and non-tensor state, RNG states,
-                         the run's config (written last)
+                         the run's config, the recipe's loop state (written last)
   rng.safetensors        torch CPU / CUDA / device-generator RNG states
 
 The run lifecycle around them, shared by both recipes: a fresh run refuses a folder that holds another run's
@@ -27,7 +28,7 @@ import threading
 import uuid
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Union
 
 import numpy as np
 import torch
@@ -257,24 +258,97 @@ def _join_optimizer(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]
     return {"state": state, "param_groups": groups}
 
 
-def rng_state(device_generator: torch.Generator, data_rng: np.random.Generator) -> tuple[dict, dict]:
-    """(tensors, json) holding every RNG the training loop draws from."""
-    tensors = {"torch_cpu": torch.get_rng_state(), "device_generator": device_generator.get_state()}
+def rng_state(device_generator: torch.Generator | None = None,
+              data_rng: np.random.Generator | None = None) -> tuple[dict, dict]:
+    """(tensors, json) holding every RNG the training loop draws from: torch's CPU and CUDA states, plus a device
+    generator and a numpy generator when the recipe has them."""
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if device_generator is not None:
+        tensors["device_generator"] = device_generator.get_state()
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"cuda_{i}"] = s
-    return tensors, {"data_rng": data_rng.bit_generator.state}
+    return tensors, ({"data_rng": data_rng.bit_generator.state} if data_rng is not None else {})
 
 
-def restore_rng(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any], device_generator: torch.Generator,
-                data_rng: np.random.Generator) -> None:
+def restore_rng(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any],
+                device_generator: torch.Generator | None = None, data_rng: np.random.Generator | None = None) -> None:
     """Put back the RNG states written by rng_state."""
     torch.set_rng_state(tensors["torch_cpu"])
-    device_generator.set_state(tensors["device_generator"])
+    if device_generator is not None:
+        device_generator.set_state(tensors["device_generator"])
     cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda_"))]
     if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(cuda)
-    data_rng.bit_generator.state = meta["data_rng"]
+    if data_rng is not None:
+        data_rng.bit_generator.state = meta["data_rng"]
+
+
+class LoRAWeights:
+    """What a checkpoint keeps of LoRA-trained models: their LoRA layers by component, as adapter.safetensors."""
+
+    def __init__(self, models: Mapping[str, nn.Module], name: str = "default") -> None:
+        self.models, self.name = dict(models), name
+
+    def write(self, folder: Path) -> None:
+        """Write adapter.safetensors into `folder`."""
+        Adapter.from_models(self.models).save(folder / "adapter.safetensors")
+
+    def load(self, path: Path) -> None:
+        """Load the LoRA weights of checkpoint `path` into the models; CheckpointError when they do not fit."""
+        adapter = Adapter.load(path / "adapter.safetensors")
+        have, want = set(adapter.components()), set(self.models)
+        if have != want:
+            raise CheckpointError(f"{path} has LoRA weights for {sorted(have)} but this run trains {sorted(want)}; "
+                                  "resume with the same --train_text_encoder setting or start a new output_dir")
+        try:
+            for comp, model in self.models.items():
+                load_lora_state_dict(model, adapter.state_dict_for(comp), name=self.name, strict=True)
+        except KeyError as err:
+            raise CheckpointError(f"{path} does not match this run's LoRA layout: {err}") from None
+
+
+class TrainableWeights:
+    """What a checkpoint keeps of any trained parameters (a new head, full fine-tuning, fp32 master copies): each
+    one by name, whole, as trainable.safetensors."""
+
+    def __init__(self, params: Mapping[str, torch.Tensor]) -> None:
+        self.params = dict(params)
+
+    @classmethod
+    def of_model(cls, model: nn.Module) -> "TrainableWeights":
+        """The parameters of `model` that require grad."""
+        return cls({n: p for n, p in model.named_parameters() if p.requires_grad})
+
+    def write(self, folder: Path) -> None:
+        """Write trainable.safetensors into `folder`."""
+        write_safetensors(folder / "trainable.safetensors",
+                          {n: p.detach().cpu().contiguous() for n, p in self.params.items()})
+
+    def load(self, path: Path) -> None:
+        """Copy the weights of checkpoint `path` into the parameters; CheckpointError (nothing changed) when a name
+        or a shape differs."""
+        weights, _ = read_safetensors(path / "trainable.safetensors", check_finite=False)
+        if set(weights) != set(self.params):
+            extra, missing = sorted(set(weights) - set(self.params)), sorted(set(self.params) - set(weights))
+            raise CheckpointError(f"{path} does not fit this run: {len(missing)} trainable parameter(s) missing "
+                                  f"(first: {missing[:3]}), {len(extra)} unknown (first: {extra[:3]}); resume with "
+                                  "the same mode, model, targets and rank, or use a new output_dir")
+        bad = [n for n, p in self.params.items() if tuple(p.shape) != tuple(weights[n].shape)]
+        if bad:
+            raise CheckpointError(f"{path} does not fit this run: shapes differ for {bad[:5]} (another rank or "
+                                  "number of classes?); resume with the same settings or use a new output_dir")
+        with torch.no_grad():
+            for n, p in self.params.items():
+                p.copy_(weights[n])
+
+
+Weights = Union[LoRAWeights, TrainableWeights, Mapping[str, nn.Module]]
+
+
+def _as_weights(weights: Weights, name: str = "default") -> LoRAWeights | TrainableWeights:
+    """A mapping of models is their LoRA layers (the SD recipe's checkpoints)."""
+    return weights if isinstance(weights, (LoRAWeights, TrainableWeights)) else LoRAWeights(weights, name)
 
 
 def write_checkpoint(output_dir: str | Path, step: int, write_files: Callable[[Path], None],
@@ -309,42 +383,42 @@ def write_checkpoint(output_dir: str | Path, step: int, write_files: Callable[[P
     return final
 
 
-def save_checkpoint(output_dir: str | Path, step: int, models: Mapping[str, nn.Module],
-                    optimizer: torch.optim.Optimizer, rng: tuple[dict, dict], config: Mapping[str, Any],
-                    total_limit: int | None = None, extra: Mapping[str, Any] | None = None,
-                    run_id: str | None = None) -> Path:
-    """Write checkpoint-<step> of the LoRA models (write_checkpoint) and prune to `total_limit` folders."""
+def save_checkpoint(output_dir: str | Path, step: int, weights: Weights, optimizer: torch.optim.Optimizer,
+                    rng: tuple[dict, dict], config: Mapping[str, Any], total_limit: int | None = None,
+                    extra: Mapping[str, Any] | None = None, run_id: str | None = None) -> Path:
+    """Write checkpoint-<step> (write_checkpoint) and prune this run's older ones to `total_limit` folders.
+
+    `weights`: the models whose LoRA layers train (a mapping component -> model, or LoRAWeights), or
+    TrainableWeights; `rng` from rng_state; `config` the run's resolved settings (checked on resume); `extra` the
+    recipe's own loop state (e.g. epoch and batch), stored as top-level keys of state.json.
+    """
     opt_tensors, opt_meta = _split_optimizer(optimizer)
     rng_tensors, rng_meta = rng
+    state = {"optimizer": opt_meta, "rng": rng_meta, "config": dict(config)}
+    clash = sorted(set(extra or {}) & (set(state) | {"step", "run_id", "files"}))
+    if clash:
+        raise ValueError(f"checkpoint extra state uses reserved key(s) {clash}; rename them")
+    weights = _as_weights(weights)
 
     def write(folder: Path) -> None:
-        Adapter.from_models(models).save(folder / "adapter.safetensors")
+        weights.write(folder)
         write_safetensors(folder / "optimizer.safetensors", opt_tensors)
         write_safetensors(folder / "rng.safetensors", {k: v.cpu().contiguous() for k, v in rng_tensors.items()})
 
-    state = {"optimizer": opt_meta, "rng": rng_meta, "config": dict(config), "extra": dict(extra or {})}
-    return write_checkpoint(output_dir, step, write, state, total_limit, run_id)
+    return write_checkpoint(output_dir, step, write, {**state, **(extra or {})}, total_limit, run_id)
 
 
-def load_checkpoint(path: str | Path, models: Mapping[str, nn.Module], optimizer: torch.optim.Optimizer,
+def load_checkpoint(path: str | Path, weights: Weights, optimizer: torch.optim.Optimizer,
                     name: str = "default") -> dict[str, Any]:
-    """Load LoRA weights and optimizer state from checkpoint `path`; returns state.json plus the RNG tensors.
+    """Load the weights and the optimizer state of checkpoint `path`; returns state.json plus the RNG tensors
+    (`rng_tensors`, for restore_rng). `name`: the adapter name when `weights` is a mapping of models.
 
-    Raises CheckpointError, before changing anything it can check first, when the adapter or the optimizer state
-    does not fit the models (e.g. another rank, other targets, text encoder trained or not).
+    Raises CheckpointError, before changing anything it can check first, when the weights or the optimizer state
+    do not fit (e.g. another rank, other targets, text encoder trained or not, another mode).
     """
     path = Path(path)
     state = read_state(path)
-    adapter = Adapter.load(path / "adapter.safetensors")
-    have, want = set(adapter.components()), {c for c in models}
-    if have != want:
-        raise CheckpointError(f"{path} has LoRA weights for {sorted(have)} but this run trains {sorted(want)}; "
-                              "resume with the same --train_text_encoder setting or start a new output_dir")
-    try:
-        for comp, model in models.items():
-            load_lora_state_dict(model, adapter.state_dict_for(comp), name=name, strict=True)
-    except KeyError as err:
-        raise CheckpointError(f"{path} does not match this run's LoRA layout: {err}") from None
+    _as_weights(weights, name).load(path)
     opt_tensors, _ = read_safetensors(path / "optimizer.safetensors", check_finite=False)
     lrs = [g["lr"] for g in optimizer.param_groups]
     try:

@@ -25,6 +25,10 @@ from ..lora.config import ConfigError
 
 C = TypeVar("C")
 
+# One spelling of the LoRA settings in both recipes: rank, lora_alpha, lora_dropout, rank_pattern and targets (the SD
+# recipe names its two target lists unet_targets and text_encoder_targets). Other spellings are accepted as aliases.
+LORA_ALIASES: dict[str, str] = {"lora_rank": "rank", "lora_targets": "targets"}
+
 
 def _str2bool(text: str) -> bool:
     low = str(text).strip().lower()
@@ -115,6 +119,7 @@ def build_parser(cls: type, prog: str, description: str, other_defaults: tuple[s
     helps = _field_help(cls)
     hints = typing.get_type_hints(cls)
     when, others = other_defaults or ("", {})
+    aliases: dict[str, str] = getattr(cls, "ALIASES", {})
     for f in dataclasses.fields(cls):
         base, _ = _base_type(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
@@ -122,23 +127,28 @@ def build_parser(cls: type, prog: str, description: str, other_defaults: tuple[s
         if f.name in others and others[f.name] != default:
             text += f"; {when}: {others[f.name]!r}"
         text = text.replace("%", "%%") + ")"
+        also = [f"--{a}" for a, name in aliases.items() if name == f.name]
+        if also:
+            text += f"; also accepted as {', '.join(also)}"
         if base is bool:
             parser.add_argument(f"--{f.name}", nargs="?", const="true", help=text)
         else:
             parser.add_argument(f"--{f.name}", help=text)
-    for alias, name in getattr(cls, "ALIASES", {}).items():
-        parser.add_argument(f"--{alias}", dest=f"alias:{alias}", help=f"the same as --{name}")
+    for alias, name in aliases.items():
+        parser.add_argument(f"--{alias}", dest=f"alias:{alias}", metavar=alias.upper(), help=f"the same as --{name}")
     return parser
 
 
 def _alias_problems(cls: type, values: dict[str, Any], given: dict[str, Any], where: str) -> list[str]:
     """Move aliased keys of `given` into `values` (in place); problems when both names are given."""
     out = []
-    for alias, name in getattr(cls, "ALIASES", {}).items():
-        if alias in given:
-            if name in given:
-                out.append(f"{where}{alias} and {name} are the same setting; give only --{name}")
-            values[name] = given[alias]
+    aliases: dict[str, str] = getattr(cls, "ALIASES", {})
+    for name in dict.fromkeys(aliases.values()):
+        spelled = [a for a, n in aliases.items() if n == name and a in given] + ([name] if name in given else [])
+        if len(spelled) > 1:
+            out.append(f"{where}{' and '.join(spelled)} are the same setting; give only --{name}")
+        elif spelled and spelled[0] != name:
+            values[name] = given[spelled[0]]
     return out
 
 

@@ -8,10 +8,10 @@ import torch
 
 from lora_vision.lora import LoRAConfig, inject_lora, lora_parameters
 from lora_vision.lora.layers import LoRALinear
-from lora_vision.training.caching import BucketCache, TextTable
-from lora_vision.training.losses import add_noise, alphas_cumprod, min_snr_weights, snr, target_for
+from lora_vision.training.sd.caching import BucketCache, TextTable
+from lora_vision.training.sd.losses import add_noise, alphas_cumprod, min_snr_weights, snr, target_for
 from lora_vision.training.optim import SCHEDULES, LRSchedule, build_optimizer
-from lora_vision.training.sd_step import StaticStep, StepSettings, clip_and_step, gather_inputs, step_loss
+from lora_vision.training.sd.step import StaticStep, StepSettings, clip_and_step, gather_inputs, step_loss
 
 
 def _scheduler(prediction_type: str = "epsilon"):

@@ -12,9 +12,9 @@ import torch
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
-from ..data.images import IMAGE_SUFFIXES
-from ..io import atomic_path
-from ..lora.ops import set_strength
+from ...data.images import IMAGE_SUFFIXES
+from ...io import atomic_path
+from ...lora.ops import set_strength
 
 
 def _generate(pipe, prompts: list[str], seeds: Sequence[int], steps: int, resolution: int) -> list[Image.Image]:

@@ -8,6 +8,7 @@ Rows are grouped by bucket size so a batch always has one shape.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -15,7 +16,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..data.dreambooth import DreamBoothImages, load_example
+from ...data.dreambooth import DreamBoothImages, load_example, scan_folder
+from .config import SDTrainConfig
 
 
 @dataclass
@@ -142,7 +144,7 @@ class BatchSampler:
     All choices are made on the host with a numpy Generator (its state goes into checkpoints), so sampling
     never waits for the GPU. Under several processes, `batch_size` is the global batch (per-device batch x
     processes) and every process draws from a generator with the same seed, so all draw the same global batch
-    and each takes its own slice of it (sd_step.shard_inputs): no image is duplicated or dropped between processes,
+    and each takes its own slice of it (step.shard_inputs): no image is duplicated or dropped between processes,
     and N processes at batch b see exactly what one process at batch N*b sees.
     """
 
@@ -161,3 +163,43 @@ class BatchSampler:
             rows = np.concatenate([rows, self.rng.permutation(n)])
         return self.sizes[b], rows[: self.batch_size]
 
+
+
+@dataclass
+class TrainingData:
+    """The images of a run with what is cached of them: text table and latent caches by bucket size."""
+
+    instance: DreamBoothImages
+    classes: DreamBoothImages | None
+    prompts: list[str]
+    table: TextTable
+    inst_cache: dict[tuple[int, int], BucketCache]
+    class_cache: dict[tuple[int, int], BucketCache] | None
+
+
+def prepare_data(cfg: SDTrainConfig, resolution: int, tokenizers: list, text_encoders: list, vae: torch.nn.Module,
+                 sdxl: bool, dtype: torch.dtype, rank: int = 0, world: int = 1, gather: Callable | None = None,
+                 verbose: bool = True) -> TrainingData:
+    """Scan the instance (and class) folders, warn about captions the text encoder cuts, and cache the text
+    embeddings (or token ids when the text encoders train) and every image's latent distribution."""
+    scan = dict(resolution=resolution, bucketing=cfg.bucketing, bucket_step=cfg.bucket_step,
+                small_images=cfg.small_images)
+    instance = scan_folder(cfg.instance_data_dir, cfg.instance_prompt, use_captions=cfg.use_captions, **scan)
+    classes = (scan_folder(cfg.class_data_dir, cfg.class_prompt, what="class", use_captions=False, **scan)
+               if cfg.with_prior_preservation else None)
+    prompts = sorted(set(instance.captions) | set(classes.captions if classes else ()))
+    long = truncated_captions(instance, tokenizers[0], cfg.instance_prompt)
+    if long and verbose:
+        print(f"warning: {len(long)} caption(s) are longer than the text encoder's {tokenizers[0].model_max_length} "
+              f"tokens and are cut to that length: {', '.join(long)}", file=sys.stderr)
+    table = build_text_table(prompts, tokenizers, text_encoders, sdxl, cache=not cfg.train_text_encoder, dtype=dtype)
+    row_of = {p: i for i, p in enumerate(prompts)}
+    crop = dict(center_crop=cfg.center_crop, flip=cfg.random_flip, seed=cfg.seed, dtype=dtype, rank=rank,
+                world=world, gather=gather)
+    inst_cache = cache_latents(instance, vae, row_of, desc="caching instance latents", **crop)
+    class_cache = cache_latents(classes, vae, row_of, desc="caching class latents", **crop) if classes else None
+    if verbose:
+        print(f"{len(instance)} instance images in {len(inst_cache)} bucket(s) "
+              f"{[f'{w}x{h}' for w, h in inst_cache]}" + (f", {len(classes)} class images" if classes else "")
+              + f", {len(prompts)} distinct prompt(s), text embeddings {'live' if cfg.train_text_encoder else 'cached'}")
+    return TrainingData(instance, classes, prompts, table, inst_cache, class_cache)

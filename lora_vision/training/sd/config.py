@@ -12,9 +12,10 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import ClassVar
 
-from ..lora.config import ConfigError, _check_pattern, _check_rank
-from ..targets import CLIP_LAYER_NAMES, PRESETS, UNET_LAYER_NAMES, target_problems
-from .optim import SCHEDULES
+from ...lora.config import ConfigError, _check_pattern, _check_rank
+from ...targets import CLIP_LAYER_NAMES, PRESETS, UNET_LAYER_NAMES, target_problems
+from ..config import LORA_ALIASES
+from ..optim import SCHEDULES
 
 # Fields that may change between a checkpoint and the run that resumes it; every other field must match.
 RESUMABLE_CHANGES: frozenset[str] = frozenset({
@@ -38,6 +39,10 @@ KOHYA_INSTEAD: dict[str, str] = {
     "train_data_dir": "use --instance_data_dir with the folder that holds the images (kohya's <repeats>_<name> "
                       "folders are not needed: every step draws a random batch)",
 }
+
+# The shared LoRA spellings, with `targets` meaning the UNet's (text_encoder_targets has no other name), and kohya's.
+SD_ALIASES: dict[str, str] = {**{alias: "unet_targets" if name == "targets" else name
+                                 for alias, name in LORA_ALIASES.items()}, "targets": "unet_targets", **KOHYA_ALIASES}
 
 _KOHYA_FOLDER = re.compile(r"^(\d+)_(.+)$")
 
@@ -204,7 +209,7 @@ class SDTrainConfig:
     num_threads: int | None = None
     """CPU threads of torch; None: 1 for the built-in tiny model on CPU unless OMP_NUM_THREADS is set, else torch's."""
 
-    ALIASES: ClassVar[dict[str, str]] = KOHYA_ALIASES
+    ALIASES: ClassVar[dict[str, str]] = SD_ALIASES
     INSTEAD: ClassVar[dict[str, str]] = KOHYA_INSTEAD
 
     def __post_init__(self) -> None:

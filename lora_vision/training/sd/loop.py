@@ -1,0 +1,241 @@
+"""The state of the DreamBooth training loop (scripts/train_sd.py), as small objects instead of closures.
+
+- `TrainingSteps`: draws each step's batches (instance and class rows, fresh noise and timesteps) and runs one
+  optimizer step, eagerly (gradient accumulation, DDP) or as the static step that can be captured in a CUDA graph.
+- `LossLog`: keeps the losses on the device and brings them to the host every `logging_steps` (the loop's only
+  sync), stopping on a NaN/Inf loss; writes logs/loss.csv, TensorBoard and the progress bar.
+- `Checkpoints`: writes this run's checkpoint-N (main process) after flushing the log.
+- `resume_from`: checks a checkpoint's settings against this run's and restores weights, optimizer and RNGs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import statistics
+import sys
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..checkpoint import CheckpointError, load_checkpoint, read_state, restore_rng, rng_state, save_checkpoint
+from .caching import BatchSampler, BucketCache, TextTable
+from .config import SDTrainConfig
+from .step import Inputs, StaticStep, StepSettings, clip_and_step, gather_inputs, shard_inputs, step_loss
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or Inf."""
+
+
+def check_losses(losses: torch.Tensor, first_step: int, last_good: Path | None) -> list[float]:
+    """Bring the logged losses to the host (the loop's only sync); stop on the first NaN/Inf, naming its step."""
+    values = losses.float().cpu().tolist()
+    for i, v in enumerate(values):
+        if not math.isfinite(v):
+            kept = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
+            raise TrainingDiverged(
+                f"the loss became {v} at step {first_step + i + 1}; training stopped and nothing after that step "
+                f"was saved ({kept}). Lower --learning_rate, use --mixed_precision bf16 instead of fp16, or "
+                "set --max_grad_norm")
+    return values
+
+
+def check_distributed(acc: Any) -> None:
+    """ValueError unless the run is one process or DDP (the LoRA weights are small: sharding them saves nothing)."""
+    if acc.distributed_type.name not in ("NO", "MULTI_GPU", "MULTI_CPU", "MULTI_XPU", "MULTI_NPU"):
+        raise ValueError(f"train_sd.py runs on one process or under DDP (accelerate's multi_gpu), not "
+                         f"{acc.distributed_type.name}; use configs/accelerate/multi_gpu.yaml (the LoRA weights "
+                         "are small, so sharding them with FSDP saves nothing)")
+
+
+def graph_possible(cfg: SDTrainConfig, device: torch.device, world: int, one_bucket: bool, dtype: torch.dtype) -> bool:
+    """Whether the whole step can be one CUDA graph: CUDA, one process, one batch shape, no accumulation, no
+    gradient checkpointing, no 8-bit Adam, no fp16 (its scaler syncs), no dropout."""
+    return (cfg.cuda_graph and device.type == "cuda" and world == 1 and one_bucket
+            and cfg.gradient_accumulation_steps == 1 and not cfg.gradient_checkpointing
+            and not cfg.use_8bit_adam and dtype != torch.float16 and cfg.lora_dropout == 0)
+
+
+class TrainingSteps:
+    """One optimizer step after another over the cached latents, the same on every process (each trains its slice).
+
+    `update(params, optimizer, max_grad_norm, scaler)` clips and steps after the eager backward (clip_and_step).
+    """
+
+    def __init__(self, cfg: SDTrainConfig, acc: Any, unet: nn.Module, table: TextTable, text_encoders: list,
+                 ac: torch.Tensor, settings: StepSettings, dtype: torch.dtype, channels_last: bool,
+                 inst_cache: Mapping[tuple[int, int], BucketCache],
+                 class_cache: Mapping[tuple[int, int], BucketCache] | None, data_rng: np.random.Generator,
+                 generator: torch.Generator, params: list[torch.Tensor], optimizer: torch.optim.Optimizer,
+                 update: Callable[..., None] = clip_and_step) -> None:
+        self.acc, self.unet, self.table, self.text_encoders, self.ac = acc, unet, table, text_encoders, ac
+        self.settings, self.dtype, self.channels_last = settings, dtype, channels_last
+        self.rank, self.world, self.device = acc.process_index, acc.num_processes, acc.device
+        global_batch = cfg.train_batch_size * self.world  # drawn identically everywhere; each process its slice
+        self.inst_cache, self.class_cache = inst_cache, class_cache
+        self.inst_sampler = BatchSampler(inst_cache, global_batch, data_rng)
+        self.class_sampler = BatchSampler(class_cache, global_batch, data_rng) if class_cache else None
+        self.data_rng, self.generator = data_rng, generator
+        self.params, self.optimizer, self.update = params, optimizer, update
+        self.accumulation, self.max_grad_norm = cfg.gradient_accumulation_steps, cfg.max_grad_norm
+        self.prior_loss_weight = cfg.prior_loss_weight
+        fp16_cuda = dtype == torch.float16 and self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda") if fp16_cuda else None  # fp16 gradients need loss scaling
+        self.static: StaticStep | None = None
+
+    def _inputs(self, parts: list) -> Inputs:
+        return shard_inputs(gather_inputs(parts, self.generator, self.settings), self.rank, self.world)
+
+    def next_inputs(self) -> list[Inputs]:
+        """This micro-batch's inputs: one concatenated batch, or instance and class apart when sizes differ."""
+        size, rows = self.inst_sampler.next()
+        parts = [(self.inst_cache[size], torch.from_numpy(rows).to(self.device, non_blocking=True))]
+        if self.class_sampler is None:
+            return [self._inputs(parts)]
+        csize, crows = self.class_sampler.next()
+        cpart = (self.class_cache[csize], torch.from_numpy(crows).to(self.device, non_blocking=True))
+        if csize == size:
+            return [self._inputs(parts + [cpart])]
+        return [self._inputs(parts), self._inputs([cpart])]
+
+    def loss_of(self, x: Inputs) -> torch.Tensor:
+        """The DreamBooth loss of one batch."""
+        return step_loss(self.unet, x, self.table, self.text_encoders, self.ac, self.settings, self.dtype,
+                         self.channels_last)
+
+    def eager_step(self) -> torch.Tensor:
+        """One optimizer step in plain PyTorch (accumulation, DDP: gradients sync on the last micro-batch only)."""
+        total = torch.zeros((), device=self.device)
+        for micro in range(self.accumulation):
+            xs = self.next_inputs()
+            loss = self.loss_of(xs[0]) + sum(self.prior_loss_weight * self.loss_of(x) for x in xs[1:])
+            loss = loss / self.accumulation
+            sync = micro == self.accumulation - 1 or self.world == 1
+            with (self.acc.no_sync(self.unet) if not sync else torch.enable_grad()):
+                (self.scaler.scale(loss) if self.scaler else loss).backward()
+            total = total + loss.detach()
+        self.update(self.params, self.optimizer, self.max_grad_norm, self.scaler)
+        return total
+
+    def use_static(self, capture: bool, compile_unet: bool, verbose: bool) -> None:
+        """Switch to the static step (torch.compile'd with `compile_unet`; captured as a CUDA graph with `capture`,
+        falling back to the eager step when capture fails). Building it draws an example batch: the random
+        generators are put back afterwards, so the training sees the same numbers as without it."""
+        if compile_unet:
+            self.unet.forward = torch.compile(self.unet.forward)
+        saved_rng = self.generator.get_state(), self.data_rng.bit_generator.state
+        self.static = StaticStep(self.loss_of, self.params, self.optimizer, self.max_grad_norm,
+                                 self.next_inputs()[0])
+        if capture:
+            try:
+                self.static.capture(warmup=2)
+                if verbose:
+                    print("training step captured as one CUDA graph")
+            except RuntimeError as err:  # e.g. an op that cannot be captured: keep training, eagerly
+                print(f"warning: CUDA graph capture failed ({err}); using the eager step", file=sys.stderr)
+                self.static = None
+        self.generator.set_state(saved_rng[0])
+        self.data_rng.bit_generator.state = saved_rng[1]
+
+    def run(self) -> torch.Tensor:
+        """One optimizer step; returns its loss as a device tensor (no host sync)."""
+        if self.static is None:
+            return self.eager_step()
+        self.static.load(self.next_inputs()[0])
+        return self.static.run()
+
+
+class LossLog:
+    """Step losses kept on the device and written every `every` steps to the CSV log, TensorBoard and the bar.
+
+    `last_good` is the newest checkpoint written, named when the loss diverges.
+    """
+
+    def __init__(self, acc: Any, path: Path, every: int, start: int, base_lr: float, schedule: Any, bar: Any,
+                 writer: Any = None, last_good: Path | None = None) -> None:
+        self.acc, self.path, self.every, self.base_lr, self.schedule = acc, path, every, base_lr, schedule
+        self.bar, self.writer, self.last_good = bar, writer, last_good
+        self.losses = torch.zeros(every, device=acc.device)
+        self.pending_from, self.pending = start, 0
+
+    def record(self, loss: torch.Tensor) -> None:
+        """Keep one step's loss (a device copy, no sync)."""
+        self.losses[self.pending].copy_(loss, non_blocking=True)
+        self.pending += 1
+
+    def full(self) -> bool:
+        """Whether `every` losses wait to be written."""
+        return self.pending == self.every
+
+    def flush(self, step: int) -> None:
+        """Write the waiting losses (their mean over processes); TrainingDiverged on a NaN/Inf."""
+        if not self.pending:
+            return
+        logged = self.losses[:self.pending]
+        if self.acc.num_processes > 1:
+            logged = self.acc.reduce(logged.clone(), "mean")  # the global loss
+        values = check_losses(logged, self.pending_from, self.last_good)
+        mean, lr = statistics.fmean(values), self.base_lr * self.schedule.factor(step - 1)
+        self.bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr:.2e}")
+        if self.acc.is_main_process:
+            with self.path.open("a") as f:
+                f.writelines(f"{self.pending_from + i + 1},{v:.6g},{lr:.6g}\n" for i, v in enumerate(values))
+            if self.writer:
+                self.writer.add_scalar("train/loss", mean, step)
+                self.writer.add_scalar("train/lr", lr, step)
+        self.pending_from, self.pending = step, 0
+
+
+@dataclasses.dataclass
+class Checkpoints:
+    """Writes checkpoint-N of this run: models' LoRA layers, optimizer, RNGs and the resolved config."""
+
+    acc: Any
+    out: Path
+    models: Mapping[str, nn.Module]
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator
+    data_rng: np.random.Generator
+    config: Mapping[str, Any]
+    total_limit: int | None
+    run_id: str | None
+
+    def write(self, step: int) -> Path:
+        """Write checkpoint-<step> (call on the main process)."""
+        return save_checkpoint(self.out, step, self.models, self.optimizer, rng_state(self.generator, self.data_rng),
+                               self.config, self.total_limit, run_id=self.run_id)
+
+    def save(self, step: int, log: LossLog) -> None:
+        """Flush the log, write checkpoint-<step> on the main process (it becomes log.last_good); all wait for it."""
+        log.flush(step)
+        if self.acc.is_main_process:
+            log.last_good = self.write(step)
+        self.acc.wait_for_everyone()
+
+
+def resume_from(ckpt: Path, cfg: SDTrainConfig, world: int, rank: int, models: Mapping[str, nn.Module],
+                optimizer: torch.optim.Optimizer, generator: torch.Generator,
+                data_rng: np.random.Generator) -> tuple[int, str | None]:
+    """Restore checkpoint `ckpt` into this run; returns (its step, its run id). `cfg` is the resolved config
+    (resolution and prediction type filled in). CheckpointError listing the differences when it was written with
+    other settings; the same global batch over another number of processes is fine."""
+    saved = read_state(ckpt).get("config", {})
+    saved_world = int(saved.get("num_processes", 1))
+    if saved.get("train_batch_size", 0) * saved_world == cfg.train_batch_size * world:
+        saved = dict(saved, train_batch_size=cfg.train_batch_size)  # same global batch, another split: fine
+    elif saved_world != world:
+        saved = dict(saved, train_batch_size=f"{saved['train_batch_size']} per process x {saved_world} "
+                     f"processes (keep train_batch_size x processes = {saved['train_batch_size'] * saved_world})")
+    bad = cfg.resume_mismatches(saved)
+    if bad:
+        raise CheckpointError(f"{ckpt} was written by a different configuration:\n  - " + "\n  - ".join(bad)
+                              + "\nresume with the same settings, or use a new --output_dir")
+    state = load_checkpoint(ckpt, models, optimizer)
+    restore_rng(state["rng_tensors"], state["rng"], generator, data_rng)
+    if world > 1:  # the global-batch streams above are shared; dropout's stream is each process's own
+        torch.manual_seed(cfg.seed + 1_000_003 * (rank + 1))
+    return int(state["step"]), state.get("run_id")

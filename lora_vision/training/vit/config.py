@@ -1,0 +1,171 @@
+"""The configuration of ViT classification training (scripts/train_vit.py): one field per flag.
+
+Field names follow transformers' examples/pytorch/image-classification wherever the meaning is the same.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from ...lora.config import _check_pattern, _check_rank
+from ...targets import PRESETS, target_problems
+from ..config import LORA_ALIASES
+from ..optim import SCHEDULES
+
+MODES = ("lora", "full", "linear-probe")
+# Learning rates that work for each mode when --learning_rate is not given (AdamW, batch 32-128).
+DEFAULT_LR = {"lora": 5e-3, "full": 5e-4, "linear-probe": 1e-2}
+
+
+@dataclass(frozen=True)
+class ViTTrainConfig:
+    """Training a ViT classifier on an ImageNet subset with LoRA, full fine-tuning or a linear probe."""
+
+    model_name_or_path: str = "samples/vit/tiny-vit-patterns"
+    """transformers folder/hub id, torchvision:vit_b_16, timm:<name>, or tiny-hf / tiny-torchvision / tiny-timm."""
+    weights: str | None = None
+    """Local .safetensors weights for torchvision / timm / tiny models (transformers folders carry their own)."""
+    train_dir: str = "samples/vit/train"
+    """ImageFolder tree: one sub-folder per class (ImageNet: one per WordNet id)."""
+    validation_dir: str | None = None
+    """Validation tree with the same class folders; without it a seeded stratified split of train_dir is used."""
+    output_dir: str = "outputs/vit"
+    """Where the adapter, peft folder, metrics and checkpoints go."""
+    subset: str | None = None
+    """Class-list preset from configs/imagenet_subsets (imagenette, imagewoof, imagenet100)."""
+    class_list: str | None = None
+    """Text file with one class id per line."""
+    classes: tuple[str, ...] = ()
+    """Comma-separated class ids."""
+    first_n_classes: int | None = None
+    """Use the first N class folders (sorted by name)."""
+    train_val_split: float = 0.2
+    """Fraction of each class held out for validation when there is no validation_dir."""
+    verify_images: bool = False
+    """Decode every image before training and list those that fail (with skip_corrupt: leave them out)."""
+    skip_corrupt: bool = False
+    """Skip unreadable images with a warning naming each (at load time the next image takes its place); else stop."""
+    mode: str = "lora"
+    """lora (adapters + new head), full (every parameter), linear-probe (the head only)."""
+    compare: bool = False
+    """Run lora, full and linear-probe with the same data and seed; write compare.md/.json/.png."""
+    rank: int = 8
+    """LoRA rank r."""
+    lora_alpha: float | None = None
+    """LoRA alpha (scaling alpha / r); default: the rank."""
+    lora_dropout: float = 0.0
+    """Dropout on the LoRA path input."""
+    targets: str = ""
+    """Preset name (hf-vit-attn, hf-vit-attn-mlp, tv-vit-attn, timm-vit-attn, ...) or comma-separated patterns; default: the family's attention preset."""
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    """Per-module ranks as JSON, e.g. '{"re:.*layers\\\\.1[01]\\\\..*": 16}'."""
+    per_device_train_batch_size: int = 32
+    """Training batch size per device."""
+    per_device_eval_batch_size: int = 64
+    """Evaluation batch size per device."""
+    num_train_epochs: int = 15
+    """Number of epochs."""
+    max_train_steps: int | None = None
+    """Stop after this many optimizer steps (overrides epochs)."""
+    learning_rate: float | None = None
+    """Peak learning rate; default per mode: lora 5e-3, full 5e-4, linear-probe 1e-2."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    lr_scheduler_type: str = "cosine"
+    """constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial."""
+    warmup_ratio: float = 0.1
+    """Warm-up as a fraction of all optimizer steps (num_warmup_steps overrides)."""
+    num_warmup_steps: int | None = None
+    """Warm-up steps."""
+    gradient_accumulation_steps: int = 1
+    """Micro-batches per optimizer step."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping (0 disables)."""
+    label_smoothing: float = 0.1
+    """Cross-entropy label smoothing."""
+    mixed_precision: str = "no"
+    """no, fp16 or bf16 (autocast through accelerate)."""
+    pure_bf16: bool = False
+    """Run the whole model in bf16 without autocast, with fp32 master copies of the trainable parameters."""
+    base_dtype: str = "auto"
+    """dtype of frozen weights: auto (bf16/fp16 with mixed precision, else float32), float32, bfloat16, float16."""
+    torch_compile: bool = False
+    """Compile the model with torch.compile."""
+    seed: int = 42
+    """Seed of the split, the head, LoRA init, the data order and augmentation."""
+    dataloader_num_workers: int = 2
+    """DataLoader worker processes (images are decoded there)."""
+    augment: bool = True
+    """Random-resized crop and flip for training."""
+    checkpointing_steps: int | None = None
+    """Save a resumable checkpoint every N optimizer steps (and always at the end of an epoch when set)."""
+    checkpoints_total_limit: int | None = 2
+    """Keep at most this many checkpoints."""
+    resume_from_checkpoint: str | None = None
+    """'latest' or a checkpoint folder."""
+    overwrite_output_dir: bool = False
+    """Start over in an output_dir that holds another run's checkpoints, deleting them (else that is an error)."""
+    save_merged: bool = False
+    """Also save the model with the adapter merged (zero inference overhead)."""
+    save_peft: bool = True
+    """Also write a peft adapter folder (output_dir/peft)."""
+    logging_steps: int = 10
+    """Log the loss every N optimizer steps."""
+
+    ALIASES: ClassVar[dict[str, str]] = LORA_ALIASES
+
+    def problems(self) -> list[str]:
+        """Every invalid value, one line each."""
+        out = []
+        if self.mode not in MODES:
+            out.append(f"mode={self.mode!r}: expected one of {MODES}")
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            out.append(f"mixed_precision={self.mixed_precision!r}: expected no, fp16 or bf16")
+        if self.base_dtype not in ("auto", "float32", "bfloat16", "float16"):
+            out.append(f"base_dtype={self.base_dtype!r}: expected auto, float32, bfloat16 or float16")
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "num_train_epochs", "rank",
+                     "gradient_accumulation_steps"):
+            if getattr(self, name) < 1:
+                out.append(f"{name}={getattr(self, name)}: expected >= 1")
+        if not 0 <= self.label_smoothing < 1:
+            out.append(f"label_smoothing={self.label_smoothing}: expected a value in [0, 1)")
+        if self.base_dtype in ("bfloat16", "float16") and self.mixed_precision == "no":
+            out.append(f"base_dtype={self.base_dtype} needs --mixed_precision bf16/fp16 (autocast feeds the "
+                       "frozen half-precision weights)")
+        if self.pure_bf16 and self.mixed_precision != "no":
+            out.append("pure_bf16 runs without autocast: leave --mixed_precision at no")
+        if self.seed < 0:
+            out.append(f"seed={self.seed}: expected an integer >= 0")
+        if self.lr_scheduler_type not in SCHEDULES:
+            out.append(f"lr_scheduler_type={self.lr_scheduler_type!r}: expected one of {', '.join(SCHEDULES)}")
+        if self.num_warmup_steps is not None and self.num_warmup_steps < 0:
+            out.append(f"num_warmup_steps={self.num_warmup_steps}: expected an integer >= 0")
+        if not 0 <= self.warmup_ratio <= 1:
+            out.append(f"warmup_ratio={self.warmup_ratio}: expected a fraction in [0, 1]")
+        if not 0 < self.train_val_split < 1:
+            out.append(f"train_val_split={self.train_val_split}: expected a fraction in (0, 1)")
+        for name in ("max_train_steps", "checkpointing_steps", "checkpoints_total_limit", "first_n_classes"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                out.append(f"{name}={getattr(self, name)}: expected an integer >= 1 or None")
+        if self.logging_steps < 1:
+            out.append(f"logging_steps={self.logging_steps}: expected an integer >= 1")
+        if self.dataloader_num_workers < 0:
+            out.append(f"dataloader_num_workers={self.dataloader_num_workers}: expected an integer >= 0")
+        for name in ("weight_decay", "max_grad_norm"):
+            if not getattr(self, name) >= 0:
+                out.append(f"{name}={getattr(self, name)}: expected a number >= 0")
+        for name in ("learning_rate", "lora_alpha"):
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
+                out.append(f"{name}={getattr(self, name)}: expected a number > 0 or None")
+        if not 0 <= self.lora_dropout < 1:
+            out.append(f"lora_dropout={self.lora_dropout}: expected a probability in [0, 1)")
+        targets = [p.strip() for p in self.targets.split(",") if p.strip()]
+        out += target_problems("targets", targets, [n for n in PRESETS if "vit-" in n])
+        for pat, r in self.rank_pattern.items():
+            out += [f"rank_pattern: {p}" for p in _check_pattern(pat)] + _check_rank(f"rank_pattern[{pat!r}]", r)
+        return out
+
+    def lr(self, mode: str | None = None) -> float:
+        """The learning rate for `mode` (the flag, else the mode's default)."""
+        return self.learning_rate if self.learning_rate is not None else DEFAULT_LR[mode or self.mode]
