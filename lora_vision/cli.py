@@ -1,4 +1,4 @@
-"""`lora-vision` command line: inspect | convert | merge | resize | extract | generate | analyze.
+"""`lora-vision` command line: inspect | convert | merge | fuse | resize | extract | generate | analyze.
 
 Each subcommand lives in `lora_vision/commands/<name>.py` and defines `register(subparsers)`, which adds its
 parser and sets `func` (a callable taking the parsed args and returning an exit code).
@@ -14,7 +14,7 @@ from typing import Callable
 
 from .terminal import printable
 
-COMMANDS = ("inspect", "convert", "merge", "resize", "extract", "generate", "analyze")
+COMMANDS = ("inspect", "convert", "merge", "fuse", "resize", "extract", "generate", "analyze")
 
 
 def build_parser() -> argparse.ArgumentParser:

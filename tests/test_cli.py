@@ -85,3 +85,39 @@ def test_convert_on_a_full_disk_is_one_line_and_leaves_nothing(sd1_file, to, out
     assert err.startswith(f"lora-vision convert: error: no space left on the device") and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
     assert list(out_dir.iterdir()) == []  # no empty folder, no temporary file
+
+
+def test_fuse_writes_the_same_pipeline_as_merge_into_which_points_to_it(sd1_file, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    fused, merged = tmp_path / "fused", tmp_path / "merged"
+    assert main(["fuse", str(sd1_file), "--base", "tiny-sd1", "--weights", "0.7", "-o", str(fused),
+                 "--single-file"]) == 0
+    out = capsys.readouterr().out
+    assert "lora-vision fuse" not in out and str(fused) in out
+    assert main(["merge", str(sd1_file), "--into", "tiny-sd1", "--weights", "0.7", "-o", str(merged),
+                 "--single-file"]) == 0
+    note = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("note:")]
+    assert len(note) == 1 and "lora-vision fuse" in note[0] and "--base" in note[0]
+
+    files = sorted(p.relative_to(fused) for p in fused.rglob("*.safetensors"))
+    assert Path("unet/diffusion_pytorch_model.safetensors") in files and Path("fused.safetensors") in files
+    assert sorted(p.relative_to(merged) for p in merged.rglob("*.safetensors")) == [
+        Path("merged.safetensors") if f == Path("fused.safetensors") else f for f in files]
+    for f in files:
+        a = load_file(fused / f)
+        b = load_file(merged / (Path("merged.safetensors") if f == Path("fused.safetensors") else f))
+        assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a), f
+    base = load_file(fused / "unet/diffusion_pytorch_model.safetensors")
+    from lora_vision.models import build_tiny_sd
+
+    plain = build_tiny_sd("sd1").unet.state_dict()
+    assert any(not base[k].equal(plain[k]) for k in base if "attn2.to_q.weight" in k)  # the adapter is in there
+
+
+def test_fuse_with_a_wrong_number_of_weights_is_one_line(sd1_file, tmp_path, capsys):
+    out = tmp_path / "fused"
+    assert main(["fuse", str(sd1_file), "--base", "tiny-sd1", "--weights", "0.5", "1", "-o", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "--weights has 2 values for 1 adapters" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()

@@ -1,4 +1,4 @@
-"""Helpers shared by the adapter subcommands (inspect, convert, merge, resize, extract): read any file, write any
+"""Helpers shared by the adapter subcommands (inspect, convert, merge, fuse, resize, extract): read any file, write any
 format."""
 
 from __future__ import annotations
@@ -49,3 +49,27 @@ def write(adapter: Any, args: argparse.Namespace, **kwargs: Any) -> Path:
         out = export(adapter, args.to, args.output, **{k: v for k, v in extra.items() if k == "dtype"})
     print(f"wrote {args.to} adapter: {out}")
     return Path(out)
+
+
+def weight_arg(text: str) -> float:
+    """argparse type of a --weights value: a finite number (the one strength parser)."""
+    from ..prompt_syntax import parse_strength
+
+    try:
+        return parse_strength(text, "--weights value")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def add_weighted_files_args(p: argparse.ArgumentParser) -> None:
+    """The adapter files and one --weights value per file (merge and fuse)."""
+    p.add_argument("files", nargs="+", help="adapters (any supported format)")
+    p.add_argument("--weights", type=weight_arg, nargs="+", help="one weight (strength) per adapter (default 1.0 each)")
+
+
+def weights_for(files: list[str], weights: list[float] | None) -> list[float]:
+    """One weight per adapter file: the given --weights, or 1.0 each; a count mismatch is an error."""
+    weights = weights or [1.0] * len(files)
+    if len(weights) != len(files):
+        raise ValueError(f"--weights has {len(weights)} values for {len(files)} adapters; give one per adapter")
+    return weights
