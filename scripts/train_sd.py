@@ -33,6 +33,7 @@ from lora_vision.lora import lora_report, lora_state_dict  # noqa: E402
 from lora_vision.lora.config import ConfigError  # noqa: E402
 from lora_vision.models.sd import TINY_PIPELINES, detect_sd_family, load_sd_pipeline, prediction_type  # noqa: E402
 from lora_vision.data.dreambooth import make_buckets  # noqa: E402
+from lora_vision.generation.images import save_png  # noqa: E402
 from lora_vision.training.checkpoint import (CheckpointError, StopOnInterrupt, find_checkpoint,  # noqa: E402
                                              new_run_id, prepare_output_dir, resume_command, trim_log)
 from lora_vision.training.config import config_to_dict, load_config, save_config  # noqa: E402
@@ -43,7 +44,7 @@ from lora_vision.training.sd.lora import add_lora, param_groups, save_adapter  #
 from lora_vision.training.sd.loop import (Checkpoints, LossLog, TrainingDiverged, TrainingSteps,  # noqa: E402
                                           check_distributed, graph_possible, resume_from)
 from lora_vision.training.sd.losses import alphas_cumprod  # noqa: E402
-from lora_vision.training.sd.samples import generate_class_images, save_png, strength_sweep, validation_grid  # noqa: E402,E501
+from lora_vision.training.sd.samples import generate_class_images, strength_sweep, validation_grid  # noqa: E402
 from lora_vision.training.sd.step import StepSettings, clip_and_step  # noqa: E402
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

@@ -15,10 +15,10 @@ import torch
 from PIL import Image
 
 from lora_vision.commands.generate import register
-from lora_vision.generate import GenerateConfig, generate, load_pipeline, parse_sweeps
+from lora_vision.generation.prompts import (LoraDirectory, addnet_hash, build_infotext, extract_lora_tags,
+                                            parse_infotext, parse_lora_flag, parse_lora_hashes)
+from lora_vision.generation.run import GenerateConfig, generate, load_pipeline, parse_sweeps
 from lora_vision.io import AdapterFileError
-from lora_vision.prompt_syntax import (LoraDirectory, addnet_hash, build_infotext, extract_lora_tags,
-                                       parse_infotext, parse_lora_flag, parse_lora_hashes)
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_serving import make_adapter  # noqa: E402
@@ -303,3 +303,42 @@ def test_file_for_another_family_or_with_unmatched_modules_warns_or_fails_under_
     from lora_vision.pipeline.adapters import _state
 
     assert not _state(pipe).adapters  # nothing stays loaded after the refusal
+
+
+# ---- the one PNG writer and grid maker ----------------------------------------------------------------------------
+
+def test_one_png_writer_with_and_without_infotext_and_sidecar(tmp_path):
+    from lora_vision.generation.images import save_png
+
+    image = Image.new("RGB", (8, 8), (10, 20, 30))
+    plain = save_png(image, tmp_path / "plain.png")
+    assert plain == tmp_path / "plain.png" and "parameters" not in Image.open(plain).info
+    assert not plain.with_suffix(".json").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["plain.png"]
+    infotext = build_infotext("a box", "", {"Steps": 1, "Seed": 3, "Size": "8x8"})
+    tagged = save_png(image, str(tmp_path / "tagged.png"), infotext, {"seed": 3})
+    assert parse_infotext(Image.open(tagged).info["parameters"])["Seed"] == "3"
+    assert json.loads(tagged.with_suffix(".json").read_text()) == {"seed": 3}
+    assert np.array_equal(_pixels(plain), _pixels(tagged))
+
+
+class _ColourPipe:
+    """Stands in for a diffusers pipeline: one flat image per generator, its colour drawn from that generator."""
+
+    def __call__(self, prompts, num_inference_steps, height, width, generator, output_type):
+        colours = [tuple(int(c) for c in torch.randint(0, 256, (3,), generator=g)) for g in generator]
+        return argparse.Namespace(images=[Image.new("RGB", (width, height), c) for c in colours])
+
+
+def test_training_grids_come_from_the_generation_grid_maker():
+    from lora_vision.generation.images import make_grid
+    from lora_vision.training.sd.samples import _generate, strength_sweep, validation_grid
+
+    pipe = _ColourPipe()
+    row = _generate(pipe, ["p"] * 3, range(3), 1, 16)
+    grid = validation_grid(pipe, "p", 3, 1, 16)
+    assert grid.size == (48, 16) and np.array_equal(np.asarray(grid), np.asarray(make_grid([row])))
+    sweep = strength_sweep(pipe, [], "p", [0, 1], 2, 1, 16)
+    cols = [_generate(pipe, ["p"] * 2, range(2), 1, 16)] * 2
+    expected = make_grid([[c[r] for c in cols] for r in range(2)], col_labels=["strength 0", "strength 1"])
+    assert sweep.size == expected.size and np.array_equal(np.asarray(sweep), np.asarray(expected))
+    assert make_grid([row], title="t").size == make_grid([row], col_labels=["a", "b", "c"]).size == (48, 16 + 18)

@@ -53,7 +53,7 @@ def write(adapter: Any, args: argparse.Namespace, **kwargs: Any) -> Path:
 
 def weight_arg(text: str) -> float:
     """argparse type of a --weights value: a finite number (the one strength parser)."""
-    from ..prompt_syntax import parse_strength
+    from ..generation.prompts import parse_strength
 
     try:
         return parse_strength(text, "--weights value")

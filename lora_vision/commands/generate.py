@@ -32,7 +32,7 @@ def _seeds(text: str) -> list[int]:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The generation flags (shared by the CLI and scripts/generate.py)."""
-    from lora_vision.generate import SCHEDULERS
+    from lora_vision.generation.run import SCHEDULERS
 
     p.add_argument("--model", default="tiny", help="diffusers folder, hub id, or tiny / tiny-sd2 / tiny-sdxl "
                                                    "(default: the built-in tiny SD 1.x)")
@@ -63,7 +63,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> Any:
     """A GenerateConfig from parsed flags."""
-    from lora_vision.generate import GenerateConfig
+    from lora_vision.generation.run import GenerateConfig
 
     prompts = list(args.prompt)
     if args.prompt_file:
@@ -79,7 +79,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     """Generate and print where the images went."""
-    from lora_vision.generate import generate
+    from lora_vision.generation.run import generate
 
     written = generate(config_from_args(args))
     grids = [p for p in written if p.name.startswith("grid-")]

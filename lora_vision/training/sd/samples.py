@@ -1,5 +1,6 @@
 """Images made with the pipeline during training: class images for prior preservation, validation grids, and the
-final strength sweep. Grids are PNGs (rows = seeds, columns = strengths or one column per seed).
+final strength sweep. Grids are PNGs (rows = seeds, columns = strengths or one column per seed), made and written
+by lora_vision.generation.images.
 """
 
 from __future__ import annotations
@@ -9,11 +10,11 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 from tqdm.auto import tqdm
 
 from ...data.images import IMAGE_SUFFIXES
-from ...io import atomic_path
+from ...generation.images import make_grid, save_png
 from ...lora.ops import set_strength
 
 
@@ -23,13 +24,6 @@ def _generate(pipe, prompts: list[str], seeds: Sequence[int], steps: int, resolu
         out = pipe(prompts, num_inference_steps=steps, height=resolution, width=resolution, generator=generators,
                    output_type="pil")
     return list(out.images)
-
-
-def save_png(image: Image.Image, path: str | Path) -> Path:
-    """Write a PNG atomically."""
-    with atomic_path(path) as tmp:
-        image.save(tmp, format="PNG")
-    return Path(path)
 
 
 def generate_class_images(pipe, prompt: str, folder: str | Path, wanted: int, batch_size: int, steps: int,
@@ -59,23 +53,9 @@ def generate_class_images(pipe, prompt: str, folder: str | Path, wanted: int, ba
     return missing
 
 
-def grid(images: list[list[Image.Image]], labels: list[str] | None = None) -> Image.Image:
-    """Paste rows of equally sized images into one image; optional column labels on a white strip on top."""
-    w, h = images[0][0].size
-    top = 14 if labels else 0
-    out = Image.new("RGB", (w * len(images[0]), h * len(images) + top), "white")
-    draw = ImageDraw.Draw(out)
-    for c, label in enumerate(labels or []):
-        draw.text((c * w + 2, 1), label, fill="black")
-    for r, row in enumerate(images):
-        for c, image in enumerate(row):
-            out.paste(image, (c * w, top + r * h))
-    return out
-
-
 def validation_grid(pipe, prompt: str, num_images: int, steps: int, resolution: int) -> Image.Image:
     """One row of images for `prompt` at seeds 0..num_images-1 (the same seeds every time)."""
-    return grid([_generate(pipe, [prompt] * num_images, range(num_images), steps, resolution)])
+    return make_grid([_generate(pipe, [prompt] * num_images, range(num_images), steps, resolution)])
 
 
 def strength_sweep(pipe, models: list[torch.nn.Module], prompt: str, strengths: Sequence[float], num_seeds: int,
@@ -91,4 +71,4 @@ def strength_sweep(pipe, models: list[torch.nn.Module], prompt: str, strengths: 
         for m in models:
             set_strength(m, 1.0)
     rows = [[col[r] for col in columns] for r in range(num_seeds)]
-    return grid(rows, [f"strength {s:g}" for s in strengths])
+    return make_grid(rows, col_labels=[f"strength {s:g}" for s in strengths])

@@ -13,7 +13,6 @@ the active set and strengths. Every image is written atomically as PNG with A111
 from __future__ import annotations
 
 import itertools
-import json
 import re
 import sys
 from dataclasses import asdict, dataclass, field
@@ -22,11 +21,12 @@ from typing import Any, Sequence
 
 import torch
 
-from . import __version__
-from .io import atomic_path, atomic_write_text, read_header
-from .terminal import printable
-from .prompt_syntax import (LoraDirectory, addnet_hash, build_infotext, extract_lora_tags, lora_hashes_field,
-                            parse_lora_flag, parse_strength)
+from .. import __version__
+from ..io import read_header
+from ..terminal import printable
+from .images import make_grid, save_png
+from .prompts import (LoraDirectory, addnet_hash, build_infotext, extract_lora_tags, lora_hashes_field,
+                      parse_lora_flag, parse_strength)
 
 # name -> (diffusers class, extra config, A1111 sampler name, A1111 schedule type)
 SCHEDULERS: dict[str, tuple[str, dict, str, str | None]] = {
@@ -134,7 +134,7 @@ class AdapterSet:
         print(f"warning: {message}", file=sys.stderr)
 
     def ensure(self, use: LoraUse) -> str:
-        from .pipeline import load_adapter, unload_adapter
+        from ..pipeline import load_adapter, unload_adapter
 
         key = str(Path(use.path).resolve())
         if key not in self.by_path:
@@ -153,8 +153,8 @@ class AdapterSet:
         return self.by_path[key]
 
     def _check_family(self, path: str) -> None:
-        from .formats import declared_base
-        from .models.sd import detect_sd_family
+        from ..formats import declared_base
+        from ..models.sd import detect_sd_family
 
         declared = declared_base(read_header(path)[0].get("__metadata__", {}))
         family = detect_sd_family(self.pipe.unet)
@@ -172,7 +172,7 @@ class AdapterSet:
                           f"model ({printable(', '.join(left[:3]))}{more}); the file may be for another base model")
 
     def use(self, uses: Sequence[LoraUse]) -> None:
-        from .pipeline import set_adapter_strength, set_adapters
+        from ..pipeline import set_adapter_strength, set_adapters
 
         names = [self.ensure(u) for u in uses]
         if not self.by_path:
@@ -228,47 +228,11 @@ def _next_index(out: Path) -> int:
     return max(nums, default=-1) + 1
 
 
-def save_png(image: Any, path: Path, infotext: str, sidecar: dict) -> None:
-    """Write the PNG (A1111 "parameters" text chunk) and its JSON sidecar, each atomically."""
-    from PIL.PngImagePlugin import PngInfo
-
-    info = PngInfo()
-    info.add_text("parameters", infotext)
-    with atomic_path(path) as tmp:
-        image.save(tmp, format="PNG", pnginfo=info)
-    atomic_write_text(path.with_suffix(".json"), json.dumps(sidecar, indent=2, ensure_ascii=False) + "\n")
-
-
-def make_grid(images: Sequence[Sequence[Any]], row_labels: Sequence[str], col_labels: Sequence[str],
-              title: str = "") -> Any:
-    """A labelled grid: column labels on top, row labels on the left, an optional title line."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    w, h = images[0][0].size
-    size = max(10, min(24, w // 12))
-    font = ImageFont.load_default(size=size)
-    pad = size + 8
-    left = max((int(font.getlength(t)) for t in row_labels), default=0) + 12 if any(row_labels) else 0
-    top = pad * (2 if title else 1)
-    grid = Image.new("RGB", (left + w * len(images[0]), top + h * len(images)), "white")
-    draw = ImageDraw.Draw(grid)
-    if title:
-        draw.text((4, 4), title, fill="black", font=font)
-    for j, t in enumerate(col_labels):
-        draw.text((left + j * w + (w - font.getlength(t)) / 2, top - pad + 4), t, fill="black", font=font)
-    for i, row in enumerate(images):
-        if row_labels and row_labels[i]:
-            draw.text((4, top + i * h + h / 2 - size / 2), row_labels[i], fill="black", font=font)
-        for j, im in enumerate(row):
-            grid.paste(im, (left + j * w, top + i * h))
-    return grid
-
-
 # ---- the run -----------------------------------------------------------------------------------------------------
 
 def load_pipeline(cfg: GenerateConfig) -> Any:
     """The pipeline on its device and dtype, progress bar off (ours counts steps over the whole run)."""
-    from .models.sd import load_sd_pipeline
+    from ..models.sd import load_sd_pipeline
 
     device = check_device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype_name = cfg.dtype or ("fp16" if device.startswith("cuda") else "fp32")

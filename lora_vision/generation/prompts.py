@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
-from .io import AdapterFileError, read_header
+from ..io import AdapterFileError, read_header
 
 EXTRA_NETWORK_RE = re.compile(r"<(\w+):([^>]+)>")   # A1111 modules/extra_networks.py
 LORA_TYPES = ("lora", "lyco")
