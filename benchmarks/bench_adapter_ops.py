@@ -30,6 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lora_vision.adapter import Adapter  # noqa: E402
+from lora_vision.dtypes import parse_dtype  # noqa: E402
 from lora_vision.formats import export  # noqa: E402
 from lora_vision.pipeline import (fuse, load_adapter, set_adapter_strength, set_adapters, unfuse,  # noqa: E402
                                   unload_adapter)
@@ -225,7 +226,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=6, help="loads per round; switches/strengths are 2x this")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    dtype = parse_dtype(args.dtype, "--dtype")
     torch.backends.cuda.matmul.allow_tf32 = True
     t0 = time.perf_counter()
     pipe = build_pipeline(args.model, args.device, dtype)

@@ -29,6 +29,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from lora_vision.adapter import Adapter  # noqa: E402
+from lora_vision.dtypes import parse_dtype  # noqa: E402
 from lora_vision.formats import export  # noqa: E402
 from lora_vision.pipeline import fuse, load_adapter, set_adapter_strength, set_adapters, unfuse, unload_adapter  # noqa: E402
 from lora_vision.serving import AdapterServer  # noqa: E402
@@ -207,7 +208,7 @@ def main() -> None:
     import transformers
 
     transformers.logging.set_verbosity_error()
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    dtype = parse_dtype(args.dtype, "--dtype")
     RESULTS["setup"] = {"size": args.size, "dtype": args.dtype, "device": torch.cuda.get_device_name()
                         if args.device.startswith("cuda") else "cpu", "torch": torch.__version__,
                         "steps": args.steps, "iters": args.iters, "batches": args.batches}

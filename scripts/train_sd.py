@@ -28,6 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a file from a checkout
     sys.path.insert(0, str(REPO))
 
+from lora_vision.dtypes import parse_dtype  # noqa: E402
 from lora_vision.io import unwritable_reason, write_safetensors  # noqa: E402
 from lora_vision.lora import lora_report, lora_state_dict  # noqa: E402
 from lora_vision.lora.config import ConfigError  # noqa: E402
@@ -47,7 +48,6 @@ from lora_vision.training.sd.losses import alphas_cumprod  # noqa: E402
 from lora_vision.training.sd.samples import generate_class_images, strength_sweep, validation_grid  # noqa: E402
 from lora_vision.training.sd.step import StepSettings, clip_and_step  # noqa: E402
 
-DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 TINY_PROMPT = "a photo of sks toy"
 TINY_CONFIG = REPO / "configs" / "tiny.yaml"
 NO_MODEL = "with no model (configs/tiny.yaml)"
@@ -135,7 +135,7 @@ def train(cfg: SDTrainConfig) -> int:
     torch.manual_seed(cfg.seed + acc.process_index)
     if cfg.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    dtype = DTYPES[cfg.mixed_precision]
+    dtype = parse_dtype(cfg.mixed_precision, "--mixed_precision")
     pipe = load_sd_pipeline(cfg.pretrained_model_name_or_path, torch_dtype=None if dtype == torch.float32 else dtype,
                             variant=cfg.variant)
     out.mkdir(parents=True, exist_ok=True)  # only once the model loaded: a failed start leaves nothing behind

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from lora_vision import LoRAConfig, count_parameters, inject_lora, lora_report
 from lora_vision.adapter import Adapter
 from lora_vision.data.imagenet import ImageListDataset, build_subset, build_transforms
+from lora_vision.dtypes import parse_dtype
 from lora_vision.io import write_safetensors
 from lora_vision.lora.config import ConfigError
 from lora_vision.models.vit import freeze_to, load_vit, lora_targets, merged_copy, save_model
@@ -45,7 +46,6 @@ from lora_vision.training.config import config_to_dict, load_config, save_config
 from lora_vision.training.optim import LRSchedule, build_optimizer
 
 REPO = Path(__file__).resolve().parents[1]
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def parse_args(argv: list[str] | None) -> ViTTrainConfig:
@@ -60,8 +60,8 @@ def parse_args(argv: list[str] | None) -> ViTTrainConfig:
 def frozen_dtype(cfg: ViTTrainConfig) -> torch.dtype:
     """dtype of the frozen weights: half precision only under autocast of that type."""
     if cfg.base_dtype != "auto":
-        return DTYPES[cfg.base_dtype]
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision, torch.float32)
+        return parse_dtype(cfg.base_dtype, "--base_dtype")
+    return parse_dtype(cfg.mixed_precision, "--mixed_precision")
 
 
 def forward_fn(model: torch.nn.Module, family: str):

@@ -7,9 +7,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-import torch
+from ..dtypes import SHORT_NAMES, parse_dtype
 
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 OUT_FORMATS = ("lora_vision", "kohya", "diffusers", "peft")
 
 
@@ -28,7 +27,7 @@ def add_output_args(p: argparse.ArgumentParser, default_fmt: str = "lora_vision"
                         "pipe.load_lora_weights, peft for a PEFT folder (ViT), lora_vision for our own files")
     p.add_argument("--family", choices=("sd1", "sd2", "sd2-v", "sdxl"),
                    help="base model family for kohya metadata and SDXL naming (default: from the file)")
-    p.add_argument("--dtype", choices=tuple(DTYPES),
+    p.add_argument("--dtype", choices=SHORT_NAMES,
                    help="tensor dtype of the output (others keep the input dtype). kohya default: fp16, or fp32 "
                         "with a warning when a value exceeds fp16's range (65504); an explicit fp16 that would "
                         "overflow is an error")
@@ -40,7 +39,7 @@ def write(adapter: Any, args: argparse.Namespace, **kwargs: Any) -> Path:
 
     extra = dict(kwargs)
     if args.dtype:
-        extra["dtype"] = DTYPES[args.dtype]
+        extra["dtype"] = parse_dtype(args.dtype, "--dtype")
     if args.to == "kohya":
         out = export(adapter, "kohya", args.output, base=args.family, **extra)
     elif args.to == "lora_vision":

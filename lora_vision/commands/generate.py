@@ -6,6 +6,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from ..dtypes import SHORT_NAMES
+
 EPILOG = """\
 adapters:
   --lora FILE[:STRENGTH[:TE_STRENGTH]]   for every prompt (TE_STRENGTH defaults to STRENGTH); repeatable
@@ -54,7 +56,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="strength grid axis; KEY is strength, te, unet or an adapter name (at most two axes)")
     p.add_argument("--output_dir", "-o", default="outputs")
     p.add_argument("--device", help="default: cuda when available, else cpu")
-    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="default: fp16 on CUDA, fp32 on CPU")
+    p.add_argument("--dtype", choices=SHORT_NAMES, help="default: fp16 on CUDA, fp32 on CPU")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
     p.add_argument("--strict", action="store_true",
                    help="an adapter made for another SD family (from its metadata) or with modules the model does "

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from ..dtypes import SHORT_NAMES
 from ._adapters import OUT_FORMATS, add_weighted_files_args, read, weights_for, write
 from .fuse import add_fuse_output_args, fuse_into_base
 
@@ -35,7 +36,7 @@ def register(subparsers: Any) -> None:
     g.add_argument("--energy", type=float, help="keep the fewest singular values holding this share of ||delta||^2")
     p.add_argument("--to", choices=OUT_FORMATS, default="lora_vision", help="output format (default lora_vision)")
     p.add_argument("--family", choices=("sd1", "sd2", "sd2-v", "sdxl"), help="kohya: base family (default: guessed)")
-    p.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), help="output tensor dtype")
+    p.add_argument("--dtype", choices=SHORT_NAMES, help="output tensor dtype")
     p.add_argument("--into", metavar="BASE", help="the same as `lora-vision fuse ... --base BASE`: fold into this "
                                                    "base pipeline and write a diffusers folder to -o")
     add_fuse_output_args(p)

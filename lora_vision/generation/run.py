@@ -22,6 +22,7 @@ from typing import Any, Sequence
 import torch
 
 from .. import __version__
+from ..dtypes import parse_dtype
 from ..io import read_header
 from ..terminal import printable
 from .images import make_grid, save_png
@@ -38,7 +39,6 @@ SCHEDULERS: dict[str, tuple[str, dict, str, str | None]] = {
     "unipc": ("UniPCMultistepScheduler", {}, "UniPC", None),
     "pndm": ("PNDMScheduler", {"skip_prk_steps": True}, "PLMS", None),
 }
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -236,9 +236,8 @@ def load_pipeline(cfg: GenerateConfig) -> Any:
 
     device = check_device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype_name = cfg.dtype or ("fp16" if device.startswith("cuda") else "fp32")
-    if dtype_name not in DTYPES:
-        raise ValueError(f"dtype {dtype_name!r}: expected one of {', '.join(DTYPES)}")
-    dtype = None if dtype_name == "fp32" else DTYPES[dtype_name]
+    dtype = parse_dtype(dtype_name, "--dtype")
+    dtype = None if dtype == torch.float32 else dtype
     try:
         pipe = load_sd_pipeline(cfg.model, torch_dtype=dtype)
     except OSError as err:
