@@ -3,10 +3,11 @@
 # scripts/train_sd.py, same random-weight model, same 8 images, rank 4, to_q/k/v/out.0, bf16, alternating.
 #
 # Usage (repo root, GPU machine, diffusers importable):   bash benchmarks/bench_train_sd.sh sd15|sdxl [OUT_DIR]
-# Needs the git-ignored .ref/ folder (the reference script and .ref/tools/{make_random_sd,step_timer}.py).
+# Needs a .ref/ folder that is not in the repository (git-ignored): the reference script, a random-weight model
+# builder and a step timer under .ref/tools/.
 # CPU dry run of the plumbing: SIZE=tiny RES=64 STEPS_SCALE=0.2 bash benchmarks/bench_train_sd.sh sd15 /tmp/b
 #
-# Reference steps are timed by .ref/tools/step_timer.py (GPU sync after every optimizer step); ours by CUDA
+# Reference steps are timed by the .ref/ step timer (GPU sync after every optimizer step); ours by CUDA
 # events recorded after every step (--time_steps). Both drop 10 warm-up steps and report the median.
 set -u
 MODE=${1:-sd15}

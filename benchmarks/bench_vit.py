@@ -5,12 +5,12 @@
         --profile peft,ours-purebf16                                             (follow-up: where the time goes)
 
 Every variant runs in this one process on the same random-weight ViTForImageClassification (built from a config,
-seed 0), the same batch of random images and labels, bf16 autocast and fused AdamW (as the reference in
-../shared/tools/probe_reference_inference.py). Timing: CUDA events around whole optimizer steps, warm-up dropped,
-median. Ours differs from peft in: frozen base weights stored in bf16 (no per-step weight casts, half the weight
-memory), the LoRA path of lora_vision's LoRALinear, and optionally torch.compile. `ours-purebf16` runs the whole
-model in bf16 without autocast (bf16 activations and residual stream, no per-op casts), with fp32 master copies
-of the trainable parameters (lora_vision.training.vit.precision.MasterWeights).
+seed 0), the same batch of random images and labels, bf16 autocast and fused AdamW (the setting of the peft ViT-B/16
+reference numbers, which were measured outside this repository). Timing: CUDA events around whole optimizer steps,
+warm-up dropped, median. Ours differs from peft in: frozen base weights stored in bf16 (no per-step weight casts,
+half the weight memory), the LoRA path of lora_vision's LoRALinear, and optionally torch.compile. `ours-purebf16`
+runs the whole model in bf16 without autocast (bf16 activations and residual stream, no per-op casts), with fp32
+master copies of the trainable parameters (lora_vision.training.vit.precision.MasterWeights).
 """
 
 from __future__ import annotations

@@ -304,7 +304,7 @@ def _stamp(device: torch.device):
 
 
 def _report_times(events: list, batch_size: int, warmup: int = 10) -> None:
-    """Print `STEPS ours n=.. median_s=.. steps_per_s=.. peak_alloc_gib=..` (same format as step_timer.py)."""
+    """Print `STEPS ours n=.. median_s=.. steps_per_s=.. peak_alloc_gib=..` (bench_train_sd.sh greps it)."""
     if torch.cuda.is_available():
         torch.cuda.synchronize()
         d = [a.elapsed_time(b) / 1000 for a, b in zip(events[warmup:], events[warmup + 1:])]

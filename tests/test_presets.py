@@ -43,7 +43,8 @@ def sdxl_layout_unet() -> UNet2DConditionModel:
         projection_class_embeddings_input_dim=8 + 6 * 4, norm_num_groups=4)
 
 
-# Counts from ../shared/specs/formats.md section 1.5 (kohya's module sets on the real layouts).
+# kohya's module counts on the real layouts (its LoRANetwork picks every Linear/Conv2d in Transformer2DModel,
+# plus ResNet and sampler convs for LoCon).
 @pytest.mark.parametrize("build, expected", [
     (sd15_layout_unet, {"unet-cross-attn": 64, "unet-attn": 128, "unet-attn-ff": 192, "unet-locon": 192 + 86}),
     (sdxl_layout_unet, {"unet-cross-attn": 280, "unet-attn": 560, "unet-attn-ff": 722, "unet-locon": 722 + 66}),

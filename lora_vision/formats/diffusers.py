@@ -1,4 +1,5 @@
-"""The diffusers/PEFT single-file format that `pipe.load_lora_weights` reads (formats.md 4.3).
+"""The diffusers/PEFT single-file format that `pipe.load_lora_weights` reads (as diffusers'
+`save_lora_weights` writes it).
 
 Keys: `unet.<diffusers module>.lora_A.weight` / `.lora_B.weight`, `text_encoder.<...>`, `text_encoder_2.<...>`; no
 alpha tensors: alpha lives in the `lora_adapter_metadata` JSON (LoraConfig kwargs with component prefixes).

@@ -3,7 +3,7 @@
 Import accepts both UNet naming styles (diffusers and LDM/SGM), `lycoris_` (SimpleTuner) and ComfyUI's generic
 `diffusion_model.<ldm>` / `text_encoders.<clip>.transformer.<hf>` names.
 
-Export follows exactly what formats.md section 8 "Export (UI-targeted)" says.
+Export writes the one spelling all three loaders read (tests/formats/test_kohya_format.py pins the golden keys):
 
 - SD 1.x / 2.x: `lora_unet_<diffusers name>`, `lora_te_text_model_encoder_layers_...`;
   SDXL: `lora_unet_<SGM name>`, `lora_te1_...`, `lora_te2_...` (transformers-4 CLIP names).

@@ -3,7 +3,8 @@
 - CLIP text encoders: files keep transformers-4 names (`text_model.encoder.layers.N...`); transformers 5 flattened
   `CLIPTextModel` (no `text_model.`), while `CLIPTextModelWithProjection` keeps it.
 - HF ViT: transformers 4 (`vit.encoder.layer.N.attention.attention.query`) <-> 5 (`vit.layers.N.attention.q_proj`).
-- UNet: diffusers names <-> LDM/SGM names, computed from the UNet config (formats.md section 6).
+- UNet: diffusers names <-> LDM/SGM names, computed from the UNet config (the mapping of ComfyUI's
+  `comfy.utils.unet_to_diffusers`; tests/formats/test_naming.py checks it table row by table row).
 - kohya keys: `prefix + "_" + name.replace(".", "_")`; the inverse is a lookup over known names, never a string
   replacement (module names contain underscores themselves).
 """
@@ -114,7 +115,8 @@ def _cfg(config: Any) -> Mapping[str, Any]:
 
 
 def unet_block_map(config: Any) -> dict[str, str]:
-    """diffusers block prefix -> LDM/SGM block prefix, from the UNet config (formats.md 6.1)."""
+    """diffusers block prefix -> LDM/SGM block prefix, from the UNet config (`down_blocks.i.*s.j` ->
+    `input_blocks.(1+3i+j)`, `up_blocks.i.*s.j` -> `output_blocks.(3i+j)`, samplers and mid block apart)."""
     cfg = _cfg(config)
     down, up = list(cfg["down_block_types"]), list(cfg["up_block_types"])
     lpb = cfg.get("layers_per_block", 2)

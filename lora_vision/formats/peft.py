@@ -1,5 +1,5 @@
 """PEFT adapter folders (`adapter_config.json` + `adapter_model.safetensors`): the ViT exchange format
-(formats.md 4.4 and 7).
+(the layout peft 0.21's `save_pretrained` writes; ViT LoRA has no A1111/ComfyUI-style file format).
 
 - Keys `base_model.model.<module>.lora_A.weight` / `.lora_B.weight`; alpha only in the JSON (r, lora_alpha,
   rank_pattern, alpha_pattern, use_rslora); `modules_to_save` heads stored in full (`base_model.model.head.weight`).

@@ -1,6 +1,6 @@
 """A1111 conventions for generation: `<lora:name:...>` prompt tags, LoRA folders, and the "parameters" infotext.
 
-Prompt tags follow AUTOMATIC1111's extensions-builtin/Lora (see docs: formats.md section 2.2):
+Prompt tags follow AUTOMATIC1111's extensions-builtin/Lora (`extra_networks_lora.py`, `modules/extra_networks.py`):
 
 - `<lora:NAME>`, `<lora:NAME:TE>`, `<lora:NAME:TE:UNET>`; named `te=`, `unet=` override positions
   (`<lora:x:0.6:unet=1>`); the UNet multiplier defaults to the text-encoder one; `<lyco:...>` is an alias.

@@ -1,4 +1,4 @@
-"""kohya format (formats.md sections 1 and 8): golden keys, tensor layout, metadata and hash, round trips, every
+"""kohya format (lora_vision/formats/kohya.py): golden keys, tensor layout, metadata and hash, round trips, every
 import spelling, reports, strict mode and files for another base."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""Module-name mappings: diffusers <-> LDM/SGM (formats.md section 6) on real-topology tiny-width UNets, module
-counts (section 1.5), kohya keys, CLIP and HF ViT transformers 4/5 renames."""
+"""Module-name mappings: diffusers <-> LDM/SGM (as ComfyUI's unet_to_diffusers maps them) on real-topology
+tiny-width UNets, kohya's module counts, kohya keys, CLIP and HF ViT transformers 4/5 renames."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def unet(request):
     return request.param, real_topology_unet(request.param)
 
 
-# formats.md 6.2 (SD 1.x / 2.x) and 6.3 (SDXL), row by row.
+# The diffusers -> LDM/SGM block tables of SD 1.x / 2.x and SDXL, row by row.
 TABLE_SD = {
     "down_blocks.0.resnets.0": "input_blocks.1.0", "down_blocks.0.resnets.1": "input_blocks.2.0",
     "down_blocks.0.attentions.0": "input_blocks.1.1", "down_blocks.0.attentions.1": "input_blocks.2.1",
@@ -111,7 +111,7 @@ def test_standard_full_size_layout_matches_tiny_width_names():
         full = set(naming.standard_unet_modules(layout))
         tiny = set(naming.adaptable_modules(real_topology_unet(layout)))
         assert full == tiny
-    assert len(naming.standard_unet_modules("sdxl")) == 794  # formats.md 1.2: kohya's SDXL UNet has 794
+    assert len(naming.standard_unet_modules("sdxl")) == 794  # kohya's SDXL UNet LoRA has 794 Linear/Conv2d modules
 
 
 def test_kohya_inverse_is_a_lookup():
