@@ -42,6 +42,7 @@ from lora_vision.training.checkpoint import (CheckpointError, find_checkpoint, l
 from lora_vision.training.config import config_to_dict, load_config, save_config  # noqa: E402
 from lora_vision.training.losses import alphas_cumprod  # noqa: E402
 from lora_vision.training.optim import LRSchedule, build_optimizer  # noqa: E402
+from lora_vision.training import sd_metrics  # noqa: E402
 from lora_vision.training.sd_config import SDTrainConfig  # noqa: E402
 from lora_vision.training.sd_samples import generate_class_images, save_png, strength_sweep, validation_grid  # noqa: E402,E501
 from lora_vision.training.sd_step import (StaticStep, StepSettings, clip_and_step, gather_inputs,  # noqa: E402
@@ -386,6 +387,10 @@ def train(cfg: SDTrainConfig) -> int:
         image = strength_sweep(pipe, list(models.values()), prompt, cfg.strength_sweep,
                                min(2, cfg.num_validation_images), cfg.validation_inference_steps, resolution)
         print(f"wrote {save_png(image, out / 'samples' / 'strength_sweep.png')}")
+    if sd_metrics.applies_to(cfg.pretrained_model_name_or_path):  # the shape probe knows the tiny model's world
+        metrics = sd_metrics.tiny_run_metrics(pipe, list(models.values()), cfg.instance_data_dir, cfg.instance_prompt,
+                                              cfg.class_prompt, cfg.validation_inference_steps, resolution, out)
+        print(f"wrote {out / 'metrics.json'}\n{sd_metrics.format_metrics(metrics)}")
     if writer:
         writer.close()
     return 0

@@ -18,7 +18,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch import nn
 
 from ..data.shapes import BACKGROUNDS, COLOURS, COUNTS, POSITIONS, SHAPES, SIZES
@@ -75,13 +75,13 @@ def load_probe(path: str | Path | None = None) -> ShapeProbe:
 
 
 def images_to_tensor(images: Sequence[Image.Image | np.ndarray]) -> torch.Tensor:
-    """PIL images or uint8 arrays -> (N, 3, 64, 64) float in [-1, 1] (resized when another size)."""
+    """PIL images or uint8 arrays -> (N, 3, 64, 64) float in [-1, 1] (centre-cropped and resized when another size)."""
     out = []
     for im in images:
         im = im if isinstance(im, Image.Image) else Image.fromarray(np.asarray(im))
         im = im.convert("RGB")
         if im.size != (PROBE_RESOLUTION, PROBE_RESOLUTION):
-            im = im.resize((PROBE_RESOLUTION, PROBE_RESOLUTION), Image.Resampling.BICUBIC)
+            im = ImageOps.fit(im, (PROBE_RESOLUTION, PROBE_RESOLUTION), Image.Resampling.BICUBIC)
         out.append(torch.from_numpy(np.asarray(im, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0)
     return torch.stack(out)
 
@@ -167,3 +167,32 @@ def dreambooth_metrics(pipe, models: Sequence[nn.Module], instance: Sequence[Ima
     if plan.class_prompt:
         out["prior_drift"] = prior_drift(probe, images[0.0][n_ctx:], images[1.0][n_ctx:])
     return out
+
+
+def applies_to(model: str | None) -> bool:
+    """Whether the probe can judge this base model: only the pretrained tiny pipeline draws its scenes."""
+    return model in (None, "tiny")
+
+
+def tiny_run_metrics(pipe, models: Sequence[nn.Module], instance_dir: str | Path, trigger: str,
+                     class_prompt: str | None, steps: int, resolution: int, out_dir: str | Path) -> dict[str, float]:
+    """The metrics of a finished run on the tiny base, written atomically to OUT_DIR/metrics.json and returned."""
+    from ..data.images import list_images, load_image
+    from ..io import atomic_write_text
+
+    instance = [im for im in (load_image(p) for p in list_images(instance_dir)) if im is not None]
+    plan = MetricPlan(trigger=trigger, class_prompt=class_prompt, steps=steps, resolution=resolution)
+    metrics = dreambooth_metrics(pipe, models, instance, plan)
+    record = dict(metrics, contexts=list(plan.contexts), seeds=list(plan.seeds), class_prompt=class_prompt,
+                  trigger=trigger)
+    atomic_write_text(Path(out_dir) / "metrics.json", json.dumps(record, indent=1) + "\n")
+    return metrics
+
+
+def format_metrics(metrics: dict[str, float]) -> str:
+    """One line per metric, base -> adapter where both exist."""
+    lines = [f"subject fidelity {metrics['subject_fidelity_base']:.3f} (base) -> {metrics['subject_fidelity']:.3f}",
+             f"prompt fidelity  {metrics['prompt_fidelity_base']:.3f} (base) -> {metrics['prompt_fidelity']:.3f}"]
+    if "prior_drift" in metrics:
+        lines.append(f"prior drift      {metrics['prior_drift']:.3f} (class prompt, base -> adapter)")
+    return "\n".join(lines)
