@@ -2,7 +2,7 @@
 
     accelerate launch scripts/train_sd.py --pretrained_model_name_or_path runwayml/stable-diffusion-v1-5 \
         --instance_data_dir dog/ --instance_prompt "a photo of sks dog" --output_dir out/dog
-    python scripts/train_sd.py            # the built-in tiny model on samples/: offline, about a minute on a CPU
+    python scripts/train_sd.py            # the pretrained tiny model of samples/tiny-sd on samples/instance, offline, CPU
     accelerate launch --config_file configs/accelerate/multi_gpu.yaml --num_processes 2 scripts/train_sd.py ...
                                           # DDP: per-GPU batch; all draw the same global batch, each its slice
 
