@@ -7,26 +7,17 @@ not learn the subject and the first assertion fails.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[2]
+from test_train_sd import _load_script  # noqa: E402  (tests/recipes is on sys.path under pytest)
 
 # Margins. Measured once (seed 0) on this 40-step recipe: subject fidelity 0.631 -> 0.645, prompt fidelity
 # 0.583 -> 0.250, prior drift 0.325 with prior preservation; the main job's 150 steps give 0.566 -> 0.674,
 # 0.750 -> 0.333 and 0.206. The subject margin is thin at 40 steps: measure over more seeds before tightening.
 MIN_SUBJECT_GAIN = 0.01  # subject fidelity: adapter - base, cosine similarity of probe features
 MAX_PROMPT_LOSS = 0.5  # prompt fidelity: base - adapter, fraction of images with the asked background
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("train_sd_tiny_recipe", REPO / "scripts" / "train_sd.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return module
 
 
 @pytest.fixture(scope="module")
