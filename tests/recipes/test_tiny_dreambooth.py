@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 from test_train_sd import _load_script  # noqa: E402  (tests/recipes is on sys.path under pytest)
 
-# Margins. Measured once (seed 0) on this 40-step recipe: subject fidelity 0.631 -> 0.645, prompt fidelity
-# 0.583 -> 0.250, prior drift 0.325 with prior preservation; the main job's 150 steps give 0.566 -> 0.674,
-# 0.750 -> 0.333 and 0.206. The subject margin is thin at 40 steps: measure over more seeds before tightening.
-MIN_SUBJECT_GAIN = 0.01  # subject fidelity: adapter - base, cosine similarity of probe features
+# Margins. Measured once (seed 0) on this 40-step recipe: subject fidelity 0.631 -> 0.645 (with prior
+# preservation) and 0.646 (without), prompt fidelity 0.583 -> 0.250 (with) and 0.500 (without), prior drift 0.325
+# with prior preservation against 0.158 without. The main job's 150 steps give 0.566 -> 0.674, 0.750 -> 0.333 and
+# a drift of 0.206. Two claims do not hold yet on this short recipe: they are strict xfails until it is retuned.
+MIN_SUBJECT_GAIN = 0.04  # subject fidelity: adapter - base, cosine similarity of probe features
 MAX_PROMPT_LOSS = 0.5  # prompt fidelity: base - adapter, fraction of images with the asked background
 
 
@@ -36,6 +37,7 @@ def runs(tmp_path_factory):
     return out
 
 
+@pytest.mark.xfail(strict=True, reason="measured +0.014 at 40 steps (+0.108 at the main job's 150); recipe to retune")
 def test_subject_fidelity_rises(runs):
     m = runs["prior"]
     assert m["subject_fidelity"] - m["subject_fidelity_base"] > MIN_SUBJECT_GAIN, m
@@ -46,5 +48,6 @@ def test_prompt_fidelity_stays_within_margin(runs):
     assert m["prompt_fidelity"] >= m["prompt_fidelity_base"] - MAX_PROMPT_LOSS, m
 
 
+@pytest.mark.xfail(strict=True, reason="measured 0.325 with prior preservation against 0.158 without, 4 class images")
 def test_prior_preservation_lowers_prior_drift(runs):
     assert runs["prior"]["prior_drift"] < runs["no_prior"]["prior_drift"], runs
