@@ -2,7 +2,7 @@
 
     accelerate launch scripts/train_sd.py --pretrained_model_name_or_path runwayml/stable-diffusion-v1-5 \
         --instance_data_dir dog/ --instance_prompt "a photo of sks dog" --output_dir out/dog
-    python scripts/train_sd.py            # the built-in tiny model on samples/: offline, about a minute on a CPU
+    python scripts/train_sd.py            # the pretrained tiny model of samples/tiny-sd on samples/instance, offline, CPU
     accelerate launch --config_file configs/accelerate/multi_gpu.yaml --num_processes 2 scripts/train_sd.py ...
                                           # DDP: per-GPU batch; all draw the same global batch, each its slice
 
@@ -47,6 +47,7 @@ from lora_vision.training.sd.loop import (Checkpoints, LossLog, TrainingDiverged
 from lora_vision.training.sd.losses import alphas_cumprod  # noqa: E402
 from lora_vision.training.sd.samples import generate_class_images, strength_sweep, validation_grid  # noqa: E402
 from lora_vision.training.sd.step import StepSettings, clip_and_step  # noqa: E402
+from lora_vision.training.sd import metrics as sd_metrics  # noqa: E402
 
 TINY_PROMPT = "a photo of sks toy"
 TINY_CONFIG = REPO / "configs" / "tiny.yaml"
@@ -281,6 +282,10 @@ def train(cfg: SDTrainConfig) -> int:
         image = strength_sweep(pipe, list(models.values()), prompt, cfg.strength_sweep,
                                min(2, cfg.num_validation_images), cfg.validation_inference_steps, resolution)
         print(f"wrote {save_png(image, out / 'samples' / 'strength_sweep.png')}")
+    if sd_metrics.applies_to(cfg.pretrained_model_name_or_path):  # the shape probe knows the tiny model's world
+        metrics = sd_metrics.tiny_run_metrics(pipe, list(models.values()), cfg.instance_data_dir, cfg.instance_prompt,
+                                              cfg.class_prompt, cfg.validation_inference_steps, resolution, out)
+        print(f"wrote {out / 'metrics.json'}\n{sd_metrics.format_metrics(metrics)}")
     if writer:
         writer.close()
     return 0

@@ -300,7 +300,7 @@ def test_cli_on_a_tiny_sd_adapter_with_builtin_base(tmp_path) -> None:
         p.data.normal_(std=0.05)
     f = Adapter.from_models({"unet": pipe.unet, "text_encoder": pipe.text_encoder}).save(tmp_path / "sd.safetensors")
     out = tmp_path / "out"
-    assert main(["analyze", str(f), "-o", str(out), "--base", "tiny", "--quiet"]) == 0
+    assert main(["analyze", str(f), "-o", str(out), "--base", "tiny-sd1", "--quiet"]) == 0
     report = json.loads((out / "report.json").read_text())
     layers = report["adapters"][0]["layers"]
     assert "base_missing" not in report["adapters"][0]

@@ -112,7 +112,7 @@ def test_infotext_round_trip():
 
 @pytest.fixture(scope="module")
 def pipe():
-    return load_pipeline(GenerateConfig(device="cpu"))
+    return load_pipeline(GenerateConfig(device="cpu", model="tiny-sd1"))  # the adapters are made on tiny-sd1
 
 
 def _fresh(pipe):
@@ -127,7 +127,7 @@ def _pixels(path: Path) -> np.ndarray:
 
 
 def _run(pipe, tmp: Path, **kw) -> list[Path]:
-    cfg = GenerateConfig(steps=2, output_dir=str(tmp), progress=False, **kw)
+    cfg = GenerateConfig(**{"model": "tiny-sd1", "steps": 2, "output_dir": str(tmp), "progress": False, **kw})
     return generate(cfg, pipe=_fresh(pipe))
 
 
@@ -195,12 +195,12 @@ def _cli(argv: list[str]) -> int:
 def test_cli_and_script_run_end_to_end(lora_files, tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("# comment\na red box <lora:inky:0.5>\n\n")
-    rc = _cli(["generate", "--prompt_file", str(prompts), "--lora_dir", str(lora_files["dir"]), "--steps", "1",
+    rc = _cli(["generate", "--model", "tiny-sd1", "--prompt_file", str(prompts), "--lora_dir", str(lora_files["dir"]), "--steps", "1",
                "--num_images", "2", "--seed", "11", "-o", str(tmp_path / "cli"), "--no_progress"])
     assert rc == 0 and "wrote 2 image(s)" in capsys.readouterr().out
     assert sorted(p.name for p in (tmp_path / "cli").glob("*.png")) == ["00000-11.png", "00001-12.png"]
     with pytest.raises(FileNotFoundError, match="no LoRA named 'missing'"):
-        _cli(["generate", "--prompt", "a <lora:missing:1>", "--lora_dir", str(lora_files["dir"]),
+        _cli(["generate", "--model", "tiny-sd1", "--prompt", "a <lora:missing:1>", "--lora_dir", str(lora_files["dir"]),
               "-o", str(tmp_path / "x")])
     assert not (tmp_path / "x").exists()
     sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))

@@ -15,8 +15,10 @@ from lora_vision.models.tiny import build_tiny_sd
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
 
-# Names that load_sd_pipeline answers with a built-in tiny pipeline instead of reading files.
+# Names that load_sd_pipeline answers with a built-in tiny pipeline. "tiny" is the pretrained SD 1.x pipeline
+# shipped in samples/tiny-sd (64 px, made by scripts/pretrain_tiny_sd.py); the others are random-weight test models.
 TINY_PIPELINES: dict[str, str] = {"tiny": "sd1", "tiny-sd1": "sd1", "tiny-sd2": "sd2", "tiny-sdxl": "sdxl"}
+TINY_PRETRAINED: Path = Path(__file__).resolve().parents[2] / "samples" / "tiny-sd"
 
 # The text-to-image pipeline classes this package drives, by the `_class_name` in model_index.json.
 _SUPPORTED_PIPELINES: tuple[str, ...] = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
@@ -81,6 +83,13 @@ def _load_tiny(name: str, torch_dtype: torch.dtype | None, variant: str | None) 
             f"variant={variant!r} was given for the built-in tiny pipeline {name!r}, which has no weight files; "
             "expected variant=None"
         )
+    if name == "tiny":
+        if not (TINY_PRETRAINED / "model_index.json").is_file():
+            raise FileNotFoundError(
+                f"the pretrained tiny pipeline is not in {str(TINY_PRETRAINED)!r}; it ships in samples/tiny-sd of a "
+                "lora_vision checkout (run from one, or pass that folder as the model); 'tiny-sd1' is a random one")
+        # Stored in fp16 to stay small; run in float32 unless asked otherwise.
+        return load_sd_pipeline(str(TINY_PRETRAINED), torch_dtype=torch_dtype or torch.float32)
     pipe = build_tiny_sd(TINY_PIPELINES[name])
     return pipe if torch_dtype is None else pipe.to(dtype=torch_dtype)
 
@@ -141,8 +150,8 @@ def load_sd_pipeline(
 ) -> DiffusionPipeline:
     """Load an SD 1.x/2.x pipeline (StableDiffusionPipeline) or an SDXL one (StableDiffusionXLPipeline).
 
-    `name_or_path` is None or "tiny" (tiny SD 1.x), "tiny-sd1", "tiny-sd2", "tiny-sdxl" for the built-in random
-    pipelines; a local diffusers folder; or a hub id. The pipeline class comes from the model's model_index.json.
+    `name_or_path` is None or "tiny" for the pretrained tiny SD 1.x pipeline of samples/tiny-sd (64 px);
+    "tiny-sd1", "tiny-sd2", "tiny-sdxl" for the built-in random pipelines; a local diffusers folder; or a hub id. The pipeline class comes from the model's model_index.json.
     The safety checker is not loaded.
     """
     from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline

@@ -82,8 +82,8 @@ def _apply_merges(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list
     return symbols
 
 
-def _tiny_vocab() -> tuple[dict[str, int], list[str]]:
-    """A CLIP-style vocabulary: every byte, every byte + '</w>', merges for a few whole words, then the specials."""
+def _tiny_vocab(words: tuple[str, ...] = _TOKENIZER_WORDS) -> tuple[dict[str, int], list[str]]:
+    """A CLIP-style vocabulary: every byte, every byte + '</w>', merges for `words`, then the specials."""
     chars = _bytes_to_unicode()
     vocab: dict[str, int] = {}
     for c in chars:
@@ -92,7 +92,7 @@ def _tiny_vocab() -> tuple[dict[str, int], list[str]]:
         vocab[c + "</w>"] = len(vocab)
     # Each new merge goes last (lowest priority), so it never changes how an earlier word is split.
     ranks: dict[tuple[str, str], int] = {}
-    for word in _TOKENIZER_WORDS:
+    for word in words:
         symbols = _apply_merges(list(word[:-1]) + [word[-1] + "</w>"], ranks)
         while len(symbols) > 1:
             ranks[(symbols[0], symbols[1])] = len(ranks)
@@ -103,14 +103,15 @@ def _tiny_vocab() -> tuple[dict[str, int], list[str]]:
     return vocab, [f"{a} {b}" for a, b in ranks]
 
 
-def build_tiny_tokenizer(pad_token: str = "<|endoftext|>") -> CLIPTokenizer:
+def build_tiny_tokenizer(pad_token: str = "<|endoftext|>", words: tuple[str, ...] = _TOKENIZER_WORDS) -> CLIPTokenizer:
     """A real CLIPTokenizer loaded from a small vocab.json/merges.txt written to a temporary folder.
 
-    SDXL's second tokenizer pads with "!" instead of the end token; pass pad_token="!" to mirror it.
+    SDXL's second tokenizer pads with "!" instead of the end token; pass pad_token="!" to mirror it. `words` get a
+    whole-word token each; anything else is split into bytes.
     """
     from transformers import CLIPTokenizer
 
-    vocab, merges = _tiny_vocab()
+    vocab, merges = _tiny_vocab(words)
     with tempfile.TemporaryDirectory(prefix="lora_vision_tok_") as tmp:
         folder = Path(tmp)
         (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
