@@ -29,8 +29,7 @@ from ..adapter import Adapter
 from ..io import AdapterFileError, write_safetensors
 from ..lora.ops import parse_canonical
 from . import naming
-from .common import ComponentInfo, ImportReport, alpha_value, fit_pair, is_unsupported, put
-from .detect import guess_base
+from .common import ComponentInfo, ImportReport, alpha_value, fit_pair, guess_base, is_unsupported, put
 from .diffusers import provenance
 from .resolve import COMFY_CLIP, NameResolver, default_infos, guess_unet_layout, te_layer_count
 
@@ -158,7 +157,8 @@ def _common(values: list[float]) -> float | None:
 
 def kohya_tensors(adapter: Adapter, base: str, dtype: torch.dtype = torch.float16,
                   unet_config: dict | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The kohya tensors of `adapter` and the ss_network_* metadata describing them."""
+    """The kohya tensors of `adapter` and the ss_network_* metadata describing them (plain alpha / rank scaling)."""
+    adapter = adapter.plain()
     xl = base == "sdxl"
     comps = adapter.components()
     bad = [c for c in comps if c not in ("unet", "text_encoder", "text_encoder_2")]
@@ -208,7 +208,7 @@ def kohya_tensors(adapter: Adapter, base: str, dtype: torch.dtype = torch.float1
 def resolve_base(base: Any, adapter: Adapter) -> tuple[str, dict | None]:
     """(family, UNet config) from a family name, a pipeline or a UNet; None: the adapter's metadata, else a guess."""
     if base is None or base == "unknown":
-        base = adapter.metadata.get("lora_vision.base")
+        base = adapter.info.base
         if base not in BASES:
             base = guess_base({k: v for k, v in adapter.tensors.items() if not k.startswith("full.")})
         return base, None

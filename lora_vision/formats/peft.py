@@ -237,6 +237,7 @@ def export_peft(adapter: Adapter, path: str | Path, model: nn.Module | None = No
     `modules_to_save` (taken from `model`) or given as `full_weights` (`<module>.weight` -> tensor).
     """
     path = Path(path)
+    adapter = adapter.plain()  # alphas for PEFT's alpha / rank (use_rslora false): the same updates
     comps = adapter.components()
     if len(comps) > 1:
         for c in comps:
