@@ -23,6 +23,8 @@ import torch
 
 from . import __version__
 from .io import atomic_path, atomic_write_text
+from .models.sd import load_sd_pipeline
+from .pipeline import load_adapter, set_adapter_strength, set_adapters
 from .prompt_syntax import (LoraDirectory, addnet_hash, build_infotext, extract_lora_tags, lora_hashes_field,
                             parse_lora_flag)
 
@@ -125,8 +127,6 @@ class AdapterSet:
         self.hashes: dict[str, str] = {}
 
     def ensure(self, use: LoraUse) -> str:
-        from .pipeline import load_adapter
-
         key = str(Path(use.path).resolve())
         if key not in self.by_path:
             name = _adapter_name(use.label, set(self.by_path.values()))
@@ -137,8 +137,6 @@ class AdapterSet:
         return self.by_path[key]
 
     def use(self, uses: Sequence[LoraUse]) -> None:
-        from .pipeline import set_adapter_strength, set_adapters
-
         names = [self.ensure(u) for u in uses]
         if not self.by_path:
             return
@@ -233,8 +231,6 @@ def make_grid(images: Sequence[Sequence[Any]], row_labels: Sequence[str], col_la
 
 def load_pipeline(cfg: GenerateConfig) -> Any:
     """The pipeline on its device and dtype, progress bar off (ours counts steps over the whole run)."""
-    from .models.sd import load_sd_pipeline
-
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype_name = cfg.dtype or ("fp16" if device.startswith("cuda") else "fp32")
     if dtype_name not in DTYPES:

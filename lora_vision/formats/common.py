@@ -40,11 +40,7 @@ def describe_models(models: Mapping[str, nn.Module]) -> dict[str, ComponentInfo]
             continue
         mods = {n: (type(m).__name__, _weight_shape(m)) for n, m in naming.adaptable_modules(model).items()}
         cfg = dict(model.config) if comp == "unet" and hasattr(model, "config") else None
-        fam = None
-        if cfg is not None:
-            from ..models.sd import detect_sd_family
-
-            fam = detect_sd_family(cfg)
+        fam = naming.sd_family(cfg) if cfg is not None else None
         out[comp] = ComponentInfo(mods, hasattr(model, "text_model"), cfg, fam, live=True)
     return out
 

@@ -9,6 +9,8 @@ from typing import Mapping
 import torch
 
 from ..io import AdapterFileError, read_header
+from .diffusers import is_diffusers_key
+from .kohya import is_kohya_key
 
 FORMATS = ("lora_vision", "kohya", "diffusers", "peft")
 _CANONICAL = (".lora_A.weight", ".lora_B.weight", ".alpha")
@@ -17,9 +19,6 @@ _OUR_COMPONENTS = ("unet.", "text_encoder.", "text_encoder_2.", "model.")
 
 def classify_keys(keys: list[str], metadata: Mapping[str, str] | None = None, source: str = "<tensors>") -> str:
     """Format name for a set of tensor keys (and metadata); AdapterFileError when it is none we know."""
-    from .diffusers import is_diffusers_key
-    from .kohya import is_kohya_key
-
     metadata = metadata or {}
     if not keys:
         raise AdapterFileError(f"{source}: the file holds no tensors; expected LoRA weights")

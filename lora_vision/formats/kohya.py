@@ -206,7 +206,8 @@ def kohya_tensors(adapter: Adapter, base: str, dtype: torch.dtype = torch.float1
 
 
 def resolve_base(base: Any, adapter: Adapter) -> tuple[str, dict | None]:
-    """(family, UNet config) from a family name, a pipeline or a UNet; None: the adapter's metadata, else a guess."""
+    """(family, UNet config) from a family name, or anything with a UNet config (a pipeline, a UNet); None: the
+    adapter's metadata, else a guess."""
     if base is None or base == "unknown":
         base = adapter.info.base
         if base not in BASES:
@@ -214,10 +215,8 @@ def resolve_base(base: Any, adapter: Adapter) -> tuple[str, dict | None]:
         return base, None
     if isinstance(base, str):
         return base, None
-    from ..models.sd import detect_sd_family
-
     unet = getattr(base, "unet", base)
-    family = detect_sd_family(unet)
+    family = naming.sd_family(unet.config)
     sched = getattr(getattr(base, "scheduler", None), "config", {})
     if family == "sd2" and sched.get("prediction_type") == "v_prediction":
         family = "sd2-v"
