@@ -39,17 +39,17 @@ def use_named_targets(resolve: NamedTargets) -> None:
 def candidate_modules(model: nn.Module) -> dict[str, nn.Module]:
     """Modules that can carry LoRA: Linear, Conv2d, MultiheadAttention and existing wrappers (not their insides)."""
     out: dict[str, nn.Module] = {}
-    skip: list[str] = []
+    skip = None  # named_modules walks depth first: the insides of a skipped module follow it directly
     for name, mod in model.named_modules():
-        if any(name.startswith(s + ".") for s in skip):
+        if skip is not None and name.startswith(skip):
             continue
         if isinstance(mod, LoRALayer):
             out[name] = mod
-            skip.append(name)
+            skip = name + "."
         elif isinstance(mod, nn.MultiheadAttention):
             # Its out_proj is read directly by the parent's forward: only the parent can be adapted.
             out[name] = mod
-            skip.append(name)
+            skip = name + "."
         elif isinstance(mod, ADAPTABLE):
             out[name] = mod
     return out
