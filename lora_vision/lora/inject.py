@@ -55,6 +55,21 @@ def candidate_modules(model: nn.Module) -> dict[str, nn.Module]:
     return out
 
 
+def _candidate(model: nn.Module, name: str) -> tuple[nn.Module, nn.Module] | None:
+    """(module, parent) if module `name` is one of candidate_modules(model) (looked up by name, not by walking)."""
+    parent_name, _, child = name.rpartition(".")
+    try:
+        parent = model.get_submodule(parent_name)
+    except AttributeError:
+        return None
+    mod = parent._modules.get(child)
+    # Inside a wrapper (its `base`) or a MultiheadAttention (its out_proj) nothing is a candidate; wrapped bases
+    # have no adaptable children of their own, so the parent tells.
+    if not name or isinstance(parent, (LoRALayer, nn.MultiheadAttention)):
+        return None
+    return (mod, parent) if isinstance(mod, (LoRALayer, *ADAPTABLE)) else None
+
+
 def _is_fused_qkv(name: str, mod: nn.Module) -> bool:
     return (isinstance(mod, nn.Linear) and name.rsplit(".", 1)[-1] == "qkv"
             and mod.out_features == 3 * mod.in_features)
@@ -106,13 +121,12 @@ def _wrap(name: str, mod: nn.Module, parts: tuple[str, ...], split_qkv: bool = T
     raise TargetError(f"{name}: cannot adapt a {type(mod).__name__}")
 
 
-def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
-    """Put `new` in place of the child module `name` of `model`; returns the module it replaced."""
+def replace_module(model: nn.Module, name: str, new: nn.Module, parent: nn.Module | None = None) -> None:
+    """Put `new` in place of the child module `name` of `model` (`parent`: its parent, when already known)."""
     parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    old = getattr(parent, child)
+    if parent is None:
+        parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
-    return old
 
 
 def _kernel(mod: nn.Module) -> int:
@@ -139,6 +153,9 @@ def expected_shapes(module: nn.Module, rank: int, part: str = "") -> tuple[tuple
 
 
 def _device(mod: nn.Module) -> torch.device:
+    w = getattr(mod, "weight", None)  # Linear / Conv2d: no parameter walk
+    if isinstance(w, torch.Tensor):
+        return w.device
     p = next(mod.parameters(), None)
     return p.device if p is not None else torch.device("cpu")
 
@@ -171,10 +188,14 @@ def inject_lora(model: nn.Module, config: LoRAConfig | None = None, name: str = 
     tables = {} if own else tables
     shared = StrengthTable(name) if own else None
     adapted: list[str] = []
-    for mod_name, (mod, parts, wrap) in plan.items():
+    for mod_name, (mod, parts, wrap, parent) in plan.items():
         layer = mod if isinstance(mod, LoRALayer) else wrap()
         first = next(iter(parts.values()))
-        table = shared or tables.setdefault(str(_device(layer.base)), StrengthTable(name))
+        if shared is not None:
+            table = shared
+        else:
+            dev = str(_device(layer.base))
+            table = tables.get(dev) or tables.setdefault(dev, StrengthTable(name))
         plain = set(parts) == {""}
         layer.add_adapter(name, first.rank, first.alpha, first.dropout, first.init, first.rule, table,
                           label + mod_name, weights=parts[""].weights if plain else None)
@@ -187,7 +208,7 @@ def inject_lora(model: nn.Module, config: LoRAConfig | None = None, name: str = 
             for part, p in parts.items():
                 layer.load_pair_(name, part, *p.weights)
         if layer is not mod:
-            replace_module(model, mod_name, layer)
+            replace_module(model, mod_name, layer, parent)
         adapted.append(mod_name)
     if own:
         shared.set_strength(strength)
@@ -213,7 +234,7 @@ def _plan_config(model: nn.Module, config: LoRAConfig) -> dict:
         part = _Part(config.rank_for(mod_name, k), config.alpha_for(mod_name, k), config.rule, config.dropout,
                      config.init)
         wrap = (lambda n=mod_name, m=mod: _wrap(n, m, config.fused_parts, config.split_qkv))
-        plan[mod_name] = (mod, {"": part}, wrap)
+        plan[mod_name] = (mod, {"": part}, wrap, None)
     return plan
 
 
@@ -221,11 +242,11 @@ def _plan_layers(model: nn.Module, layers: Mapping[str, LayerSpec], name: str, d
                  dropout: float, trainable: bool) -> dict:
     """Check every given layer against the model (module, shapes, values) and place its factors on the module's
     device; raises before anything changes."""
-    cands = candidate_modules(model)
     grouped: dict[str, dict[str, LayerSpec]] = {}
     for key, spec in layers.items():
         mod, part = split_key(key)
         grouped.setdefault(mod, {})[part] = spec
+    cands = {m: found for m in grouped if (found := _candidate(model, m)) is not None}
     missing = sorted(m for m in grouped if m not in cands)
     if missing:
         raise KeyError(f"the state dict adapts {len(missing)} module(s) that {type(model).__name__} does not "
@@ -233,7 +254,7 @@ def _plan_layers(model: nn.Module, layers: Mapping[str, LayerSpec], name: str, d
     problems: list[str] = []
     plan = {}
     for mod_name, specs in grouped.items():
-        mod = cands[mod_name]
+        mod, parent = cands[mod_name]
         if isinstance(mod, LoRALayer) and name in mod.lora_A:
             raise ValueError(f"{mod_name} already has an adapter named {name!r}; remove it first or use another name")
         for what in ("rank", "alpha", "rule"):
@@ -262,7 +283,8 @@ def _plan_layers(model: nn.Module, layers: Mapping[str, LayerSpec], name: str, d
                 pair.append(moved.clone() if trainable and moved is t else moved)  # never train the caller's tensor
             parts[part] = _Part(s.rank, s.alpha, s.rule, dropout, weights=(pair[0], pair[1]))
         names = tuple(p for p in FUSED_PARTS if p in specs)
-        plan[mod_name] = (mod, parts, (lambda n=mod_name, m=mod, ps=names: _wrap(n, m, ps or FUSED_PARTS, bool(ps))))
+        plan[mod_name] = (mod, parts, (lambda n=mod_name, m=mod, ps=names: _wrap(n, m, ps or FUSED_PARTS, bool(ps))),
+                          parent)
     if problems:
         raise LoRAStateDictError(f"the LoRA weights do not fit {type(model).__name__}:\n  - "
                                  + "\n  - ".join(problems))

@@ -160,12 +160,12 @@ def _live_name(name: str, modules: Mapping[str, nn.Module]) -> str | None:
 
 
 def _plan(pipe: Any, comps: Mapping[str, nn.Module], adapter: Adapter, name: str, source: str,
-          strict: bool) -> tuple[dict[str, dict[str, LayerSpec]], list[str]]:
-    """Match every layer of the adapter to the pipeline ({component: {live module: LayerSpec}}) and check shapes,
-    before anything changes."""
+          strict: bool) -> tuple[dict[str, dict[str, tuple[nn.Module, LayerSpec]]], list[str]]:
+    """Match every layer of the adapter to the pipeline ({component: {live module: (module, LayerSpec)}}) and
+    check shapes, before anything changes."""
     problems: list[str] = []
     skipped: list[str] = []
-    plan: dict[str, dict[str, LayerSpec]] = {}
+    plan: dict[str, dict[str, tuple[nn.Module, LayerSpec]]] = {}
     full = sorted(k[len(FULL) + 1:] for k in adapter.tensors if k.startswith(FULL + "."))
     if full:
         problems.append(f"the adapter carries fully trained modules {full[:3]}, which load_adapter does not apply "
@@ -200,7 +200,7 @@ def _plan(pipe: Any, comps: Mapping[str, nn.Module], adapter: Adapter, name: str
                 bad.append(f"{label}: lora_A {tuple(spec.A.shape)} / lora_B {tuple(spec.B.shape)}, expected "
                            f"{shapes[0]} / {shapes[1]}")
             else:
-                plan.setdefault(comp, {})[live] = spec
+                plan.setdefault(comp, {})[live] = (target, spec)
         if missing:
             problems.append(f"{len(missing)} of {len(entries)} {comp} modules not found (first: {missing[:3]})")
         if bad:
@@ -241,9 +241,7 @@ def load_adapter(pipe: Any, source: AdapterSource, name: str = "default", streng
     # Move every A and B to its layer's device and dtype first, and check them there, before anything changes.
     moved: dict[str, dict[str, LayerSpec]] = {}
     for comp, specs in plan.items():
-        model = comps[comp]
-        for live, spec in specs.items():
-            target = model.get_submodule(live)
+        for live, (target, spec) in specs.items():
             w = (target.base if isinstance(target, LoRALayer) else target).weight
             moved.setdefault(comp, {})[live] = spec.with_factors(spec.A.to(w.device, dtype or w.dtype),
                                                                  spec.B.to(w.device, dtype or w.dtype))
@@ -252,13 +250,15 @@ def load_adapter(pipe: Any, source: AdapterSource, name: str = "default", streng
     tables: dict[str, StrengthTable] = {}  # one per device, shared by the UNet and the text encoders
     modules: dict[str, list[str]] = {}
     try:
+        known = {id(x) for x in st.layers}
         with torch.no_grad():
             for comp, specs in moved.items():
                 modules[comp] = inject_lora(comps[comp], name=name, layers=specs, freeze_base=False, dtype=None,
                                             trainable=False, tables=tables, label=comp + ".")
                 for live in modules[comp]:
                     layer = comps[comp].get_submodule(live)
-                    if not any(layer is x for x in st.layers):
+                    if id(layer) not in known:
+                        known.add(id(layer))
                         st.layers.append(layer)
     except BaseException:
         for comp in plan:
