@@ -2,7 +2,8 @@
 
 Keys: `<component>.<module>[.<part>].lora_A.weight`, `.lora_B.weight`, `.alpha` (0-dim), where component is one of
 `unet`, `text_encoder`, `text_encoder_2` (diffusers pipelines) or `model` (a single model such as a ViT), and
-`module` is the live module name in that component. Metadata values are strings; ours live under `lora_vision.`.
+`module` is the live module name in that component. Metadata values are strings; ours live under `lora_vision.`
+(`lora_vision.metadata.AdapterMetadata` reads and writes them), including each layer's scaling rule.
 
 Modules trained in full next to the adapter (a new classification head; peft's `modules_to_save`) are stored as
 `full.<component>.<module>.<param>`; `apply_to` copies them into the model after checking every shape.
@@ -10,20 +11,22 @@ Modules trained in full next to the adapter (a new classification head; peft's `
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import torch
+import transformers
 from torch import nn
 
 from .io import AdapterFileError, read_safetensors, write_safetensors
-from .lora.inject import inject_lora_from_state_dict, lora_layers
-from .lora.ops import lora_state_dict, parse_canonical
+from .lora.inject import inject_lora
+from .lora.layers import lora_layers
+from .lora.ops import canonical_layers, lora_specs, lora_state_dict, parse_canonical
+from .lora.spec import LayerSpec
+from .metadata import FORMAT_VERSION, AdapterMetadata, scaling_entries
 
-FORMAT_VERSION = "1"
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "model")
 FULL = "full"
 
@@ -45,6 +48,7 @@ class Adapter:
         `full_modules` names modules per component whose weights are stored in full (e.g. {"model": ["classifier"]}).
         """
         tensors: dict[str, torch.Tensor] = {}
+        rules: dict[str, dict[str, str]] = {}
         for comp, mods in (full_modules or {}).items():
             _check_component(comp)
             for mod in mods:
@@ -56,20 +60,36 @@ class Adapter:
                 continue
             for k, v in lora_state_dict(model, name).items():
                 tensors[f"{comp}.{k}"] = v.detach().to("cpu").clone()
+            rules[comp] = {k: spec.rule for k, spec in lora_specs(model, name).items()}
         if not any(not k.startswith(FULL + ".") for k in tensors):
             raise ValueError(f"no adapter named {name!r} in components {list(models)}")
-        meta = {"lora_vision.format": FORMAT_VERSION, "lora_vision.components": json.dumps(sorted(
-            {k.split(".", 1)[0] for k in tensors} - {FULL}))}
-        try:
-            import transformers
+        info = AdapterMetadata(
+            format=FORMAT_VERSION, components=tuple(sorted({k.split(".", 1)[0] for k in tensors} - {FULL})),
+            transformers_version=transformers.__version__, scaling=scaling_entries(rules),
+            configs={c: cfg.to_dict() if hasattr(cfg, "to_dict") else cfg for c, cfg in (configs or {}).items()})
+        return cls(tensors, {**info.to_strings(), **(metadata or {})})
 
-            meta["lora_vision.transformers_version"] = transformers.__version__
-        except ImportError:  # pragma: no cover - transformers is a dependency
-            pass
-        for comp, cfg in (configs or {}).items():
-            meta[f"lora_vision.config.{comp}"] = json.dumps(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
-        meta.update(metadata or {})
-        return cls(tensors, meta)
+    @property
+    def info(self) -> AdapterMetadata:
+        """The metadata, typed."""
+        return AdapterMetadata.from_strings(self.metadata)
+
+    def layers(self, component: str) -> dict[str, LayerSpec]:
+        """Every adapted weight of `component` as {module[.part]: LayerSpec}, with its scaling rule."""
+        info = self.info
+        return canonical_layers(self.state_dict_for(component), lambda key: info.rule(component, key))
+
+    def plain(self) -> "Adapter":
+        """The same adapter with every layer under the plain rule (alpha' = scaling * rank, so the updates are
+        unchanged): what files for other tools (kohya, diffusers, peft) carry, since they know only alpha / rank."""
+        info = self.info
+        if not any(info.rule(c, k) != "lora" for c in self.components() for k in self.layers(c)):
+            return self
+        tensors = dict(self.tensors)
+        for comp in self.components():
+            for key, spec in self.layers(comp).items():
+                tensors[f"{comp}.{key}.alpha"] = torch.tensor(spec.plain().alpha, dtype=torch.float32)
+        return Adapter(tensors, {**self.metadata, **info.replace(scaling={}).to_strings()})
 
     def components(self) -> list[str]:
         """Components present in the file, in canonical order."""
@@ -104,17 +124,13 @@ class Adapter:
             with torch.no_grad():
                 for k, v in sd.items():
                     _model_tensor(models[c], k).copy_(v)
-        return {c: inject_lora_from_state_dict(models[c], self.state_dict_for(c), name=name, strength=strength,
-                                               freeze_base=freeze_base)
+        return {c: inject_lora(models[c], name=name, strength=strength, freeze_base=freeze_base,
+                               layers=self.layers(c))
                 for c in self.components()}
 
     def ranks(self) -> dict[str, int]:
         """Rank per adapted module (`component.module[.part]`)."""
-        out = {}
-        for comp in self.components():
-            for (mod, part), e in parse_canonical(self.state_dict_for(comp)).items():
-                out[f"{comp}.{mod}" + (f".{part}" if part else "")] = e["rank"]
-        return out
+        return {f"{comp}.{key}": spec.rank for comp in self.components() for key, spec in self.layers(comp).items()}
 
     def save(self, path: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
         """Write the adapter atomically (optionally casting LoRA weights to `dtype`; alphas stay float32)."""

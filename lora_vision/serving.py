@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .adapter import Adapter
-from .lora.ops import parse_canonical
+from .lora.inject import replace_module
+from .lora.spec import LayerSpec, split_key
 from .pipeline import block_of, parse_block_strengths, read_adapter
 from .pipeline.blocks import BlockStrengths, multiplier
 
@@ -99,7 +100,7 @@ class AdapterServer:
         self.max_rank = max_rank
         self.fuse_qkv = fuse_qkv
         self.components = {c: getattr(pipe, c) for c in SERVED_COMPONENTS if getattr(pipe, c, None) is not None}
-        self._pending: dict[str, dict[str, dict[tuple[str, str], dict]]] = {}
+        self._pending: dict[str, dict[str, dict[tuple[str, str], LayerSpec]]] = {}
         self._resident: dict[str, dict] = {}
         self._sources: dict[tuple[str, str], _Source] = {}
         self._slots: dict[tuple[str, str], nn.Module] = {}
@@ -117,12 +118,12 @@ class AdapterServer:
         if name in self._pending or name in self._resident:
             raise ValueError(f"adapter {name!r} is already loaded; remove it first or use another name")
         adapter = read_adapter(adapter)[0]
-        entries: dict[str, dict[tuple[str, str], dict]] = {}
+        entries: dict[str, dict[tuple[str, str], LayerSpec]] = {}
         for comp in adapter.components():
             if comp not in self.components:
                 raise KeyError(f"adapter {name!r} has weights for {comp!r} but the pipeline has no such component "
                                f"(it has {list(self.components)})")
-            parsed = parse_canonical(adapter.state_dict_for(comp))
+            parsed = {split_key(k): spec for k, spec in adapter.layers(comp).items()}
             parts = [f"{m}.{p}" for (m, p) in parsed if p]
             if parts:
                 raise ValueError(f"adapter {name!r}: fused-part entries such as {parts[0]} are not served; "
@@ -155,7 +156,7 @@ class AdapterServer:
             raise RuntimeError("prepare() was already called; slots are fixed so compiled graphs stay valid")
         if not self._pending:
             raise ValueError("add at least one adapter before prepare()")
-        ranks = [e["rank"] for ents in self._pending.values() for comp in ents.values() for e in comp.values()]
+        ranks = [e.rank for ents in self._pending.values() for comp in ents.values() for e in comp.values()]
         self.rank = self.max_rank or max(ranks)
         if max(ranks) > self.rank:
             raise ValueError(f"an adapter has rank {max(ranks)} but max_rank={self.rank}; raise max_rank")
@@ -192,8 +193,7 @@ class AdapterServer:
                 new = SlotConv2d(base, self.rank)
             else:
                 raise TypeError(f"{comp}.{slot} is a {type(base).__name__}; served adapters need Linear or Conv2d")
-            parent, _, child = slot.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, new)
+            replace_module(model, slot, new)
             self._slots[(comp, slot)] = new
             for i, (m, col, width) in enumerate(members):
                 r0 = i * self.rank
@@ -224,17 +224,17 @@ class AdapterServer:
             raise RuntimeError("the pipeline was moved or cast after AdapterServer.prepare(); build the server "
                                "after pipe.to(device, dtype)")
 
-    def _check_fits(self, name: str, entries: Mapping[str, Mapping[tuple[str, str], dict]]) -> None:
+    def _check_fits(self, name: str, entries: Mapping[str, Mapping[tuple[str, str], LayerSpec]]) -> None:
         for comp, parsed in entries.items():
             for (m, _), e in parsed.items():
                 if (comp, m) not in self._sources:
                     raise ValueError(f"adapter {name!r} adapts {comp}.{m}, which has no slot; slots are fixed "
                                      "after prepare(): add every adapter (or one covering its targets) before it")
-                if e["rank"] > self.rank:
-                    raise ValueError(f"adapter {name!r} has rank {e['rank']} at {comp}.{m} but the slots have rank "
-                                     f"{self.rank}; create the server with max_rank>={e['rank']}")
+                if e.rank > self.rank:
+                    raise ValueError(f"adapter {name!r} has rank {e.rank} at {comp}.{m} but the slots have rank "
+                                     f"{self.rank}; create the server with max_rank>={e.rank}")
 
-    def _stage(self, entries: Mapping[str, Mapping[tuple[str, str], dict]]) -> dict:
+    def _stage(self, entries: Mapping[str, Mapping[tuple[str, str], LayerSpec]]) -> dict:
         """Zero-padded device copies of an adapter in slot layout, aligned with the destination lists."""
         A, B, scaling, idx = [], [], [], []
         for i, key in enumerate(self._order):
@@ -245,16 +245,16 @@ class AdapterServer:
             src = self._sources[key]
             dst_a, dst_b = self._dst_A[i], self._dst_B[i]
             a = torch.zeros_like(dst_a)
-            r = e["rank"]
-            a[:r] = e["A"].to(a.dtype).reshape(r, *a.shape[1:])
+            r = e.rank
+            a[:r] = e.A.to(a.dtype).reshape(r, *a.shape[1:])
             b = torch.zeros_like(dst_b)
             if b.dim() == 2:   # BT rows: (R, out); this module's columns
-                b[:r, src.col:src.col + src.width] = e["B"].reshape(src.width, r).t().to(b.dtype)
+                b[:r, src.col:src.col + src.width] = e.B.reshape(src.width, r).t().to(b.dtype)
             else:              # conv B: (out, R, 1, 1)
-                b[:, :r] = e["B"].to(b.dtype).reshape(b.shape[0], r, 1, 1)
+                b[:, :r] = e.B.to(b.dtype).reshape(b.shape[0], r, 1, 1)
             A.append(a)
             B.append(b)
-            scaling.append(e["alpha"] / r)
+            scaling.append(e.scaling)
             idx.append(i)
         present = set(idx)
         absent = [i for i in range(len(self._order)) if i not in present]

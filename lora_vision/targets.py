@@ -29,6 +29,9 @@ from typing import Callable, Sequence
 
 from torch import nn
 
+from .lora.config import TargetError
+from .lora.inject import use_named_targets
+
 _QKVO = r"(to_q|to_k|to_v|to_out\.0)"
 _UNET_ATTN_FF = (
     rf"re:.*transformer_blocks\.\d+\.(attn[12]\.{_QKVO}|ff\.net\.(0\.proj|2))",
@@ -106,8 +109,6 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
 
 def resolve_preset(name: str, model: nn.Module | None = None) -> tuple[str, ...]:
     """The patterns of preset `name`; with `model`, checks that the preset is meant for that kind of model."""
-    from .lora.inject import TargetError
-
     preset = PRESETS.get(name)
     if preset is None:
         close = difflib.get_close_matches(name, list(PRESETS), n=1)
@@ -162,6 +163,9 @@ def target_problems(what: str, targets: Sequence[str], presets: Sequence[str],
                        + f"; expected a preset ({', '.join(presets)}), a name ending in one of "
                        f"{', '.join(sorted(layer_names))}, or a 're:' regex")
     return out
+
+
+use_named_targets(resolve_preset)  # LoRAConfig(targets="unet-attn") resolves through this table
 
 
 def default_preset(model: nn.Module) -> str:

@@ -2,7 +2,8 @@
 
 Every function works on canonical `Adapter` tensors and returns per-layer rows saying how much of each layer's
 update was kept: kept = ||approximation||_F / ||update||_F (1.0 means exact). The update of a layer is
-delta = (alpha / rank) * B @ A (flattened to out x in*kh*kw for convolutions; A keeps the kernel).
+delta = scaling * B @ A (flattened to out x in*kh*kw for convolutions; A keeps the kernel), with the layer's own
+scaling rule (lora.spec); results carry the scale in B and use the plain rule with alpha = rank.
 """
 
 from __future__ import annotations
@@ -15,8 +16,12 @@ from typing import Iterable, Mapping, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .adapter import Adapter
-from .lora.ops import parse_canonical
+from .adapter import FULL, Adapter
+from .analysis.linalg import lowrank_svd as _lowrank_svd
+from .formats import naming
+from .io import read_safetensors
+from .lora.spec import LayerSpec
+from .metadata import FORMAT_VERSION, AdapterMetadata
 
 
 @dataclass
@@ -32,16 +37,8 @@ class LayerRow:
         return f"{self.module}: rank {self.rank_in} -> {self.rank_out}, kept {100 * self.kept:.2f}% of ||delta||_F"
 
 
-def _key(comp: str, mod: str, part: str) -> str:
-    return f"{comp}.{mod}" + (f".{part}" if part else "")
-
-
-def _entries(adapter: Adapter) -> dict[str, dict]:
-    out = {}
-    for comp in adapter.components():
-        for (mod, part), e in parse_canonical(adapter.state_dict_for(comp)).items():
-            out[_key(comp, mod, part)] = e
-    return out
+def _entries(adapter: Adapter) -> dict[str, LayerSpec]:
+    return {f"{comp}.{key}": spec for comp in adapter.components() for key, spec in adapter.layers(comp).items()}
 
 
 def _choose_rank(s: torch.Tensor, rank: int | None, energy: float | None, floor: float = 0.0) -> int:
@@ -69,15 +66,13 @@ def _factor(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, k: int) -> tuple
 
 def lowrank_svd(b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """SVD (U, S, Vh) of B @ A (B: out x r, A: r x in) from the factors, in float64 (see analysis.linalg)."""
-    from .analysis.linalg import lowrank_svd as _svd
-
-    r = _svd(b, a)
+    r = _lowrank_svd(b, a)
     return r.U, r.S, r.V.T
 
 
-def _shape_back(e_like: dict, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _shape_back(e_like: LayerSpec, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Reshape flat (k, in*kh*kw) / (out, k) factors to the canonical layout of `e_like` (conv: 4D)."""
-    A0 = e_like["A"]
+    A0 = e_like.A
     if A0.dim() == 4:
         return a.reshape(a.shape[0], *A0.shape[1:]), b.reshape(b.shape[0], b.shape[1], 1, 1)
     return a, b
@@ -85,7 +80,8 @@ def _shape_back(e_like: dict, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.T
 
 def _build(rows: dict[str, tuple[torch.Tensor, torch.Tensor]], metadata: Mapping[str, str],
            dtype: torch.dtype = torch.float32) -> Adapter:
-    """Canonical adapter with alpha = rank (scaling 1); parts of one fused module are padded to one rank."""
+    """Canonical adapter with alpha = rank under the plain rule (scaling 1); parts of one fused module are padded to
+    one rank."""
     by_mod: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
     for key, pair in rows.items():
         mod, _, last = key.rpartition(".")
@@ -105,7 +101,8 @@ def _build(rows: dict[str, tuple[torch.Tensor, torch.Tensor]], metadata: Mapping
             tensors[f"{k}.lora_A.weight"] = a.to(dtype).contiguous()
             tensors[f"{k}.lora_B.weight"] = b.to(dtype).contiguous()
             tensors[f"{k}.alpha"] = torch.tensor(float(r), dtype=torch.float32)
-    return Adapter(tensors, dict(metadata))
+    info = AdapterMetadata.from_strings(metadata).replace(scaling={})
+    return Adapter(tensors, info.to_strings())
 
 
 def resize(adapter: Adapter, rank: int | None = None, energy: float | None = None,
@@ -122,15 +119,14 @@ def resize(adapter: Adapter, rank: int | None = None, energy: float | None = Non
         raise KeyError(f"ranks names {len(unknown)} layer(s) the adapter does not have (first: {unknown[:3]})")
     rows, report = {}, []
     for key, e in tqdm(entries.items(), desc="resize", disable=not progress, leave=False):
-        scale = e["alpha"] / e["rank"]
-        u, s, vh = lowrank_svd(e["B"].flatten(1) * scale, e["A"].flatten(1))
-        want = rank if ranks is None else int(ranks.get(key, e["rank"]))
+        u, s, vh = lowrank_svd(e.B.flatten(1) * e.scaling, e.A.flatten(1))
+        want = rank if ranks is None else int(ranks.get(key, e.rank))
         k = _choose_rank(s, want, energy)
         a, b, kept = _factor(u, s, vh, k)
         rows[key] = _shape_back(e, a, b)
-        report.append(LayerRow(key, e["rank"], k, kept))
+        report.append(LayerRow(key, e.rank, k, kept))
     how = f"rank={rank}" if rank is not None else (f"energy={energy}" if energy is not None else "per-layer ranks")
-    full = {k: v for k, v in adapter.tensors.items() if k.startswith("full.")}
+    full = {k: v for k, v in adapter.tensors.items() if k.startswith(FULL + ".")}
     out = _build(rows, dict(adapter.metadata, **{"lora_vision.resized": how}))
     out.tensors.update(full)
     return out, report
@@ -151,12 +147,12 @@ def merge_adapters(adapters: Sequence[Adapter], weights: Sequence[float] | None 
     rows, report = {}, []
     for key in tqdm(keys, desc="merge", disable=not progress, leave=False):
         es = [(w, es[key]) for w, es in zip(weights, all_entries) if key in es]
-        shapes = {tuple(e["A"].shape[1:]) for _, e in es} | {(e["B"].shape[0],) for _, e in es}
-        if len({tuple(e["A"].shape[1:]) for _, e in es}) != 1 or len({e["B"].shape[0] for _, e in es}) != 1:
+        shapes = {tuple(e.A.shape[1:]) for _, e in es} | {(e.B.shape[0],) for _, e in es}
+        if len({tuple(e.A.shape[1:]) for _, e in es}) != 1 or len({e.B.shape[0] for _, e in es}) != 1:
             raise ValueError(f"{key}: the adapters disagree on the layer's shape {sorted(shapes)}; they are for "
                              "different base models")
-        a = torch.cat([e["A"].flatten(1).double() for _, e in es])
-        b = torch.cat([e["B"].flatten(1).double() * (w * e["alpha"] / e["rank"]) for w, e in es], 1)
+        a = torch.cat([e.A.flatten(1).double() for _, e in es])
+        b = torch.cat([e.B.flatten(1).double() * (w * e.scaling) for w, e in es], 1)
         r_in = a.shape[0]
         if rank is None and energy is None:
             rows[key] = _shape_back(es[0][1], a, b)
@@ -188,8 +184,6 @@ def _weight_diffs(base: Mapping[str, torch.Tensor], tuned: Mapping[str, torch.Te
 
     nn.MultiheadAttention (`X.in_proj_weight` + `X.out_proj.weight`) becomes the parts X.q, X.k, X.v and X.o.
     """
-    from .formats import naming
-
     mha = {k[: -len(".in_proj_weight")] for k in tuned if k.endswith(".in_proj_weight")}
     out: dict[str, torch.Tensor] = {}
     for k, w1 in tuned.items():
@@ -244,7 +238,8 @@ def extract(base: Mapping[str, Mapping[str, torch.Tensor]], tuned: Mapping[str, 
         report.append(LayerRow(key, min(d.flatten(1).shape), r, kept))
     if not rows:
         raise ValueError("the two models have no differing Linear/Conv2d weights; nothing to extract")
-    return _build(rows, {"lora_vision.format": "1", "lora_vision.extracted": "1"}), report
+    return _build(rows, AdapterMetadata(format=FORMAT_VERSION, extra={"lora_vision.extracted": "1"}).to_strings()), \
+        report
 
 
 PIPELINE_FILES = {"unet": ("unet/diffusion_pytorch_model.safetensors",),
@@ -254,8 +249,6 @@ PIPELINE_FILES = {"unet": ("unet/diffusion_pytorch_model.safetensors",),
 
 def load_weights(path: str | os.PathLike, component: str = "model") -> dict[str, dict[str, torch.Tensor]]:
     """{component: state dict} from a diffusers pipeline folder (unet, text encoders) or one .safetensors file."""
-    from .io import read_safetensors
-
     p = Path(path)
     if p.is_dir():
         out = {}

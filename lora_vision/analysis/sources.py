@@ -6,7 +6,6 @@ flattened to matrices: A (r, in * kh * kw), B (out, r), matching the base weight
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass
@@ -15,10 +14,12 @@ from typing import Callable, Iterable
 
 import torch
 
+from safetensors import safe_open
+
 from ..adapter import COMPONENTS, Adapter
+from ..formats import load_any
 from ..io import AdapterFileError, read_header
-from ..lora.config import scaling as lora_scaling
-from ..lora.ops import parse_canonical
+from ..models.sd import TINY_PIPELINES, load_sd_pipeline
 
 _QKV = ("q", "k", "v")
 
@@ -49,10 +50,6 @@ def load_adapter(path: str | os.PathLike) -> Adapter:
         except AdapterFileError as native_error:
             if "not lora_vision adapter keys" not in str(native_error):
                 raise
-    try:
-        from ..formats import load_any
-    except ImportError:
-        return Adapter.load(path)  # raises the clear error about foreign keys
     adapter, _report = load_any(path)
     return adapter
 
@@ -71,26 +68,15 @@ def natural_key(key: str) -> tuple[str, ...]:
     return (f"{order:02d}", comp) + tuple(re.sub(r"\d+", lambda m: m.group().zfill(8), t) for t in toks)
 
 
-def _rslora(adapter: Adapter, comp: str) -> bool:
-    raw = adapter.metadata.get(f"lora_vision.config.{comp}")
-    if not raw:
-        return False
-    try:
-        return bool(json.loads(raw).get("rslora", False))
-    except (json.JSONDecodeError, AttributeError):
-        return False
-
-
 def adapter_layers(adapter: Adapter) -> dict[str, LayerFactors]:
     """Every adapted weight of `adapter`, in natural order, as float32 factors on the CPU."""
     out: dict[str, LayerFactors] = {}
     for comp in adapter.components():
-        rs = _rslora(adapter, comp)
-        for (mod, part), e in parse_canonical(adapter.state_dict_for(comp)).items():
-            a, b = e["A"].detach().float().cpu(), e["B"].detach().float().cpu()
-            key = f"{comp}.{mod}" + (f".{part}" if part else "")
-            out[key] = LayerFactors(key=key, A=a.flatten(1), B=b.flatten(1), rank=e["rank"], alpha=e["alpha"],
-                                    scaling=lora_scaling(e["alpha"], e["rank"], rs), kernel=tuple(a.shape[2:]))
+        for layer, spec in adapter.layers(comp).items():
+            a, b = spec.A.detach().float().cpu(), spec.B.detach().float().cpu()
+            key = f"{comp}.{layer}"
+            out[key] = LayerFactors(key=key, A=a.flatten(1), B=b.flatten(1), rank=spec.rank, alpha=spec.alpha,
+                                    scaling=spec.scaling, kernel=spec.kernel)
     return {k: out[k] for k in sorted(out, key=natural_key)}
 
 
@@ -110,12 +96,8 @@ class BaseWeights:
     @classmethod
     def open(cls, spec: str, components: Iterable[str] = COMPONENTS) -> "BaseWeights":
         """Open `spec`: "tiny"/"tiny-sd1"/"tiny-sd2"/"tiny-sdxl", a pipeline folder, or a .safetensors file."""
-        from ..models.sd import TINY_PIPELINES
-
         comps = list(components)
         if spec in TINY_PIPELINES:
-            from ..models.sd import load_sd_pipeline
-
             pipe = load_sd_pipeline(spec)
             getters = {}
             for c in comps:
@@ -202,8 +184,6 @@ def _pick_weight_files(folder: Path) -> list[Path]:
 
 def _lazy_file_getter(files: list[Path]) -> Getter:
     """A key -> tensor lookup over safetensors files (validated headers, tensors read on demand)."""
-    from safetensors import safe_open
-
     index: dict[str, Path] = {}
     for f in files:
         try:

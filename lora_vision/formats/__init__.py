@@ -21,9 +21,14 @@ from torch import nn
 from ..adapter import COMPONENTS, FULL, Adapter
 from ..io import AdapterFileError, read_safetensors
 from ..lora.ops import parse_canonical
+from ..lora.spec import layer_key, plain_alpha
+from ..metadata import FORMAT_VERSION, AdapterMetadata
 from . import naming
-from .common import BaseMismatchError, ComponentInfo, ImportReport, describe_models, fit_pair, put
-from .detect import FORMATS, classify_keys, detect_format, guess_base
+from .common import BaseMismatchError, ComponentInfo, ImportReport, describe_models, fit_pair, guess_base, put
+from .detect import FORMATS, classify_keys, detect_format
+from .diffusers import export_diffusers, import_diffusers
+from .kohya import export_kohya, import_kohya
+from .peft import export_peft, import_peft_dir, import_peft_tensors
 
 __all__ = ["FORMATS", "BaseMismatchError", "ComponentInfo", "ImportReport", "adapter_summary", "describe_models",
            "declared_base", "detect_format", "export", "guess_base", "import_tensors", "load_any"]
@@ -42,8 +47,6 @@ def load_any(source: str | os.PathLike | Mapping[str, torch.Tensor], models: Map
         infos = describe_models(models)
     label = "<tensors>" if isinstance(source, Mapping) else str(source)
     if not isinstance(source, Mapping) and Path(source).is_dir():
-        from .peft import import_peft_dir
-
         tensors, report = import_peft_dir(Path(source), infos)
         report.base = guess_base(tensors) if tensors else None
         meta: dict[str, str] = {}
@@ -67,11 +70,11 @@ def load_any(source: str | os.PathLike | Mapping[str, torch.Tensor], models: Map
         raise AdapterFileError(f"{label}: no LoRA module could be imported ({report}); the file is for another "
                                "model, or of a kind lora_vision does not apply")
     tensors.update({f"{FULL}.{k}": v for k, v in report.full_weights.items()})
-    meta = {k: v for k, v in meta.items() if k != "format"}
-    meta["lora_vision.source_format"] = report.format
-    meta.setdefault("lora_vision.format", "1")
-    meta.setdefault("lora_vision.base", report.base or "unknown")
-    return Adapter(tensors, meta), report
+    info = AdapterMetadata.from_strings({k: v for k, v in meta.items() if k != "format"})
+    # Every importer gives alphas for the plain rule (alpha / rank), whatever the file's own convention.
+    info = info.replace(source_format=report.format, format=info.format or FORMAT_VERSION,
+                        base=info.base or report.base or "unknown", scaling={})
+    return Adapter(tensors, info.to_strings()), report
 
 
 def import_tensors(raw: Mapping[str, torch.Tensor], metadata: Mapping[str, str], infos: Mapping[str, ComponentInfo]
@@ -79,19 +82,13 @@ def import_tensors(raw: Mapping[str, torch.Tensor], metadata: Mapping[str, str],
     """Canonical tensors and a report from the tensors and metadata of a single file of any supported format."""
     fmt = classify_keys(list(raw), metadata, source)
     if fmt == "kohya":
-        from .kohya import import_kohya
-
         tensors, report = import_kohya(raw, infos, source)
     elif fmt == "diffusers":
-        from .diffusers import import_diffusers
-
         tensors, report = import_diffusers(raw, metadata, infos, source)
     elif fmt == "peft":
-        from .peft import import_peft_tensors
-
         tensors, report = import_peft_tensors(raw, {}, infos, source)
     else:
-        tensors, report = import_native(raw, infos, source)
+        tensors, report = import_native(raw, infos, source, metadata)
     report.base = guess_base({k: v for k, v in tensors.items() if not k.startswith(FULL + ".")}) if tensors else None
     if report.base in ("sd1", "sd2"):  # same module names: the file's own metadata tells them apart when present
         report.base = declared_base(metadata) or report.base
@@ -111,9 +108,12 @@ def declared_base(metadata: Mapping[str, str]) -> str | None:
 
 
 def import_native(raw: Mapping[str, torch.Tensor], infos: Mapping[str, ComponentInfo] | None = None,
-                  source: str = "<tensors>") -> tuple[dict[str, torch.Tensor], ImportReport]:
-    """Our own files: names are re-mapped for the installed transformers (CLIP `text_model.`) and checked."""
+                  source: str = "<tensors>", metadata: Mapping[str, str] | None = None
+                  ) -> tuple[dict[str, torch.Tensor], ImportReport]:
+    """Our own files: names are re-mapped for the installed transformers (CLIP `text_model.`) and checked; alphas
+    are given for the plain rule (each layer's recorded scaling rule applied), like every importer's."""
     report = ImportReport("lora_vision")
+    info_meta = AdapterMetadata.from_strings(metadata or {})
     out: dict[str, torch.Tensor] = {}
     comps = sorted({k.split(".", 1)[0] for k in raw})
     for comp in comps:
@@ -142,7 +142,8 @@ def import_native(raw: Mapping[str, torch.Tensor], infos: Mapping[str, Component
                 kind, wshape = info.modules[live]
                 if not part:
                     a, b = fit_pair(f"{source}: {comp}.{mod}", kind, wshape, a, b, True)
-            put(out, comp, f"{live}.{part}" if part else live, a, b, e["alpha"])
+            rule = info_meta.rule(comp, layer_key(mod, part))
+            put(out, comp, layer_key(live, part), a, b, plain_alpha(e["alpha"], e["rank"], rule))
             report.matched.append(f"{comp}.{live}" + (f".{part}" if part else ""))
     return out, report
 
@@ -203,16 +204,10 @@ def export(adapter: Adapter, fmt: str, path: str | os.PathLike, base: object = N
     Extra keyword arguments go to the format's exporter (e.g. dtype, title, trigger_phrase).
     """
     if fmt == "kohya":
-        from .kohya import export_kohya
-
         return export_kohya(adapter, path, base=base, **kwargs)
     if fmt == "diffusers":
-        from .diffusers import export_diffusers
-
         return export_diffusers(adapter, path, **kwargs)
     if fmt == "peft":
-        from .peft import export_peft
-
         return export_peft(adapter, path, **kwargs)
     if fmt == "lora_vision":
         return adapter.save(path, **kwargs)

@@ -1,5 +1,6 @@
-"""What every importer shares: the description of the target models, the import report, and the assembly of
-foreign (down, up, alpha) groups into canonical tensors checked against the target's shapes."""
+"""What every importer shares: the description of the target models, the import report, the assembly of
+foreign (down, up, alpha) groups into canonical tensors checked against the target's shapes, and the guess of an
+adapter's base architecture."""
 
 from __future__ import annotations
 
@@ -40,11 +41,7 @@ def describe_models(models: Mapping[str, nn.Module]) -> dict[str, ComponentInfo]
             continue
         mods = {n: (type(m).__name__, _weight_shape(m)) for n, m in naming.adaptable_modules(model).items()}
         cfg = dict(model.config) if comp == "unet" and hasattr(model, "config") else None
-        fam = None
-        if cfg is not None:
-            from ..models.sd import detect_sd_family
-
-            fam = detect_sd_family(cfg)
+        fam = naming.sd_family(cfg) if cfg is not None else None
         out[comp] = ComponentInfo(mods, hasattr(model, "text_model"), cfg, fam, live=True)
     return out
 
@@ -159,3 +156,33 @@ def put(out: dict[str, torch.Tensor], comp: str, module: str, down: torch.Tensor
     out[f"{key}.lora_A.weight"] = down
     out[f"{key}.lora_B.weight"] = up
     out[f"{key}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
+
+
+def guess_base(tensors: Mapping[str, torch.Tensor]) -> str:
+    """Base architecture of canonical adapter tensors: sd1, sd2, sdxl, hf-vit, torchvision-vit, timm-vit or unknown.
+
+    SDXL is told by its layout (text_encoder_2, transformer depth > 1 in the UNet); SD 1.x from SD 2.x by
+    widths when they are the real ones (cross-attention 768 vs 1024, CLIP 768 vs 1024), else by proj_in (1x1 conv
+    in SD 1.x, Linear in SD 2.x).
+    """
+    keys = list(tensors)
+    if any(k.startswith("text_encoder_2.") for k in keys) or any(
+            ".transformer_blocks.1." in k for k in keys if k.startswith("unet.")):
+        return "sdxl"
+    if any(k.startswith("model.") for k in keys):
+        if any(".self_attention." in k for k in keys):
+            return "torchvision-vit"
+        if any(".attn.qkv." in k for k in keys):
+            return "timm-vit"
+        return "hf-vit" if any("attention" in k for k in keys) else "unknown"
+    if not any(k.startswith(("unet.", "text_encoder.")) for k in keys):
+        return "unknown"
+    for k, t in tensors.items():
+        if k.endswith("attn2.to_k.lora_A.weight") and t.shape[1] in (768, 1024):
+            return "sd1" if t.shape[1] == 768 else "sd2"
+        if k.startswith("text_encoder.") and k.endswith("q_proj.lora_A.weight") and t.shape[1] in (768, 1024):
+            return "sd1" if t.shape[1] == 768 else "sd2"
+    for k, t in tensors.items():
+        if (k.endswith("proj_in.lora_A.weight") or k.endswith("proj_out.lora_A.weight")) and k.startswith("unet."):
+            return "sd1" if t.dim() == 4 else "sd2"
+    return "sd1"  # SD 1.x and 2.x share names; without width hints assume the more common one

@@ -1,4 +1,4 @@
-"""The one place that tells formats apart (from keys and metadata) and guesses the base architecture of an adapter."""
+"""The one place that tells formats apart (from keys and metadata)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ from typing import Mapping
 import torch
 
 from ..io import AdapterFileError, read_header
+from .diffusers import is_diffusers_key
+from .kohya import is_kohya_key
 
 FORMATS = ("lora_vision", "kohya", "diffusers", "peft")
 _CANONICAL = (".lora_A.weight", ".lora_B.weight", ".alpha")
@@ -17,9 +19,6 @@ _OUR_COMPONENTS = ("unet.", "text_encoder.", "text_encoder_2.", "model.")
 
 def classify_keys(keys: list[str], metadata: Mapping[str, str] | None = None, source: str = "<tensors>") -> str:
     """Format name for a set of tensor keys (and metadata); AdapterFileError when it is none we know."""
-    from .diffusers import is_diffusers_key
-    from .kohya import is_kohya_key
-
     metadata = metadata or {}
     if not keys:
         raise AdapterFileError(f"{source}: the file holds no tensors; expected LoRA weights")
@@ -54,33 +53,3 @@ def detect_format(path_or_tensors: str | os.PathLike | Mapping[str, torch.Tensor
     header, _ = read_header(path)
     meta = header.get("__metadata__", {})
     return classify_keys([k for k in header if k != "__metadata__"], meta, str(path))
-
-
-def guess_base(tensors: Mapping[str, torch.Tensor]) -> str:
-    """Base architecture of canonical adapter tensors: sd1, sd2, sdxl, hf-vit, torchvision-vit, timm-vit or unknown.
-
-    SDXL is told by its layout (text_encoder_2, transformer depth > 1 in the UNet); SD 1.x from SD 2.x by
-    widths when they are the real ones (cross-attention 768 vs 1024, CLIP 768 vs 1024), else by proj_in (1x1 conv
-    in SD 1.x, Linear in SD 2.x).
-    """
-    keys = list(tensors)
-    if any(k.startswith("text_encoder_2.") for k in keys) or any(
-            ".transformer_blocks.1." in k for k in keys if k.startswith("unet.")):
-        return "sdxl"
-    if any(k.startswith("model.") for k in keys):
-        if any(".self_attention." in k for k in keys):
-            return "torchvision-vit"
-        if any(".attn.qkv." in k for k in keys):
-            return "timm-vit"
-        return "hf-vit" if any("attention" in k for k in keys) else "unknown"
-    if not any(k.startswith(("unet.", "text_encoder.")) for k in keys):
-        return "unknown"
-    for k, t in tensors.items():
-        if k.endswith("attn2.to_k.lora_A.weight") and t.shape[1] in (768, 1024):
-            return "sd1" if t.shape[1] == 768 else "sd2"
-        if k.startswith("text_encoder.") and k.endswith("q_proj.lora_A.weight") and t.shape[1] in (768, 1024):
-            return "sd1" if t.shape[1] == 768 else "sd2"
-    for k, t in tensors.items():
-        if (k.endswith("proj_in.lora_A.weight") or k.endswith("proj_out.lora_A.weight")) and k.startswith("unet."):
-            return "sd1" if t.dim() == 4 else "sd2"
-    return "sd1"  # SD 1.x and 2.x share names; without width hints assume the more common one

@@ -10,7 +10,6 @@ Import also reads the older spellings: `.lora.down/.lora.up`, processor-style `a
 from __future__ import annotations
 
 import json
-import math
 import re
 from pathlib import Path
 from typing import Mapping
@@ -20,6 +19,7 @@ import torch
 from ..adapter import Adapter
 from ..io import AdapterFileError, write_safetensors
 from ..lora.ops import parse_canonical
+from ..lora.spec import plain_alpha
 from . import naming
 from .common import SD_COMPONENTS, ComponentInfo, ImportReport, alpha_value, fit_pair, is_unsupported, put
 from .resolve import NameResolver, default_infos, guess_unet_layout, te_layer_count
@@ -113,7 +113,7 @@ def peft_alpha(cfg: Mapping, name: str, rank: int) -> float:
     a = _pattern_value(cfg.get("alpha_pattern") or {}, name)
     if a is None:
         a = float(cfg.get("lora_alpha", cfg.get("r", rank)))
-    return a * math.sqrt(rank) if cfg.get("use_rslora") else a
+    return plain_alpha(a, rank, "rslora" if cfg.get("use_rslora") else "lora")
 
 
 def import_diffusers(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None,
@@ -226,7 +226,9 @@ def file_module(comp: str, live: str) -> str:
 
 
 def export_diffusers(adapter: Adapter, path: str | Path, dtype: torch.dtype | None = None) -> Path:
-    """Write a file `pipe.load_lora_weights` loads with alpha kept (through `lora_adapter_metadata`)."""
+    """Write a file `pipe.load_lora_weights` loads with alpha kept (through `lora_adapter_metadata`; plain alpha /
+    rank scaling, so `use_rslora` is false)."""
+    adapter = adapter.plain()
     comps = adapter.components()
     if not comps or any(c not in SD_COMPONENTS for c in comps):
         raise ValueError(f"the diffusers format holds unet/text_encoder/text_encoder_2 adapters; this one has "

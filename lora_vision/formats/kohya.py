@@ -31,8 +31,7 @@ from ..adapter import Adapter
 from ..io import AdapterFileError, write_safetensors
 from ..lora.ops import parse_canonical
 from . import naming
-from .common import ComponentInfo, ImportReport, alpha_value, fit_pair, is_unsupported, put
-from .detect import guess_base
+from .common import ComponentInfo, ImportReport, alpha_value, fit_pair, guess_base, is_unsupported, put
 from .diffusers import path_name, provenance
 from .resolve import COMFY_CLIP, NameResolver, default_infos, guess_unet_layout, te_layer_count
 
@@ -160,11 +159,12 @@ def _common(values: list[float]) -> float | None:
 
 def kohya_tensors(adapter: Adapter, base: str, dtype: torch.dtype | None = None,
                   unet_config: dict | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The kohya tensors of `adapter` and the ss_network_* metadata describing them.
+    """The kohya tensors of `adapter` and the ss_network_* metadata describing them (plain alpha / rank scaling).
 
     dtype None: float16 (what kohya writes), or float32 with a warning when a value would not fit float16 (it would
     become Inf, and loaders refuse the file). An explicit dtype whose range a value exceeds is an error.
     """
+    adapter = adapter.plain()
     xl = base == "sdxl"
     comps = adapter.components()
     bad = [c for c in comps if c not in ("unet", "text_encoder", "text_encoder_2")]
@@ -268,18 +268,17 @@ def _training_facts(metadata: Mapping[str, str], trigger_phrase: str | None) -> 
 
 
 def resolve_base(base: Any, adapter: Adapter) -> tuple[str, dict | None]:
-    """(family, UNet config) from a family name, a pipeline or a UNet; None: the adapter's metadata, else a guess."""
+    """(family, UNet config) from a family name, or anything with a UNet config (a pipeline, a UNet); None: the
+    adapter's metadata, else a guess."""
     if base is None or base == "unknown":
-        base = adapter.metadata.get("lora_vision.base")
+        base = adapter.info.base
         if base not in BASES:
             base = guess_base({k: v for k, v in adapter.tensors.items() if not k.startswith("full.")})
         return base, None
     if isinstance(base, str):
         return base, None
-    from ..models.sd import detect_sd_family
-
     unet = getattr(base, "unet", base)
-    family = detect_sd_family(unet)
+    family = naming.sd_family(unet.config)
     sched = getattr(getattr(base, "scheduler", None), "config", {})
     if family == "sd2" and sched.get("prediction_type") == "v_prediction":
         family = "sd2-v"

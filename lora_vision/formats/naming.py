@@ -16,7 +16,11 @@ import re
 from typing import Any, Iterable, Mapping
 
 import torch
+import transformers
 from torch import nn
+
+from ..lora.inject import candidate_modules
+from ..lora.layers import LoRALayer
 
 # ---- CLIP text encoders -------------------------------------------------------------------------------------
 
@@ -50,8 +54,6 @@ def default_has_text_model(component: str) -> bool:
 
 def transformers_major() -> int:
     """Major version of the installed transformers (module names changed in 5)."""
-    import transformers
-
     return int(transformers.__version__.split(".")[0])
 
 
@@ -178,11 +180,26 @@ STANDARD_UNET_CONFIGS: dict[str, dict[str, Any]] = {
 }
 
 
+def sd_family(unet_config: Mapping[str, Any]) -> str:
+    """"sd1", "sd2" or "sdxl" from a UNet config.
+
+    The rule, in order:
+    - "sdxl" when addition_embed_type == "text_time" (SDXL's pooled-text + size/crop conditioning);
+    - "sd2" when cross_attention_dim == 1024 (OpenCLIP ViT-H) or use_linear_projection is set (SD 2.x replaced
+      SD 1.x's 1x1-conv proj_in/proj_out of each transformer with Linear layers);
+    - "sd1" otherwise (CLIP ViT-L, 768-wide cross-attention, conv projections).
+    """
+    if unet_config.get("addition_embed_type") == "text_time":
+        return "sdxl"
+    cross_dim = unet_config.get("cross_attention_dim")
+    cross_dims = tuple(cross_dim) if isinstance(cross_dim, (list, tuple)) else (cross_dim,)
+    if 1024 in cross_dims or unet_config.get("use_linear_projection", False):
+        return "sd2"
+    return "sd1"
+
+
 def adaptable_modules(model: nn.Module) -> dict[str, nn.Module]:
     """Linear / Conv2d / MultiheadAttention modules of `model` by name (LoRA wrappers count as their base)."""
-    from ..lora.inject import candidate_modules
-    from ..lora.layers import LoRALayer
-
     return {n: (m.base if isinstance(m, LoRALayer) else m) for n, m in candidate_modules(model).items()}
 
 

@@ -241,6 +241,7 @@ def export_peft(adapter: Adapter, path: str | Path, model: nn.Module | None = No
     nothing behind; in an existing folder each file is replaced atomically.
     """
     path = Path(path)
+    adapter = adapter.plain()  # alphas for PEFT's alpha / rank (use_rslora false): the same updates
     args = (model, modules_to_save, full_weights, base_model_name_or_path, dtype)
     if path.exists():
         _write_peft(adapter, path, *args)

@@ -23,7 +23,10 @@ import torch
 
 from .. import __version__
 from ..dtypes import parse_dtype
+from ..formats import declared_base
 from ..io import read_header
+from ..models.sd import detect_sd_family, load_sd_pipeline
+from ..pipeline import load_adapter, set_adapter_strength, set_adapters, unload_adapter
 from ..terminal import printable
 from .images import make_grid, save_png
 from .prompts import (LoraDirectory, addnet_hash, build_infotext, extract_lora_tags, lora_hashes_field,
@@ -134,8 +137,6 @@ class AdapterSet:
         print(f"warning: {message}", file=sys.stderr)
 
     def ensure(self, use: LoraUse) -> str:
-        from ..pipeline import load_adapter, unload_adapter
-
         key = str(Path(use.path).resolve())
         if key not in self.by_path:
             self._check_family(use.path)
@@ -153,9 +154,6 @@ class AdapterSet:
         return self.by_path[key]
 
     def _check_family(self, path: str) -> None:
-        from ..formats import declared_base
-        from ..models.sd import detect_sd_family
-
         declared = declared_base(read_header(path)[0].get("__metadata__", {}))
         family = detect_sd_family(self.pipe.unet)
         if declared is not None and declared.removesuffix("-v") != family:
@@ -172,8 +170,6 @@ class AdapterSet:
                           f"model ({printable(', '.join(left[:3]))}{more}); the file may be for another base model")
 
     def use(self, uses: Sequence[LoraUse]) -> None:
-        from ..pipeline import set_adapter_strength, set_adapters
-
         names = [self.ensure(u) for u in uses]
         if not self.by_path:
             return
@@ -232,8 +228,6 @@ def _next_index(out: Path) -> int:
 
 def load_pipeline(cfg: GenerateConfig) -> Any:
     """The pipeline on its device and dtype, progress bar off (ours counts steps over the whole run)."""
-    from ..models.sd import load_sd_pipeline
-
     device = check_device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype_name = cfg.dtype or ("fp16" if device.startswith("cuda") else "fp32")
     dtype = parse_dtype(dtype_name, "--dtype")

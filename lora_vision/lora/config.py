@@ -8,12 +8,18 @@ import re
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Mapping
 
+from .spec import FUSED_PARTS, rule_name
+from .spec import scaling as _scaling
+
 INITS = ("kaiming", "gaussian")
-FUSED_PARTS = ("q", "k", "v", "o")
 
 
 class ConfigError(ValueError):
     """A configuration had one or more problems; the message lists all of them."""
+
+
+class TargetError(ValueError):
+    """A target pattern or preset does not fit the model."""
 
 
 @dataclass(frozen=True)
@@ -110,6 +116,11 @@ class LoRAConfig:
             return float(self.conv_alpha if self.conv_alpha is not None else self.conv_rank)
         return float(self.alpha if self.alpha is not None else self.rank_for(name, kernel_size))
 
+    @property
+    def rule(self) -> str:
+        """The scaling rule of this config: "rslora" or "lora"."""
+        return rule_name(self.rslora)
+
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (JSON/YAML friendly) of every field."""
         d = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -136,8 +147,8 @@ class LoRAConfig:
 
 
 def scaling(alpha: float, rank: int, rslora: bool = False) -> float:
-    """The paper's scaling alpha / r, or alpha / sqrt(r) for rsLoRA."""
-    return alpha / math.sqrt(rank) if rslora else alpha / rank
+    """The paper's scaling alpha / r, or alpha / sqrt(r) for rsLoRA (computed by lora.spec.scaling)."""
+    return _scaling(alpha, rank, rule_name(rslora))
 
 
 def matches(name: str, pattern: str) -> bool:

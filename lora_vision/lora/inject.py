@@ -1,49 +1,74 @@
-"""inject_lora / remove_lora: replace matched child modules by LoRA wrappers and back."""
+"""inject_lora / remove_lora / fold_lora: replace matched child modules by LoRA wrappers and back.
+
+`inject_lora` is the one way adapters get into a model: from a `LoRAConfig` (fresh, trainable factors) or from
+given `LayerSpec`s (a file's weights: the pipeline loader, `Adapter.apply_to`). `replace_module` is the one place
+a child module is swapped.
+
+Named target sets (presets) live outside the core (`lora_vision.targets`), which hands its lookup to
+`use_named_targets`; the core only knows patterns.
+"""
 
 from __future__ import annotations
 
 import collections
 import difflib
-from typing import Iterator, Mapping
+from typing import Callable, Mapping
 
 import torch
 from torch import nn
 
-from .config import LoRAConfig, matches
+from .config import LoRAConfig, TargetError, matches
 from .layers import (LoRAConv2d, LoRAFusedLinear, LoRALayer, LoRALinear, LoRAMultiheadAttention,
-                     StrengthTable)
+                     StrengthTable, lora_layers)
+from .ops import LoRAStateDictError, merge_lora, parse_canonical
+from .spec import FUSED_PARTS, LayerSpec, layer_key, split_key
 
 ADAPTABLE = (nn.Linear, nn.Conv2d, nn.MultiheadAttention)
+NamedTargets = Callable[[str, nn.Module], "tuple[str, ...]"]
+_named_targets: list[NamedTargets] = []
+
+__all__ = ["ADAPTABLE", "TargetError", "candidate_modules", "expected_shapes", "fold_lora", "inject_lora",
+           "inject_lora_from_state_dict", "lora_layers", "remove_lora", "replace_module", "resolve_targets",
+           "use_named_targets"]
 
 
-class TargetError(ValueError):
-    """A target pattern or preset does not fit the model."""
-
-
-def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALayer]]:
-    """Every LoRA wrapper in `model` with its module name."""
-    for name, mod in model.named_modules():
-        if isinstance(mod, LoRALayer):
-            yield name, mod
+def use_named_targets(resolve: NamedTargets) -> None:
+    """Install the lookup of named target sets (`LoRAConfig(targets="unet-attn")`): name, model -> patterns."""
+    _named_targets[:] = [resolve]
 
 
 def candidate_modules(model: nn.Module) -> dict[str, nn.Module]:
     """Modules that can carry LoRA: Linear, Conv2d, MultiheadAttention and existing wrappers (not their insides)."""
     out: dict[str, nn.Module] = {}
-    skip: list[str] = []
+    skip = None  # named_modules walks depth first: the insides of a skipped module follow it directly
     for name, mod in model.named_modules():
-        if any(name.startswith(s + ".") for s in skip):
+        if skip is not None and name.startswith(skip):
             continue
         if isinstance(mod, LoRALayer):
             out[name] = mod
-            skip.append(name)
+            skip = name + "."
         elif isinstance(mod, nn.MultiheadAttention):
             # Its out_proj is read directly by the parent's forward: only the parent can be adapted.
             out[name] = mod
-            skip.append(name)
+            skip = name + "."
         elif isinstance(mod, ADAPTABLE):
             out[name] = mod
     return out
+
+
+def _candidate(model: nn.Module, name: str) -> tuple[nn.Module, nn.Module] | None:
+    """(module, parent) if module `name` is one of candidate_modules(model) (looked up by name, not by walking)."""
+    parent_name, _, child = name.rpartition(".")
+    try:
+        parent = model.get_submodule(parent_name)
+    except AttributeError:
+        return None
+    mod = parent._modules.get(child)
+    # Inside a wrapper (its `base`) or a MultiheadAttention (its out_proj) nothing is a candidate; wrapped bases
+    # have no adaptable children of their own, so the parent tells.
+    if not name or isinstance(parent, (LoRALayer, nn.MultiheadAttention)):
+        return None
+    return (mod, parent) if isinstance(mod, (LoRALayer, *ADAPTABLE)) else None
 
 
 def _is_fused_qkv(name: str, mod: nn.Module) -> bool:
@@ -74,12 +99,13 @@ def _target_hint(patterns: tuple[str, ...], names: list[str]) -> str:
 
 
 def resolve_targets(model: nn.Module, config: LoRAConfig) -> tuple[tuple[str, ...], dict[str, nn.Module]]:
-    """Target patterns (a preset expanded) and the modules of `model` they select, exclusions applied."""
-    from ..targets import resolve_preset
-
+    """Target patterns (a named set expanded) and the modules of `model` they select, exclusions applied."""
     patterns = config.targets
     if isinstance(patterns, str):
-        patterns = resolve_preset(patterns, model)
+        if not _named_targets:
+            raise TargetError(f"targets={patterns!r} names a preset, but no preset table is installed; import "
+                              "lora_vision (or give module-name patterns)")
+        patterns = _named_targets[0](patterns, model)
     cands = candidate_modules(model)
     chosen = {n: m for n, m in cands.items()
               if any(matches(n, p) for p in patterns) and not any(matches(n, e) for e in config.exclude)}
@@ -92,14 +118,14 @@ def resolve_targets(model: nn.Module, config: LoRAConfig) -> tuple[tuple[str, ..
     return tuple(patterns), chosen
 
 
-def _wrap(name: str, mod: nn.Module, config: LoRAConfig) -> LoRALayer:
+def _wrap(name: str, mod: nn.Module, parts: tuple[str, ...], split_qkv: bool = True) -> LoRALayer:
     if isinstance(mod, nn.MultiheadAttention):
-        return LoRAMultiheadAttention(mod, config.fused_parts)
-    if _is_fused_qkv(name, mod) and config.split_qkv:
-        parts = tuple(p for p in config.fused_parts if p in ("q", "k", "v"))
-        if not parts:
-            raise TargetError(f"{name} is a fused qkv Linear but fused_parts={config.fused_parts!r} has no q/k/v")
-        return LoRAFusedLinear(mod, parts)
+        return LoRAMultiheadAttention(mod, parts)
+    if _is_fused_qkv(name, mod) and split_qkv:
+        qkv = tuple(p for p in parts if p in ("q", "k", "v"))
+        if not qkv:
+            raise TargetError(f"{name} is a fused qkv Linear but fused_parts={parts!r} has no q/k/v")
+        return LoRAFusedLinear(mod, qkv)
     if isinstance(mod, nn.Linear):
         return LoRALinear(mod)
     if isinstance(mod, nn.Conv2d):
@@ -107,9 +133,11 @@ def _wrap(name: str, mod: nn.Module, config: LoRAConfig) -> LoRALayer:
     raise TargetError(f"{name}: cannot adapt a {type(mod).__name__}")
 
 
-def _set_child(model: nn.Module, name: str, new: nn.Module) -> None:
+def replace_module(model: nn.Module, name: str, new: nn.Module, parent: nn.Module | None = None) -> None:
+    """Put `new` in place of the child module `name` of `model` (`parent`: its parent, when already known)."""
     parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
+    if parent is None:
+        parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
 
 
@@ -118,80 +146,176 @@ def _kernel(mod: nn.Module) -> int:
     return max(base.kernel_size) if isinstance(base, nn.Conv2d) else 1
 
 
-def inject_lora(model: nn.Module, config: LoRAConfig, name: str = "default", strength: float = 1.0,
-                freeze_base: bool = True, dtype: torch.dtype = torch.float32) -> list[str]:
-    """Add adapter `name` to the modules of `model` selected by `config`; returns the adapted module names.
+def expected_shapes(module: nn.Module, rank: int, part: str = "") -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """(A shape, B shape) of a rank-`rank` LoRA on `module` (a plain module or a wrapper), or None if it cannot
+    take one. `part` is a fused projection's q/k/v/o (MultiheadAttention, timm qkv)."""
+    base = module.base if isinstance(module, LoRALayer) else module
+    if isinstance(base, nn.MultiheadAttention):
+        d = base.embed_dim
+        return ((rank, d), (d, rank)) if part in FUSED_PARTS else None
+    if part:
+        if isinstance(base, nn.Linear) and base.out_features % 3 == 0 and part in ("q", "k", "v"):
+            return (rank, base.in_features), (base.out_features // 3, rank)
+        return None
+    if isinstance(base, nn.Linear):
+        return (rank, base.in_features), (base.out_features, rank)
+    if isinstance(base, nn.Conv2d) and base.groups == 1:
+        return (rank, base.in_channels, *base.kernel_size), (base.out_channels, rank, 1, 1)
+    return None
 
-    Modules are replaced by LoRA wrappers (the original is kept as `.base`); an existing wrapper gets one more
-    adapter. With `freeze_base`, every parameter of `model` except LoRA parameters is frozen.
+
+def _device(mod: nn.Module) -> torch.device:
+    w = getattr(mod, "weight", None)  # Linear / Conv2d: no parameter walk
+    if isinstance(w, torch.Tensor):
+        return w.device
+    p = next(mod.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def inject_lora(model: nn.Module, config: LoRAConfig | None = None, name: str = "default", strength: float = 1.0,
+                freeze_base: bool = True, dtype: torch.dtype | None = torch.float32, *,
+                layers: Mapping[str, LayerSpec] | None = None, dropout: float = 0.0, trainable: bool = True,
+                tables: dict[str, StrengthTable] | None = None, label: str = "") -> list[str]:
+    """Add adapter `name` to `model`; returns the adapted module names.
+
+    Either `config` (targets, ranks, alphas, rule: fresh factors, B zero) or `layers` ({module[.part]: LayerSpec},
+    factors given, checked against the modules before anything changes). Modules are replaced by LoRA wrappers (the
+    original is kept as `.base`); an existing wrapper gets one more adapter. With `freeze_base`, every parameter of
+    `model` except LoRA parameters is frozen. `dtype` None keeps the given factors' dtype; given factors move to
+    their module's device. `trainable=False` uses the given factors as they are (no copy, no grad).
+
+    `tables` (device -> StrengthTable, shared by callers that adapt several models as one adapter): slots are added
+    there, labelled `label + module`, and the caller sets their strengths; by default one table holds every layer
+    at `strength`.
     """
     if "." in name or not name:
         raise ValueError(f"adapter name {name!r}: expected a non-empty name without '.'")
-    _, chosen = resolve_targets(model, config)
+    if (config is None) == (layers is None):
+        raise ValueError("give exactly one of config (fresh adapters) or layers (given factors)")
+    plan = _plan_config(model, config) if config is not None else _plan_layers(model, layers, name, dtype, dropout,
+                                                                                       trainable)
     if freeze_base:
         model.requires_grad_(False)
-    table = StrengthTable(name)
+    own = tables is None
+    tables = {} if own else tables
+    shared = StrengthTable(name) if own else None
     adapted: list[str] = []
-    for mod_name, mod in chosen.items():
-        layer = mod if isinstance(mod, LoRALayer) else _wrap(mod_name, mod, config)
-        k = _kernel(mod)
-        layer.add_adapter(name, config.rank_for(mod_name, k), config.alpha_for(mod_name, k), config.dropout,
-                          config.init, config.rslora, table, mod_name)
-        for p in (layer.lora_A[name], layer.lora_B[name]):
-            p.data = p.data.to(dtype)
-            p.requires_grad_(True)
+    for mod_name, (mod, parts, wrap, parent) in plan.items():
+        layer = mod if isinstance(mod, LoRALayer) else wrap()
+        first = next(iter(parts.values()))
+        if shared is not None:
+            table = shared
+        else:
+            dev = str(_device(layer.base))
+            table = tables.get(dev) or tables.setdefault(dev, StrengthTable(name))
+        plain = set(parts) == {""}
+        layer.add_adapter(name, first.rank, first.alpha, first.dropout, first.init, first.rule, table,
+                          label + mod_name, weights=parts[""].weights if plain else None)
+        want = dtype if dtype is not None or first.weights is None else first.weights[0].dtype
+        for prm in (layer.lora_A[name], layer.lora_B[name]):
+            if want is not None and prm.dtype != want:
+                prm.data = prm.data.to(want)
+            prm.requires_grad_(trainable)
+        if not plain and first.weights is not None:  # fused parts: stacked parameters, filled part by part
+            for part, p in parts.items():
+                layer.load_pair_(name, part, *p.weights)
         if layer is not mod:
-            _set_child(model, mod_name, layer)
+            replace_module(model, mod_name, layer, parent)
         adapted.append(mod_name)
-    table.set_strength(strength)
+    if own:
+        shared.set_strength(strength)
     return adapted
+
+
+class _Part:
+    """What one adapted weight of the plan gets: rank, alpha, rule, dropout, init and, when given, its factors."""
+
+    __slots__ = ("rank", "alpha", "rule", "dropout", "init", "weights")
+
+    def __init__(self, rank: int, alpha: float, rule: str, dropout: float = 0.0, init: str = "kaiming",
+                 weights: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        self.rank, self.alpha, self.rule, self.dropout, self.init, self.weights = \
+            rank, alpha, rule, dropout, init, weights
+
+
+def _plan_config(model: nn.Module, config: LoRAConfig) -> dict:
+    _, chosen = resolve_targets(model, config)
+    plan = {}
+    for mod_name, mod in chosen.items():
+        k = _kernel(mod)
+        part = _Part(config.rank_for(mod_name, k), config.alpha_for(mod_name, k), config.rule, config.dropout,
+                     config.init)
+        wrap = (lambda n=mod_name, m=mod: _wrap(n, m, config.fused_parts, config.split_qkv))
+        plan[mod_name] = (mod, {"": part}, wrap, None)
+    return plan
+
+
+def _plan_layers(model: nn.Module, layers: Mapping[str, LayerSpec], name: str, dtype: torch.dtype | None,
+                 dropout: float, trainable: bool) -> dict:
+    """Check every given layer against the model (module, shapes, values) and place its factors on the module's
+    device; raises before anything changes."""
+    grouped: dict[str, dict[str, LayerSpec]] = {}
+    for key, spec in layers.items():
+        mod, part = split_key(key)
+        grouped.setdefault(mod, {})[part] = spec
+    cands = {m: found for m in grouped if (found := _candidate(model, m)) is not None}
+    missing = sorted(m for m in grouped if m not in cands)
+    if missing:
+        raise KeyError(f"the state dict adapts {len(missing)} module(s) that {type(model).__name__} does not "
+                       f"have (first: {missing[:3]}); is it for another model?")
+    problems: list[str] = []
+    plan = {}
+    for mod_name, specs in grouped.items():
+        mod, parent = cands[mod_name]
+        if isinstance(mod, LoRALayer) and name in mod.lora_A:
+            raise ValueError(f"{mod_name} already has an adapter named {name!r}; remove it first or use another name")
+        for what in ("rank", "alpha", "rule"):
+            values = {p: getattr(s, what) for p, s in specs.items()}
+            if len(set(values.values())) != 1:
+                raise ValueError(f"{mod_name}: fused parts with different {what}s {values} are not supported")
+        dev = _device(mod.base if isinstance(mod, LoRALayer) else mod)
+        parts = {}
+        for part, s in specs.items():
+            label = layer_key(mod_name, part)
+            shapes = expected_shapes(mod, s.rank, part)
+            if shapes is None:
+                problems.append(f"{label}: a {type(mod).__name__} cannot take this LoRA")
+                continue
+            if (tuple(s.A.shape), tuple(s.B.shape)) != shapes:
+                problems.append(f"{label}: lora_A {tuple(s.A.shape)} / lora_B {tuple(s.B.shape)}, expected "
+                                f"{shapes[0]} / {shapes[1]}")
+                continue
+            pair = []
+            for t, what in ((s.A, "lora_A"), (s.B, "lora_B")):
+                if not t.is_floating_point():
+                    problems.append(f"{label}: {what} dtype {t.dtype} is not floating point")
+                elif trainable and not bool(torch.isfinite(t).all()):
+                    problems.append(f"{label}: {what} contains NaN/Inf")
+                moved = t.to(dev, dtype or t.dtype)
+                pair.append(moved.clone() if trainable and moved is t else moved)  # never train the caller's tensor
+            parts[part] = _Part(s.rank, s.alpha, s.rule, dropout, weights=(pair[0], pair[1]))
+        names = tuple(p for p in FUSED_PARTS if p in specs)
+        plan[mod_name] = (mod, parts, (lambda n=mod_name, m=mod, ps=names: _wrap(n, m, ps or FUSED_PARTS, bool(ps))),
+                          parent)
+    if problems:
+        raise LoRAStateDictError(f"the LoRA weights do not fit {type(model).__name__}:\n  - "
+                                 + "\n  - ".join(problems))
+    return plan
 
 
 def inject_lora_from_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], name: str = "default",
                                 strength: float = 1.0, dropout: float = 0.0, rslora: bool = False,
                                 freeze_base: bool = True, dtype: torch.dtype = torch.float32) -> list[str]:
-    """Inject adapter `name` with the modules, ranks and alphas that a canonical state dict describes, then load it.
+    """Inject adapter `name` with the modules, ranks, alphas and factors that a canonical state dict describes.
 
     Canonical keys: `<module>[.<part>].lora_A.weight`, `.lora_B.weight` and `.alpha` (alpha defaults to rank).
+    `rslora` applies alpha / sqrt(rank) to every layer. `dropout` is not applied to given factors.
     """
-    from .ops import load_lora_state_dict, parse_canonical
-
-    entries = parse_canonical(state_dict)
-    cands = candidate_modules(model)
-    modules: dict[str, dict[str, int]] = {}
-    missing = []
-    for (mod_name, part), e in entries.items():
-        if mod_name not in cands:
-            missing.append(mod_name)
-            continue
-        modules.setdefault(mod_name, {})[part] = e["rank"]
-    if missing:
-        raise KeyError(f"the state dict adapts {len(set(missing))} module(s) that {type(model).__name__} does not "
-                       f"have (first: {sorted(set(missing))[:3]}); is it for another model?")
-    rank_pattern, alpha_pattern, parts_needed = {}, {}, set()
-    for mod_name, parts in modules.items():
-        ranks = set(parts.values())
-        if len(ranks) != 1:
-            raise ValueError(f"{mod_name}: fused parts with different ranks {dict(parts)} are not supported")
-        rank_pattern["re:" + _escape(mod_name)] = ranks.pop()
-        alphas = {entries[(mod_name, p)]["alpha"] for p in parts}
-        if len(alphas) != 1:
-            raise ValueError(f"{mod_name}: fused parts with different alphas {sorted(alphas)} are not supported")
-        alpha_pattern["re:" + _escape(mod_name)] = alphas.pop()
-        parts_needed |= {p for p in parts if p}
-    config = LoRAConfig(rank=1, targets=tuple("re:" + _escape(m) for m in modules), dropout=dropout,
-                        rslora=rslora, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
-                        fused_parts=tuple(p for p in ("q", "k", "v", "o") if p in parts_needed) or ("q", "k", "v", "o"),
-                        split_qkv=bool(parts_needed))
-    adapted = inject_lora(model, config, name=name, strength=strength, freeze_base=freeze_base, dtype=dtype)
-    load_lora_state_dict(model, state_dict, name=name, strict=True)
-    return adapted
-
-
-def _escape(name: str) -> str:
-    import re
-
-    return re.escape(name)
+    rule = "rslora" if rslora else "lora"
+    layers = {layer_key(m, p): LayerSpec(e["A"], e["B"], e["alpha"], rule)
+              for (m, p), e in parse_canonical(state_dict).items()}
+    return inject_lora(model, name=name, strength=strength, freeze_base=freeze_base, dtype=dtype, layers=layers,
+                       dropout=dropout)
 
 
 def remove_lora(model: nn.Module, name: str | None = None) -> list[str]:
@@ -210,6 +334,17 @@ def remove_lora(model: nn.Module, name: str | None = None) -> list[str]:
         if not len(layer.lora_A):
             if layer.merged:
                 layer.unmerge_()
-            _set_child(model, mod_name, layer.base)
+            replace_module(model, mod_name, layer.base)
             restored.append(mod_name)
     return restored
+
+
+def fold_lora(model: nn.Module, strength: float | None = None) -> list[str]:
+    """Fold every active adapter into the base weights for good and put the plain modules back (no wrapper, no
+    overhead, no way back); returns the names of the modules unwrapped. NaN/Inf: nothing changes (see merge_lora)."""
+    merge_lora(model, strength)
+    unwrapped = []
+    for mod_name, layer in list(lora_layers(model)):
+        replace_module(model, mod_name, layer.base)
+        unwrapped.append(mod_name)
+    return unwrapped

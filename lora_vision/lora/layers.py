@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import scaling as _scaling
+from .spec import LayerSpec, scaling as _scaling
 
 # Part letters of fused projections and their row block in the fused weight.
 _QKV = ("q", "k", "v")
@@ -53,6 +53,13 @@ class StrengthTable:
         self.values = self.values.to(device)
 
 
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, "LoRALayer"]]:
+    """Every LoRA wrapper in `model` with its module name."""
+    for name, mod in model.named_modules():
+        if isinstance(mod, LoRALayer):
+            yield name, mod
+
+
 class LoRALayer(nn.Module):
     """Common state of every LoRA wrapper: adapters, their tables, which ones run, merge backups."""
 
@@ -70,7 +77,7 @@ class LoRALayer(nn.Module):
         self.lora_dropout = nn.ModuleDict()
         self.ranks: dict[str, int] = {}
         self.alphas: dict[str, float] = {}
-        self.rslora: dict[str, bool] = {}
+        self.rules: dict[str, str] = {}
         self.tables: dict[str, tuple[StrengthTable, int]] = {}
         self.active: list[str] = []
         self.merged: dict[str, float] = {}
@@ -80,10 +87,12 @@ class LoRALayer(nn.Module):
         self._run: tuple[str, ...] = ()
 
     # ---- adapter bookkeeping -------------------------------------------------------------------------
-    def add_adapter(self, name: str, rank: int, alpha: float, dropout: float, init: str, rslora: bool,
+    def add_adapter(self, name: str, rank: int, alpha: float, dropout: float, init: str, rule: str,
                     table: StrengthTable, layer_name: str,
                     weights: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         """Create adapter `name` with zero B (so it starts as the identity) and register it in `table`.
+
+        `rule` is the scaling rule ("lora": alpha / rank, "rslora": alpha / sqrt(rank); see lora.spec).
 
         `weights` (A, B), in this layer's parameter layout, are used as they are instead of a fresh
         initialisation (loading a file: nothing is allocated or initialised twice); they are not trainable.
@@ -98,8 +107,8 @@ class LoRALayer(nn.Module):
         self.lora_A[name] = nn.Parameter(a, requires_grad=weights is None)
         self.lora_B[name] = nn.Parameter(b, requires_grad=weights is None)
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.ranks[name], self.alphas[name], self.rslora[name] = rank, float(alpha), rslora
-        self.tables[name] = (table, table.add_slot(layer_name, _scaling(alpha, rank, rslora)))
+        self.ranks[name], self.alphas[name], self.rules[name] = rank, float(alpha), rule
+        self.tables[name] = (table, table.add_slot(layer_name, _scaling(alpha, rank, rule)))
         self.active.append(name)
         self._refresh()
 
@@ -109,7 +118,7 @@ class LoRALayer(nn.Module):
             self.unmerge_()
         for d in (self.lora_A, self.lora_B, self.lora_dropout):
             del d[name]
-        for d in (self.ranks, self.alphas, self.rslora, self.tables):
+        for d in (self.ranks, self.alphas, self.rules, self.tables):
             d.pop(name)
         if name in self.active:
             self.active.remove(name)
@@ -144,7 +153,12 @@ class LoRALayer(nn.Module):
 
     def scaling(self, name: str) -> float:
         """alpha / rank (or alpha / sqrt(rank)) of adapter `name`."""
-        return _scaling(self.alphas[name], self.ranks[name], self.rslora[name])
+        return _scaling(self.alphas[name], self.ranks[name], self.rules[name])
+
+    def specs(self, name: str) -> dict[str, LayerSpec]:
+        """Adapter `name` as one LayerSpec per canonical sub-module suffix (detached views of A and B)."""
+        return {part: LayerSpec(a.detach(), b.detach(), self.alphas[name], self.rules[name])
+                for part, (a, b) in self.lora_pairs(name).items()}
 
     # ---- merge ---------------------------------------------------------------------------------------
     def merge_(self, names: list[str], strengths: dict[str, float], check: bool = True) -> torch.Tensor | None:

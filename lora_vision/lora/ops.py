@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Iterator, Mapping
+from typing import Callable, Iterator, Mapping
 
 import torch
 from torch import nn
 
 from .config import matches
-from .inject import lora_layers
-from .layers import LoRALayer
+from .layers import LoRALayer, lora_layers
+from .spec import LayerSpec, layer_key
 
 
 class LoRAStateDictError(KeyError):
@@ -177,6 +177,24 @@ def lora_state_dict(model: nn.Module, name: str = "default") -> dict[str, torch.
             sd[f"{key}.lora_B.weight"] = b.detach()
             sd[f"{key}.alpha"] = torch.tensor(layer.alphas[name], dtype=torch.float32)
     return sd
+
+
+def lora_specs(model: nn.Module, name: str = "default") -> dict[str, LayerSpec]:
+    """Adapter `name` of `model` as {module[.part]: LayerSpec} (factors, alpha and scaling rule per layer)."""
+    _require(model, name)
+    return {layer_key(mod_name, part): spec for mod_name, layer in lora_layers(model) if name in layer.lora_A
+            for part, spec in layer.specs(name).items()}
+
+
+def canonical_layers(state_dict: Mapping[str, torch.Tensor],
+                     rule_for: Callable[[str], str] | None = None) -> dict[str, LayerSpec]:
+    """A canonical state dict as {module[.part]: LayerSpec}; `rule_for(key)` gives each layer's scaling rule (the
+    state dict itself stores only factors and alpha; default: the plain rule)."""
+    out = {}
+    for (mod, part), e in parse_canonical(state_dict).items():
+        key = layer_key(mod, part)
+        out[key] = LayerSpec(e["A"], e["B"], e["alpha"], rule_for(key) if rule_for else "lora")
+    return out
 
 
 def parse_canonical(state_dict: Mapping[str, torch.Tensor]) -> dict[tuple[str, str], dict]:

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from lora_vision.formats.naming import sd_family
 from lora_vision.models.tiny import build_tiny_sd
 
 if TYPE_CHECKING:
@@ -47,22 +48,9 @@ def _unet_config(unet_or_pipe: Any) -> Mapping[str, Any]:
 
 
 def detect_sd_family(unet_or_pipe: Any) -> str:
-    """Return "sd1", "sd2" or "sdxl" from the UNet config of a pipeline, a UNet, or a UNet config.
-
-    The rule, in order:
-    - "sdxl" when addition_embed_type == "text_time" (SDXL's pooled-text + size/crop conditioning);
-    - "sd2" when cross_attention_dim == 1024 (OpenCLIP ViT-H) or use_linear_projection is set (SD 2.x replaced
-      SD 1.x's 1x1-conv proj_in/proj_out of each transformer with Linear layers);
-    - "sd1" otherwise (CLIP ViT-L, 768-wide cross-attention, conv projections).
-    """
-    config = _unet_config(unet_or_pipe)
-    if config.get("addition_embed_type") == "text_time":
-        return "sdxl"
-    cross_dim = config.get("cross_attention_dim")
-    cross_dims = tuple(cross_dim) if isinstance(cross_dim, (list, tuple)) else (cross_dim,)
-    if 1024 in cross_dims or config.get("use_linear_projection", False):
-        return "sd2"
-    return "sd1"
+    """Return "sd1", "sd2" or "sdxl" from the UNet config of a pipeline, a UNet, or a UNet config (the rule:
+    lora_vision.formats.naming.sd_family)."""
+    return sd_family(_unet_config(unet_or_pipe))
 
 
 def prediction_type(pipe: Any) -> str:

@@ -12,6 +12,7 @@ The peft adapter folder is written by lora_vision.formats.peft.export_peft (the 
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -22,7 +23,9 @@ from torch import nn
 
 from ..data.imagenet import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 from ..io import read_safetensors, write_safetensors
-from ..lora.inject import lora_layers
+from ..lora.inject import fold_lora, replace_module
+from ..targets import PRESETS as NAMED_PRESETS
+from . import tiny
 
 FAMILIES = ("hf", "torchvision", "timm")
 HEADS = {"hf": "classifier", "torchvision": "heads.head", "timm": "head"}
@@ -86,8 +89,6 @@ def load_vit(source: str, num_classes: int, weights: str | Path | None = None, l
     family = _family_of(source)
     torch.manual_seed(seed)  # the new head's initialisation is part of the run's seed
     if source.startswith("tiny-"):
-        from . import tiny
-
         builders = {"hf": tiny.build_tiny_hf_vit, "torchvision": tiny.build_tiny_torchvision_vit,
                     "timm": tiny.build_tiny_timm_vit}
         if family not in builders:
@@ -205,34 +206,24 @@ def patchify_as_linear(model: nn.Module) -> list[str]:
     for name, mod in list(model.named_modules()):
         if isinstance(mod, nn.Conv2d) and mod.kernel_size == mod.stride and mod.kernel_size != (1, 1) \
                 and mod.padding in (0, (0, 0)) and mod.groups == 1:
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, PatchLinear(mod))
+            replace_module(model, name, PatchLinear(mod))
             done.append(name)
     return done
 
 
 def lora_targets(loaded: LoadedViT, spec: str = "") -> str | tuple[str, ...]:
     """Target spec for LoRAConfig: the family's preset when `spec` is empty, a preset name, or comma patterns."""
-    from ..targets import PRESETS as NAMED
-
     if not spec:
         return PRESETS[loaded.family]
-    if spec in NAMED:
+    if spec in NAMED_PRESETS:
         return spec
     return tuple(p.strip() for p in spec.split(",") if p.strip())
 
 
 def merged_copy(model: nn.Module) -> nn.Module:
     """A deep copy with every LoRA adapter folded into plain layers (no LoRA wrappers left: zero overhead)."""
-    import copy
-
-    from ..lora.ops import merge_lora
-
     out = copy.deepcopy(model)
-    merge_lora(out)
-    for name, layer in list(lora_layers(out)):
-        parent, _, child = name.rpartition(".")
-        setattr(out.get_submodule(parent) if parent else out, child, layer.base)
+    fold_lora(out)
     return out
 
 

@@ -8,7 +8,6 @@ adapters each cached LoRA layer runs: nothing is reloaded. The bookkeeping lives
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,11 +16,12 @@ from typing import Any, Mapping, Sequence, Union
 import torch
 from torch import nn
 
-from ..adapter import Adapter
+from ..adapter import FULL, Adapter
+from ..formats import BaseMismatchError, detect_format, load_any
 from ..io import AdapterFileError, read_safetensors
-from ..lora.inject import lora_layers, remove_lora
-from ..lora.layers import LoRAConv2d, LoRALayer, LoRALinear, StrengthTable
-from ..lora.ops import parse_canonical
+from ..lora.inject import expected_shapes, inject_lora, remove_lora
+from ..lora.layers import LoRALayer, StrengthTable, lora_layers
+from ..lora.spec import LayerSpec, split_key
 from .blocks import BlockStrengths, block_of, multiplier, parse_block_strengths
 
 PIPELINE_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
@@ -128,8 +128,6 @@ def read_adapter(source: AdapterSource, models: Mapping[str, nn.Module] | None =
         return source, "<Adapter>", "lora_vision", None
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(f"expected a file path or an Adapter, got {type(source).__name__}")
-    from ..formats import BaseMismatchError, detect_format, load_any
-
     if not Path(source).is_dir() and detect_format(source) == "lora_vision":
         tensors, meta = read_safetensors(source, check_finite=check_finite)
         return Adapter(tensors, meta), str(source), "lora_vision", None
@@ -153,14 +151,6 @@ def _check_finite(moved: dict[str, torch.Tensor], source: str) -> None:
                                f"{', '.join(bad[:5])}")
 
 
-def _rslora(adapter: Adapter, comp: str) -> bool:
-    raw = adapter.metadata.get(f"lora_vision.config.{comp}")
-    try:
-        return bool(json.loads(raw).get("rslora", False)) if raw else False
-    except (ValueError, AttributeError):
-        return False
-
-
 def _live_name(name: str, modules: Mapping[str, nn.Module]) -> str | None:
     # Files may carry transformers-4 CLIP names (`text_model.` prefix) that transformers 5 flattened, or the reverse.
     for cand in (name, name.removeprefix("text_model."), "text_model." + name):
@@ -169,21 +159,14 @@ def _live_name(name: str, modules: Mapping[str, nn.Module]) -> str | None:
     return None
 
 
-def _expected_shapes(base: nn.Module, rank: int) -> tuple[tuple, tuple] | None:
-    if isinstance(base, nn.Linear):
-        return (rank, base.in_features), (base.out_features, rank)
-    if isinstance(base, nn.Conv2d) and base.groups == 1:
-        return (rank, base.in_channels, *base.kernel_size), (base.out_channels, rank, 1, 1)
-    return None
-
-
 def _plan(pipe: Any, comps: Mapping[str, nn.Module], adapter: Adapter, name: str, source: str,
-          strict: bool) -> tuple[dict, list[str]]:
-    """Match every module of the adapter to the pipeline and check shapes, before anything changes."""
+          strict: bool) -> tuple[dict[str, dict[str, tuple[nn.Module, LayerSpec]]], list[str]]:
+    """Match every layer of the adapter to the pipeline ({component: {live module: (module, LayerSpec)}}) and
+    check shapes, before anything changes."""
     problems: list[str] = []
     skipped: list[str] = []
-    plan: dict[str, list] = {}
-    full = sorted(k[len("full."):] for k in adapter.tensors if k.startswith("full."))
+    plan: dict[str, dict[str, tuple[nn.Module, LayerSpec]]] = {}
+    full = sorted(k[len(FULL) + 1:] for k in adapter.tensors if k.startswith(FULL + "."))
     if full:
         problems.append(f"the adapter carries fully trained modules {full[:3]}, which load_adapter does not apply "
                         "(use Adapter.apply_to for those)")
@@ -196,11 +179,12 @@ def _plan(pipe: Any, comps: Mapping[str, nn.Module], adapter: Adapter, name: str
             continue
         model = comps[comp]
         modules = dict(model.named_modules())
-        entries = parse_canonical(adapter.state_dict_for(comp))
+        entries = adapter.layers(comp)
         missing, bad = [], []
-        for (mod, part), e in entries.items():
+        for key, spec in entries.items():
+            mod, part = split_key(key)
             live = _live_name(mod, modules)
-            label = f"{comp}.{mod}" + (f".{part}" if part else "")
+            label = f"{comp}.{key}"
             if live is None or part:
                 missing.append(label)
                 continue
@@ -209,16 +193,14 @@ def _plan(pipe: Any, comps: Mapping[str, nn.Module], adapter: Adapter, name: str
                 raise ValueError(f"{comp}.{live} already has an adapter named {name!r}; unload it first or "
                                  "choose another name")
             base = target.base if isinstance(target, LoRALayer) else target
-            shapes = _expected_shapes(base, e["rank"])
+            shapes = expected_shapes(base, spec.rank) if isinstance(base, (nn.Linear, nn.Conv2d)) else None
             if shapes is None:
                 bad.append(f"{label} is a {type(base).__name__}, which cannot take LoRA")
-            elif tuple(e["A"].shape) != shapes[0] or tuple(e["B"].shape) != shapes[1]:
-                bad.append(f"{label}: lora_A {tuple(e['A'].shape)} / lora_B {tuple(e['B'].shape)}, expected "
+            elif (tuple(spec.A.shape), tuple(spec.B.shape)) != shapes:
+                bad.append(f"{label}: lora_A {tuple(spec.A.shape)} / lora_B {tuple(spec.B.shape)}, expected "
                            f"{shapes[0]} / {shapes[1]}")
             else:
-                parent_name, _, child = live.rpartition(".")
-                plan.setdefault(comp, []).append((live, target, e, modules[parent_name] if parent_name else model,
-                                                  child))
+                plan.setdefault(comp, {})[live] = (target, spec)
         if missing:
             problems.append(f"{len(missing)} of {len(entries)} {comp} modules not found (first: {missing[:3]})")
         if bad:
@@ -257,47 +239,45 @@ def load_adapter(pipe: Any, source: AdapterSource, name: str = "default", streng
     adapter, label, fmt, src_report = read_adapter(source, comps, check_finite=False)
     plan, skipped = _plan(pipe, comps, adapter, name, label, strict)
     # Move every A and B to its layer's device and dtype first, and check them there, before anything changes.
-    moved: dict[str, torch.Tensor] = {}
-    for comp, items in plan.items():
-        for live, target, e, _, _ in items:
+    moved: dict[str, dict[str, LayerSpec]] = {}
+    for comp, specs in plan.items():
+        for live, (target, spec) in specs.items():
             w = (target.base if isinstance(target, LoRALayer) else target).weight
-            for k in ("A", "B"):
-                moved[f"{comp}.{live}.lora_{k}"] = e[k].to(w.device, dtype or w.dtype)
-    _check_finite(moved, label)
-    tables: dict[str, StrengthTable] = {}
-    groups: list[str] = []
-    slot_groups: dict[str, list[int]] = {}
+            moved.setdefault(comp, {})[live] = spec.with_factors(spec.A.to(w.device, dtype or w.dtype),
+                                                                 spec.B.to(w.device, dtype or w.dtype))
+    _check_finite({f"{c}.{live}.lora_{k}": getattr(s, k) for c, specs in moved.items() for live, s in specs.items()
+                   for k in ("A", "B")}, label)
+    tables: dict[str, StrengthTable] = {}  # one per device, shared by the UNet and the text encoders
     modules: dict[str, list[str]] = {}
     try:
+        known = {id(x) for x in st.layers}
         with torch.no_grad():
-            for comp, items in plan.items():
-                rslora = _rslora(adapter, comp)
-                for live, target, e, parent, child in items:
-                    layer = target if isinstance(target, LoRALayer) else (
-                        LoRALinear(target) if isinstance(target, nn.Linear) else LoRAConv2d(target))
-                    dev = layer.base.weight.device
-                    table = tables.setdefault(str(dev), StrengthTable(name))
-                    layer.add_adapter(name, e["rank"], e["alpha"], 0.0, "kaiming", rslora, table, f"{comp}.{live}",
-                                      weights=(moved[f"{comp}.{live}.lora_A"], moved[f"{comp}.{live}.lora_B"]))
-                    if layer is not target:
-                        setattr(parent, child, layer)
+            for comp, specs in moved.items():
+                modules[comp] = inject_lora(comps[comp], name=name, layers=specs, freeze_base=False, dtype=None,
+                                            trainable=False, tables=tables, label=comp + ".")
+                for live in modules[comp]:
+                    layer = comps[comp].get_submodule(live)
+                    if id(layer) not in known:
+                        known.add(id(layer))
                         st.layers.append(layer)
-                    elif not any(layer is x for x in st.layers):  # a wrapper made outside this module
-                        st.layers.append(layer)
-                    group = f"unet:{block_of(live)}" if comp == "unet" else comp
-                    if group not in groups:
-                        groups.append(group)
-                    slot_groups.setdefault(str(dev), []).append(groups.index(group))
-                    modules.setdefault(comp, []).append(live)
     except BaseException:
         for comp in plan:
             remove_lora(comps[comp], name)
         st.layers = _collect_layers(pipe)
         raise
-    table_list = list(tables.values())
+    groups: list[str] = []  # "unet:<block>" or a text-encoder component, in order of first use
+    slot_groups = []
     for dev, table in tables.items():
         table.to(torch.device(dev))
-    loaded = _Loaded(name, modules, table_list, [torch.tensor(slot_groups[d]) for d in tables], groups,
+        idx = []
+        for slot_label in table.layer_names:
+            comp, _, live = slot_label.partition(".")
+            group = f"unet:{block_of(live)}" if comp == "unet" else comp
+            if group not in groups:
+                groups.append(group)
+            idx.append(groups.index(group))
+        slot_groups.append(torch.tensor(idx))
+    loaded = _Loaded(name, modules, list(tables.values()), slot_groups, groups,
                      float(strength), float(strength if te_strength is None else te_strength), blocks)
     st.adapters[name] = loaded
     st.active.append(name)

@@ -15,7 +15,9 @@ import torch
 from torch import nn
 
 from ..io import replace_dir, write_safetensors
-from ..lora.inject import _set_child, lora_layers
+from ..lora.inject import replace_module
+from ..lora.layers import lora_layers
+from ..models.sd import load_sd_pipeline
 from ..lora.ops import merge_lora, unmerge_lora
 from .adapters import (AdapterLoadReport, AdapterSource, _apply_strength, _require, _state, load_adapter,
                        pipeline_components, unload_adapter)
@@ -78,12 +80,12 @@ def plain_modules(model: nn.Module) -> Iterator[nn.Module]:
     """Inside the block, every LoRA wrapper of `model` is replaced by its base layer (fused weights included)."""
     wrappers = list(lora_layers(model))
     for name, layer in wrappers:
-        _set_child(model, name, layer.base)
+        replace_module(model, name, layer.base)
     try:
         yield model
     finally:
         for name, layer in wrappers:
-            _set_child(model, name, layer)
+            replace_module(model, name, layer)
 
 
 @dataclass
@@ -126,8 +128,6 @@ def merge_into_pipeline(base: Any, adapters_with_strengths: Sequence[MergeItem] 
     if not items:
         raise ValueError("no adapters to merge: give [(file, strength), ...]")
     if isinstance(base, (str, os.PathLike)) or base is None:
-        from ..models.sd import load_sd_pipeline
-
         pipe = load_sd_pipeline(None if base is None else str(base), torch_dtype=torch_dtype)
     else:
         pipe = base
