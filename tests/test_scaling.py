@@ -15,7 +15,7 @@ from lora_vision.formats import export, load_any
 from lora_vision.models import TINY_LATENT_SIZE, build_tiny_sd
 from lora_vision.pipeline import load_adapter
 from lora_vision.serving import AdapterServer
-from lora_vision.tools import merge_adapters, resize
+from lora_vision.arithmetic import merge_adapters, resize
 
 TOL = 1e-5
 CONFIGS = {"unet": LoRAConfig(rank=8, alpha=8, rslora=True, targets="unet-locon", conv_rank=4, conv_alpha=2.0),

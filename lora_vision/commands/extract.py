@@ -39,7 +39,7 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..tools import extract, load_weights, print_rows
+    from ..arithmetic import extract, load_weights, print_rows
 
     base = load_weights(args.base_model, args.component)
     tuned = load_weights(args.tuned, args.component)

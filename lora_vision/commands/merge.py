@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
         print(INTO_NOTE)
         return fuse_into_base(args.into, args.files, args.weights, args.output, args.single_file, args.overwrite)
     weights = weights_for(args.files, args.weights)
-    from ..tools import merge_adapters, print_rows
+    from ..arithmetic import merge_adapters, print_rows
 
     adapters = []
     for f in args.files:

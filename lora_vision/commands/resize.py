@@ -37,7 +37,7 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..tools import print_rows, resize
+    from ..arithmetic import print_rows, resize
 
     adapter, report = read(args.file)
     ranks = None

@@ -13,7 +13,7 @@ from lora_vision.adapter import Adapter
 from lora_vision.cli import main
 from lora_vision.formats import load_any
 from lora_vision.lora.ops import parse_canonical
-from lora_vision.tools import extract, lowrank_svd, merge_adapters, resize
+from lora_vision.arithmetic import extract, lowrank_svd, merge_adapters, resize
 
 
 def _orth(n, k, g):
