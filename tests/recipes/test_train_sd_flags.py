@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import shutil
 from pathlib import Path
 
 import pytest
+from test_train_sd import _load_script  # noqa: E402  (tests/recipes is on sys.path under pytest)
 import torch
 import yaml
 
@@ -18,10 +18,7 @@ SAMPLES = REPO / "samples" / "instance"
 
 @pytest.fixture(scope="module")
 def train_sd():
-    spec = importlib.util.spec_from_file_location("train_sd_script_flags", REPO / "scripts" / "train_sd.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return module
+    return _load_script()
 
 
 def _args(model: str, out: Path, *extra: str, instance: Path = SAMPLES) -> list[str]:

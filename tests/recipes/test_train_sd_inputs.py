@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
+from test_train_sd import _load_script  # noqa: E402  (tests/recipes is on sys.path under pytest)
 from PIL import Image
 
 from lora_vision.data.dreambooth import make_buckets, nearest_bucket, scan_folder
@@ -21,10 +21,7 @@ SAMPLE = REPO / "samples" / "instance" / "toy_00.jpg"
 
 @pytest.fixture(scope="module")
 def train_sd():
-    spec = importlib.util.spec_from_file_location("train_sd_script_inputs", REPO / "scripts" / "train_sd.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return module
+    return _load_script()
 
 
 def _args(instance: Path, out: Path, *extra: str) -> list[str]:
