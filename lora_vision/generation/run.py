@@ -232,15 +232,7 @@ def load_pipeline(cfg: GenerateConfig) -> Any:
     dtype_name = cfg.dtype or ("fp16" if device.startswith("cuda") else "fp32")
     dtype = parse_dtype(dtype_name, "--dtype")
     dtype = None if dtype == torch.float32 else dtype
-    try:
-        pipe = load_sd_pipeline(cfg.model, torch_dtype=dtype)
-    except OSError as err:
-        if cfg.model is None or Path(cfg.model).expanduser().exists() or not _unreachable(err):
-            raise
-        raise OSError(f"--model {cfg.model!r} is not a local folder and the Hugging Face hub could not be reached "
-                      "to download it; give the path of a local diffusers folder, or connect to the network (a "
-                      "model downloaded before is read from the cache)") from None
-    pipe = pipe.to(device)
+    pipe = load_sd_pipeline(cfg.model, torch_dtype=dtype).to(device)  # names a hub id it cannot reach
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -261,21 +253,6 @@ def check_device(device: str) -> str:
     if kind == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"--device {device!r}: Apple MPS is not available here; use --device cpu")
     return device
-
-
-def _unreachable(err: BaseException) -> bool:
-    """True when the chain of `err` says the hub could not be reached (no network, offline mode, no cached copy)."""
-    try:
-        from huggingface_hub.errors import LocalEntryNotFoundError
-    except ImportError:  # pragma: no cover - diffusers depends on huggingface_hub
-        LocalEntryNotFoundError = ConnectionError  # noqa: N806
-    seen = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        if isinstance(err, (ConnectionError, LocalEntryNotFoundError)) or "ConnectionError" in type(err).__name__:
-            return True
-        err = err.__cause__ or err.__context__
-    return False
 
 
 def check_size(value: int | None, flag: str) -> None:

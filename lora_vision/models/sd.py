@@ -111,9 +111,9 @@ def _hub_failure(name: str, err: BaseException) -> str | None:
     if any(isinstance(e, RepositoryNotFoundError) for e in chain):
         return (f"{name!r} is not a local folder and the Hugging Face hub has no such model; check the id "
                 "(owner/name) or pass a local diffusers folder")
-    if any(isinstance(e, LocalEntryNotFoundError) for e in chain):
-        return (f"{name!r} is not a local folder and was not found in the Hugging Face cache, and the hub could not "
-                "be reached (offline or no network); download it where there is network (`hf download "
+    if any(isinstance(e, (LocalEntryNotFoundError, ConnectionError)) for e in chain):
+        return (f"{name!r} is not a local folder and the Hugging Face hub could not be reached (offline or no "
+                "network), and it is not in the Hugging Face cache; download it where there is network (`hf download "
                 f"{name}`) or pass a local diffusers folder")
     return None
 
