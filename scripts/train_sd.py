@@ -12,6 +12,7 @@ flags override it. Reads top to bottom: parse, build (model, data, caches, LoRA,
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import statistics
@@ -38,12 +39,13 @@ from lora_vision.generation.images import save_png  # noqa: E402
 from lora_vision.training.checkpoint import (CheckpointError, StopOnInterrupt, find_checkpoint,  # noqa: E402
                                              new_run_id, prepare_output_dir, resume_command, trim_log)
 from lora_vision.training.config import config_to_dict, load_config, save_config  # noqa: E402
-from lora_vision.training.optim import LRSchedule, build_optimizer  # noqa: E402
+from lora_vision.training.ema import EMA  # noqa: E402
+from lora_vision.training.optim import LRSchedule, build_optimizer, eval_mode  # noqa: E402
 from lora_vision.training.sd.caching import prepare_data  # noqa: E402
 from lora_vision.training.sd.config import SDTrainConfig, kohya_folder_note  # noqa: E402
 from lora_vision.training.sd.lora import add_lora, param_groups, save_adapter  # noqa: E402
 from lora_vision.training.sd.loop import (Checkpoints, LossLog, TrainingDiverged, TrainingSteps,  # noqa: E402
-                                          check_distributed, graph_possible, resume_from)
+                                          check_distributed, graph_off_reason, resume_from)
 from lora_vision.training.sd.losses import alphas_cumprod  # noqa: E402
 from lora_vision.training.sd.samples import generate_class_images, strength_sweep, validation_grid  # noqa: E402
 from lora_vision.training.sd.step import StepSettings, clip_and_step  # noqa: E402
@@ -192,11 +194,16 @@ def train(cfg: SDTrainConfig) -> int:
 
     one_bucket = len(data.inst_cache) == 1 and (data.class_cache is None
                                                or list(data.class_cache) == list(data.inst_cache))
-    use_graph = graph_possible(cfg, device, world, one_bucket, dtype)
+    graph_off = graph_off_reason(cfg, device, world, one_bucket, dtype)
+    use_graph = graph_off is None
+    if cfg.cuda_graph and device.type == "cuda" and graph_off and main_proc:
+        print(f"note: the training step is not captured as a CUDA graph ({graph_off}); the eager step runs")
     groups = param_groups(cfg, models, world)
     base_lrs, params = [g["lr"] for g in groups], [p for g in groups for p in g["params"]]
     optimizer = build_optimizer(groups, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay,
-                                eps=cfg.adam_epsilon, use_8bit=cfg.use_8bit_adam, capturable=use_graph)
+                                eps=cfg.adam_epsilon, use_8bit=cfg.use_8bit_adam, capturable=use_graph,
+                                name=cfg.optimizer)
+    ema = EMA(params, cfg.ema_decay, "cpu" if cfg.ema_cpu else None) if cfg.use_ema else None
     schedule = LRSchedule(cfg.lr_scheduler, cfg.lr_warmup_steps, cfg.max_train_steps, cfg.lr_num_cycles, cfg.lr_power)
     generator = torch.Generator(device=device).manual_seed(cfg.seed + 1)  # the same on every process, as data_rng
 
@@ -204,7 +211,7 @@ def train(cfg: SDTrainConfig) -> int:
     if cfg.resume_from_checkpoint and ckpt is None:
         print(f"no checkpoint in {out} yet: starting from step 0")
     elif ckpt is not None:
-        start, run_id = resume_from(ckpt, run_cfg, world, rank, models, optimizer, generator, data_rng)
+        start, run_id = resume_from(ckpt, run_cfg, world, rank, models, optimizer, generator, data_rng, ema)
         last_good = ckpt
         if main_proc:
             print(f"resumed from {ckpt} at step {start}")
@@ -230,12 +237,14 @@ def train(cfg: SDTrainConfig) -> int:
                unit="step", disable=not main_proc)
     log = LossLog(acc, log_path, cfg.logging_steps, start, base_lrs[0], schedule, bar, writer, last_good)
     checkpoints = Checkpoints(acc, out, models, optimizer, generator, data_rng, resolved, cfg.checkpoints_total_limit,
-                              run_id)
+                              run_id, ema)
     stopped_at = None
     with StopOnInterrupt() as stop:  # the first Ctrl-C ends the loop after the current step, with a checkpoint
         for step in bar:
             schedule.apply(optimizer, base_lrs, step)
             log.record(steps.run())
+            if ema is not None:
+                ema.update()
             if cfg.time_steps:
                 events.append(_stamp(device))
             done = step + 1
@@ -249,8 +258,9 @@ def train(cfg: SDTrainConfig) -> int:
                 stopped_at = done
                 break
             if cfg.validation_prompt and done % cfg.validation_steps == 0 and main_proc:
-                image = validation_grid(pipe, cfg.validation_prompt, cfg.num_validation_images,
-                                        cfg.validation_inference_steps, resolution)
+                with eval_mode(optimizer), (ema.swapped_in() if ema is not None else contextlib.nullcontext()):
+                    image = validation_grid(pipe, cfg.validation_prompt, cfg.num_validation_images,
+                                            cfg.validation_inference_steps, resolution)
                 save_png(image, out / "samples" / f"validation_step{done:06d}.png")
                 if writer:
                     writer.add_image("validation", np.asarray(image), done, dataformats="HWC")
@@ -274,9 +284,15 @@ def train(cfg: SDTrainConfig) -> int:
     # ---- save ----------------------------------------------------------------------------------------------
     if not main_proc:
         return 0
+    final = contextlib.ExitStack()  # schedule-free: what follows saves and samples the averaged weights
+    final.enter_context(eval_mode(optimizer))
     last_good = checkpoints.write(cfg.max_train_steps) if start < cfg.max_train_steps else log.last_good
     kohya_base = "sd2-v" if family == "sd2" and pred_type == "v_prediction" else family
     save_adapter(out, cfg, models, lora_cfgs, kohya_base, base_name, resolved, data.instance.captions, last_good)
+    if ema is not None:
+        with ema.swapped_in():
+            save_adapter(out, cfg, models, lora_cfgs, kohya_base, base_name, resolved, data.instance.captions,
+                         last_good, name="adapter_ema")
     if cfg.strength_sweep:
         prompt = cfg.validation_prompt or cfg.instance_prompt
         image = strength_sweep(pipe, list(models.values()), prompt, cfg.strength_sweep,
@@ -286,6 +302,7 @@ def train(cfg: SDTrainConfig) -> int:
         metrics = sd_metrics.tiny_run_metrics(pipe, list(models.values()), cfg.instance_data_dir, cfg.instance_prompt,
                                               cfg.class_prompt, cfg.validation_inference_steps, resolution, out)
         print(f"wrote {out / 'metrics.json'}\n{sd_metrics.format_metrics(metrics)}")
+    final.close()
     if writer:
         writer.close()
     return 0

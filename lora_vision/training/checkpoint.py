@@ -385,12 +385,14 @@ def write_checkpoint(output_dir: str | Path, step: int, write_files: Callable[[P
 
 def save_checkpoint(output_dir: str | Path, step: int, weights: Weights, optimizer: torch.optim.Optimizer,
                     rng: tuple[dict, dict], config: Mapping[str, Any], total_limit: int | None = None,
-                    extra: Mapping[str, Any] | None = None, run_id: str | None = None) -> Path:
+                    extra: Mapping[str, Any] | None = None, run_id: str | None = None,
+                    tensor_files: Mapping[str, Mapping[str, torch.Tensor]] | None = None) -> Path:
     """Write checkpoint-<step> (write_checkpoint) and prune this run's older ones to `total_limit` folders.
 
     `weights`: the models whose LoRA layers train (a mapping component -> model, or LoRAWeights), or
     TrainableWeights; `rng` from rng_state; `config` the run's resolved settings (checked on resume); `extra` the
-    recipe's own loop state (e.g. epoch and batch), stored as top-level keys of state.json.
+    recipe's own loop state (e.g. epoch and batch), stored as top-level keys of state.json; `tensor_files` more
+    safetensors files of the recipe, file name -> tensors (e.g. {"ema.safetensors": ...}; read_checkpoint_tensors).
     """
     opt_tensors, opt_meta = _split_optimizer(optimizer)
     rng_tensors, rng_meta = rng
@@ -404,8 +406,21 @@ def save_checkpoint(output_dir: str | Path, step: int, weights: Weights, optimiz
         weights.write(folder)
         write_safetensors(folder / "optimizer.safetensors", opt_tensors)
         write_safetensors(folder / "rng.safetensors", {k: v.cpu().contiguous() for k, v in rng_tensors.items()})
+        for file, tensors in (tensor_files or {}).items():
+            write_safetensors(folder / file, tensors)
 
     return write_checkpoint(output_dir, step, write, {**state, **(extra or {})}, total_limit, run_id)
+
+
+def read_checkpoint_tensors(path: str | Path, file: str, why: str) -> dict[str, torch.Tensor]:
+    """The tensors of `file` in checkpoint `path` (written through save_checkpoint's `tensor_files`);
+    CheckpointError when the checkpoint has no such file (`why`: the setting that needs it)."""
+    target = Path(path) / file
+    if not target.is_file():
+        raise CheckpointError(f"{path} has no {file}, which {why} needs: it was written without that setting; resume "
+                              "with the same settings, or use a new output_dir")
+    tensors, _ = read_safetensors(target, check_finite=False)
+    return tensors
 
 
 def load_checkpoint(path: str | Path, weights: Weights, optimizer: torch.optim.Optimizer,

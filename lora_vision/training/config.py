@@ -71,6 +71,12 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
         items = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else list(value)
         return tuple(_coerce(name, v, inner) for v in items)
     if origin is dict:
+        if isinstance(value, str) and not value.strip().startswith("{") and "=" in value:  # key=value,key=value
+            pairs = [item.split("=", 1) for item in value.split(",") if item.strip()]
+            if any(len(p) != 2 for p in pairs):
+                raise ValueError("expected key=value pairs separated by commas, or a JSON object")
+            inner = typing.get_args(base)[1] if len(typing.get_args(base)) == 2 else str
+            return {k.strip(): _coerce(f"{name}[{k.strip()}]", v.strip(), inner) for k, v in pairs}
         if isinstance(value, str):
             try:
                 value = json.loads(value)

@@ -1,31 +1,60 @@
-"""Optimizers (AdamW, fused on CUDA; 8-bit AdamW from bitsandbytes) and learning-rate schedules with warm-up."""
+"""Optimizers (AdamW, fused on CUDA; 8-bit AdamW from bitsandbytes; Prodigy; schedule-free AdamW; Adafactor),
+LoRA+ and per-block parameter groups, and learning-rate schedules with warm-up."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
+from typing import Iterable, Iterator, Mapping
 
 import torch
+from torch import nn
 
 SCHEDULES: tuple[str, ...] = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
                               "polynomial")
 
 
-def build_optimizer(groups: list[dict], *, betas: tuple[float, float], weight_decay: float, eps: float,
-                    use_8bit: bool = False, capturable: bool = False) -> torch.optim.Optimizer:
-    """AdamW over parameter groups ({"params": [...], "lr": float}).
+OPTIMIZERS: tuple[str, ...] = ("adamw", "adamw8bit", "prodigy", "schedulefree", "adafactor")
+# The package each optional optimizer needs, and the pip line that installs it (the extras pin the tested versions).
+_OPTIONAL: dict[str, tuple[str, str]] = {"adamw8bit": ("bitsandbytes", "pip install bitsandbytes"),
+                                         "prodigy": ("prodigyopt", 'pip install "lora_vision[prodigy]"'),
+                                         "schedulefree": ("schedulefree", 'pip install "lora_vision[schedulefree]"')}
 
-    On CUDA the fused kernel is used; `capturable=True` keeps step counters and the learning rate on the device
-    (lr becomes a tensor) so the optimizer step can be captured in a CUDA graph. `use_8bit` uses bitsandbytes'
-    AdamW8bit, which must be installed.
+
+def _optional_module(name: str):
+    package, install = _OPTIONAL[name]
+    try:
+        return __import__(package)
+    except ImportError as err:
+        raise ImportError(f"--optimizer {name} needs the package {package}, which is not installed; `{install}` or "
+                          f"choose another --optimizer ({', '.join(OPTIMIZERS)})") from err
+
+
+def build_optimizer(groups: list[dict], *, betas: tuple[float, float], weight_decay: float, eps: float,
+                    use_8bit: bool = False, capturable: bool = False, name: str = "adamw") -> torch.optim.Optimizer:
+    """The optimizer `name` (one of OPTIMIZERS) over parameter groups ({"params": [...], "lr": float}).
+
+    adamw: on CUDA the fused kernel is used; `capturable=True` keeps step counters and the learning rate on the
+    device (lr becomes a tensor) so the optimizer step can be captured in a CUDA graph. adamw8bit (or `use_8bit`):
+    bitsandbytes' AdamW8bit. prodigy: prodigyopt's Prodigy (learning rates near 1.0; it estimates the step size).
+    schedulefree: schedulefree's AdamWScheduleFree, returned in train mode (see `eval_mode`). adafactor: torch's
+    Adafactor (factored second moments; betas and eps are not used). A missing package is an ImportError naming it.
     """
-    if use_8bit:
-        try:
-            import bitsandbytes as bnb
-        except ImportError as err:
-            raise ImportError("use_8bit_adam needs bitsandbytes, which is not installed; "
-                              "`pip install bitsandbytes` or drop --use_8bit_adam") from err
+    name = "adamw8bit" if use_8bit else name
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}; expected one of {', '.join(OPTIMIZERS)}")
+    if name == "adamw8bit":
+        bnb = _optional_module(name)
         return bnb.optim.AdamW8bit(groups, betas=betas, weight_decay=weight_decay, eps=eps)
+    if name == "prodigy":
+        return _optional_module(name).Prodigy(groups, betas=betas, weight_decay=weight_decay, eps=eps)
+    if name == "schedulefree":
+        optimizer = _optional_module(name).AdamWScheduleFree(groups, betas=betas, weight_decay=weight_decay, eps=eps)
+        optimizer.train()  # it refuses to step in eval mode, its initial state
+        return optimizer
+    if name == "adafactor":
+        return torch.optim.Adafactor(groups, weight_decay=weight_decay, foreach=False)
     params = [p for g in groups for p in g["params"]]
     on_cuda = bool(params) and all(p.is_cuda for p in params)
     if on_cuda and capturable:
@@ -34,6 +63,40 @@ def build_optimizer(groups: list[dict], *, betas: tuple[float, float], weight_de
                                  capturable=True)
     return torch.optim.AdamW(groups, betas=betas, weight_decay=weight_decay, eps=eps,
                              fused=True if on_cuda else None, foreach=None if on_cuda else False)
+
+
+@contextlib.contextmanager
+def eval_mode(optimizer: torch.optim.Optimizer) -> Iterator[None]:
+    """Inside the block the parameters hold the weights to evaluate and save. Schedule-free optimizers train on an
+    interpolation of two sequences and evaluate on their average (Defazio et al. 2024, arXiv:2405.15682):
+    optimizer.eval() swaps the average in and optimizer.train() swaps back; other optimizers, and an optimizer
+    already in eval mode (a nested block), are left alone."""
+    swap = callable(getattr(optimizer, "eval", None)) and callable(getattr(optimizer, "train", None)) and any(
+        g.get("train_mode") for g in optimizer.param_groups)  # nested blocks: only the outermost swaps
+    if swap:
+        optimizer.eval()
+    try:
+        yield
+    finally:
+        if swap:
+            optimizer.train()
+
+
+def loraplus_param_groups(model_or_params: nn.Module | Iterable[tuple[str, torch.Tensor]], lr: float, ratio: float,
+                          weight_decay: float | None = None) -> list[dict]:
+    """LoRA+ (Hayou et al. 2024, arXiv:2402.12354): two optimizer groups, the LoRA A matrices at `lr` and the B
+    matrices at `lr * ratio` (B learns faster; the paper suggests ratios around 16). `model_or_params` is a module
+    (its parameters that require grad) or (name, parameter) pairs; a parameter is a B matrix when its name has a
+    `lora_B` part. Other trainable parameters (a new head) go with A. `weight_decay` (when given) is set on both
+    groups. Empty groups are left out; each group has a "name" ("lora_A" / "lora_B") for logs."""
+    pairs = ([(n, p) for n, p in model_or_params.named_parameters() if p.requires_grad]
+             if isinstance(model_or_params, nn.Module) else list(model_or_params))
+    b_params = [p for n, p in pairs if "lora_B" in n.split(".")]
+    a_params = [p for n, p in pairs if "lora_B" not in n.split(".")]
+    extra = {} if weight_decay is None else {"weight_decay": weight_decay}
+    groups = [{"name": "lora_A", "params": a_params, "lr": lr, **extra},
+              {"name": "lora_B", "params": b_params, "lr": lr * ratio, **extra}]
+    return [g for g in groups if g["params"]]
 
 
 @dataclass(frozen=True)

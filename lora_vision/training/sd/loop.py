@@ -21,7 +21,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..checkpoint import CheckpointError, load_checkpoint, read_state, restore_rng, rng_state, save_checkpoint
+from ..checkpoint import (CheckpointError, load_checkpoint, read_checkpoint_tensors, read_state, restore_rng,
+                          rng_state, save_checkpoint)
+from ..ema import EMA
+from ..optim import eval_mode
 from .caching import BatchSampler, BucketCache, TextTable
 from .config import SDTrainConfig
 from .step import Inputs, StaticStep, StepSettings, clip_and_step, gather_inputs, shard_inputs, step_loss
@@ -52,12 +55,27 @@ def check_distributed(acc: Any) -> None:
                          "are small, so sharding them with FSDP saves nothing)")
 
 
+def graph_off_reason(cfg: SDTrainConfig, device: torch.device, world: int, one_bucket: bool,
+                     dtype: torch.dtype) -> str | None:
+    """Why the whole step cannot be one CUDA graph on this run (None: it can). It needs CUDA, one process, one
+    batch shape, no accumulation, no gradient checkpointing, plain AdamW (the others keep step counts and step
+    sizes on the host), no fp16 (its scaler syncs) and no dropout. EMA, LoRA+ and per-block learning rates do
+    not stop it: the EMA update runs after each replay, the learning rates are device tensors per group."""
+    if not cfg.cuda_graph or device.type != "cuda":
+        return None if cfg.cuda_graph and device.type == "cuda" else "not on CUDA or --cuda_graph false"
+    checks = [(world == 1, f"{world} processes"), (one_bucket, "more than one batch shape (buckets)"),
+              (cfg.gradient_accumulation_steps == 1, "gradient accumulation"),
+              (not cfg.gradient_checkpointing, "gradient checkpointing"),
+              (not cfg.use_8bit_adam and cfg.optimizer == "adamw",
+               f"--optimizer {'adamw8bit' if cfg.use_8bit_adam else cfg.optimizer} (only adamw can be captured)"),
+              (dtype != torch.float16, "fp16 (its loss scaler syncs)"), (cfg.lora_dropout == 0, "LoRA dropout")]
+    reasons = [why for ok, why in checks if not ok]
+    return ", ".join(reasons) if reasons else None
+
+
 def graph_possible(cfg: SDTrainConfig, device: torch.device, world: int, one_bucket: bool, dtype: torch.dtype) -> bool:
-    """Whether the whole step can be one CUDA graph: CUDA, one process, one batch shape, no accumulation, no
-    gradient checkpointing, no 8-bit Adam, no fp16 (its scaler syncs), no dropout."""
-    return (cfg.cuda_graph and device.type == "cuda" and world == 1 and one_bucket
-            and cfg.gradient_accumulation_steps == 1 and not cfg.gradient_checkpointing
-            and not cfg.use_8bit_adam and dtype != torch.float16 and cfg.lora_dropout == 0)
+    """Whether the whole step can be one CUDA graph (graph_off_reason gives the reason when not)."""
+    return graph_off_reason(cfg, device, world, one_bucket, dtype) is None
 
 
 class TrainingSteps:
@@ -203,11 +221,16 @@ class Checkpoints:
     config: Mapping[str, Any]
     total_limit: int | None
     run_id: str | None
+    ema: EMA | None = None
 
     def write(self, step: int) -> Path:
-        """Write checkpoint-<step> (call on the main process)."""
-        return save_checkpoint(self.out, step, self.models, self.optimizer, rng_state(self.generator, self.data_rng),
-                               self.config, self.total_limit, run_id=self.run_id)
+        """Write checkpoint-<step> (call on the main process); schedule-free optimizers save their averaged weights
+        (a resumed run swaps back exactly as an unbroken one does), the EMA goes into ema.safetensors."""
+        files = {"ema.safetensors": self.ema.state_tensors()} if self.ema is not None else None
+        with eval_mode(self.optimizer):
+            return save_checkpoint(self.out, step, self.models, self.optimizer,
+                                   rng_state(self.generator, self.data_rng), self.config, self.total_limit,
+                                   run_id=self.run_id, tensor_files=files)
 
     def save(self, step: int, log: LossLog) -> None:
         """Flush the log, write checkpoint-<step> on the main process (it becomes log.last_good); all wait for it."""
@@ -219,7 +242,7 @@ class Checkpoints:
 
 def resume_from(ckpt: Path, cfg: SDTrainConfig, world: int, rank: int, models: Mapping[str, nn.Module],
                 optimizer: torch.optim.Optimizer, generator: torch.Generator,
-                data_rng: np.random.Generator) -> tuple[int, str | None]:
+                data_rng: np.random.Generator, ema: EMA | None = None) -> tuple[int, str | None]:
     """Restore checkpoint `ckpt` into this run; returns (its step, its run id). `cfg` is the resolved config
     (resolution and prediction type filled in). CheckpointError listing the differences when it was written with
     other settings; the same global batch over another number of processes is fine."""
@@ -234,7 +257,13 @@ def resume_from(ckpt: Path, cfg: SDTrainConfig, world: int, rank: int, models: M
     if bad:
         raise CheckpointError(f"{ckpt} was written by a different configuration:\n  - " + "\n  - ".join(bad)
                               + "\nresume with the same settings, or use a new --output_dir")
-    state = load_checkpoint(ckpt, models, optimizer)
+    with eval_mode(optimizer):  # a schedule-free checkpoint holds the averaged weights: swap back after loading
+        state = load_checkpoint(ckpt, models, optimizer)
+    if ema is not None:
+        try:
+            ema.load_state_tensors(read_checkpoint_tensors(ckpt, "ema.safetensors", "--use_ema"), str(ckpt))
+        except ValueError as err:
+            raise CheckpointError(str(err)) from None
     restore_rng(state["rng_tensors"], state["rng"], generator, data_rng)
     if world > 1:  # the global-batch streams above are shared; dropout's stream is each process's own
         torch.manual_seed(cfg.seed + 1_000_003 * (rank + 1))

@@ -14,6 +14,7 @@ from ...adapter import Adapter
 from ...formats.kohya import tag_frequency
 from ...lora import LoRAConfig, inject_lora, lora_layers, lora_parameters
 from ..checkpoint import CheckpointError
+from ..optim import loraplus_param_groups
 from .config import SDTrainConfig
 
 
@@ -42,23 +43,44 @@ def add_lora(cfg: SDTrainConfig, unet: nn.Module, text_encoders: list[nn.Module]
     return models, lora_cfgs
 
 
+def _unet_part(name: str) -> str:
+    """The --lr_per_component key of a UNet parameter: unet.down / unet.mid / unet.up, else unet."""
+    head = name.split(".", 1)[0]
+    return {"down_blocks": "unet.down", "mid_block": "unet.mid", "up_blocks": "unet.up"}.get(head, "unet")
+
+
 def param_groups(cfg: SDTrainConfig, models: Mapping[str, nn.Module], world: int) -> list[dict]:
     """Optimizer groups: the UNet's LoRA at --learning_rate, the text encoders' at --text_encoder_lr (--scale_lr
-    multiplies both by batch size x accumulation x processes)."""
+    multiplies all by batch size x accumulation x processes). --lr_per_component sets the rate of a component or
+    UNet part (down/mid/up blocks; text_encoder_2 falls back to text_encoder's); --loraplus_lr_ratio splits each
+    group into its A matrices and its B matrices at ratio x the rate (LoRA+). Groups carry a "name" for logs."""
     scale = cfg.train_batch_size * cfg.gradient_accumulation_steps * world if cfg.scale_lr else 1
-    groups = [{"params": lora_parameters(models["unet"]), "lr": cfg.learning_rate * scale}]
-    for key in ("text_encoder", "text_encoder_2"):
-        if key in models:
-            groups.append({"params": lora_parameters(models[key]),
-                           "lr": (cfg.text_encoder_lr or cfg.learning_rate) * scale})
+    rates = cfg.lr_per_component
+    groups = []
+    for comp, model in models.items():
+        fallback = cfg.learning_rate if comp == "unet" else (cfg.text_encoder_lr or cfg.learning_rate)
+        comp_lr = rates.get(comp, rates.get("text_encoder", fallback) if comp == "text_encoder_2" else fallback)
+        names = {id(p): n for n, p in model.named_parameters()}
+        parts: dict[str, list[tuple[str, torch.Tensor]]] = {}
+        for p in lora_parameters(model):
+            part = _unet_part(names[id(p)]) if comp == "unet" and any(k.startswith("unet.") for k in rates) else comp
+            parts.setdefault(part, []).append((names[id(p)], p))
+        for part, pairs in parts.items():
+            lr = rates.get(part, comp_lr) * scale
+            if cfg.loraplus_lr_ratio is None:
+                groups.append({"name": part, "params": [p for _, p in pairs], "lr": lr})
+            else:
+                groups += [dict(g, name=f"{part}.{g['name']}")
+                           for g in loraplus_param_groups(pairs, lr, cfg.loraplus_lr_ratio)]
     return groups
 
 
 def save_adapter(out: Path, cfg: SDTrainConfig, models: Mapping[str, nn.Module], lora_cfgs: Mapping[str, LoRAConfig],
                  base: str, base_name: str, resolved: Mapping[str, Any], captions: Sequence[str],
-                 last_good: Path | None) -> Adapter:
-    """Write out/adapter.safetensors with the training metadata (`base`: the kohya base-model tag, `captions` the
-    instance captions for A1111's tag list) and, unless --export_kohya false, out/adapter_kohya.safetensors."""
+                 last_good: Path | None, name: str = "adapter") -> Adapter:
+    """Write out/<name>.safetensors with the training metadata (`base`: the kohya base-model tag, `captions` the
+    instance captions for A1111's tag list) and, unless --export_kohya false, out/<name>_kohya.safetensors
+    (`name`: adapter, or adapter_ema for the moving average of --use_ema)."""
     metadata = {"lora_vision.base": base, "lora_vision.base_model": base_name,
                 "lora_vision.trigger_phrase": cfg.instance_prompt, "modelspec.trigger_phrase": cfg.instance_prompt,
                 "lora_vision.rank": str(cfg.rank), "lora_vision.alpha": str(cfg.lora_alpha or cfg.rank),
@@ -67,9 +89,9 @@ def save_adapter(out: Path, cfg: SDTrainConfig, models: Mapping[str, nn.Module],
                 "ss_tag_frequency": tag_frequency(captions, cfg.instance_data_dir)}  # A1111's tag list
     adapter = Adapter.from_models(models, metadata=metadata, configs=lora_cfgs)
     try:
-        path = adapter.save(out / "adapter.safetensors")
+        path = adapter.save(out / f"{name}.safetensors")
     except OSError as err:
-        raise CheckpointError(f"could not write {out / 'adapter.safetensors'}: {err.strerror or err}; {last_good} "
+        raise CheckpointError(f"could not write {out / f'{name}.safetensors'}: {err.strerror or err}; {last_good} "
                               "holds the trained weights: free space and run the same command with "
                               "--resume_from_checkpoint latest to write the adapter") from None
     print(f"wrote {path}")
@@ -80,5 +102,5 @@ def save_adapter(out: Path, cfg: SDTrainConfig, models: Mapping[str, nn.Module],
             if cfg.export_kohya:
                 raise ValueError(f"--export_kohya needs lora_vision.formats ({err})") from None
         else:
-            print(f"wrote {export(adapter, 'kohya', out / 'adapter_kohya.safetensors', trigger_phrase=cfg.instance_prompt)}")
+            print(f"wrote {export(adapter, 'kohya', out / f'{name}_kohya.safetensors', trigger_phrase=cfg.instance_prompt)}")
     return adapter
