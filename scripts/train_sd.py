@@ -49,6 +49,7 @@ from lora_vision.training.sd.loop import (Checkpoints, LossLog, TrainingDiverged
 from lora_vision.training.sd.losses import alphas_cumprod  # noqa: E402
 from lora_vision.training.sd.samples import generate_class_images, strength_sweep, validation_grid  # noqa: E402
 from lora_vision.training.sd.step import StepSettings, clip_and_step  # noqa: E402
+from lora_vision.training.sd.validation_loss import ValidationLoss  # noqa: E402
 from lora_vision.training.sd import metrics as sd_metrics  # noqa: E402
 
 TINY_PROMPT = "a photo of sks toy"
@@ -216,10 +217,13 @@ def train(cfg: SDTrainConfig) -> int:
         if main_proc:
             print(f"resumed from {ckpt} at step {start}")
 
-    if world > 1:
-        unet = acc.prepare_model(unet)
     settings = StepSettings(pred_type, int(pipe.scheduler.config.num_train_timesteps), cfg.snr_gamma,
                             cfg.noise_offset, cfg.prior_loss_weight, cfg.max_grad_norm, sdxl)
+    val_loss = (ValidationLoss(unet, data.held_out_cache, data.table, text_encoders,
+                               alphas_cumprod(pipe.scheduler, device), settings, dtype, cfg.train_batch_size,
+                               cfg.seed + 2) if data.held_out_cache and main_proc else None)
+    if world > 1:
+        unet = acc.prepare_model(unet)
     steps = TrainingSteps(cfg, acc, unet, data.table, text_encoders, alphas_cumprod(pipe.scheduler, device), settings,
                           dtype, use_cl, data.inst_cache, data.class_cache, data_rng, generator, params, optimizer,
                           update=clip_and_step)  # this module's name: wrapping it wraps every eager update
@@ -229,13 +233,14 @@ def train(cfg: SDTrainConfig) -> int:
     writer = open_tensorboard(out / cfg.logging_dir) if cfg.report_to == "tensorboard" and main_proc else None
     log_path = out / cfg.logging_dir / "loss.csv"
     if main_proc:
-        trim_log(log_path, start, "step,loss,lr")  # the steps after `start` are trained (and logged) again
+        trim_log(log_path, start, LossLog.header(data.held_out is not None))  # steps after `start` are redone
 
     # ---- loop ----------------------------------------------------------------------------------------------
     events: list = []
     bar = tqdm(range(start, cfg.max_train_steps), initial=start, total=cfg.max_train_steps, desc="training",
                unit="step", disable=not main_proc)
-    log = LossLog(acc, log_path, cfg.logging_steps, start, base_lrs[0], schedule, bar, writer, last_good)
+    log = LossLog(acc, log_path, cfg.logging_steps, start, base_lrs[0], schedule, bar, writer, last_good,
+                  validation=data.held_out is not None)
     checkpoints = Checkpoints(acc, out, models, optimizer, generator, data_rng, resolved, cfg.checkpoints_total_limit,
                               run_id, ema)
     stopped_at = None
@@ -245,6 +250,9 @@ def train(cfg: SDTrainConfig) -> int:
             log.record(steps.run())
             if ema is not None:
                 ema.update()
+            if val_loss is not None and ((step + 1) % cfg.validation_steps == 0 or step + 1 == cfg.max_train_steps):
+                with eval_mode(optimizer):
+                    log.record_validation(step + 1, val_loss())
             if cfg.time_steps:
                 events.append(_stamp(device))
             done = step + 1

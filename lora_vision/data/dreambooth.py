@@ -131,6 +131,23 @@ def scan_folder(folder: str | Path, prompt: str, resolution: int, *, what: str =
     return DreamBoothImages(tuple(paths), tuple(captions), tuple(chosen))
 
 
+def hold_out(images: DreamBoothImages, fraction: float, seed: int) -> tuple[DreamBoothImages, DreamBoothImages]:
+    """(training images, held-out images): round(fraction x n) images, at least one, chosen at random with `seed`
+    (the same split every run). ValueError when no image would be left to train on."""
+    n_out = max(1, round(fraction * len(images)))
+    if n_out >= len(images):
+        raise ValueError(f"validation_split={fraction} holds out {n_out} of the {len(images)} instance image(s), "
+                         "leaving none to train on; use a smaller --validation_split, more images, or a "
+                         "--validation_data_dir")
+    chosen = set(np.random.default_rng([seed, 2]).choice(len(images), n_out, replace=False).tolist())
+
+    def pick(keep: bool) -> DreamBoothImages:
+        idx = [i for i in range(len(images)) if (i in chosen) != keep]
+        return DreamBoothImages(*(tuple(getattr(images, f)[i] for i in idx) for f in ("paths", "captions", "buckets")))
+
+    return pick(True), pick(False)
+
+
 def load_example(images: DreamBoothImages, index: int, center_crop: bool, flip: bool,
                  rng: np.random.Generator) -> Example:
     """Decode, resize, crop and (optionally) flip image `index` of `images`."""

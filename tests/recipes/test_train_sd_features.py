@@ -164,3 +164,57 @@ def test_resume_without_the_ema_of_the_checkpoint_is_refused(train_sd, instance_
     assert train_sd.main(base_args("tiny-sd1", instance_dir, out, steps=3) + ["--use_ema",
                                                                               "--resume_from_checkpoint", "latest"]) == 1
     assert "use_ema: checkpoint has False, this run has True" in capsys.readouterr().err
+
+
+def _val_rows(out: Path) -> list[list[str]]:
+    lines = (out / "logs" / "loss.csv").read_text().splitlines()
+    assert lines[0] == "step,loss,lr,val_loss"
+    return [line.split(",") for line in lines[1:]]
+
+
+def test_validation_loss_on_held_out_images_is_logged_and_resumes_exactly(train_sd, instance_dir, tmp_path, capsys):
+    args = ["--validation_split", "0.34", "--validation_steps", "2"]
+    full, parts = tmp_path / "full", tmp_path / "parts"
+    assert train_sd.main(base_args("tiny-sd1", instance_dir, full, steps=5) + args) == 0
+    assert "2 instance images" in capsys.readouterr().out  # one of the three is held out
+    rows = _val_rows(full)
+    measured = {int(r[0]): float(r[3]) for r in rows if r[3]}
+    assert sorted(measured) == [2, 4, 5]  # every validation_steps, and at the end
+    assert len(set(measured.values())) == 3  # it follows the weights
+    assert train_sd.main(base_args("tiny-sd1", instance_dir, parts, steps=2) + args) == 0
+    assert train_sd.main(base_args("tiny-sd1", instance_dir, parts, steps=5) + args
+                         + ["--resume_from_checkpoint", "latest"]) == 0
+    assert (full / "logs" / "loss.csv").read_text() == (parts / "logs" / "loss.csv").read_text()
+
+
+def test_validation_loss_uses_fixed_timesteps_and_noise():
+    from lora_vision.training.sd.caching import BucketCache, TextTable
+    from lora_vision.training.sd.losses import alphas_cumprod
+    from lora_vision.training.sd.step import StepSettings
+    from lora_vision.training.sd.validation_loss import ValidationLoss
+
+    pipe = build_tiny_sd("sd1")
+    torch.manual_seed(0)
+    inject_lora(pipe.unet, LoRAConfig(rank=2, targets=("to_q", "to_v"), dropout=0.5))
+    g = torch.Generator().manual_seed(1)
+    cache = BucketCache((64, 64), torch.randn(3, 4, 8, 8, generator=g), torch.ones(3, 4, 8, 8),
+                        torch.tensor([0, 1, 0]), torch.zeros(3, 6))
+    table = TextTable(["a", "b"], [torch.zeros(2, 77, dtype=torch.long)], torch.randn(2, 77, 32, generator=g))
+    settings = StepSettings("epsilon", 1000, 5.0, 0.1, 1.0, 1.0, False)
+    pipe.unet.train()
+    val = ValidationLoss(pipe.unet, {(64, 64): cache}, table, [], alphas_cumprod(pipe.scheduler, "cpu"), settings,
+                         torch.float32, batch_size=4, seed=3)
+    assert val.count == 3 * 5  # every image at every fixed timestep
+    first = val()
+    assert torch.equal(first, val()) and pipe.unet.training  # same weights, same number; train mode put back
+    with torch.no_grad():
+        for n, p in pipe.unet.named_parameters():
+            if "lora_B" in n:
+                p.add_(0.1)
+    assert not torch.equal(first, val())
+
+
+def test_validation_split_that_leaves_nothing_to_train_is_refused(train_sd, instance_dir, tmp_path, capsys):
+    assert train_sd.main(base_args("tiny-sd1", instance_dir, tmp_path / "o") + ["--validation_split", "0.9"]) == 1
+    err = capsys.readouterr().err
+    assert "validation_split=0.9 holds out 3 of the 3 instance image(s)" in err and "Traceback" not in err

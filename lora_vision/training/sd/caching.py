@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ...data.dreambooth import DreamBoothImages, load_example, scan_folder
+from ...data.dreambooth import DreamBoothImages, hold_out, load_example, scan_folder
 from .config import SDTrainConfig
 
 
@@ -175,6 +175,9 @@ class TrainingData:
     table: TextTable
     inst_cache: dict[tuple[int, int], BucketCache]
     class_cache: dict[tuple[int, int], BucketCache] | None
+    held_out: DreamBoothImages | None = None
+    """Images of the validation loss (--validation_split or --validation_data_dir), never trained on."""
+    held_out_cache: dict[tuple[int, int], BucketCache] | None = None
 
 
 def prepare_data(cfg: SDTrainConfig, resolution: int, tokenizers: list, text_encoders: list, vae: torch.nn.Module,
@@ -185,9 +188,16 @@ def prepare_data(cfg: SDTrainConfig, resolution: int, tokenizers: list, text_enc
     scan = dict(resolution=resolution, bucketing=cfg.bucketing, bucket_step=cfg.bucket_step,
                 small_images=cfg.small_images)
     instance = scan_folder(cfg.instance_data_dir, cfg.instance_prompt, use_captions=cfg.use_captions, **scan)
+    held_out = None
+    if cfg.validation_data_dir:
+        held_out = scan_folder(cfg.validation_data_dir, cfg.instance_prompt, what="validation",
+                               use_captions=cfg.use_captions, **scan)
+    elif cfg.validation_split:
+        instance, held_out = hold_out(instance, cfg.validation_split, cfg.seed)
     classes = (scan_folder(cfg.class_data_dir, cfg.class_prompt, what="class", use_captions=False, **scan)
                if cfg.with_prior_preservation else None)
-    prompts = sorted(set(instance.captions) | set(classes.captions if classes else ()))
+    prompts = sorted(set(instance.captions) | set(classes.captions if classes else ())
+                     | set(held_out.captions if held_out else ()))
     long = truncated_captions(instance, tokenizers[0], cfg.instance_prompt)
     if long and verbose:
         print(f"warning: {len(long)} caption(s) are longer than the text encoder's {tokenizers[0].model_max_length} "
@@ -198,8 +208,11 @@ def prepare_data(cfg: SDTrainConfig, resolution: int, tokenizers: list, text_enc
                 world=world, gather=gather)
     inst_cache = cache_latents(instance, vae, row_of, desc="caching instance latents", **crop)
     class_cache = cache_latents(classes, vae, row_of, desc="caching class latents", **crop) if classes else None
+    held_out_cache = (cache_latents(held_out, vae, row_of, desc="caching validation latents",
+                                    **dict(crop, flip=False)) if held_out else None)
     if verbose:
         print(f"{len(instance)} instance images in {len(inst_cache)} bucket(s) "
               f"{[f'{w}x{h}' for w, h in inst_cache]}" + (f", {len(classes)} class images" if classes else "")
-              + f", {len(prompts)} distinct prompt(s), text embeddings {'live' if cfg.train_text_encoder else 'cached'}")
-    return TrainingData(instance, classes, prompts, table, inst_cache, class_cache)
+              + f", {len(prompts)} distinct prompt(s), text embeddings {'live' if cfg.train_text_encoder else 'cached'}"
+              + (f"; {len(held_out)} held-out image(s) for the validation loss" if held_out else ""))
+    return TrainingData(instance, classes, prompts, table, inst_cache, class_cache, held_out, held_out_cache)

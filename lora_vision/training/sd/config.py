@@ -208,6 +208,12 @@ class SDTrainConfig:
     """Write a validation grid every this many steps."""
     validation_inference_steps: int = 25
     """Denoising steps of validation images."""
+    validation_split: float = 0.0
+    """Fraction of the instance images held out (never trained on) for a validation loss every validation_steps,
+    logged in loss.csv as val_loss; 0: none."""
+    validation_data_dir: str | None = None
+    """A folder of held-out images (captions as for the instance images) for the validation loss, instead of
+    validation_split."""
     strength_sweep: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
     """Strengths of the final sweep grid; empty disables it."""
     logging_steps: int = 10
@@ -299,6 +305,11 @@ class SDTrainConfig:
                            + (f" (did you mean {close[0]!r}?)" if close else ""))
             elif not (isinstance(lr, (int, float)) and lr > 0):
                 out.append(f"lr_per_component[{key!r}]={lr!r}: expected a learning rate > 0")
+        if not 0 <= self.validation_split < 1:
+            out.append(f"validation_split={self.validation_split}: expected a fraction in [0, 1), e.g. 0.1")
+        elif self.validation_split and self.validation_data_dir:
+            out.append("validation_split and validation_data_dir both given: hold out part of the instance images "
+                       "or give a folder of validation images, not both")
         if not 0 < self.ema_decay < 1:
             out.append(f"ema_decay={self.ema_decay}: expected a number in (0, 1), e.g. 0.999")
         if self.num_threads is not None and self.num_threads < 1:

@@ -170,15 +170,26 @@ class TrainingSteps:
 class LossLog:
     """Step losses kept on the device and written every `every` steps to the CSV log, TensorBoard and the bar.
 
-    `last_good` is the newest checkpoint written, named when the loss diverges.
+    `last_good` is the newest checkpoint written, named when the loss diverges. With `validation`, rows have a
+    fourth column, val_loss: the validation loss of the steps that measured it (record_validation), else empty.
     """
 
     def __init__(self, acc: Any, path: Path, every: int, start: int, base_lr: float, schedule: Any, bar: Any,
-                 writer: Any = None, last_good: Path | None = None) -> None:
+                 writer: Any = None, last_good: Path | None = None, validation: bool = False) -> None:
         self.acc, self.path, self.every, self.base_lr, self.schedule = acc, path, every, base_lr, schedule
-        self.bar, self.writer, self.last_good = bar, writer, last_good
+        self.bar, self.writer, self.last_good, self.validation = bar, writer, last_good, validation
         self.losses = torch.zeros(every, device=acc.device)
         self.pending_from, self.pending = start, 0
+        self.val_losses: dict[int, torch.Tensor] = {}
+
+    @staticmethod
+    def header(validation: bool) -> str:
+        """The CSV header line of a run with or without the validation loss."""
+        return "step,loss,lr,val_loss" if validation else "step,loss,lr"
+
+    def record_validation(self, step: int, loss: torch.Tensor) -> None:
+        """Keep the validation loss measured after `step` (a device tensor, no sync) for that step's row."""
+        self.val_losses[step] = loss.detach().float().reshape(())
 
     def record(self, loss: torch.Tensor) -> None:
         """Keep one step's loss (a device copy, no sync)."""
@@ -199,13 +210,22 @@ class LossLog:
         values = check_losses(logged, self.pending_from, self.last_good)
         mean, lr = statistics.fmean(values), self.base_lr * self.schedule.factor(step - 1)
         self.bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr:.2e}")
+        val = {k: float(v) for k, v in self.val_losses.items()}
         if self.acc.is_main_process:
+            rows = [f"{self.pending_from + i + 1},{v:.6g},{lr:.6g}" for i, v in enumerate(values)]
+            if self.validation:
+                rows = [r + "," + (f"{val[s]:.6g}" if (s := self.pending_from + i + 1) in val else "")
+                        for i, r in enumerate(rows)]
             with self.path.open("a") as f:
-                f.writelines(f"{self.pending_from + i + 1},{v:.6g},{lr:.6g}\n" for i, v in enumerate(values))
+                f.writelines(r + "\n" for r in rows)
             if self.writer:
                 self.writer.add_scalar("train/loss", mean, step)
                 self.writer.add_scalar("train/lr", lr, step)
-        self.pending_from, self.pending = step, 0
+                for s, v in val.items():
+                    self.writer.add_scalar("validation/loss", v, s)
+        if val:
+            self.bar.set_postfix(loss=f"{mean:.4f}", val_loss=f"{val[max(val)]:.4f}", lr=f"{lr:.2e}")
+        self.pending_from, self.pending, self.val_losses = step, 0, {}
 
 
 @dataclasses.dataclass
