@@ -61,6 +61,13 @@ for r in $RUNS; do case $r in
   ours_bs4_eager) ours ours_bs4_eager --train_batch_size=4 --max_train_steps=$(steps 40) --cuda_graph=false --channels_last=false ;;
   ours_bs16) ours ours_bs16 --train_batch_size=16 --max_train_steps=$(steps 80) ;;
   ours_bs16_compile) T=${COMPILE_TIMEOUT:-300} ours ours_bs16_compile --train_batch_size=16 --max_train_steps=$(steps 60) --compile ;;
+  # Training features (RUNS="ours_bs4 ours_bs4_ema ours_bs4_loraplus ours_bs4_prodigy ours_bs4_schedulefree"): EMA and
+  # LoRA+ stay in the captured step; prodigy / schedule-free run the eager step (the log says why).
+  ours_bs4_ema) ours ours_bs4_ema --train_batch_size=4 --max_train_steps=$(steps 150) --use_ema ;;
+  ours_bs4_loraplus) ours ours_bs4_loraplus --train_batch_size=4 --max_train_steps=$(steps 150) --loraplus_lr_ratio=16 \
+    --lr_per_component=unet.up=2e-4 ;;
+  ours_bs4_prodigy) ours ours_bs4_prodigy --train_batch_size=4 --max_train_steps=$(steps 150) --optimizer=prodigy --learning_rate=1 ;;
+  ours_bs4_schedulefree) ours ours_bs4_schedulefree --train_batch_size=4 --max_train_steps=$(steps 150) --optimizer=schedulefree ;;
   ours_xl_bs1) ours ours_xl_bs1 --train_batch_size=1 --max_train_steps=$(steps 40) ;;
   ours_xl_bs4) ours ours_xl_bs4 --train_batch_size=4 --max_train_steps=$(steps 30) ;;
   *) echo "unknown run $r" ;;
