@@ -161,8 +161,8 @@ def test_resume_stays_exact_with_each_feature(train_sd, instance_dir, tmp_path, 
 def test_resume_without_the_ema_of_the_checkpoint_is_refused(train_sd, instance_dir, tmp_path, capsys):
     out = tmp_path / "out"
     assert train_sd.main(base_args("tiny-sd1", instance_dir, out, steps=2)) == 0
-    assert train_sd.main(base_args("tiny-sd1", instance_dir, out, steps=3) + ["--use_ema",
-                                                                              "--resume_from_checkpoint", "latest"]) == 1
+    resume = ["--use_ema", "--resume_from_checkpoint", "latest"]
+    assert train_sd.main(base_args("tiny-sd1", instance_dir, out, steps=3) + resume) == 1
     assert "use_ema: checkpoint has False, this run has True" in capsys.readouterr().err
 
 

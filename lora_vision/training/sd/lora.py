@@ -102,5 +102,6 @@ def save_adapter(out: Path, cfg: SDTrainConfig, models: Mapping[str, nn.Module],
             if cfg.export_kohya:
                 raise ValueError(f"--export_kohya needs lora_vision.formats ({err})") from None
         else:
-            print(f"wrote {export(adapter, 'kohya', out / f'{name}_kohya.safetensors', trigger_phrase=cfg.instance_prompt)}")
+            kohya = export(adapter, "kohya", out / f"{name}_kohya.safetensors", trigger_phrase=cfg.instance_prompt)
+            print(f"wrote {kohya}")
     return adapter
