@@ -468,6 +468,39 @@ def import_dit(raw: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | No
     report.unsupported += [k for k in raw if k not in te_raw and split_key(k) is None and is_unsupported(k)]
     out: dict[str, torch.Tensor] = {}
     dialects: set[str] = set()
+    try:
+        _import_modules(groups, family, info, source, out, report, dialects)
+    except BaseMismatchError as e:
+        raise BaseMismatchError(f"{e}; {_sizes(family, groups, info)}") from None
+    report.format = "+".join(sorted(dialects)) if dialects else "dit"
+    if te_raw:
+        te_tensors, te_report = _import_text_encoders(te_raw, metadata, infos, source)
+        out.update(te_tensors)
+        for what in ("matched", "unused", "not_found", "unsupported", "notes"):
+            getattr(report, what).extend(getattr(te_report, what))
+    return out, report
+
+
+def _hidden(family: str, widths: Mapping[str, int]) -> str:
+    return ", ".join(f"{w}" + (f" ({FLUX2_SIZES[w]})" if family == "flux2" and w in FLUX2_SIZES else "")
+                     for w in sorted(set(widths.values()))) or "unknown"
+
+
+def _sizes(family: str, groups: Mapping[str, dict], info: ComponentInfo | None) -> str:
+    """"hidden size: file 3072 (Flux.2-klein 4B), model 4096 (...)", from the attention q projections."""
+    file_w, model_w = {}, {}
+    for mod, g in groups.items():
+        hit = resolve(family, mod)
+        if hit and any(x.endswith(("to_q", "attention.to_q")) for x in hit[1].live) and "down" in g:
+            file_w[mod] = int(g["down"].shape[-1] if g["down"].dim() == 2 else g["down"].shape[1])
+    if info is not None:
+        model_w = {n: s[1] for n, (_k, s) in info.modules.items() if n.endswith(".to_q") and len(s) == 2}
+    return f"hidden size: file {_hidden(family, file_w)}, model {_hidden(family, model_w)}"
+
+
+def _import_modules(groups: Mapping[str, dict], family: str, info: ComponentInfo | None, source: str,
+                    out: dict[str, torch.Tensor], report: ImportReport, dialects: set[str]) -> None:
+    """Map every (down, up, alpha) group of the file into `out`; what does not map goes to `report`."""
     for mod, g in groups.items():
         if "down" not in g or "up" not in g:
             raise AdapterFileError(f"{source}: module {mod} has only [{', '.join(sorted(g))}]; a LoRA module needs "
@@ -515,13 +548,6 @@ def import_dit(raw: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | No
             report.matched.append(f"{COMPONENT}.{name}")
             done.append(name.rsplit(".", 1)[-1])
         report.split.append(f"{mod} -> {', '.join(done)}")
-    report.format = "+".join(sorted(dialects)) if dialects else "dit"
-    if te_raw:
-        te_tensors, te_report = _import_text_encoders(te_raw, metadata, infos, source)
-        out.update(te_tensors)
-        for what in ("matched", "unused", "not_found", "unsupported", "notes"):
-            getattr(report, what).extend(getattr(te_report, what))
-    return out, report
 
 
 def _import_text_encoders(raw: Mapping[str, torch.Tensor], metadata: Mapping[str, str],
