@@ -27,6 +27,7 @@ from . import naming
 from .common import BaseMismatchError, ComponentInfo, ImportReport, describe_models, fit_pair, guess_base, put
 from .detect import FORMATS, classify_keys, detect_format
 from .diffusers import export_diffusers, import_diffusers
+from .dit_keys import export_dit_kohya, import_dit, is_dit_keys
 from .kohya import export_kohya, import_kohya
 from .peft import export_peft, import_peft_dir, import_peft_tensors
 
@@ -81,6 +82,8 @@ def import_tensors(raw: Mapping[str, torch.Tensor], metadata: Mapping[str, str],
                    | None = None, source: str = "<tensors>") -> tuple[dict[str, torch.Tensor], ImportReport]:
     """Canonical tensors and a report from the tensors and metadata of a single file of any supported format."""
     fmt = classify_keys(list(raw), metadata, source)
+    if fmt != "lora_vision" and is_dit_keys(list(raw)):
+        return import_dit(raw, metadata, infos, source)  # the report names the DiT family as its base
     if fmt == "kohya":
         tensors, report = import_kohya(raw, infos, source)
     elif fmt == "diffusers":
@@ -200,9 +203,12 @@ def export(adapter: Adapter, fmt: str, path: str | os.PathLike, base: object = N
     """Write `adapter` as fmt ("kohya", "diffusers", "peft" or "lora_vision") to `path`; returns the path.
 
     base: for kohya, "sd1", "sd2", "sd2-v", "sdxl" or the target pipeline (default: the adapter's metadata, else
-    guessed from its tensors).
+    guessed from its tensors); for a transformer (DiT) adapter the family ("flux1", "flux2", "sd3", "qwen-image",
+    "z-image"), written with the native names ComfyUI and Forge read.
     Extra keyword arguments go to the format's exporter (e.g. dtype, title, trigger_phrase).
     """
+    if fmt == "kohya" and "transformer" in adapter.components():
+        return export_dit_kohya(adapter, path, family=base if isinstance(base, str) else None, **kwargs)
     if fmt == "kohya":
         return export_kohya(adapter, path, base=base, **kwargs)
     if fmt == "diffusers":

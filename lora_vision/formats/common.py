@@ -69,6 +69,7 @@ class ImportReport:
     not_found: list[str] = field(default_factory=list)
     unsupported: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    split: list[str] = field(default_factory=list)  # fused file modules split into live ones: "qkv -> to_q, to_k"
     full_weights: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
@@ -84,6 +85,9 @@ class ImportReport:
             if items:
                 more = f" ... (+{len(items) - 6} more)" if len(items) > 6 else ""
                 lines.append(f"{label} ({len(items)}): " + ", ".join(printable(i) for i in items[:6]) + more)
+        if self.split:
+            more = f" ... (+{len(self.split) - 6} more)" if len(self.split) > 6 else ""
+            lines.append(f"split ({len(self.split)}): " + "; ".join(printable(i) for i in self.split[:6]) + more)
         lines += [printable(n) for n in self.notes]
         if self.full_weights:
             lines.append(f"full weights (modules_to_save): {printable(', '.join(sorted(self.full_weights)))}")

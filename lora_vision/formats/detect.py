@@ -10,11 +10,12 @@ import torch
 
 from ..io import AdapterFileError, read_header
 from .diffusers import is_diffusers_key
+from .dit_keys import dit_format, is_dit_keys
 from .kohya import is_kohya_key
 
 FORMATS = ("lora_vision", "kohya", "diffusers", "peft")
 _CANONICAL = (".lora_A.weight", ".lora_B.weight", ".alpha")
-_OUR_COMPONENTS = ("unet.", "text_encoder.", "text_encoder_2.", "model.")
+_OUR_COMPONENTS = ("unet.", "transformer.", "text_encoder.", "text_encoder_2.", "model.")
 
 
 def classify_keys(keys: list[str], metadata: Mapping[str, str] | None = None, source: str = "<tensors>") -> str:
@@ -25,6 +26,8 @@ def classify_keys(keys: list[str], metadata: Mapping[str, str] | None = None, so
     if "lora_vision.format" in metadata and "lora_adapter_metadata" not in metadata and all(
             (k.startswith(_OUR_COMPONENTS) and k.endswith(_CANONICAL)) or k.startswith("full.") for k in keys):
         return "lora_vision"
+    if is_dit_keys(keys):  # Flux / SD3 / Qwen-Image / Z-Image: formats/dit_keys.py reads every spelling
+        return dit_format(keys)
     if any(is_kohya_key(k) for k in keys):
         return "kohya"
     if all(k.startswith("base_model.model.") for k in keys):
@@ -38,7 +41,8 @@ def classify_keys(keys: list[str], metadata: Mapping[str, str] | None = None, so
 
 
 def detect_format(path_or_tensors: str | os.PathLike | Mapping[str, torch.Tensor]) -> str:
-    """"lora_vision", "kohya", "diffusers" or "peft" for a file, a PEFT folder, or a dict of tensors.
+    """"lora_vision", "kohya", "diffusers" or "peft" for a file, a PEFT folder, or a dict of tensors; DiT files
+    in XLabs' or DiffSynth's own spelling give "xlabs" / "diffsynth".
 
     Reads only the header of a file; pickles, truncated files and bad headers raise AdapterFileError.
     """
