@@ -99,9 +99,9 @@ def main(argv: list[str] | None = None) -> int:
                                                 json.loads(meta["lora_vision.preprocessing"]).items()})
     model = loaded.model
     if args.adapter:
-        from lora_vision.formats import load_any
+        from lora_vision.formats import read_adapter
 
-        adapter, report = load_any(args.adapter, {"model": model}, strict=True)
+        adapter, report = read_adapter(args.adapter, {"model": model}, strict=True)
         adapter.apply_to({"model": model})
         print(f"applied {args.adapter}: {report}")
         if args.merge:

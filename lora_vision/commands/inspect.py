@@ -34,11 +34,10 @@ def _size(path: Path) -> int:
 
 def summary(path: str) -> dict[str, Any]:
     """Everything `inspect` shows, as a dict."""
-    from ..formats import adapter_summary, detect_format
-    from ._adapters import read
+    from ..formats import adapter_summary, detect_format, read_adapter
 
     fmt = detect_format(path)
-    adapter, report = read(path)
+    adapter, report = read_adapter(path)
     meta = adapter.metadata
     params = sum(t.numel() for k, t in adapter.tensors.items() if not k.endswith(".alpha"))
     trigger = meta.get("modelspec.trigger_phrase") or meta.get("lora_vision.trigger_phrase")
