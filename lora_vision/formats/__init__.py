@@ -116,8 +116,9 @@ def import_tensors(raw: Mapping[str, torch.Tensor], metadata: Mapping[str, str],
 def declared_base(metadata: Mapping[str, str]) -> str | None:
     """The SD 1.x / 2.x family a file's metadata declares (sd1, sd2, sd2-v), or None when it says nothing."""
     version = metadata.get("ss_base_model_version", "")
-    if metadata.get("lora_vision.base") in ("sd1", "sd2", "sd2-v"):
-        return metadata["lora_vision.base"]
+    ours = AdapterMetadata.from_strings(metadata).base
+    if ours in ("sd1", "sd2", "sd2-v"):
+        return ours
     if version.startswith("sd_v2") or metadata.get("ss_v2") == "True":
         return "sd2-v" if version.endswith("_v") else "sd2"
     if version.startswith("sd_v1"):

@@ -30,6 +30,7 @@ import torch
 from ..adapter import Adapter
 from ..io import AdapterFileError, write_safetensors
 from ..lora.ops import parse_canonical
+from ..metadata import AdapterMetadata
 from . import naming
 from .common import ComponentInfo, ImportReport, alpha_value, fit_pair, guess_base, is_unsupported, put
 from .diffusers import path_name, provenance
@@ -250,12 +251,9 @@ def _training_facts(metadata: Mapping[str, str], trigger_phrase: str | None) -> 
     (`ss_sd_model_name`, no path), the training resolution, and the tags (`ss_tag_frequency`: the captions the
     trainer recorded, else the trigger phrase)."""
     out: dict[str, str] = {}
-    try:
-        config = json.loads(metadata.get("lora_vision.training_config", "{}"))
-    except ValueError:
-        config = {}
-    config = config if isinstance(config, dict) else {}
-    base_model = metadata.get("lora_vision.base_model") or config.get("pretrained_model_name_or_path")
+    info = AdapterMetadata.from_strings(metadata)
+    config = info.training_config if isinstance(info.training_config, dict) else {}
+    base_model = info.base_model or config.get("pretrained_model_name_or_path")
     if base_model:
         out["ss_sd_model_name"] = path_name(str(base_model))
     resolution = config.get("resolution")
@@ -311,7 +309,7 @@ def export_kohya(adapter: Adapter, path: str | Path, base: Any = None, dtype: to
         "modelspec.implementation": SGM_IMPLEMENTATION if base == "sdxl" else "diffusers",
         "modelspec.title": name, "modelspec.resolution": res, "modelspec.prediction_type": pred,
         "modelspec.date": datetime.datetime.now().replace(microsecond=0).isoformat(),
-        "modelspec.hash_sha256": "0x" + digest, "lora_vision.base": base,
+        "modelspec.hash_sha256": "0x" + digest, **AdapterMetadata(base=base).to_strings(),
     })
     if trigger_phrase:
         meta["modelspec.trigger_phrase"] = trigger_phrase
