@@ -215,11 +215,11 @@ def _component_hint(name: str) -> str:
     return name.split(".", 1)[0]
 
 
-def export(adapter: Adapter, fmt: str, path: str | os.PathLike, base: object = None, **kwargs) -> Path:
+def export(adapter: Adapter, fmt: str, path: str | os.PathLike, base: str | None = None, **kwargs) -> Path:
     """Write `adapter` as fmt ("kohya", "diffusers", "peft" or "lora_vision") to `path`; returns the path.
 
-    base: for kohya, "sd1", "sd2", "sd2-v", "sdxl" or the target pipeline (default: the adapter's metadata, else
-    guessed from its tensors).
+    base: for kohya, "sd1", "sd2", "sd2-v" or "sdxl" (default: the adapter's metadata, else guessed from its
+    tensors); pass the target UNet's config as unet_config= for its SGM names.
     Extra keyword arguments go to the format's exporter (e.g. dtype, title, trigger_phrase).
     """
     if fmt == "kohya":

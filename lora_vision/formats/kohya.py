@@ -265,35 +265,33 @@ def _training_facts(metadata: Mapping[str, str], trigger_phrase: str | None) -> 
     return out
 
 
-def resolve_base(base: Any, adapter: Adapter) -> tuple[str, dict | None]:
-    """(family, UNet config) from a family name, or anything with a UNet config (a pipeline, a UNet); None: the
-    adapter's metadata, else a guess."""
+def resolve_base(base: str | None, adapter: Adapter) -> str:
+    """The family to write: `base` ("sd1", "sd2", "sd2-v", "sdxl"); None: the adapter's metadata, else a guess from
+    its tensors. Anything else (a pipeline, a UNet) is a TypeError that says what to pass instead."""
     if base is None or base == "unknown":
         base = adapter.info.base
         if base not in BASES:
             base = guess_base({k: v for k, v in adapter.tensors.items() if not k.startswith("full.")})
-        return base, None
-    if isinstance(base, str):
-        return base, None
-    unet = getattr(base, "unet", base)
-    family = naming.sd_family(unet.config)
-    sched = getattr(getattr(base, "scheduler", None), "config", {})
-    if family == "sd2" and sched.get("prediction_type") == "v_prediction":
-        family = "sd2-v"
-    return family, dict(unet.config)
+        return base
+    if not isinstance(base, str):
+        raise TypeError(f"kohya export: base is a {type(base).__name__}; expected a family name, one of {list(BASES)}, "
+                        "and the UNet's config as unet_config (for a pipeline: base=lora_vision.models.pipeline_base("
+                        "pipe), unet_config=dict(pipe.unet.config))")
+    return base
 
 
-def export_kohya(adapter: Adapter, path: str | Path, base: Any = None, dtype: torch.dtype | None = None,
-                 title: str | None = None, trigger_phrase: str | None = None, unet_config: dict | None = None,
-                 metadata: dict[str, str] | None = None) -> Path:
+def export_kohya(adapter: Adapter, path: str | Path, base: str | None = None, dtype: torch.dtype | None = None,
+                 title: str | None = None, trigger_phrase: str | None = None,
+                 unet_config: Mapping[str, Any] | None = None, metadata: dict[str, str] | None = None) -> Path:
     """Write `adapter` as a kohya file that A1111, ComfyUI, kohya and diffusers load (see the module docstring).
 
-    base: "sd1", "sd2", "sd2-v", "sdxl", or the target pipeline / UNet (family and SGM naming from its config).
+    base: "sd1", "sd2", "sd2-v" or "sdxl" (None: the adapter's metadata, else guessed from its tensors).
+    unet_config: the target UNet's config, for the SGM names of an SDXL UNet whose blocks differ from SDXL 1.0's.
     dtype: None writes float16, or float32 (with a warning naming the layer) when a value exceeds float16's range;
     an explicit dtype that a value would overflow is an error.
     """
-    base, config = resolve_base(base, adapter)
-    tensors, net_meta = kohya_tensors(adapter, base, dtype, unet_config or config)
+    base = resolve_base(base, adapter)
+    tensors, net_meta = kohya_tensors(adapter, base, dtype, dict(unet_config) if unet_config is not None else None)
     from safetensors.torch import save
 
     digest = data_region_sha256(save(tensors))
