@@ -194,6 +194,9 @@ def load_adapter(pipe: Any, source: AdapterSource, name: str = "default", streng
     (None: same as `strength`), and UNet block multipliers `block_strengths` (syntax in pipeline.blocks, e.g.
     "down=1,mid=0.5,up=0"). LoRA weights take the dtype of the layer they adapt unless `dtype` is given.
     Nothing changes if the file does not fit the pipeline (AdapterMismatchError); strict=False loads what fits.
+    A file is read by `lora_vision.formats.read_adapter`, whatever its format: one made for another base model is
+    an AdapterMismatchError, and modules of it that the pipeline does not have are left out and listed in the
+    report's `source_report` (the same for our files and kohya / diffusers / peft ones).
     """
     if not name or "." in name:
         raise ValueError(f"adapter name {name!r}: expected a non-empty name without '.'")
@@ -204,12 +207,10 @@ def load_adapter(pipe: Any, source: AdapterSource, name: str = "default", streng
     comps = pipeline_components(pipe)
     unet = comps["unet"]
     blocks = parse_block_strengths(block_strengths, len(unet.down_blocks), len(unet.up_blocks))
-    adapter, src_report = read_adapter(source, comps, strict=strict, check_finite=False)
+    adapter, src_report = read_adapter(source, comps, check_finite=False)
     label = "<Adapter>" if isinstance(source, Adapter) else "<tensors>" if isinstance(source, Mapping) else str(source)
     fmt = src_report.format if src_report is not None else "lora_vision"
     plan, skipped = _plan(pipe, comps, adapter, name, label, strict)
-    if src_report is not None:  # what the reader already left out (strict=False)
-        skipped = src_report.not_found + skipped
     # Move every A and B to its layer's device and dtype first, and check them there, before anything changes.
     moved: dict[str, dict[str, LayerSpec]] = {}
     for comp, specs in plan.items():

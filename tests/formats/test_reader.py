@@ -64,21 +64,26 @@ def test_another_base_is_one_error_type_for_the_reader_and_the_pipeline(tmp_path
     assert PipelineMismatchError is AdapterMismatchError and not list_adapters(sd1)
 
 
-def test_pipeline_strict_refuses_what_the_reader_leaves_out_of_a_foreign_file(tmp_path):
+def test_a_module_the_pipeline_lacks_is_left_out_and_reported_alike_for_every_format(tmp_path):
     native = make_sd_adapter("sd1", unet_targets="unet-cross-attn")
-    kohya = export(native, "kohya", tmp_path / "k.safetensors", base="sd1", dtype=torch.float32)
-    tensors, meta = read_safetensors(kohya)
+    stray = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_nowhere"
+    ours = Adapter({**native.tensors, f"{stray}.lora_A.weight": torch.zeros(4, 32),
+                    f"{stray}.lora_B.weight": torch.zeros(32, 4), f"{stray}.alpha": torch.tensor(2.0)},
+                   native.metadata).save(tmp_path / "ours.safetensors")
+    tensors, meta = read_safetensors(export(native, "kohya", tmp_path / "k.safetensors", base="sd1",
+                                            dtype=torch.float32))
     extra = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_nowhere"
     tensors.update({f"{extra}.lora_down.weight": torch.zeros(4, 32), f"{extra}.lora_up.weight": torch.zeros(32, 4),
                     f"{extra}.alpha": torch.tensor(2.0)})
-    odd = write_safetensors(tmp_path / "odd.safetensors", tensors, meta)
+    kohya = write_safetensors(tmp_path / "kohya.safetensors", tensors, meta)
     pipe = build_tiny_sd("sd1")
-    with pytest.raises(AdapterMismatchError, match="to_nowhere"):
-        load_adapter(pipe, odd, name="odd")  # strict by default: nothing of the file is dropped silently
-    assert not list_adapters(pipe)
-    report = load_adapter(pipe, odd, name="odd", strict=False)
-    assert report.num_modules == len(native.ranks()) and any("to_nowhere" in s for s in report.skipped)
-    unload_adapter(pipe)
+    for path, fmt in ((ours, "lora_vision"), (kohya, "kohya")):
+        report = load_adapter(pipe, path, name="a")  # strict by default, as for generate's files
+        assert report.format == fmt and report.num_modules == len(native.ranks())
+        assert [m.endswith("to_nowhere") for m in report.source_report.not_found] == [True], fmt
+        unload_adapter(pipe)
+        with pytest.raises(AdapterMismatchError, match="(?s)strict load failed.*to_nowhere"):
+            read_adapter(path, models=sd_components(pipe), strict=True)
 
 
 def test_read_adapter_names_what_it_got_when_it_is_not_an_adapter():
