@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lora_vision.adapter import Adapter  # noqa: E402
 from lora_vision.dtypes import parse_dtype  # noqa: E402
 from lora_vision.formats import export  # noqa: E402
+from lora_vision.metadata import FORMAT_VERSION, AdapterMetadata  # noqa: E402
 from lora_vision.pipeline import (fuse, load_adapter, set_adapter_strength, set_adapters, unfuse,  # noqa: E402
                                   unload_adapter)
 
@@ -83,7 +84,7 @@ def make_adapter(pipe, rank: int, seed: int) -> Adapter:
                 tensors[f"{comp}.{name}.lora_A.weight"] = torch.randn(rank, mod.in_features, generator=g) / 30
                 tensors[f"{comp}.{name}.lora_B.weight"] = torch.randn(mod.out_features, rank, generator=g) / 100
                 tensors[f"{comp}.{name}.alpha"] = torch.tensor(float(rank))
-    return Adapter(tensors, {"lora_vision.format": "1"})
+    return Adapter(tensors, AdapterMetadata(format=FORMAT_VERSION).to_strings())
 
 
 def sync(device: str) -> None:

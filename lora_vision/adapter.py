@@ -21,7 +21,7 @@ import torch
 import transformers
 from torch import nn
 
-from .io import AdapterFileError, read_safetensors, write_safetensors
+from .io import write_safetensors
 from .lora.inject import inject_lora
 from .lora.layers import lora_layers
 from .lora.ops import canonical_layers, lora_specs, lora_state_dict, parse_canonical
@@ -143,21 +143,10 @@ class Adapter:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Adapter":
-        """Read an adapter written by `save` (safetensors only; validated, NaN/Inf refused)."""
-        tensors, meta = read_safetensors(path)
-        bad = [k for k in tensors if k.split(".", 1)[0] not in COMPONENTS
-               and not (k.startswith(FULL + ".") and k.split(".", 2)[1] in COMPONENTS)]
-        if bad:
-            raise AdapterFileError(
-                f"{path}: {len(bad)} key(s) are not lora_vision adapter keys (first: {bad[:3]}); expected keys "
-                f"starting with one of {COMPONENTS}. For kohya/diffusers/peft files use lora_vision.formats")
-        adapter = cls(tensors, meta)
-        for comp in adapter.components():
-            try:
-                parse_canonical(adapter.state_dict_for(comp))
-            except KeyError as e:
-                raise AdapterFileError(f"{path}: {e}") from None
-        return adapter
+        """Read an adapter file in any supported format: `lora_vision.formats.read_adapter(path)[0]`."""
+        from .formats import read_adapter  # formats builds on this module, so it cannot be imported at the top
+
+        return read_adapter(path)[0]
 
 
 def _model_tensor(model: nn.Module, key: str) -> torch.Tensor:

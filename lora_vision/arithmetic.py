@@ -127,7 +127,7 @@ def resize(adapter: Adapter, rank: int | None = None, energy: float | None = Non
         report.append(LayerRow(key, e.rank, k, kept))
     how = f"rank={rank}" if rank is not None else (f"energy={energy}" if energy is not None else "per-layer ranks")
     full = {k: v for k, v in adapter.tensors.items() if k.startswith(FULL + ".")}
-    out = _build(rows, dict(adapter.metadata, **{"lora_vision.resized": how}))
+    out = _build(rows, {**adapter.metadata, **AdapterMetadata(resized=how).to_strings()})
     out.tensors.update(full)
     return out, report
 
@@ -163,9 +163,7 @@ def merge_adapters(adapters: Sequence[Adapter], weights: Sequence[float] | None 
         fa, fb, kept = _factor(u, s, vh, k)
         rows[key] = _shape_back(es[0][1], fa, fb)
         report.append(LayerRow(key, r_in, k, kept))
-    meta = dict(adapters[0].metadata)
-    meta["lora_vision.merged_from"] = str(len(adapters))
-    return _build(rows, meta), report
+    return _build(rows, {**adapters[0].metadata, **AdapterMetadata(merged_from=len(adapters)).to_strings()}), report
 
 
 def _is_adaptable_weight(name: str, t: torch.Tensor) -> bool:
@@ -238,7 +236,7 @@ def extract(base: Mapping[str, Mapping[str, torch.Tensor]], tuned: Mapping[str, 
         report.append(LayerRow(key, min(d.flatten(1).shape), r, kept))
     if not rows:
         raise ValueError("the two models have no differing Linear/Conv2d weights; nothing to extract")
-    return _build(rows, AdapterMetadata(format=FORMAT_VERSION, extra={"lora_vision.extracted": "1"}).to_strings()), \
+    return _build(rows, AdapterMetadata(format=FORMAT_VERSION, extracted=True).to_strings()), \
         report
 
 

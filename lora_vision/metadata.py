@@ -19,6 +19,26 @@ PREFIX = "lora_vision."
 FORMAT_VERSION = "1"
 _CONFIG = PREFIX + "config."
 
+# How the strings of our fields read (the strings on disk stay as they were written before these fields existed).
+_TEXT = ("format", "base", "source_format", "transformers_version", "base_model", "trigger_phrase", "family", "mode",
+         "top1", "resized")
+_INT = ("rank", "steps", "merged_from")
+_NUMBER = ("alpha",)
+_FLAG = ("extracted",)
+_JSON = ("targets", "training_config", "classes", "preprocessing")
+
+# Keys of our files that are not adapters.
+FORMAT_KEY = PREFIX + "format"
+"""Marks our native adapter files (see AdapterMetadata.format)."""
+PROBE_KEY = PREFIX + "probe"
+"""The quality probe file of the SD recipe's metrics (training/sd/metrics.py): JSON {"width": ...}."""
+MODEL_SOURCE_KEY = PREFIX + "source"
+"""A model saved by models.vit: where it was loaded from (hub id or path)."""
+FUSED_LAYOUT_KEY = PREFIX + "layout"
+"""A fused pipeline written as one file (pipeline.fuse): the layout of its keys ("diffusers")."""
+FUSED_FROM_KEY = PREFIX + "merged"
+"""The same file: the adapters folded in, JSON [{"source", "strength", "te_strength"}, ...]."""
+
 
 @dataclass(frozen=True)
 class AdapterMetadata:
@@ -29,7 +49,8 @@ class AdapterMetadata:
     components: tuple[str, ...] = ()
     """Components with LoRA weights."""
     base: str | None = None
-    """Base model family (sd1, sd2, sd2-v, sdxl, hf-vit, ...) when known."""
+    """Base model family (sd1, sd2, sd2-v, sdxl, hf-vit, ...) when known; the ViT recipe writes the model's hub id
+    or path here."""
     source_format: str | None = None
     """The format a file was imported from (kohya, diffusers, peft, lora_vision)."""
     transformers_version: str | None = None
@@ -38,37 +59,72 @@ class AdapterMetadata:
     """Training config (LoRAConfig.to_dict()) per component."""
     scaling: Mapping[str, str] | None = None
     """Scaling rule per component or layer when not "lora"; None: not recorded (older files)."""
+    base_model: str | None = None
+    """Name or path of the base model the adapter was trained on."""
+    trigger_phrase: str | None = None
+    """The prompt that calls up what was trained (DreamBooth's instance prompt)."""
+    rank: int | None = None
+    """The recipe's LoRA rank."""
+    alpha: float | None = None
+    """The recipe's LoRA alpha."""
+    targets: Mapping[str, Any] | None = None
+    """The recipe's target modules per component."""
+    steps: int | None = None
+    """Training steps the recipe ran."""
+    training_config: Mapping[str, Any] | None = None
+    """The recipe's resolved configuration."""
+    family: str | None = None
+    """Model family of a ViT adapter (hf-vit, torchvision-vit, timm-vit)."""
+    mode: str | None = None
+    """How a ViT was trained (lora, full, head)."""
+    classes: list[str] | None = None
+    """Class names, in the order of the classifier's outputs."""
+    preprocessing: Mapping[str, Any] | None = None
+    """Image preprocessing of a ViT (size, mean, std, ...)."""
+    top1: str | None = None
+    """Last validation top-1 accuracy of a ViT run, as written ("" when none was measured)."""
+    resized: str | None = None
+    """How `resize` chose the ranks (rank=..., energy=..., per-layer ranks)."""
+    merged_from: int | None = None
+    """Number of adapters `merge` combined into this one."""
+    extracted: bool | None = None
+    """True for an adapter `extract` made from two models' weights."""
     extra: Mapping[str, str] = field(default_factory=dict)
     """Every other key, as written."""
 
     @classmethod
     def from_strings(cls, meta: Mapping[str, str]) -> "AdapterMetadata":
-        """Parse safetensors metadata; malformed JSON values of our keys are kept as plain strings in `extra`."""
+        """Parse safetensors metadata; malformed values of our keys are kept as plain strings in `extra`."""
         known: dict[str, Any] = {"configs": {}, "extra": {}}
         for k, v in meta.items():
             name = k[len(PREFIX):] if k.startswith(PREFIX) else None
-            if name in ("format", "base", "source_format", "transformers_version"):
-                known[name] = v
-            elif name in ("components", "scaling") or k.startswith(_CONFIG):
-                try:
-                    value = json.loads(v)
-                except ValueError:
-                    known["extra"][k] = v
-                    continue
-                if name == "components":
-                    known["components"] = tuple(value)
+            try:
+                if name in _TEXT:
+                    known[name] = v
+                elif name == "components":
+                    known[name] = tuple(json.loads(v))
                 elif name == "scaling":
-                    known["scaling"] = dict(value)
+                    known[name] = dict(json.loads(v))
+                elif k.startswith(_CONFIG):
+                    known["configs"][k[len(_CONFIG):]] = json.loads(v)
+                elif name in _JSON:
+                    known[name] = json.loads(v)
+                elif name in _INT:
+                    known[name] = int(v)
+                elif name in _NUMBER:
+                    known[name] = _number(v)
+                elif name in _FLAG and v in ("0", "1"):
+                    known[name] = v == "1"
                 else:
-                    known["configs"][k[len(_CONFIG):]] = value
-            else:
+                    known["extra"][k] = v
+            except (TypeError, ValueError):
                 known["extra"][k] = v
         return cls(**known)
 
     def to_strings(self) -> dict[str, str]:
         """The safetensors metadata (strings only)."""
         out: dict[str, str] = {}
-        for f in ("format", "base", "source_format", "transformers_version"):
+        for f in _TEXT + _INT + _NUMBER:
             if getattr(self, f) is not None:
                 out[PREFIX + f] = str(getattr(self, f))
         if self.components:
@@ -77,6 +133,12 @@ class AdapterMetadata:
             out[PREFIX + "scaling"] = json.dumps(dict(sorted(self.scaling.items())))
         for comp, cfg in self.configs.items():
             out[_CONFIG + comp] = json.dumps(cfg)
+        for f in _JSON:
+            if getattr(self, f) is not None:
+                out[PREFIX + f] = json.dumps(getattr(self, f))
+        for f in _FLAG:
+            if getattr(self, f) is not None:
+                out[PREFIX + f] = "1" if getattr(self, f) else "0"
         out.update(self.extra)
         return out
 
@@ -105,3 +167,11 @@ def scaling_entries(rules: Mapping[str, Mapping[str, str]]) -> dict[str, str]:
             continue
         out.update({f"{comp}.{k}": r for k, r in per_layer.items() if r != "lora"})
     return out
+
+
+def _number(text: str) -> float:
+    """A number as written: "4" reads as 4 and "4.0" as 4.0, so that str() gives the same text back."""
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)

@@ -29,9 +29,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .adapter import Adapter
+from .formats import read_adapter
 from .lora.inject import replace_module
 from .lora.spec import LayerSpec, split_key
-from .pipeline import block_of, parse_block_strengths, read_adapter
+from .pipeline import block_of, parse_block_strengths
 from .pipeline.blocks import BlockStrengths, multiplier
 
 SERVED_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")

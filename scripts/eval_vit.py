@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 from lora_vision.data.imagenet import (DatasetError, ImageListDataset, Preprocessing, build_subset, build_transforms,
                                        scan_images, select_classes)
 from lora_vision.io import AdapterFileError, atomic_write_text, read_safetensors
+from lora_vision.metadata import AdapterMetadata
 from lora_vision.models.vit import load_vit, merged_copy
 from lora_vision.training.vit.evaluate import evaluate
 
@@ -51,32 +52,31 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def recorded(adapter: str | None) -> dict[str, str]:
-    """The lora_vision.* metadata of our adapter file; for a peft folder, the base model its adapter_config.json
-    names (as lora_vision.base)."""
+def recorded(adapter: str | None) -> AdapterMetadata:
+    """What our adapter file says about itself; for a peft folder, the base model its adapter_config.json names."""
     if not adapter:
-        return {}
+        return AdapterMetadata()
     if Path(adapter).is_dir():
         from lora_vision.formats.peft import CONFIG
 
         config_path = Path(adapter) / CONFIG
         if not config_path.is_file():
-            return {}
+            return AdapterMetadata()
         try:
             base = json.loads(config_path.read_text(encoding="utf-8")).get("base_model_name_or_path")
         except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
             raise ValueError(f"{config_path} is not a valid peft adapter_config.json ({err}); expected the JSON "
                              "written by peft's save_pretrained") from None
-        return {"lora_vision.base": base} if isinstance(base, str) and base else {}
+        return AdapterMetadata(base=base if isinstance(base, str) and base else None)
     _, meta = read_safetensors(adapter)
-    return meta
+    return AdapterMetadata.from_strings(meta)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Build the data and the model, apply the adapter, evaluate, print and save the metrics."""
     args = parse_args(argv)
-    meta = recorded(args.adapter)
-    base = args.model_name_or_path or meta.get("lora_vision.base")
+    info = recorded(args.adapter)
+    base = args.model_name_or_path or info.base
     if not base:
         raise ValueError("give --model_name_or_path (the adapter does not record its base model: neither lora_vision "
                          "metadata nor a peft base_model_name_or_path)")
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     train_dir = args.train_dir
     if train_dir.startswith("samples/") and not Path(train_dir).exists():
         train_dir = str(REPO / train_dir)
-    classes = args.classes.split(",") if args.classes else json.loads(meta.get("lora_vision.classes", "null"))
+    classes = args.classes.split(",") if args.classes else info.classes
     if args.validation_dir:
         classes = select_classes(args.validation_dir, classes, args.class_list, None, args.subset)
         samples = scan_images(args.validation_dir, classes)
@@ -94,14 +94,14 @@ def main(argv: list[str] | None = None) -> int:
                               args.seed)
         classes, samples = subset.classes, subset.val
     loaded = load_vit(base, len(classes), args.weights, classes)
-    if "lora_vision.preprocessing" in meta:
+    if info.preprocessing is not None:
         loaded.preprocessing = Preprocessing(**{k: tuple(v) if isinstance(v, list) else v for k, v in
-                                                json.loads(meta["lora_vision.preprocessing"]).items()})
+                                                info.preprocessing.items()})
     model = loaded.model
     if args.adapter:
-        from lora_vision.formats import load_any
+        from lora_vision.formats import read_adapter
 
-        adapter, report = load_any(args.adapter, {"model": model}, strict=True)
+        adapter, report = read_adapter(args.adapter, {"model": model}, strict=True)
         adapter.apply_to({"model": model})
         print(f"applied {args.adapter}: {report}")
         if args.merge:

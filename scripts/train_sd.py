@@ -33,7 +33,8 @@ from lora_vision.dtypes import parse_dtype  # noqa: E402
 from lora_vision.io import unwritable_reason, write_safetensors  # noqa: E402
 from lora_vision.lora import lora_report, lora_state_dict  # noqa: E402
 from lora_vision.lora.config import ConfigError  # noqa: E402
-from lora_vision.models.sd import TINY_PIPELINES, detect_sd_family, load_sd_pipeline, prediction_type  # noqa: E402
+from lora_vision.models.sd import (TINY_PIPELINES, base_tag, detect_sd_family, load_sd_pipeline,  # noqa: E402
+                                   prediction_type)
 from lora_vision.data.dreambooth import make_buckets  # noqa: E402
 from lora_vision.generation.images import save_png  # noqa: E402
 from lora_vision.training.checkpoint import (CheckpointError, StopOnInterrupt, find_checkpoint,  # noqa: E402
@@ -295,7 +296,7 @@ def train(cfg: SDTrainConfig) -> int:
     final = contextlib.ExitStack()  # schedule-free: what follows saves and samples the averaged weights
     final.enter_context(eval_mode(optimizer))
     last_good = checkpoints.write(cfg.max_train_steps) if start < cfg.max_train_steps else log.last_good
-    kohya_base = "sd2-v" if family == "sd2" and pred_type == "v_prediction" else family
+    kohya_base = base_tag(family, pred_type)
     save_adapter(out, cfg, models, lora_cfgs, kohya_base, base_name, resolved, data.instance.captions, last_good)
     if ema is not None:
         with ema.swapped_in():

@@ -33,6 +33,7 @@ from lora_vision.data.imagenet import ImageListDataset, build_subset, build_tran
 from lora_vision.dtypes import parse_dtype
 from lora_vision.io import write_safetensors
 from lora_vision.lora.config import ConfigError
+from lora_vision.metadata import AdapterMetadata
 from lora_vision.models.vit import freeze_to, load_vit, lora_targets, merged_copy, save_model
 from lora_vision.training.checkpoint import (StopOnInterrupt, TrainableWeights, TrainingInterrupted, check_resume_step,
                                              find_checkpoint, load_checkpoint, new_run_id, prepare_output_dir,
@@ -267,10 +268,9 @@ def _elapsed(t0: float, accelerator) -> float:
 
 def export(cfg: ViTTrainConfig, mode: str, out: Path, loaded, lora_cfg, subset, history) -> dict:
     """Save what the mode produced; returns the artifact name and size for the comparison table."""
-    meta = {"lora_vision.base": loaded.source, "lora_vision.family": loaded.family, "lora_vision.mode": mode,
-            "lora_vision.classes": json.dumps(subset.classes),
-            "lora_vision.preprocessing": json.dumps(vars(loaded.preprocessing)),
-            "lora_vision.top1": f"{history[-1]['top1']:.3f}" if history else ""}
+    meta = AdapterMetadata(base=loaded.source, family=loaded.family, mode=mode, classes=list(subset.classes),
+                           preprocessing=vars(loaded.preprocessing),
+                           top1=f"{history[-1]['top1']:.3f}" if history else "").to_strings()
     if mode == "lora":
         adapter = Adapter.from_models({"model": loaded.model}, metadata=meta, configs={"model": lora_cfg},
                                       full_modules={"model": [loaded.head_name]})

@@ -7,11 +7,11 @@ two adapters and the section 7.3 amplification numbers; `plots` draws them; `lor
 from .linalg import (LowRankSVD, amplification, effective_rank, energy_rank, lowrank_svd, projection_norm,
                      random_orthonormal, random_projection_norm, row_space, subspace_similarity)
 from .report import AnalysisOptions, analyze, layer_stats, suggested_ranks, top_singular_values
-from .sources import BaseWeights, LayerFactors, adapter_layers, load_adapter
+from .sources import BaseWeights, LayerFactors, adapter_layers
 
 __all__ = [
     "AnalysisOptions", "BaseWeights", "LayerFactors", "LowRankSVD", "adapter_layers", "amplification", "analyze",
-    "effective_rank", "energy_rank", "layer_stats", "load_adapter", "lowrank_svd", "projection_norm",
+    "effective_rank", "energy_rank", "layer_stats", "lowrank_svd", "projection_norm",
     "random_orthonormal", "random_projection_norm", "row_space", "subspace_similarity", "suggested_ranks",
     "top_singular_values",
 ]

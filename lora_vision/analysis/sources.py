@@ -6,7 +6,6 @@ flattened to matrices: A (r, in * kh * kw), B (out, r), matching the base weight
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +16,6 @@ import torch
 from safetensors import safe_open
 
 from ..adapter import COMPONENTS, Adapter
-from ..formats import load_any
 from ..io import AdapterFileError, read_header
 from ..models.sd import TINY_PIPELINES, load_sd_pipeline
 
@@ -40,18 +38,6 @@ class LayerFactors:
     def shape(self) -> tuple[int, int]:
         """(out, in * kernel) of the update as a matrix."""
         return int(self.B.shape[0]), int(self.A.shape[1])
-
-
-def load_adapter(path: str | os.PathLike) -> Adapter:
-    """Read an adapter: our format, else any format `lora_vision.formats.load_any` reads (kohya, diffusers, peft)."""
-    if not Path(path).is_dir():
-        try:
-            return Adapter.load(path)
-        except AdapterFileError as native_error:
-            if "not lora_vision adapter keys" not in str(native_error):
-                raise
-    adapter, _report = load_any(path)
-    return adapter
 
 
 # Attention projections sort as q, k, v, out (not alphabetically) in reports and plots.

@@ -1,5 +1,5 @@
-"""Helpers shared by the adapter subcommands (inspect, convert, merge, fuse, resize, extract): read any file, write any
-format."""
+"""Helpers shared by the adapter subcommands (inspect, convert, merge, fuse, resize, extract): output arguments, writing
+any format, per-file weights. Files are read with lora_vision.formats.read_adapter."""
 
 from __future__ import annotations
 
@@ -10,13 +10,6 @@ from typing import Any
 from ..dtypes import SHORT_NAMES, parse_dtype
 
 OUT_FORMATS = ("lora_vision", "kohya", "diffusers", "peft")
-
-
-def read(path: str, strict: bool = False) -> tuple[Any, Any]:
-    """(Adapter, ImportReport) for any supported file or PEFT folder."""
-    from ..formats import load_any
-
-    return load_any(path, strict=strict)
 
 
 def add_output_args(p: argparse.ArgumentParser, default_fmt: str = "lora_vision") -> None:

@@ -72,7 +72,8 @@ def _labels(paths: list[str], given: list[str] | None) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     """Analyse, write report.json, plots and suggested ranks; print a short summary."""
-    from ..analysis import AnalysisOptions, BaseWeights, analyze, load_adapter, suggested_ranks
+    from ..analysis import AnalysisOptions, BaseWeights, analyze, suggested_ranks
+    from ..formats import read_adapter
     from ..io import atomic_write_text
 
     if args.max_layers < 1:
@@ -83,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
 
         plots._pyplot_free_figure()  # fail now, before the work, when matplotlib is missing
     paths = [args.file] + ([args.file2] if args.file2 else [])
-    adapters = [(label, load_adapter(p)) for label, p in zip(_labels(paths, args.labels), paths)]
+    adapters = [(label, read_adapter(p)[0]) for label, p in zip(_labels(paths, args.labels), paths)]
     comps = sorted({c for _, a in adapters for c in a.components()})
     base = BaseWeights.open(args.base, comps) if args.base else None
     report = analyze(adapters, base, options, progress=False if args.quiet else None, paths=paths)

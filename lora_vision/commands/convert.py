@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ._adapters import add_output_args, read, write
+from ._adapters import add_output_args, write
 
 EPILOG = """\
 examples:
@@ -29,7 +29,9 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    adapter, report = read(args.file, strict=args.strict)
+    from ..formats import read_adapter
+
+    adapter, report = read_adapter(args.file, strict=args.strict)
     print(report)
     extra = {}
     if args.to == "kohya":

@@ -34,20 +34,21 @@ def _size(path: Path) -> int:
 
 def summary(path: str) -> dict[str, Any]:
     """Everything `inspect` shows, as a dict."""
-    from ..formats import adapter_summary, detect_format
-    from ._adapters import read
+    from ..formats import adapter_summary, detect_format, read_adapter
+    from ..metadata import MODEL_SOURCE_KEY
 
     fmt = detect_format(path)
-    adapter, report = read(path)
+    adapter, report = read_adapter(path)
     meta = adapter.metadata
     params = sum(t.numel() for k, t in adapter.tensors.items() if not k.endswith(".alpha"))
-    trigger = meta.get("modelspec.trigger_phrase") or meta.get("lora_vision.trigger_phrase")
+    trigger = meta.get("modelspec.trigger_phrase") or adapter.info.trigger_phrase
     return {
         "file": str(path), "format": fmt, "base": report.base, "size_bytes": _size(Path(path)),
         "parameters": params, "dtypes": sorted({str(t.dtype).replace("torch.", "") for t in adapter.tensors.values()}),
         "components": adapter_summary(adapter), "trigger_phrase": trigger,
         "full_modules": sorted({k.rsplit(".", 1)[0] for k in adapter.tensors if k.startswith("full.")}),
-        "report": str(report), "metadata": {k: v for k, v in meta.items() if not k.startswith("lora_vision.source")},
+        "report": str(report),  # .source and .source_format say where the file was read from, not what it holds
+        "metadata": {k: v for k, v in meta.items() if not k.startswith(MODEL_SOURCE_KEY)},
     }
 
 

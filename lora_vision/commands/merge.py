@@ -11,7 +11,7 @@ import argparse
 from typing import Any
 
 from ..dtypes import SHORT_NAMES
-from ._adapters import OUT_FORMATS, add_weighted_files_args, read, weights_for, write
+from ._adapters import OUT_FORMATS, add_weighted_files_args, weights_for, write
 from .fuse import add_fuse_output_args, fuse_into_base
 
 EPILOG = """\
@@ -50,10 +50,11 @@ def run(args: argparse.Namespace) -> int:
         return fuse_into_base(args.into, args.files, args.weights, args.output, args.single_file, args.overwrite)
     weights = weights_for(args.files, args.weights)
     from ..arithmetic import merge_adapters, print_rows
+    from ..formats import read_adapter
 
     adapters = []
     for f in args.files:
-        adapter, report = read(f)
+        adapter, report = read_adapter(f)
         print(f"{f}: {report}".splitlines()[0])
         adapters.append(adapter)
     merged, rows = merge_adapters(adapters, weights, rank=args.rank, energy=args.energy)

@@ -11,7 +11,7 @@ import argparse
 import json
 from typing import Any
 
-from ._adapters import add_output_args, read, write
+from ._adapters import add_output_args, write
 
 EPILOG = """\
 examples:
@@ -38,8 +38,9 @@ def register(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..arithmetic import print_rows, resize
+    from ..formats import read_adapter
 
-    adapter, report = read(args.file)
+    adapter, report = read_adapter(args.file)
     ranks = None
     if args.ranks:
         with open(args.ranks) as f:

@@ -1,7 +1,7 @@
 """Foreign LoRA formats at the edge: detect a file's format, import it into our canonical `Adapter` for the live
 module names of the installed libraries, and export an `Adapter` to kohya (A1111 / ComfyUI), diffusers or PEFT.
 
-    adapter, report = load_any("my_lora.safetensors", models={"unet": pipe.unet, "text_encoder": pipe.text_encoder})
+    adapter, report = read_adapter("my_lora.safetensors", models={"unet": pipe.unet, "text_encoder": pipe.text_encoder})
     export(adapter, "kohya", "out.safetensors", base="sd1")
 
 Give `models` (or `infos` from `describe_models`) whenever the target is known: names are then matched against
@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Union
 
 import torch
 from torch import nn
@@ -21,29 +21,45 @@ from torch import nn
 from ..adapter import COMPONENTS, FULL, Adapter
 from ..io import AdapterFileError, read_safetensors
 from ..lora.ops import parse_canonical
-from ..lora.spec import layer_key, plain_alpha
-from ..metadata import FORMAT_VERSION, AdapterMetadata
+from ..lora.spec import layer_key
+from ..metadata import FORMAT_VERSION, AdapterMetadata, scaling_entries
 from . import naming
-from .common import BaseMismatchError, ComponentInfo, ImportReport, describe_models, fit_pair, guess_base, put
+from .common import (AdapterMismatchError, BaseMismatchError, ComponentInfo, ImportReport, describe_models, fit_pair,
+                     guess_base, put)
 from .detect import FORMATS, classify_keys, detect_format
 from .diffusers import export_diffusers, import_diffusers
 from .dit_keys import export_dit_kohya, import_dit, is_dit_keys
 from .kohya import export_kohya, import_kohya
 from .peft import export_peft, import_peft_dir, import_peft_tensors
 
-__all__ = ["FORMATS", "BaseMismatchError", "ComponentInfo", "ImportReport", "adapter_summary", "describe_models",
-           "declared_base", "detect_format", "export", "guess_base", "import_tensors", "load_any"]
+__all__ = ["FORMATS", "AdapterMismatchError", "AdapterSource", "BaseMismatchError", "ComponentInfo", "ImportReport",
+           "adapter_summary", "describe_models", "declared_base", "detect_format", "export", "guess_base",
+           "import_tensors", "load_any", "read_adapter"]
 
 
-def load_any(source: str | os.PathLike | Mapping[str, torch.Tensor], models: Mapping[str, nn.Module] | None = None,
-             strict: bool = False, infos: Mapping[str, ComponentInfo] | None = None,
-             metadata: Mapping[str, str] | None = None) -> tuple[Adapter, ImportReport]:
-    """Read any supported LoRA file (or PEFT folder, or dict of tensors) into an `Adapter` plus an `ImportReport`.
+AdapterSource = Union[str, os.PathLike, Mapping[str, torch.Tensor], Adapter]
 
+
+def read_adapter(source: AdapterSource, models: Mapping[str, nn.Module] | None = None, strict: bool = False,
+                 check_finite: bool = True, infos: Mapping[str, ComponentInfo] | None = None,
+                 metadata: Mapping[str, str] | None = None) -> tuple[Adapter, ImportReport | None]:
+    """The one way to read an adapter: any supported file (lora_vision, kohya, diffusers, peft), a PEFT folder, a
+    dict of tensors (with `metadata`) or an `Adapter` (returned as it is, report None) -> (Adapter, ImportReport).
+
+    Files are header-validated safetensors (pickles refused); check_finite=False leaves the NaN/Inf check of the
+    tensors to the caller (the pipeline loader does it on the device). Our own files keep their alphas and each
+    layer's scaling rule; the other formats' alphas are for the plain rule (alpha / rank).
     models: the live target components ({"unet": ..., "text_encoder": ..., "text_encoder_2": ...} or
-    {"model": vit}); infos: the same described ahead of time. strict: any unused tensor, module not found or
-    unsupported tensor kind raises. A file made for another base raises BaseMismatchError in every mode.
+    {"model": vit}); infos: the same described ahead of time. Names are then matched against the real modules and
+    shapes checked. strict: any unused tensor, module not found or unsupported tensor kind raises
+    AdapterMismatchError. A file made for another base raises BaseMismatchError (an AdapterMismatchError) in every
+    mode.
     """
+    if isinstance(source, Adapter):
+        return source, None
+    if not isinstance(source, (str, os.PathLike, Mapping)):
+        raise TypeError(f"expected an adapter file path, a PEFT folder, a dict of tensors or an Adapter, got "
+                        f"{type(source).__name__}")
     if infos is None and models is not None:
         infos = describe_models(models)
     label = "<tensors>" if isinstance(source, Mapping) else str(source)
@@ -54,11 +70,11 @@ def load_any(source: str | os.PathLike | Mapping[str, torch.Tensor], models: Map
     else:
         if isinstance(source, Mapping):  # files are checked by read_safetensors; tensors given directly here
             raw, meta = dict(source), dict(metadata or {})
-            bad = [k for k, t in raw.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+            bad = [k for k, t in raw.items() if check_finite and t.is_floating_point() and not torch.isfinite(t).all()]
             if bad:
                 raise AdapterFileError(f"{label}: {len(bad)} tensor(s) contain NaN/Inf: {', '.join(bad[:5])}")
         else:
-            raw, meta = read_safetensors(source)
+            raw, meta = read_safetensors(source, check_finite=check_finite)
         try:
             tensors, report = import_tensors(raw, meta, infos, label)
         except BaseMismatchError as e:
@@ -72,10 +88,12 @@ def load_any(source: str | os.PathLike | Mapping[str, torch.Tensor], models: Map
                                "model, or of a kind lora_vision does not apply")
     tensors.update({f"{FULL}.{k}": v for k, v in report.full_weights.items()})
     info = AdapterMetadata.from_strings({k: v for k, v in meta.items() if k != "format"})
-    # Every importer gives alphas for the plain rule (alpha / rank), whatever the file's own convention.
     info = info.replace(source_format=report.format, format=info.format or FORMAT_VERSION,
-                        base=info.base or report.base or "unknown", scaling={})
+                        base=info.base or report.base or "unknown", scaling=scaling_entries(report.rules))
     return Adapter(tensors, info.to_strings()), report
+
+
+load_any = read_adapter  # the earlier name of read_adapter
 
 
 def import_tensors(raw: Mapping[str, torch.Tensor], metadata: Mapping[str, str], infos: Mapping[str, ComponentInfo]
@@ -101,8 +119,9 @@ def import_tensors(raw: Mapping[str, torch.Tensor], metadata: Mapping[str, str],
 def declared_base(metadata: Mapping[str, str]) -> str | None:
     """The SD 1.x / 2.x family a file's metadata declares (sd1, sd2, sd2-v), or None when it says nothing."""
     version = metadata.get("ss_base_model_version", "")
-    if metadata.get("lora_vision.base") in ("sd1", "sd2", "sd2-v"):
-        return metadata["lora_vision.base"]
+    ours = AdapterMetadata.from_strings(metadata).base
+    if ours in ("sd1", "sd2", "sd2-v"):
+        return ours
     if version.startswith("sd_v2") or metadata.get("ss_v2") == "True":
         return "sd2-v" if version.endswith("_v") else "sd2"
     if version.startswith("sd_v1"):
@@ -114,7 +133,7 @@ def import_native(raw: Mapping[str, torch.Tensor], infos: Mapping[str, Component
                   source: str = "<tensors>", metadata: Mapping[str, str] | None = None
                   ) -> tuple[dict[str, torch.Tensor], ImportReport]:
     """Our own files: names are re-mapped for the installed transformers (CLIP `text_model.`) and checked; alphas
-    are given for the plain rule (each layer's recorded scaling rule applied), like every importer's."""
+    are kept as written and each layer's recorded scaling rule goes to `report.rules`."""
     report = ImportReport("lora_vision")
     info_meta = AdapterMetadata.from_strings(metadata or {})
     out: dict[str, torch.Tensor] = {}
@@ -145,8 +164,8 @@ def import_native(raw: Mapping[str, torch.Tensor], infos: Mapping[str, Component
                 kind, wshape = info.modules[live]
                 if not part:
                     a, b = fit_pair(f"{source}: {comp}.{mod}", kind, wshape, a, b, True)
-            rule = info_meta.rule(comp, layer_key(mod, part))
-            put(out, comp, layer_key(live, part), a, b, plain_alpha(e["alpha"], e["rank"], rule))
+            put(out, comp, layer_key(live, part), a, b, e["alpha"])
+            report.rules.setdefault(comp, {})[layer_key(live, part)] = info_meta.rule(comp, layer_key(mod, part))
             report.matched.append(f"{comp}.{live}" + (f".{part}" if part else ""))
     return out, report
 
@@ -168,7 +187,7 @@ def _check_base(tensors: dict, report: ImportReport, infos: Mapping[str, Compone
         if lacking and "same layout" in bases:
             raise AdapterFileError(f"{label}: it has weights for {lacking}, which were not given; pass those "
                                    f"components too (models={{...}}) so that nothing is silently dropped")
-        raise BaseMismatchError(f"{label}: it has {what}.\n{bases}")
+        raise BaseMismatchError(f"{label} was made for another base model: it has {what}.\n{bases}")
 
 
 def _bases(source: object, infos: Mapping[str, ComponentInfo], label: str) -> str:
@@ -199,12 +218,12 @@ def _component_hint(name: str) -> str:
     return name.split(".", 1)[0]
 
 
-def export(adapter: Adapter, fmt: str, path: str | os.PathLike, base: object = None, **kwargs) -> Path:
+def export(adapter: Adapter, fmt: str, path: str | os.PathLike, base: str | None = None, **kwargs) -> Path:
     """Write `adapter` as fmt ("kohya", "diffusers", "peft" or "lora_vision") to `path`; returns the path.
 
-    base: for kohya, "sd1", "sd2", "sd2-v", "sdxl" or the target pipeline (default: the adapter's metadata, else
-    guessed from its tensors); for a transformer (DiT) adapter the family ("flux1", "flux2", "sd3", "qwen-image",
-    "z-image"), written with the native names ComfyUI and Forge read.
+    base: for kohya, "sd1", "sd2", "sd2-v" or "sdxl" (default: the adapter's metadata, else guessed from its
+    tensors); pass the target UNet's config as unet_config= for its SGM names. For a transformer (DiT) adapter the
+    family ("flux1", "flux2", "sd3", "qwen-image", "z-image"), written with the native names ComfyUI and Forge read.
     Extra keyword arguments go to the format's exporter (e.g. dtype, title, trigger_phrase).
     """
     if fmt == "kohya" and "transformer" in adapter.components():

@@ -17,7 +17,11 @@ from . import naming
 SD_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 
 
-class BaseMismatchError(AdapterFileError):
+class AdapterMismatchError(AdapterFileError):
+    """An adapter does not fit the model it is read for (another base model, missing modules, other shapes)."""
+
+
+class BaseMismatchError(AdapterMismatchError):
     """The file was made for another base model (other architecture, other widths)."""
 
 
@@ -71,6 +75,9 @@ class ImportReport:
     notes: list[str] = field(default_factory=list)
     split: list[str] = field(default_factory=list)  # fused file modules split into live ones: "qkv -> to_q, to_k"
     full_weights: dict[str, torch.Tensor] = field(default_factory=dict)
+    rules: dict[str, dict[str, str]] = field(default_factory=dict)
+    """Scaling rule of every imported layer, {component: {module[.part]: rule}}, for files that record one (ours);
+    the other formats' alphas are for the plain rule."""
 
     @property
     def ok(self) -> bool:
@@ -96,7 +103,7 @@ class ImportReport:
     def raise_if_strict(self, strict: bool, source: str) -> None:
         """In strict mode any mismatch is an error naming all of them."""
         if strict and not self.ok:
-            raise AdapterFileError(f"{source}: strict load failed:\n{self}\n(pass strict=False to load what fits)")
+            raise AdapterMismatchError(f"{source}: strict load failed:\n{self}\n(pass strict=False to load what fits)")
 
 
 # Tensor kinds we recognise but cannot represent as plain LoRA.

@@ -9,6 +9,7 @@ from typing import Mapping
 import torch
 
 from ..io import AdapterFileError, read_header
+from ..metadata import FORMAT_KEY
 from .diffusers import is_diffusers_key
 from .dit_keys import dit_format, is_dit_keys
 from .kohya import is_kohya_key
@@ -23,7 +24,7 @@ def classify_keys(keys: list[str], metadata: Mapping[str, str] | None = None, so
     metadata = metadata or {}
     if not keys:
         raise AdapterFileError(f"{source}: the file holds no tensors; expected LoRA weights")
-    if "lora_vision.format" in metadata and "lora_adapter_metadata" not in metadata and all(
+    if FORMAT_KEY in metadata and "lora_adapter_metadata" not in metadata and all(
             (k.startswith(_OUR_COMPONENTS) and k.endswith(_CANONICAL)) or k.startswith("full.") for k in keys):
         return "lora_vision"
     if is_dit_keys(keys):  # Flux / SD3 / Qwen-Image / Z-Image: formats/dit_keys.py reads every spelling

@@ -20,6 +20,7 @@ from ..adapter import Adapter
 from ..io import AdapterFileError, write_safetensors
 from ..lora.ops import parse_canonical
 from ..lora.spec import plain_alpha
+from ..metadata import FORMAT_KEY, PREFIX
 from . import naming
 from .common import SD_COMPONENTS, ComponentInfo, ImportReport, alpha_value, fit_pair, is_unsupported, put
 from .resolve import NameResolver, default_infos, guess_unet_layout, te_layer_count
@@ -187,8 +188,8 @@ def provenance(metadata: Mapping[str, str]) -> dict[str, str]:
     """Metadata carried into foreign files: our `lora_vision.*` (without `lora_vision.format`, which marks native
     files) and the user-facing CARRIED_METADATA. These files are made for sharing, so local paths in the values
     (the training config's folders, the base model's path) are cut to their last component, as kohya does."""
-    return {k: shareable(k, v) if k.startswith("lora_vision.") else v for k, v in metadata.items()
-            if (k.startswith("lora_vision.") and k != "lora_vision.format") or k in CARRIED_METADATA}
+    return {k: shareable(k, v) if k.startswith(PREFIX) else v for k, v in metadata.items()
+            if (k.startswith(PREFIX) and k != FORMAT_KEY) or k in CARRIED_METADATA}
 
 
 _PATH_KEYS = ("_dir", "_path", "_file", "_name_or_path", "base_model", "resume_from_checkpoint", "config")

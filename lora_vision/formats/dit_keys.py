@@ -37,6 +37,7 @@ import torch
 from ..adapter import Adapter
 from ..io import AdapterFileError, write_safetensors
 from ..lora.ops import parse_canonical
+from ..metadata import AdapterMetadata
 from .common import BaseMismatchError, ComponentInfo, ImportReport, alpha_value, fit_pair, is_unsupported, put
 
 COMPONENT = "transformer"
@@ -337,8 +338,9 @@ def family_of_names(names: set[str]) -> str | None:
 
 def declared_family(metadata: Mapping[str, str]) -> str | None:
     """The family a file's metadata names (lora_vision.base, modelspec.architecture, ss_base_model_version)."""
-    if metadata.get("lora_vision.base") in FAMILIES:
-        return metadata["lora_vision.base"]
+    base = AdapterMetadata.from_strings(metadata).base
+    if base in FAMILIES:
+        return base
     text = " ".join(metadata.get(k, "") for k in ("modelspec.architecture", "ss_base_model_version")).lower()
     for pattern, fam in ((r"flux[-_.]?1", "flux1"), (r"flux[-_.]?2", "flux2"),
                          (r"sd3|stable-diffusion-v?3", "sd3"), (r"qwen", "qwen-image"), (r"z[-_]?image", "z-image")):
@@ -685,7 +687,8 @@ def dit_kohya_tensors(adapter: Adapter, family: str | None = None,
     tensors = {k: v.to(want).contiguous() for k, v in tensors.items()}
     f = FAMILIES[fam]
     meta = {"ss_network_module": "networks.lora", "ss_base_model_version": f.base_version,
-            "modelspec.sai_model_spec": "1.0.1", "modelspec.architecture": f.architecture, "lora_vision.base": fam}
+            "modelspec.sai_model_spec": "1.0.1", "modelspec.architecture": f.architecture,
+            **AdapterMetadata(base=fam).to_strings()}
     return tensors, meta
 
 

@@ -30,6 +30,7 @@ import torch
 from ..adapter import Adapter
 from ..io import AdapterFileError, write_safetensors
 from ..lora.ops import parse_canonical
+from ..metadata import AdapterMetadata
 from . import naming
 from .common import ComponentInfo, ImportReport, alpha_value, fit_pair, guess_base, is_unsupported, put
 from .diffusers import path_name, provenance
@@ -250,12 +251,9 @@ def _training_facts(metadata: Mapping[str, str], trigger_phrase: str | None) -> 
     (`ss_sd_model_name`, no path), the training resolution, and the tags (`ss_tag_frequency`: the captions the
     trainer recorded, else the trigger phrase)."""
     out: dict[str, str] = {}
-    try:
-        config = json.loads(metadata.get("lora_vision.training_config", "{}"))
-    except ValueError:
-        config = {}
-    config = config if isinstance(config, dict) else {}
-    base_model = metadata.get("lora_vision.base_model") or config.get("pretrained_model_name_or_path")
+    info = AdapterMetadata.from_strings(metadata)
+    config = info.training_config if isinstance(info.training_config, dict) else {}
+    base_model = info.base_model or config.get("pretrained_model_name_or_path")
     if base_model:
         out["ss_sd_model_name"] = path_name(str(base_model))
     resolution = config.get("resolution")
@@ -267,35 +265,33 @@ def _training_facts(metadata: Mapping[str, str], trigger_phrase: str | None) -> 
     return out
 
 
-def resolve_base(base: Any, adapter: Adapter) -> tuple[str, dict | None]:
-    """(family, UNet config) from a family name, or anything with a UNet config (a pipeline, a UNet); None: the
-    adapter's metadata, else a guess."""
+def resolve_base(base: str | None, adapter: Adapter) -> str:
+    """The family to write: `base` ("sd1", "sd2", "sd2-v", "sdxl"); None: the adapter's metadata, else a guess from
+    its tensors. Anything else (a pipeline, a UNet) is a TypeError that says what to pass instead."""
     if base is None or base == "unknown":
         base = adapter.info.base
         if base not in BASES:
             base = guess_base({k: v for k, v in adapter.tensors.items() if not k.startswith("full.")})
-        return base, None
-    if isinstance(base, str):
-        return base, None
-    unet = getattr(base, "unet", base)
-    family = naming.sd_family(unet.config)
-    sched = getattr(getattr(base, "scheduler", None), "config", {})
-    if family == "sd2" and sched.get("prediction_type") == "v_prediction":
-        family = "sd2-v"
-    return family, dict(unet.config)
+        return base
+    if not isinstance(base, str):
+        raise TypeError(f"kohya export: base is a {type(base).__name__}; expected a family name, one of {list(BASES)}, "
+                        "and the UNet's config as unet_config (for a pipeline: base=lora_vision.models.pipeline_base("
+                        "pipe), unet_config=dict(pipe.unet.config))")
+    return base
 
 
-def export_kohya(adapter: Adapter, path: str | Path, base: Any = None, dtype: torch.dtype | None = None,
-                 title: str | None = None, trigger_phrase: str | None = None, unet_config: dict | None = None,
-                 metadata: dict[str, str] | None = None) -> Path:
+def export_kohya(adapter: Adapter, path: str | Path, base: str | None = None, dtype: torch.dtype | None = None,
+                 title: str | None = None, trigger_phrase: str | None = None,
+                 unet_config: Mapping[str, Any] | None = None, metadata: dict[str, str] | None = None) -> Path:
     """Write `adapter` as a kohya file that A1111, ComfyUI, kohya and diffusers load (see the module docstring).
 
-    base: "sd1", "sd2", "sd2-v", "sdxl", or the target pipeline / UNet (family and SGM naming from its config).
+    base: "sd1", "sd2", "sd2-v" or "sdxl" (None: the adapter's metadata, else guessed from its tensors).
+    unet_config: the target UNet's config, for the SGM names of an SDXL UNet whose blocks differ from SDXL 1.0's.
     dtype: None writes float16, or float32 (with a warning naming the layer) when a value exceeds float16's range;
     an explicit dtype that a value would overflow is an error.
     """
-    base, config = resolve_base(base, adapter)
-    tensors, net_meta = kohya_tensors(adapter, base, dtype, unet_config or config)
+    base = resolve_base(base, adapter)
+    tensors, net_meta = kohya_tensors(adapter, base, dtype, dict(unet_config) if unet_config is not None else None)
     from safetensors.torch import save
 
     digest = data_region_sha256(save(tensors))
@@ -311,7 +307,7 @@ def export_kohya(adapter: Adapter, path: str | Path, base: Any = None, dtype: to
         "modelspec.implementation": SGM_IMPLEMENTATION if base == "sdxl" else "diffusers",
         "modelspec.title": name, "modelspec.resolution": res, "modelspec.prediction_type": pred,
         "modelspec.date": datetime.datetime.now().replace(microsecond=0).isoformat(),
-        "modelspec.hash_sha256": "0x" + digest, "lora_vision.base": base,
+        "modelspec.hash_sha256": "0x" + digest, **AdapterMetadata(base=base).to_strings(),
     })
     if trigger_phrase:
         meta["modelspec.trigger_phrase"] = trigger_phrase

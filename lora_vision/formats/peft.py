@@ -27,6 +27,7 @@ from torch import nn
 from ..adapter import Adapter
 from ..io import AdapterFileError, atomic_write_text, read_safetensors, replace_dir, write_safetensors
 from ..lora.ops import parse_canonical
+from ..metadata import AdapterMetadata
 from . import naming
 from .common import ComponentInfo, ImportReport, alpha_value, fit_pair, put
 from .diffusers import peft_alpha, provenance
@@ -291,13 +292,13 @@ def _write_peft(adapter: Adapter, path: Path, model: nn.Module | None, modules_t
         "use_dora": False, "bias": "none", "lora_dropout": 0.0, "fan_in_fan_out": False, "init_lora_weights": True,
         "base_model_name_or_path": base_model_name_or_path, "inference_mode": True,
     }
-    base = adapter.metadata.get("lora_vision.base", "")
+    base = adapter.info.base or ""
     if "timm" in base or any(m.endswith(".qkv") for m in targets):
         config["auto_mapping"] = {"base_model_class": "VisionTransformer",
                                   "parent_library": "timm.models.vision_transformer"}
-    meta = {"format": "pt", **provenance(adapter.metadata)}
     import transformers
 
-    meta["lora_vision.transformers_version"] = transformers.__version__
+    meta = {"format": "pt", **provenance(adapter.metadata),
+            **AdapterMetadata(transformers_version=transformers.__version__).to_strings()}
     write_safetensors(path / WEIGHTS, tensors, meta)
     atomic_write_text(path / CONFIG, json.dumps(config, indent=2, sort_keys=True))

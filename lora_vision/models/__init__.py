@@ -1,6 +1,7 @@
 """Stable Diffusion and ViT models: loading, family detection, and tiny random models for tests."""
 
-from lora_vision.models.sd import TINY_PIPELINES, detect_sd_family, load_sd_pipeline, prediction_type
+from lora_vision.models.sd import (TINY_PIPELINES, base_tag, detect_sd_family, load_sd_pipeline, pipeline_base,
+                                   prediction_type)
 from lora_vision.models.tiny import (
     SD_KINDS,
     TINY_LATENT_SIZE,
@@ -18,6 +19,7 @@ __all__ = [
     "TINY_LATENT_SIZE",
     "TINY_PIPELINES",
     "TINY_RESOLUTION",
+    "base_tag",
     "build_tiny_hf_vit",
     "build_tiny_sd",
     "build_tiny_timm_vit",
@@ -25,6 +27,7 @@ __all__ = [
     "build_tiny_torchvision_vit",
     "detect_sd_family",
     "load_sd_pipeline",
+    "pipeline_base",
     "prediction_type",
     "save_tiny_sd",
 ]

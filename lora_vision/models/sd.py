@@ -64,6 +64,18 @@ def prediction_type(pipe: Any) -> str:
     return str(scheduler.config["prediction_type"])
 
 
+def base_tag(family: str, prediction: str | None) -> str:
+    """The base an adapter records and a kohya file declares: the family (sd1, sd2, sdxl), or "sd2-v" for SD 2.x
+    that predicts v (the 768-v models)."""
+    return "sd2-v" if family == "sd2" and prediction == "v_prediction" else family
+
+
+def pipeline_base(pipe: Any) -> str:
+    """`base_tag` of a pipeline, from its UNet config and its scheduler's prediction type: what to pass as the
+    kohya exporter's `base` (with `unet_config=dict(pipe.unet.config)`)."""
+    return base_tag(detect_sd_family(pipe), prediction_type(pipe))
+
+
 def _load_tiny(name: str, torch_dtype: torch.dtype | None, variant: str | None) -> DiffusionPipeline:
     """A built-in tiny pipeline, cast to torch_dtype when one is given."""
     if variant is not None:

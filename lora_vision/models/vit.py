@@ -24,6 +24,7 @@ from torch import nn
 from ..data.imagenet import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 from ..io import read_safetensors, write_safetensors
 from ..lora.inject import fold_lora, replace_module
+from ..metadata import MODEL_SOURCE_KEY
 from ..targets import PRESETS as NAMED_PRESETS
 from . import tiny
 
@@ -236,5 +237,5 @@ def save_model(loaded: LoadedViT, out_dir: str | Path, model: nn.Module | None =
         model.save_pretrained(out_dir, safe_serialization=True)
     else:
         sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        write_safetensors(out_dir / "model.safetensors", sd, {"lora_vision.source": loaded.source})
+        write_safetensors(out_dir / "model.safetensors", sd, {MODEL_SOURCE_KEY: loaded.source})
     return out_dir

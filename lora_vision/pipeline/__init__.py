@@ -10,8 +10,8 @@
 """
 
 from .adapters import (PIPELINE_COMPONENTS, AdapterLoadReport, AdapterMismatchError, active_adapters,
-                       list_adapters, load_adapter, pipeline_components, read_adapter, set_adapter_strength,
-                       set_adapters, unload_adapter)
+                       list_adapters, load_adapter, pipeline_components, set_adapter_strength, set_adapters,
+                       unload_adapter)
 from .blocks import SYNTAX as BLOCK_STRENGTH_SYNTAX
 from .blocks import block_of, parse_block_strengths
 from .fuse import MergeResult, fuse, merge_into_pipeline, plain_modules, unfuse
@@ -19,6 +19,6 @@ from .fuse import MergeResult, fuse, merge_into_pipeline, plain_modules, unfuse
 __all__ = [
     "BLOCK_STRENGTH_SYNTAX", "PIPELINE_COMPONENTS", "AdapterLoadReport", "AdapterMismatchError", "MergeResult",
     "active_adapters", "block_of", "fuse", "list_adapters", "load_adapter", "merge_into_pipeline",
-    "parse_block_strengths", "pipeline_components", "plain_modules", "read_adapter", "set_adapter_strength",
+    "parse_block_strengths", "pipeline_components", "plain_modules", "set_adapter_strength",
     "set_adapters", "unfuse", "unload_adapter",
 ]

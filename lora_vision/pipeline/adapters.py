@@ -8,28 +8,21 @@ adapters each cached LoRA layer runs: nothing is reloaded. The bookkeeping lives
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Mapping, Sequence, Union
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from ..adapter import FULL, Adapter
-from ..formats import BaseMismatchError, detect_format, load_any
-from ..io import AdapterFileError, read_safetensors
+from ..formats import AdapterMismatchError, AdapterSource, read_adapter
+from ..io import AdapterFileError
 from ..lora.inject import expected_shapes, inject_lora, remove_lora
 from ..lora.layers import LoRALayer, StrengthTable, lora_layers
 from ..lora.spec import LayerSpec, split_key
 from .blocks import BlockStrengths, block_of, multiplier, parse_block_strengths
 
 PIPELINE_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
-AdapterSource = Union[str, os.PathLike, Adapter]
-
-
-class AdapterMismatchError(ValueError):
-    """An adapter file does not fit the pipeline (another base model, missing modules, wrong shapes)."""
 
 
 @dataclass
@@ -113,30 +106,7 @@ def _no_fused(st: _State, what: str) -> None:
                            "call unfuse(pipe) first")
 
 
-# ---- reading ---------------------------------------------------------------------------------------------------
-
-def read_adapter(source: AdapterSource, models: Mapping[str, nn.Module] | None = None,
-                 check_finite: bool = True) -> tuple[Adapter, str, str, Any]:
-    """(adapter, source label, format, format report) for an `Adapter`, or a file in any supported format.
-
-    Files go through `lora_vision.formats.load_any` (kohya, diffusers, peft, lora_vision); with `models` (e.g. the
-    pipeline's components) names are matched against the live modules, and a file made for another base raises
-    AdapterMismatchError. lora_vision files are read directly (header-validated safetensors); with
-    check_finite=False their NaN/Inf check is left to the caller (load_adapter does it on the device).
-    """
-    if isinstance(source, Adapter):
-        return source, "<Adapter>", "lora_vision", None
-    if not isinstance(source, (str, os.PathLike)):
-        raise TypeError(f"expected a file path or an Adapter, got {type(source).__name__}")
-    if not Path(source).is_dir() and detect_format(source) == "lora_vision":
-        tensors, meta = read_safetensors(source, check_finite=check_finite)
-        return Adapter(tensors, meta), str(source), "lora_vision", None
-    try:
-        adapter, report = load_any(source, models=models)
-    except BaseMismatchError as e:
-        raise AdapterMismatchError(str(e)) from e
-    return adapter, str(source), str(report.format), report
-
+# ---- loading ---------------------------------------------------------------------------------------------------
 
 def _check_finite(moved: dict[str, torch.Tensor], source: str) -> None:
     """Refuse NaN/Inf weights; one fused norm per tensor list and a single sync."""
@@ -215,8 +185,6 @@ def _plan(pipe: Any, comps: Mapping[str, nn.Module], adapter: Adapter, name: str
     return plan, skipped
 
 
-# ---- loading ---------------------------------------------------------------------------------------------------
-
 def load_adapter(pipe: Any, source: AdapterSource, name: str = "default", strength: float = 1.0,
                  te_strength: float | None = None, block_strengths: BlockStrengths = None, strict: bool = True,
                  dtype: torch.dtype | None = None) -> AdapterLoadReport:
@@ -226,6 +194,9 @@ def load_adapter(pipe: Any, source: AdapterSource, name: str = "default", streng
     (None: same as `strength`), and UNet block multipliers `block_strengths` (syntax in pipeline.blocks, e.g.
     "down=1,mid=0.5,up=0"). LoRA weights take the dtype of the layer they adapt unless `dtype` is given.
     Nothing changes if the file does not fit the pipeline (AdapterMismatchError); strict=False loads what fits.
+    A file is read by `lora_vision.formats.read_adapter`, whatever its format: one made for another base model is
+    an AdapterMismatchError, and modules of it that the pipeline does not have are left out and listed in the
+    report's `source_report` (the same for our files and kohya / diffusers / peft ones).
     """
     if not name or "." in name:
         raise ValueError(f"adapter name {name!r}: expected a non-empty name without '.'")
@@ -236,7 +207,9 @@ def load_adapter(pipe: Any, source: AdapterSource, name: str = "default", streng
     comps = pipeline_components(pipe)
     unet = comps["unet"]
     blocks = parse_block_strengths(block_strengths, len(unet.down_blocks), len(unet.up_blocks))
-    adapter, label, fmt, src_report = read_adapter(source, comps, check_finite=False)
+    adapter, src_report = read_adapter(source, comps, check_finite=False)
+    label = "<Adapter>" if isinstance(source, Adapter) else "<tensors>" if isinstance(source, Mapping) else str(source)
+    fmt = src_report.format if src_report is not None else "lora_vision"
     plan, skipped = _plan(pipe, comps, adapter, name, label, strict)
     # Move every A and B to its layer's device and dtype first, and check them there, before anything changes.
     moved: dict[str, dict[str, LayerSpec]] = {}

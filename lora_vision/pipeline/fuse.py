@@ -19,6 +19,7 @@ from ..lora.inject import replace_module
 from ..lora.layers import lora_layers
 from ..models.sd import load_sd_pipeline
 from ..lora.ops import merge_lora, unmerge_lora
+from ..metadata import FUSED_FROM_KEY, FUSED_LAYOUT_KEY
 from .adapters import (AdapterLoadReport, AdapterSource, _apply_strength, _require, _state, load_adapter,
                        pipeline_components, unload_adapter)
 
@@ -167,7 +168,7 @@ def _write(pipe: Any, out: Path, single_file: bool | str | os.PathLike,
                 stack.enter_context(plain_modules(model))
             pipe.save_pretrained(tmp, safe_serialization=True)
             if single_file:
-                meta = {"format": "pt", "lora_vision.layout": "diffusers", "lora_vision.merged": json.dumps(
+                meta = {"format": "pt", FUSED_LAYOUT_KEY: "diffusers", FUSED_FROM_KEY: json.dumps(
                     [{"source": r.source, "strength": r.strength, "te_strength": r.te_strength} for r in reports])}
                 tensors = {f"{c}.{k}": v.detach().clone() for c in SINGLE_FILE_COMPONENTS
                            if isinstance(getattr(pipe, c, None), nn.Module)

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from ..adapter import Adapter
+from ..formats import read_adapter
 from ..io import (atomic_write_text, read_safetensors, remove_stale_temps, remove_tree, replace_dir, temp_sibling,
                   write_safetensors)
 from ..lora.ops import load_lora_state_dict
@@ -296,7 +297,7 @@ class LoRAWeights:
 
     def load(self, path: Path) -> None:
         """Load the LoRA weights of checkpoint `path` into the models; CheckpointError when they do not fit."""
-        adapter = Adapter.load(path / "adapter.safetensors")
+        adapter = read_adapter(path / "adapter.safetensors")[0]
         have, want = set(adapter.components()), set(self.models)
         if have != want:
             raise CheckpointError(f"{path} has LoRA weights for {sorted(have)} but this run trains {sorted(want)}; "

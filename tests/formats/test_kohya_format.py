@@ -16,7 +16,7 @@ from lora_vision.adapter import Adapter
 from lora_vision.formats import BaseMismatchError, detect_format, export, load_any, naming
 from lora_vision.io import AdapterFileError
 from lora_vision.lora.ops import parse_canonical
-from lora_vision.models import build_tiny_sd
+from lora_vision.models import build_tiny_sd, pipeline_base
 
 TB = ["attn1_to_q", "attn1_to_k", "attn1_to_v", "attn1_to_out_0", "attn2_to_q", "attn2_to_k", "attn2_to_v",
       "attn2_to_out_0", "ff_net_0_proj", "ff_net_2"]
@@ -228,11 +228,21 @@ def test_file_for_another_base_is_an_error(files):
 
 def test_base_from_a_pipeline_sets_family_and_v_prediction(sd2_adapter, tmp_path):
     pipe = build_tiny_sd("sd2")  # the tiny SD 2.x pipeline predicts v, like SD 2.1 768
-    path = export(sd2_adapter, "kohya", tmp_path / "v.safetensors", base=pipe)
+    path = export(sd2_adapter, "kohya", tmp_path / "v.safetensors", base=pipeline_base(pipe),
+                  unet_config=dict(pipe.unet.config))
     meta = load_any(path)[0].metadata
     assert (meta["ss_base_model_version"], meta["ss_v2"], meta["modelspec.prediction_type"],
             meta["modelspec.resolution"]) == ("sd_v2_v", "True", "v", "768x768")
     assert load_any(path)[1].base == "sd2-v"
+
+
+def test_a_pipeline_as_base_is_a_type_error_that_says_what_to_pass(sd2_adapter, tmp_path):
+    pipe = build_tiny_sd("sd2")
+    for base in (pipe, pipe.unet):
+        with pytest.raises(TypeError, match=r"base is a \w+; expected a family name.*pipeline_base\(pipe\), "
+                                            r"unet_config=dict\(pipe.unet.config\)"):
+            export(sd2_adapter, "kohya", tmp_path / "p.safetensors", base=base)
+    assert not list(tmp_path.iterdir())  # nothing written
 
 
 def test_components_not_given_are_an_error_that_says_so(files):

@@ -3,7 +3,6 @@ at the end (native format with the training metadata, plus the A1111/ComfyUI exp
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -13,6 +12,7 @@ from torch import nn
 from ...adapter import Adapter
 from ...formats.kohya import tag_frequency
 from ...lora import LoRAConfig, inject_lora, lora_layers, lora_parameters
+from ...metadata import AdapterMetadata
 from ..checkpoint import CheckpointError
 from ..optim import loraplus_param_groups
 from .config import SDTrainConfig
@@ -81,12 +81,12 @@ def save_adapter(out: Path, cfg: SDTrainConfig, models: Mapping[str, nn.Module],
     """Write out/<name>.safetensors with the training metadata (`base`: the kohya base-model tag, `captions` the
     instance captions for A1111's tag list) and, unless --export_kohya false, out/<name>_kohya.safetensors
     (`name`: adapter, or adapter_ema for the moving average of --use_ema)."""
-    metadata = {"lora_vision.base": base, "lora_vision.base_model": base_name,
-                "lora_vision.trigger_phrase": cfg.instance_prompt, "modelspec.trigger_phrase": cfg.instance_prompt,
-                "lora_vision.rank": str(cfg.rank), "lora_vision.alpha": str(cfg.lora_alpha or cfg.rank),
-                "lora_vision.targets": json.dumps({k: c.to_dict()["targets"] for k, c in lora_cfgs.items()}),
-                "lora_vision.steps": str(cfg.max_train_steps), "lora_vision.training_config": json.dumps(resolved),
-                "ss_tag_frequency": tag_frequency(captions, cfg.instance_data_dir)}  # A1111's tag list
+    metadata = AdapterMetadata(
+        base=base, base_model=base_name, trigger_phrase=cfg.instance_prompt, rank=cfg.rank,
+        alpha=cfg.lora_alpha or cfg.rank, targets={k: c.to_dict()["targets"] for k, c in lora_cfgs.items()},
+        steps=cfg.max_train_steps, training_config=dict(resolved),
+        extra={"modelspec.trigger_phrase": cfg.instance_prompt,
+               "ss_tag_frequency": tag_frequency(captions, cfg.instance_data_dir)}).to_strings()  # A1111's tag list
     adapter = Adapter.from_models(models, metadata=metadata, configs=lora_cfgs)
     try:
         path = adapter.save(out / f"{name}.safetensors")

@@ -25,6 +25,7 @@ from ...data.images import list_images, load_image
 from ...data.shapes import BACKGROUNDS, COLOURS, COUNTS, POSITIONS, SHAPES, SIZES
 from ...io import atomic_write_text, read_safetensors, write_safetensors
 from ...lora.ops import set_strength
+from ...metadata import PROBE_KEY
 from .samples import _generate
 
 PROBE_HEADS: dict[str, int] = {"shape": len(SHAPES), "colour": len(COLOURS), "background": len(BACKGROUNDS),
@@ -59,7 +60,7 @@ class ShapeProbe(nn.Module):
 def save_probe(probe: ShapeProbe, path: str | Path) -> Path:
     """Write the probe's weights (float32 safetensors, atomically) with its width in the metadata."""
     tensors = {k: v.detach().float().cpu().contiguous() for k, v in probe.state_dict().items()}
-    write_safetensors(path, tensors, metadata={"lora_vision.probe": json.dumps({"width": probe.width})})
+    write_safetensors(path, tensors, metadata={PROBE_KEY: json.dumps({"width": probe.width})})
     return Path(path)
 
 
@@ -70,7 +71,7 @@ def load_probe(path: str | Path | None = None) -> ShapeProbe:
         raise FileNotFoundError(f"the shape probe {str(path)!r} does not exist; expected the file written by "
                                 "scripts/pretrain_tiny_sd.py (samples/tiny-sd-probe/probe.safetensors)")
     tensors, metadata = read_safetensors(path)
-    width = json.loads(metadata.get("lora_vision.probe", "{}")).get("width", 32)
+    width = json.loads(metadata.get(PROBE_KEY, "{}")).get("width", 32)
     probe = ShapeProbe(int(width))
     probe.load_state_dict(tensors)
     return probe.eval()
