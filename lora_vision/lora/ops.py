@@ -151,12 +151,12 @@ def unmerge_lora(model: nn.Module) -> int:
 
 
 def lora_parameters(model: nn.Module, name: str | None = None) -> list[nn.Parameter]:
-    """The LoRA parameters (A and B) of adapter `name`, or of all adapters."""
+    """The LoRA parameters (A and B, or another kind's factors) of adapter `name`, or of all adapters."""
     out = []
     for _, layer in lora_layers(model):
         for n in layer.lora_A:
             if name is None or n == name:
-                out += [layer.lora_A[n], layer.lora_B[n]]
+                out += layer.adapter_parameters(n)
     return out
 
 
