@@ -166,8 +166,14 @@ def _import_kind(out: dict[str, torch.Tensor], report: ImportReport, resolver: N
         report.invalid += [f"{mod}: {p}" for p in problems]
         return
     rank = rank_of(kind, factors)
-    alpha = alpha_value(f"{source}: {mod}", g.get("alpha"), rank or 1)
-    if scale is not None:
+    if kind in ("oft", "boft"):  # alpha is the rotation constraint there, 0 meaning none (lora.kinds)
+        alpha = float(g["alpha"].float().item()) if g.get("alpha") is not None and g["alpha"].numel() == 1 else 0.0
+        if not (alpha >= 0 and alpha != float("inf")):
+            report.invalid.append(f"{mod}: OFT constraint alpha {alpha} must be finite and >= 0")
+            return
+    else:
+        alpha = alpha_value(f"{source}: {mod}", g.get("alpha"), rank or 1)
+    if scale is not None and kind not in ("oft", "boft"):
         alpha = alpha_value(f"{source}: {mod}.scale", scale, 1) * (rank or 1)
     a, b = (factors.pop("A"), factors.pop("B")) if kind == "lora" else (None, None)
     spec = LayerSpec(a, b, alpha, "lora", kind, factors)
