@@ -6,6 +6,11 @@ single model such as a ViT), and `module` is the live module name in that compon
 ours live under `lora_vision.`
 (`lora_vision.metadata.AdapterMetadata` reads and writes them), including each layer's scaling rule.
 
+Layers of other kinds (LoHa, LoKr, DoRA, Tucker LoCon, OFT, BOFT, (IA)^3, full diff, norm; see lora.kinds) are
+stored as `<component>.<module>.<kind>.<factor>` with the LyCORIS factor names (`unet.<m>.loha.hada_w1_a`,
+`unet.<m>.lokr.lokr_w2_b`, `unet.<m>.lora.lora_mid`, `unet.<m>.lora.dora_scale`, `unet.<m>.oft.oft_blocks`, ...)
+next to `<component>.<module>.alpha`; `lora.ops.canonical_layers` reads them and `lora.ops.layer_tensors` writes them.
+
 Modules trained in full next to the adapter (a new classification head; peft's `modules_to_save`) are stored as
 `full.<component>.<module>.<param>`; `apply_to` copies them into the model after checking every shape.
 """
@@ -24,7 +29,7 @@ from torch import nn
 from .io import write_safetensors
 from .lora.inject import inject_lora
 from .lora.layers import lora_layers
-from .lora.ops import canonical_layers, lora_specs, lora_state_dict, parse_canonical
+from .lora.ops import LoRAStateDictError, canonical_layers, layer_tensors, lora_specs
 from .lora.spec import LayerSpec
 from .metadata import FORMAT_VERSION, AdapterMetadata, scaling_entries
 
@@ -59,9 +64,11 @@ class Adapter:
             _check_component(comp)
             if not any(name in layer.lora_A for _, layer in lora_layers(model)):
                 continue
-            for k, v in lora_state_dict(model, name).items():
-                tensors[f"{comp}.{k}"] = v.detach().to("cpu").clone()
-            rules[comp] = {k: spec.rule for k, spec in lora_specs(model, name).items()}
+            specs = lora_specs(model, name)
+            for key, spec in specs.items():
+                for k, v in layer_tensors(key, spec).items():
+                    tensors[f"{comp}.{k}"] = v.detach().to("cpu").clone()
+            rules[comp] = {k: spec.rule for k, spec in specs.items()}
         if not any(not k.startswith(FULL + ".") for k in tensors):
             raise ValueError(f"no adapter named {name!r} in components {list(models)}")
         info = AdapterMetadata(
@@ -129,6 +136,14 @@ class Adapter:
                                layers=self.layers(c))
                 for c in self.components()}
 
+    def kinds(self) -> dict[str, int]:
+        """Number of layers per kind over all components, e.g. {"LoRA": 192, "LoHa+DoRA": 12}."""
+        counts: dict[str, int] = {}
+        for comp in self.components():
+            for spec in self.layers(comp).values():
+                counts[spec.label] = counts.get(spec.label, 0) + 1
+        return counts
+
     def ranks(self) -> dict[str, int]:
         """Rank per adapted module (`component.module[.part]`)."""
         return {f"{comp}.{key}": spec.rank for comp in self.components() for key, spec in self.layers(comp).items()}
@@ -136,7 +151,7 @@ class Adapter:
     def save(self, path: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
         """Write the adapter atomically (optionally casting LoRA weights to `dtype`; alphas stay float32)."""
         for comp in self.components():
-            parse_canonical(self.state_dict_for(comp))  # refuse to write something we could not read back
+            canonical_layers(self.state_dict_for(comp))  # refuse to write something we could not read back
         tensors = {k: (v.to(dtype) if dtype is not None and not k.endswith(".alpha") else v)
                    for k, v in self.tensors.items()}
         return write_safetensors(path, tensors, self.metadata)

@@ -38,8 +38,8 @@ def test_layer_spec_scale_and_plain_alpha() -> None:
     torch.testing.assert_close(plain.delta(), rs.delta())
     with pytest.raises(ValueError, match="unknown scaling rule 'sqrt'"):
         LayerSpec(a, b, 1.0, "sqrt")
-    with pytest.raises(ValueError, match="adapter kind 'loha' is not supported"):
-        LayerSpec(a, b, 1.0, kind="loha")
+    with pytest.raises(ValueError, match="adapter kind 'glora' is not supported"):  # loha is a kind since issue 13
+        LayerSpec(a, b, 1.0, kind="glora")
 
 
 def test_every_layer_kind_reports_its_rule_and_injects_from_given_factors() -> None:

@@ -20,8 +20,8 @@ from torch import nn
 
 from ..adapter import COMPONENTS, FULL, Adapter
 from ..io import AdapterFileError, read_safetensors
-from ..lora.ops import parse_canonical
-from ..lora.spec import layer_key
+from ..lora.ops import canonical_layers, layer_tensors, parse_canonical
+from ..lora.spec import layer_key, split_key
 from ..metadata import FORMAT_VERSION, AdapterMetadata, scaling_entries
 from . import naming
 from .common import (AdapterMismatchError, BaseMismatchError, ComponentInfo, ImportReport, describe_models, fit_pair,
@@ -147,25 +147,35 @@ def import_native(raw: Mapping[str, torch.Tensor], infos: Mapping[str, Component
             continue
         p = comp + "."
         try:
-            entries = parse_canonical({k[len(p):]: v for k, v in raw.items() if k.startswith(p)})
+            specs = canonical_layers({k[len(p):]: v for k, v in raw.items() if k.startswith(p)})
         except KeyError as e:
             raise AdapterFileError(f"{source}: {e}") from None
         info = (infos or {}).get(comp)
-        for (mod, part), e in entries.items():
+        for key, spec in specs.items():
+            mod, part = split_key(key)
             live = mod
             if comp.startswith("text_encoder"):
                 has = info.has_text_model if info is not None else naming.default_has_text_model(comp)
                 live = naming.te_to_live(mod, has)
-            a, b = e["A"], e["B"]
-            if info is not None and info.live:
-                if live not in info.modules:
-                    report.not_found.append(f"{comp}.{live}")
-                    continue
-                kind, wshape = info.modules[live]
-                if not part:
-                    a, b = fit_pair(f"{source}: {comp}.{mod}", kind, wshape, a, b, True)
-            put(out, comp, layer_key(live, part), a, b, e["alpha"])
-            report.rules.setdefault(comp, {})[layer_key(live, part)] = info_meta.rule(comp, layer_key(mod, part))
+            if info is not None and info.live and live not in info.modules:
+                report.not_found.append(f"{comp}.{live}")
+                continue
+            if spec.is_plain:
+                a, b = spec.A, spec.B
+                if info is not None and info.live and not part:
+                    mtype, wshape = info.modules[live]
+                    a, b = fit_pair(f"{source}: {comp}.{mod}", mtype, wshape, a, b, True)
+                put(out, comp, layer_key(live, part), a, b, spec.alpha)
+            else:  # another kind (lora.kinds): its factors as stored, checked against the live weight
+                if info is not None and info.live:
+                    mtype, wshape = info.modules[live]
+                    problems = spec.check(tuple(wshape) if wshape else None)
+                    if problems:
+                        report.invalid += [f"{comp}.{live}: {q}" for q in problems]
+                        continue
+                out.update({f"{comp}.{k}": t for k, t in layer_tensors(layer_key(live, part), spec).items()})
+            report.kinds[spec.label] = report.kinds.get(spec.label, 0) + 1
+            report.rules.setdefault(comp, {})[layer_key(live, part)] = info_meta.rule(comp, key)
             report.matched.append(f"{comp}.{live}" + (f".{part}" if part else ""))
     return out, report
 

@@ -72,6 +72,10 @@ class ImportReport:
     unused: list[str] = field(default_factory=list)
     not_found: list[str] = field(default_factory=list)
     unsupported: list[str] = field(default_factory=list)
+    invalid: list[str] = field(default_factory=list)
+    """Layers whose tensors are broken (half a kind's factors, shapes that do not fit, ...), one line each."""
+    kinds: dict[str, int] = field(default_factory=dict)
+    """Matched layers per kind ("LoRA", "LoHa", "LoKr+DoRA", ...)."""
     notes: list[str] = field(default_factory=list)
     split: list[str] = field(default_factory=list)  # fused file modules split into live ones: "qkv -> to_q, to_k"
     full_weights: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -81,13 +85,15 @@ class ImportReport:
 
     @property
     def ok(self) -> bool:
-        return not (self.unused or self.not_found or self.unsupported)
+        return not (self.unused or self.not_found or self.unsupported or self.invalid)
 
     def __str__(self) -> str:
         lines = [f"format {self.format}" + (f", base {self.base}" if self.base else "")
-                 + f": matched {len(self.matched)} modules"]
+                 + f": matched {len(self.matched)} modules"
+                 + (f" ({', '.join(f'{k} {n}' for k, n in self.kinds.items())})" if self.kinds else "")]
         for what, label in (("unused", "tensors not used"), ("not_found", "modules not found in the model"),
-                            ("unsupported", "unsupported tensors (not applied)")):
+                            ("unsupported", "unsupported tensors (not applied)"),
+                            ("invalid", "broken layers (not applied)")):
             items = getattr(self, what)
             if items:
                 more = f" ... (+{len(items) - 6} more)" if len(items) > 6 else ""

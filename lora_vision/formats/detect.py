@@ -9,6 +9,7 @@ from typing import Mapping
 import torch
 
 from ..io import AdapterFileError, read_header
+from ..lora.kinds import KINDS
 from ..metadata import FORMAT_KEY
 from .diffusers import is_diffusers_key
 from .dit_keys import dit_format, is_dit_keys
@@ -19,13 +20,19 @@ _CANONICAL = (".lora_A.weight", ".lora_B.weight", ".alpha")
 _OUR_COMPONENTS = ("unet.", "transformer.", "text_encoder.", "text_encoder_2.", "model.")
 
 
+def _is_native_tensor(key: str) -> bool:
+    """A LoRA tensor or alpha (`.lora_A.weight`, `.alpha`), or a factor of another kind (`<module>.<kind>.<factor>`,
+    lora.kinds) in our own layout."""
+    return key.endswith(_CANONICAL) or key.rsplit(".", 2)[-2] in KINDS
+
+
 def classify_keys(keys: list[str], metadata: Mapping[str, str] | None = None, source: str = "<tensors>") -> str:
     """Format name for a set of tensor keys (and metadata); AdapterFileError when it is none we know."""
     metadata = metadata or {}
     if not keys:
         raise AdapterFileError(f"{source}: the file holds no tensors; expected LoRA weights")
     if FORMAT_KEY in metadata and "lora_adapter_metadata" not in metadata and all(
-            (k.startswith(_OUR_COMPONENTS) and k.endswith(_CANONICAL)) or k.startswith("full.") for k in keys):
+            (k.startswith(_OUR_COMPONENTS) and _is_native_tensor(k)) or k.startswith("full.") for k in keys):
         return "lora_vision"
     if is_dit_keys(keys):  # Flux / SD3 / Qwen-Image / Z-Image: formats/dit_keys.py reads every spelling
         return dit_format(keys)
@@ -38,7 +45,7 @@ def classify_keys(keys: list[str], metadata: Mapping[str, str] | None = None, so
     raise AdapterFileError(
         f"{source}: no known LoRA key spelling among {len(keys)} keys (first: {sorted(keys)[:3]}); expected kohya "
         "(lora_unet_*/lora_te*_*.lora_down.weight), diffusers/PEFT (unet.*.lora_A.weight), a PEFT folder "
-        "(adapter_config.json) or a lora_vision adapter. LoHa/LoKr-only files are not supported")
+        "(adapter_config.json) or a lora_vision adapter")
 
 
 def detect_format(path_or_tensors: str | os.PathLike | Mapping[str, torch.Tensor]) -> str:

@@ -32,6 +32,9 @@ from ..io import AdapterFileError, write_safetensors
 from ..lora.ops import parse_canonical
 from ..metadata import AdapterMetadata
 from . import naming
+from ..lora.kinds import check as check_kind, describe, kind_of, known_factor, rank_of
+from ..lora.ops import layer_tensors
+from ..lora.spec import LayerSpec
 from .common import ComponentInfo, ImportReport, alpha_value, fit_pair, guess_base, is_unsupported, put
 from .diffusers import path_name, provenance
 from .resolve import COMFY_CLIP, NameResolver, default_infos, guess_unet_layout, te_layer_count
@@ -90,9 +93,19 @@ def import_kohya(tensors: Mapping[str, torch.Tensor], infos: Mapping[str, Compon
     out: dict[str, torch.Tensor] = {}
     for mod, g in groups.items():
         scale = g.pop("scale", None)  # A1111: `scale` overrides alpha / r
+        factors = {_FACTOR.get(s, s): t for s, t in g.items() if s != "alpha" and known_factor(_FACTOR.get(s, s))}
+        kind = kind_of(factors, factors)
+        if kind == "norm":
+            report.unsupported += [f"{mod}.{s} (norm-layer update: not applied yet)" for s in sorted(g)]
+            continue
+        if kind is None and set(g) - {"alpha"}:
+            report.unsupported += [f"{mod}.{s} (unknown adapter kind)" for s in sorted(g)]
+            continue
+        if kind is not None and (kind != "lora" or set(factors) - {"A", "B"}):
+            _import_kind(out, report, resolver, source, mod, kind, g, factors, scale)
+            continue
         bad = sorted(s for s in g if is_unsupported(s))
-        if bad:
-            # A LoHa/LoKr/DoRA/Tucker module cannot be represented as plain LoRA: skip it whole, say so.
+        if bad:  # tensors next to a plain LoRA pair that no loader of ours applies (A1111's `.bias`, ...)
             report.unsupported += [f"{mod}.{s}" for s in bad]
             continue
         down = next((g[s] for s in _DOWN if s in g), None)
@@ -118,7 +131,57 @@ def import_kohya(tensors: Mapping[str, torch.Tensor], infos: Mapping[str, Compon
             alpha = alpha_value(f"{source}: {mod}.scale", scale, 1) * a.shape[0]
         put(out, comp, live, a, b, alpha)
         report.matched.append(f"{comp}.{live}")
+        report.kinds["LoRA"] = report.kinds.get("LoRA", 0) + 1
     return out, report
+
+
+# File suffix -> factor name (lora.kinds); every other kind's suffixes are the factor names themselves.
+_FACTOR = {"lora_down.weight": "A", "lora_A.weight": "A", "lora_up.weight": "B", "lora_B.weight": "B",
+           "lora_mid.weight": "lora_mid"}
+
+
+def _import_kind(out: dict[str, torch.Tensor], report: ImportReport, resolver: NameResolver, source: str, mod: str,
+                 kind: str, g: Mapping[str, torch.Tensor], factors: dict[str, torch.Tensor],
+                 scale: torch.Tensor | None) -> None:
+    """One module of another kind than plain LoRA: checked against the target's weight, stored in the native
+    layout. Problems (half a kind's tensors, shapes that do not multiply to the weight, a DoRA scale of the wrong
+    length) go to `report.invalid` with the layer and the shapes."""
+    report.unused += [f"{mod}.{s}" for s in g if s != "alpha" and not known_factor(_FACTOR.get(s, s))]
+    target = _resolve(mod, resolver)
+    if target is None:
+        report.not_found.append(mod)
+        return
+    comp, live = target
+    info = resolver.info(comp)
+    mtype, wshape = info.modules.get(live, ("", ()))
+    if kind == "lora" and "lora_mid" not in factors and "A" in factors and "B" in factors:
+        ktype = mtype if info.live else ("Conv2d" if factors["A"].dim() == 4 else "Linear")
+        try:
+            factors["A"], factors["B"] = fit_pair(f"{source}: {mod}", ktype, wshape or None, factors["A"],
+                                                  factors["B"], False)
+        except AdapterFileError as e:
+            report.invalid.append(str(e))
+            return
+    problems = check_kind(kind, factors, tuple(wshape) if info.live and wshape else None, f"{mtype} weight")
+    if problems:
+        report.invalid += [f"{mod}: {p}" for p in problems]
+        return
+    rank = rank_of(kind, factors)
+    if kind in ("oft", "boft"):  # alpha is the rotation constraint there, 0 meaning none (lora.kinds)
+        alpha = float(g["alpha"].float().item()) if g.get("alpha") is not None and g["alpha"].numel() == 1 else 0.0
+        if not (alpha >= 0 and alpha != float("inf")):
+            report.invalid.append(f"{mod}: OFT constraint alpha {alpha} must be finite and >= 0")
+            return
+    else:
+        alpha = alpha_value(f"{source}: {mod}", g.get("alpha"), rank or 1)
+    if scale is not None and kind not in ("oft", "boft"):
+        alpha = alpha_value(f"{source}: {mod}.scale", scale, 1) * (rank or 1)
+    a, b = (factors.pop("A"), factors.pop("B")) if kind == "lora" else (None, None)
+    spec = LayerSpec(a, b, alpha, "lora", kind, factors)
+    for k, t in layer_tensors(live, spec).items():
+        out[f"{comp}.{k}"] = t
+    report.matched.append(f"{comp}.{live}")
+    report.kinds[spec.label] = report.kinds.get(spec.label, 0) + 1
 
 
 def _resolve(mod: str, r: NameResolver) -> tuple[str, str] | None:

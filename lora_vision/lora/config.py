@@ -8,6 +8,7 @@ import re
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Mapping
 
+from .kinds import TRAINABLE
 from .spec import FUSED_PARTS, rule_name
 from .spec import scaling as _scaling
 
@@ -52,6 +53,14 @@ class LoRAConfig:
     """Which parts of fused projections get adapters (MultiheadAttention: q, k, v, o; timm qkv Linear: q, k, v)."""
     split_qkv: bool = True
     """Adapt a fused `qkv` Linear (timm) with separate q, k, v adapters; False adapts it as one plain Linear."""
+    adapter_type: str = "lora"
+    """Kind of the new layers: "lora", "loha", "lokr" or "dora" (LoRA with a DoRA magnitude); see lora.kinds."""
+    lokr_factor: int = -1
+    """LoKr: split each side of the weight as (factor, size / factor); -1 splits as square as possible."""
+    decompose_both: bool = False
+    """LoKr: also write the small Kronecker factor w1 as w1_a @ w1_b (rank `rank`) when that is smaller."""
+    full_rank: bool = False
+    """LoKr: keep w2 as a full matrix (no rank; the scale is then 1, as in LyCORIS)."""
 
     def __post_init__(self) -> None:
         # Normalise sequences to tuples so the config stays hashable and YAML lists work.
@@ -93,6 +102,14 @@ class LoRAConfig:
             out += _check_rank("conv_rank", self.conv_rank)
         if self.conv_alpha is not None:
             out += _check_alpha("conv_alpha", self.conv_alpha)
+        if self.adapter_type not in TRAINABLE:
+            out.append(f"adapter_type={self.adapter_type!r}: expected one of {TRAINABLE}")
+        if isinstance(self.lokr_factor, bool) or not isinstance(self.lokr_factor, int) or (
+                self.lokr_factor <= 0 and self.lokr_factor != -1):
+            out.append(f"lokr_factor={self.lokr_factor!r}: expected a positive integer or -1")
+        if self.adapter_type != "lokr" and (self.decompose_both or self.full_rank or self.lokr_factor != -1):
+            out.append(f"lokr_factor / decompose_both / full_rank are LoKr settings; adapter_type is "
+                       f"{self.adapter_type!r}")
         bad_parts = [p for p in self.fused_parts if p not in FUSED_PARTS]
         if bad_parts or not self.fused_parts:
             out.append(f"fused_parts={self.fused_parts!r}: expected a non-empty subset of {FUSED_PARTS}")

@@ -21,6 +21,7 @@ from .config import LoRAConfig, TargetError, matches
 from .layers import (LoRAConv2d, LoRAFusedLinear, LoRALayer, LoRALinear, LoRAMultiheadAttention,
                      StrengthTable, lora_layers)
 from .ops import LoRAStateDictError, merge_lora, parse_canonical
+from .kinds import KindError, fresh_spec
 from .spec import FUSED_PARTS, LayerSpec, layer_key, split_key
 
 ADAPTABLE = (nn.Linear, nn.Conv2d, nn.MultiheadAttention)
@@ -208,6 +209,12 @@ def inject_lora(model: nn.Module, config: LoRAConfig | None = None, name: str = 
         else:
             dev = str(_device(layer.base))
             table = tables.get(dev) or tables.setdefault(dev, StrengthTable(name))
+        if first.spec is not None:  # any other kind: its factors as given (or freshly initialised)
+            layer.add_kind_adapter(name, first.spec, table, label + mod_name, trainable, first.dropout)
+            if layer is not mod:
+                replace_module(model, mod_name, layer, parent)
+            adapted.append(mod_name)
+            continue
         plain = set(parts) == {""}
         layer.add_adapter(name, first.rank, first.alpha, first.dropout, first.init, first.rule, table,
                           label + mod_name, weights=parts[""].weights if plain else None)
@@ -230,12 +237,12 @@ def inject_lora(model: nn.Module, config: LoRAConfig | None = None, name: str = 
 class _Part:
     """What one adapted weight of the plan gets: rank, alpha, rule, dropout, init and, when given, its factors."""
 
-    __slots__ = ("rank", "alpha", "rule", "dropout", "init", "weights")
+    __slots__ = ("rank", "alpha", "rule", "dropout", "init", "weights", "spec")
 
     def __init__(self, rank: int, alpha: float, rule: str, dropout: float = 0.0, init: str = "kaiming",
-                 weights: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
-        self.rank, self.alpha, self.rule, self.dropout, self.init, self.weights = \
-            rank, alpha, rule, dropout, init, weights
+                 weights: tuple[torch.Tensor, torch.Tensor] | None = None, spec: LayerSpec | None = None) -> None:
+        self.rank, self.alpha, self.rule, self.dropout, self.init, self.weights, self.spec = \
+            rank, alpha, rule, dropout, init, weights, spec
 
 
 def _plan_config(model: nn.Module, config: LoRAConfig) -> dict:
@@ -245,6 +252,15 @@ def _plan_config(model: nn.Module, config: LoRAConfig) -> dict:
         k = _kernel(mod)
         part = _Part(config.rank_for(mod_name, k), config.alpha_for(mod_name, k), config.rule, config.dropout,
                      config.init)
+        if config.adapter_type != "lora":
+            base = mod.base if isinstance(mod, LoRALayer) else mod
+            if not isinstance(base, (nn.Linear, nn.Conv2d)) or (_is_fused_qkv(mod_name, base) and config.split_qkv):
+                raise TargetError(f"{mod_name}: adapter_type={config.adapter_type!r} goes on Linear and Conv2d "
+                                  f"modules only, not on a {type(base).__name__} (or a fused qkv projection); "
+                                  "exclude it or use adapter_type='lora'")
+            part.spec = fresh_spec(config.adapter_type, base.weight.detach(), part.rank, part.alpha, part.rule,
+                                   factor=config.lokr_factor, decompose_both=config.decompose_both,
+                                   full_rank=config.full_rank, init=config.init)
         wrap = (lambda n=mod_name, m=mod: _wrap(n, m, config.fused_parts, config.split_qkv))
         plan[mod_name] = (mod, {"": part}, wrap, None)
     return plan
@@ -258,6 +274,10 @@ def _plan_layers(model: nn.Module, layers: Mapping[str, LayerSpec], name: str, d
     for key, spec in layers.items():
         mod, part = split_key(key)
         grouped.setdefault(mod, {})[part] = spec
+    norms = sorted(m for m, ps in grouped.items() if any(sp.kind == "norm" for sp in ps.values()))
+    if norms:
+        raise KindError(f"{len(norms)} layer(s) are norm-layer updates (w_norm / b_norm; first: {norms[:3]}); "
+                        "applying them to LayerNorm / GroupNorm modules is not supported yet: leave them out")
     cands = {m: found for m in grouped if (found := _candidate(model, m)) is not None}
     missing = sorted(m for m in grouped if m not in cands)
     if missing:
@@ -275,6 +295,12 @@ def _plan_layers(model: nn.Module, layers: Mapping[str, LayerSpec], name: str, d
                 raise ValueError(f"{mod_name}: fused parts with different {what}s {values} are not supported")
         dev = _device(mod.base if isinstance(mod, LoRALayer) else mod)
         parts = {}
+        kind_spec = next((sp for sp in specs.values() if not sp.is_plain), None)
+        if kind_spec is not None:
+            part = _plan_kind(mod_name, mod, specs, dev, dtype, trainable, dropout, problems)
+            if part is not None:
+                plan[mod_name] = (mod, {"": part}, lambda n=mod_name, m=mod: _wrap(n, m, FUSED_PARTS, False), parent)
+            continue
         for part, s in specs.items():
             label = layer_key(mod_name, part)
             shapes = expected_shapes(mod, s.rank, part)
@@ -301,6 +327,43 @@ def _plan_layers(model: nn.Module, layers: Mapping[str, LayerSpec], name: str, d
         raise LoRAStateDictError(f"the LoRA weights do not fit {type(model).__name__}:\n  - "
                                  + "\n  - ".join(problems))
     return plan
+
+
+def _plan_kind(mod_name: str, mod: nn.Module, specs: dict[str, LayerSpec], dev: torch.device,
+               dtype: torch.dtype | None, trainable: bool, dropout: float, problems: list[str]) -> "_Part | None":
+    """Check a layer of another kind than plain LoRA against its module; its factors on the module's device."""
+    base = mod.base if isinstance(mod, LoRALayer) else mod
+    spec = specs.get("")
+    if spec is None or len(specs) > 1 or not isinstance(base, (nn.Linear, nn.Conv2d)) or isinstance(
+            mod, LoRAFusedLinear):
+        label = next(iter(specs.values())).label
+        problems.append(f"{mod_name}: {label} layers go on Linear and Conv2d modules only, not on a "
+                        f"{type(base).__name__}{' part' if spec is None else ''}")
+        return None
+    if isinstance(base, nn.Conv2d) and (base.groups != 1 or base.padding_mode != "zeros"):
+        problems.append(f"{mod_name}: {spec.label} needs a Conv2d with groups=1 and zero padding")
+        return None
+    bad = spec.check(tuple(base.weight.shape))
+    if "diff_b" in spec.factors and base.bias is None:
+        bad.append(f"diff_b {tuple(spec.factors['diff_b'].shape)} updates a bias the layer does not have")
+    elif "diff_b" in spec.factors and tuple(spec.factors["diff_b"].shape) != tuple(base.bias.shape):
+        bad.append(f"diff_b has shape {tuple(spec.factors['diff_b'].shape)} but the layer's bias is "
+                   f"{tuple(base.bias.shape)}")
+    moved: dict[str, torch.Tensor] = {}
+    for n, t in spec.all_factors.items():
+        if t.is_floating_point():
+            if trainable and not bool(torch.isfinite(t).all()):
+                bad.append(f"{n} contains NaN/Inf")
+            m = t.to(dev, dtype or t.dtype)
+            moved[n] = m.clone() if trainable and m is t else m  # never train the caller's tensor
+        else:
+            moved[n] = t.to(dev)
+    if bad:
+        problems += [f"{mod_name}: {b}" for b in bad]
+        return None
+    a, b = (moved.pop("A"), moved.pop("B")) if spec.kind == "lora" else (None, None)
+    given = LayerSpec(a, b, spec.alpha, spec.rule, spec.kind, moved)
+    return _Part(spec.rank, spec.alpha, spec.rule, dropout, spec=given)
 
 
 def inject_lora_from_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], name: str = "default",

@@ -5,6 +5,13 @@ h = base(x) + strength * scaling * B(A(dropout(x)))  with scaling = alpha / rank
 The per-layer factor strength * scaling lives in a `StrengthTable` shared by every layer of one adapter, as one
 tensor: changing the strength of an adapter is one small copy, and under torch.compile only a tensor value
 changes, so nothing recompiles.
+
+Other adapter kinds (LoHa, LoKr, DoRA, Tucker LoCon, OFT, BOFT, (IA)^3, full diff; see lora.kinds) live in the same
+wrappers around nn.Linear and nn.Conv2d: their factors are parameters in `kind_factors[name]`, `kinds[name]` says
+the kind, and `lora_A[name]` / `lora_B[name]` hold empty placeholders so that every "which adapters does this
+layer have" question keeps one answer. Such an adapter runs unfused as
+h = base(x) + strength * (x through Δ), Δ = LayerSpec.delta(W) rebuilt from the factors at every forward (nothing
+cached, so training works), and its table slot holds the strength alone (the scale is inside Δ).
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .kinds import KindError
 from .spec import LayerSpec, scaling as _scaling
 
 # Part letters of fused projections and their row block in the fused weight.
@@ -85,6 +93,8 @@ class LoRALayer(nn.Module):
         self._backup: dict[str, torch.Tensor] = {}
         self._undo: tuple[dict[str, torch.Tensor | None], dict[str, float]] | None = None
         self._run: tuple[str, ...] = ()
+        self.kind_factors = nn.ModuleDict()
+        self.kinds: dict[str, str] = {}
 
     # ---- adapter bookkeeping -------------------------------------------------------------------------
     def add_adapter(self, name: str, rank: int, alpha: float, dropout: float, init: str, rule: str,
@@ -112,6 +122,63 @@ class LoRALayer(nn.Module):
         self.active.append(name)
         self._refresh()
 
+    def add_kind_adapter(self, name: str, spec: LayerSpec, table: StrengthTable, layer_name: str,
+                         trainable: bool, dropout: float = 0.0) -> None:
+        """Create adapter `name` of any kind from `spec` (its factors become this layer's parameters, used as given:
+        the caller has placed them on the right device and dtype) and register it in `table` at scale 1."""
+        if name in self.lora_A:
+            raise ValueError(f"adapter {name!r} already exists in {layer_name}; remove it first or use another name")
+        if not isinstance(self.base, (nn.Linear, nn.Conv2d)) or isinstance(self, _FusedLoRA):
+            raise KindError(f"{layer_name}: {spec.label} layers go on Linear and Conv2d modules only, not on a "
+                            f"{type(self.base).__name__}")
+        params = nn.ParameterDict()
+        for n, t in spec.all_factors.items():
+            params[n] = nn.Parameter(t, requires_grad=trainable and t.is_floating_point())
+        self.kind_factors[name] = params
+        self.kinds[name] = spec.kind
+        dev = self.base.weight.device
+        self.lora_A[name] = nn.Parameter(torch.empty(0, device=dev), requires_grad=False)
+        self.lora_B[name] = nn.Parameter(torch.empty(0, device=dev), requires_grad=False)
+        self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.ranks[name], self.alphas[name], self.rules[name] = spec.rank, float(spec.alpha), spec.rule
+        self.tables[name] = (table, table.add_slot(layer_name, 1.0))
+        self.active.append(name)
+        self._refresh()
+
+    def kind_spec(self, name: str, detach: bool = True) -> LayerSpec:
+        """Adapter `name` (a kind adapter) as a LayerSpec; `detach=False` keeps the parameters (for training)."""
+        f = {n: (p.detach() if detach else p) for n, p in self.kind_factors[name].items()}
+        kind = self.kinds[name]
+        a, b = (f.pop("A"), f.pop("B")) if kind == "lora" else (None, None)
+        return LayerSpec(a, b, self.alphas[name], self.rules[name], kind, f)
+
+    def _base_weight(self) -> torch.Tensor:
+        """The weight before any merge (weight-dependent kinds rebuild their update from it)."""
+        return self._backup.get("weight", self.base.weight)
+
+    def _kind_delta(self, name: str, detach: bool = True) -> dict[str, torch.Tensor]:
+        spec = self.kind_spec(name, detach)
+        w = self._base_weight().detach()
+        out = {"weight": spec.delta(w if spec.weight_dependent else None).reshape(w.shape)}
+        bias = spec.bias_delta()
+        if bias is not None:
+            out["bias"] = bias
+        return out
+
+    def _kind_out(self, name: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """out + strength * (x through Δ [+ bias Δ]) for a kind adapter, differentiable in its factors."""
+        d = self._kind_delta(name, detach=False)
+        dtype = self.compute_dtype or torch.float32
+        h = self.lora_dropout[name](_cast_in(x, d["weight"].to(dtype)))
+        w, bias = d["weight"].to(h.dtype), d.get("bias")
+        bias = bias.to(h.dtype) if bias is not None else None
+        c = self.base
+        if isinstance(c, nn.Conv2d):
+            y = F.conv2d(h, w, bias, c.stride, c.padding, c.dilation)
+        else:
+            y = F.linear(h, w, bias)
+        return out + (y * self.factor(name, out.device)).to(out.dtype)
+
     def delete_adapter(self, name: str) -> None:
         """Remove adapter `name` (unmerging it first if it was merged)."""
         if name in self.merged:
@@ -120,6 +187,9 @@ class LoRALayer(nn.Module):
             del d[name]
         for d in (self.ranks, self.alphas, self.rules, self.tables):
             d.pop(name)
+        if name in self.kinds:
+            del self.kind_factors[name]
+            del self.kinds[name]
         if name in self.active:
             self.active.remove(name)
         self._refresh()
@@ -157,8 +227,21 @@ class LoRALayer(nn.Module):
 
     def specs(self, name: str) -> dict[str, LayerSpec]:
         """Adapter `name` as one LayerSpec per canonical sub-module suffix (detached views of A and B)."""
+        if name in self.kinds:
+            return {"": self.kind_spec(name)}
         return {part: LayerSpec(a.detach(), b.detach(), self.alphas[name], self.rules[name])
                 for part, (a, b) in self.lora_pairs(name).items()}
+
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        """The trainable tensors of adapter `name`: A and B, or the factors of another kind."""
+        if name in self.kinds:
+            return list(self.kind_factors[name].values())
+        return [self.lora_A[name], self.lora_B[name]]
+
+    def _refuse_kind(self, name: str, what: str) -> None:
+        if name in self.kinds:
+            raise KindError(f"adapter {name!r} is a {self.kind_spec(name).label} adapter; {what} handles plain LoRA "
+                            "(A and B) only: use Adapter.from_models / Adapter.save for other kinds")
 
     # ---- merge ---------------------------------------------------------------------------------------
     def merge_(self, names: list[str], strengths: dict[str, float], check: bool = True) -> torch.Tensor | None:
@@ -246,6 +329,9 @@ class LoRALayer(nn.Module):
 
     def _base_weights(self) -> Iterator[tuple[str, nn.Parameter]]:
         yield "weight", self.base.weight
+        if getattr(self.base, "bias", None) is not None and any(
+                "diff_b" in self.kind_factors[n] for n in self.kinds):
+            yield "bias", self.base.bias
 
     def delta(self, name: str) -> dict[str, torch.Tensor]:
         """The update scaling * B @ A of adapter `name` in fp32, per base weight it touches, at strength 1."""
@@ -253,16 +339,19 @@ class LoRALayer(nn.Module):
 
     def lora_pairs(self, name: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Canonical (A, B) per sub-module suffix ("" for plain layers, "q"/"k"/"v"/"o" for fused parts)."""
+        self._refuse_kind(name, "a LoRA state dict")
         return {"": (self.lora_A[name], self.lora_B[name])}
 
     def load_pair_(self, name: str, suffix: str, a: torch.Tensor, b: torch.Tensor) -> None:
         """Copy canonical A and B (shapes as lora_pairs returns them) into adapter `name`."""
+        self._refuse_kind(name, "a LoRA state dict")
         with torch.no_grad():
             self.lora_A[name].copy_(a)
             self.lora_B[name].copy_(b)
 
     def extra_repr(self) -> str:
-        return ", ".join(f"{n}: r={self.ranks[n]} alpha={self.alphas[n]:g}" for n in self.lora_A)
+        return ", ".join(f"{n}: {self.kind_spec(n).label + ' ' if n in self.kinds else ''}r={self.ranks[n]} "
+                         f"alpha={self.alphas[n]:g}" for n in self.lora_A)
 
 
 def _cast_in(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -285,11 +374,16 @@ class LoRALinear(LoRALayer):
                 torch.zeros(self.out_features, rank, device=dev, dtype=torch.float32))
 
     def delta(self, name: str) -> dict[str, torch.Tensor]:
+        if name in self.kinds:
+            return self._kind_delta(name)
         return {"weight": (self.lora_B[name].float() @ self.lora_A[name].float()) * self.scaling(name)}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
         for name in self._run:
+            if name in self.kinds:
+                out = self._kind_out(name, x, out)
+                continue
             a, b = self._pair(name)
             h = self.lora_dropout[name](_cast_in(x, a))
             # Scale the small (..., r) intermediate, not the output, and let one addmm add B's product to the
@@ -320,6 +414,8 @@ class LoRAConv2d(LoRALayer):
                 torch.zeros(c.out_channels, rank, 1, 1, device=dev, dtype=torch.float32))
 
     def delta(self, name: str) -> dict[str, torch.Tensor]:
+        if name in self.kinds:
+            return self._kind_delta(name)
         a, b = self.lora_A[name].float(), self.lora_B[name].float()
         w = (b.flatten(1) @ a.flatten(1)).reshape(self.base.weight.shape)
         return {"weight": w * self.scaling(name)}
@@ -328,6 +424,9 @@ class LoRAConv2d(LoRALayer):
         out = self.base(x)
         c = self.base
         for name in self._run:
+            if name in self.kinds:
+                out = self._kind_out(name, x, out)
+                continue
             a, b = self._pair(name)
             h = self.lora_dropout[name](_cast_in(x, a))
             h = F.conv2d(h, a, None, c.stride, c.padding, c.dilation)

@@ -11,6 +11,7 @@ from torch import nn
 
 from .config import matches
 from .layers import LoRALayer, lora_layers
+from . import kinds as _kinds
 from .spec import LayerSpec, layer_key
 
 
@@ -151,12 +152,12 @@ def unmerge_lora(model: nn.Module) -> int:
 
 
 def lora_parameters(model: nn.Module, name: str | None = None) -> list[nn.Parameter]:
-    """The LoRA parameters (A and B) of adapter `name`, or of all adapters."""
+    """The LoRA parameters (A and B, or another kind's factors) of adapter `name`, or of all adapters."""
     out = []
     for _, layer in lora_layers(model):
         for n in layer.lora_A:
             if name is None or n == name:
-                out += [layer.lora_A[n], layer.lora_B[n]]
+                out += layer.adapter_parameters(n)
     return out
 
 
@@ -188,17 +189,86 @@ def lora_specs(model: nn.Module, name: str = "default") -> dict[str, LayerSpec]:
 
 def canonical_layers(state_dict: Mapping[str, torch.Tensor],
                      rule_for: Callable[[str], str] | None = None) -> dict[str, LayerSpec]:
-    """A canonical state dict as {module[.part]: LayerSpec}; `rule_for(key)` gives each layer's scaling rule (the
-    state dict itself stores only factors and alpha; default: the plain rule)."""
+    """A canonical state dict as {module[.part]: LayerSpec} of any kind; `rule_for(key)` gives each layer's scaling
+    rule (the state dict itself stores only factors and alpha; default: the plain rule).
+
+    Layers of other kinds than plain LoRA are stored as `<module>.<kind>.<factor>` (factor names as in LyCORIS
+    files, e.g. `...to_q.loha.hada_w1_a`, `...conv1.lora.lora_mid`, `...to_k.lora.dora_scale`) next to
+    `<module>.alpha`; a LoRA layer's A and B stay `.lora_A.weight` / `.lora_B.weight`."""
+    plain, kinds = _split_kind_keys(state_dict)
     out = {}
-    for (mod, part), e in parse_canonical(state_dict).items():
+    for (mod, part), e in parse_canonical(plain, allow_kinds=True).items():
         key = layer_key(mod, part)
-        out[key] = LayerSpec(e["A"], e["B"], e["alpha"], rule_for(key) if rule_for else "lora")
+        extra = kinds.pop(key, {})
+        rule = rule_for(key) if rule_for else "lora"
+        out[key] = LayerSpec(e["A"], e["B"], e["alpha"], rule, "lora", extra.get("lora", {}))
+        if set(extra) - {"lora"}:
+            raise LoRAStateDictError(f"{key}: has LoRA factors and {sorted(set(extra) - {'lora'})} factors; a layer "
+                                     "has one kind")
+    problems = []
+    for key, per_kind in kinds.items():
+        if len(per_kind) > 1:
+            problems.append(f"{key}: factors of several kinds {sorted(per_kind)}; a layer has one kind")
+            continue
+        (kind, factors), = per_kind.items()
+        missing = _kinds.missing_factors(kind, factors if kind != "lora" else {"A": None, "B": None, **factors})
+        if kind == "lora" or missing:
+            problems.append(f"{key}: {kind} layer with {sorted(factors)} lacks {', '.join(missing) or 'lora_A/lora_B'}")
+            continue
+        alpha = state_dict.get(f"{key}.alpha")
+        rank = _kinds.rank_of(kind, factors)
+        out[key] = LayerSpec(None, None, float(alpha.item()) if alpha is not None else float(rank or 1),
+                             rule_for(key) if rule_for else "lora", kind, factors)
+    problems += [f"{k}: {p}" for k, sp in out.items() if not sp.is_plain for p in sp.check(None)]
+    if problems:
+        raise LoRAStateDictError("invalid adapter state dict:\n  - " + "\n  - ".join(problems))
     return out
 
 
-def parse_canonical(state_dict: Mapping[str, torch.Tensor]) -> dict[tuple[str, str], dict]:
-    """Group canonical keys per (module, part); checks that every entry has both A and B and ranks agree."""
+def layer_tensors(key: str, spec: LayerSpec) -> dict[str, torch.Tensor]:
+    """The canonical tensors of one layer (the inverse of canonical_layers): `key.lora_A.weight`, ...,
+    `key.<kind>.<factor>`, `key.alpha` (0-dim float32)."""
+    out = {}
+    if spec.kind == "lora":
+        out[f"{key}.lora_A.weight"], out[f"{key}.lora_B.weight"] = spec.A, spec.B
+    for n, t in spec.factors.items():
+        out[f"{key}.{spec.kind}.{n}"] = t
+    out[f"{key}.alpha"] = torch.tensor(float(spec.alpha), dtype=torch.float32)
+    return out
+
+
+def _split_kind_keys(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict, dict[str, dict[str, dict]]]:
+    """(plain LoRA keys, {layer: {kind: {factor: tensor}}}) of a canonical state dict."""
+    plain, kinds = {}, {}
+    for key, t in state_dict.items():
+        head, _, factor = key.rpartition(".")
+        layer, _, kind = head.rpartition(".")
+        if layer and kind in _kinds.KINDS and factor in _kinds.get_kind(kind).factor_names and factor not in ("A", "B"):
+            kinds.setdefault(layer, {}).setdefault(kind, {})[factor] = t
+        else:
+            plain[key] = t
+    for layer in kinds:  # the alpha of a kind layer is not a LoRA entry
+        if not any(f"{layer}{s}" in plain for s in (".lora_A.weight", ".lora_B.weight")):
+            plain.pop(f"{layer}.alpha", None)
+    return plain, kinds
+
+
+def parse_canonical(state_dict: Mapping[str, torch.Tensor], allow_kinds: bool = False) -> dict[tuple[str, str], dict]:
+    """Group plain LoRA keys per (module, part); checks that every entry has both A and B and ranks agree.
+
+    Keys of other kinds (`<module>.<kind>.<factor>`) are refused with a message naming the kind, for the
+    operations that handle plain LoRA only; `allow_kinds` skips them (canonical_layers reads them)."""
+    if allow_kinds:
+        groups_in = state_dict
+    else:
+        groups_in, kinds = _split_kind_keys(state_dict)
+        if kinds:
+            first = next(iter(kinds))
+            raise LoRAStateDictError(
+                f"{len(kinds)} layer(s) are not plain LoRA (first: {first}, {'/'.join(kinds[first])} "
+                f"{sorted(next(iter(kinds[first].values())))}); this operation handles plain LoRA (A and B) only, "
+                "other kinds are applied by Adapter.apply_to / inject_lora and kept by Adapter.save")
+    state_dict = groups_in
     groups: dict[str, dict[str, torch.Tensor]] = {}
     bad: list[str] = []
     for key, t in state_dict.items():

@@ -144,6 +144,13 @@ def _plan(pipe: Any, comps: Mapping[str, nn.Module], adapter: Adapter, name: str
     if extra:
         hint = " (an SDXL adapter?)" if "text_encoder_2" in extra else ""
         problems.append(f"the file has weights for {extra}, which {type(pipe).__name__} does not have{hint}")
+    kinds = {f"{c}.{k}": spec.label for c in adapter.components() for k, spec in adapter.layers(c).items()
+             if not spec.is_plain}
+    if kinds:  # refused, never mis-applied: the pipeline loader reads A and B (issue 13 brings the other kinds)
+        labels = sorted(set(kinds.values()))
+        raise AdapterMismatchError(
+            f"{source}: {len(kinds)} layer(s) are {', '.join(labels)} layers (first: {next(iter(kinds))}); "
+            "load_adapter applies plain LoRA only so far: use Adapter.apply_to on the pipeline's components")
     for comp in adapter.components():
         if comp not in comps:
             continue

@@ -201,9 +201,12 @@ def test_report_unknown_unsupported_and_strict(files, tmp_path):
     comps = sd_components(build_tiny_sd("sd1"))
     adapter, report = load_any(path, models=comps)
     assert "lora_unet_not_a_module_anywhere" in report.not_found
-    assert any("dora_scale" in u for u in report.unsupported) and any("hada_w1_a" in u for u in report.unsupported)
+    # Adapter kinds (issue 13): the DoRA module is applied as LoRA+DoRA; the LoHa module has a quarter of its
+    # factors, so it is named as broken and skipped whole, never half-applied.
+    assert any("hada_w1_a" in u and "lacks" in u for u in report.invalid)
+    assert report.kinds == {"LoRA": 127, "LoRA+DoRA": 1}
     assert "bundle_emb.sks.string_to_param.*" in report.unused
-    assert len(report.matched) == 127  # the DoRA module and the LoHa module are skipped whole, never half-applied
+    assert len(report.matched) == 128
     assert adapter.tensors[f"unet.{K_SCALE_LIVE}.alpha"].item() == 0.25 * 4
     with pytest.raises(AdapterFileError, match="strict"):
         load_any(path, models=comps, strict=True)

@@ -1,0 +1,157 @@
+"""Adapter kinds without an oracle: bad input named with the layer and the shapes, LoRA-only paths refusing other
+kinds, and trainable LoHa / LoKr / DoRA layers from LoRAConfig(adapter_type=...)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import lora_vision as lv
+from lora_vision.adapter import Adapter
+from lora_vision.formats import load_any
+from lora_vision.io import AdapterFileError
+from lora_vision.lora.kinds import KindError, factorization
+from lora_vision.lora.ops import LoRAStateDictError
+from lora_vision.models import build_tiny_sd
+
+Q = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+K = "lora_unet_" + Q.replace(".", "_")
+
+
+@pytest.fixture(scope="module")
+def comps():
+    pipe = build_tiny_sd("sd1")
+    return {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
+
+
+K_OK = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_k"
+
+
+def _loha(out: int, inp: int, r: int = 2) -> dict[str, torch.Tensor]:
+    # with one good plain LoRA module next to it, so that a non-strict load has something to return
+    return {f"{K_OK}.lora_down.weight": torch.randn(r, inp), f"{K_OK}.lora_up.weight": torch.randn(out, r),
+            f"{K}.hada_w1_a": torch.randn(out, r), f"{K}.hada_w1_b": torch.randn(r, inp),
+            f"{K}.hada_w2_a": torch.randn(out, r), f"{K}.hada_w2_b": torch.randn(r, inp),
+            f"{K}.alpha": torch.tensor(2.0)}
+
+
+@pytest.mark.parametrize("what", ["shapes", "half", "dora_len", "unknown"])
+def test_bad_kind_layers_are_named_and_strict_refuses(comps, what):
+    w = comps["unet"].get_submodule(Q).weight
+    out, inp = w.shape
+    sd = _loha(out, inp)
+    if what == "shapes":
+        sd[f"{K}.hada_w2_b"] = torch.randn(2, inp + 3)
+        expect = "hada_w2_b (2, " + str(inp + 3) + ")"
+    elif what == "half":
+        del sd[f"{K}.hada_w2_a"], sd[f"{K}.hada_w2_b"]
+        expect = "lacks hada_w2_a, hada_w2_b"
+    elif what == "dora_len":
+        sd[f"{K}.dora_scale"] = torch.ones(out + 1, 1)
+        expect = f"dora_scale has shape ({out + 1}, 1)"
+    else:
+        sd = {k: v for k, v in sd.items() if k.startswith(K_OK)} | {f"{K}.glora_w1": torch.ones(2, 2),
+                                                                    f"{K}.alpha": torch.tensor(1.0)}
+        expect = "unknown adapter kind"
+    adapter, report = load_any(sd, models=comps)
+    lines = report.invalid + report.unsupported
+    assert any(expect in line and (K in line) for line in lines), lines
+    assert report.matched == [f"unet.{Q.replace('to_q', 'to_k')}"]  # the broken layer is skipped whole
+    assert not any(Q in k for k in adapter.tensors)
+    with pytest.raises(AdapterFileError, match="strict load failed"):
+        load_any(sd, models=comps, strict=True)
+
+
+def test_factor_shapes_that_do_not_make_the_weight_name_both(comps):
+    w = comps["unet"].get_submodule(Q).weight
+    out, inp = w.shape
+    sd = {k: v for k, v in _loha(out, inp).items() if k.startswith(K_OK)}
+    sd |= {f"{K}.lokr_w1": torch.randn(2, 2), f"{K}.lokr_w2": torch.randn(out // 2, inp), f"{K}.alpha": torch.tensor(1.)}
+    _, report = load_any(sd, models=comps)
+    assert any(f"make a ({out}, {2 * inp}) update but the layer's Linear weight is ({out}, {inp})" in line
+               for line in report.invalid), report.invalid
+
+
+def test_lora_only_paths_refuse_other_kinds(comps, tmp_path):
+    w = comps["unet"].get_submodule(Q).weight
+    adapter, _ = load_any(_loha(*w.shape), models=comps, strict=True)
+    assert adapter.kinds() == {"LoHa": 1, "LoRA": 1}
+    unet = build_tiny_sd("sd1").unet
+    adapter.apply_to({"unet": unet})
+    with pytest.raises(KindError, match="is a LoHa adapter; a LoRA state dict handles plain LoRA"):
+        lv.lora_state_dict(unet)
+    with pytest.raises(LoRAStateDictError, match="not plain LoRA .*loha"):
+        lv.formats.kohya.kohya_tensors(adapter, "sd1")
+    pipe = build_tiny_sd("sd1")
+    from lora_vision.pipeline import load_adapter
+    with pytest.raises(Exception, match="LoHa layers .*load_adapter applies plain LoRA only"):
+        load_adapter(pipe, adapter)
+    assert not list(lv.lora_layers(pipe.unet))  # the pipeline is left as it was
+
+
+def test_norm_layers_are_refused_clearly():
+    unet = build_tiny_sd("sd1").unet
+    spec = lv.LayerSpec(None, None, 1.0, kind="norm", factors={"w_norm": torch.ones(32)})
+    with pytest.raises(KindError, match="norm-layer updates"):
+        lv.inject_lora(unet, layers={"down_blocks.0.attentions.0.norm": spec})
+
+
+@pytest.mark.parametrize("adapter_type,extra", [("lora", {}), ("loha", {}), ("lokr", {"lokr_factor": 4}),
+                                                ("lokr", {"full_rank": True}), ("lokr", {"decompose_both": True}),
+                                                ("dora", {})])
+def test_trainable_kinds_start_at_zero_and_learn(adapter_type, extra):
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.add_module("fc", nn.Linear(16, 32))
+    model.add_module("conv", nn.Conv2d(4, 8, 3, padding=1))
+    x, xc = torch.randn(8, 16), torch.randn(2, 4, 6, 6)
+    before = model.fc(x).detach(), model.conv(xc).detach()
+    lv.inject_lora(model, lv.LoRAConfig(rank=2, targets=("fc", "conv"), adapter_type=adapter_type, **extra))
+    torch.testing.assert_close(model.fc(x), before[0], atol=1e-6, rtol=0)  # one factor zero: no change at start
+    torch.testing.assert_close(model.conv(xc), before[1], atol=1e-6, rtol=0)
+    params = lv.lora_parameters(model)
+    assert params and all(p.requires_grad for p in params)
+    assert not any(p.requires_grad for n, p in model.named_parameters() if ".base." in n)
+    opt = torch.optim.Adam(params, lr=1e-2)
+    target = torch.randn(8, 32)
+    losses = []
+    for _ in range(15):
+        loss = ((model.fc(x) - target) ** 2).mean() + model.conv(xc).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.95 * losses[0]
+    w0 = model.fc.base.weight.clone()
+    y = model.fc(x).detach()
+    lv.merge_lora(model)
+    torch.testing.assert_close(model.fc(x), y, atol=1e-5, rtol=1e-5)
+    lv.unmerge_lora(model)
+    assert torch.equal(model.fc.base.weight, w0)
+
+
+def test_trained_kind_round_trips_through_the_adapter_file(tmp_path):
+    torch.manual_seed(1)
+    unet = build_tiny_sd("sd1").unet
+    lv.inject_lora(unet, lv.LoRAConfig(rank=2, targets=("attn1.to_q",), adapter_type="lokr"))
+    with torch.no_grad():
+        for p in lv.lora_parameters(unet):
+            p.add_(torch.randn_like(p) * 0.1)
+    adapter = Adapter.from_models({"unet": unet})
+    path = adapter.save(tmp_path / "k.safetensors")
+    back = Adapter.load(path)
+    assert set(back.kinds()) == {"LoKr"} and all(torch.equal(back.tensors[k], adapter.tensors[k]) for k in adapter.tensors)
+
+
+def test_config_rejects_bad_kind_settings():
+    with pytest.raises(lv.ConfigError, match="adapter_type='boft'") as e:
+        lv.LoRAConfig(adapter_type="boft", lokr_factor=0)
+    assert "lokr_factor=0" in str(e.value)
+    with pytest.raises(lv.ConfigError, match="LoKr settings"):
+        lv.LoRAConfig(adapter_type="loha", full_rank=True)
+
+
+def test_factorization():
+    assert factorization(320, 4) == (4, 80) and factorization(64) == (8, 8) and factorization(37) == (1, 37)
+    assert factorization(96, 5) == (4, 24)
