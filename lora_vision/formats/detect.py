@@ -8,13 +8,14 @@ from typing import Mapping
 
 import torch
 
+from ..adapter import COMPONENTS
 from ..io import AdapterFileError, read_header
 from .diffusers import is_diffusers_key
 from .kohya import is_kohya_key
 
 FORMATS = ("lora_vision", "kohya", "diffusers", "peft")
 _CANONICAL = (".lora_A.weight", ".lora_B.weight", ".alpha")
-_OUR_COMPONENTS = ("unet.", "text_encoder.", "text_encoder_2.", "model.")
+_OUR_COMPONENTS = tuple(c + "." for c in COMPONENTS)
 
 
 def classify_keys(keys: list[str], metadata: Mapping[str, str] | None = None, source: str = "<tensors>") -> str:
