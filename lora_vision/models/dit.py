@@ -247,6 +247,7 @@ def build_tiny_dit(name: str = "tiny-flux", seed: int = 0) -> DiffusionPipeline:
         if isinstance(component, torch.nn.Module):
             component.eval()
     pipe.set_progress_bar_config(disable=True)
+    pipe.default_sample_size = TINY_RESOLUTION // pipe.vae_scale_factor  # what `generate` uses with no size given
     return pipe
 
 
