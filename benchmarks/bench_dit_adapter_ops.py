@@ -137,15 +137,7 @@ def main() -> None:
     (Path(args.out) / "bench_dit_adapter_ops.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(diffs, indent=1))
     print(f"transformer step base: {base:.2f} ms")
-    names = ("first_load_ms", "load_warm_ms", "load_cold_ms", "switch_ms", "strength_ms", "fuse_ms", "unfuse_ms",
-             "step_unfused_ms", "step_fused_ms")
-    labs = list(summary)
-    print("| operation (median ms) | " + " | ".join(labs) + " | diffusers / lora_vision |")
-    print("|---|" + "---|" * (len(labs) + 1))
-    for op in names:
-        vals = [summary[lab].get(op, float("nan")) for lab in labs]
-        ratio = summary["diffusers+peft"][op] / summary["lora_vision"][op]
-        print(f"| {op} | " + " | ".join(f"{v:.3f}" for v in vals) + f" | {ratio:.1f}x |")
+    ops.print_table(summary)
 
 
 if __name__ == "__main__":
