@@ -124,3 +124,14 @@ def test_preset_for_another_family_is_refused(dit_pipes: dict) -> None:
     with pytest.raises(TargetError, match="preset 'sd3-attn' is for a diffusers SD3Transformer2DModel, but the "
                                           "model is a .*FluxTransformer2DModel"):
         resolve_preset("sd3-attn", dit_pipes["tiny-flux"].transformer)
+
+
+def test_t5_names_keep_their_spelling_in_files() -> None:
+    """Only CLIP modules get transformers 4's `text_model.` in files; T5 (Flux.1 text_encoder_2, SD 3.5
+    text_encoder_3) has no such prefix."""
+    from lora_vision.formats.diffusers import file_module
+
+    assert file_module("text_encoder_2", "encoder.block.0.layer.0.SelfAttention.q") == \
+        "encoder.block.0.layer.0.SelfAttention.q"
+    assert file_module("text_encoder", "encoder.layers.0.self_attn.q_proj") == \
+        "text_model.encoder.layers.0.self_attn.q_proj"

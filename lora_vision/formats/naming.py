@@ -28,7 +28,7 @@ TEXT_MODEL = "text_model."
 
 
 # What transformers 4 keeps under `text_model.` (the projection of CLIPTextModelWithProjection sits outside it).
-_INSIDE_TEXT_MODEL = ("encoder.", "embeddings.", "final_layer_norm")
+_INSIDE_TEXT_MODEL = ("encoder.layers.", "embeddings.", "final_layer_norm")  # not T5's encoder.block.
 
 
 def te_to_file(name: str) -> str:
