@@ -279,6 +279,11 @@ def main() -> None:
     print(f"raw file read of one adapter ({sizes['a'] / 2**20:.1f} MiB): cold {statistics.median(cold_read):.2f} ms, "
           f"warm {statistics.median(warm_read):.2f} ms")
     print(f"UNet+TE step (batch 2) base: {base:.2f} ms")
+    print_table(summary)
+
+
+def print_table(summary: dict) -> None:
+    """The markdown table of median milliseconds per operation and library, with diffusers / ours."""
     ops = ("first_load_ms", "load_warm_ms", "load_cold_ms", "switch_ms", "strength_ms", "fuse_ms", "unfuse_ms",
            "step_unfused_ms", "step_fused_ms")
     labs = list(summary)

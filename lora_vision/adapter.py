@@ -1,9 +1,9 @@
 """The on-disk adapter: canonical LoRA tensors per model component plus string metadata, in one .safetensors file.
 
 Keys: `<component>.<module>[.<part>].lora_A.weight`, `.lora_B.weight`, `.alpha` (0-dim), where component is one of
-`unet`, `transformer` (the DiT families), `text_encoder`, `text_encoder_2` (diffusers pipelines) or `model` (a
-single model such as a ViT), and `module` is the live module name in that component. Metadata values are strings;
-ours live under `lora_vision.`
+`unet` or `transformer` (the DiT families), `text_encoder`, `text_encoder_2`, `text_encoder_3` (diffusers pipelines)
+or `model` (a single model such as a ViT), and `module` is the live module name in that component. Metadata values
+are strings; ours live under `lora_vision.`
 (`lora_vision.metadata.AdapterMetadata` reads and writes them), including each layer's scaling rule.
 
 Layers of other kinds (LoHa, LoKr, DoRA, Tucker LoCon, OFT, BOFT, (IA)^3, full diff, norm; see lora.kinds) are
@@ -33,7 +33,7 @@ from .lora.ops import LoRAStateDictError, canonical_layers, layer_tensors, lora_
 from .lora.spec import LayerSpec
 from .metadata import FORMAT_VERSION, AdapterMetadata, scaling_entries
 
-COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "model")
+COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "model")
 FULL = "full"
 
 

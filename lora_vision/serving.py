@@ -33,9 +33,10 @@ from .formats import read_adapter
 from .lora.inject import replace_module
 from .lora.spec import LayerSpec, split_key
 from .pipeline import block_of, parse_block_strengths
-from .pipeline.blocks import BlockStrengths, multiplier
+from .pipeline.adapters import DENOISERS
+from .pipeline.blocks import BlockStrengths, block_counts, multiplier
 
-SERVED_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+SERVED_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
 
 
 class SlotLinear(nn.Module):
@@ -295,14 +296,13 @@ class AdapterServer:
         if self.active is None:
             raise RuntimeError("no adapter is active; call activate(name) first")
         te = strength if te_strength is None else te_strength
-        unet = self.components.get("unet")
-        blocks = parse_block_strengths(block_strengths, len(unet.down_blocks), len(unet.up_blocks)) \
-            if unet is not None else {}
+        den = next((self.components[c] for c in DENOISERS if c in self.components), None)
+        blocks = parse_block_strengths(block_strengths, block_counts(den)) if den is not None else {}
         st = self._resident[self.active]
         factors = []
         for i, s in zip(st["idx"], st["scaling"]):
             comp, m = self._order[i]
-            f = te if comp != "unet" else strength * multiplier(block_of(m), blocks)
+            f = te if comp not in DENOISERS else strength * multiplier(block_of(m), blocks)
             factors.append(s * f)
         with torch.no_grad():
             dst_b = [self._dst_B[i] for i in st["idx"]]

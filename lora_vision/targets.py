@@ -19,6 +19,19 @@ Patterns cover both transformers 4.x and 5.x module names (5.x flattened CLIPTex
 | tv-vit-attn-mlp     | torchvision ViT            | tv-vit-attn + mlp.0, mlp.3                                      |
 | timm-vit-attn       | timm VisionTransformer     | attn.qkv (split into q, k, v) and attn.proj                     |
 | timm-vit-attn-mlp   | timm VisionTransformer     | timm-vit-attn + mlp.fc1, mlp.fc2                                |
+| t5-attn / -attn-mlp | transformers T5EncoderModel | SelfAttention.{q,k,v,o} (+ DenseReluDense.wi_0, wi_1, wo)      |
+| qwen-attn / -attn-mlp | Qwen3 / Qwen2.5-VL text  | language layers self_attn.{q,k,v,o}_proj (+ mlp gate/up/down)   |
+
+DiT transformers (diffusers module names; `<family>-attn` is the default, `-attn-ff` adds the feed-forwards, `-all`
+also the modulation layers), family in DIT_PRESET_FAMILIES:
+
+| family     | attn                                                                  | ff                          | modulation (-all) |
+|------------|-----------------------------------------------------------------------|-----------------------------|-------------------|
+| flux       | double: attn.{to_q,to_k,to_v,to_out.0,add_q/k/v_proj,to_add_out}; single: attn.{to_q,to_k,to_v}, proj_out | ff/ff_context.net.{0.proj,2}, single proj_mlp | norm1(_context).linear, single norm.linear |
+| flux2      | double as flux; single: attn.to_qkv_mlp_proj, attn.to_out             | ff/ff_context.linear_in/out | *_modulation*.linear (shared) |
+| sd3        | double as flux (no single blocks) + attn2.{to_q,to_k,to_v,to_out.0}   | ff/ff_context.net.{0.proj,2}| norm1(_context).linear |
+| qwen-image | double as flux                                                        | img_mlp/txt_mlp.net.{0.proj,2} | img_mod.1, txt_mod.1 |
+| z-image    | layers, noise_refiner, context_refiner: attention.{to_q,to_k,to_v,to_out.0} | feed_forward.w1/w2/w3 | adaLN_modulation.0 |
 """
 
 from __future__ import annotations
@@ -55,6 +68,48 @@ _TV_ATTN = (r"re:encoder\.layers\.encoder_layer_\d+\.self_attention",)
 _TV_MLP = (r"re:encoder\.layers\.encoder_layer_\d+\.mlp\.(0|3)",)
 _TIMM_ATTN = (r"re:blocks\.\d+\.attn\.(qkv|proj)",)
 _TIMM_MLP = (r"re:blocks\.\d+\.mlp\.(fc1|fc2)",)
+_T5_ATTN = (r"re:(.*\.)?block\.\d+\.layer\.0\.SelfAttention\.(q|k|v|o)",)
+_T5_MLP = (r"re:(.*\.)?block\.\d+\.layer\.1\.DenseReluDense\.(wi|wi_0|wi_1|wo)",)
+# Qwen3 (Z-Image, Flux.2-klein) and the language model of Qwen2.5-VL (Qwen-Image); its vision tower (`visual.`)
+# is not matched.
+_QWEN_ATTN = (r"re:(model\.)?(language_model\.)?layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|o_proj)",)
+_QWEN_MLP = (r"re:(model\.)?(language_model\.)?layers\.\d+\.mlp\.(gate_proj|up_proj|down_proj)",)
+
+# DiT transformers: the double-stream attention (image stream to_*, text stream add_*_proj / to_add_out).
+_DOUBLE = r"re:transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
+_DIT_PARTS: dict[str, dict[str, tuple[str, ...]]] = {
+    "flux": {
+        "attn": (_DOUBLE, r"re:single_transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v)|proj_out)"),
+        "ff": (r"re:transformer_blocks\.\d+\.(ff|ff_context)\.net\.(0\.proj|2)",
+               r"re:single_transformer_blocks\.\d+\.proj_mlp"),
+        "mod": (r"re:transformer_blocks\.\d+\.(norm1|norm1_context)\.linear",
+                r"re:single_transformer_blocks\.\d+\.norm\.linear"),
+    },
+    "flux2": {
+        "attn": (_DOUBLE, r"re:single_transformer_blocks\.\d+\.attn\.(to_qkv_mlp_proj|to_out)"),
+        "ff": (r"re:transformer_blocks\.\d+\.(ff|ff_context)\.(linear_in|linear_out)",),
+        "mod": (r"re:(double_stream_modulation_img|double_stream_modulation_txt|single_stream_modulation)\.linear",),
+    },
+    "sd3": {
+        "attn": (_DOUBLE, r"re:transformer_blocks\.\d+\.attn2\.(to_q|to_k|to_v|to_out\.0)"),
+        "ff": (r"re:transformer_blocks\.\d+\.(ff|ff_context)\.net\.(0\.proj|2)",),
+        "mod": (r"re:transformer_blocks\.\d+\.(norm1|norm1_context)\.linear",),
+    },
+    "qwen-image": {
+        "attn": (_DOUBLE,),
+        "ff": (r"re:transformer_blocks\.\d+\.(img_mlp|txt_mlp)\.net\.(0\.proj|2)",),
+        "mod": (r"re:transformer_blocks\.\d+\.(img_mod|txt_mod)\.1",),
+    },
+    "z-image": {
+        "attn": (r"re:(layers|noise_refiner|context_refiner)\.\d+\.attention\.(to_q|to_k|to_v|to_out\.0)",),
+        "ff": (r"re:(layers|noise_refiner|context_refiner)\.\d+\.feed_forward\.(w1|w2|w3)",),
+        "mod": (r"re:(layers|noise_refiner)\.\d+\.adaLN_modulation\.0",),
+    },
+}
+# Preset family -> the diffusers transformer class it is for.
+DIT_PRESET_FAMILIES: dict[str, str] = {"flux": "FluxTransformer2DModel", "flux2": "Flux2Transformer2DModel",
+                                       "sd3": "SD3Transformer2DModel", "qwen-image": "QwenImageTransformer2DModel",
+                                       "z-image": "ZImageTransformer2DModel"}
 
 
 def _cls(model: nn.Module) -> str:
@@ -81,6 +136,30 @@ def _is_timm_vit(m: nn.Module) -> bool:
     return _cls(m).startswith("timm.") and type(m).__name__ == "VisionTransformer"
 
 
+def _is_t5(m: nn.Module) -> bool:
+    return type(m).__name__ in ("T5EncoderModel", "UMT5EncoderModel")
+
+
+def _is_qwen_text(m: nn.Module) -> bool:
+    return type(m).__name__ in ("Qwen3Model", "Qwen3ForCausalLM", "Qwen2_5_VLForConditionalGeneration",
+                                "Qwen2_5_VLModel", "Qwen2_5_VLTextModel")
+
+
+def _is_class(name: str) -> Callable[[nn.Module], bool]:
+    return lambda m: type(m).__name__ == name
+
+
+def _dit_presets() -> list[Preset]:
+    """<family>-attn, <family>-attn-ff and <family>-all for each DiT family."""
+    out = []
+    for fam, parts in _DIT_PARTS.items():
+        cls = DIT_PRESET_FAMILIES[fam]
+        out += [Preset(f"{fam}-attn", f"diffusers {cls}", parts["attn"], _is_class(cls)),
+                Preset(f"{fam}-attn-ff", f"diffusers {cls}", parts["attn"] + parts["ff"], _is_class(cls)),
+                Preset(f"{fam}-all", f"diffusers {cls}", parts["attn"] + parts["ff"] + parts["mod"], _is_class(cls))]
+    return out
+
+
 @dataclass(frozen=True)
 class Preset:
     """A named set of target patterns and the kind of model it is meant for."""
@@ -104,6 +183,11 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
     Preset("tv-vit-attn-mlp", "torchvision VisionTransformer", _TV_ATTN + _TV_MLP, _is_tv_vit),
     Preset("timm-vit-attn", "timm VisionTransformer", _TIMM_ATTN, _is_timm_vit),
     Preset("timm-vit-attn-mlp", "timm VisionTransformer", _TIMM_ATTN + _TIMM_MLP, _is_timm_vit),
+    Preset("t5-attn", "T5EncoderModel", _T5_ATTN, _is_t5),
+    Preset("t5-attn-mlp", "T5EncoderModel", _T5_ATTN + _T5_MLP, _is_t5),
+    Preset("qwen-attn", "Qwen3 / Qwen2.5-VL text encoder", _QWEN_ATTN, _is_qwen_text),
+    Preset("qwen-attn-mlp", "Qwen3 / Qwen2.5-VL text encoder", _QWEN_ATTN + _QWEN_MLP, _is_qwen_text),
+    *_dit_presets(),
 )}
 
 
@@ -169,9 +253,13 @@ use_named_targets(resolve_preset)  # LoRAConfig(targets="unet-attn") resolves th
 
 
 def default_preset(model: nn.Module) -> str:
-    """A sensible default preset for `model` (attention of UNets, CLIP and ViTs)."""
+    """A sensible default preset for `model` (attention of UNets, DiT transformers, CLIP, T5, Qwen and ViTs)."""
+    for fam, cls in DIT_PRESET_FAMILIES.items():
+        if type(model).__name__ == cls:
+            return f"{fam}-attn"
     for test, name in ((_is_unet, "unet-attn"), (_is_clip_text, "clip-attn"), (_is_hf_vit, "hf-vit-attn"),
-                       (_is_tv_vit, "tv-vit-attn"), (_is_timm_vit, "timm-vit-attn")):
+                       (_is_tv_vit, "tv-vit-attn"), (_is_timm_vit, "timm-vit-attn"), (_is_t5, "t5-attn"),
+                       (_is_qwen_text, "qwen-attn")):
         if test(model):
             return name
     raise ValueError(f"no default preset for {_cls(model)}; give explicit target patterns")

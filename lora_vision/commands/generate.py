@@ -36,7 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """The generation flags (shared by the CLI and scripts/generate.py)."""
     from lora_vision.generation.run import SCHEDULERS
 
-    p.add_argument("--model", default="tiny", help="diffusers folder, hub id, or tiny / tiny-sd2 / tiny-sdxl "
+    p.add_argument("--model", default="tiny", help="diffusers folder, hub id, or tiny / tiny-sd2 / tiny-sdxl / "
+                                                   "tiny-flux / tiny-flux2 / tiny-sd3 / tiny-qwen-image / tiny-z-image "
                                                    "(default: the built-in tiny SD 1.x)")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--prompt_file", help="a text file with one prompt per line (blank lines and # comments skipped)")

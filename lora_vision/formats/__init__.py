@@ -202,20 +202,26 @@ def _check_base(tensors: dict, report: ImportReport, infos: Mapping[str, Compone
 
 def _bases(source: object, infos: Mapping[str, ComponentInfo], label: str) -> str:
     """"the file looks like a <base> LoRA but the target is <family>", from a model-free import of the file."""
-    file_base = "unknown"
+    file_base, file_comps = "unknown", []
     try:
         if isinstance(source, Mapping):
-            file_base = import_tensors(source, {}, None, label)[1].base or "unknown"
+            tensors, rep = import_tensors(source, {}, None, label)
         elif not Path(str(source)).is_dir():
             raw, meta = read_safetensors(str(source))
-            file_base = import_tensors(raw, meta, None, label)[1].base or "unknown"
+            tensors, rep = import_tensors(raw, meta, None, label)
+        else:
+            tensors, rep = {}, None
+        file_base = (rep.base if rep is not None else None) or "unknown"
+        file_comps = sorted({k.split(".", 1)[0] for k in tensors})
     except (AdapterFileError, KeyError, ValueError):
         pass
     fams = {i.family for i in infos.values() if i.family}
     target = ", ".join(sorted(fams)) or "the given model"
     if file_base in fams:
         return f"The file is also a {file_base} LoRA (same layout as the target)."
-    return f"The file looks like a {file_base} LoRA but the target is {target}: load it into a {file_base} model."
+    comps = f" with weights for {file_comps}" if file_comps else ""
+    return (f"The file looks like a {file_base} LoRA{comps} but the target is {target} (components {list(infos)}): "
+            f"load it into a {file_base} model.")
 
 
 def _component_hint(name: str) -> str:

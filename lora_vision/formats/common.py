@@ -14,7 +14,8 @@ from ..io import AdapterFileError
 from ..terminal import printable
 from . import naming
 
-SD_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+# The components of diffusers pipelines that adapters and the diffusers/PEFT format know (SD and DiT pipelines).
+SD_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
 
 
 class AdapterMismatchError(AdapterFileError):
@@ -45,7 +46,8 @@ def describe_models(models: Mapping[str, nn.Module]) -> dict[str, ComponentInfo]
             continue
         mods = {n: (type(m).__name__, _weight_shape(m)) for n, m in naming.adaptable_modules(model).items()}
         cfg = dict(model.config) if comp == "unet" and hasattr(model, "config") else None
-        fam = naming.sd_family(cfg) if cfg is not None else None
+        fam = naming.sd_family(cfg) if cfg is not None else (
+            naming.dit_family(type(model).__name__) if comp == "transformer" else None)
         out[comp] = ComponentInfo(mods, hasattr(model, "text_model"), cfg, fam, live=True)
     return out
 
@@ -183,6 +185,8 @@ def guess_base(tensors: Mapping[str, torch.Tensor]) -> str:
     in SD 1.x, Linear in SD 2.x).
     """
     keys = list(tensors)
+    if any(k.startswith("transformer.") for k in keys):
+        return "unknown"  # a DiT transformer: its family is not told from canonical names here
     if any(k.startswith("text_encoder_2.") for k in keys) or any(
             ".transformer_blocks.1." in k for k in keys if k.startswith("unet.")):
         return "sdxl"

@@ -8,6 +8,7 @@ from typing import Mapping
 
 import torch
 
+from ..adapter import COMPONENTS
 from ..io import AdapterFileError, read_header
 from ..lora.kinds import KINDS
 from ..metadata import FORMAT_KEY
@@ -17,7 +18,7 @@ from .kohya import is_kohya_key
 
 FORMATS = ("lora_vision", "kohya", "diffusers", "peft")
 _CANONICAL = (".lora_A.weight", ".lora_B.weight", ".alpha")
-_OUR_COMPONENTS = ("unet.", "transformer.", "text_encoder.", "text_encoder_2.", "model.")
+_OUR_COMPONENTS = tuple(c + "." for c in COMPONENTS)
 
 
 def _is_native_tensor(key: str) -> bool:

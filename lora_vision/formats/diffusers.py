@@ -1,7 +1,8 @@
 """The diffusers/PEFT single-file format that `pipe.load_lora_weights` reads (as diffusers'
 `save_lora_weights` writes it).
 
-Keys: `unet.<diffusers module>.lora_A.weight` / `.lora_B.weight`, `text_encoder.<...>`, `text_encoder_2.<...>`; no
+Keys: `unet.<diffusers module>.lora_A.weight` / `.lora_B.weight` (DiT pipelines: `transformer.<diffusers module>`),
+`text_encoder.<...>`, `text_encoder_2.<...>`, `text_encoder_3.<...>`; no
 alpha tensors: alpha lives in the `lora_adapter_metadata` JSON (LoraConfig kwargs with component prefixes).
 Import also reads the older spellings: `.lora.down/.lora.up`, processor-style `attn1.processor.to_q_lora.down`,
 `.lora_linear_layer.down/.up`, `.lora_A.default.weight`, and `<module>.alpha` tensors.
@@ -40,7 +41,7 @@ def is_diffusers_key(key: str) -> bool:
 
 
 def _component(key: str) -> tuple[str, str]:
-    for comp in ("text_encoder_2", "text_encoder", "unet"):
+    for comp in ("text_encoder_3", "text_encoder_2", "text_encoder", "transformer", "unet"):
         if key.startswith(comp + "."):
             return comp, key[len(comp) + 1:]
     if key.startswith(_UNET_HEADS):
@@ -138,6 +139,9 @@ def import_diffusers(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str,
             raise AdapterFileError(f"{label} has only {sorted(g)}; a LoRA module needs both A/down and B/up "
                                    "(an orphan alpha or half a pair means the file is broken)")
         info = resolver.info(comp)
+        if info is None and comp == "transformer":  # no model given: the file's diffusers names are the live ones
+            info = ComponentInfo({m: ("Linear", ()) for c, m in groups if c == comp})
+            resolver.infos[comp] = info
         live = None
         if info is not None:
             live = mod if mod in info.modules else (resolver.te_live(comp, mod) if comp != "unet" else None)
@@ -222,8 +226,9 @@ def shareable(key: str, value: object) -> object:
 
 
 def file_module(comp: str, live: str) -> str:
-    """The module name written to files: diffusers names for the UNet, transformers-4 names for CLIP."""
-    return live if comp == "unet" else naming.te_to_file(live)
+    """The module name written to files: diffusers names for the UNet and DiT transformers, transformers-4 names for
+    CLIP."""
+    return live if comp in ("unet", "transformer") else naming.te_to_file(live)
 
 
 def export_diffusers(adapter: Adapter, path: str | Path, dtype: torch.dtype | None = None) -> Path:
@@ -232,7 +237,7 @@ def export_diffusers(adapter: Adapter, path: str | Path, dtype: torch.dtype | No
     adapter = adapter.plain()
     comps = adapter.components()
     if not comps or any(c not in SD_COMPONENTS for c in comps):
-        raise ValueError(f"the diffusers format holds unet/text_encoder/text_encoder_2 adapters; this one has "
+        raise ValueError(f"the diffusers format holds {'/'.join(SD_COMPONENTS)} adapters; this one has "
                          f"{comps}. Export single models (ViT) with fmt='peft'")
     tensors: dict[str, torch.Tensor] = {}
     meta: dict = {}

@@ -28,7 +28,7 @@ TEXT_MODEL = "text_model."
 
 
 # What transformers 4 keeps under `text_model.` (the projection of CLIPTextModelWithProjection sits outside it).
-_INSIDE_TEXT_MODEL = ("encoder.", "embeddings.", "final_layer_norm")
+_INSIDE_TEXT_MODEL = ("encoder.layers.", "embeddings.", "final_layer_norm")  # not T5's encoder.block.
 
 
 def te_to_file(name: str) -> str:
@@ -196,6 +196,52 @@ def sd_family(unet_config: Mapping[str, Any]) -> str:
     if 1024 in cross_dims or unet_config.get("use_linear_projection", False):
         return "sd2"
     return "sd1"
+
+
+# ---- DiT (flow-matching transformer) families -------------------------------------------------------------------
+
+# diffusers transformer class -> family. Module names inside each class are the canonical names of that family.
+DIT_CLASSES: dict[str, str] = {
+    "FluxTransformer2DModel": "flux1",
+    "Flux2Transformer2DModel": "flux2",
+    "SD3Transformer2DModel": "sd3",
+    "QwenImageTransformer2DModel": "qwen-image",
+    "ZImageTransformer2DModel": "z-image",
+}
+
+# (family, size facts of the real checkpoints' configs) -> variant. Files of two variants of one family do not fit
+# each other (other widths or block counts); Flux.1 dev and schnell share every shape (schnell only drops the
+# guidance embedding) and so are one variant.
+_DIT_VARIANTS: tuple[tuple[str, dict[str, Any], str], ...] = (
+    ("flux1", {"num_layers": 19, "num_single_layers": 38, "num_attention_heads": 24}, "flux1"),
+    ("flux2", {"num_layers": 8, "num_single_layers": 48, "num_attention_heads": 48}, "flux2-dev"),
+    ("flux2", {"num_layers": 5, "num_single_layers": 20, "num_attention_heads": 24}, "flux2-klein-4b"),
+    ("flux2", {"num_layers": 8, "num_single_layers": 24, "num_attention_heads": 32}, "flux2-klein-9b"),
+    ("sd3", {"num_layers": 24, "qk_norm": None}, "sd3-medium"),
+    ("sd3", {"num_layers": 24, "qk_norm": "rms_norm"}, "sd35-medium"),
+    ("sd3", {"num_layers": 38, "qk_norm": "rms_norm"}, "sd35-large"),
+    ("qwen-image", {"num_layers": 60, "num_attention_heads": 24}, "qwen-image"),
+    ("z-image", {"n_layers": 30, "dim": 3840}, "z-image"),
+)
+
+
+def dit_family(class_name: str) -> str | None:
+    """"flux1", "flux2", "sd3", "qwen-image" or "z-image" for a diffusers transformer class name, else None."""
+    return DIT_CLASSES.get(class_name)
+
+
+def dit_variant(class_name: str, config: Mapping[str, Any]) -> str | None:
+    """The released model size a transformer config has (flux1, flux2-dev, flux2-klein-4b, flux2-klein-9b,
+    sd3-medium, sd35-medium, sd35-large, qwen-image, z-image), or None for other sizes (tiny test models).
+
+    The rule: the family from the class, then the block counts and head counts of the released configs
+    (SD 3.5 medium differs from SD 3 medium by its RMS qk-norm, Flux.2-klein 4B from 9B by depth and width).
+    """
+    family = dit_family(class_name)
+    for fam, facts, variant in _DIT_VARIANTS:
+        if fam == family and all(config.get(k) == v for k, v in facts.items()):
+            return variant
+    return None
 
 
 def adaptable_modules(model: nn.Module) -> dict[str, nn.Module]:

@@ -12,6 +12,7 @@ the active set and strengths. Every image is written atomically as PNG with A111
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import re
 import sys
@@ -25,8 +26,9 @@ from .. import __version__
 from ..dtypes import parse_dtype
 from ..formats import declared_base
 from ..io import read_header
-from ..models.sd import detect_sd_family, load_sd_pipeline
+from ..models.sd import detect_family, load_sd_pipeline
 from ..pipeline import load_adapter, set_adapter_strength, set_adapters, unload_adapter
+from ..pipeline.adapters import denoiser, pipeline_components
 from ..terminal import printable
 from .images import make_grid, save_png
 from .prompts import (LoraDirectory, addnet_hash, build_infotext, extract_lora_tags, lora_hashes_field,
@@ -155,7 +157,7 @@ class AdapterSet:
 
     def _check_family(self, path: str) -> None:
         declared = declared_base(read_header(path)[0].get("__metadata__", {}))
-        family = detect_sd_family(self.pipe.unet)
+        family = detect_family(self.pipe)
         if declared is not None and declared.removesuffix("-v") != family:
             self._problem(f"{printable(path)} was made for {declared} (its metadata says so) but the model is "
                           f"{family}; its modules fit by name and shape, yet the images will not show what it learned"
@@ -284,13 +286,25 @@ def generate(cfg: GenerateConfig, pipe: Any = None) -> list[Path]:
         pipe.scheduler = original
 
 
+def native_size(pipe: Any) -> int:
+    """The pixel size a pipeline generates by default: UNet sample size (SD) or the DiT pipeline's
+    default_sample_size (1024 px when it has none, as Z-Image), times the VAE scale factor."""
+    unet = getattr(pipe, "unet", None)
+    if unet is not None:
+        return int(unet.config.sample_size) * int(pipe.vae_scale_factor)
+    size = getattr(pipe, "default_sample_size", None)
+    return int(size) * int(pipe.vae_scale_factor) if size else 1024
+
+
 def _generate(cfg: GenerateConfig, pipe: Any, plans: list, sweeps: list, neg_clean: str, sampler: str,
               schedule: str | None) -> list[Path]:
     from tqdm.auto import tqdm
 
-    native = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    native = native_size(pipe)
     width = native if cfg.width is None else cfg.width
     height = native if cfg.height is None else cfg.height
+    # Flux.2-klein is distilled without a negative prompt; every other pipeline takes one.
+    takes_negative = "negative_prompt" in inspect.signature(type(pipe).__call__).parameters
     adapters = AdapterSet(pipe, strict=cfg.strict)
     for _, _, uses in plans:  # load every file once, before the progress bar starts
         for u in uses:
@@ -315,8 +329,8 @@ def _generate(cfg: GenerateConfig, pipe: Any, plans: list, sweeps: list, neg_cle
             adapters.use(cell_uses)
             for seeds in batches:
                 gens = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
-                images = pipe(prompt=[clean] * len(seeds), negative_prompt=[neg_clean] * len(seeds),
-                              num_inference_steps=cfg.steps, guidance_scale=cfg.guidance_scale, width=width,
+                negative = {"negative_prompt": [neg_clean] * len(seeds)} if takes_negative else {}
+                images = pipe(prompt=[clean] * len(seeds), **negative, num_inference_steps=cfg.steps, guidance_scale=cfg.guidance_scale, width=width,
                               height=height, generator=gens, callback_on_step_end=step_done).images
                 for seed, image in zip(seeds, images):
                     params = image_parameters(cfg, sampler, schedule, seed, width, height, cell_uses)
@@ -350,7 +364,7 @@ def _sidecar(cfg: GenerateConfig, raw: str, clean: str, seed: int, width: int, h
     return {"prompt": clean, "prompt_as_written": raw, "negative_prompt": cfg.negative_prompt, "seed": seed,
             "steps": cfg.steps, "guidance_scale": cfg.guidance_scale, "width": width, "height": height,
             "sampler": sampler, "scheduler": type(pipe.scheduler).__name__, "model": cfg.model,
-            "dtype": str(pipe.unet.dtype).removeprefix("torch."),
+            "dtype": str(denoiser(pipeline_components(pipe)).dtype).removeprefix("torch."),
             "loras": [{"name": u.label, "file": u.path, "strength": u.strength, "te_strength": u.te_strength,
                        "sha256": u.sha256} for u in uses],
             "sweep_cell": dict(cell), "parameters": infotext, "lora_vision_version": __version__}

@@ -1,4 +1,5 @@
-"""Load Stable Diffusion 1.x / 2.x / SDXL pipelines (built-in tiny, local folder or hub id) and tell them apart."""
+"""Load Stable Diffusion 1.x / 2.x / SDXL and DiT (Flux.1, Flux.2-klein, SD 3.5, Qwen-Image, Z-Image) pipelines
+(built-in tiny, local folder or hub id) and tell their families apart."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from lora_vision.formats.naming import sd_family
+from lora_vision.formats.naming import dit_family, dit_variant, sd_family
+from lora_vision.models.dit import DIT_KINDS, build_tiny_dit
 from lora_vision.models.tiny import build_tiny_sd
 
 if TYPE_CHECKING:
@@ -23,12 +25,15 @@ TINY_PRETRAINED: Path = Path(__file__).resolve().parents[2] / "samples" / "tiny-
 
 # The text-to-image pipeline classes this package drives, by the `_class_name` in model_index.json.
 _SUPPORTED_PIPELINES: tuple[str, ...] = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+# DiT pipelines, loaded with DiffusionPipeline.from_pretrained (components as in their model_index.json).
+DIT_PIPELINES: tuple[str, ...] = ("FluxPipeline", "Flux2Pipeline", "Flux2KleinPipeline", "StableDiffusion3Pipeline",
+                                  "QwenImagePipeline", "ZImagePipeline")
 
 # A hub id is "owner/name"; anything else that does not exist on disk is a mistyped local path.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 _EXPECTED = (
-    "expected None or one of " + ", ".join(repr(name) for name in TINY_PIPELINES)
+    "expected None or one of " + ", ".join(repr(name) for name in (*TINY_PIPELINES, *DIT_KINDS))
     + ", a local diffusers folder with model_index.json, or a hub id such as 'stabilityai/stable-diffusion-2-1'"
 )
 
@@ -51,6 +56,24 @@ def detect_sd_family(unet_or_pipe: Any) -> str:
     """Return "sd1", "sd2" or "sdxl" from the UNet config of a pipeline, a UNet, or a UNet config (the rule:
     lora_vision.formats.naming.sd_family)."""
     return sd_family(_unet_config(unet_or_pipe))
+
+
+def detect_family(model_or_pipe: Any) -> str:
+    """The family of a pipeline, or of its UNet / transformer: "sd1", "sd2", "sdxl" (detect_sd_family), or a DiT
+    family "flux1", "flux2", "sd3", "qwen-image", "z-image" (from the transformer class: naming.dit_family)."""
+    transformer = getattr(model_or_pipe, "transformer", model_or_pipe)
+    family = dit_family(type(transformer).__name__)
+    return family if family is not None else detect_sd_family(model_or_pipe)
+
+
+def detect_variant(model_or_pipe: Any) -> str | None:
+    """The released size of a DiT pipeline or transformer (e.g. "flux2-klein-4b", "sd35-large"; naming.dit_variant),
+    or None for SD pipelines and sizes no released model has (the tiny test models)."""
+    transformer = getattr(model_or_pipe, "transformer", model_or_pipe)
+    config = getattr(transformer, "config", None)
+    if not isinstance(config, Mapping):
+        return None
+    return dit_variant(type(transformer).__name__, config)
 
 
 def prediction_type(pipe: Any) -> str:
@@ -90,7 +113,7 @@ def _load_tiny(name: str, torch_dtype: torch.dtype | None, variant: str | None) 
                 "lora_vision checkout (run from one, or pass that folder as the model); 'tiny-sd1' is a random one")
         # Stored in fp16 to stay small; run in float32 unless asked otherwise.
         return load_sd_pipeline(str(TINY_PRETRAINED), torch_dtype=torch_dtype or torch.float32)
-    pipe = build_tiny_sd(TINY_PIPELINES[name])
+    pipe = build_tiny_dit(name) if name in DIT_KINDS else build_tiny_sd(TINY_PIPELINES[name])
     return pipe if torch_dtype is None else pipe.to(dtype=torch_dtype)
 
 
@@ -148,10 +171,12 @@ def load_sd_pipeline(
     torch_dtype: torch.dtype | None = None,
     variant: str | None = None,
 ) -> DiffusionPipeline:
-    """Load an SD 1.x/2.x pipeline (StableDiffusionPipeline) or an SDXL one (StableDiffusionXLPipeline).
+    """Load an SD 1.x/2.x pipeline (StableDiffusionPipeline), an SDXL one (StableDiffusionXLPipeline) or a DiT one
+    (DIT_PIPELINES: Flux.1, Flux.2, SD 3.x, Qwen-Image, Z-Image).
 
     `name_or_path` is None or "tiny" for the pretrained tiny SD 1.x pipeline of samples/tiny-sd (64 px);
-    "tiny-sd1", "tiny-sd2", "tiny-sdxl" for the built-in random pipelines; a local diffusers folder; or a hub id. The pipeline class comes from the model's model_index.json.
+    "tiny-sd1", "tiny-sd2", "tiny-sdxl", "tiny-flux", "tiny-flux2", "tiny-sd3", "tiny-qwen-image", "tiny-z-image"
+    for the built-in random pipelines (models.tiny, models.dit); a local diffusers folder; or a hub id. The pipeline class comes from the model's model_index.json.
     The safety checker is not loaded.
     """
     from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
@@ -161,7 +186,7 @@ def load_sd_pipeline(
     if not isinstance(name_or_path, (str, Path)):
         raise TypeError(f"load_sd_pipeline got {type(name_or_path).__name__}; {_EXPECTED}")
     name_or_path = str(name_or_path)
-    if name_or_path in TINY_PIPELINES:
+    if name_or_path in TINY_PIPELINES or name_or_path in DIT_KINDS:
         return _load_tiny(name_or_path, torch_dtype, variant)
 
     path = Path(name_or_path).expanduser()
@@ -183,10 +208,10 @@ def load_sd_pipeline(
             raise OSError(known) from err
         raise OSError(f"could not read model_index.json of {name_or_path!r} ({err}); {_EXPECTED}") from err
     class_name = index.get("_class_name")
-    if class_name not in _SUPPORTED_PIPELINES:
+    if class_name not in _SUPPORTED_PIPELINES + DIT_PIPELINES:
         raise ValueError(
             f"{name_or_path!r} is a {class_name} (from its model_index.json); expected one of "
-            f"{', '.join(_SUPPORTED_PIPELINES)}"
+            f"{', '.join(_SUPPORTED_PIPELINES + DIT_PIPELINES)}"
         )
 
     bad = _weight_problems(path) if path.exists() else []
@@ -195,7 +220,8 @@ def load_sd_pipeline(
                          + (f" (and {len(bad) - 1} more file(s))" if len(bad) > 1 else "")
                          + "; re-download or re-save the model")
     kwargs: dict[str, Any] = {"torch_dtype": torch_dtype, "variant": variant}
-    cls = StableDiffusionPipeline if class_name == "StableDiffusionPipeline" else StableDiffusionXLPipeline
+    cls = {"StableDiffusionPipeline": StableDiffusionPipeline,
+           "StableDiffusionXLPipeline": StableDiffusionXLPipeline}.get(class_name, DiffusionPipeline)
     if class_name == "StableDiffusionPipeline":
         kwargs.update(safety_checker=None, requires_safety_checker=False)
     try:

@@ -1,7 +1,8 @@
-"""Adapters in diffusers SD 1.x / 2.x / SDXL pipelines: load, strength per component and block, switch, unload.
+"""Adapters in diffusers pipelines (SD 1.x / 2.x / SDXL with a `unet`; Flux.1, Flux.2, SD 3.x, Qwen-Image, Z-Image
+with a `transformer`): load, strength per component and block, switch, unload.
 
-Every adapter loaded into a pipeline gets one StrengthTable per device, shared by all its layers in the UNet and the
-text encoder(s), so a strength change is one small host-to-device copy. Switching the active adapters flips which
+Every adapter loaded into a pipeline gets one StrengthTable per device, shared by all its layers in the denoiser
+(UNet or transformer) and the text encoder(s), so a strength change is one small host-to-device copy. Switching the active adapters flips which
 adapters each cached LoRA layer runs: nothing is reloaded. The bookkeeping lives on the pipeline object
 (`pipe._lora_vision`), the LoRA wrappers in its modules.
 """
@@ -20,9 +21,10 @@ from ..io import AdapterFileError
 from ..lora.inject import expected_shapes, inject_lora, remove_lora
 from ..lora.layers import LoRALayer, StrengthTable, lora_layers
 from ..lora.spec import LayerSpec, split_key
-from .blocks import BlockStrengths, block_of, multiplier, parse_block_strengths
+from .blocks import BlockStrengths, block_counts, block_of, multiplier, parse_block_strengths
 
-PIPELINE_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+PIPELINE_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
+DENOISERS = ("unet", "transformer")  # the component that block strengths and `strength` apply to
 
 
 @dataclass
@@ -59,7 +61,7 @@ class _Loaded:
     modules: dict[str, list[str]]
     tables: list[StrengthTable]
     slot_groups: list[torch.Tensor]  # per table: group index of every slot
-    groups: list[str]  # "unet:<block>" or a text-encoder component name
+    groups: list[str]  # "<denoiser>:<block>" (unet / transformer) or a text-encoder component name
     strength: float
     te_strength: float
     blocks: dict[str, float]
@@ -82,13 +84,20 @@ def _state(pipe: Any) -> _State:
 
 
 def pipeline_components(pipe: Any) -> dict[str, nn.Module]:
-    """The adaptable components of a diffusers pipeline: unet, text_encoder, text_encoder_2 (those present)."""
+    """The adaptable components of a diffusers pipeline: unet or transformer, text_encoder, text_encoder_2,
+    text_encoder_3 (those present)."""
     comps = {c: getattr(pipe, c, None) for c in PIPELINE_COMPONENTS}
     comps = {c: m for c, m in comps.items() if isinstance(m, nn.Module)}
-    if "unet" not in comps:
-        raise TypeError(f"{type(pipe).__name__} has no `unet`; expected a diffusers Stable Diffusion 1.x/2.x/SDXL "
-                        "pipeline (components unet, text_encoder[, text_encoder_2])")
+    if not any(c in comps for c in DENOISERS):
+        raise TypeError(f"{type(pipe).__name__} has no `unet` or `transformer`; expected a diffusers Stable Diffusion "
+                        "1.x/2.x/SDXL pipeline (unet, text_encoder[, text_encoder_2]) or a DiT pipeline such as "
+                        "FluxPipeline (transformer, text encoders)")
     return comps
+
+
+def denoiser(comps: Mapping[str, nn.Module]) -> nn.Module:
+    """The UNet or the transformer among a pipeline's components (pipeline_components)."""
+    return next(comps[c] for c in DENOISERS if c in comps)
 
 
 def _require(pipe: Any, names: Sequence[str]) -> _State:
@@ -195,11 +204,12 @@ def _plan(pipe: Any, comps: Mapping[str, nn.Module], adapter: Adapter, name: str
 def load_adapter(pipe: Any, source: AdapterSource, name: str = "default", strength: float = 1.0,
                  te_strength: float | None = None, block_strengths: BlockStrengths = None, strict: bool = True,
                  dtype: torch.dtype | None = None) -> AdapterLoadReport:
-    """Apply an adapter (a file in any supported format, or an `Adapter`) to the UNet and text encoder(s) of `pipe`.
+    """Apply an adapter (a file in any supported format, or an `Adapter`) to the UNet or transformer and the text
+    encoder(s) of `pipe`.
 
-    The adapter is added to the active set with UNet strength `strength`, text-encoder strength `te_strength`
-    (None: same as `strength`), and UNet block multipliers `block_strengths` (syntax in pipeline.blocks, e.g.
-    "down=1,mid=0.5,up=0"). LoRA weights take the dtype of the layer they adapt unless `dtype` is given.
+    The adapter is added to the active set with UNet/transformer strength `strength`, text-encoder strength
+    `te_strength` (None: same as `strength`), and block multipliers `block_strengths` (syntax in pipeline.blocks,
+    e.g. "down=1,mid=0.5,up=0", or "double=1,single.3=0" for a transformer). LoRA weights take the dtype of the layer they adapt unless `dtype` is given.
     Nothing changes if the file does not fit the pipeline (AdapterMismatchError); strict=False loads what fits.
     A file is read by `lora_vision.formats.read_adapter`, whatever its format: one made for another base model is
     an AdapterMismatchError, and modules of it that the pipeline does not have are left out and listed in the
@@ -212,9 +222,11 @@ def load_adapter(pipe: Any, source: AdapterSource, name: str = "default", streng
         raise ValueError(f"an adapter named {name!r} is already loaded; unload_adapter(pipe, {name!r}) first or "
                          "choose another name")
     comps = pipeline_components(pipe)
-    unet = comps["unet"]
-    blocks = parse_block_strengths(block_strengths, len(unet.down_blocks), len(unet.up_blocks))
-    adapter, src_report = read_adapter(source, comps, check_finite=False)
+    blocks = parse_block_strengths(block_strengths, block_counts(denoiser(comps)))
+    try:
+        adapter, src_report = read_adapter(source, comps, check_finite=False)
+    except AdapterMismatchError as e:
+        raise type(e)(f"{type(pipe).__name__}: {e}") from None
     label = "<Adapter>" if isinstance(source, Adapter) else "<tensors>" if isinstance(source, Mapping) else str(source)
     fmt = src_report.format if src_report is not None else "lora_vision"
     plan, skipped = _plan(pipe, comps, adapter, name, label, strict)
@@ -245,14 +257,14 @@ def load_adapter(pipe: Any, source: AdapterSource, name: str = "default", streng
             remove_lora(comps[comp], name)
         st.layers = _collect_layers(pipe)
         raise
-    groups: list[str] = []  # "unet:<block>" or a text-encoder component, in order of first use
+    groups: list[str] = []  # "<denoiser>:<block>" or a text-encoder component, in order of first use
     slot_groups = []
     for dev, table in tables.items():
         table.to(torch.device(dev))
         idx = []
         for slot_label in table.layer_names:
             comp, _, live = slot_label.partition(".")
-            group = f"unet:{block_of(live)}" if comp == "unet" else comp
+            group = f"{comp}:{block_of(live)}" if comp in DENOISERS else comp
             if group not in groups:
                 groups.append(group)
             idx.append(groups.index(group))
@@ -277,8 +289,9 @@ def _apply_strength(loaded: _Loaded) -> None:
     """Write every slot's strength: one small copy per table (one table per device)."""
     vals = []
     for g in loaded.groups:
-        if g.startswith("unet:"):
-            vals.append(loaded.strength * multiplier(g[5:], loaded.blocks))
+        comp, _, block = g.partition(":")
+        if comp in DENOISERS:
+            vals.append(loaded.strength * multiplier(block, loaded.blocks))
         else:
             vals.append(loaded.te_strength)
     v = torch.tensor(vals, dtype=torch.float64)
@@ -298,8 +311,7 @@ def set_adapter_strength(pipe: Any, name: str, strength: float, te_strength: flo
                            "strength")
     loaded = st.adapters[name]
     if block_strengths is not None:
-        unet = pipe.unet
-        loaded.blocks = parse_block_strengths(block_strengths, len(unet.down_blocks), len(unet.up_blocks))
+        loaded.blocks = parse_block_strengths(block_strengths, block_counts(denoiser(pipeline_components(pipe))))
     loaded.strength = float(strength)
     loaded.te_strength = float(strength if te_strength is None else te_strength)
     _apply_strength(loaded)
