@@ -25,7 +25,7 @@ from ...data.images import list_images, load_image
 from ...data.shapes import BACKGROUNDS, COLOURS, COUNTS, POSITIONS, SHAPES, SIZES
 from ...io import atomic_write_text, read_safetensors, write_safetensors
 from ...lora.ops import set_strength
-from .samples import _generate
+from .samples import generate_images
 
 PROBE_HEADS: dict[str, int] = {"shape": len(SHAPES), "colour": len(COLOURS), "background": len(BACKGROUNDS),
                                "size": len(SIZES), "count": len(COUNTS), "position": len(POSITIONS)}
@@ -155,7 +155,7 @@ def dreambooth_metrics(pipe, models: Sequence[nn.Module], instance: Sequence[Ima
         for strength in (0.0, 1.0):
             for m in models:
                 set_strength(m, strength)
-            images[strength] = _generate(pipe, prompts, seeds, plan.steps, plan.resolution)
+            images[strength] = generate_images(pipe, prompts, seeds, plan.steps, plan.resolution)
     finally:
         for m in models:
             set_strength(m, 1.0)
