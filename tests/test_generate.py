@@ -324,21 +324,21 @@ def test_one_png_writer_with_and_without_infotext_and_sidecar(tmp_path):
 class _ColourPipe:
     """Stands in for a diffusers pipeline: one flat image per generator, its colour drawn from that generator."""
 
-    def __call__(self, prompts, num_inference_steps, height, width, generator, output_type):
+    def __call__(self, prompts, num_inference_steps, height, width, generator, output_type, guidance_scale=7.5):
         colours = [tuple(int(c) for c in torch.randint(0, 256, (3,), generator=g)) for g in generator]
         return argparse.Namespace(images=[Image.new("RGB", (width, height), c) for c in colours])
 
 
 def test_training_grids_come_from_the_generation_grid_maker():
     from lora_vision.generation.images import make_grid
-    from lora_vision.training.sd.samples import _generate, strength_sweep, validation_grid
+    from lora_vision.training.sd.samples import generate_images, strength_sweep, validation_grid
 
     pipe = _ColourPipe()
-    row = _generate(pipe, ["p"] * 3, range(3), 1, 16)
+    row = generate_images(pipe, ["p"] * 3, range(3), 1, 16)
     grid = validation_grid(pipe, "p", 3, 1, 16)
     assert grid.size == (48, 16) and np.array_equal(np.asarray(grid), np.asarray(make_grid([row])))
     sweep = strength_sweep(pipe, [], "p", [0, 1], 2, 1, 16)
-    cols = [_generate(pipe, ["p"] * 2, range(2), 1, 16)] * 2
+    cols = [generate_images(pipe, ["p"] * 2, range(2), 1, 16)] * 2
     expected = make_grid([[c[r] for c in cols] for r in range(2)], col_labels=["strength 0", "strength 1"])
     assert sweep.size == expected.size and np.array_equal(np.asarray(sweep), np.asarray(expected))
     assert make_grid([row], title="t").size == make_grid([row], col_labels=["a", "b", "c"]).size == (48, 16 + 18)

@@ -89,3 +89,47 @@ def test_missing_probe_is_a_clear_error(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="pretrain_tiny_sd.py"):
         load_probe(tmp_path / "nope.safetensors")
+
+
+class _ClassPromptPipe:
+    """Stands in for the tiny pipeline: the class prompt gives scene `seed + shift` of a fixed pool (the first call
+    is the base, later calls the adapter, with `after_shift`); with `collapse`, the adapter draws the subject."""
+
+    def __init__(self, pool, instance, class_prompt: str, after_shift: int, collapse: bool = False) -> None:
+        self.pool, self.instance, self.class_prompt = pool, instance, class_prompt
+        self.after_shift, self.collapse, self.calls = after_shift, collapse, 0
+
+    def __call__(self, prompts, num_inference_steps, height, width, generator, guidance_scale, output_type):
+        import argparse
+
+        after = self.calls > 0
+        self.calls += 1
+        images = []
+        for prompt, g in zip(prompts, generator):
+            seed = g.initial_seed()
+            if prompt != self.class_prompt or (after and self.collapse):
+                images.append(self.instance[seed % len(self.instance)])
+            else:
+                images.append(self.pool[(seed + (self.after_shift if after else 0)) % len(self.pool)])
+        return argparse.Namespace(images=images)
+
+
+def test_prior_drift_is_class_images_turning_into_the_subject_not_seeds_reshuffled():
+    """The class prompt giving other images for the same seeds, from the same set, is no drift (prior preservation
+    keeps the distribution); the class prompt drawing the subject is."""
+    from PIL import Image
+
+    from lora_vision.training.sd.metrics import MetricPlan, dreambooth_metrics, load_probe
+
+    probe = load_probe()
+    plan = MetricPlan(trigger="a photo of sks toy", class_prompt="a photo of a toy")
+    pool = [Image.fromarray(im) for im in to_uint8(draw_scenes(len(plan.class_seeds),
+                                                               torch.Generator().manual_seed(3)).images)]
+    instance = [Image.open(p).convert("RGB") for p in sorted((REPO / "samples" / "instance").glob("*.jpg"))]
+
+    same_set = dreambooth_metrics(_ClassPromptPipe(pool, instance, plan.class_prompt, 5), [], instance, plan, probe)
+    assert same_set["class_change"] > 0.05  # every seed's image changed ...
+    assert abs(same_set["prior_drift"]) < 1e-5  # ... but the class still looks as it did
+    collapsed = dreambooth_metrics(_ClassPromptPipe(pool, instance, plan.class_prompt, 0, collapse=True), [],
+                                   instance, plan, probe)
+    assert collapsed["prior_drift"] > 0.1

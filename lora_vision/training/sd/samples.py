@@ -18,11 +18,14 @@ from ...generation.images import make_grid, save_png
 from ...lora.ops import set_strength
 
 
-def _generate(pipe, prompts: list[str], seeds: Sequence[int], steps: int, resolution: int) -> list[Image.Image]:
+def generate_images(pipe, prompts: list[str], seeds: Sequence[int], steps: int, resolution: int,
+                    guidance_scale: float = 7.5) -> list[Image.Image]:
+    """One image per (prompt, seed) pair, square at `resolution`, each from its own CPU generator seeded with its
+    seed (so an image depends only on its prompt and seed, not on the batch it is in)."""
     generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
     with torch.no_grad():
         out = pipe(prompts, num_inference_steps=steps, height=resolution, width=resolution, generator=generators,
-                   output_type="pil")
+                   guidance_scale=guidance_scale, output_type="pil")
     return list(out.images)
 
 
@@ -47,7 +50,7 @@ def generate_class_images(pipe, prompt: str, folder: str | Path, wanted: int, ba
         for first in range(0, len(mine), batch_size):
             numbers = mine[first:first + batch_size]
             seeds = [seed * 100_003 + k for k in numbers]
-            for k, image in zip(numbers, _generate(pipe, [prompt] * len(numbers), seeds, steps, resolution)):
+            for k, image in zip(numbers, generate_images(pipe, [prompt] * len(numbers), seeds, steps, resolution)):
                 save_png(image, folder / f"class_{k:05d}_{tag}.png")
             bar.update(len(numbers))
     return missing
@@ -55,7 +58,7 @@ def generate_class_images(pipe, prompt: str, folder: str | Path, wanted: int, ba
 
 def validation_grid(pipe, prompt: str, num_images: int, steps: int, resolution: int) -> Image.Image:
     """One row of images for `prompt` at seeds 0..num_images-1 (the same seeds every time)."""
-    return make_grid([_generate(pipe, [prompt] * num_images, range(num_images), steps, resolution)])
+    return make_grid([generate_images(pipe, [prompt] * num_images, range(num_images), steps, resolution)])
 
 
 def strength_sweep(pipe, models: list[torch.nn.Module], prompt: str, strengths: Sequence[float], num_seeds: int,
@@ -66,7 +69,7 @@ def strength_sweep(pipe, models: list[torch.nn.Module], prompt: str, strengths: 
         for s in tqdm(strengths, desc="strength sweep", unit="strength", leave=False):
             for m in models:
                 set_strength(m, float(s))
-            columns.append(_generate(pipe, [prompt] * num_seeds, range(num_seeds), steps, resolution))
+            columns.append(generate_images(pipe, [prompt] * num_seeds, range(num_seeds), steps, resolution))
     finally:
         for m in models:
             set_strength(m, 1.0)
