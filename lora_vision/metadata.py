@@ -38,6 +38,9 @@ class AdapterMetadata:
     """Training config (LoRAConfig.to_dict()) per component."""
     scaling: Mapping[str, str] | None = None
     """Scaling rule per component or layer when not "lora"; None: not recorded (older files)."""
+    preprocessing: Mapping[str, Any] | None = None
+    """Classifiers: the input preprocessing the adapter was trained and evaluated with
+    (lora_vision.data.preprocessing.Preprocessing.to_dict()); None: not recorded."""
     extra: Mapping[str, str] = field(default_factory=dict)
     """Every other key, as written."""
 
@@ -49,7 +52,7 @@ class AdapterMetadata:
             name = k[len(PREFIX):] if k.startswith(PREFIX) else None
             if name in ("format", "base", "source_format", "transformers_version"):
                 known[name] = v
-            elif name in ("components", "scaling") or k.startswith(_CONFIG):
+            elif name in ("components", "scaling", "preprocessing") or k.startswith(_CONFIG):
                 try:
                     value = json.loads(v)
                 except ValueError:
@@ -57,8 +60,11 @@ class AdapterMetadata:
                     continue
                 if name == "components":
                     known["components"] = tuple(value)
-                elif name == "scaling":
-                    known["scaling"] = dict(value)
+                elif name in ("scaling", "preprocessing"):
+                    if not isinstance(value, dict):
+                        known["extra"][k] = v
+                        continue
+                    known[name] = dict(value)
                 else:
                     known["configs"][k[len(_CONFIG):]] = value
             else:
@@ -75,6 +81,8 @@ class AdapterMetadata:
             out[PREFIX + "components"] = json.dumps(list(self.components))
         if self.scaling is not None:
             out[PREFIX + "scaling"] = json.dumps(dict(sorted(self.scaling.items())))
+        if self.preprocessing is not None:
+            out[PREFIX + "preprocessing"] = json.dumps(dict(self.preprocessing))
         for comp, cfg in self.configs.items():
             out[_CONFIG + comp] = json.dumps(cfg)
         out.update(self.extra)

@@ -22,9 +22,11 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from lora_vision.data.imagenet import (DatasetError, ImageListDataset, Preprocessing, build_subset, build_transforms,
-                                       scan_images, select_classes)
+from lora_vision.data.imagenet import (DatasetError, ImageListDataset, build_subset, build_transforms, scan_images,
+                                       select_classes)
+from lora_vision.data.preprocessing import Preprocessing
 from lora_vision.io import AdapterFileError, atomic_write_text, read_safetensors
+from lora_vision.metadata import AdapterMetadata
 from lora_vision.models.vit import load_vit, merged_copy
 from lora_vision.training.vit.evaluate import evaluate
 
@@ -94,9 +96,9 @@ def main(argv: list[str] | None = None) -> int:
                               args.seed)
         classes, samples = subset.classes, subset.val
     loaded = load_vit(base, len(classes), args.weights, classes)
-    if "lora_vision.preprocessing" in meta:
-        loaded.preprocessing = Preprocessing(**{k: tuple(v) if isinstance(v, list) else v for k, v in
-                                                json.loads(meta["lora_vision.preprocessing"]).items()})
+    recorded_pre = AdapterMetadata.from_strings(meta).preprocessing
+    if recorded_pre is not None:  # what the adapter was trained and evaluated with
+        loaded.preprocessing = Preprocessing.from_dict(recorded_pre)
     model = loaded.model
     if args.adapter:
         from lora_vision.formats import load_any

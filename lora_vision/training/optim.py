@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Iterable
 
 import torch
 
@@ -78,3 +79,25 @@ class LRSchedule:
             else:
                 group["lr"] = base * f
         return f
+
+
+def loraplus_groups(named_params: Iterable[tuple[str, torch.nn.Parameter]], lr: float,
+                    ratio: float | None = None) -> list[dict]:
+    """Optimizer parameter groups for LoRA+ (Hayou et al. 2024, https://arxiv.org/abs/2402.12354): every LoRA B
+    matrix (a parameter named `...lora_B...`) learns at `ratio` x `lr`, everything else (A, heads, biases) at `lr`.
+
+    With `ratio` None (or 1) it is one group at `lr`. Give only the parameters to train, e.g.
+    `[(n, p) for n, p in model.named_parameters() if p.requires_grad]`; pass the groups to `build_optimizer` and
+    their lrs (`[g["lr"] for g in groups]`) to `LRSchedule.apply`, so the schedule keeps the ratio.
+    """
+    named = list(named_params)
+    if ratio is None or ratio == 1:
+        return [{"params": [p for _, p in named], "lr": lr}]
+    if not ratio > 0:
+        raise ValueError(f"loraplus_lr_ratio={ratio}: expected a number > 0")
+    is_b = ["lora_B" in n.split(".") for n, _ in named]
+    if not any(is_b):
+        raise ValueError("loraplus_lr_ratio is set but no trainable parameter is a LoRA B matrix (lora_B); "
+                         "it applies to LoRA training only")
+    return [{"params": [p for (_, p), b in zip(named, is_b) if not b], "lr": lr},
+            {"params": [p for (_, p), b in zip(named, is_b) if b], "lr": lr * ratio}]
