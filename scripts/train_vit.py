@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from lora_vision import LoRAConfig, count_parameters, inject_lora, lora_report
 from lora_vision.data.imagenet import ImageListDataset, build_subset, build_transforms
+from lora_vision.data.vtab import build_vtab_subset
 from lora_vision.dtypes import parse_dtype
 from lora_vision.io import write_safetensors
 from lora_vision.lora.config import ConfigError
@@ -298,9 +299,12 @@ def main(argv: list[str] | None = None) -> int:
         GradientState._reset_state()
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision,
                               gradient_accumulation_steps=cfg.gradient_accumulation_steps)
-    subset = build_subset(cfg.train_dir, cfg.validation_dir, cfg.classes or None, cfg.class_list,
-                          cfg.first_n_classes, cfg.subset, cfg.train_val_split, cfg.seed, cfg.verify_images,
-                          cfg.skip_corrupt)
+    if cfg.vtab_task:
+        subset = build_vtab_subset(cfg.train_dir, cfg.vtab_task, cfg.vtab_split)
+    else:
+        subset = build_subset(cfg.train_dir, cfg.validation_dir, cfg.classes or None, cfg.class_list,
+                              cfg.first_n_classes, cfg.subset, cfg.train_val_split, cfg.seed, cfg.verify_images,
+                              cfg.skip_corrupt)
     accelerator.print(f"{len(subset.classes)} classes, {len(subset.train)} training and {len(subset.val)} "
                       f"validation images (split: {subset.split})")
     out = Path(cfg.output_dir)

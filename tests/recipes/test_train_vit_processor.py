@@ -79,3 +79,12 @@ def test_peft_folder_and_processor_give_the_recipes_predictions(wide, tmp_path: 
         assert predicted == [names[str(int(i))] for i in ours.argmax(-1)]
         truth = [names[str(y)] for y in labels]
         assert 100.0 * sum(p == t for p, t in zip(predicted, truth)) / len(labels) == pytest.approx(top1)
+
+
+def test_vtab_task_trains_on_its_split_files(tmp_path: Path) -> None:
+    from test_vtab import make_vtab_copy  # noqa: E402  (tests is on sys.path under pytest)
+
+    root = make_vtab_copy(tmp_path / "vtab-1k")
+    m = _run(tmp_path / "out", root, "--model_name_or_path", "tiny-hf", "--vtab_task", "kitti", "--vtab_split", "tune",
+             "--max_train_steps", "1", "--save_peft", "false")
+    assert (m["train_images"], m["val_images"], m["classes"], m["split"]) == (12, 8, 4, "vtab-kitti-tune")

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
+from ...data.vtab import VTAB_SPLITS, VTAB_TASKS
 from ...data.preprocessing import AUGMENT_PRESETS, Augmentation, check_crop_scale
 from ...lora.config import _check_pattern, _check_rank
 from ...lora.weight_init import WEIGHT_INITS
@@ -45,6 +46,10 @@ class ViTTrainConfig:
     """Comma-separated class ids."""
     first_n_classes: int | None = None
     """Use the first N class folders (sorted by name)."""
+    vtab_task: str | None = None
+    """A VTAB-1k task (cifar, dtd, ...): train_dir is then the vtab-1k folder (<task>/train800.txt, ...)."""
+    vtab_split: str = "final"
+    """VTAB-1k: tune (train800 / val200) or final (train800val200 / test, the published numbers)."""
     train_val_split: float = 0.2
     """Fraction of each class held out for validation when there is no validation_dir."""
     verify_images: bool = False
@@ -152,6 +157,14 @@ class ViTTrainConfig:
         bad = [v for v in self.compare_variants if v not in VARIANTS]
         if bad:
             out.append(f"compare_variants={list(bad)}: expected some of {VARIANTS}")
+        if self.vtab_task is not None and self.vtab_task not in VTAB_TASKS:
+            out.append(f"vtab_task={self.vtab_task!r}: expected one of {', '.join(VTAB_TASKS)}")
+        if self.vtab_split not in VTAB_SPLITS:
+            out.append(f"vtab_split={self.vtab_split!r}: expected one of {tuple(VTAB_SPLITS)}")
+        if self.vtab_task and (self.validation_dir or self.subset or self.class_list or self.classes
+                               or self.first_n_classes):
+            out.append("vtab_task takes its splits and classes from the VTAB-1k files: leave out validation_dir, "
+                       "subset, class_list, classes and first_n_classes")
         if self.compare_variants and not self.compare:
             out.append("compare_variants needs --compare")
         if self.compare and self.init in WEIGHT_INITS:
