@@ -36,6 +36,7 @@ from lora_vision.adapter import Adapter  # noqa: E402
 from lora_vision.dtypes import parse_dtype  # noqa: E402
 from lora_vision.formats import export  # noqa: E402
 from lora_vision.lora.config import matches  # noqa: E402
+from lora_vision.metadata import FORMAT_VERSION, AdapterMetadata  # noqa: E402
 from lora_vision.models.dit import build_tiny_dit, transformer_inputs, transformer_output  # noqa: E402
 from lora_vision.targets import resolve_preset  # noqa: E402
 
@@ -69,7 +70,7 @@ def make_adapter(pipe, rank: int, seed: int) -> Adapter:
             tensors[f"transformer.{name}.lora_A.weight"] = torch.randn(rank, mod.in_features, generator=g) / 60
             tensors[f"transformer.{name}.lora_B.weight"] = torch.randn(mod.out_features, rank, generator=g) / 100
             tensors[f"transformer.{name}.alpha"] = torch.tensor(float(rank))
-    return Adapter(tensors, {"lora_vision.format": "1"})
+    return Adapter(tensors, AdapterMetadata(format=FORMAT_VERSION).to_strings())
 
 
 def transformer_step(pipe, model: str):

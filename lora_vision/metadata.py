@@ -21,7 +21,7 @@ _CONFIG = PREFIX + "config."
 
 # How the strings of our fields read (the strings on disk stay as they were written before these fields existed).
 _TEXT = ("format", "base", "source_format", "transformers_version", "base_model", "trigger_phrase", "family", "mode",
-         "top1", "resized")
+         "top1", "resized", "init")
 _INT = ("rank", "steps", "merged_from")
 _NUMBER = ("alpha",)
 _FLAG = ("extracted",)
@@ -80,9 +80,13 @@ class AdapterMetadata:
     classes: list[str] | None = None
     """Class names, in the order of the classifier's outputs."""
     preprocessing: Mapping[str, Any] | None = None
-    """Image preprocessing of a ViT (size, mean, std, ...)."""
+    """Classifiers: the input preprocessing the adapter was trained and evaluated with
+    (lora_vision.data.preprocessing.Preprocessing.to_dict()); None: not recorded."""
     top1: str | None = None
     """Last validation top-1 accuracy of a ViT run, as written ("" when none was measured)."""
+    init: str | None = None
+    """How a ViT adapter's factors were initialised when not the default (pissa, olora); the file holds the plain
+    update on the original base either way."""
     resized: str | None = None
     """How `resize` chose the ranks (rank=..., energy=..., per-layer ranks)."""
     merged_from: int | None = None

@@ -22,8 +22,9 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from lora_vision.data.imagenet import (DatasetError, ImageListDataset, Preprocessing, build_subset, build_transforms,
-                                       scan_images, select_classes)
+from lora_vision.data.imagenet import (DatasetError, ImageListDataset, build_subset, build_transforms, scan_images,
+                                       select_classes)
+from lora_vision.data.preprocessing import Preprocessing
 from lora_vision.io import AdapterFileError, atomic_write_text, read_safetensors
 from lora_vision.metadata import AdapterMetadata
 from lora_vision.models.vit import load_vit, merged_copy
@@ -94,9 +95,8 @@ def main(argv: list[str] | None = None) -> int:
                               args.seed)
         classes, samples = subset.classes, subset.val
     loaded = load_vit(base, len(classes), args.weights, classes)
-    if info.preprocessing is not None:
-        loaded.preprocessing = Preprocessing(**{k: tuple(v) if isinstance(v, list) else v for k, v in
-                                                info.preprocessing.items()})
+    if info.preprocessing is not None:  # what the adapter was trained and evaluated with
+        loaded.preprocessing = Preprocessing.from_dict(info.preprocessing)
     model = loaded.model
     if args.adapter:
         from lora_vision.formats import read_adapter

@@ -28,22 +28,24 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from lora_vision import LoRAConfig, count_parameters, inject_lora, lora_report
-from lora_vision.adapter import Adapter
 from lora_vision.data.imagenet import ImageListDataset, build_subset, build_transforms
+from lora_vision.data.vtab import build_vtab_subset
 from lora_vision.dtypes import parse_dtype
 from lora_vision.io import write_safetensors
 from lora_vision.lora.config import ConfigError
-from lora_vision.metadata import AdapterMetadata
-from lora_vision.models.vit import freeze_to, load_vit, lora_targets, merged_copy, save_model
+from lora_vision.lora.weight_init import WEIGHT_INITS, init_from_weights_
+from lora_vision.models.vit import freeze_to, load_vit, lora_targets
 from lora_vision.training.checkpoint import (StopOnInterrupt, TrainableWeights, TrainingInterrupted, check_resume_step,
                                              find_checkpoint, load_checkpoint, new_run_id, prepare_output_dir,
-                                             restore_rng, resume_command, rng_state, save_checkpoint)
+                                             restore_rng)
 from lora_vision.training.vit.compare import write_comparison
 from lora_vision.training.vit.config import MODES, ViTTrainConfig
+from lora_vision.training.vit.run import (RunState, export, interrupted_error, optimizer_groups,
+                                          save_run_checkpoint)
 from lora_vision.training.vit.data import EpochSampler, SeededAugment
 from lora_vision.training.vit.evaluate import evaluate
 from lora_vision.training.vit.precision import MasterWeights
-from lora_vision.training.config import config_to_dict, load_config, save_config
+from lora_vision.training.config import load_config, save_config
 from lora_vision.training.optim import LRSchedule, build_optimizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,11 +78,14 @@ def build_model(cfg: ViTTrainConfig, mode: str, classes: list[str]):
     """Load the model with a new head and make the right parameters trainable for `mode`."""
     loaded = load_vit(cfg.model_name_or_path, len(classes), cfg.weights, classes, seed=cfg.seed)
     model, head = loaded.model, loaded.model.get_submodule(loaded.head_name)
-    lora_cfg = None
+    lora_cfg, starts = None, None
     if mode == "lora":
         lora_cfg = LoRAConfig(rank=cfg.rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                              init=cfg.init if cfg.init not in WEIGHT_INITS else "kaiming",
                               targets=lora_targets(loaded, cfg.targets), rank_pattern=cfg.rank_pattern)
         inject_lora(model, lora_cfg)  # freezes everything else
+        if cfg.init in WEIGHT_INITS:  # before freeze_to: the residual is computed from the fp32 weights
+            starts = init_from_weights_(model, cfg.init)
         head.requires_grad_(True)
     elif mode == "linear-probe":
         model.requires_grad_(False)
@@ -89,12 +94,12 @@ def build_model(cfg: ViTTrainConfig, mode: str, classes: list[str]):
         model.requires_grad_(True)
     if mode != "full":
         freeze_to(model, frozen_dtype(cfg))
-    return loaded, lora_cfg
+    return loaded, lora_cfg, starts
 
 
 def build_loaders(cfg: ViTTrainConfig, subset, pre, cuda: bool):
     """Training loader (seeded order and augmentation, see EpochSampler) and evaluation loader."""
-    train_ds = SeededAugment(ImageListDataset(subset.train, subset.classes, build_transforms(pre, True, cfg.augment),
+    train_ds = SeededAugment(ImageListDataset(subset.train, subset.classes, build_transforms(pre, True, cfg.augmentation()),
                                               cfg.skip_corrupt), cfg.seed)
     eval_ds = ImageListDataset(subset.val, subset.classes, build_transforms(pre, False), cfg.skip_corrupt)
     sampler = EpochSampler(len(train_ds), cfg.seed)
@@ -106,19 +111,22 @@ def build_loaders(cfg: ViTTrainConfig, subset, pre, cuda: bool):
     return train, evl, sampler
 
 
-def train_one(cfg: ViTTrainConfig, mode: str, out: Path, accelerator, subset, ckpt: Path | None = None) -> dict:
-    """Train one mode end to end, resuming from checkpoint `ckpt`; returns its metrics (also out/metrics.json)."""
+def train_one(cfg: ViTTrainConfig, mode: str, out: Path, accelerator, subset, ckpt: Path | None = None,
+              label: str | None = None) -> dict:
+    """Train one mode end to end, resuming from checkpoint `ckpt`; returns its metrics (also out/metrics.json).
+    `label` names the run in messages and the comparison (a LoRA variant of --compare); default: the mode."""
     from accelerate.utils import set_seed
 
     set_seed(cfg.seed)
     out.mkdir(parents=True, exist_ok=True)
-    loaded, lora_cfg = build_model(cfg, mode, subset.classes)
+    loaded, lora_cfg, starts = build_model(cfg, mode, subset.classes)
     raw = loaded.model
     trainable_params = [p for p in raw.parameters() if p.requires_grad]
     n_train, n_total = count_parameters(raw)
-    accelerator.print(f"[{mode}] " + (lora_report(raw, loaded.source) if mode == "lora" else
-                                      f"{n_train:,} trainable parameters of {n_total:,} "
-                                      f"({100 * n_train / n_total:.2f}%)"))
+    run = RunState(label or mode, run_id=new_run_id())
+    accelerator.print(f"[{run.mode}] " + (lora_report(raw, loaded.source) if mode == "lora" else
+                                          f"{n_train:,} trainable parameters of {n_total:,} "
+                                          f"({100 * n_train / n_total:.2f}%)"))
     train_loader, eval_loader, sampler = build_loaders(cfg, subset, loaded.preprocessing,
                                                        accelerator.device.type == "cuda")
     lr = cfg.lr(mode)
@@ -128,8 +136,10 @@ def train_one(cfg: ViTTrainConfig, mode: str, out: Path, accelerator, subset, ck
         master = MasterWeights(trainable_params)
         weights = TrainableWeights(dict(zip(weights.params, master.master)))
     opt_params = master.master if master else trainable_params
-    optimizer = build_optimizer([{"params": opt_params, "lr": lr}], betas=(0.9, 0.999),
-                                weight_decay=cfg.weight_decay, eps=1e-8)
+    groups = optimizer_groups(raw, lr, cfg.loraplus_lr_ratio if mode == "lora" else None,
+                              dict(zip(trainable_params, master.master)) if master else None)
+    base_lrs = [g["lr"] for g in groups]
+    optimizer = build_optimizer(groups, betas=(0.9, 0.999), weight_decay=cfg.weight_decay, eps=1e-8)
     model = torch.compile(raw) if cfg.torch_compile else raw
     model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
     per_epoch = math.ceil(len(train_loader) / cfg.gradient_accumulation_steps)
@@ -140,43 +150,28 @@ def train_one(cfg: ViTTrainConfig, mode: str, out: Path, accelerator, subset, ck
     plain = forward_fn(model, loaded.family)
     fwd = (lambda x: plain(x.to(torch.bfloat16))) if master else plain
 
-    step, start_epoch, skip, history, seen, train_time, run_id = 0, 0, 0, [], 0, 0.0, new_run_id()
+    start_epoch, skip = 0, 0
     carried: list[torch.Tensor] = []  # the losses of a resumed epoch's first part: its mean covers all of them
     if cfg.resume_from_checkpoint:
         if ckpt is None:
-            accelerator.print(f"[{mode}] no checkpoint in {out}; starting from scratch")
+            accelerator.print(f"[{run.mode}] no checkpoint in {out}; starting from scratch")
         else:
             check_resume_step(ckpt, total)
             st = load_checkpoint(ckpt, weights, optimizer.optimizer)
             restore_rng(st["rng_tensors"], st.get("rng", {}))
-            run_id = st.get("run_id")
+            run.run_id = st.get("run_id")
             if master:
                 master.master_to_model()
-            step, start_epoch, skip = st["step"], st["epoch"], st["batch_in_epoch"]
-            history, seen, train_time = st["history"], st["seen"], st["train_time_s"]
+            run.step, start_epoch, skip = st["step"], st["epoch"], st["batch_in_epoch"]
+            run.history, run.seen, run.train_time = st["history"], st["seen"], st["train_time_s"]
             carried = [torch.tensor(v, device=accelerator.device) for v in st.get("epoch_losses", [])]
-            accelerator.print(f"[{mode}] resumed from {ckpt} (step {step}, epoch {start_epoch + 1})")
+            accelerator.print(f"[{run.mode}] resumed from {ckpt} (step {run.step}, epoch {start_epoch + 1})")
+    is_main = accelerator.is_main_process
 
-    def checkpoint(epoch: int, batch: int, losses: list[torch.Tensor]) -> None:
-        if accelerator.is_main_process:
-            state = {"epoch": epoch, "batch_in_epoch": batch, "history": history, "seen": seen,
-                     "train_time_s": train_time, "mode": mode, "epoch_losses": [float(v) for v in losses]}
-            save_checkpoint(out, step, weights, optimizer.optimizer, rng_state(), config_to_dict(cfg),
-                            cfg.checkpoints_total_limit, state, run_id)
-
-    def stop_here(at: int) -> bool:
-        return at < total and stop.should_stop(accelerator, at, cfg.logging_steps)
-
-    def interrupted() -> TrainingInterrupted:
-        bar.close()
-        return TrainingInterrupted(f"[{mode}] interrupted at step {step} of {total}; saved {out / f'checkpoint-{step}'}."
-                                   " Resume with:\n  " + resume_command(__file__, Path(cfg.output_dir) /
-                                                                       "train_config.yaml", accelerator.num_processes))
-
-    bar = tqdm(total=total, initial=step, desc=f"train {mode}", disable=not accelerator.is_local_main_process)
+    bar = tqdm(total=total, initial=run.step, desc=f"train {run.mode}", disable=not accelerator.is_local_main_process)
     with StopOnInterrupt() as stop:  # the first Ctrl-C stops after the current step, with a checkpoint
         for epoch in range(start_epoch, epochs):
-            if step >= total:
+            if run.step >= total:
                 break
             model.train()
             loader = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
@@ -199,50 +194,58 @@ def train_one(cfg: ViTTrainConfig, mode: str, out: Path, accelerator, subset, ck
                     if accelerator.sync_gradients:
                         if cfg.max_grad_norm > 0:
                             accelerator.clip_grad_norm_(opt_params, cfg.max_grad_norm)
-                        schedule.apply(optimizer, [lr], step)
+                        schedule.apply(optimizer, base_lrs, run.step)
                         optimizer.step()
                         optimizer.zero_grad(set_to_none=True)
                         if master:
                             master.master_to_model()
                 batch += 1
-                seen += x.shape[0] * accelerator.num_processes
+                run.seen += x.shape[0] * accelerator.num_processes
                 losses.append(loss.detach())
                 if accelerator.sync_gradients:
-                    step += 1
+                    run.step += 1
                     bar.update(1)
-                    if step % cfg.logging_steps == 0:
-                        bar.set_postfix(loss=f"{float(loss.detach()):.4f}", lr=f"{lr * schedule.factor(step - 1):.2e}")
-                    if cfg.checkpointing_steps and step % cfg.checkpointing_steps == 0 and step < total:
-                        train_time += _elapsed(t0, accelerator)
-                        checkpoint(epoch, batch, losses)
+                    if run.step % cfg.logging_steps == 0:
+                        bar.set_postfix(loss=f"{float(loss.detach()):.4f}",
+                                        lr=f"{lr * schedule.factor(run.step - 1):.2e}")
+                    saving = bool(cfg.checkpointing_steps) and run.step % cfg.checkpointing_steps == 0
+                    if saving and run.step < total:
+                        run.train_time += _elapsed(t0, accelerator)
+                        save_run_checkpoint(cfg, out, run, weights, optimizer.optimizer, epoch, batch, losses, is_main)
                         t0 = time.perf_counter()
-                    if batch < len(train_loader) and stop_here(step):  # at an epoch's end: after its evaluation
-                        if not (cfg.checkpointing_steps and step % cfg.checkpointing_steps == 0):
-                            train_time += _elapsed(t0, accelerator)
-                            checkpoint(epoch, batch, losses)
-                        raise interrupted()
-                    if step >= total:
+                    # at an epoch's end the stop waits for its evaluation
+                    if batch < len(train_loader) and _should_stop(stop, accelerator, run.step, total, cfg):
+                        if not saving:
+                            run.train_time += _elapsed(t0, accelerator)
+                            save_run_checkpoint(cfg, out, run, weights, optimizer.optimizer, epoch, batch, losses,
+                                                is_main)
+                        bar.close()
+                        raise interrupted_error(cfg, run, total, out, __file__, accelerator.num_processes)
+                    if run.step >= total:
                         break
-            train_time += _elapsed(t0, accelerator)
+            run.train_time += _elapsed(t0, accelerator)
             model.eval()
             metrics = evaluate(fwd, eval_loader, accelerator.device, accelerator.gather_for_metrics)
             train_loss = float(torch.stack(losses).float().mean()) if losses else float("nan")
-            history.append({"epoch": epoch + 1, "step": step, "train_loss": round(train_loss, 5),
-                            "top1": metrics["top1"], "top5": metrics["top5"], "val_loss": round(metrics["loss"], 5)})
-            accelerator.print(f"[{mode}] epoch {epoch + 1}/{epochs}: train loss {train_loss:.4f}, "
+            run.history.append({"epoch": epoch + 1, "step": run.step, "train_loss": round(train_loss, 5),
+                                "top1": metrics["top1"], "top5": metrics["top5"], "val_loss": round(metrics["loss"], 5)})
+            accelerator.print(f"[{run.mode}] epoch {epoch + 1}/{epochs}: train loss {train_loss:.4f}, "
                               f"val top-1 {metrics['top1']:.2f}%, top-5 {metrics['top5']:.2f}%")
-            stopping = stop_here(step)
-            if (cfg.checkpointing_steps or stopping) and step < total:
-                checkpoint(epoch + 1, 0, [])
+            stopping = _should_stop(stop, accelerator, run.step, total, cfg)
+            if (cfg.checkpointing_steps or stopping) and run.step < total:
+                save_run_checkpoint(cfg, out, run, weights, optimizer.optimizer, epoch + 1, 0, [], is_main)
             if stopping:
-                raise interrupted()
+                bar.close()
+                raise interrupted_error(cfg, run, total, out, __file__, accelerator.num_processes)
     bar.close()
     accelerator.wait_for_everyone()
-    result = {"mode": mode, "model": loaded.source, "classes": len(subset.classes), "train_images": len(subset.train),
-              "val_images": len(subset.val), "split": subset.split, "trainable": n_train, "total": n_total,
-              "trainable_pct": 100.0 * n_train / n_total, "top1": history[-1]["top1"] if history else float("nan"),
-              "top5": history[-1]["top5"] if history else float("nan"), "steps": step,
-              "train_time_s": round(train_time, 3), "images_per_s": round(seen / max(train_time, 1e-9), 2),
+    history = run.history
+    result = {"mode": run.mode, "model": loaded.source, "classes": len(subset.classes),
+              "train_images": len(subset.train), "val_images": len(subset.val), "split": subset.split,
+              "trainable": n_train, "total": n_total, "trainable_pct": 100.0 * n_train / n_total,
+              "top1": history[-1]["top1"] if history else float("nan"),
+              "top5": history[-1]["top5"] if history else float("nan"), "steps": run.step,
+              "train_time_s": round(run.train_time, 3), "images_per_s": round(run.seen / max(run.train_time, 1e-9), 2),
               "history": history}
     if master:  # export the fp32 values of what was trained
         for p, m in zip(trainable_params, master.master):
@@ -254,10 +257,15 @@ def train_one(cfg: ViTTrainConfig, mode: str, out: Path, accelerator, subset, ck
                           {n: p.detach().float().cpu().contiguous() for n, p in raw.named_parameters()
                            if p.requires_grad})
     if accelerator.is_main_process:
-        result.update(export(cfg, mode, out, loaded, lora_cfg, subset, history))
+        result.update(export(cfg, mode, out, loaded, lora_cfg, subset.classes, history, starts))
         (out / "metrics.json").write_text(json.dumps(result, indent=1) + "\n")
     accelerator.free_memory()
     return result
+
+
+def _should_stop(stop: StopOnInterrupt, accelerator, step: int, total: int, cfg: ViTTrainConfig) -> bool:
+    """Whether a Ctrl-C asks to stop after optimizer step `step` (never after the last one)."""
+    return step < total and stop.should_stop(accelerator, step, cfg.logging_steps)
 
 
 def _elapsed(t0: float, accelerator) -> float:
@@ -266,31 +274,16 @@ def _elapsed(t0: float, accelerator) -> float:
     return time.perf_counter() - t0
 
 
-def export(cfg: ViTTrainConfig, mode: str, out: Path, loaded, lora_cfg, subset, history) -> dict:
-    """Save what the mode produced; returns the artifact name and size for the comparison table."""
-    meta = AdapterMetadata(base=loaded.source, family=loaded.family, mode=mode, classes=list(subset.classes),
-                           preprocessing=vars(loaded.preprocessing),
-                           top1=f"{history[-1]['top1']:.3f}" if history else "").to_strings()
-    if mode == "lora":
-        adapter = Adapter.from_models({"model": loaded.model}, metadata=meta, configs={"model": lora_cfg},
-                                      full_modules={"model": [loaded.head_name]})
-        path = adapter.save(out / "adapter.safetensors")
-        if cfg.save_peft:
-            from lora_vision.formats.peft import export_peft
-
-            base = None if loaded.source.startswith("tiny-") else loaded.source
-            export_peft(adapter, out / "peft", base_model_name_or_path=base)
-        if cfg.save_merged:
-            save_model(loaded, out / "merged", merged_copy(loaded.model))
-        return {"artifact": "adapter.safetensors", "artifact_bytes": path.stat().st_size}
-    save_model(loaded, out / "model")
-    if mode == "linear-probe":
-        head = loaded.model.get_submodule(loaded.head_name)
-        path = write_safetensors(out / "head.safetensors", {f"full.model.{loaded.head_name}.{k}": v.detach().cpu()
-                                                            for k, v in head.state_dict().items()}, meta)
-        return {"artifact": "head.safetensors", "artifact_bytes": path.stat().st_size}
-    size = sum(p.stat().st_size for p in (out / "model").glob("*.safetensors"))
-    return {"artifact": "model/*.safetensors", "artifact_bytes": size}
+def run_plan(cfg: ViTTrainConfig) -> dict[str, tuple[str, ViTTrainConfig]]:
+    """{run name: (mode, its config)}: the one mode, or with --compare lora, its variants (lora-pissa, lora-olora,
+    lora-loraplus), full and linear-probe."""
+    if not cfg.compare:
+        return {cfg.mode: (cfg.mode, cfg)}
+    plain = cfg.plain_lora()
+    runs = {"lora": ("lora", plain)}
+    runs.update({f"lora-{v}": ("lora", cfg.variant(v)) for v in cfg.compare_variants})
+    runs.update({m: (m, plain) for m in MODES if m != "lora"})
+    return runs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -306,14 +299,17 @@ def main(argv: list[str] | None = None) -> int:
         GradientState._reset_state()
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision,
                               gradient_accumulation_steps=cfg.gradient_accumulation_steps)
-    subset = build_subset(cfg.train_dir, cfg.validation_dir, cfg.classes or None, cfg.class_list,
-                          cfg.first_n_classes, cfg.subset, cfg.train_val_split, cfg.seed, cfg.verify_images,
-                          cfg.skip_corrupt)
+    if cfg.vtab_task:
+        subset = build_vtab_subset(cfg.train_dir, cfg.vtab_task, cfg.vtab_split)
+    else:
+        subset = build_subset(cfg.train_dir, cfg.validation_dir, cfg.classes or None, cfg.class_list,
+                              cfg.first_n_classes, cfg.subset, cfg.train_val_split, cfg.seed, cfg.verify_images,
+                              cfg.skip_corrupt)
     accelerator.print(f"{len(subset.classes)} classes, {len(subset.train)} training and {len(subset.val)} "
                       f"validation images (split: {subset.split})")
     out = Path(cfg.output_dir)
-    modes = MODES if cfg.compare else (cfg.mode,)
-    folders = {m: out / m if cfg.compare else out for m in modes}
+    runs = run_plan(cfg)
+    folders = {m: out / m if cfg.compare else out for m in runs}
     resume = {m: find_checkpoint(f, cfg.resume_from_checkpoint) if cfg.resume_from_checkpoint else None
               for m, f in folders.items()}
     for m, folder in folders.items():  # before anything is written: refuse a folder holding another run's checkpoints
@@ -325,7 +321,8 @@ def main(argv: list[str] | None = None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "train_config.yaml")
     try:
-        results = {m: train_one(cfg, m, folders[m], accelerator, subset, resume[m]) for m in modes}
+        results = {m: train_one(run_cfg, mode, folders[m], accelerator, subset, resume[m], label=m)
+                   for m, (mode, run_cfg) in runs.items()}
     except TrainingInterrupted as stop:
         if accelerator.is_main_process:
             print(stop, file=sys.stderr)

@@ -19,11 +19,10 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from .images import IMAGE_SUFFIXES, UnreadableImageError, name_list, open_image, read_text
+from .preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, build_transforms  # noqa: F401 (re-exported)
 
 IMAGE_EXTENSIONS = IMAGE_SUFFIXES
 SUBSET_DIR = Path(__file__).resolve().parents[2] / "configs" / "imagenet_subsets"
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class DatasetError(ValueError):
@@ -164,27 +163,6 @@ def load_rgb(path: str) -> Image.Image:
         return open_image(path)
     except UnreadableImageError as err:
         raise CorruptImageError(f"{err}; {SKIP_HINT}", path=err.path, reason=err.reason) from None
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """How a model expects its input: square size, normalisation, and the resize ratio of the centre crop."""
-
-    image_size: int = 224
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-    crop_pct: float = 0.875
-
-
-def build_transforms(pre: Preprocessing, train: bool, augment: bool = True) -> Callable:
-    """torchvision transforms: random-resized crop + flip for training, resize + centre crop for evaluation."""
-    from torchvision import transforms as T
-
-    norm = [T.ToTensor(), T.Normalize(pre.mean, pre.std)]
-    if train and augment:
-        return T.Compose([T.RandomResizedCrop(pre.image_size, scale=(0.35, 1.0)), T.RandomHorizontalFlip()] + norm)
-    resize = max(pre.image_size, int(round(pre.image_size / pre.crop_pct)))
-    return T.Compose([T.Resize(resize), T.CenterCrop(pre.image_size)] + norm)
 
 
 class ImageListDataset(Dataset):

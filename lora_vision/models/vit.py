@@ -13,6 +13,7 @@ The peft adapter folder is written by lora_vision.formats.peft.export_peft (the 
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -21,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.imagenet import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+from ..data.preprocessing import PIL_RESAMPLE, Preprocessing
 from ..io import read_safetensors, write_safetensors
 from ..lora.inject import fold_lora, replace_module
 from ..metadata import MODEL_SOURCE_KEY
@@ -31,6 +32,7 @@ from . import tiny
 FAMILIES = ("hf", "torchvision", "timm")
 HEADS = {"hf": "classifier", "torchvision": "heads.head", "timm": "head"}
 PRESETS = {"hf": "hf-vit-attn", "torchvision": "tv-vit-attn", "timm": "timm-vit-attn"}
+PROCESSOR_FILE = "preprocessor_config.json"  # transformers' image processor file
 TV_VITS = ("vit_b_16", "vit_b_32", "vit_l_16", "vit_l_32", "vit_h_14")
 
 
@@ -100,7 +102,6 @@ def load_vit(source: str, num_classes: int, weights: str | Path | None = None, l
         model.get_submodule(HEADS[family]).reset_parameters()
         if weights:
             _load_weights(model, weights, HEADS[family])
-        pre = Preprocessing(32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), 1.0)
     elif family == "torchvision":
         import torchvision
 
@@ -111,7 +112,6 @@ def load_vit(source: str, num_classes: int, weights: str | Path | None = None, l
         if weights:
             _load_weights(model, weights, "heads")
         model.heads.head = nn.Linear(model.hidden_dim, num_classes)
-        pre = Preprocessing(model.image_size, IMAGENET_MEAN, IMAGENET_STD, 224 / 256)
     elif family == "timm":
         try:
             import timm
@@ -120,14 +120,97 @@ def load_vit(source: str, num_classes: int, weights: str | Path | None = None, l
         model = timm.create_model(source.removeprefix("timm:"), pretrained=False, num_classes=num_classes)
         if weights:
             _load_weights(model, weights, "head")
-        cfg = timm.data.resolve_data_config({}, model=model)
-        pre = Preprocessing(cfg["input_size"][-1], tuple(cfg["mean"]), tuple(cfg["std"]), cfg.get("crop_pct", 0.875))
     else:
-        model, pre = _load_hf(source, num_classes, labels)
-    return LoadedViT(model, family, source, pre)
+        model = _load_hf(source, num_classes, labels)
+    return LoadedViT(model, family, source, derive_preprocessing(model, family, source))
 
 
-def _load_hf(source: str, num_classes: int, labels: Sequence[str] | None) -> tuple[nn.Module, Preprocessing]:
+def derive_preprocessing(model: nn.Module, family: str, source: str) -> Preprocessing:
+    """The preprocessing of the model's own processor: the one place it is worked out, for evaluation, as the base
+    of the training transforms, and for the processor file written next to adapters and merged models.
+
+    - transformers: its image processor (AutoImageProcessor of the folder or hub id); a folder without one gets
+      the defaults of its model type's processor class at the model's image_size (ViTImageProcessor: resize to
+      image_size x image_size, no crop, mean = std = 0.5), which is what transformers users get;
+    - timm: the pretrained config's data config (input size, crop_pct, crop_mode, interpolation, mean, std);
+    - torchvision: the transforms of the architecture's default weights (resize 256, crop 224, bilinear, ImageNet
+      mean and std for the ViTs);
+    - tiny-torchvision / tiny-timm (test models, no processor of their own): 32 px, mean = std = 0.5.
+    """
+    if family == "hf":
+        return _hf_preprocessing(source, model.config)
+    if source.startswith("tiny-"):
+        return Preprocessing(32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), resize_size=32)
+    if family == "torchvision":
+        import torchvision
+
+        t = torchvision.models.get_model_weights(source.removeprefix("torchvision:")).DEFAULT.transforms()
+        return Preprocessing(t.crop_size[0], tuple(t.mean), tuple(t.std), resize_size=t.resize_size[0],
+                             interpolation=t.interpolation.value)
+    import timm
+
+    cfg = timm.data.resolve_data_config({}, model=model)
+    size, crop_pct, mode = cfg["input_size"][-1], cfg.get("crop_pct", 0.875), cfg.get("crop_mode", "center")
+    if mode not in ("center", "squash"):
+        raise ModelLoadError(f"{source}: timm crop_mode {mode!r} is not supported (center and squash are); "
+                             "give a model whose pretrained config uses one of them")
+    return Preprocessing(size, tuple(cfg["mean"]), tuple(cfg["std"]), resize_size=math.floor(size / crop_pct),
+                         keep_aspect=mode == "center", interpolation=cfg.get("interpolation", "bicubic"))
+
+
+def _hf_preprocessing(source: str, config) -> Preprocessing:
+    from transformers import AutoImageProcessor
+    from transformers.models.auto.image_processing_auto import (IMAGE_PROCESSOR_MAPPING_NAMES,
+                                                                get_image_processor_class_from_name)
+
+    model_size = getattr(config, "image_size", 224)
+    model_size = int(model_size if isinstance(model_size, int) else model_size[0])
+    proc = None
+    local = Path(source).is_dir() or source.startswith("tiny-")
+    if not local or (Path(source) / PROCESSOR_FILE).is_file():
+        try:
+            proc = AutoImageProcessor.from_pretrained(source)
+        except (OSError, ValueError, TypeError):
+            proc = None
+    own = proc is not None
+    if proc is None:  # no preprocessor_config.json: the defaults of the model type's processor class
+        names = IMAGE_PROCESSOR_MAPPING_NAMES.get(config.model_type) or {}
+        if not isinstance(names, dict):
+            names = {"torchvision": names[-1] or names[0]}
+        proc = get_image_processor_class_from_name(names.get("torchvision") or names.get("pil")
+                                                   or "ViTImageProcessor")()
+    size, crop = dict(proc.size or {}), dict(getattr(proc, "crop_size", None) or {})
+    do_crop = bool(getattr(proc, "do_center_crop", False))
+    if not own:  # the class defaults are for its usual 224 px: scale them to this model's input size
+        final = (crop if do_crop else size).get("height") or size.get("shortest_edge") or model_size
+        factor = model_size / final
+        size = {k: int(round(v * factor)) for k, v in size.items() if v}
+        crop = {k: int(round(v * factor)) for k, v in crop.items() if v}
+    if "shortest_edge" in size:
+        resize, keep = size["shortest_edge"], True
+    elif size.get("height") and size.get("height") == size.get("width"):
+        resize, keep = size["height"], False
+    else:
+        raise ModelLoadError(f"{source}: image processor size {size} is not supported (expected shortest_edge or a "
+                             "square height/width)")
+    out = crop.get("height", resize) if do_crop else resize
+    if do_crop and crop.get("height") != crop.get("width"):
+        raise ModelLoadError(f"{source}: non-square crop_size {crop} is not supported")
+    if keep and not do_crop:
+        raise ModelLoadError(f"{source}: a shortest_edge resize without a centre crop gives images of varying "
+                             "shape; give the processor a crop_size")
+    if getattr(proc, "do_rescale", True) and abs(getattr(proc, "rescale_factor", 1 / 255) - 1 / 255) > 1e-12:
+        raise ModelLoadError(f"{source}: rescale_factor {proc.rescale_factor} is not supported (1/255 is)")
+    normalize = getattr(proc, "do_normalize", True)
+    mean = tuple(proc.image_mean) if normalize else (0.0, 0.0, 0.0)
+    std = tuple(proc.image_std) if normalize else (1.0, 1.0, 1.0)
+    resample = {v: k for k, v in PIL_RESAMPLE.items()}.get(int(getattr(proc, "resample", 2) or 2), "bilinear")
+    backend = "pil" if getattr(proc, "backend", "torchvision") == "pil" else "tensor"
+    return Preprocessing(out, mean, std, resize_size=resize, keep_aspect=keep, interpolation=resample,
+                         backend=backend)
+
+
+def _load_hf(source: str, num_classes: int, labels: Sequence[str] | None) -> nn.Module:
     from transformers import AutoConfig, AutoModelForImageClassification
 
     try:
@@ -152,16 +235,7 @@ def _load_hf(source: str, num_classes: int, labels: Sequence[str] | None) -> tup
     if config.num_labels != num_classes:
         print(f"{source}: new classification head for {num_classes} classes (the checkpoint's has "
               f"{config.num_labels}); it starts from random weights")
-    size = getattr(config, "image_size", 224)
-    mean, std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)  # ViTImageProcessor's defaults
-    try:
-        from transformers import AutoImageProcessor
-
-        proc = AutoImageProcessor.from_pretrained(source)
-        mean, std = tuple(proc.image_mean), tuple(proc.image_std)
-    except (OSError, ValueError, AttributeError, TypeError):
-        pass
-    return model, Preprocessing(int(size if isinstance(size, int) else size[0]), mean, std, 0.875)
+    return model
 
 
 def freeze_to(model: nn.Module, dtype: torch.dtype) -> int:

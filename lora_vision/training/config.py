@@ -1,10 +1,10 @@
 """Recipe configs: a frozen dataclass per recipe, filled from defaults <- YAML file <- command-line flags.
 
 Every field becomes a flag of the same name (`--train_batch_size 4`); booleans also accept `--flag` alone and
-`--flag false`; tuples take comma-separated values. `--config FILE.yaml` supplies the same keys. Unknown keys and
-flags are reported together, each with a "did you mean" hint; all invalid values are reported in one error.
-A config class may name other tools' flags: `ALIASES` (another name of a field, accepted) and `INSTEAD` (a flag
-with no counterpart: refused, saying what to use instead).
+`--flag false`; tuples take comma-separated values, or several (`--crop_scale 0.5 1`). `--config FILE.yaml`
+supplies the same keys. Unknown keys and flags are reported together, each with a "did you mean" hint; all invalid
+values are reported in one error. A config class may name other tools' flags: `ALIASES` (another name of a field,
+accepted) and `INSTEAD` (a flag with no counterpart: refused, saying what to use instead).
 """
 
 from __future__ import annotations
@@ -68,7 +68,10 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
         return str(value)
     if origin is tuple:
         inner = typing.get_args(base)[0]
-        items = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else list(value)
+        # A string (or each string of a flag's several values: --crop_scale 0.5 1) holds comma-separated items.
+        items: list[Any] = []
+        for part in [value] if isinstance(value, str) else list(value):
+            items += [v.strip() for v in part.split(",") if v.strip()] if isinstance(part, str) else [part]
         return tuple(_coerce(name, v, inner) for v in items)
     if origin is dict:
         if isinstance(value, str) and not value.strip().startswith("{") and "=" in value:  # key=value,key=value
@@ -138,6 +141,8 @@ def build_parser(cls: type, prog: str, description: str, other_defaults: tuple[s
             text += f"; also accepted as {', '.join(also)}"
         if base is bool:
             parser.add_argument(f"--{f.name}", nargs="?", const="true", help=text)
+        elif typing.get_origin(base) is tuple:
+            parser.add_argument(f"--{f.name}", nargs="+", help=text)
         else:
             parser.add_argument(f"--{f.name}", help=text)
     for alias, name in aliases.items():

@@ -82,20 +82,30 @@ def eval_mode(optimizer: torch.optim.Optimizer) -> Iterator[None]:
             optimizer.train()
 
 
-def loraplus_param_groups(model_or_params: nn.Module | Iterable[tuple[str, torch.Tensor]], lr: float, ratio: float,
-                          weight_decay: float | None = None) -> list[dict]:
-    """LoRA+ (Hayou et al. 2024, arXiv:2402.12354): two optimizer groups, the LoRA A matrices at `lr` and the B
-    matrices at `lr * ratio` (B learns faster; the paper suggests ratios around 16). `model_or_params` is a module
-    (its parameters that require grad) or (name, parameter) pairs; a parameter is a B matrix when its name has a
-    `lora_B` part. Other trainable parameters (a new head) go with A. `weight_decay` (when given) is set on both
-    groups. Empty groups are left out; each group has a "name" ("lora_A" / "lora_B") for logs."""
+def loraplus_param_groups(model_or_params: nn.Module | Iterable[tuple[str, torch.Tensor]], lr: float,
+                          ratio: float | None, weight_decay: float | None = None) -> list[dict]:
+    """LoRA+ (Hayou et al. 2024, arXiv:2402.12354): the LoRA B matrices learn at `lr * ratio`, everything else
+    (A, a new head, biases) at `lr` (B learns faster; the paper suggests ratios around 16). The one LoRA+ rule of
+    both recipes.
+
+    `model_or_params` is a module (its parameters that require grad) or (name, parameter) pairs; a parameter is a
+    B matrix when its name has a `lora_B` part. With `ratio` None (or 1) it is one group at `lr`. `weight_decay`
+    (when given) is set on every group. Empty groups are left out; each group has a "name" ("lora", or "lora_A" /
+    "lora_B") for logs. Pass the groups to `build_optimizer` and their lrs to `LRSchedule.apply`, so the schedule
+    keeps the ratio."""
     pairs = ([(n, p) for n, p in model_or_params.named_parameters() if p.requires_grad]
              if isinstance(model_or_params, nn.Module) else list(model_or_params))
-    b_params = [p for n, p in pairs if "lora_B" in n.split(".")]
-    a_params = [p for n, p in pairs if "lora_B" not in n.split(".")]
     extra = {} if weight_decay is None else {"weight_decay": weight_decay}
-    groups = [{"name": "lora_A", "params": a_params, "lr": lr, **extra},
-              {"name": "lora_B", "params": b_params, "lr": lr * ratio, **extra}]
+    if ratio is None or ratio == 1:
+        return [{"name": "lora", "params": [p for _, p in pairs], "lr": lr, **extra}]
+    if not ratio > 0:
+        raise ValueError(f"loraplus_lr_ratio={ratio}: expected a number > 0")
+    is_b = ["lora_B" in n.split(".") for n, _ in pairs]
+    if not any(is_b):
+        raise ValueError("loraplus_lr_ratio is set but no trainable parameter is a LoRA B matrix (lora_B); "
+                         "it applies to LoRA training only")
+    groups = [{"name": "lora_A", "params": [p for (_, p), b in zip(pairs, is_b) if not b], "lr": lr, **extra},
+              {"name": "lora_B", "params": [p for (_, p), b in zip(pairs, is_b) if b], "lr": lr * ratio, **extra}]
     return [g for g in groups if g["params"]]
 
 
@@ -141,3 +151,4 @@ class LRSchedule:
             else:
                 group["lr"] = base * f
         return f
+

@@ -5,15 +5,21 @@ Field names follow transformers' examples/pytorch/image-classification wherever 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
+from ...data.vtab import VTAB_SPLITS, VTAB_TASKS
+from ...data.preprocessing import AUGMENT_PRESETS, Augmentation, check_crop_scale
 from ...lora.config import _check_pattern, _check_rank
+from ...lora.weight_init import WEIGHT_INITS
 from ...targets import PRESETS, target_problems
 from ..config import LORA_ALIASES
 from ..optim import SCHEDULES
 
 MODES = ("lora", "full", "linear-probe")
+VARIANTS = ("pissa", "olora", "loraplus")
+INITS = ("kaiming", "gaussian") + WEIGHT_INITS
+AUGMENT_ALIASES = {"true": "imagenet", "false": "none"}
 # Learning rates that work for each mode when --learning_rate is not given (AdamW, batch 32-128).
 DEFAULT_LR = {"lora": 5e-3, "full": 5e-4, "linear-probe": 1e-2}
 
@@ -40,6 +46,10 @@ class ViTTrainConfig:
     """Comma-separated class ids."""
     first_n_classes: int | None = None
     """Use the first N class folders (sorted by name)."""
+    vtab_task: str | None = None
+    """A VTAB-1k task (cifar, dtd, ...): train_dir is then the vtab-1k folder (<task>/train800.txt, ...)."""
+    vtab_split: str = "final"
+    """VTAB-1k: tune (train800 / val200) or final (train800val200 / test, the published numbers)."""
     train_val_split: float = 0.2
     """Fraction of each class held out for validation when there is no validation_dir."""
     verify_images: bool = False
@@ -96,8 +106,18 @@ class ViTTrainConfig:
     """Seed of the split, the head, LoRA init, the data order and augmentation."""
     dataloader_num_workers: int = 2
     """DataLoader worker processes (images are decoded there)."""
-    augment: bool = True
-    """Random-resized crop and flip for training."""
+    augment: str = "imagenet"
+    """Training augmentation preset: none, light (crop 0.8-1 + flip) or imagenet (crop 0.35-1 + flip); true = imagenet, false = none."""
+    hflip: bool | None = None
+    """Random horizontal flip; default: the augment preset's (off for digits, text, scans: anything a mirror changes)."""
+    crop_scale: tuple[float, ...] = ()
+    """Random-resized crop area range MIN MAX (e.g. 0.5 1); default: the augment preset's."""
+    init: str = "kaiming"
+    """LoRA initialisation: kaiming, gaussian (B = 0), or pissa / olora (from the base weight, which becomes the residual)."""
+    loraplus_lr_ratio: float | None = None
+    """LoRA+: the B matrices learn at this ratio x the learning rate (the paper suggests 16); None: off."""
+    compare_variants: tuple[str, ...] = ()
+    """With --compare, also train these LoRA variants: pissa, olora, loraplus (ratio: --loraplus_lr_ratio, else 16)."""
     checkpointing_steps: int | None = None
     """Save a resumable checkpoint every N optimizer steps (and always at the end of an epoch when set)."""
     checkpoints_total_limit: int | None = 2
@@ -115,9 +135,44 @@ class ViTTrainConfig:
 
     ALIASES: ClassVar[dict[str, str]] = LORA_ALIASES
 
+    def __post_init__(self) -> None:
+        # --augment true/false (and YAML booleans) are the older spelling of the imagenet / none presets.
+        value = str(self.augment).strip().lower()
+        object.__setattr__(self, "augment", AUGMENT_ALIASES.get(value, value))
+
     def problems(self) -> list[str]:
         """Every invalid value, one line each."""
         out = []
+        if self.augment not in AUGMENT_PRESETS:
+            out.append(f"augment={self.augment!r}: expected one of {AUGMENT_PRESETS} (or true = imagenet, "
+                       "false = none)")
+        if self.crop_scale:
+            out += check_crop_scale(self.crop_scale)
+        if self.init not in INITS:
+            out.append(f"init={self.init!r}: expected one of {INITS}")
+        if self.init in WEIGHT_INITS and self.mode != "lora" and not self.compare:
+            out.append(f"init={self.init} applies to --mode lora, not {self.mode}")
+        if self.loraplus_lr_ratio is not None and not self.loraplus_lr_ratio > 0:
+            out.append(f"loraplus_lr_ratio={self.loraplus_lr_ratio}: expected a number > 0 or None")
+        bad = [v for v in self.compare_variants if v not in VARIANTS]
+        if bad:
+            out.append(f"compare_variants={list(bad)}: expected some of {VARIANTS}")
+        if self.vtab_task is not None and self.vtab_task not in VTAB_TASKS:
+            out.append(f"vtab_task={self.vtab_task!r}: expected one of {', '.join(VTAB_TASKS)}")
+        if self.vtab_split not in VTAB_SPLITS:
+            out.append(f"vtab_split={self.vtab_split!r}: expected one of {tuple(VTAB_SPLITS)}")
+        if self.vtab_task and (self.validation_dir or self.subset or self.class_list or self.classes
+                               or self.first_n_classes):
+            out.append("vtab_task takes its splits and classes from the VTAB-1k files: leave out validation_dir, "
+                       "subset, class_list, classes and first_n_classes")
+        if self.compare_variants and not self.compare:
+            out.append("compare_variants needs --compare")
+        if self.compare and self.init in WEIGHT_INITS:
+            out.append(f"init={self.init} with --compare: the compared lora run is plain LoRA; add the variant with "
+                       f"--compare_variants {self.init}")
+        if self.compare and self.loraplus_lr_ratio is not None and "loraplus" not in self.compare_variants:
+            out.append("loraplus_lr_ratio with --compare sets the ratio of the loraplus variant: add "
+                       "--compare_variants loraplus")
         if self.mode not in MODES:
             out.append(f"mode={self.mode!r}: expected one of {MODES}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
@@ -165,6 +220,21 @@ class ViTTrainConfig:
         for pat, r in self.rank_pattern.items():
             out += [f"rank_pattern: {p}" for p in _check_pattern(pat)] + _check_rank(f"rank_pattern[{pat!r}]", r)
         return out
+
+    def augmentation(self) -> Augmentation:
+        """The training augmentation: the preset with --hflip / --crop_scale on top."""
+        return Augmentation.preset(self.augment, self.hflip, tuple(self.crop_scale) if self.crop_scale else None)
+
+    def plain_lora(self) -> "ViTTrainConfig":
+        """This config without the LoRA variants (what --compare's lora, full and linear-probe runs use)."""
+        return replace(self, init="kaiming" if self.init in WEIGHT_INITS else self.init, loraplus_lr_ratio=None,
+                       compare_variants=())
+
+    def variant(self, name: str) -> "ViTTrainConfig":
+        """Plain LoRA with variant `name` (pissa, olora, loraplus: ratio --loraplus_lr_ratio, else 16) switched on."""
+        if name == "loraplus":
+            return replace(self.plain_lora(), loraplus_lr_ratio=self.loraplus_lr_ratio or 16.0)
+        return replace(self.plain_lora(), init=name)
 
     def lr(self, mode: str | None = None) -> float:
         """The learning rate for `mode` (the flag, else the mode's default)."""
