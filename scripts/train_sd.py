@@ -218,7 +218,9 @@ def train(cfg: SDTrainConfig) -> int:
             print(f"resumed from {ckpt} at step {start}")
 
     settings = StepSettings(pred_type, int(pipe.scheduler.config.num_train_timesteps), cfg.snr_gamma,
-                            cfg.noise_offset, cfg.prior_loss_weight, cfg.max_grad_norm, sdxl)
+                            cfg.noise_offset, cfg.prior_loss_weight, cfg.max_grad_norm, sdxl, cfg.loss_type,
+                            cfg.huber_schedule, cfg.huber_c, cfg.debiased_estimation_loss,
+                            cfg.multires_noise_iterations, cfg.multires_noise_discount)
     val_loss = (ValidationLoss(unet, data.held_out_cache, data.table, text_encoders,
                                alphas_cumprod(pipe.scheduler, device), settings, dtype, cfg.train_batch_size,
                                cfg.seed + 2) if data.held_out_cache and main_proc else None)

@@ -40,6 +40,8 @@ class BucketCache:
     text_row: torch.Tensor
     time_ids: torch.Tensor
     paths: list[str] = field(default_factory=list)
+    mask: torch.Tensor | None = None
+    """(N, 1, h, w) loss weights in [0, 1] on the latent grid (--masked_loss), cropped and flipped as the image."""
 
 
 def tokenize(tokenizers: list, prompts: list[str]) -> list[torch.Tensor]:

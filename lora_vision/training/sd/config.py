@@ -16,6 +16,7 @@ from ...lora.config import ConfigError, _check_pattern, _check_rank
 from ...targets import CLIP_LAYER_NAMES, PRESETS, UNET_LAYER_NAMES, target_problems
 from ..config import LORA_ALIASES
 from ..optim import OPTIMIZERS, SCHEDULES
+from .losses import HUBER_SCHEDULES, LOSS_TYPES
 
 # The keys of --lr_per_component: a component, or a part of the UNet (its down blocks, mid block, up blocks).
 LR_KEYS: tuple[str, ...] = ("unet", "unet.down", "unet.mid", "unet.up", "text_encoder", "text_encoder_2")
@@ -198,6 +199,19 @@ class SDTrainConfig:
     """Min-SNR-gamma loss weighting (Hang et al. 2023); 5.0 is the paper's value; None disables it."""
     noise_offset: float = 0.0
     """Offset noise strength (0 disables)."""
+    loss_type: str = "l2"
+    """l2 (squared error), l1, huber or smooth_l1 (kohya's pseudo-Huber forms, threshold from huber_schedule)."""
+    huber_schedule: str = "snr"
+    """Huber threshold over timesteps: constant (huber_c), exponential (1 at t=0 down to huber_c) or snr (kohya's
+    default: about 1 for clean samples, huber_c for noisy ones)."""
+    huber_c: float = 0.1
+    """The Huber threshold (constant) or its end value (exponential, snr); large values make huber equal l2."""
+    multires_noise_iterations: int = 0
+    """Multires (pyramid) noise levels, kohya's pyramid_noise_like (6-10 is usual); 0 disables."""
+    multires_noise_discount: float = 0.3
+    """Weight factor per multires noise level (kohya recommends 0.1-0.3)."""
+    debiased_estimation_loss: bool = False
+    """Weight each sample's loss by 1/sqrt(SNR) (v-prediction: 1/(SNR+1)), debiased estimation (Yu et al. 2023)."""
     prediction_type: str | None = None
     """epsilon or v_prediction; None: the model's scheduler decides."""
     validation_prompt: str | None = None
@@ -325,6 +339,20 @@ class SDTrainConfig:
             out += [f"rank_pattern: {p}" for p in _check_pattern(pat)] + _check_rank(f"rank_pattern[{pat!r}]", r)
         if self.snr_gamma is not None and not self.snr_gamma > 0:
             out.append(f"snr_gamma={self.snr_gamma}: expected a number > 0 or None")
+        for name, allowed in (("loss_type", LOSS_TYPES), ("huber_schedule", HUBER_SCHEDULES)):
+            if getattr(self, name) not in allowed:
+                close = difflib.get_close_matches(str(getattr(self, name)), allowed, n=1)
+                out.append(f"{name}={getattr(self, name)!r}: expected one of {', '.join(allowed)}"
+                           + (f" (did you mean {close[0]!r}?)" if close else ""))
+        if not self.huber_c > 0:
+            out.append(f"huber_c={self.huber_c}: expected a number > 0 (kohya's default is 0.1)")
+        elif self.huber_schedule == "exponential" and self.loss_type in ("huber", "smooth_l1") and self.huber_c >= 1:
+            out.append(f"huber_c={self.huber_c} with huber_schedule exponential: expected a number in (0, 1) (the "
+                       "threshold falls from 1 to huber_c)")
+        if self.multires_noise_iterations < 0:
+            out.append(f"multires_noise_iterations={self.multires_noise_iterations}: expected an integer >= 0")
+        if not 0 <= self.multires_noise_discount <= 1:
+            out.append(f"multires_noise_discount={self.multires_noise_discount}: expected a number in [0, 1]")
         if not 0 <= self.lora_dropout < 1:
             out.append(f"lora_dropout={self.lora_dropout}: expected a probability in [0, 1)")
         if self.with_prior_preservation:

@@ -60,7 +60,9 @@ def graph_off_reason(cfg: SDTrainConfig, device: torch.device, world: int, one_b
     """Why the whole step cannot be one CUDA graph on this run (None: it can). It needs CUDA, one process, one
     batch shape, no accumulation, no gradient checkpointing, plain AdamW (the others keep step counts and step
     sizes on the host), no fp16 (its scaler syncs) and no dropout. EMA, LoRA+ and per-block learning rates do
-    not stop it: the EMA update runs after each replay, the learning rates are device tensors per group."""
+    not stop it: the EMA update runs after each replay, the learning rates are device tensors per group. Nor do
+    the loss options: Huber thresholds, debiased and min-SNR weights and masks are device ops on the step's
+    buffers, and multires noise is drawn with the other random numbers, outside the graph."""
     if not cfg.cuda_graph or device.type != "cuda":
         return None if cfg.cuda_graph and device.type == "cuda" else "not on CUDA or --cuda_graph false"
     checks = [(world == 1, f"{world} processes"), (one_bucket, "more than one batch shape (buckets)"),
@@ -106,7 +108,7 @@ class TrainingSteps:
         self.static: StaticStep | None = None
 
     def _inputs(self, parts: list) -> Inputs:
-        return shard_inputs(gather_inputs(parts, self.generator, self.settings), self.rank, self.world)
+        return shard_inputs(gather_inputs(parts, self.generator, self.settings, self.data_rng), self.rank, self.world)
 
     def next_inputs(self) -> list[Inputs]:
         """This micro-batch's inputs: one concatenated batch, or instance and class apart when sizes differ."""
