@@ -32,12 +32,11 @@ RESUMABLE_CHANGES: frozenset[str] = frozenset({
 
 # kohya sd-scripts flags with another name here (accepted as aliases), and those with no counterpart (refused,
 # saying what to use instead).
-KOHYA_ALIASES: dict[str, str] = {"network_dim": "rank", "network_alpha": "lora_alpha"}
+KOHYA_ALIASES: dict[str, str] = {"network_dim": "rank", "network_alpha": "lora_alpha",
+                                 "conditioning_data_dir": "mask_data_dir"}
 KOHYA_INSTEAD: dict[str, str] = {
     "num_train_epochs": "this script counts optimizer steps, not epochs: use --max_train_steps "
                         "(steps = epochs x images x repeats / train_batch_size)",
-    "caption_extension": "captions are read from <image>.txt beside each image (--use_captions): name the caption "
-                         "files .txt",
     "network_module": "this script always trains LoRA: leave --network_module out and choose the layers with "
                       "--unet_targets",
     "train_data_dir": "use --instance_data_dir with the folder that holds the images (kohya's <repeats>_<name> "
@@ -85,7 +84,16 @@ class SDTrainConfig:
     instance_prompt: str | None = None
     """Prompt with the trigger phrase (e.g. 'a photo of sks dog'); also the trigger phrase in the adapter metadata."""
     use_captions: bool = True
-    """Use `<image>.txt` as the caption of an image when it exists."""
+    """Use `<image><caption_extension>` as the caption of an image when it exists."""
+    caption_extension: str = ".txt"
+    """The suffix of caption files beside the images (kohya's flag; kohya's own default is .caption)."""
+    masked_loss: bool = False
+    """Weight the loss per latent pixel by a mask per instance image (white = trained, black = ignored): the file
+    with the image's name in mask_data_dir, else <name>_mask.png beside the image (not trained on as an image)."""
+    alpha_mask: bool = False
+    """Masked loss with each instance image's alpha channel as its mask (images without alpha count fully)."""
+    mask_data_dir: str | None = None
+    """A folder of mask images named as the instance images (kohya's conditioning_data_dir); needs masked_loss."""
     class_data_dir: str | None = None
     """Folder of class images for prior preservation; missing ones are generated into it."""
     class_prompt: str | None = None
@@ -353,6 +361,14 @@ class SDTrainConfig:
             out.append(f"multires_noise_iterations={self.multires_noise_iterations}: expected an integer >= 0")
         if not 0 <= self.multires_noise_discount <= 1:
             out.append(f"multires_noise_discount={self.multires_noise_discount}: expected a number in [0, 1]")
+        if self.mask_data_dir is not None and not self.masked_loss:
+            out.append(f"mask_data_dir={self.mask_data_dir!r} was given without masked_loss; add --masked_loss")
+        if self.mask_data_dir is not None and self.alpha_mask:
+            out.append("alpha_mask and mask_data_dir both given: take the masks from the images' alpha channels or "
+                       "from the mask folder, not both")
+        ext = self.caption_extension
+        if not ext.startswith(".") or len(ext) < 2 or "/" in ext or "\\" in ext:
+            out.append(f"caption_extension={ext!r}: expected a file suffix starting with a dot, e.g. .txt or .caption")
         if not 0 <= self.lora_dropout < 1:
             out.append(f"lora_dropout={self.lora_dropout}: expected a probability in [0, 1)")
         if self.with_prior_preservation:
