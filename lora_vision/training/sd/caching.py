@@ -216,7 +216,7 @@ def prepare_data(cfg: SDTrainConfig, resolution: int, tokenizers: list, text_enc
     classes = (scan_folder(cfg.class_data_dir, cfg.class_prompt, what="class", use_captions=False, **scan)
                if cfg.with_prior_preservation else None)
     prompts = sorted(set(instance.captions) | set(classes.captions if classes else ())
-                     | set(held_out.captions if held_out else ()))
+                     | set(held_out.captions if held_out else ()) | ({""} if cfg.caption_dropout_rate else set()))
     long = truncated_captions(instance, tokenizers[0], cfg.instance_prompt, cfg.caption_extension)
     if long and verbose:
         print(f"warning: {len(long)} caption(s) are longer than the text encoder's {tokenizers[0].model_max_length} "

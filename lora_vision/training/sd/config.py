@@ -87,6 +87,13 @@ class SDTrainConfig:
     """Use `<image><caption_extension>` as the caption of an image when it exists."""
     caption_extension: str = ".txt"
     """The suffix of caption files beside the images (kohya's flag; kohya's own default is .caption)."""
+    shuffle_caption: bool = False
+    """Shuffle the comma-separated tags of each instance caption every time it is drawn (kohya's flag); shuffled
+    captions are encoded on the fly (the text encoder runs once per new variant and step)."""
+    keep_tokens: int = 0
+    """With shuffle_caption: keep the first N tags in place (e.g. the trigger word), shuffle the rest."""
+    caption_dropout_rate: float = 0.0
+    """Train an instance image with the empty prompt at this rate (its embedding is cached)."""
     masked_loss: bool = False
     """Weight the loss per latent pixel by a mask per instance image (white = trained, black = ignored): the file
     with the image's name in mask_data_dir, else <name>_mask.png beside the image (not trained on as an image)."""
@@ -361,6 +368,12 @@ class SDTrainConfig:
             out.append(f"multires_noise_iterations={self.multires_noise_iterations}: expected an integer >= 0")
         if not 0 <= self.multires_noise_discount <= 1:
             out.append(f"multires_noise_discount={self.multires_noise_discount}: expected a number in [0, 1]")
+        if self.keep_tokens < 0:
+            out.append(f"keep_tokens={self.keep_tokens}: expected an integer >= 0")
+        elif self.keep_tokens and not self.shuffle_caption:
+            out.append(f"keep_tokens={self.keep_tokens} without shuffle_caption does nothing; add --shuffle_caption")
+        if not 0 <= self.caption_dropout_rate < 1:
+            out.append(f"caption_dropout_rate={self.caption_dropout_rate}: expected a fraction in [0, 1), e.g. 0.1")
         if self.mask_data_dir is not None and not self.masked_loss:
             out.append(f"mask_data_dir={self.mask_data_dir!r} was given without masked_loss; add --masked_loss")
         if self.mask_data_dir is not None and self.alpha_mask:
