@@ -3,7 +3,6 @@ follow crops, buckets and flips into the latent cache; a fully masked image give
 
 from __future__ import annotations
 
-import csv
 import shutil
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from lora_vision.data.dreambooth import scan_folder
 from lora_vision.models import build_tiny_sd
 from lora_vision.training.sd.caching import cache_latents
 
+from resume_checks import check_resume_exact, logged_losses
 from test_train_sd import base_args, instance_dir, train_sd  # noqa: E402,F401  (fixtures; tests/recipes is on sys.path)
 
 
@@ -70,11 +70,6 @@ def test_missing_masks_are_listed_and_alpha_mask_reads_the_alpha_channel(tmp_pat
     assert torch.all(by_name["b.png"][0, : h // 2] == 1) and torch.all(by_name["b.png"][0, h // 2:] == 0)
 
 
-def _losses(out: Path) -> list[float]:
-    with (out / "logs" / "loss.csv").open() as f:
-        return [float(r["loss"]) for r in csv.DictReader(f)]
-
-
 def test_fully_masked_images_give_zero_loss_and_leave_the_adapter_unchanged(train_sd, instance_dir, tmp_path):
     masks = tmp_path / "masks"
     masks.mkdir()
@@ -84,7 +79,7 @@ def test_fully_masked_images_give_zero_loss_and_leave_the_adapter_unchanged(trai
     args = base_args("tiny-sd1", instance_dir, out, steps=2) + ["--masked_loss", "--conditioning_data_dir",
                                                                str(masks), "--adam_weight_decay", "0"]
     assert train_sd.main(args) == 0
-    assert _losses(out) == [0.0, 0.0]
+    assert logged_losses(out) == [0.0, 0.0]
     adapter = Adapter.load(out / "adapter.safetensors")
     assert all(torch.count_nonzero(v) == 0 for k, v in adapter.tensors.items() if "lora_B" in k)  # no gradient
 
@@ -93,16 +88,10 @@ def test_masked_loss_resumes_exactly_and_mask_weights_the_loss(train_sd, instanc
     for img in instance_dir.glob("*.jpg"):
         _half_mask(Image.open(img).size, instance_dir / f"{img.stem}_mask.png")
     flags = ["--masked_loss", "--random_flip", "--bucketing", "--bucket_step", "16"]
-    full, parts, plain = tmp_path / "full", tmp_path / "parts", tmp_path / "plain"
-    assert train_sd.main(base_args("tiny-sd1", instance_dir, full, steps=4) + flags) == 0
-    assert train_sd.main(base_args("tiny-sd1", instance_dir, parts, steps=2) + flags) == 0
-    assert train_sd.main(base_args("tiny-sd1", instance_dir, parts, steps=4) + flags
-                         + ["--resume_from_checkpoint", "latest"]) == 0
-    a, b = Adapter.load(full / "adapter.safetensors"), Adapter.load(parts / "adapter.safetensors")
-    assert max((a.tensors[k] - b.tensors[k]).abs().max().item() for k in a.tensors) <= 1e-6
-    assert _losses(full) == _losses(parts)
+    full = check_resume_exact(train_sd, instance_dir, tmp_path, flags)
+    plain = tmp_path / "plain"
     for p in instance_dir.glob("*_mask.png"):
         p.unlink()
     assert train_sd.main(base_args("tiny-sd1", instance_dir, plain, steps=4) + flags[1:]) == 0
-    first_masked, first_plain = _losses(full)[0], _losses(plain)[0]
+    first_masked, first_plain = logged_losses(full)[0], logged_losses(plain)[0]
     assert first_masked < 0.75 * first_plain  # same noise and rows, half of every image weighs
