@@ -167,6 +167,9 @@ def scan_folder(folder: str | Path, prompt: str, resolution: int, *, what: str =
             f"none of the {len(files)} image file(s) in the {what} folder {str(folder)!r} could be read "
             f"(first: {files[0].name}); expected JPEG/PNG/WebP images")
     found: tuple[Path | None, ...] = ()
+    if masks == "files" and mask_dir is not None and not Path(mask_dir).is_dir():
+        raise ImageFolderError(f"the mask folder {str(mask_dir)!r} does not exist or is not a folder; expected a "
+                               "folder of masks named as the instance images")
     if masks == "files":
         found = tuple(mask_path(p, mask_dir) for p in paths)
         missing = [p.name for p, m in zip(paths, found) if m is None]

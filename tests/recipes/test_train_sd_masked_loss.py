@@ -95,3 +95,28 @@ def test_masked_loss_resumes_exactly_and_mask_weights_the_loss(train_sd, instanc
     assert train_sd.main(base_args("tiny-sd1", instance_dir, plain, steps=4) + flags[1:]) == 0
     first_masked, first_plain = logged_losses(full)[0], logged_losses(plain)[0]
     assert first_masked < 0.75 * first_plain  # same noise and rows, half of every image weighs
+
+
+@pytest.mark.parametrize("fault, message", [
+    ("corrupt", r"cannot read image .*toy_00_mask\.png: not a readable image .*it is the mask of .*toy_00\.jpg"),
+    ("other_aspect", r"the mask .*toy_00_mask\.png is 64x32 but its image .*toy_00\.jpg is 128x128; expected the "
+                     r"same size"),
+    ("missing_folder", r"the mask folder '.*nowhere' does not exist or is not a folder"),
+])
+def test_bad_masks_are_one_line_errors(train_sd, instance_dir, tmp_path, capsys, fault, message):
+    import re
+
+    for img in instance_dir.glob("*.jpg"):
+        _half_mask(Image.open(img).size, instance_dir / f"{img.stem}_mask.png")
+    flags = ["--masked_loss"]
+    if fault == "corrupt":
+        (instance_dir / "toy_00_mask.png").write_bytes(b"not a png")
+    elif fault == "other_aspect":
+        _half_mask((64, 32), instance_dir / "toy_00_mask.png")
+    else:
+        flags += ["--mask_data_dir", str(tmp_path / "nowhere")]
+    out = tmp_path / "out"
+    assert train_sd.main(base_args("tiny-sd1", instance_dir, out, steps=1) + flags) == 1
+    err = capsys.readouterr().err
+    assert re.search(message, err) and "Traceback" not in err
+    assert not (out / "adapter.safetensors").exists()
