@@ -68,6 +68,14 @@ for r in $RUNS; do case $r in
     --lr_per_component=unet.up=2e-4 ;;
   ours_bs4_prodigy) ours ours_bs4_prodigy --train_batch_size=4 --max_train_steps=$(steps 150) --optimizer=prodigy --learning_rate=1 ;;
   ours_bs4_schedulefree) ours ours_bs4_schedulefree --train_batch_size=4 --max_train_steps=$(steps 150) --optimizer=schedulefree ;;
+  # Loss, mask and caption options (RUNS="ours_bs4 ours_bs4_losses ours_bs4_masked ours_bs4_captions"): all stay in
+  # the captured step. --alpha_mask on images without alpha weighs every pixel 1: it times the mask's path, not
+  # its values; the captions run shuffles only where the images' captions have commas.
+  ours_bs4_losses) ours ours_bs4_losses --train_batch_size=4 --max_train_steps=$(steps 150) --loss_type=huber \
+    --huber_schedule=snr --multires_noise_iterations=6 --debiased_estimation_loss ;;
+  ours_bs4_masked) ours ours_bs4_masked --train_batch_size=4 --max_train_steps=$(steps 150) --alpha_mask ;;
+  ours_bs4_captions) ours ours_bs4_captions --train_batch_size=4 --max_train_steps=$(steps 150) --shuffle_caption \
+    --caption_dropout_rate=0.1 ;;
   ours_xl_bs1) ours ours_xl_bs1 --train_batch_size=1 --max_train_steps=$(steps 40) ;;
   ours_xl_bs4) ours ours_xl_bs4 --train_batch_size=4 --max_train_steps=$(steps 30) ;;
   *) echo "unknown run $r" ;;

@@ -43,6 +43,7 @@ from lora_vision.training.config import config_to_dict, load_config, save_config
 from lora_vision.training.ema import EMA  # noqa: E402
 from lora_vision.training.optim import LRSchedule, build_optimizer, eval_mode  # noqa: E402
 from lora_vision.training.sd.caching import prepare_data  # noqa: E402
+from lora_vision.training.sd.captions import CaptionVariants  # noqa: E402
 from lora_vision.training.sd.config import SDTrainConfig, kohya_folder_note  # noqa: E402
 from lora_vision.training.sd.lora import add_lora, param_groups, save_adapter  # noqa: E402
 from lora_vision.training.sd.loop import (Checkpoints, LossLog, TrainingDiverged, TrainingSteps,  # noqa: E402
@@ -219,15 +220,24 @@ def train(cfg: SDTrainConfig) -> int:
             print(f"resumed from {ckpt} at step {start}")
 
     settings = StepSettings(pred_type, int(pipe.scheduler.config.num_train_timesteps), cfg.snr_gamma,
-                            cfg.noise_offset, cfg.prior_loss_weight, cfg.max_grad_norm, sdxl)
+                            cfg.noise_offset, cfg.prior_loss_weight, cfg.max_grad_norm, sdxl, cfg.loss_type,
+                            cfg.huber_schedule, cfg.huber_c, cfg.debiased_estimation_loss,
+                            cfg.multires_noise_iterations, cfg.multires_noise_discount)
     val_loss = (ValidationLoss(unet, data.held_out_cache, data.table, text_encoders,
                                alphas_cumprod(pipe.scheduler, device), settings, dtype, cfg.train_batch_size,
                                cfg.seed + 2) if data.held_out_cache and main_proc else None)
     if world > 1:
         unet = acc.prepare_model(unet)
+    captions = (CaptionVariants(data.table, tokenizers, text_encoders, sdxl, dtype, cfg.shuffle_caption,
+                                cfg.keep_tokens, cfg.caption_dropout_rate, cfg.train_batch_size * world)
+                if cfg.shuffle_caption or cfg.caption_dropout_rate else None)
     steps = TrainingSteps(cfg, acc, unet, data.table, text_encoders, alphas_cumprod(pipe.scheduler, device), settings,
                           dtype, use_cl, data.inst_cache, data.class_cache, data_rng, generator, params, optimizer,
-                          update=clip_and_step)  # this module's name: wrapping it wraps every eager update
+                          update=clip_and_step,  # this module's name: wrapping it wraps every eager update
+                          captions=captions)
+    if cfg.shuffle_caption and main_proc:
+        print("shuffled captions are encoded on the fly (the original captions and the empty prompt are "
+              f"{'cached' if data.table.hidden is not None else 'encoded by the training text encoders'})")
     if use_graph or cfg.compile:
         steps.use_static(capture=use_graph, compile_unet=cfg.compile, verbose=main_proc)
 

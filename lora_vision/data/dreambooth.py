@@ -17,8 +17,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .images import (ImageFolderError, UnreadableImageError, check_size, list_images, name_list, open_image,
-                     read_text)
+from .images import (IMAGE_SUFFIXES, ImageFolderError, UnreadableImageError, alpha_channel, check_size, list_images,
+                     name_list, open_image, read_text, to_mask)
+
+# A mask beside its image (kohya's convention for masked loss without a mask folder): <stem>_mask.<image suffix>.
+MASK_SUFFIX = "_mask"
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,8 @@ class Example:
     """Where the image came from."""
     flipped: bool = False
     """Whether the pixels were mirrored left-right."""
+    mask: torch.Tensor | None = None
+    """(1, H, W) float32 loss weights in [0, 1], cropped and flipped with the pixels (masked loss), or None."""
 
 
 def make_buckets(resolution: int, step: int, max_ratio: float = 2.0) -> list[tuple[int, int]]:
@@ -61,12 +66,18 @@ def nearest_bucket(size: tuple[int, int], buckets: list[tuple[int, int]]) -> tup
     return min(buckets, key=lambda b: (abs(math.log(b[0] / b[1]) - ratio), -b[0] * b[1]))
 
 
+def cover_size(size: tuple[int, int], bucket: tuple[int, int]) -> tuple[int, int]:
+    """The (width, height) to which an image of `size` is resized so that it covers `bucket` (width, height)."""
+    bw, bh = bucket
+    scale = max(bw / size[0], bh / size[1])
+    return max(bw, round(size[0] * scale)), max(bh, round(size[1] * scale))
+
+
 def resize_and_crop(image: Image.Image, bucket: tuple[int, int], center_crop: bool,
                     rng: np.random.Generator) -> tuple[Image.Image, tuple[int, int]]:
     """Resize `image` to cover `bucket` (width, height) and crop it; returns the crop and its (top, left)."""
     bw, bh = bucket
-    scale = max(bw / image.width, bh / image.height)
-    new_w, new_h = max(bw, round(image.width * scale)), max(bh, round(image.height * scale))
+    new_w, new_h = cover_size(image.size, bucket)
     image = image.resize((new_w, new_h), Image.Resampling.LANCZOS)
     if center_crop:
         top, left = (new_h - bh) // 2, (new_w - bw) // 2
@@ -81,9 +92,10 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(arr.transpose(2, 0, 1).copy())
 
 
-def read_caption(path: Path, default: str) -> str:
-    """The text of `<image>.txt` beside the image when it exists and is not empty, else `default`."""
-    txt = path.with_suffix(".txt")
+def read_caption(path: Path, default: str, extension: str = ".txt") -> str:
+    """The text of `<image><extension>` (e.g. `.txt`) beside the image when it exists and is not empty, else
+    `default`."""
+    txt = path.with_suffix(extension)
     if txt.is_file():
         text = read_text(txt, "caption file").strip()
         if text:
@@ -98,17 +110,43 @@ class DreamBoothImages:
     paths: tuple[Path, ...]
     captions: tuple[str, ...]
     buckets: tuple[tuple[int, int], ...]
+    masks: tuple[Path | None, ...] = ()
+    """Masked loss: each image's mask file, or None for its own alpha channel (or no alpha: every pixel counts);
+    empty when the loss is not masked."""
 
     def __len__(self) -> int:
         return len(self.paths)
 
 
+def mask_path(image: Path, mask_dir: str | Path | None) -> Path | None:
+    """The mask file of `image`: the file with the image's stem in `mask_dir` (kohya's conditioning_data_dir), or
+    `<stem>_mask.<suffix>` beside the image; None when there is none."""
+    folder, stem = (Path(mask_dir), image.stem) if mask_dir is not None else (image.parent, image.stem + MASK_SUFFIX)
+    found = sorted(p for p in folder.glob(glob_escape(stem) + ".*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    return found[0] if found else None
+
+
+def glob_escape(text: str) -> str:
+    """`text` with glob's special characters escaped, for Path.glob."""
+    return "".join(f"[{c}]" if c in "*?[" else c for c in text)
+
+
+def _is_mask_file(path: Path, names: set[str]) -> bool:
+    """Whether `path` is `<stem>_mask.<suffix>` of another image in the same folder (`names`: their stems)."""
+    return path.stem.endswith(MASK_SUFFIX) and path.stem[:-len(MASK_SUFFIX)] in names
+
+
 def scan_folder(folder: str | Path, prompt: str, resolution: int, *, what: str = "instance",
                 use_captions: bool = True, bucketing: bool = False, bucket_step: int = 64,
-                small_images: str = "upscale") -> DreamBoothImages:
+                small_images: str = "upscale", caption_extension: str = ".txt", masks: str | None = None,
+                mask_dir: str | Path | None = None) -> DreamBoothImages:
     """Read every image of `folder` once: skip unreadable files (listed in one warning), check sizes, pick captions
-    and buckets."""
+    and buckets. `masks`: None (no masked loss), "files" (a mask file per image, in `mask_dir` or beside it as
+    <stem>_mask.png: those files are not training images) or "alpha" (each image's alpha channel)."""
     files = list_images(folder, what)
+    if masks == "files" and mask_dir is None:
+        stems = {p.stem for p in files}
+        files = [p for p in files if not _is_mask_file(p, stems)]
     buckets = make_buckets(resolution, bucket_step) if bucketing else [(resolution, resolution)]
     paths, captions, chosen, skipped = [], [], [], []
     for path in files:
@@ -119,7 +157,7 @@ def scan_folder(folder: str | Path, prompt: str, resolution: int, *, what: str =
             continue
         check_size(image, path, resolution, small_images)
         paths.append(path)
-        captions.append(read_caption(path, prompt) if use_captions else prompt)
+        captions.append(read_caption(path, prompt, caption_extension) if use_captions else prompt)
         chosen.append(nearest_bucket(image.size, buckets))
     if skipped:
         warnings.warn(f"skipping {len(skipped)} of {len(files)} image file(s) in the {what} folder {str(folder)!r} "
@@ -128,7 +166,22 @@ def scan_folder(folder: str | Path, prompt: str, resolution: int, *, what: str =
         raise ImageFolderError(
             f"none of the {len(files)} image file(s) in the {what} folder {str(folder)!r} could be read "
             f"(first: {files[0].name}); expected JPEG/PNG/WebP images")
-    return DreamBoothImages(tuple(paths), tuple(captions), tuple(chosen))
+    found: tuple[Path | None, ...] = ()
+    if masks == "files" and mask_dir is not None and not Path(mask_dir).is_dir():
+        raise ImageFolderError(f"the mask folder {str(mask_dir)!r} does not exist or is not a folder; expected a "
+                               "folder of masks named as the instance images")
+    if masks == "files":
+        found = tuple(mask_path(p, mask_dir) for p in paths)
+        missing = [p.name for p, m in zip(paths, found) if m is None]
+        if missing:
+            where = (f"in the mask folder {str(mask_dir)!r} (same name, any image suffix)" if mask_dir is not None
+                     else f"beside it (<name>{MASK_SUFFIX}.png)")
+            raise ImageFolderError(f"--masked_loss: {len(missing)} {what} image(s) have no mask file {where}: "
+                                   f"{name_list(missing)}; add the masks (white = trained, black = ignored), or "
+                                   "use --alpha_mask for masks in the images' alpha channel")
+    elif masks == "alpha":
+        found = (None,) * len(paths)
+    return DreamBoothImages(tuple(paths), tuple(captions), tuple(chosen), found)
 
 
 def hold_out(images: DreamBoothImages, fraction: float, seed: int) -> tuple[DreamBoothImages, DreamBoothImages]:
@@ -143,7 +196,9 @@ def hold_out(images: DreamBoothImages, fraction: float, seed: int) -> tuple[Drea
 
     def pick(keep: bool) -> DreamBoothImages:
         idx = [i for i in range(len(images)) if (i in chosen) != keep]
-        return DreamBoothImages(*(tuple(getattr(images, f)[i] for i in idx) for f in ("paths", "captions", "buckets")))
+        masks = tuple(images.masks[i] for i in idx) if images.masks else ()
+        return DreamBoothImages(*(tuple(getattr(images, f)[i] for i in idx) for f in ("paths", "captions", "buckets")),
+                                masks)
 
     return pick(True), pick(False)
 
@@ -158,7 +213,37 @@ def load_example(images: DreamBoothImages, index: int, center_crop: bool, flip: 
         raise ImageFolderError(f"{err}; it was readable when the folder was scanned: restore it or remove it "
                                f"and start again") from None
     original = (image.height, image.width)
-    crop, top_left = resize_and_crop(image, images.buckets[index], center_crop, rng)
+    bucket = images.buckets[index]
+    crop, top_left = resize_and_crop(image, bucket, center_crop, rng)
     if flip:
         crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    return Example(to_tensor(crop), images.captions[index], original, top_left, str(path), flip)
+    mask = None
+    if images.masks:
+        m = load_mask(path, images.masks[index], image.size)
+        if m is not None:  # the same resize, crop box and flip as the pixels
+            m = m.resize(cover_size(image.size, bucket), Image.Resampling.BILINEAR)
+            m = m.crop((top_left[1], top_left[0], top_left[1] + bucket[0], top_left[0] + bucket[1]))
+            if flip:
+                m = m.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            mask = torch.from_numpy(np.asarray(m, dtype=np.float32) / 255.0)[None]
+        else:  # no alpha channel: every pixel counts
+            mask = torch.ones((1, bucket[1], bucket[0]))
+    return Example(to_tensor(crop), images.captions[index], original, top_left, str(path), flip, mask)
+
+
+def load_mask(image_path: Path, mask_file: Path | None, size: tuple[int, int]) -> Image.Image | None:
+    """The mask of an image of `size` (width, height) as 8-bit grayscale: `mask_file`, or with None the image's
+    alpha channel (None when it has none). A mask of another size with the same aspect ratio is resized to the
+    image; another aspect ratio is an ImageFolderError naming both files and sizes."""
+    source = mask_file if mask_file is not None else image_path
+    try:
+        mask = open_image(source, to_mask if mask_file is not None else alpha_channel)
+    except UnreadableImageError as err:
+        raise ImageFolderError(f"{err}; it is the mask of {image_path}: fix or replace it") from None
+    if mask is None or mask.size == size:
+        return mask
+    if abs(mask.width / mask.height - size[0] / size[1]) > 0.01 * size[0] / size[1]:
+        raise ImageFolderError(f"the mask {source} is {mask.width}x{mask.height} but its image {image_path} is "
+                               f"{size[0]}x{size[1]}; expected the same size (or aspect ratio): redraw or resize the "
+                               "mask")
+    return mask.resize(size, Image.Resampling.BILINEAR)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import struct
 import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -77,11 +77,27 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB") if image.mode != "RGB" else image
 
 
-def open_image(path: str | Path) -> Image.Image:
+def alpha_channel(image: Image.Image) -> Image.Image | None:
+    """The alpha channel of an image as 8-bit grayscale (255 = opaque), or None when it has none."""
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        return image.getchannel("A")
+    return None
+
+
+def to_mask(image: Image.Image) -> Image.Image:
+    """A mask file as 8-bit grayscale (white = 255): any mode converted, alpha ignored, 16-bit scaled down."""
+    return to_rgb(image).convert("L")
+
+
+def open_image(path: str | Path, convert: Callable[[Image.Image], Image.Image | None] = to_rgb) -> Image.Image:
     """Open an image, apply its EXIF orientation and convert it to RGB; raises UnreadableImageError naming the file.
 
     An image over PIL's decompression-bomb limit is refused before it is decoded (a few KB of PNG can hold
     20000x20000 pixels); one between the warning and the refusal levels is read, with a warning naming it.
+    `convert` replaces the conversion to RGB (`to_mask` for a mask file, `alpha_channel` for an image's alpha,
+    which gives None when there is none).
     """
     try:
         with warnings.catch_warnings():
@@ -90,14 +106,14 @@ def open_image(path: str | Path) -> Image.Image:
             with Image.open(path) as im:
                 pixels = im.width * im.height
                 im.load()
-                image = to_rgb(ImageOps.exif_transpose(im))
+                image = convert(ImageOps.exif_transpose(im))
     except Image.DecompressionBombError as err:
         reason = f"too large to decode safely, a possible decompression bomb ({err})"
         raise UnreadableImageError(f"cannot read image {path}: {reason}", path=path, reason=reason) from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, struct.error) as err:
         reason = f"not a readable image ({type(err).__name__}: {err})"
         raise UnreadableImageError(f"cannot read image {path}: {reason}", path=path, reason=reason) from None
-    if Image.MAX_IMAGE_PIXELS and pixels > Image.MAX_IMAGE_PIXELS:
+    if image is not None and Image.MAX_IMAGE_PIXELS and pixels > Image.MAX_IMAGE_PIXELS:
         warnings.warn(f"{path} is {image.width}x{image.height} ({pixels:,} pixels), over PIL's decompression-bomb "
                       f"warning limit of {Image.MAX_IMAGE_PIXELS:,}; it is read, but a smaller copy saves memory",
                       stacklevel=2)

@@ -136,7 +136,9 @@ def test_missing_optimizer_package_is_named(monkeypatch):
      "--optimizer", "schedulefree"],
     ["--optimizer", "prodigy", "--learning_rate", "1.0", "--use_ema", "--ema_cpu"],
     ["--optimizer", "adafactor"],
-], ids=["ema-loraplus-blocks-schedulefree", "prodigy-ema_cpu", "adafactor"])
+    ["--loss_type", "huber", "--huber_schedule", "snr", "--multires_noise_iterations", "4",
+     "--debiased_estimation_loss", "--snr_gamma", "5", "--noise_offset", "0.05"],
+], ids=["ema-loraplus-blocks-schedulefree", "prodigy-ema_cpu", "adafactor", "huber-multires-debiased"])
 def test_resume_stays_exact_with_each_feature(train_sd, instance_dir, tmp_path, features):
     full, parts = tmp_path / "full", tmp_path / "parts"
     assert train_sd.main(base_args("tiny-sd1", instance_dir, full, steps=4) + features) == 0

@@ -128,10 +128,9 @@ def test_kohya_flags_are_aliases_or_say_what_to_use(train_sd, capsys, tmp_path):
     yaml_cfg.write_text("network_dim: 12\n")
     assert train_sd.parse(["--config", str(yaml_cfg)]).rank == 12
     code, err = _run(train_sd, capsys, _args("tiny-sd1", tmp_path / "o", "--num_train_epochs", "10",
-                                             "--caption_extension", ".caption", "--network_dim", "8", "--rank", "4"))
+                                             "--network_dim", "8", "--rank", "4"))
     assert code == 2
     assert "--num_train_epochs: this script counts optimizer steps, not epochs: use --max_train_steps" in err
-    assert "--caption_extension: captions are read from <image>.txt" in err
     assert "network_dim and rank are the same setting" in err
 
 

@@ -8,6 +8,7 @@ Rows are grouped by bucket size so a batch always has one shape.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from dataclasses import dataclass, field
 from typing import Callable
@@ -40,6 +41,8 @@ class BucketCache:
     text_row: torch.Tensor
     time_ids: torch.Tensor
     paths: list[str] = field(default_factory=list)
+    mask: torch.Tensor | None = None
+    """(N, 1, h, w) loss weights in [0, 1] on the latent grid (--masked_loss), cropped and flipped as the image."""
 
 
 def tokenize(tokenizers: list, prompts: list[str]) -> list[torch.Tensor]:
@@ -48,7 +51,7 @@ def tokenize(tokenizers: list, prompts: list[str]) -> list[torch.Tensor]:
                 return_tensors="pt").input_ids for tok in tokenizers]
 
 
-def truncated_captions(images: DreamBoothImages, tokenizer, prompt: str) -> list[str]:
+def truncated_captions(images: DreamBoothImages, tokenizer, prompt: str, caption_extension: str = ".txt") -> list[str]:
     """'<caption file> (<n> tokens)' for every distinct caption longer than the tokenizer's window (the pipelines
     and tokenize() cut them to model_max_length, 77 for CLIP, without a word)."""
     limit, out, seen = tokenizer.model_max_length, [], set()
@@ -58,7 +61,7 @@ def truncated_captions(images: DreamBoothImages, tokenizer, prompt: str) -> list
         seen.add(caption)
         n = len(tokenizer(caption, truncation=False, verbose=False).input_ids)
         if n > limit:
-            source = "the prompt" if caption == prompt else str(path.with_suffix(".txt"))
+            source = "the prompt" if caption == prompt else str(path.with_suffix(caption_extension))
             out.append(f"{source} ({n} tokens)")
     return out
 
@@ -116,26 +119,40 @@ def cache_latents(images: DreamBoothImages, vae: torch.nn.Module, prompt_row: di
             dist = vae.encode(ex.pixels[None].to(device, vae_dtype)).latent_dist
             h, w = ex.pixels.shape[1:]
             mean, std = (dist.mean * factor).to(dtype), (dist.std * factor).to(dtype)
+            # the mask on the latent grid: each latent pixel weighs the mean of the pixels it encodes
+            mask = (torch.nn.functional.interpolate(ex.mask[None], size=mean.shape[2:], mode="area").to(dtype)
+                    if ex.mask is not None else None)
             if world > 1:
                 mean, std = mean.cpu(), std.cpu()
             records.append((index, mirrored, (w, h), mean, std, prompt_row[ex.caption],
-                            [*ex.original_size, *ex.crop_top_left, h, w], ex.path + (" (mirrored)" if mirrored else "")))
+                            [*ex.original_size, *ex.crop_top_left, h, w], ex.path + (" (mirrored)" if mirrored else ""),
+                            mask))
     if world > 1:
         if gather is None:
             raise ValueError(f"cache_latents: world={world} needs a gather function (e.g. accelerate's gather_object)")
         records = sorted(gather(records), key=lambda r: (r[0], r[1]))
     rows: dict[tuple[int, int], dict[str, list]] = {}
-    for _, _, size, mean, std, text, time_ids, path in records:
-        r = rows.setdefault(size, {"mean": [], "std": [], "text": [], "time": [], "paths": []})
+    for _, _, size, mean, std, text, time_ids, path, mask in records:
+        r = rows.setdefault(size, {"mean": [], "std": [], "text": [], "time": [], "paths": [], "mask": []})
         r["mean"].append(mean.to(device))
         r["std"].append(std.to(device))
         r["text"].append(text)
         r["time"].append(time_ids)
         r["paths"].append(path)
+        if mask is not None:
+            r["mask"].append(mask.to(device))
     return {size: BucketCache(size, torch.cat(r["mean"]), torch.cat(r["std"]),
                               torch.tensor(r["text"], device=device),
-                              torch.tensor(r["time"], dtype=torch.float32, device=device), r["paths"])
+                              torch.tensor(r["time"], dtype=torch.float32, device=device), r["paths"],
+                              torch.cat(r["mask"]) if r["mask"] else None)
             for size, r in sorted(rows.items())}
+
+
+def mask_source(cfg: SDTrainConfig) -> str:
+    """Where the run's loss masks come from, in a few words."""
+    if cfg.alpha_mask:
+        return "the images' alpha channels (--alpha_mask)"
+    return f"the mask folder {cfg.mask_data_dir}" if cfg.mask_data_dir else "<name>_mask.png files beside the images"
 
 
 class BatchSampler:
@@ -186,10 +203,12 @@ def prepare_data(cfg: SDTrainConfig, resolution: int, tokenizers: list, text_enc
     """Scan the instance (and class) folders, warn about captions the text encoder cuts, and cache the text
     embeddings (or token ids when the text encoders train) and every image's latent distribution."""
     scan = dict(resolution=resolution, bucketing=cfg.bucketing, bucket_step=cfg.bucket_step,
-                small_images=cfg.small_images)
-    instance = scan_folder(cfg.instance_data_dir, cfg.instance_prompt, use_captions=cfg.use_captions, **scan)
+                small_images=cfg.small_images, caption_extension=cfg.caption_extension)
+    masks = "alpha" if cfg.alpha_mask else "files" if cfg.masked_loss else None
+    instance = scan_folder(cfg.instance_data_dir, cfg.instance_prompt, use_captions=cfg.use_captions, masks=masks,
+                           mask_dir=cfg.mask_data_dir, **scan)
     held_out = None
-    if cfg.validation_data_dir:
+    if cfg.validation_data_dir:  # the validation loss is plain MSE: no masks
         held_out = scan_folder(cfg.validation_data_dir, cfg.instance_prompt, what="validation",
                                use_captions=cfg.use_captions, **scan)
     elif cfg.validation_split:
@@ -197,8 +216,8 @@ def prepare_data(cfg: SDTrainConfig, resolution: int, tokenizers: list, text_enc
     classes = (scan_folder(cfg.class_data_dir, cfg.class_prompt, what="class", use_captions=False, **scan)
                if cfg.with_prior_preservation else None)
     prompts = sorted(set(instance.captions) | set(classes.captions if classes else ())
-                     | set(held_out.captions if held_out else ()))
-    long = truncated_captions(instance, tokenizers[0], cfg.instance_prompt)
+                     | set(held_out.captions if held_out else ()) | ({""} if cfg.caption_dropout_rate else set()))
+    long = truncated_captions(instance, tokenizers[0], cfg.instance_prompt, cfg.caption_extension)
     if long and verbose:
         print(f"warning: {len(long)} caption(s) are longer than the text encoder's {tokenizers[0].model_max_length} "
               f"tokens and are cut to that length: {', '.join(long)}", file=sys.stderr)
@@ -208,11 +227,12 @@ def prepare_data(cfg: SDTrainConfig, resolution: int, tokenizers: list, text_enc
                 world=world, gather=gather)
     inst_cache = cache_latents(instance, vae, row_of, desc="caching instance latents", **crop)
     class_cache = cache_latents(classes, vae, row_of, desc="caching class latents", **crop) if classes else None
-    held_out_cache = (cache_latents(held_out, vae, row_of, desc="caching validation latents",
-                                    **dict(crop, flip=False)) if held_out else None)
+    held_out_cache = (cache_latents(dataclasses.replace(held_out, masks=()), vae, row_of,
+                                    desc="caching validation latents", **dict(crop, flip=False)) if held_out else None)
     if verbose:
         print(f"{len(instance)} instance images in {len(inst_cache)} bucket(s) "
               f"{[f'{w}x{h}' for w, h in inst_cache]}" + (f", {len(classes)} class images" if classes else "")
               + f", {len(prompts)} distinct prompt(s), text embeddings {'live' if cfg.train_text_encoder else 'cached'}"
+              + (f"; loss masks from {mask_source(cfg)}" if masks else "")
               + (f"; {len(held_out)} held-out image(s) for the validation loss" if held_out else ""))
     return TrainingData(instance, classes, prompts, table, inst_cache, class_cache, held_out, held_out_cache)

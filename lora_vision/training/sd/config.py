@@ -16,6 +16,7 @@ from ...lora.config import ConfigError, _check_pattern, _check_rank
 from ...targets import CLIP_LAYER_NAMES, PRESETS, UNET_LAYER_NAMES, target_problems
 from ..config import LORA_ALIASES
 from ..optim import OPTIMIZERS, SCHEDULES
+from .losses import HUBER_SCHEDULES, LOSS_TYPES
 
 # The keys of --lr_per_component: a component, or a part of the UNet (its down blocks, mid block, up blocks).
 LR_KEYS: tuple[str, ...] = ("unet", "unet.down", "unet.mid", "unet.up", "text_encoder", "text_encoder_2")
@@ -31,12 +32,11 @@ RESUMABLE_CHANGES: frozenset[str] = frozenset({
 
 # kohya sd-scripts flags with another name here (accepted as aliases), and those with no counterpart (refused,
 # saying what to use instead).
-KOHYA_ALIASES: dict[str, str] = {"network_dim": "rank", "network_alpha": "lora_alpha"}
+KOHYA_ALIASES: dict[str, str] = {"network_dim": "rank", "network_alpha": "lora_alpha",
+                                 "conditioning_data_dir": "mask_data_dir"}
 KOHYA_INSTEAD: dict[str, str] = {
     "num_train_epochs": "this script counts optimizer steps, not epochs: use --max_train_steps "
                         "(steps = epochs x images x repeats / train_batch_size)",
-    "caption_extension": "captions are read from <image>.txt beside each image (--use_captions): name the caption "
-                         "files .txt",
     "network_module": "this script always trains LoRA: leave --network_module out and choose the layers with "
                       "--unet_targets",
     "train_data_dir": "use --instance_data_dir with the folder that holds the images (kohya's <repeats>_<name> "
@@ -84,7 +84,23 @@ class SDTrainConfig:
     instance_prompt: str | None = None
     """Prompt with the trigger phrase (e.g. 'a photo of sks dog'); also the trigger phrase in the adapter metadata."""
     use_captions: bool = True
-    """Use `<image>.txt` as the caption of an image when it exists."""
+    """Use `<image><caption_extension>` as the caption of an image when it exists."""
+    caption_extension: str = ".txt"
+    """The suffix of caption files beside the images (kohya's flag; kohya's own default is .caption)."""
+    shuffle_caption: bool = False
+    """Shuffle the comma-separated tags of each instance caption every time it is drawn (kohya's flag); shuffled
+    captions are encoded on the fly (the text encoder runs once per new variant and step)."""
+    keep_tokens: int = 0
+    """With shuffle_caption: keep the first N tags in place (e.g. the trigger word), shuffle the rest."""
+    caption_dropout_rate: float = 0.0
+    """Train an instance image with the empty prompt at this rate (its embedding is cached)."""
+    masked_loss: bool = False
+    """Weight the loss per latent pixel by a mask per instance image (white = trained, black = ignored): the file
+    with the image's name in mask_data_dir, else <name>_mask.png beside the image (not trained on as an image)."""
+    alpha_mask: bool = False
+    """Masked loss with each instance image's alpha channel as its mask (images without alpha count fully)."""
+    mask_data_dir: str | None = None
+    """A folder of mask images named as the instance images (kohya's conditioning_data_dir); needs masked_loss."""
     class_data_dir: str | None = None
     """Folder of class images for prior preservation; missing ones are generated into it."""
     class_prompt: str | None = None
@@ -198,6 +214,19 @@ class SDTrainConfig:
     """Min-SNR-gamma loss weighting (Hang et al. 2023); 5.0 is the paper's value; None disables it."""
     noise_offset: float = 0.0
     """Offset noise strength (0 disables)."""
+    loss_type: str = "l2"
+    """l2 (squared error), l1, huber or smooth_l1 (kohya's pseudo-Huber forms, threshold from huber_schedule)."""
+    huber_schedule: str = "snr"
+    """Huber threshold over timesteps: constant (huber_c), exponential (1 at t=0 down to huber_c) or snr (kohya's
+    default: about 1 for clean samples, huber_c for noisy ones)."""
+    huber_c: float = 0.1
+    """The Huber threshold (constant) or its end value (exponential, snr); large values make huber equal l2."""
+    multires_noise_iterations: int = 0
+    """Multires (pyramid) noise levels, kohya's pyramid_noise_like (6-10 is usual); 0 disables."""
+    multires_noise_discount: float = 0.3
+    """Weight factor per multires noise level (kohya recommends 0.1-0.3)."""
+    debiased_estimation_loss: bool = False
+    """Weight each sample's loss by 1/sqrt(SNR) (v-prediction: 1/(SNR+1)), debiased estimation (Yu et al. 2023)."""
     prediction_type: str | None = None
     """epsilon or v_prediction; None: the model's scheduler decides."""
     validation_prompt: str | None = None
@@ -325,6 +354,34 @@ class SDTrainConfig:
             out += [f"rank_pattern: {p}" for p in _check_pattern(pat)] + _check_rank(f"rank_pattern[{pat!r}]", r)
         if self.snr_gamma is not None and not self.snr_gamma > 0:
             out.append(f"snr_gamma={self.snr_gamma}: expected a number > 0 or None")
+        for name, allowed in (("loss_type", LOSS_TYPES), ("huber_schedule", HUBER_SCHEDULES)):
+            if getattr(self, name) not in allowed:
+                close = difflib.get_close_matches(str(getattr(self, name)), allowed, n=1)
+                out.append(f"{name}={getattr(self, name)!r}: expected one of {', '.join(allowed)}"
+                           + (f" (did you mean {close[0]!r}?)" if close else ""))
+        if not self.huber_c > 0:
+            out.append(f"huber_c={self.huber_c}: expected a number > 0 (kohya's default is 0.1)")
+        elif self.huber_schedule == "exponential" and self.loss_type in ("huber", "smooth_l1") and self.huber_c >= 1:
+            out.append(f"huber_c={self.huber_c} with huber_schedule exponential: expected a number in (0, 1) (the "
+                       "threshold falls from 1 to huber_c)")
+        if self.multires_noise_iterations < 0:
+            out.append(f"multires_noise_iterations={self.multires_noise_iterations}: expected an integer >= 0")
+        if not 0 <= self.multires_noise_discount <= 1:
+            out.append(f"multires_noise_discount={self.multires_noise_discount}: expected a number in [0, 1]")
+        if self.keep_tokens < 0:
+            out.append(f"keep_tokens={self.keep_tokens}: expected an integer >= 0")
+        elif self.keep_tokens and not self.shuffle_caption:
+            out.append(f"keep_tokens={self.keep_tokens} without shuffle_caption does nothing; add --shuffle_caption")
+        if not 0 <= self.caption_dropout_rate < 1:
+            out.append(f"caption_dropout_rate={self.caption_dropout_rate}: expected a fraction in [0, 1), e.g. 0.1")
+        if self.mask_data_dir is not None and not self.masked_loss:
+            out.append(f"mask_data_dir={self.mask_data_dir!r} was given without masked_loss; add --masked_loss")
+        if self.mask_data_dir is not None and self.alpha_mask:
+            out.append("alpha_mask and mask_data_dir both given: take the masks from the images' alpha channels or "
+                       "from the mask folder, not both")
+        ext = self.caption_extension
+        if not ext.startswith(".") or len(ext) < 2 or "/" in ext or "\\" in ext:
+            out.append(f"caption_extension={ext!r}: expected a file suffix starting with a dot, e.g. .txt or .caption")
         if not 0 <= self.lora_dropout < 1:
             out.append(f"lora_dropout={self.lora_dropout}: expected a probability in [0, 1)")
         if self.with_prior_preservation:

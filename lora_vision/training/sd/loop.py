@@ -26,6 +26,7 @@ from ..checkpoint import (CheckpointError, load_checkpoint, read_checkpoint_tens
 from ..ema import EMA
 from ..optim import eval_mode
 from .caching import BatchSampler, BucketCache, TextTable
+from .captions import CaptionVariants
 from .config import SDTrainConfig
 from .step import Inputs, StaticStep, StepSettings, clip_and_step, gather_inputs, shard_inputs, step_loss
 
@@ -60,7 +61,10 @@ def graph_off_reason(cfg: SDTrainConfig, device: torch.device, world: int, one_b
     """Why the whole step cannot be one CUDA graph on this run (None: it can). It needs CUDA, one process, one
     batch shape, no accumulation, no gradient checkpointing, plain AdamW (the others keep step counts and step
     sizes on the host), no fp16 (its scaler syncs) and no dropout. EMA, LoRA+ and per-block learning rates do
-    not stop it: the EMA update runs after each replay, the learning rates are device tensors per group."""
+    not stop it: the EMA update runs after each replay, the learning rates are device tensors per group. Nor do
+    the loss options: Huber thresholds, debiased and min-SNR weights and masks are device ops on the step's
+    buffers, and multires noise is drawn with the other random numbers, outside the graph; nor caption shuffle and
+    dropout: the step reads text rows chosen (and, for shuffled captions, encoded into scratch rows) before it."""
     if not cfg.cuda_graph or device.type != "cuda":
         return None if cfg.cuda_graph and device.type == "cuda" else "not on CUDA or --cuda_graph false"
     checks = [(world == 1, f"{world} processes"), (one_bucket, "more than one batch shape (buckets)"),
@@ -89,7 +93,7 @@ class TrainingSteps:
                  inst_cache: Mapping[tuple[int, int], BucketCache],
                  class_cache: Mapping[tuple[int, int], BucketCache] | None, data_rng: np.random.Generator,
                  generator: torch.Generator, params: list[torch.Tensor], optimizer: torch.optim.Optimizer,
-                 update: Callable[..., None] = clip_and_step) -> None:
+                 update: Callable[..., None] = clip_and_step, captions: CaptionVariants | None = None) -> None:
         self.acc, self.unet, self.table, self.text_encoders, self.ac = acc, unet, table, text_encoders, ac
         self.settings, self.dtype, self.channels_last = settings, dtype, channels_last
         self.rank, self.world, self.device = acc.process_index, acc.num_processes, acc.device
@@ -104,21 +108,29 @@ class TrainingSteps:
         fp16_cuda = dtype == torch.float16 and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda") if fp16_cuda else None  # fp16 gradients need loss scaling
         self.static: StaticStep | None = None
+        self.captions = captions
+        # the instance rows' prompt rows on the host, for the caption variants (one copy at the start)
+        self.text_rows = {s: c.text_row.cpu().numpy() for s, c in inst_cache.items()} if captions else {}
 
-    def _inputs(self, parts: list) -> Inputs:
-        return shard_inputs(gather_inputs(parts, self.generator, self.settings), self.rank, self.world)
+    def _inputs(self, parts: list, instance_rows: np.ndarray | None = None) -> Inputs:
+        x = gather_inputs(parts, self.generator, self.settings, self.data_rng)
+        if instance_rows is not None:  # caption variants: other text rows for the instance images
+            rows = torch.from_numpy(instance_rows).to(self.device, non_blocking=True)
+            x = dataclasses.replace(x, text_rows=torch.cat([rows, x.text_rows[x.n_instance:]]))
+        return shard_inputs(x, self.rank, self.world)
 
     def next_inputs(self) -> list[Inputs]:
         """This micro-batch's inputs: one concatenated batch, or instance and class apart when sizes differ."""
         size, rows = self.inst_sampler.next()
         parts = [(self.inst_cache[size], torch.from_numpy(rows).to(self.device, non_blocking=True))]
+        variants = self.captions.rows(self.text_rows[size][rows], self.data_rng) if self.captions else None
         if self.class_sampler is None:
-            return [self._inputs(parts)]
+            return [self._inputs(parts, variants)]
         csize, crows = self.class_sampler.next()
         cpart = (self.class_cache[csize], torch.from_numpy(crows).to(self.device, non_blocking=True))
         if csize == size:
-            return [self._inputs(parts + [cpart])]
-        return [self._inputs(parts), self._inputs([cpart])]
+            return [self._inputs(parts + [cpart], variants)]
+        return [self._inputs(parts, variants), self._inputs([cpart])]
 
     def loss_of(self, x: Inputs) -> torch.Tensor:
         """The DreamBooth loss of one batch."""

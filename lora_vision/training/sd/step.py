@@ -13,11 +13,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 from torch import nn
 
 from .caching import BucketCache, TextTable, encode_text
-from .losses import add_noise, diffusion_loss, min_snr_weights, target_for
+from .losses import (add_noise, debiased_weights, diffusion_loss, huber_threshold, min_snr_weights, multires_noise,
+                     target_for)
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,12 @@ class StepSettings:
     prior_loss_weight: float
     max_grad_norm: float
     sdxl: bool
+    loss_type: str = "l2"
+    huber_schedule: str = "snr"
+    huber_c: float = 0.1
+    debiased_estimation: bool = False
+    multires_noise_iterations: int = 0
+    multires_noise_discount: float = 0.3
 
 
 @dataclass
@@ -43,11 +51,17 @@ class Inputs:
     text_rows: torch.Tensor
     time_ids: torch.Tensor
     n_instance: int
+    mask: torch.Tensor | None = None
+    """(N, 1, h, w) loss weights on the latent grid (--masked_loss), or None."""
 
 
 def gather_inputs(parts: list[tuple[BucketCache, torch.Tensor]], generator: torch.Generator,
-                  settings: StepSettings) -> Inputs:
-    """Rows of one or two caches (same size) -> latent samples plus fresh noise and timesteps (no host sync)."""
+                  settings: StepSettings, host_rng: np.random.Generator | None = None) -> Inputs:
+    """Rows of one or two caches (same size) -> latent samples plus fresh noise and timesteps (no host sync).
+
+    Multires noise draws its level sizes from `host_rng` (the data generator: checkpointed, the same on every
+    process); masks come from the caches that have them, class rows without one weigh every pixel fully.
+    """
     mean = torch.cat([c.mean[rows] for c, rows in parts])
     std = torch.cat([c.std[rows] for c, rows in parts])
     dev, n = mean.device, mean.shape[0]
@@ -56,9 +70,20 @@ def gather_inputs(parts: list[tuple[BucketCache, torch.Tensor]], generator: torc
     if settings.noise_offset:
         noise = noise + settings.noise_offset * torch.randn((n, mean.shape[1], 1, 1), generator=generator,
                                                             device=dev, dtype=mean.dtype)
+    if settings.multires_noise_iterations:
+        if host_rng is None:
+            raise ValueError("multires noise needs host_rng (a numpy Generator) for the sizes of its levels")
+        stretches = host_rng.uniform(2.0, 4.0, settings.multires_noise_iterations)
+        noise = multires_noise(noise, generator, settings.multires_noise_iterations,
+                               settings.multires_noise_discount, stretches)
     t = torch.randint(0, settings.num_timesteps, (n,), generator=generator, device=dev)
+    mask = None
+    if any(c.mask is not None for c, _ in parts):
+        mask = torch.cat([c.mask[rows] if c.mask is not None
+                          else torch.ones((rows.shape[0], 1, *mean.shape[2:]), device=dev, dtype=mean.dtype)
+                          for c, rows in parts])
     return Inputs(latents, noise, t, torch.cat([c.text_row[rows] for c, rows in parts]),
-                  torch.cat([c.time_ids[rows] for c, rows in parts]), parts[0][1].shape[0])
+                  torch.cat([c.time_ids[rows] for c, rows in parts]), parts[0][1].shape[0], mask)
 
 
 def shard_inputs(x: Inputs, rank: int, world: int) -> Inputs:
@@ -79,7 +104,8 @@ def shard_inputs(x: Inputs, rank: int, world: int) -> Inputs:
     def pick(t: torch.Tensor) -> torch.Tensor:  # slices on the device: no index tensor to copy, no host sync
         return torch.cat([t[a:b], t[c:d]])
 
-    return Inputs(pick(x.latents), pick(x.noise), pick(x.timesteps), pick(x.text_rows), pick(x.time_ids), n // world)
+    return Inputs(pick(x.latents), pick(x.noise), pick(x.timesteps), pick(x.text_rows), pick(x.time_ids), n // world,
+                  pick(x.mask) if x.mask is not None else None)
 
 
 def text_conditioning(table: TextTable, rows: torch.Tensor, time_ids: torch.Tensor, text_encoders: list,
@@ -104,7 +130,13 @@ def step_loss(unet: nn.Module, x: Inputs, table: TextTable, text_encoders: list,
     target = target_for(settings.prediction_type, x.latents, x.noise, x.timesteps, ac)
     weights = (min_snr_weights(x.timesteps, ac, settings.snr_gamma, settings.prediction_type)
                if settings.snr_gamma else None)
-    return diffusion_loss(pred, target, weights, x.n_instance, settings.prior_loss_weight)
+    if settings.debiased_estimation:  # kohya multiplies both when both are on
+        debiased = debiased_weights(x.timesteps, ac, settings.prediction_type)
+        weights = debiased if weights is None else weights * debiased
+    huber_c = (huber_threshold(x.timesteps, ac, settings.huber_c, settings.huber_schedule)
+               if settings.loss_type in ("huber", "smooth_l1") else None)
+    return diffusion_loss(pred, target, weights, x.n_instance, settings.prior_loss_weight,
+                          loss_type=settings.loss_type, huber_c=huber_c, mask=x.mask)
 
 
 def clip_and_step(params: list[torch.Tensor], optimizer: torch.optim.Optimizer, max_grad_norm: float,
@@ -134,7 +166,8 @@ class StaticStep:
                  optimizer: torch.optim.Optimizer, max_grad_norm: float, example: Inputs) -> None:
         self.loss_fn, self.params, self.optimizer, self.max_grad_norm = loss_fn, params, optimizer, max_grad_norm
         self.buf = Inputs(*(t.clone() for t in (example.latents, example.noise, example.timesteps,
-                                                 example.text_rows, example.time_ids)), example.n_instance)
+                                                 example.text_rows, example.time_ids)), example.n_instance,
+                          example.mask.clone() if example.mask is not None else None)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.loss = torch.zeros((), device=example.latents.device)
 
@@ -147,6 +180,8 @@ class StaticStep:
         for dst, src in ((self.buf.latents, x.latents), (self.buf.noise, x.noise), (self.buf.timesteps, x.timesteps),
                          (self.buf.text_rows, x.text_rows), (self.buf.time_ids, x.time_ids)):
             dst.copy_(src, non_blocking=True)
+        if self.buf.mask is not None:
+            self.buf.mask.copy_(x.mask, non_blocking=True)
 
     def _body(self) -> torch.Tensor:
         loss = self.loss_fn(self.buf)

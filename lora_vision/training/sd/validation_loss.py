@@ -28,7 +28,8 @@ class ValidationLoss:
                  text_encoders: list, ac: torch.Tensor, settings: StepSettings, dtype: torch.dtype,
                  batch_size: int, seed: int) -> None:
         self.unet, self.table, self.text_encoders, self.ac, self.dtype = unet, table, text_encoders, ac, dtype
-        self.settings = dataclasses.replace(settings, snr_gamma=None, noise_offset=0.0)
+        self.settings = dataclasses.replace(settings, snr_gamma=None, noise_offset=0.0, loss_type="l2",
+                                            debiased_estimation=False, multires_noise_iterations=0)
         steps = [min(settings.num_timesteps - 1, int(f * settings.num_timesteps)) for f in TIMESTEP_FRACTIONS]
         self.batches: list[Inputs] = []
         for cache in caches.values():
