@@ -9,7 +9,8 @@
 
 Flags follow transformers' image-classification example; `--config FILE.yaml` takes the same keys. Outputs in
 output_dir: adapter.safetensors (LoRA + head, lora_vision format), peft/ (PeftModel.from_pretrained), merged/
-(--save_merged), model/ (full, linear-probe), metrics.json, train_config.yaml, checkpoint-<step>/.
+(--save_merged), model/ (full, linear-probe), the same with an _ema suffix (--use_ema), metrics.json,
+train_config.yaml, checkpoint-<step>/.
 """
 
 from __future__ import annotations
@@ -36,17 +37,17 @@ from lora_vision.lora.config import ConfigError
 from lora_vision.lora.weight_init import WEIGHT_INITS, init_from_weights_
 from lora_vision.models.vit import freeze_to, load_vit, lora_targets
 from lora_vision.training.checkpoint import (StopOnInterrupt, TrainableWeights, TrainingInterrupted, check_resume_step,
-                                             find_checkpoint, load_checkpoint, new_run_id, prepare_output_dir,
-                                             restore_rng)
+                                             find_checkpoint, new_run_id, prepare_output_dir, restore_rng)
 from lora_vision.training.vit.compare import write_comparison
 from lora_vision.training.vit.config import MODES, ViTTrainConfig
-from lora_vision.training.vit.run import (RunState, export, interrupted_error, optimizer_groups,
-                                          save_run_checkpoint)
+from lora_vision.training.vit.run import (RunState, evaluated_weights, export, interrupted_error,
+                                          load_run_checkpoint, optimizer_groups, save_run_checkpoint)
 from lora_vision.training.vit.data import EpochSampler, SeededAugment
 from lora_vision.training.vit.evaluate import evaluate
 from lora_vision.training.vit.precision import MasterWeights
 from lora_vision.training.config import load_config, save_config
-from lora_vision.training.optim import LRSchedule, build_optimizer
+from lora_vision.training.ema import EMA
+from lora_vision.training.optim import LRSchedule, build_optimizer, eval_mode
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -139,7 +140,9 @@ def train_one(cfg: ViTTrainConfig, mode: str, out: Path, accelerator, subset, ck
     groups = optimizer_groups(raw, lr, cfg.loraplus_lr_ratio if mode == "lora" else None,
                               dict(zip(trainable_params, master.master)) if master else None)
     base_lrs = [g["lr"] for g in groups]
-    optimizer = build_optimizer(groups, betas=(0.9, 0.999), weight_decay=cfg.weight_decay, eps=1e-8)
+    optimizer = build_optimizer(groups, betas=(0.9, 0.999), weight_decay=cfg.weight_decay, eps=1e-8,
+                                name=cfg.optimizer)
+    ema = EMA(opt_params, cfg.ema_decay, "cpu" if cfg.ema_cpu else None) if cfg.use_ema else None
     model = torch.compile(raw) if cfg.torch_compile else raw
     model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
     per_epoch = math.ceil(len(train_loader) / cfg.gradient_accumulation_steps)
@@ -157,11 +160,9 @@ def train_one(cfg: ViTTrainConfig, mode: str, out: Path, accelerator, subset, ck
             accelerator.print(f"[{run.mode}] no checkpoint in {out}; starting from scratch")
         else:
             check_resume_step(ckpt, total)
-            st = load_checkpoint(ckpt, weights, optimizer.optimizer)
+            st = load_run_checkpoint(ckpt, weights, optimizer.optimizer, ema, master)
             restore_rng(st["rng_tensors"], st.get("rng", {}))
             run.run_id = st.get("run_id")
-            if master:
-                master.master_to_model()
             run.step, start_epoch, skip = st["step"], st["epoch"], st["batch_in_epoch"]
             run.history, run.seen, run.train_time = st["history"], st["seen"], st["train_time_s"]
             carried = [torch.tensor(v, device=accelerator.device) for v in st.get("epoch_losses", [])]
@@ -199,6 +200,8 @@ def train_one(cfg: ViTTrainConfig, mode: str, out: Path, accelerator, subset, ck
                         optimizer.zero_grad(set_to_none=True)
                         if master:
                             master.master_to_model()
+                        if ema is not None:
+                            ema.update()
                 batch += 1
                 run.seen += x.shape[0] * accelerator.num_processes
                 losses.append(loss.detach())
@@ -211,29 +214,32 @@ def train_one(cfg: ViTTrainConfig, mode: str, out: Path, accelerator, subset, ck
                     saving = bool(cfg.checkpointing_steps) and run.step % cfg.checkpointing_steps == 0
                     if saving and run.step < total:
                         run.train_time += _elapsed(t0, accelerator)
-                        save_run_checkpoint(cfg, out, run, weights, optimizer.optimizer, epoch, batch, losses, is_main)
+                        save_run_checkpoint(cfg, out, run, weights, optimizer.optimizer, epoch, batch, losses, is_main,
+                                            ema)
                         t0 = time.perf_counter()
                     # at an epoch's end the stop waits for its evaluation
                     if batch < len(train_loader) and _should_stop(stop, accelerator, run.step, total, cfg):
                         if not saving:
                             run.train_time += _elapsed(t0, accelerator)
                             save_run_checkpoint(cfg, out, run, weights, optimizer.optimizer, epoch, batch, losses,
-                                                is_main)
+                                                is_main, ema)
                         bar.close()
                         raise interrupted_error(cfg, run, total, out, __file__, accelerator.num_processes)
                     if run.step >= total:
                         break
             run.train_time += _elapsed(t0, accelerator)
             model.eval()
-            metrics = evaluate(fwd, eval_loader, accelerator.device, accelerator.gather_for_metrics)
+            with evaluated_weights(optimizer.optimizer, ema, master):  # the EMA / schedule-free average when on
+                metrics = evaluate(fwd, eval_loader, accelerator.device, accelerator.gather_for_metrics)
             train_loss = float(torch.stack(losses).float().mean()) if losses else float("nan")
             run.history.append({"epoch": epoch + 1, "step": run.step, "train_loss": round(train_loss, 5),
                                 "top1": metrics["top1"], "top5": metrics["top5"], "val_loss": round(metrics["loss"], 5)})
             accelerator.print(f"[{run.mode}] epoch {epoch + 1}/{epochs}: train loss {train_loss:.4f}, "
-                              f"val top-1 {metrics['top1']:.2f}%, top-5 {metrics['top5']:.2f}%")
+                              f"val loss {metrics['loss']:.4f}, val top-1 {metrics['top1']:.2f}%, "
+                              f"top-5 {metrics['top5']:.2f}%" + (" (EMA weights)" if ema is not None else ""))
             stopping = _should_stop(stop, accelerator, run.step, total, cfg)
             if (cfg.checkpointing_steps or stopping) and run.step < total:
-                save_run_checkpoint(cfg, out, run, weights, optimizer.optimizer, epoch + 1, 0, [], is_main)
+                save_run_checkpoint(cfg, out, run, weights, optimizer.optimizer, epoch + 1, 0, [], is_main, ema)
             if stopping:
                 bar.close()
                 raise interrupted_error(cfg, run, total, out, __file__, accelerator.num_processes)
@@ -244,21 +250,32 @@ def train_one(cfg: ViTTrainConfig, mode: str, out: Path, accelerator, subset, ck
               "train_images": len(subset.train), "val_images": len(subset.val), "split": subset.split,
               "trainable": n_train, "total": n_total, "trainable_pct": 100.0 * n_train / n_total,
               "top1": history[-1]["top1"] if history else float("nan"),
-              "top5": history[-1]["top5"] if history else float("nan"), "steps": run.step,
+              "top5": history[-1]["top5"] if history else float("nan"),
+              "val_loss": history[-1]["val_loss"] if history else float("nan"), "steps": run.step,
               "train_time_s": round(run.train_time, 3), "images_per_s": round(run.seen / max(run.train_time, 1e-9), 2),
               "history": history}
-    if master:  # export the fp32 values of what was trained
-        for p, m in zip(trainable_params, master.master):
-            p.data = m.detach().clone()
-    dump = os.environ.get("LORA_VISION_DUMP_RANK_LORA")
-    if dump:  # debugging/tests: every process writes the trainable weights it holds, to compare processes
-        Path(dump).mkdir(parents=True, exist_ok=True)
-        write_safetensors(Path(dump) / f"rank{accelerator.process_index}.safetensors",
-                          {n: p.detach().float().cpu().contiguous() for n, p in raw.named_parameters()
-                           if p.requires_grad})
-    if accelerator.is_main_process:
-        result.update(export(cfg, mode, out, loaded, lora_cfg, subset.classes, history, starts))
-        (out / "metrics.json").write_text(json.dumps(result, indent=1) + "\n")
+
+    def fp32_to_model() -> None:
+        if master:  # export the fp32 values of what was trained
+            for p, m in zip(trainable_params, master.master):
+                p.data = m.detach().clone()
+
+    with eval_mode(optimizer.optimizer):  # schedule-free: its averaged weights are the result
+        fp32_to_model()
+        dump = os.environ.get("LORA_VISION_DUMP_RANK_LORA")
+        if dump:  # debugging/tests: every process writes the trainable weights it holds, to compare processes
+            Path(dump).mkdir(parents=True, exist_ok=True)
+            write_safetensors(Path(dump) / f"rank{accelerator.process_index}.safetensors",
+                              {n: p.detach().float().cpu().contiguous() for n, p in raw.named_parameters()
+                               if p.requires_grad})
+        if accelerator.is_main_process:
+            result.update(export(cfg, mode, out, loaded, lora_cfg, subset.classes, history, starts))
+            if ema is not None:  # what the evaluations above measured
+                with ema.swapped_in():
+                    fp32_to_model()
+                    result["ema_artifact"] = export(cfg, mode, out, loaded, lora_cfg, subset.classes, history,
+                                                    suffix="_ema")["artifact"]
+            (out / "metrics.json").write_text(json.dumps(result, indent=1) + "\n")
     accelerator.free_memory()
     return result
 
@@ -339,6 +356,9 @@ if __name__ == "__main__":
     except (ConfigError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except ImportError as err:  # an optional package of the chosen feature (--optimizer prodigy, ...)
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:  # outside the training loop (in it, the first Ctrl-C saves a checkpoint)
         print("\ninterrupted; the checkpoints already written are complete and kept (resume with "
               "--resume_from_checkpoint latest)", file=sys.stderr)

@@ -22,12 +22,41 @@ import yaml
 
 from ..io import atomic_write_text
 from ..lora.config import ConfigError
+from .optim import OPTIMIZERS
 
 C = TypeVar("C")
 
 # One spelling of the LoRA settings in both recipes: rank, lora_alpha, lora_dropout, rank_pattern and targets (the SD
 # recipe names its two target lists unet_targets and text_encoder_targets). Other spellings are accepted as aliases.
 LORA_ALIASES: dict[str, str] = {"lora_rank": "rank", "lora_targets": "targets"}
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingFeatures:
+    """The training-feature flags both recipes share (the same names, YAML keys, help and checks): the optimizer and
+    an EMA of the trained weights. A recipe's config inherits them and adds `feature_problems()` to its checks."""
+
+    optimizer: str = "adamw"
+    """adamw, adamw8bit (bitsandbytes), prodigy (prodigyopt; use learning rates near 1.0), schedulefree (schedulefree's
+    AdamW; evaluated and saved at its averaged weights) or adafactor."""
+    use_ema: bool = False
+    """Keep an exponential moving average of the trained weights: validation uses it, and it is saved beside the
+    plain result as adapter_ema.safetensors (SD: + adapter_ema_kohya.safetensors; ViT: + peft_ema/)."""
+    ema_decay: float = 0.999
+    """EMA decay per optimizer step (ema = decay x ema + (1 - decay) x weights)."""
+    ema_cpu: bool = False
+    """Keep the EMA copy in CPU memory (saves accelerator memory; one copy to the host per step)."""
+
+    def feature_problems(self) -> list[str]:
+        """Every invalid training-feature value, one line each."""
+        out = []
+        if self.optimizer not in OPTIMIZERS:
+            close = difflib.get_close_matches(self.optimizer, OPTIMIZERS, n=1)
+            out.append(f"optimizer={self.optimizer!r}: expected one of {', '.join(OPTIMIZERS)}"
+                       + (f" (did you mean {close[0]!r}?)" if close else ""))
+        if not 0 < self.ema_decay < 1:
+            out.append(f"ema_decay={self.ema_decay}: expected a number in (0, 1), e.g. 0.999")
+        return out
 
 
 def _str2bool(text: str) -> bool:
@@ -98,20 +127,24 @@ def _hint(key: str, known: Sequence[str]) -> str:
 
 
 def _field_help(cls: type) -> dict[str, str]:
-    """Field docstrings (the string literal right after each field), used as flag help."""
+    """Field docstrings (the string literal right after each field), used as flag help; fields inherited from a
+    shared base (TrainingFeatures) keep the base's text."""
     import ast
     import inspect
 
-    try:
-        tree = ast.parse(inspect.getsource(cls))
-    except (OSError, TypeError):
-        return {}
-    body = tree.body[0].body  # type: ignore[attr-defined]
     out: dict[str, str] = {}
-    for node, nxt in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr) \
-                and isinstance(getattr(nxt, "value", None), ast.Constant):
-            out[node.target.id] = str(nxt.value.value)
+    for klass in reversed(cls.__mro__):  # a subclass's own text wins
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            tree = ast.parse(inspect.getsource(klass))
+        except (OSError, TypeError):
+            continue
+        body = tree.body[0].body  # type: ignore[attr-defined]
+        for node, nxt in zip(body, body[1:]):
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr) \
+                    and isinstance(getattr(nxt, "value", None), ast.Constant):
+                out[node.target.id] = str(nxt.value.value)
     return out
 
 

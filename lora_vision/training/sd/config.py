@@ -14,7 +14,7 @@ from typing import ClassVar
 
 from ...lora.config import ConfigError, _check_pattern, _check_rank
 from ...targets import CLIP_LAYER_NAMES, PRESETS, UNET_LAYER_NAMES, target_problems
-from ..config import LORA_ALIASES
+from ..config import LORA_ALIASES, TrainingFeatures
 from ..optim import OPTIMIZERS, SCHEDULES
 from .losses import HUBER_SCHEDULES, LOSS_TYPES
 
@@ -72,7 +72,7 @@ def kohya_folder_note(folder: str | None) -> str | None:
 
 
 @dataclass(frozen=True)
-class SDTrainConfig:
+class SDTrainConfig(TrainingFeatures):
     """Everything scripts/train_sd.py needs; built by load_config from defaults, YAML and flags."""
 
     pretrained_model_name_or_path: str | None = None
@@ -167,21 +167,11 @@ class SDTrainConfig:
     """Power of the polynomial schedule."""
     use_8bit_adam: bool = False
     """8-bit AdamW from bitsandbytes (must be installed); the same as --optimizer adamw8bit."""
-    optimizer: str = "adamw"
-    """adamw, adamw8bit (bitsandbytes), prodigy (prodigyopt; use learning rates near 1.0), schedulefree (schedulefree's
-    AdamW; evaluated and saved at its averaged weights) or adafactor."""
     loraplus_lr_ratio: float | None = None
     """LoRA+: the B matrices learn at this multiple of the learning rate (16 in the paper); None: off."""
     lr_per_component: dict[str, float] = field(default_factory=dict)
     """Learning rates per component or UNet part, e.g. 'unet=1e-4,unet.up=2e-4,text_encoder=5e-5' (keys: unet,
     unet.down, unet.mid, unet.up, text_encoder, text_encoder_2); unlisted parts use learning_rate / text_encoder_lr."""
-    use_ema: bool = False
-    """Keep an exponential moving average of the LoRA weights: validation images use it, and it is saved as
-    adapter_ema.safetensors (+ adapter_ema_kohya.safetensors)."""
-    ema_decay: float = 0.999
-    """EMA decay per optimizer step (ema = decay x ema + (1 - decay) x weights)."""
-    ema_cpu: bool = False
-    """Keep the EMA copy in CPU memory (saves accelerator memory; one copy to the host per step)."""
     adam_beta1: float = 0.9
     """AdamW beta1."""
     adam_beta2: float = 0.999
@@ -319,11 +309,8 @@ class SDTrainConfig:
                 out.append(f"{name}={getattr(self, name)}: expected a number in [0, 1)")
         if self.lora_alpha is not None and not self.lora_alpha > 0:
             out.append(f"lora_alpha={self.lora_alpha}: expected a number > 0 or None")
-        if self.optimizer not in OPTIMIZERS:
-            close = difflib.get_close_matches(self.optimizer, OPTIMIZERS, n=1)
-            out.append(f"optimizer={self.optimizer!r}: expected one of {', '.join(OPTIMIZERS)}"
-                       + (f" (did you mean {close[0]!r}?)" if close else ""))
-        elif self.use_8bit_adam and self.optimizer not in ("adamw", "adamw8bit"):
+        out += self.feature_problems()
+        if self.use_8bit_adam and self.optimizer in OPTIMIZERS and self.optimizer not in ("adamw", "adamw8bit"):
             out.append(f"use_8bit_adam with optimizer={self.optimizer!r}: give only one of them")
         if self.loraplus_lr_ratio is not None and not self.loraplus_lr_ratio > 0:
             out.append(f"loraplus_lr_ratio={self.loraplus_lr_ratio}: expected a number > 0 (e.g. 16) or None")
@@ -339,8 +326,6 @@ class SDTrainConfig:
         elif self.validation_split and self.validation_data_dir:
             out.append("validation_split and validation_data_dir both given: hold out part of the instance images "
                        "or give a folder of validation images, not both")
-        if not 0 < self.ema_decay < 1:
-            out.append(f"ema_decay={self.ema_decay}: expected a number in (0, 1), e.g. 0.999")
         if self.num_threads is not None and self.num_threads < 1:
             out.append(f"num_threads={self.num_threads}: expected an integer >= 1 or None")
         unet_presets = [n for n in PRESETS if n.startswith("unet-")]

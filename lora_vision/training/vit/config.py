@@ -13,7 +13,7 @@ from ...data.preprocessing import AUGMENT_PRESETS, Augmentation, check_crop_scal
 from ...lora.config import _check_pattern, _check_rank
 from ...lora.weight_init import WEIGHT_INITS
 from ...targets import PRESETS, target_problems
-from ..config import LORA_ALIASES
+from ..config import LORA_ALIASES, TrainingFeatures
 from ..optim import SCHEDULES
 
 MODES = ("lora", "full", "linear-probe")
@@ -25,7 +25,7 @@ DEFAULT_LR = {"lora": 5e-3, "full": 5e-4, "linear-probe": 1e-2}
 
 
 @dataclass(frozen=True)
-class ViTTrainConfig:
+class ViTTrainConfig(TrainingFeatures):
     """Training a ViT classifier on an ImageNet subset with LoRA, full fine-tuning or a linear probe."""
 
     model_name_or_path: str = "samples/vit/tiny-vit-patterns"
@@ -79,7 +79,7 @@ class ViTTrainConfig:
     max_train_steps: int | None = None
     """Stop after this many optimizer steps (overrides epochs)."""
     learning_rate: float | None = None
-    """Peak learning rate; default per mode: lora 5e-3, full 5e-4, linear-probe 1e-2."""
+    """Peak learning rate; default per mode: lora 5e-3, full 5e-4, linear-probe 1e-2 (--optimizer prodigy: 1.0)."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
     lr_scheduler_type: str = "cosine"
@@ -165,6 +165,12 @@ class ViTTrainConfig:
                                or self.first_n_classes):
             out.append("vtab_task takes its splits and classes from the VTAB-1k files: leave out validation_dir, "
                        "subset, class_list, classes and first_n_classes")
+        out += self.feature_problems()
+        weight_start = [v for v in (self.init, *self.compare_variants) if v in WEIGHT_INITS]
+        if self.use_ema and weight_start:
+            out.append(f"use_ema with init={weight_start[0]}: the {weight_start[0]} export rewrites the trained "
+                       "weights into a plain update, which the average cannot follow; leave out --use_ema or use "
+                       "--init kaiming")
         if self.compare_variants and not self.compare:
             out.append("compare_variants needs --compare")
         if self.compare and self.init in WEIGHT_INITS:
@@ -237,5 +243,8 @@ class ViTTrainConfig:
         return replace(self.plain_lora(), init=name)
 
     def lr(self, mode: str | None = None) -> float:
-        """The learning rate for `mode` (the flag, else the mode's default)."""
-        return self.learning_rate if self.learning_rate is not None else DEFAULT_LR[mode or self.mode]
+        """The learning rate for `mode` (the flag, else the mode's default; Prodigy estimates the step size and
+        takes 1.0)."""
+        if self.learning_rate is not None:
+            return self.learning_rate
+        return 1.0 if self.optimizer == "prodigy" else DEFAULT_LR[mode or self.mode]
