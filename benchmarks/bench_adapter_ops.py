@@ -10,6 +10,9 @@ tensors. Measured, alternating in rounds, median over repeats with torch.cuda.sy
 - one UNet step (batch 2, 64x64 latent) base / adapter unfused / fused, and the difference between our output and
   diffusers' output for the same file (same adapter, so it should be bf16 noise).
 
+The libraries run in a shuffled order per round (benchmarks/timing.py); each round gives one median per operation
+and library, and the table reports the median and spread over the rounds and ours / diffusers per round.
+
     python benchmarks/bench_adapter_ops.py --model sd15 --device cuda --dtype bf16 --out $OUT
     python benchmarks/bench_adapter_ops.py --model tiny --device cpu --dtype fp32 --rounds 1   # smoke test
 """
@@ -28,7 +31,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import timing  # noqa: E402  (the shared rounds and report)
 from lora_vision.adapter import Adapter  # noqa: E402
 from lora_vision.dtypes import parse_dtype  # noqa: E402
 from lora_vision.formats import export  # noqa: E402
@@ -87,18 +92,7 @@ def make_adapter(pipe, rank: int, seed: int) -> Adapter:
     return Adapter(tensors, AdapterMetadata(format=FORMAT_VERSION).to_strings())
 
 
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn, device: str) -> float:
-    """Milliseconds of one call, with a device sync before and after."""
-    sync(device)
-    t = time.perf_counter()
-    fn()
-    sync(device)
-    return (time.perf_counter() - t) * 1000
+timed = timing.timed_ms
 
 
 def drop_cache(path: Path) -> None:
@@ -213,8 +207,22 @@ def one_round(lib, device, dtype, step, res, repeats, outputs):
 
 
 def _median_step(step, device, n=10):
-    step()
-    return statistics.median(timed(step, device) for _ in range(n))
+    return timing.median_ms(step, n, device, warmup=1)
+
+
+def run_rounds(libs, device, dtype, step, rounds: int, repeats: int, outputs: dict, seed: int = 0) -> dict:
+    """`one_round` of every library per round, in timing.round_orders' order; {label: {op: [median per round]}}."""
+    res: dict = {}
+    per_round: dict = {}
+    by_label = {lib.label: lib for lib in libs}
+    for rnd, order in enumerate(timing.round_orders(by_label, rounds, seed)):
+        for label in order:
+            seen = {op: len(v) for op, v in res.get(label, {}).items()}
+            one_round(by_label[label], device, dtype, step, res, repeats, outputs)
+            for op, v in res[label].items():
+                per_round.setdefault(label, {}).setdefault(op, []).append(statistics.median(v[seen.get(op, 0):]))
+        print(f"round {rnd + 1}/{rounds} done ({', '.join(order)})", flush=True)
+    return per_round
 
 
 def main() -> None:
@@ -227,6 +235,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=6, help="loads per round; switches/strengths are 2x this")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
+    if args.rounds < 1 or args.repeats < 1:
+        ap.error(f"--rounds {args.rounds} --repeats {args.repeats}: both must be at least 1")
+    timing.print_command()
     dtype = parse_dtype(args.dtype, "--dtype")
     torch.backends.cuda.matmul.allow_tf32 = True
     t0 = time.perf_counter()
@@ -242,7 +253,6 @@ def main() -> None:
     sizes = {k: os.path.getsize(v) for k, v in files.items()}
     print("files:", json.dumps(sizes), flush=True)
     step = unet_step(pipe, args.device, dtype)
-    res: dict = {}
     outputs: dict = {}
     base = _median_step(step, args.device)
     base_out = [o.float().cpu() for o in step()]
@@ -252,18 +262,13 @@ def main() -> None:
     for lib in libs:  # the very first load in the process, per library (allocator and import warm-up included)
         first[lib.label] = timed(lambda: lib.load("a", "a"), args.device)
         lib.unload()
-    for rnd in range(args.rounds):
-        for lib in libs:
-            one_round(lib, args.device, dtype, step, res, args.repeats, outputs)
-        print(f"round {rnd + 1}/{args.rounds} done", flush=True)
+    res = run_rounds(libs, args.device, dtype, step, args.rounds, args.repeats, outputs)
     cold_read = []
     for _ in range(3):
         drop_cache(ours_files["a"])
         cold_read.append(read_ms(ours_files["a"]))
     warm_read = [read_ms(ours_files["a"]) for _ in range(3)]
     summary = {lab: {op: statistics.median(v) for op, v in ops.items()} for lab, ops in res.items()}
-    for lab in summary:
-        summary[lab]["first_load_ms"] = first[lab]
     diffs = {}
     ref = outputs["diffusers+peft"]
     for lab, outs in outputs.items():
@@ -272,27 +277,31 @@ def main() -> None:
                       "unet_max_abs_change_vs_base": float((outs[0] - base_out[0]).abs().max())}
     result = {"args": vars(args), "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
               "torch": torch.__version__, "file_bytes": sizes, "step_base_ms": base, "summary": summary,
-              "raw": res, "output_diffs": diffs, "file_read_ms": {"cold": cold_read, "warm": warm_read}}
+              "first_load_ms": first, "round_medians": res, "output_diffs": diffs, "file_read_ms": {"cold": cold_read, "warm": warm_read}}
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "bench_adapter_ops.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(diffs, indent=1))
     print(f"raw file read of one adapter ({sizes['a'] / 2**20:.1f} MiB): cold {statistics.median(cold_read):.2f} ms, "
           f"warm {statistics.median(warm_read):.2f} ms")
     print(f"UNet+TE step (batch 2) base: {base:.2f} ms")
-    print_table(summary)
+    print_table(res, first)
 
 
-def print_table(summary: dict) -> None:
-    """The markdown table of median milliseconds per operation and library, with diffusers / ours."""
-    ops = ("first_load_ms", "load_warm_ms", "load_cold_ms", "switch_ms", "strength_ms", "fuse_ms", "unfuse_ms",
-           "step_unfused_ms", "step_fused_ms")
-    labs = list(summary)
-    print("| operation (median ms) | " + " | ".join(labs) + " | diffusers / lora_vision |")
-    print("|---|" + "---|" * (len(labs) + 1))
-    for op in ops:
-        vals = [summary[lab].get(op, float("nan")) for lab in labs]
-        ratio = summary["diffusers+peft"][op] / summary["lora_vision"][op]
-        print(f"| {op} | " + " | ".join(f"{v:.3f}" for v in vals) + f" | {ratio:.1f}x |")
+OPS = ("load_warm_ms", "load_cold_ms", "switch_ms", "strength_ms", "fuse_ms", "unfuse_ms", "step_unfused_ms",
+       "step_fused_ms")
+
+
+def print_table(per_round: dict, first: dict) -> None:
+    """The markdown table of ms per operation and library over the rounds (timing.markdown_table), each of ours
+    against diffusers + peft measured in the same rounds; then the first load of each library in the process."""
+    values, refs = {}, {}
+    for op in OPS:
+        for lab, ops in per_round.items():
+            if op in ops:
+                values[f"{op}: {lab}"] = ops[op]
+                refs[f"{op}: {lab}"] = f"{op}: diffusers+peft" if lab != "diffusers+peft" else None
+    print(timing.markdown_table(values, "ms", refs, digits=3))
+    print("first load in the process (ms, once): " + ", ".join(f"{k} {v:.1f}" for k, v in first.items()))
 
 
 if __name__ == "__main__":

@@ -94,6 +94,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=4, help="loads per round; switches/strengths are 2x this")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
+    ops.timing.print_command()
     dtype = parse_dtype(args.dtype, "--dtype")
     torch.backends.cuda.matmul.allow_tf32 = True
     t0 = time.perf_counter()
@@ -119,26 +120,21 @@ def main() -> None:
     for lib in libs:  # the very first load in the process, per library (allocator and import warm-up included)
         first[lib.label] = ops.timed(lambda: lib.load("a", "a"), args.device)
         lib.unload()
-    res: dict = {}
     outputs: dict = {}
-    for rnd in range(args.rounds):
-        for lib in libs:
-            ops.one_round(lib, args.device, dtype, step, res, args.repeats, outputs)
-        print(f"round {rnd + 1}/{args.rounds} done", flush=True)
+    res = ops.run_rounds(libs, args.device, dtype, step, args.rounds, args.repeats, outputs)
     summary = {lab: {op: statistics.median(v) for op, v in o.items()} for lab, o in res.items()}
-    for lab in summary:
-        summary[lab]["first_load_ms"] = first[lab]
     ref = outputs["diffusers+peft"][0]
     diffs = {lab: {"max_abs_diff_vs_diffusers": float((o[0] - ref).abs().max()),
                    "max_abs_change_vs_base": float((o[0] - base_out[0]).abs().max())} for lab, o in outputs.items()}
     result = {"args": vars(args), "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
               "torch": torch.__version__, "transformer_parameters": n_params, "file_bytes": sizes,
-              "step_base_ms": base, "summary": summary, "raw": res, "output_diffs": diffs}
+              "step_base_ms": base, "summary": summary, "first_load_ms": first, "round_medians": res,
+              "output_diffs": diffs}
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "bench_dit_adapter_ops.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(diffs, indent=1))
     print(f"transformer step base: {base:.2f} ms")
-    ops.print_table(summary)
+    ops.print_table(res, first)
 
 
 if __name__ == "__main__":

@@ -2,13 +2,18 @@
 torch.compile'd) and diffusers + peft on the same adapter files; switch latency and recompile count.
 
     python benchmarks/bench_generate.py --out results/          # SD 1.5 architecture, random weights, GPU
-    python benchmarks/bench_generate.py --size tiny --device cpu --iters 2 --steps 2 --compile_backend eager
+    python benchmarks/bench_generate.py --size tiny --device cpu --iters 2 --steps 2 --rounds 1 \
+        --compile_backend eager --skip peft                     # smoke test
 
 Adapters: two random files written by lora_vision.formats.export(..., "diffusers") (alpha in the metadata), read
 by our loaders and by `pipe.load_lora_weights`: A = rank 16 on UNet attention (attn1/attn2 q, k, v, out) and
 text-encoder attention (the reference's setting); B = rank 8 on UNet attention + feed-forward + text encoder, so
-the served slots hold adapters of different ranks and target sets. Results go to OUT/results.json after every
-section (a time-out keeps what was measured) and a table is printed last.
+the served slots hold adapters of different ranks and target sets. Every configuration has its own UNet and text
+encoder (sharing the VAE), so all are built (and compiled) first; then the UNet steps and generations of all of
+them are timed in interleaved rounds in a shuffled order (benchmarks/timing.py): one median of --iters steps per
+configuration and round, reported as median and spread over the rounds and as the ratio to the configuration's base
+per round. Results go to OUT/results.json after every section (a time-out keeps what was measured) and a table is
+printed last.
 """
 
 from __future__ import annotations
@@ -28,6 +33,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import timing  # noqa: E402  (the shared rounds and report)
 from lora_vision.adapter import Adapter  # noqa: E402
 from lora_vision.dtypes import parse_dtype  # noqa: E402
 from lora_vision.formats import export  # noqa: E402
@@ -109,27 +117,17 @@ ATTN = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
 
 # ---- timing --------------------------------------------------------------------------------------------------
 
-def sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+sync = timing.sync
 
 
 def median_ms(fn, iters: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    sync()
-    times = []
-    for _ in range(iters):
-        t = time.perf_counter()
-        fn()
-        sync()
-        times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
+    return timing.median_ms(fn, iters, warmup=warmup)
 
 
 class Bench:
     def __init__(self, args, device: str, dtype: torch.dtype, latent: int, ctx: int) -> None:
         self.args, self.device, self.dtype = args, device, dtype
+        self.configs: dict = {}
         g = torch.Generator().manual_seed(0)
         self.inputs = {}
         for images in args.batches:
@@ -158,15 +156,27 @@ class Bench:
         sync()
         return (time.perf_counter() - t) * 1e3 / images
 
-    def record(self, label: str, unet, pipe, out: Path) -> None:
+    def record(self, label: str, unet, pipe, out: Path | None = None) -> None:
+        """Register a configuration for the interleaved rounds of `measure` (nothing is timed here)."""
         if "eager" in self.args.skip and not label.startswith("compiled"):
             return
-        row = RESULTS.setdefault("configs", {}).setdefault(label, {})
-        for images in self.args.batches:
-            row[f"step_ms_bs{images}"] = self.step_ms(unet, images)
-            if pipe is not None and not self.args.no_generate:
-                row[f"gen_ms_per_image_bs{images}"] = self.gen_ms_per_image(pipe, images)
-        log(f"{label}: {row}")
+        self.configs[label] = (unet, pipe)
+
+    def measure(self, out: Path) -> None:
+        """Every configuration's UNet step (and generation) per batch, interleaved over --rounds rounds; per metric
+        {label: [value per round]} into RESULTS["rounds"] and the medians into RESULTS["configs"]."""
+        jobs = {}
+        for label, (unet, pipe) in self.configs.items():
+            for images in self.args.batches:
+                jobs[(label, f"step_ms_bs{images}")] = lambda u=unet, i=images: self.step_ms(u, i)
+                if pipe is not None and not self.args.no_generate:
+                    jobs[(label, f"gen_ms_per_image_bs{images}")] = lambda p=pipe, i=images: self.gen_ms_per_image(p, i)
+        keys = {f"{label} | {metric}": (label, metric) for label, metric in jobs}
+        values = timing.interleave({k: jobs[keys[k]] for k in keys}, self.args.rounds)
+        for k, vals in values.items():
+            label, metric = keys[k]
+            RESULTS.setdefault("rounds", {}).setdefault(label, {})[metric] = vals
+            RESULTS.setdefault("configs", {}).setdefault(label, {})[metric] = statistics.median(vals)
         save(out)
 
 
@@ -194,7 +204,8 @@ def main() -> None:
     ap.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
     ap.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4],
                     help="images per generation (the UNet runs twice as many with guidance)")
-    ap.add_argument("--iters", type=int, default=20, help="timed UNet steps per configuration (median)")
+    ap.add_argument("--iters", type=int, default=20, help="timed UNet steps per configuration and round (median)")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds (shuffled order per round, seed 0)")
     ap.add_argument("--steps", type=int, default=30, help="denoising steps of the full generations")
     ap.add_argument("--compile_backend", default="inductor")
     ap.add_argument("--no_generate", action="store_true", help="UNet steps only")
@@ -202,6 +213,9 @@ def main() -> None:
                     "configurations), peft, compile")
     ap.add_argument("--out", default="bench_generate_out")
     args = ap.parse_args()
+    if args.rounds < 1 or args.iters < 1:
+        ap.error(f"--rounds {args.rounds} --iters {args.iters}: both must be at least 1")
+    timing.print_command()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     skip = set(filter(None, args.skip.split(",")))
@@ -211,7 +225,8 @@ def main() -> None:
     dtype = parse_dtype(args.dtype, "--dtype")
     RESULTS["setup"] = {"size": args.size, "dtype": args.dtype, "device": torch.cuda.get_device_name()
                         if args.device.startswith("cuda") else "cpu", "torch": torch.__version__,
-                        "steps": args.steps, "iters": args.iters, "batches": args.batches}
+                        "steps": args.steps, "iters": args.iters, "batches": args.batches,
+                        "rounds": args.rounds, "command": timing.command_line()}
     pipe = build_pipe(args.size, args.device, dtype)
     latent = pipe.unet.config.sample_size
     bench = Bench(args, args.device, dtype, latent, pipe.unet.config.cross_attention_dim)
@@ -224,7 +239,8 @@ def main() -> None:
 
     # ours: base, unfused (pipeline.load_adapter), fused
     base_out = bench.unet_step(pipe.unet, args.batches[0]).clone()
-    bench.record("base", pipe.unet, pipe, out)
+    base_p = with_parts(pipe, copy.deepcopy(pristine_unet), copy.deepcopy(pristine_te))  # the base keeps its copy
+    bench.record("base", base_p.unet, base_p)
     t = time.perf_counter()
     load_adapter(pipe, str(files["a"]), name="a")
     sync()
@@ -243,13 +259,18 @@ def main() -> None:
     RESULTS["ours_pipeline_strength_ms"] = median_ms(lambda: set_adapter_strength(pipe, "a", 0.7), 50)
     set_adapters(pipe, ["a"])
     set_adapter_strength(pipe, "a", 1.0)
+    fused = with_parts(pipe, copy.deepcopy(pristine_unet), copy.deepcopy(pristine_te))  # its own copy: timed later
+    load_adapter(fused, str(files["a"]), name="a")
     t = time.perf_counter()
-    fuse(pipe)
+    fuse(fused)
     sync()
     RESULTS["ours_fuse_ms"] = (time.perf_counter() - t) * 1e3
-    bench.record("ours fused", pipe.unet, pipe, out)
-    unfuse(pipe)
-    unload_adapter(pipe)
+    bench.record("ours fused", fused.unet, fused, out)
+    t = time.perf_counter()
+    unfuse(fused)
+    sync()
+    RESULTS["ours_unfuse_ms"] = (time.perf_counter() - t) * 1e3
+    fuse(fused)
 
     # served: slots (eager), plain and with fused q/k/v projections
     served = {}
@@ -297,68 +318,71 @@ def main() -> None:
             ref.set_adapters([names[j[0] % 2]], adapter_weights=[1.0])
         RESULTS["peft_switch_ms"] = median_ms(peft_switch, 20, warmup=2)
         ref.set_adapters(["a"], adapter_weights=[1.0])
+        ref_fused = with_parts(pipe, copy.deepcopy(pristine_unet), copy.deepcopy(pristine_te))
+        ref_fused.load_lora_weights(str(files["a"]), adapter_name="a")
         t = time.perf_counter()
-        ref.fuse_lora(adapter_names=["a"], lora_scale=1.0)
+        ref_fused.fuse_lora(adapter_names=["a"], lora_scale=1.0)
         sync()
         RESULTS["peft_fuse_ms"] = (time.perf_counter() - t) * 1e3
-        bench.record("diffusers+peft fused", ref.unet, ref, out)
-        del ref
-        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+        bench.record("diffusers+peft fused", ref_fused.unet, ref_fused, out)
 
     # torch.compile: base (fused qkv) and served (fused qkv) with hot swaps
     if "compile" not in skip:
         from torch._dynamo.testing import CompileCounterWithBackend
 
-        for label, pp, srv in (("compiled base, fused qkv", base_qkv, None), ("compiled served + hot-swap", p, server)):
+        for label, eager, srv in (("compiled base, fused qkv", base_qkv, None), ("compiled served + hot-swap", p, server)):
             counter = CompileCounterWithBackend(args.compile_backend)
-            pp.unet = torch.compile(pp.unet, backend=counter, dynamic=False)
+            # a pipeline of its own around the compiled UNet: the eager configuration keeps its eager UNet
+            pp = with_parts(eager, torch.compile(eager.unet, backend=counter, dynamic=False), eager.text_encoder)
             t = time.perf_counter()
             for images in args.batches:
                 bench.unet_step(pp.unet, images)
             sync()
             RESULTS.setdefault("compile_s", {})[label] = time.perf_counter() - t
             log(f"{label}: compiled in {RESULTS['compile_s'][label]:.1f}s ({counter.frame_count} frames)")
-            bench.record(label, pp.unet, pp, out)
+            bench.record(label, pp.unet, pp)
             if srv is not None:
-                warm = counter.frame_count
-                for k, step in enumerate((lambda: srv.activate("b"), lambda: srv.set_strength(0.6),
-                                          lambda: srv.activate(None), lambda: srv.activate("a", 1.2, 0.5),
-                                          lambda: srv.activate("b", 1.0, block_strengths="up=0"))):
-                    step()
-                    for images in args.batches:
-                        bench.unet_step(pp.unet, images)
-                if not args.no_generate:
-                    bench.gen_ms_per_image(pp, args.batches[0])
-                RESULTS["recompiles_after_warmup"] = counter.frame_count - warm
-                RESULTS["compiled_switch_ms"] = median_ms(switch, 100, warmup=5)
-                srv.activate("a")
-                RESULTS["agreement"]["compiled served vs ours unfused (max rel diff)"] = max_rel_diff(
-                    bench.unet_step(pp.unet, args.batches[0]), ref_a)
+                served_compiled = (pp, counter)
             save(out)
+
+    # the timed rounds: every configuration, interleaved
+    bench.measure(out)
+
+    # hot swaps on the compiled served UNet: no recompiles after the warm-up
+    if "compile" not in skip:
+        pp, counter = served_compiled
+        warm = counter.frame_count
+        for step in (lambda: server.activate("b"), lambda: server.set_strength(0.6), lambda: server.activate(None),
+                     lambda: server.activate("a", 1.2, 0.5), lambda: server.activate("b", 1.0, block_strengths="up=0")):
+            step()
+            for images in args.batches:
+                bench.unet_step(pp.unet, images)
+        if not args.no_generate:
+            bench.gen_ms_per_image(pp, args.batches[0])
+        RESULTS["recompiles_after_warmup"] = counter.frame_count - warm
+        RESULTS["compiled_switch_ms"] = median_ms(switch, 100, warmup=5)
+        server.activate("a")
+        RESULTS["agreement"]["compiled served vs ours unfused (max rel diff)"] = max_rel_diff(
+            bench.unet_step(pp.unet, args.batches[0]), ref_a)
     save(out)
     print_table()
 
 
+REFS = {"served eager, fused qkv": "base, fused qkv", "compiled served + hot-swap": "compiled base, fused qkv"}
+
+
 def print_table() -> None:
-    cfg = RESULTS["configs"]
-    batches = RESULTS["setup"]["batches"]
-    base = cfg.get("base", {})
-    head = " | ".join(f"UNet step bs{b} (ms) | vs base | per image bs{b} (ms)" for b in batches)
-    print(f"| configuration | {head} |")
-    print("|---" * (1 + 3 * len(batches)) + "|")
-    refs = {"served eager, fused qkv": "base, fused qkv", "compiled served + hot-swap": "compiled base, fused qkv"}
-    for label, row in cfg.items():
-        ref = cfg.get(refs.get(label, "base"), base)
-        cells = []
-        for b in batches:
-            s = row.get(f"step_ms_bs{b}")
-            g = row.get(f"gen_ms_per_image_bs{b}")
-            r = ref.get(f"step_ms_bs{b}")
-            over = f"{100 * (s / r - 1):+.1f}%" if s and r else ""
-            cells.append(f"{s:.2f} | {over} | {g:.0f}" if g else f"{s:.2f} | {over} | ")
-        print(f"| {label} | " + " | ".join(cells) + " |")
+    """Per metric, the configurations' round values against their base (timing.markdown_table); then the one-off
+    measurements."""
+    rounds = RESULTS.get("rounds", {})
+    metrics = list(dict.fromkeys(m for row in rounds.values() for m in row))
+    for metric in metrics:
+        values = {label: row[metric] for label, row in rounds.items() if metric in row}
+        refs = {label: REFS.get(label, "base") for label in values}
+        print(f"\n{metric}\n")
+        print(timing.markdown_table(values, "ms", refs))
     for k, v in RESULTS.items():
-        if k not in ("configs", "setup"):
+        if k not in ("configs", "setup", "rounds"):
             print(f"{k}: {json.dumps(v) if isinstance(v, dict) else (f'{v:.4g}' if isinstance(v, float) else v)}")
 
 

@@ -1,10 +1,13 @@
 """CPU micro-benchmark: forward+backward of LoRALinear vs the bare nn.Linear and vs peft's LoRA Linear.
 
-    python benchmarks/bench_layer_cpu.py [--reps 30] [--threads 2]
+    python benchmarks/bench_layer_cpu.py [--rounds 30] [--repeats 3] [--threads 2]
+    python benchmarks/bench_layer_cpu.py --rounds 1 --repeats 1 --small          # smoke test
 
 Frozen base weight (as in LoRA training), input requires grad (as inside a network), rank r LoRA in fp32.
-The three variants run interleaved, round after round, so machine noise hits them alike; medians are reported,
-and the overhead columns are ratios against the bare Linear measured in the same rounds.
+The three variants run interleaved, round after round in a shuffled order (benchmarks/timing.py), so machine noise
+hits them alike; per shape the table gives each variant's median and spread over the rounds, lora_vision against
+peft (peft against the bare Linear) as the ratio of medians and the median of per-round ratios, and lora_vision
+against the bare Linear.
 """
 
 from __future__ import annotations
@@ -12,12 +15,17 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import time
+import sys
+from pathlib import Path
 
 import torch
 from torch import nn
 
-import lora_vision as lv
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import lora_vision as lv  # noqa: E402
+import timing  # noqa: E402  (the shared rounds and report)
 
 
 def _step(layer: nn.Module, x: torch.Tensor) -> None:
@@ -25,14 +33,8 @@ def _step(layer: nn.Module, x: torch.Tensor) -> None:
     y.backward(torch.ones_like(y))
 
 
-def _time(layer: nn.Module, x: torch.Tensor) -> float:
-    t0 = time.perf_counter()
-    _step(layer, x)
-    return time.perf_counter() - t0
-
-
-def bench(tokens: int, d_in: int, d_out: int, rank: int, reps: int) -> dict[str, float]:
-    """Median seconds per forward+backward for the three variants at one shape."""
+def bench(tokens: int, d_in: int, d_out: int, rank: int, rounds: int, repeats: int) -> dict[str, list[float]]:
+    """Per variant, the median ms per forward+backward of each interleaved round at one shape."""
     torch.manual_seed(0)
     base = nn.Linear(d_in, d_out).requires_grad_(False)
     ours = nn.Sequential(copy.deepcopy(base))
@@ -49,31 +51,32 @@ def bench(tokens: int, d_in: int, d_out: int, rank: int, reps: int) -> dict[str,
     for layer in variants.values():
         for _ in range(3):
             _step(layer, x)
-    times: dict[str, list[float]] = {k: [] for k in variants}
-    for _ in range(reps):
-        for k, layer in variants.items():
-            times[k].append(_time(layer, x))
-    return {k: statistics.median(v) for k, v in times.items()}
+    return timing.interleave({k: (lambda layer=layer: timing.median_ms(lambda: _step(layer, x), repeats, "cpu"))
+                              for k, layer in variants.items()}, rounds, progress=False)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--rounds", type=int, default=30, help="interleaved rounds")
+    ap.add_argument("--repeats", type=int, default=3, help="timed steps per variant and round (median)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--small", action="store_true", help="one small shape (smoke test)")
     args = ap.parse_args()
+    if args.rounds < 1 or args.repeats < 1:
+        ap.error(f"--rounds {args.rounds} --repeats {args.repeats}: both must be at least 1")
+    timing.print_command()
     torch.set_num_threads(args.threads)
-    shapes = [(1024, 320, 320, 4), (1024, 768, 768, 16), (256, 1280, 1280, 16), (4096, 64, 64, 8)]
-    print(f"torch {torch.__version__}, {args.threads} threads, median of {args.reps} interleaved rounds\n")
-    print("| tokens x in -> out | rank | nn.Linear ms | lora_vision ms | peft ms | lora_vision / Linear | "
-          "peft / Linear | lora_vision / peft |")
-    print("|---|---|---|---|---|---|---|---|")
+    shapes = [(64, 32, 32, 4)] if args.small else [(1024, 320, 320, 4), (1024, 768, 768, 16), (256, 1280, 1280, 16),
+                                                    (4096, 64, 64, 8)]
+    print(f"torch {torch.__version__}, {args.threads} threads, {args.rounds} interleaved rounds x {args.repeats} "
+          f"steps, ms per forward+backward")
     for tokens, d_in, d_out, rank in shapes:
-        r = bench(tokens, d_in, d_out, rank, args.reps)
-        peft_ms = f"{r['peft'] * 1e3:.3f}" if "peft" in r else "n/a"
-        peft_ratio = f"{r['peft'] / r['linear']:.2f}" if "peft" in r else "n/a"
-        ours_vs_peft = f"{r['lora_vision'] / r['peft']:.2f}" if "peft" in r else "n/a"
-        print(f"| {tokens} x {d_in} -> {d_out} | {rank} | {r['linear'] * 1e3:.3f} | {r['lora_vision'] * 1e3:.3f} | "
-              f"{peft_ms} | {r['lora_vision'] / r['linear']:.2f} | {peft_ratio} | {ours_vs_peft} |")
+        r = bench(tokens, d_in, d_out, rank, args.rounds, args.repeats)
+        refs = {"lora_vision": "peft" if "peft" in r else "linear", "peft": "linear"}
+        over = statistics.median(a / b for a, b in zip(r["lora_vision"], r["linear"]))
+        extra = {"lora_vision": {"vs nn.Linear (per-round median)": f"{over:.2f}x"}}
+        print(f"\n{tokens} tokens x {d_in} -> {d_out}, rank {rank}\n")
+        print(timing.markdown_table(r, "ms", refs, extra, digits=3))
 
 
 if __name__ == "__main__":

@@ -20,7 +20,9 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
+_T_START = time.perf_counter()  # before the heavy imports: the time to the first step counts them (issue #17)
+
+import numpy as np  # noqa: E402
 import torch
 import yaml
 from tqdm.auto import tqdm
@@ -238,8 +240,11 @@ def train(cfg: SDTrainConfig) -> int:
     if cfg.shuffle_caption and main_proc:
         print("shuffled captions are encoded on the fly (the original captions and the empty prompt are "
               f"{'cached' if data.table.hidden is not None else 'encoded by the training text encoders'})")
+    static_s = 0.0
     if use_graph or cfg.compile:
+        t_static = time.perf_counter()
         steps.use_static(capture=use_graph, compile_unet=cfg.compile, verbose=main_proc)
+        static_s = time.perf_counter() - t_static
 
     writer = open_tensorboard(out / cfg.logging_dir) if cfg.report_to == "tensorboard" and main_proc else None
     log_path = out / cfg.logging_dir / "loss.csv"
@@ -258,7 +263,10 @@ def train(cfg: SDTrainConfig) -> int:
     with StopOnInterrupt() as stop:  # the first Ctrl-C ends the loop after the current step, with a checkpoint
         for step in bar:
             schedule.apply(optimizer, base_lrs, step)
+            t_step = time.perf_counter()
             log.record(steps.run())
+            if step == start and main_proc:  # one sync: what compiling and the first step cost (issue #17)
+                _report_first_step(device, t_step, static_s, cfg.compile)
             if ema is not None:
                 ema.update()
             if val_loss is not None and ((step + 1) % cfg.validation_steps == 0 or step + 1 == cfg.max_train_steps):
@@ -342,6 +350,18 @@ def _stamp(device: torch.device):
         event.record()
         return event
     return time.perf_counter()
+
+
+def _report_first_step(device: torch.device, t_step: float, static_s: float, compiled: bool) -> None:
+    """Print `first step after X s (setup Y s, static step built in Z s, first step W s)`; with --compile the
+    compile time is in the static-step build (CUDA graph) or in the first step (eager)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    now = time.perf_counter()
+    what = "compile + capture" if compiled else "capture"
+    print(f"first step done {now - _T_START:.1f} s after start (imports and setup {t_step - _T_START - static_s:.1f} s, "
+          f"{what} {static_s:.1f} s, first step {now - t_step:.1f} s{', compile included' if compiled and not static_s else ''})",
+          flush=True)
 
 
 def _report_times(events: list, batch_size: int, warmup: int = 10) -> None:

@@ -1,0 +1,142 @@
+"""The benchmark method (issue #17): the shared rounds and report of benchmarks/timing.py, and one CPU smoke run per
+timing script so the scripts do not rot (tiny models, one round; the slow ones are marked slow)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
+timing = _load("timing")
+
+
+def _run(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_round_orders_are_seeded_shuffles_and_each_variant_leads_as_often_as_it_trails():
+    orders = timing.round_orders(["a", "b", "c"], 6, seed=3)
+    assert orders == timing.round_orders(["a", "b", "c"], 6, seed=3)
+    assert all(sorted(o) == ["a", "b", "c"] for o in orders)
+    for r in range(1, 6, 2):
+        assert orders[r] == orders[r - 1][::-1]
+    firsts = [o[0] for o in orders]
+    lasts = [o[-1] for o in orders]
+    assert sorted(firsts) == sorted(lasts)
+    with pytest.raises(ValueError, match="--rounds 1 or more"):
+        timing.round_orders(["a"], 0)
+
+
+def test_interleave_runs_every_variant_once_per_round_in_the_round_order():
+    calls: list[str] = []
+    values = timing.interleave({k: (lambda k=k: calls.append(k) or len(calls)) for k in "ab"}, 4, progress=False)
+    assert [sorted(calls[i:i + 2]) for i in range(0, 8, 2)] == [["a", "b"]] * 4
+    assert calls[:2] == timing.round_orders("ab", 4)[0]
+    assert {k: len(v) for k, v in values.items()} == {"a": 4, "b": 4}
+
+
+def test_summary_gives_ratio_of_medians_and_median_of_per_round_ratios():
+    # a drifting machine: both variants slow down together; b is 2x a in every round
+    a = [1.0, 2.0, 4.0, 8.0, 16.0]
+    values = {"a": a, "b": [2 * v for v in a]}
+    s = timing.summarize(values, {"b": "a"})
+    assert s["b"]["median_ratio"] == 2.0 and s["b"]["ratio_min"] == s["b"]["ratio_max"] == 2.0
+    assert s["b"]["ratio_of_medians"] == 2.0
+    assert (s["a"]["min"], s["a"]["max"], s["a"]["median"]) == (1.0, 16.0, 4.0)
+    table = timing.markdown_table(values, "ms", {"b": "a"}, {"a": {"mode": "x"}})
+    assert "| b |  | 8.00 | 2.00-32.00 |" in table and "2.000x (2.000-2.000)" in table
+
+
+def test_command_line_is_quoted_for_the_shell():
+    assert timing.command_line(["benchmarks/x.py", "--variants", "a b"]) == "python benchmarks/x.py --variants 'a b'"
+
+
+def test_train_log_table_groups_rounds_and_compares_ours_with_the_reference(tmp_path):
+    log = tmp_path / "bench.log"
+    lines = []
+    for r, (ref, ours) in enumerate([(1.0, 5.0), (2.0, 9.0)]):
+        lines += [f"== ref_bs4@r{r}", f"STEPS ref n=10 steps_per_s={ref} peak_alloc_gib=9.0",
+                  f"== ours_bs4@r{r}", f"STEPS ours n=10 median_s=0.1 steps_per_s={ours} peak_alloc_gib=4.5"]
+    log.write_text("\n".join(lines) + "\n")
+    table = timing.train_log_table(str(log), 100.0)
+    assert "| ours_bs4 | 4.50 |" in table and "4.750x (4.500-5.000)" in table  # per-round ratios 5 and 4.5
+    (tmp_path / "failed.log").write_text("== ours_bs4@r0\nTraceback ...\n")
+    assert timing.train_log_table(str(tmp_path / "failed.log"), 1.0).startswith("no STEPS lines in")
+    done = _run("benchmarks/timing.py", "train-log", str(tmp_path / "missing.log"), "10")
+    assert done.returncode == 1 and "expected a bench_train_sd.sh log" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_bench_layer_cpu_smoke():
+    done = _run("benchmarks/bench_layer_cpu.py", "--rounds", "1", "--repeats", "1", "--small", "--threads", "1")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("command: python benchmarks/bench_layer_cpu.py --rounds 1")
+    assert "| lora_vision |" in done.stdout and "per-round ratio" in done.stdout
+
+
+def test_bench_layer_cpu_rejects_zero_rounds():
+    done = _run("benchmarks/bench_layer_cpu.py", "--rounds", "0")
+    assert done.returncode == 2 and "--rounds 0" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.slow
+def test_bench_vit_smoke_compares_each_mode_with_peft_in_that_mode(tmp_path):
+    done = _run("benchmarks/bench_vit.py", "--tiny", "--batch", "2", "--steps", "1", "--warmup", "1", "--rounds", "1",
+                "--variants", "peft,ours-fp32,peft-purebf16,ours-purebf16", "--out", str(tmp_path))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("command: python benchmarks/bench_vit.py --tiny")
+    rows = {r["variant"]: r for r in json.loads((tmp_path / "bench_vit.json").read_text())}
+    assert rows["ours-purebf16"]["mode"] == rows["peft-purebf16"]["mode"] == "pure bf16, fp32 master copies"
+    table = (tmp_path / "bench_vit.md").read_text()
+    assert "| ours-purebf16 | pure bf16, fp32 master copies |" in table
+    assert [line for line in table.splitlines() if line.startswith("| ours-purebf16 ")][0].count("| peft-purebf16 |")
+
+
+def test_bench_vit_reference_is_peft_in_the_same_mode():
+    vit = _load("bench_vit")
+    kinds = ["peft", "ours-fp32", "peft-bf16", "ours-bf16", "peft-purebf16", "ours-purebf16", "ours-purebf16-compile",
+             "full"]
+    refs = {k: vit.peft_reference(k, kinds) for k in kinds}
+    assert refs == {"peft": None, "ours-fp32": "peft", "peft-bf16": None, "ours-bf16": "peft-bf16",
+                    "peft-purebf16": None, "ours-purebf16": "peft-purebf16", "ours-purebf16-compile": "peft-purebf16",
+                    "full": "peft"}
+
+
+@pytest.mark.slow
+def test_bench_adapter_ops_smoke(tmp_path):
+    done = _run("benchmarks/bench_adapter_ops.py", "--model", "tiny", "--device", "cpu", "--dtype", "fp32",
+                "--rounds", "1", "--repeats", "1", "--out", str(tmp_path))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("command: ")
+    result = json.loads((tmp_path / "bench_adapter_ops.json").read_text())
+    assert len(result["round_medians"]["lora_vision"]["fuse_ms"]) == 1
+    assert "fuse_ms: lora_vision" in done.stdout
+
+
+@pytest.mark.slow
+def test_bench_generate_smoke(tmp_path):
+    done = _run("benchmarks/bench_generate.py", "--size", "tiny", "--device", "cpu", "--iters", "1", "--steps", "2",
+                "--rounds", "1", "--batches", "1", "--compile_backend", "eager", "--skip", "peft", "--out",
+                str(tmp_path))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("command: ")
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert set(result["rounds"]) >= {"base", "ours unfused", "ours fused", "compiled served + hot-swap"}
+    assert result["recompiles_after_warmup"] == 0
