@@ -79,7 +79,8 @@ def build_model(cfg: ViTTrainConfig, mode: str, classes: list[str]):
     lora_cfg = None
     if mode == "lora":
         lora_cfg = LoRAConfig(rank=cfg.rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                              targets=lora_targets(loaded, cfg.targets), rank_pattern=cfg.rank_pattern)
+                              targets=lora_targets(loaded, cfg.targets), rank_pattern=cfg.rank_pattern,
+                              **cfg.kind_settings())
         inject_lora(model, lora_cfg)  # freezes everything else
         head.requires_grad_(True)
     elif mode == "linear-probe":

@@ -10,7 +10,7 @@ from typing import ClassVar
 
 from ...lora.config import _check_pattern, _check_rank
 from ...targets import PRESETS, target_problems
-from ..config import LORA_ALIASES
+from ..config import LORA_ALIASES, AdapterKindFields
 from ..optim import SCHEDULES
 
 MODES = ("lora", "full", "linear-probe")
@@ -19,7 +19,7 @@ DEFAULT_LR = {"lora": 5e-3, "full": 5e-4, "linear-probe": 1e-2}
 
 
 @dataclass(frozen=True)
-class ViTTrainConfig:
+class ViTTrainConfig(AdapterKindFields):
     """Training a ViT classifier on an ImageNet subset with LoRA, full fine-tuning or a linear probe."""
 
     model_name_or_path: str = "samples/vit/tiny-vit-patterns"
@@ -118,6 +118,15 @@ class ViTTrainConfig:
     def problems(self) -> list[str]:
         """Every invalid value, one line each."""
         out = []
+        out += self.kind_problems()
+        family = self.model_name_or_path.split(":", 1)[0].removeprefix("tiny-")
+        if self.adapter_type != "lora" and family in ("timm", "torchvision"):
+            out.append(f"adapter_type={self.adapter_type!r} on a {family} ViT ({self.model_name_or_path}): its "
+                       "attention has one fused qkv projection, which LoHa / LoKr / DoRA layers do not go on; use "
+                       "a transformers ViT (e.g. tiny-hf or google/vit-base-patch16-224) or --adapter_type lora")
+        if self.adapter_type != "lora" and self.mode == "lora" and self.save_peft:
+            out.append(f"save_peft: peft folders of adapter_type={self.adapter_type!r} are not written yet (the "
+                       "adapter.safetensors file is); pass --save_peft false")
         if self.mode not in MODES:
             out.append(f"mode={self.mode!r}: expected one of {MODES}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
