@@ -8,6 +8,7 @@ scaling rule (lora.spec); results carry the scale in B and use the plain rule wi
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,8 +34,12 @@ class LayerRow:
     rank_out: int
     kept: float  # Frobenius norm kept, in [0, 1]
 
+    note: str = ""  # e.g. the kind a layer was converted from
+
     def __str__(self) -> str:
-        return f"{self.module}: rank {self.rank_in} -> {self.rank_out}, kept {100 * self.kept:.2f}% of ||delta||_F"
+        note = f" ({self.note})" if self.note else ""
+        return (f"{self.module}: rank {self.rank_in} -> {self.rank_out}, kept {100 * self.kept:.2f}% of "
+                f"||delta||_F{note}")
 
 
 def _entries(adapter: Adapter) -> dict[str, LayerSpec]:
@@ -70,12 +75,63 @@ def lowrank_svd(b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return r.U, r.S, r.V.T
 
 
-def _shape_back(e_like: LayerSpec, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reshape flat (k, in*kh*kw) / (out, k) factors to the canonical layout of `e_like` (conv: 4D)."""
-    A0 = e_like.A
-    if A0.dim() == 4:
-        return a.reshape(a.shape[0], *A0.shape[1:]), b.reshape(b.shape[0], b.shape[1], 1, 1)
+def _shape_back(e_like: LayerSpec | tuple[int, ...], a: torch.Tensor, b: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reshape flat (k, in*kh*kw) / (out, k) factors to the canonical layout of `e_like` (a plain layer, or the
+    layer's weight shape; conv: 4D)."""
+    shape = tuple(e_like) if isinstance(e_like, tuple) else tuple(e_like.A.shape)
+    if len(shape) == 4:
+        return a.reshape(a.shape[0], *shape[1:]), b.reshape(b.shape[0], b.shape[1], 1, 1)
     return a, b
+
+
+class ConversionError(ValueError):
+    """A layer of some kind cannot be turned into plain LoRA with what was given (e.g. it needs the base weight)."""
+
+
+def _kind_shape(key: str, e: LayerSpec, base: Mapping[str, torch.Tensor] | None) -> tuple[int, ...]:
+    """The weight shape of a kind layer: from the base weights when given, else from its factors when they carry
+    the kernel (Tucker cores, 4-D LoKr w2, 4-D diff); flat factors on a convolution cannot tell its kernel."""
+    if base is not None and key in base:
+        return tuple(base[key].shape)
+    if e.weight_dependent:
+        raise ConversionError(f"{key} is a {e.label} layer: its update depends on the base weight; give the base "
+                              "model (--base MODEL, or base= in Python) to convert it")
+    d = e.delta(None)
+    f = e.factors
+    for n in ("lora_mid", "hada_t1", "lokr_t2"):
+        if n in f:
+            k = tuple(f[n].shape[2:])
+            return (d.shape[0], d.shape[1] // max(1, math.prod(k)), *k)
+    for n in ("lokr_w2", "diff"):
+        if n in f and f[n].dim() == 4:
+            k = tuple(f[n].shape[2:])
+            return (d.shape[0], d.shape[1] // math.prod(k), *k)
+    if any(n in f and f[n].dim() == 2 for n in ("hada_w1_b", "lokr_w2_b", "lokr_w2")) and base is None \
+            and e.kind in ("loha", "lokr"):
+        # Linear or a flat convolution: only the model can tell; a 1x1 / Linear reading would be wrong for k x k.
+        raise ConversionError(f"{key} is a {e.label} layer with flat factors {d.shape[0]} x {d.shape[1]}, which may "
+                              "be a Linear layer or a k x k convolution; give the base model (--base MODEL, or base= "
+                              "in Python) so the plain LoRA gets the layer's shape")
+    return tuple(d.shape)
+
+
+def _flat_pair(key: str, e: LayerSpec, base: Mapping[str, torch.Tensor] | None
+               ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...] | LayerSpec, str]:
+    """(B * scaling (out, r), A (r, in*kh*kw)) with B @ A = the layer's update at strength 1, the shape to write it
+    back in, and a note naming the kind converted. Plain LoRA (and Tucker LoCon, folded) keep their factors; other
+    kinds are factored exactly by SVD of their update (rank = its numerical rank)."""
+    plain = e.as_plain()
+    if plain is not None:
+        fb, fa = plain.update_factors()
+        return fb, fa, plain, "" if e.is_plain else f"from {e.label}"
+    shape = _kind_shape(key, e, base)
+    if e.bias_delta() is not None:
+        raise ConversionError(f"{key} is a {e.label} layer with a bias update (diff_b), which plain LoRA cannot "
+                              "carry; leave it out or keep the adapter in its own format")
+    w = base[key].float().reshape(shape) if e.weight_dependent else None
+    fb, fa = e.update_factors(w)
+    return fb, fa, shape, f"from {e.label}"
 
 
 def _build(rows: dict[str, tuple[torch.Tensor, torch.Tensor]], metadata: Mapping[str, str],
@@ -106,10 +162,14 @@ def _build(rows: dict[str, tuple[torch.Tensor, torch.Tensor]], metadata: Mapping
 
 
 def resize(adapter: Adapter, rank: int | None = None, energy: float | None = None,
-           ranks: Mapping[str, int] | None = None, progress: bool = True) -> tuple[Adapter, list[LayerRow]]:
+           ranks: Mapping[str, int] | None = None, progress: bool = True,
+           base: Mapping[str, torch.Tensor] | None = None) -> tuple[Adapter, list[LayerRow]]:
     """Reduce every layer to `rank` (or the fewest singular values keeping `energy` of sum(s^2)) by SVD.
 
     ranks: {component.module[.part]: rank} per layer instead (layers not listed keep their rank, exactly).
+    Layers of other kinds (LoHa, LoKr, DoRA, OFT, ...) become plain LoRA: the SVD of their update (lora.kinds),
+    the row noting the kind. `base` ({component.module: weight}) is needed for kinds whose update depends on the
+    weight (DoRA, OFT, BOFT, (IA)^3) and for flat LoHa / LoKr factors on convolutions (the kernel shape).
     """
     if sum(x is not None for x in (rank, energy, ranks)) != 1:
         raise ValueError("give exactly one of rank, energy or ranks")
@@ -119,12 +179,14 @@ def resize(adapter: Adapter, rank: int | None = None, energy: float | None = Non
         raise KeyError(f"ranks names {len(unknown)} layer(s) the adapter does not have (first: {unknown[:3]})")
     rows, report = {}, []
     for key, e in tqdm(entries.items(), desc="resize", disable=not progress, leave=False):
-        u, s, vh = lowrank_svd(e.B.flatten(1) * e.scaling, e.A.flatten(1))
-        want = rank if ranks is None else int(ranks.get(key, e.rank))
+        fb, fa, shape, note = _flat_pair(key, e, base)
+        u, s, vh = lowrank_svd(fb, fa)
+        want = rank if ranks is None else int(ranks.get(key, fa.shape[0]))
         k = _choose_rank(s, want, energy)
         a, b, kept = _factor(u, s, vh, k)
-        rows[key] = _shape_back(e, a, b)
-        report.append(LayerRow(key, e.rank, k, kept))
+        rows[key] = _shape_back(shape, a, b)
+        # rank in: a kind's update rank (LoHa reaches rank^2, LoKr rank(w1) * rank(w2)), not its factor rank
+        report.append(LayerRow(key, e.rank if e.is_plain else fa.shape[0], k, kept, note))
     how = f"rank={rank}" if rank is not None else (f"energy={energy}" if energy is not None else "per-layer ranks")
     full = {k: v for k, v in adapter.tensors.items() if k.startswith(FULL + ".")}
     out = _build(rows, {**adapter.metadata, **AdapterMetadata(resized=how).to_strings()})
@@ -132,9 +194,16 @@ def resize(adapter: Adapter, rank: int | None = None, energy: float | None = Non
     return out, report
 
 
+def _layer_shape(pair: tuple) -> tuple[int, ...]:
+    fb, fa, shape, _ = pair
+    full = tuple(shape) if isinstance(shape, tuple) else (shape.B.shape[0], *shape.A.shape[1:])
+    return full if len(full) == 4 else (fb.shape[0], fa.shape[1])
+
+
 def merge_adapters(adapters: Sequence[Adapter], weights: Sequence[float] | None = None, rank: int | None = None,
-                   energy: float | None = None, progress: bool = True) -> tuple[Adapter, list[LayerRow]]:
-    """One adapter whose update is sum_i w_i * delta_i.
+                   energy: float | None = None, progress: bool = True,
+                   base: Mapping[str, torch.Tensor] | None = None) -> tuple[Adapter, list[LayerRow]]:
+    """One adapter whose update is sum_i w_i * delta_i (any kinds: see `resize` for `base`).
 
     Without rank/energy it is exact: ranks are concatenated, A = [A_1; A_2; ...], B = [w_1 s_1 B_1, ...].
     With rank or energy the sum is compressed by SVD, and each row says how much of its norm was kept.
@@ -146,22 +215,22 @@ def merge_adapters(adapters: Sequence[Adapter], weights: Sequence[float] | None 
     keys = list(dict.fromkeys(k for es in all_entries for k in es))
     rows, report = {}, []
     for key in tqdm(keys, desc="merge", disable=not progress, leave=False):
-        es = [(w, es[key]) for w, es in zip(weights, all_entries) if key in es]
-        shapes = {tuple(e.A.shape[1:]) for _, e in es} | {(e.B.shape[0],) for _, e in es}
-        if len({tuple(e.A.shape[1:]) for _, e in es}) != 1 or len({e.B.shape[0] for _, e in es}) != 1:
+        es = [(w, _flat_pair(key, es[key], base)) for w, es in zip(weights, all_entries) if key in es]
+        shapes = {_layer_shape(p) for _, p in es}
+        if len(shapes) != 1:
             raise ValueError(f"{key}: the adapters disagree on the layer's shape {sorted(shapes)}; they are for "
                              "different base models")
-        a = torch.cat([e.A.flatten(1).double() for _, e in es])
-        b = torch.cat([e.B.flatten(1).double() * (w * e.scaling) for w, e in es], 1)
+        a = torch.cat([fa for _, (_, fa, _, _) in es])
+        b = torch.cat([fb * w for w, (fb, _, _, _) in es], 1)
         r_in = a.shape[0]
         if rank is None and energy is None:
-            rows[key] = _shape_back(es[0][1], a, b)
+            rows[key] = _shape_back(es[0][1][2], a, b)
             report.append(LayerRow(key, r_in, r_in, 1.0))
             continue
         u, s, vh = lowrank_svd(b, a)
         k = _choose_rank(s, rank, energy)
         fa, fb, kept = _factor(u, s, vh, k)
-        rows[key] = _shape_back(es[0][1], fa, fb)
+        rows[key] = _shape_back(es[0][1][2], fa, fb)
         report.append(LayerRow(key, r_in, k, kept))
     return _build(rows, {**adapters[0].metadata, **AdapterMetadata(merged_from=len(adapters)).to_strings()}), report
 
@@ -259,6 +328,23 @@ def load_weights(path: str | os.PathLike, component: str = "model") -> dict[str,
                                     "pipeline folder saved with safe_serialization)")
         return out
     return {component: read_safetensors(p, check_finite=False)[0]}
+
+
+def layer_weights(path: str | os.PathLike, component: str = "model") -> dict[str, torch.Tensor]:
+    """{component.module: weight} of a base model (pipeline folder or one .safetensors file, as `load_weights`),
+    module names as adapters spell them: what `resize` / `merge_adapters` need for weight-dependent kinds."""
+    out = {}
+    for comp, sd in load_weights(path, component).items():
+        for k, t in sd.items():
+            if not k.endswith(".weight"):
+                continue
+            mod = k[: -len(".weight")]
+            if comp.startswith("text_encoder"):
+                mod = naming.te_to_live(mod, naming.default_has_text_model(comp))
+            elif comp == "model" and naming.transformers_major() >= 5:
+                mod = naming.vit_v4_to_v5(mod)
+            out[f"{comp}.{mod}"] = t
+    return out
 
 
 def print_rows(rows: Iterable[LayerRow], limit: int | None = None) -> str:

@@ -3,7 +3,9 @@
 Every adapted Linear / Conv2d gets one fixed *slot*: preallocated low-rank tensors sized for the largest rank and
 the union of the target sets of all adapters the server knows. Switching adapters copies the chosen adapter's
 (zero-padded) weights into the slots in place (`torch._foreach_copy_`, a handful of kernel launches for all
-modules), and strength is folded into the slot's B the same way. No module, attribute or tensor shape changes, so
+modules), and strength is folded into the slot's B the same way. Slots hold plain LoRA; a Tucker LoCon conv is
+folded into the pair exactly; the other kinds (LoHa, LoKr, DoRA, OFT, BOFT, (IA)^3, full diff) have no fixed low-rank
+pair and are refused by `add`, naming the kind and why. No module, attribute or tensor shape changes, so
 a `torch.compile`d UNet keeps its graph: zero recompiles on switch or strength change.
 
 Unfused cost: each slot adds two GEMMs, the second one accumulating into the base output in place (`addmm_`).
@@ -94,6 +96,33 @@ class _Source:
     width: int             # output width of this module
 
 
+# Why a kind cannot take a fixed low-rank slot (see lora.kinds for the updates).
+_NOT_SERVED = {
+    "loha": "its update is a Hadamard product of two low-rank matrices (rank up to rank^2), not one fixed "
+            "low-rank pair",
+    "lokr": "its update is a Kronecker product (rank up to rank(w1) * rank(w2)), not one fixed low-rank pair",
+    "oft": "its update rotates the base weight (it depends on the weight), not a low-rank pair",
+    "boft": "its update rotates the base weight (it depends on the weight), not a low-rank pair",
+    "ia3": "its update rescales the base weight (it depends on the weight), not a low-rank pair",
+    "full": "it stores a full-rank weight difference",
+    "norm": "it updates normalisation layers, which have no slot",
+}
+
+
+def _servable(name: str, label: str, spec: LayerSpec) -> LayerSpec:
+    """A layer as the plain LoRA pair a slot holds (Tucker LoCon folded exactly); other kinds are refused, naming
+    the kind and why."""
+    plain = spec.as_plain()
+    if plain is not None:
+        return plain
+    why = ("its DoRA magnitude renormalises the updated weight per row (the update depends on the weight), not a "
+           "low-rank pair") if "dora_scale" in spec.factors else _NOT_SERVED[spec.kind]
+    raise ValueError(f"adapter {name!r}: {label} is a {spec.label} layer, which AdapterServer cannot hold in a fixed "
+                     f"low-rank slot: {why}. Serve plain LoRA or Tucker LoCon; convert this adapter first "
+                     f"(lora-vision convert FILE --to lora_vision --rank N -o OUT) or load it with "
+                     f"lora_vision.pipeline.load_adapter")
+
+
 class AdapterServer:
     """Many adapters resident on a pipeline's UNet and text encoder(s); `activate` switches in a few launches."""
 
@@ -125,7 +154,7 @@ class AdapterServer:
             if comp not in self.components:
                 raise KeyError(f"adapter {name!r} has weights for {comp!r} but the pipeline has no such component "
                                f"(it has {list(self.components)})")
-            parsed = {split_key(k): spec for k, spec in adapter.layers(comp).items()}
+            parsed = {split_key(k): _servable(name, f"{comp}.{k}", spec) for k, spec in adapter.layers(comp).items()}
             parts = [f"{m}.{p}" for (m, p) in parsed if p]
             if parts:
                 raise ValueError(f"adapter {name!r}: fused-part entries such as {parts[0]} are not served; "

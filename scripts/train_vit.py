@@ -83,7 +83,8 @@ def build_model(cfg: ViTTrainConfig, mode: str, classes: list[str]):
     if mode == "lora":
         lora_cfg = LoRAConfig(rank=cfg.rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                               init=cfg.init if cfg.init not in WEIGHT_INITS else "kaiming",
-                              targets=lora_targets(loaded, cfg.targets), rank_pattern=cfg.rank_pattern)
+                              targets=lora_targets(loaded, cfg.targets), rank_pattern=cfg.rank_pattern,
+                              **cfg.kind_settings())
         inject_lora(model, lora_cfg)  # freezes everything else
         if cfg.init in WEIGHT_INITS:  # before freeze_to: the residual is computed from the fp32 weights
             starts = init_from_weights_(model, cfg.init)

@@ -114,7 +114,7 @@ def analyze(adapters: Sequence[tuple[str, Adapter]], base: BaseWeights | None = 
 
     if not 1 <= len(adapters) <= 2:
         raise ValueError(f"analyze takes one or two adapters, got {len(adapters)}")
-    factors = [adapter_layers(a) for _, a in adapters]
+    factors = [adapter_layers(a, base) for _, a in adapters]
     total = sum(len(f) for f in factors)
     report: dict[str, Any] = {"format": REPORT_FORMAT, "energy": options.energy,
                               "base": base.description if base is not None else None, "adapters": []}

@@ -54,15 +54,31 @@ def natural_key(key: str) -> tuple[str, ...]:
     return (f"{order:02d}", comp) + tuple(re.sub(r"\d+", lambda m: m.group().zfill(8), t) for t in toks)
 
 
-def adapter_layers(adapter: Adapter) -> dict[str, LayerFactors]:
-    """Every adapted weight of `adapter`, in natural order, as float32 factors on the CPU."""
+def adapter_layers(adapter: Adapter, base: "BaseWeights | None" = None) -> dict[str, LayerFactors]:
+    """Every adapted weight of `adapter`, in natural order, as float32 factors on the CPU.
+
+    Layers of other kinds (LoHa, LoKr, DoRA, OFT, ...) are their update's exact low-rank factors
+    (`LayerSpec.update_factors`, scaling 1, rank = the update's rank), so spectra are those of the update; kinds
+    whose update depends on the base weight need `base`."""
     out: dict[str, LayerFactors] = {}
     for comp in adapter.components():
         for layer, spec in adapter.layers(comp).items():
-            a, b = spec.A.detach().float().cpu(), spec.B.detach().float().cpu()
             key = f"{comp}.{layer}"
-            out[key] = LayerFactors(key=key, A=a.flatten(1), B=b.flatten(1), rank=spec.rank, alpha=spec.alpha,
-                                    scaling=spec.scaling, kernel=spec.kernel)
+            if spec.is_plain:
+                a, b = spec.A.detach().float().cpu(), spec.B.detach().float().cpu()
+                out[key] = LayerFactors(key=key, A=a.flatten(1), B=b.flatten(1), rank=spec.rank, alpha=spec.alpha,
+                                        scaling=spec.scaling, kernel=spec.kernel)
+                continue
+            w = None
+            if spec.weight_dependent:
+                w = base.weight(key, 0) if base is not None else None  # kinds sit on whole weights, never parts
+                if w is None:
+                    raise ValueError(f"{key} is a {spec.label} layer: its update depends on the base weight; give "
+                                     "the base model with --base MODEL to analyse it")
+            b, a = spec.update_factors(w)
+            kernel = tuple(spec.factors["lora_mid"].shape[2:]) if "lora_mid" in spec.factors else ()
+            out[key] = LayerFactors(key=key, A=a.float(), B=b.float(), rank=int(a.shape[0]), alpha=float(a.shape[0]),
+                                    scaling=1.0, kernel=kernel)
     return {k: out[k] for k in sorted(out, key=natural_key)}
 
 

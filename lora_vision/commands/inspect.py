@@ -1,4 +1,5 @@
-"""`lora-vision inspect FILE`: format, base architecture, modules, ranks, alphas, size, metadata, trigger phrase."""
+"""`lora-vision inspect FILE`: format, base architecture, modules, kinds (counts per kind), ranks, alphas, size,
+metadata, trigger phrase."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ examples:
 def register(subparsers: Any) -> None:
     """Add the `inspect` subcommand."""
     p = subparsers.add_parser("inspect", help="show format, base model, modules, ranks, alphas and metadata of a file",
-                              description=__doc__.strip("`"), epilog=EPILOG,
+                              description=__doc__.replace("\n", " ").strip("`"), epilog=EPILOG,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("file", help="adapter file (.safetensors) or PEFT folder, in any supported format")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
@@ -45,7 +46,7 @@ def summary(path: str) -> dict[str, Any]:
     return {
         "file": str(path), "format": fmt, "base": report.base, "size_bytes": _size(Path(path)),
         "parameters": params, "dtypes": sorted({str(t.dtype).replace("torch.", "") for t in adapter.tensors.values()}),
-        "components": adapter_summary(adapter), "trigger_phrase": trigger,
+        "components": adapter_summary(adapter), "kinds": adapter.kinds(), "trigger_phrase": trigger,
         "full_modules": sorted({k.rsplit(".", 1)[0] for k in adapter.tensors if k.startswith("full.")}),
         "report": str(report),  # .source and .source_format say where the file was read from, not what it holds
         "metadata": {k: v for k, v in meta.items() if not k.startswith(MODEL_SOURCE_KEY)},
@@ -65,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"format:     {info['format']}")
     print(f"base:       {esc(info['base'])}")
     print(f"parameters: {info['parameters']:,} ({', '.join(info['dtypes'])})")
+    print(f"kinds:      {', '.join(f'{k}: {n}' for k, n in info['kinds'].items()) or '-'}")
     for comp, c in info["components"].items():
         print(f"  {esc(comp)}: {c['modules']} modules, ranks {c['ranks']}, alphas {[round(a, 4) for a in c['alphas']]}")
     if info["full_modules"]:

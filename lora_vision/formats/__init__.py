@@ -20,7 +20,7 @@ from torch import nn
 
 from ..adapter import COMPONENTS, FULL, Adapter
 from ..io import AdapterFileError, read_safetensors
-from ..lora.ops import canonical_layers, layer_tensors, parse_canonical
+from ..lora.ops import canonical_layers, layer_tensors
 from ..lora.spec import layer_key, split_key
 from ..metadata import FORMAT_VERSION, AdapterMetadata, scaling_entries
 from . import naming
@@ -256,10 +256,14 @@ def export(adapter: Adapter, fmt: str, path: str | os.PathLike, base: str | None
 
 
 def adapter_summary(adapter: Adapter) -> dict:
-    """Modules, ranks and alphas per component (what `inspect` prints)."""
+    """Modules, ranks, alphas and kinds per component (what `inspect` prints)."""
     out = {}
     for comp in adapter.components():
-        entries = parse_canonical(adapter.state_dict_for(comp))
-        out[comp] = {"modules": len(entries), "ranks": sorted({e["rank"] for e in entries.values()}),
-                     "alphas": sorted({e["alpha"] for e in entries.values()})}
+        layers = adapter.layers(comp)
+        kinds: dict[str, int] = {}
+        for spec in layers.values():
+            kinds[spec.label] = kinds.get(spec.label, 0) + 1
+        out[comp] = {"modules": len(layers),
+                     "ranks": sorted({spec.rank for spec in layers.values()}),
+                     "alphas": sorted({float(spec.alpha) for spec in layers.values()}), "kinds": kinds}
     return json.loads(json.dumps(out))

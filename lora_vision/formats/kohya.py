@@ -12,6 +12,10 @@ Export writes the one spelling all three loaders read (tests/formats/test_kohya_
   for the file (a second one for k x k convs): modules with another alpha get B rescaled by
   alpha_module / alpha_file, which keeps the update exact. No other tensors.
 - Metadata: ss_*, modelspec.*, sshs_model_hash = sha256 of the exact data region written, lora_vision.*.
+- Layers of other kinds (LoHa, LoKr, DoRA, Tucker LoCon, OFT, BOFT, (IA)^3, full diff) are written as LyCORIS
+  writes them: `<kohya key>.<factor>` with the LyCORIS factor names (`hada_w1_a`, `lokr_w2`, `lora_mid.weight`,
+  `dora_scale`, `oft_blocks`, `weight`/`on_input`, `diff`/`diff_b`) and each module's own alpha;
+  ss_network_module `lycoris.kohya` with the algo in ss_network_args. Reading such a file back is exact.
 """
 
 from __future__ import annotations
@@ -29,12 +33,11 @@ import torch
 
 from ..adapter import Adapter
 from ..io import AdapterFileError, write_safetensors
-from ..lora.ops import parse_canonical
 from ..metadata import AdapterMetadata
 from . import naming
-from ..lora.kinds import check as check_kind, describe, kind_of, known_factor, rank_of
+from ..lora.kinds import check as check_kind, describe, get_kind, kind_of, known_factor, rank_of
 from ..lora.ops import layer_tensors
-from ..lora.spec import LayerSpec
+from ..lora.spec import LayerSpec, split_key
 from .common import ComponentInfo, ImportReport, alpha_value, fit_pair, guess_base, is_unsupported, put
 from .diffusers import path_name, provenance
 from .resolve import COMFY_CLIP, NameResolver, default_infos, guess_unet_layout, te_layer_count
@@ -140,6 +143,10 @@ _FACTOR = {"lora_down.weight": "A", "lora_A.weight": "A", "lora_up.weight": "B",
            "lora_mid.weight": "lora_mid"}
 
 
+# Factor name -> file suffix, the inverse of _FACTOR for export (LyCORIS / kohya spelling).
+_SUFFIX = {"A": "lora_down.weight", "B": "lora_up.weight", "lora_mid": "lora_mid.weight"}
+
+
 def _import_kind(out: dict[str, torch.Tensor], report: ImportReport, resolver: NameResolver, source: str, mod: str,
                  kind: str, g: Mapping[str, torch.Tensor], factors: dict[str, torch.Tensor],
                  scale: torch.Tensor | None) -> None:
@@ -240,15 +247,24 @@ def kohya_tensors(adapter: Adapter, base: str, dtype: torch.dtype | None = None,
     bmap = naming.unet_block_map(unet_config or naming.STANDARD_UNET_CONFIGS["sdxl"]) if xl else None
     prefixes = {"unet": "lora_unet", "text_encoder": "lora_te1" if xl else "lora_te", "text_encoder_2": "lora_te2"}
     rows = []  # (kohya module key, entry, is k x k conv)
+    kinds: dict[str, LayerSpec] = {}  # kohya module key -> a layer of another kind, written with LyCORIS names
     for comp in comps:
-        for (mod, part), e in parse_canonical(adapter.state_dict_for(comp)).items():
+        for key, spec in adapter.layers(comp).items():
+            mod, part = split_key(key)
             if part:
                 raise ValueError(f"{comp}.{mod}: fused q/k/v parts have no kohya spelling")
             if comp == "unet":
                 name = naming.diffusers_to_ldm(mod, bmap) if xl else mod
             else:
                 name = naming.te_to_file(mod)
-            rows.append((naming.kohya_key(prefixes[comp], name), e, e["A"].dim() == 4 and e["A"].shape[-1] > 1))
+            kkey = naming.kohya_key(prefixes[comp], name)
+            if not spec.is_plain:
+                if kkey in kinds:
+                    raise AdapterFileError(f"two modules map to the kohya key {kkey}")
+                kinds[kkey] = spec
+                continue
+            e = {"A": spec.A, "B": spec.B, "alpha": float(spec.alpha), "rank": spec.rank}
+            rows.append((kkey, e, e["A"].dim() == 4 and e["A"].shape[-1] > 1))
     lin_alpha = _common([e["alpha"] for _, e, conv in rows if not conv])
     conv_alpha = _common([e["alpha"] for _, e, conv in rows if conv])
     tensors: dict[str, torch.Tensor] = {}
@@ -262,17 +278,36 @@ def kohya_tensors(adapter: Adapter, base: str, dtype: torch.dtype | None = None,
         tensors[key + ".lora_down.weight"] = e["A"]
         tensors[key + ".lora_up.weight"] = b
         tensors[key + ".alpha"] = torch.tensor(float(alpha))
-    dtype = _output_dtype(tensors, dtype)
-    tensors = {k: v.to(dtype).contiguous() for k, v in tensors.items()}
+    for key, spec in kinds.items():  # each with its own alpha: LyCORIS files carry one per module
+        if any(k.startswith(key + ".") for k in tensors):
+            raise AdapterFileError(f"two modules map to the kohya key {key}")
+        for n, t in spec.all_factors.items():
+            tensors[f"{key}.{_SUFFIX.get(n, n)}"] = t
+        if get_kind(spec.kind).uses_alpha:  # (IA)^3, full and norm have none in LyCORIS files
+            tensors[key + ".alpha"] = torch.tensor(float(spec.alpha))
+    dtype = _output_dtype({k: v for k, v in tensors.items() if v.is_floating_point()}, dtype)
+    tensors = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in tensors.items()}
     ranks = sorted({int(e["rank"]) for _, e, conv in rows if not conv})
     conv_ranks = sorted({int(e["rank"]) for _, e, conv in rows if conv})
     meta = {"ss_network_module": "networks.lora",
-            "ss_network_dim": str(ranks[0]) if len(ranks) == 1 else ("Dynamic" if ranks else str(conv_ranks[0])),
-            "ss_network_alpha": str(float(lin_alpha if lin_alpha is not None else conv_alpha))}
+            "ss_network_dim": str(ranks[0]) if len(ranks) == 1 else (
+                "Dynamic" if ranks else str(conv_ranks[0]) if conv_ranks else "0"),
+            "ss_network_alpha": str(float(lin_alpha if lin_alpha is not None else conv_alpha or 0.0))}
     args = {}
     if conv_ranks:
         args = {"conv_dim": str(conv_ranks[0]) if len(conv_ranks) == 1 else "Dynamic",
                 "conv_alpha": str(float(conv_alpha))}
+    if kinds:  # LyCORIS' own metadata: A1111, ComfyUI and Forge read the tensors; trainers read the algo
+        algos = sorted({"locon" if sp.kind == "lora" else ("diag-oft" if sp.kind == "oft" else sp.kind)
+                        for sp in kinds.values()})
+        meta["ss_network_module"] = "lycoris.kohya"
+        args["algo"] = algos[0] if len(algos) == 1 else ",".join(algos)
+        if any("dora_scale" in sp.factors for sp in kinds.values()):
+            args["dora_wd"] = "True"
+        if not rows:
+            dims = sorted({sp.rank for sp in kinds.values()})
+            meta["ss_network_dim"] = str(dims[0]) if len(dims) == 1 else "Dynamic"
+            meta["ss_network_alpha"] = str(_common([float(sp.alpha) for sp in kinds.values()]))
     meta["ss_network_args"] = json.dumps(args)
     return tensors, meta
 

@@ -329,26 +329,39 @@ def _plan_layers(model: nn.Module, layers: Mapping[str, LayerSpec], name: str, d
     return plan
 
 
-def _plan_kind(mod_name: str, mod: nn.Module, specs: dict[str, LayerSpec], dev: torch.device,
-               dtype: torch.dtype | None, trainable: bool, dropout: float, problems: list[str]) -> "_Part | None":
-    """Check a layer of another kind than plain LoRA against its module; its factors on the module's device."""
-    base = mod.base if isinstance(mod, LoRALayer) else mod
-    spec = specs.get("")
-    if spec is None or len(specs) > 1 or not isinstance(base, (nn.Linear, nn.Conv2d)) or isinstance(
-            mod, LoRAFusedLinear):
-        label = next(iter(specs.values())).label
-        problems.append(f"{mod_name}: {label} layers go on Linear and Conv2d modules only, not on a "
-                        f"{type(base).__name__}{' part' if spec is None else ''}")
-        return None
+def kind_problems(module: nn.Module, spec: LayerSpec) -> list[str]:
+    """Why a layer of another kind than plain LoRA cannot go on `module` (a plain module or a wrapper), one line
+    each naming the factors and shapes; empty when it fits. The one check every loader of kinds uses."""
+    base = module.base if isinstance(module, LoRALayer) else module
+    if spec.kind == "norm":
+        return [f"{spec.label} layer (w_norm / b_norm) updates a normalisation layer; applying those to "
+                f"{type(base).__name__} modules is not supported yet: leave it out"]
+    if not isinstance(base, (nn.Linear, nn.Conv2d)) or isinstance(module, LoRAFusedLinear):
+        return [f"{spec.label} layers go on Linear and Conv2d modules only, not on a {type(base).__name__}"]
     if isinstance(base, nn.Conv2d) and (base.groups != 1 or base.padding_mode != "zeros"):
-        problems.append(f"{mod_name}: {spec.label} needs a Conv2d with groups=1 and zero padding")
-        return None
+        return [f"{spec.label} needs a Conv2d with groups=1 and zero padding"]
     bad = spec.check(tuple(base.weight.shape))
     if "diff_b" in spec.factors and base.bias is None:
         bad.append(f"diff_b {tuple(spec.factors['diff_b'].shape)} updates a bias the layer does not have")
     elif "diff_b" in spec.factors and tuple(spec.factors["diff_b"].shape) != tuple(base.bias.shape):
         bad.append(f"diff_b has shape {tuple(spec.factors['diff_b'].shape)} but the layer's bias is "
                    f"{tuple(base.bias.shape)}")
+    return bad
+
+
+def _plan_kind(mod_name: str, mod: nn.Module, specs: dict[str, LayerSpec], dev: torch.device,
+               dtype: torch.dtype | None, trainable: bool, dropout: float, problems: list[str]) -> "_Part | None":
+    """Check a layer of another kind than plain LoRA against its module; its factors on the module's device."""
+    spec = specs.get("")
+    if spec is None or len(specs) > 1:
+        base = mod.base if isinstance(mod, LoRALayer) else mod
+        problems.append(f"{mod_name}: {next(iter(specs.values())).label} layers go on Linear and Conv2d modules "
+                        f"only, not on a {type(base).__name__} part")
+        return None
+    bad = kind_problems(mod, spec)
+    if bad:
+        problems += [f"{mod_name}: {b}" for b in bad]
+        return None
     moved: dict[str, torch.Tensor] = {}
     for n, t in spec.all_factors.items():
         if t.is_floating_point():

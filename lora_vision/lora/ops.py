@@ -329,12 +329,21 @@ def load_lora_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor
     listing all of them, before anything is copied. Non-strict: loads what fits and returns the report.
     """
     _require(model, name)
-    entries = parse_canonical(state_dict)
+    plain_sd, kind_sd = _split_kind_keys(state_dict)
+    entries = parse_canonical(plain_sd)
     report = LoadReport()
     todo = []
+    kind_todo: list[tuple[LoRALayer, dict[str, torch.Tensor]]] = []
     present: set[tuple[str, str]] = set()
     for mod_name, layer in lora_layers(model):
         if name not in layer.lora_A:
+            continue
+        if name in layer.kinds:  # LoHa, LoKr, DoRA, ...: every factor by name, shape and alpha
+            present.add((mod_name, ""))
+            got = _kind_entry(layer, name, mod_name, kind_sd.pop(mod_name, None), entries.pop((mod_name, ""), None),
+                              state_dict.get(f"{mod_name}.alpha"), report)
+            if got is not None:
+                kind_todo.append((layer, got))
             continue
         for suffix, (a, b) in layer.lora_pairs(name).items():
             key = (mod_name, suffix)
@@ -361,13 +370,48 @@ def load_lora_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor
                 continue
             report.matched.append(label)
             todo.append((layer, suffix, e))
-    report.unexpected = [f"{m}.{p}" if p else m for (m, p) in entries if (m, p) not in present]
+    report.unexpected = [f"{m}.{p}" if p else m for (m, p) in entries if (m, p) not in present] + list(kind_sd)
     if strict and not report.ok:
         raise LoRAStateDictError(f"LoRA state dict does not fit adapter {name!r} of {type(model).__name__}:\n"
                                  + str(report))
     for layer, suffix, e in todo:
         layer.load_pair_(name, suffix, e["A"], e["B"])
+    with torch.no_grad():
+        for layer, factors in kind_todo:
+            for n, t in factors.items():
+                layer.kind_factors[name][n].copy_(t)
     return report
+
+
+def _kind_entry(layer: LoRALayer, name: str, label: str, given: dict | None, plain: dict | None,
+                alpha: torch.Tensor | None, report: LoadReport) -> dict[str, torch.Tensor] | None:
+    """The factors of a kind adapter's layer from a state dict, checked against the layer (names, shapes, alpha,
+    values); problems go to `report`."""
+    kind, params = layer.kinds[name], layer.kind_factors[name]
+    if given is None and plain is None:
+        report.missing.append(label)
+        return None
+    factors = dict((given or {}).get(kind, {}))
+    if plain is not None:
+        factors |= {"A": plain["A"], "B": plain["B"]}
+    bad = []
+    if given and set(given) != {kind}:
+        bad.append(f"{'/'.join(sorted(given))} factors vs expected {kind}")
+    if set(factors) != set(params):
+        bad.append(f"factors {sorted(factors)} vs expected {sorted(params)}")
+    for n, t in factors.items():
+        if n in params and tuple(t.shape) != tuple(params[n].shape):
+            bad.append(f"{n} {tuple(t.shape)} vs expected {tuple(params[n].shape)}")
+        elif t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad.append(f"{n} contains NaN/Inf")
+    a = float(alpha.item()) if alpha is not None else None
+    if a is not None and abs(a - layer.alphas[name]) > 1e-6 * max(1.0, abs(layer.alphas[name])):
+        bad.append(f"alpha {a:g} vs expected {layer.alphas[name]:g}")
+    if bad:
+        report.mismatched.append(f"{label} ({'; '.join(bad)})")
+        return None
+    report.matched.append(label)
+    return factors
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

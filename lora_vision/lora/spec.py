@@ -129,6 +129,30 @@ class LayerSpec:
             return self
         return replace(self, alpha=plain_alpha(self.alpha, self.rank, self.rule), rule="lora")
 
+    def as_plain(self) -> "LayerSpec | None":
+        """The same update as a plain LoRA layer (A and B only) when the kind is one exactly (plain LoRA itself; a
+        Tucker LoCon conv, its core folded into A: A'[i, c, kh, kw] = sum_j mid[i, j, kh, kw] A[j, c]); None for
+        kinds whose update is no fixed low-rank pair (LoHa, LoKr, DoRA, OFT, BOFT, (IA)^3, full, norm)."""
+        if self.is_plain:
+            return self
+        if self.kind != "lora" or set(self.factors) != {"lora_mid"}:
+            return None
+        mid = self.factors["lora_mid"]
+        a = torch.einsum("ij...,jc->ic...", mid.float(), self.A.float().flatten(1)).to(self.A.dtype)
+        return LayerSpec(a, self.B, self.alpha, self.rule)
+
+    def update_factors(self, weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B', A') in float64, flat (out, n) and (n, in * kh * kw), with B' @ A' = the update at strength 1: the
+        scaled factors for plain LoRA and Tucker LoCon (`as_plain`), else the SVD of the kind's update cut at its
+        numerical rank (exact to rounding). `weight` is needed by weight-dependent kinds (see `delta`)."""
+        plain = self.as_plain()
+        if plain is not None:
+            return plain.B.flatten(1).double() * plain.scaling, plain.A.flatten(1).double()
+        d = self.delta(weight if self.weight_dependent else None).double()
+        u, s, vh = torch.linalg.svd(d, full_matrices=False)
+        n = max(1, int((s > float(s[0]) * 1e-12).sum())) if s.numel() and s[0] > 0 else 1
+        return u[:, :n] * s[:n], vh[:n]
+
     def with_factors(self, A: torch.Tensor, B: torch.Tensor) -> "LayerSpec":
         """The same rule and alpha with other factors."""
         return replace(self, A=A, B=B)

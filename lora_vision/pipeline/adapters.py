@@ -18,7 +18,7 @@ from torch import nn
 from ..adapter import FULL, Adapter
 from ..formats import AdapterMismatchError, AdapterSource, read_adapter
 from ..io import AdapterFileError
-from ..lora.inject import expected_shapes, inject_lora, remove_lora
+from ..lora.inject import expected_shapes, inject_lora, kind_problems, remove_lora
 from ..lora.layers import LoRALayer, StrengthTable, lora_layers
 from ..lora.spec import LayerSpec, split_key
 from .blocks import BlockStrengths, block_counts, block_of, multiplier, parse_block_strengths
@@ -153,13 +153,6 @@ def _plan(pipe: Any, comps: Mapping[str, nn.Module], adapter: Adapter, name: str
     if extra:
         hint = " (an SDXL adapter?)" if "text_encoder_2" in extra else ""
         problems.append(f"the file has weights for {extra}, which {type(pipe).__name__} does not have{hint}")
-    kinds = {f"{c}.{k}": spec.label for c in adapter.components() for k, spec in adapter.layers(c).items()
-             if not spec.is_plain}
-    if kinds:  # refused, never mis-applied: the pipeline loader reads A and B (issue 13 brings the other kinds)
-        labels = sorted(set(kinds.values()))
-        raise AdapterMismatchError(
-            f"{source}: {len(kinds)} layer(s) are {', '.join(labels)} layers (first: {next(iter(kinds))}); "
-            "load_adapter applies plain LoRA only so far: use Adapter.apply_to on the pipeline's components")
     for comp in adapter.components():
         if comp not in comps:
             continue
@@ -180,7 +173,13 @@ def _plan(pipe: Any, comps: Mapping[str, nn.Module], adapter: Adapter, name: str
                                  "choose another name")
             base = target.base if isinstance(target, LoRALayer) else target
             shapes = expected_shapes(base, spec.rank) if isinstance(base, (nn.Linear, nn.Conv2d)) else None
-            if shapes is None:
+            if not spec.is_plain:  # LoHa, LoKr, DoRA, OFT, ...: the factors' shapes against the weight
+                why = kind_problems(target, spec)
+                if why:
+                    bad.append(f"{label}: {why[0]}")
+                else:
+                    plan.setdefault(comp, {})[live] = (target, spec)
+            elif shapes is None:
                 bad.append(f"{label} is a {type(base).__name__}, which cannot take LoRA")
             elif (tuple(spec.A.shape), tuple(spec.B.shape)) != shapes:
                 bad.append(f"{label}: lora_A {tuple(spec.A.shape)} / lora_B {tuple(spec.B.shape)}, expected "
@@ -207,9 +206,11 @@ def load_adapter(pipe: Any, source: AdapterSource, name: str = "default", streng
     """Apply an adapter (a file in any supported format, or an `Adapter`) to the UNet or transformer and the text
     encoder(s) of `pipe`.
 
-    The adapter is added to the active set with UNet/transformer strength `strength`, text-encoder strength
-    `te_strength` (None: same as `strength`), and block multipliers `block_strengths` (syntax in pipeline.blocks,
-    e.g. "down=1,mid=0.5,up=0", or "double=1,single.3=0" for a transformer). LoRA weights take the dtype of the layer they adapt unless `dtype` is given.
+    Every adapter kind applies (LoRA, LoHa, LoKr, DoRA, Tucker LoCon, OFT, BOFT, (IA)^3, full diff; see lora.kinds)
+    as W + strength * delta. The adapter is added to the active set with UNet/transformer strength `strength`,
+    text-encoder strength `te_strength` (None: same as `strength`), and block multipliers `block_strengths` (syntax
+    in pipeline.blocks, e.g. "down=1,mid=0.5,up=0", or "double=1,single.3=0" for a transformer). LoRA weights take
+    the dtype of the layer they adapt unless `dtype` is given.
     Nothing changes if the file does not fit the pipeline (AdapterMismatchError); strict=False loads what fits.
     A file is read by `lora_vision.formats.read_adapter`, whatever its format: one made for another base model is
     an AdapterMismatchError, and modules of it that the pipeline does not have are left out and listed in the
@@ -235,10 +236,9 @@ def load_adapter(pipe: Any, source: AdapterSource, name: str = "default", streng
     for comp, specs in plan.items():
         for live, (target, spec) in specs.items():
             w = (target.base if isinstance(target, LoRALayer) else target).weight
-            moved.setdefault(comp, {})[live] = spec.with_factors(spec.A.to(w.device, dtype or w.dtype),
-                                                                 spec.B.to(w.device, dtype or w.dtype))
-    _check_finite({f"{c}.{live}.lora_{k}": getattr(s, k) for c, specs in moved.items() for live, s in specs.items()
-                   for k in ("A", "B")}, label)
+            moved.setdefault(comp, {})[live] = _to(spec, w.device, dtype or w.dtype)
+    _check_finite({f"{c}.{live}.{n}": t for c, specs in moved.items() for live, s in specs.items()
+                   for n, t in s.all_factors.items() if t.is_floating_point()}, label)
     tables: dict[str, StrengthTable] = {}  # one per device, shared by the UNet and the text encoders
     modules: dict[str, list[str]] = {}
     try:
@@ -279,6 +279,15 @@ def load_adapter(pipe: Any, source: AdapterSource, name: str = "default", streng
             layer.set_active(st.active)
     return AdapterLoadReport(name, label, fmt, modules, skipped, loaded.strength, loaded.te_strength, blocks,
                              src_report)
+
+
+def _to(spec: LayerSpec, device: torch.device, dtype: torch.dtype) -> LayerSpec:
+    """The layer with its floating factors on `device` in `dtype` (LoRA: A and B; other kinds: every factor)."""
+    if spec.is_plain:
+        return spec.with_factors(spec.A.to(device, dtype), spec.B.to(device, dtype))
+    moved = {n: t.to(device, dtype) if t.is_floating_point() else t.to(device) for n, t in spec.factors.items()}
+    a, b = (spec.A.to(device, dtype), spec.B.to(device, dtype)) if spec.kind == "lora" else (None, None)
+    return LayerSpec(a, b, spec.alpha, spec.rule, spec.kind, moved)
 
 
 def _collect_layers(pipe: Any) -> list[LoRALayer]:

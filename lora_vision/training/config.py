@@ -59,6 +59,38 @@ class TrainingFeatures:
         return out
 
 
+@dataclasses.dataclass(frozen=True)
+class AdapterKindFields:
+    """The adapter-kind settings both recipes share (flags `--adapter_type`, `--lokr_factor`, ...); a recipe config
+    inherits them. Their names match LoRAConfig's (lora.config) except the `lokr_` prefix of the LoKr switches."""
+
+    adapter_type: str = "lora"
+    """Kind of the trained layers: lora, loha, lokr or dora (LoRA with a DoRA magnitude); see lora.kinds."""
+    lokr_factor: int = -1
+    """LoKr: split each side of a weight with this factor (-1: as square as possible)."""
+    lokr_full_rank: bool = False
+    """LoKr: keep the second Kronecker factor whole (full rank) instead of splitting it at the rank."""
+    lokr_decompose_both: bool = False
+    """LoKr: also split the first Kronecker factor into two rank-r matrices."""
+
+    def kind_settings(self) -> dict[str, Any]:
+        """The LoRAConfig keyword arguments of these settings."""
+        return {"adapter_type": self.adapter_type, "lokr_factor": self.lokr_factor,
+                "full_rank": self.lokr_full_rank, "decompose_both": self.lokr_decompose_both}
+
+    def kind_problems(self) -> list[str]:
+        """Problems of these settings (LoRAConfig's own checks, so the rules live in one place)."""
+        from ..lora.config import LoRAConfig
+
+        try:
+            LoRAConfig(**self.kind_settings())
+        except ConfigError as e:
+            lines = [ln.strip(" -") for ln in str(e).splitlines()[1:]] or [str(e)]
+            return [ln.replace("full_rank", "lokr_full_rank").replace("decompose_both", "lokr_decompose_both")
+                    for ln in lines]
+        return []
+
+
 def _str2bool(text: str) -> bool:
     low = str(text).strip().lower()
     if low in ("1", "true", "yes", "on", "y"):

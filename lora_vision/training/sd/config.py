@@ -14,7 +14,7 @@ from typing import ClassVar
 
 from ...lora.config import ConfigError, _check_pattern, _check_rank
 from ...targets import CLIP_LAYER_NAMES, PRESETS, UNET_LAYER_NAMES, target_problems
-from ..config import LORA_ALIASES, TrainingFeatures
+from ..config import LORA_ALIASES, AdapterKindFields, TrainingFeatures
 from ..optim import OPTIMIZERS, SCHEDULES
 from .losses import HUBER_SCHEDULES, LOSS_TYPES
 
@@ -72,7 +72,7 @@ def kohya_folder_note(folder: str | None) -> str | None:
 
 
 @dataclass(frozen=True)
-class SDTrainConfig(TrainingFeatures):
+class SDTrainConfig(TrainingFeatures, AdapterKindFields):
     """Everything scripts/train_sd.py needs; built by load_config from defaults, YAML and flags."""
 
     pretrained_model_name_or_path: str | None = None
@@ -263,6 +263,7 @@ class SDTrainConfig(TrainingFeatures):
     def problems(self) -> list[str]:
         """Every problem of this config, one line each."""
         out: list[str] = []
+        out += self.kind_problems()
         positive = ("train_batch_size", "max_train_steps", "checkpointing_steps", "gradient_accumulation_steps",
                     "rank", "num_validation_images", "validation_steps", "logging_steps", "sample_batch_size",
                     "bucket_step", "class_inference_steps", "validation_inference_steps")

@@ -25,14 +25,15 @@ def add_lora(cfg: SDTrainConfig, unet: nn.Module, text_encoders: list[nn.Module]
     targets = cfg.unet_targets[0] if len(cfg.unet_targets) == 1 and "." not in cfg.unet_targets[0] \
         and cfg.unet_targets[0].startswith("unet-") else cfg.unet_targets
     unet_lora = LoRAConfig(rank=cfg.rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=targets,
-                           rank_pattern=cfg.rank_pattern)
+                           rank_pattern=cfg.rank_pattern, **cfg.kind_settings())
     lora_cfgs = {"unet": unet_lora}
     inject_lora(unet, unet_lora)
     models = {"unet": unet}
     if cfg.train_text_encoder:
         te_targets = cfg.text_encoder_targets[0] if len(cfg.text_encoder_targets) == 1 and \
             cfg.text_encoder_targets[0].startswith("clip-") else cfg.text_encoder_targets
-        te_lora = LoRAConfig(rank=cfg.rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=te_targets)
+        te_lora = LoRAConfig(rank=cfg.rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=te_targets,
+                             **cfg.kind_settings())
         for key, te in zip(("text_encoder", "text_encoder_2"), text_encoders):
             inject_lora(te, te_lora)
             models[key], lora_cfgs[key] = te, te_lora

@@ -13,7 +13,7 @@ from ...data.preprocessing import AUGMENT_PRESETS, Augmentation, check_crop_scal
 from ...lora.config import _check_pattern, _check_rank
 from ...lora.weight_init import WEIGHT_INITS
 from ...targets import PRESETS, target_problems
-from ..config import LORA_ALIASES, TrainingFeatures
+from ..config import LORA_ALIASES, AdapterKindFields, TrainingFeatures
 from ..optim import SCHEDULES
 
 MODES = ("lora", "full", "linear-probe")
@@ -25,7 +25,7 @@ DEFAULT_LR = {"lora": 5e-3, "full": 5e-4, "linear-probe": 1e-2}
 
 
 @dataclass(frozen=True)
-class ViTTrainConfig(TrainingFeatures):
+class ViTTrainConfig(TrainingFeatures, AdapterKindFields):
     """Training a ViT classifier on an ImageNet subset with LoRA, full fine-tuning or a linear probe."""
 
     model_name_or_path: str = "samples/vit/tiny-vit-patterns"
@@ -179,6 +179,15 @@ class ViTTrainConfig(TrainingFeatures):
         if self.compare and self.loraplus_lr_ratio is not None and "loraplus" not in self.compare_variants:
             out.append("loraplus_lr_ratio with --compare sets the ratio of the loraplus variant: add "
                        "--compare_variants loraplus")
+        out += self.kind_problems()
+        family = self.model_name_or_path.split(":", 1)[0].removeprefix("tiny-")
+        if self.adapter_type != "lora" and family in ("timm", "torchvision"):
+            out.append(f"adapter_type={self.adapter_type!r} on a {family} ViT ({self.model_name_or_path}): its "
+                       "attention has one fused qkv projection, which LoHa / LoKr / DoRA layers do not go on; use "
+                       "a transformers ViT (e.g. tiny-hf or google/vit-base-patch16-224) or --adapter_type lora")
+        if self.adapter_type != "lora" and self.mode == "lora" and self.save_peft:
+            out.append(f"save_peft: peft folders of adapter_type={self.adapter_type!r} are not written yet (the "
+                       "adapter.safetensors file is); pass --save_peft false")
         if self.mode not in MODES:
             out.append(f"mode={self.mode!r}: expected one of {MODES}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
