@@ -35,9 +35,11 @@ class ResolutionShift:
         """The shift of a FlowMatchEulerDiscreteScheduler config, or None when it does not shift by image size."""
         if not scheduler_config.get("use_dynamic_shifting", False):
             return None
+        keys = {"base_seq_len": "base_image_seq_len", "max_seq_len": "max_image_seq_len",
+                "base_shift": "base_shift", "max_shift": "max_shift"}
         default = cls()
-        return cls(*(type(getattr(default, k))(scheduler_config.get(k) or getattr(default, k))
-                     for k in ("base_seq_len", "max_seq_len", "base_shift", "max_shift")))
+        return cls(**{k: type(getattr(default, k))(scheduler_config.get(c) or getattr(default, k))
+                      for k, c in keys.items()})
 
     def mu(self, image_seq_len: int) -> float:
         """The log-shift at `image_seq_len` image tokens."""
