@@ -82,11 +82,13 @@ def test_loss_goes_down_on_an_overfit_flux_run(train_sd, images, tmp_path):
         if not p.name.startswith("toy_00"):
             p.unlink()
     out = tmp_path / "out"
-    assert train_sd.main(dit_args("tiny-flux", images, out, 40, "--learning_rate", "1e-2", "--rank", "8",
-                                  "--train_batch_size", "4")) == 0
+    # One image at 32 px, noise levels held near 0.5 (logit_normal, std 0.1) so the step-to-step spread is small.
+    assert train_sd.main(dit_args("tiny-flux", images, out, 24, "--learning_rate", "2e-2", "--rank", "8",
+                                  "--train_batch_size", "4", "--resolution", "32", "--weighting_scheme",
+                                  "logit_normal", "--logit_std", "0.1")) == 0
     values = losses(out)
-    first, last = sum(values[:8]) / 8, sum(values[-8:]) / 8
-    assert last < 0.8 * first, f"the loss did not go down: first 8 steps {first:.4f}, last 8 {last:.4f}"
+    first, last = sum(values[:6]) / 6, sum(values[-6:]) / 6
+    assert last < 0.8 * first, f"the loss did not go down: first 6 steps {first:.4f}, last 6 {last:.4f}"
 
 
 def test_prior_preservation_generates_class_images_with_the_pipeline(train_sd, images, tmp_path):
