@@ -1,4 +1,5 @@
-"""DreamBooth LoRA training for Stable Diffusion 1.x / 2.x and SDXL.
+"""DreamBooth LoRA training for Stable Diffusion 1.x / 2.x and SDXL, and (flow matching) for Flux.1, Flux.2-klein,
+SD 3.x, Qwen-Image and Z-Image.
 
     accelerate launch scripts/train_sd.py --pretrained_model_name_or_path runwayml/stable-diffusion-v1-5 \
         --instance_data_dir dog/ --instance_prompt "a photo of sks dog" --output_dir out/dog
@@ -6,8 +7,9 @@
     accelerate launch --config_file configs/accelerate/multi_gpu.yaml --num_processes 2 scripts/train_sd.py ...
                                           # DDP: per-GPU batch; all draw the same global batch, each its slice
 
-Flags follow diffusers' examples/dreambooth/train_dreambooth_lora.py; `--config FILE.yaml` gives the same keys and
-flags override it. Reads top to bottom: parse, build (model, data, caches, LoRA, optimizer), loop, save.
+Flags follow diffusers' examples/dreambooth/train_dreambooth_lora.py (the DiT flags --weighting_scheme,
+--logit_mean, --logit_std, --mode_scale, --guidance_scale, --max_sequence_length its _flux.py / _sd3.py);
+`--config FILE.yaml` gives the same keys and flags override it. Reads top to bottom: parse, build (model, data, caches, LoRA, optimizer), loop, save.
 """
 
 from __future__ import annotations
@@ -35,8 +37,9 @@ from lora_vision.dtypes import parse_dtype  # noqa: E402
 from lora_vision.io import unwritable_reason, write_safetensors  # noqa: E402
 from lora_vision.lora import lora_report, lora_state_dict  # noqa: E402
 from lora_vision.lora.config import ConfigError  # noqa: E402
-from lora_vision.models.sd import (TINY_PIPELINES, base_tag, detect_sd_family, load_sd_pipeline,  # noqa: E402
+from lora_vision.models.sd import (TINY_PIPELINES, base_tag, detect_family, load_sd_pipeline,  # noqa: E402
                                    prediction_type)
+from lora_vision.models.dit import DIT_KINDS  # noqa: E402
 from lora_vision.data.dreambooth import make_buckets  # noqa: E402
 from lora_vision.generation.images import save_png  # noqa: E402
 from lora_vision.training.checkpoint import (CheckpointError, StopOnInterrupt, find_checkpoint,  # noqa: E402
@@ -148,7 +151,10 @@ def train(cfg: SDTrainConfig) -> int:
                             variant=cfg.variant)
     out.mkdir(parents=True, exist_ok=True)  # only once the model loaded: a failed start leaves nothing behind
     pipe.set_progress_bar_config(disable=True)
-    family = detect_sd_family(pipe)
+    family = detect_family(pipe)
+    if family in DIT_KINDS.values():  # Flux.1/2, SD 3.x, Qwen-Image, Z-Image: flow matching (training/dit)
+        from lora_vision.training.dit.train import train_dit
+        return train_dit(cfg, acc, pipe, family, dtype, ckpt, threads, __file__)
     sdxl = family == "sdxl"
     if sdxl and dtype == torch.float16:
         pipe.vae.to(torch.float32)  # SDXL's VAE overflows in fp16

@@ -29,6 +29,8 @@ class TextTable:
     ids: list[torch.Tensor]
     hidden: torch.Tensor | None = None
     pooled: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+    """Which positions of `hidden` hold tokens (N, L), for encoders whose prompts differ in length (DiT)."""
 
 
 @dataclass
@@ -99,26 +101,34 @@ def build_text_table(prompts: list[str], tokenizers: list, text_encoders: list, 
 @torch.no_grad()
 def cache_latents(images: DreamBoothImages, vae: torch.nn.Module, prompt_row: dict[str, int], *,
                   center_crop: bool, flip: bool, seed: int, dtype: torch.dtype, desc: str, rank: int = 0,
-                  world: int = 1, gather: Callable[[list], list] | None = None) -> dict[tuple[int, int], BucketCache]:
+                  world: int = 1, gather: Callable[[list], list] | None = None,
+                  encode: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
+                  ) -> dict[tuple[int, int], BucketCache]:
     """Encode every image (and its mirror when `flip`) once; returns the caches per bucket size (width, height).
 
-    Stored latents are already multiplied by the VAE's scaling factor. With random crops, each image's crop is
+    Stored latents are already multiplied by the VAE's scaling factor; `encode` (pixels -> latent mean and std as
+    the model sees them) replaces that for models with another latent normalisation (the DiT families). With random crops, each image's crop is
     drawn once here from a generator seeded by (seed, image index), so it does not depend on which process
     encodes the image (random crops vary between runs, not between steps, when latents are cached).
     Split across processes: process `rank` of `world` encodes images rank, rank + world, ...; `gather`
     (e.g. accelerate.utils.gather_object) collects every process's rows, which are then put back in image order,
     so every process ends with the same caches as one process alone would build.
     """
-    factor = float(vae.config.scaling_factor)
     device, vae_dtype = vae.device, vae.dtype
+    if encode is None:
+        factor = float(vae.config.scaling_factor)
+
+        def encode(pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            dist = vae.encode(pixels).latent_dist
+            return dist.mean * factor, dist.std * factor
     records = []
     for index in tqdm(range(rank, len(images), world), desc=desc, unit="image", leave=False, disable=rank != 0):
         rng = np.random.default_rng([seed, index])
         for mirrored in ((False, True) if flip else (False,)):
             ex = load_example(images, index, center_crop, mirrored, rng)
-            dist = vae.encode(ex.pixels[None].to(device, vae_dtype)).latent_dist
+            mean, std = encode(ex.pixels[None].to(device, vae_dtype))
             h, w = ex.pixels.shape[1:]
-            mean, std = (dist.mean * factor).to(dtype), (dist.std * factor).to(dtype)
+            mean, std = mean.to(dtype), std.to(dtype)
             # the mask on the latent grid: each latent pixel weighs the mean of the pixels it encodes
             mask = (torch.nn.functional.interpolate(ex.mask[None], size=mean.shape[2:], mode="area").to(dtype)
                     if ex.mask is not None else None)
@@ -199,9 +209,14 @@ class TrainingData:
 
 def prepare_data(cfg: SDTrainConfig, resolution: int, tokenizers: list, text_encoders: list, vae: torch.nn.Module,
                  sdxl: bool, dtype: torch.dtype, rank: int = 0, world: int = 1, gather: Callable | None = None,
-                 verbose: bool = True) -> TrainingData:
+                 verbose: bool = True, text_table: Callable[[list[str]], TextTable] | None = None,
+                 encode_latents: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
+                 ) -> TrainingData:
     """Scan the instance (and class) folders, warn about captions the text encoder cuts, and cache the text
-    embeddings (or token ids when the text encoders train) and every image's latent distribution."""
+    embeddings (or token ids when the text encoders train) and every image's latent distribution.
+
+    `text_table` (distinct prompts -> their cached TextTable) and `encode_latents` (cache_latents' `encode`)
+    replace the SD text encoding and latent scaling for other model families (training.dit)."""
     scan = dict(resolution=resolution, bucketing=cfg.bucketing, bucket_step=cfg.bucket_step,
                 small_images=cfg.small_images, caption_extension=cfg.caption_extension)
     masks = "alpha" if cfg.alpha_mask else "files" if cfg.masked_loss else None
@@ -221,10 +236,11 @@ def prepare_data(cfg: SDTrainConfig, resolution: int, tokenizers: list, text_enc
     if long and verbose:
         print(f"warning: {len(long)} caption(s) are longer than the text encoder's {tokenizers[0].model_max_length} "
               f"tokens and are cut to that length: {', '.join(long)}", file=sys.stderr)
-    table = build_text_table(prompts, tokenizers, text_encoders, sdxl, cache=not cfg.train_text_encoder, dtype=dtype)
+    table = (text_table(prompts) if text_table is not None else
+             build_text_table(prompts, tokenizers, text_encoders, sdxl, cache=not cfg.train_text_encoder, dtype=dtype))
     row_of = {p: i for i, p in enumerate(prompts)}
     crop = dict(center_crop=cfg.center_crop, flip=cfg.random_flip, seed=cfg.seed, dtype=dtype, rank=rank,
-                world=world, gather=gather)
+                world=world, gather=gather, encode=encode_latents)
     inst_cache = cache_latents(instance, vae, row_of, desc="caching instance latents", **crop)
     class_cache = cache_latents(classes, vae, row_of, desc="caching class latents", **crop) if classes else None
     held_out_cache = (cache_latents(dataclasses.replace(held_out, masks=()), vae, row_of,

@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import ClassVar
 
 from ...lora.config import ConfigError, _check_pattern, _check_rank
-from ...targets import CLIP_LAYER_NAMES, PRESETS, UNET_LAYER_NAMES, target_problems
+from ...targets import CLIP_LAYER_NAMES, DIT_PRESET_FAMILIES, PRESETS, UNET_LAYER_NAMES, target_problems
 from ..config import LORA_ALIASES, AdapterKindFields, TrainingFeatures
+from ..dit.flow import WEIGHTING_SCHEMES
 from ..optim import OPTIMIZERS, SCHEDULES
 from .losses import HUBER_SCHEDULES, LOSS_TYPES
 
@@ -195,7 +196,9 @@ class SDTrainConfig(TrainingFeatures, AdapterKindFields):
     lora_dropout: float = 0.0
     """Dropout on the LoRA input."""
     unet_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
-    """UNet modules to adapt: a preset name (unet-attn, unet-attn-ff, ...) or module-name patterns."""
+    """UNet modules to adapt: a preset name (unet-attn, unet-attn-ff, ...) or module-name patterns; for a DiT model
+    its transformer's (flux-attn, sd3-attn-ff, ...), and left at this default, the family's attention preset
+    (Flux.1: flux-attn-ff, whose single-block MLP input the ComfyUI file's fused linear1 needs)."""
     text_encoder_targets: tuple[str, ...] = ("clip-attn",)
     """Text-encoder modules to adapt: a preset name or module-name patterns."""
     rank_pattern: dict[str, int] = field(default_factory=dict)
@@ -219,6 +222,22 @@ class SDTrainConfig(TrainingFeatures, AdapterKindFields):
     """Weight each sample's loss by 1/sqrt(SNR) (v-prediction: 1/(SNR+1)), debiased estimation (Yu et al. 2023)."""
     prediction_type: str | None = None
     """epsilon or v_prediction; None: the model's scheduler decides."""
+    weighting_scheme: str | None = None
+    """DiT (flow matching): how noise levels are drawn and weighted: none, uniform, logit_normal, mode, sigma_sqrt or
+    cosmap (diffusers' names); None: logit_normal for SD 3.x, none for the others (the references' defaults)."""
+    logit_mean: float = 0.0
+    """DiT: mean of the logit_normal density."""
+    logit_std: float = 1.0
+    """DiT: standard deviation of the logit_normal density."""
+    mode_scale: float = 1.29
+    """DiT: scale of the mode density."""
+    guidance_scale: float = 3.5
+    """DiT: the value the guidance embedding sees during training (Flux.1-dev; unused by transformers without one)."""
+    resolution_shift: bool = True
+    """DiT: shift the training noise levels by image size where the scheduler does so at inference (Flux.1,
+    Flux.2, Qwen-Image); false: its unshifted table, as diffusers' train_dreambooth_lora_flux.py."""
+    max_sequence_length: int | None = None
+    """DiT: text tokens per prompt; None: the pipeline's encode_prompt default."""
     validation_prompt: str | None = None
     """Prompt for validation grids; None: no periodic validation (the final sweep uses the instance prompt)."""
     num_validation_images: int = 4
@@ -329,7 +348,8 @@ class SDTrainConfig(TrainingFeatures, AdapterKindFields):
                        "or give a folder of validation images, not both")
         if self.num_threads is not None and self.num_threads < 1:
             out.append(f"num_threads={self.num_threads}: expected an integer >= 1 or None")
-        unet_presets = [n for n in PRESETS if n.startswith("unet-")]
+        unet_presets = [n for n in PRESETS if n.startswith("unet-")
+                        or any(n.startswith(f + "-") for f in DIT_PRESET_FAMILIES)]  # DiT: the transformer's
         out += target_problems("unet_targets", self.unet_targets, unet_presets, UNET_LAYER_NAMES)
         if not self.unet_targets:
             out.append("unet_targets is empty: give a preset name or module-name patterns")
@@ -338,6 +358,14 @@ class SDTrainConfig(TrainingFeatures, AdapterKindFields):
             out += target_problems("text_encoder_targets", self.text_encoder_targets, clip_presets, CLIP_LAYER_NAMES)
         for pat, r in self.rank_pattern.items():
             out += [f"rank_pattern: {p}" for p in _check_pattern(pat)] + _check_rank(f"rank_pattern[{pat!r}]", r)
+        if self.weighting_scheme is not None and self.weighting_scheme not in WEIGHTING_SCHEMES:
+            close = difflib.get_close_matches(self.weighting_scheme, WEIGHTING_SCHEMES, n=1)
+            out.append(f"weighting_scheme={self.weighting_scheme!r}: expected one of {', '.join(WEIGHTING_SCHEMES)}"
+                       + (f" (did you mean {close[0]!r}?)" if close else ""))
+        if not self.logit_std > 0:
+            out.append(f"logit_std={self.logit_std}: expected a number > 0")
+        if self.max_sequence_length is not None and self.max_sequence_length <= 0:
+            out.append(f"max_sequence_length={self.max_sequence_length}: expected a positive integer or None")
         if self.snr_gamma is not None and not self.snr_gamma > 0:
             out.append(f"snr_gamma={self.snr_gamma}: expected a number > 0 or None")
         for name, allowed in (("loss_type", LOSS_TYPES), ("huber_schedule", HUBER_SCHEDULES)):

@@ -112,8 +112,12 @@ class TrainingSteps:
         # the instance rows' prompt rows on the host, for the caption variants (one copy at the start)
         self.text_rows = {s: c.text_row.cpu().numpy() for s, c in inst_cache.items()} if captions else {}
 
+    def _gather(self, parts: list) -> Inputs:
+        """The batch of these cached rows: noise, timesteps and the model's inputs (the DiT loop overrides it)."""
+        return gather_inputs(parts, self.generator, self.settings, self.data_rng)
+
     def _inputs(self, parts: list, instance_rows: np.ndarray | None = None) -> Inputs:
-        x = gather_inputs(parts, self.generator, self.settings, self.data_rng)
+        x = self._gather(parts)
         if instance_rows is not None:  # caption variants: other text rows for the instance images
             rows = torch.from_numpy(instance_rows).to(self.device, non_blocking=True)
             x = dataclasses.replace(x, text_rows=torch.cat([rows, x.text_rows[x.n_instance:]]))

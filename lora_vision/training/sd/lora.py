@@ -13,22 +13,24 @@ from ...adapter import Adapter
 from ...formats.kohya import tag_frequency
 from ...lora import LoRAConfig, inject_lora, lora_layers, lora_parameters
 from ...metadata import AdapterMetadata
+from ...targets import PRESETS
 from ..checkpoint import CheckpointError
 from ..optim import loraplus_param_groups
 from .config import SDTrainConfig
 
 
 def add_lora(cfg: SDTrainConfig, unet: nn.Module, text_encoders: list[nn.Module],
-             dtype: torch.dtype) -> tuple[dict[str, nn.Module], dict[str, LoRAConfig]]:
+             dtype: torch.dtype, component: str = "unet") -> tuple[dict[str, nn.Module], dict[str, LoRAConfig]]:
     """Inject LoRA into the UNet (and the text encoders with --train_text_encoder); returns the adapted models and
-    their LoRA configs by component. With --lora_precision base the low-rank product runs in the base dtype."""
-    targets = cfg.unet_targets[0] if len(cfg.unet_targets) == 1 and "." not in cfg.unet_targets[0] \
-        and cfg.unet_targets[0].startswith("unet-") else cfg.unet_targets
+    their LoRA configs by component. With --lora_precision base the low-rank product runs in the base dtype.
+    `component` names the denoiser: "unet", or "transformer" for the DiT families (--unet_targets adapt it)."""
+    targets = cfg.unet_targets[0] if len(cfg.unet_targets) == 1 and cfg.unet_targets[0] in PRESETS \
+        else cfg.unet_targets
     unet_lora = LoRAConfig(rank=cfg.rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=targets,
                            rank_pattern=cfg.rank_pattern, **cfg.kind_settings())
-    lora_cfgs = {"unet": unet_lora}
+    lora_cfgs = {component: unet_lora}
     inject_lora(unet, unet_lora)
-    models = {"unet": unet}
+    models = {component: unet}
     if cfg.train_text_encoder:
         te_targets = cfg.text_encoder_targets[0] if len(cfg.text_encoder_targets) == 1 and \
             cfg.text_encoder_targets[0].startswith("clip-") else cfg.text_encoder_targets
@@ -59,7 +61,7 @@ def param_groups(cfg: SDTrainConfig, models: Mapping[str, nn.Module], world: int
     rates = cfg.lr_per_component
     groups = []
     for comp, model in models.items():
-        fallback = cfg.learning_rate if comp == "unet" else (cfg.text_encoder_lr or cfg.learning_rate)
+        fallback = cfg.learning_rate if comp in ("unet", "transformer") else (cfg.text_encoder_lr or cfg.learning_rate)
         comp_lr = rates.get(comp, rates.get("text_encoder", fallback) if comp == "text_encoder_2" else fallback)
         names = {id(p): n for n, p in model.named_parameters()}
         parts: dict[str, list[tuple[str, torch.Tensor]]] = {}
@@ -103,6 +105,8 @@ def save_adapter(out: Path, cfg: SDTrainConfig, models: Mapping[str, nn.Module],
             if cfg.export_kohya:
                 raise ValueError(f"--export_kohya needs lora_vision.formats ({err})") from None
         else:
-            kohya = export(adapter, "kohya", out / f"{name}_kohya.safetensors", trigger_phrase=cfg.instance_prompt)
+            # a DiT transformer gets its family's ComfyUI names (the trigger phrase travels in the metadata)
+            how = {"base": base} if "transformer" in models else {"trigger_phrase": cfg.instance_prompt}
+            kohya = export(adapter, "kohya", out / f"{name}_kohya.safetensors", **how)
             print(f"wrote {kohya}")
     return adapter

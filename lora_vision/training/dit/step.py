@@ -1,0 +1,124 @@
+"""The DiT training step: cached latents -> noisy latents at sampled noise levels -> the family's transformer call
+(packing, position ids, guidance) -> the flow-matching loss.
+
+`FlowTrainingSteps` is the SD recipe's TrainingSteps (batches, accumulation, DDP, the static/CUDA-graph step) with
+the inputs and the loss of flow matching: the noise levels travel in `Inputs.timesteps` as sigmas in (0, 1].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..sd.caching import BucketCache, TextTable
+from ..sd.loop import TrainingSteps
+from ..sd.losses import diffusion_loss
+from ..sd.step import Inputs
+from .flow import ResolutionShift, loss_weights, noisy_latents, pick_sigmas, sample_density, velocity_target
+
+
+@dataclass(frozen=True)
+class FlowSettings:
+    """What the flow-matching loss needs besides the data."""
+
+    family: str
+    weighting_scheme: str
+    logit_mean: float
+    logit_std: float
+    mode_scale: float
+    guidance_scale: float | None
+    """The value fed to a guidance embedding (Flux.1-dev); None when the transformer has none."""
+    shift: ResolutionShift | None
+    """The image-size shift of the training sigmas; None: the scheduler's table as it is."""
+    prior_loss_weight: float
+    pipeline_class: Any
+    """The pipeline class, whose static helpers pack latents and build position ids for its transformer."""
+
+
+def image_tokens(family: str, latents: torch.Tensor) -> int:
+    """How many image tokens the transformer sees for latents (B, C, H, W): 2x2 patches except Flux.2's
+    (already patchified when cached)."""
+    h, w = latents.shape[-2:]
+    return h * w if family == "flux2" else (h // 2) * (w // 2)
+
+
+def gather_flow_inputs(parts: list[tuple[BucketCache, torch.Tensor]], generator: torch.Generator,
+                       settings: FlowSettings, table: torch.Tensor) -> Inputs:
+    """Rows of one or two caches (same size) -> latent samples, noise and noise levels (no host sync)."""
+    mean = torch.cat([c.mean[rows] for c, rows in parts])
+    std = torch.cat([c.std[rows] for c, rows in parts])
+    dev, n = mean.device, mean.shape[0]
+    latents = mean + std * torch.randn(mean.shape, generator=generator, device=dev, dtype=mean.dtype)
+    noise = torch.randn(mean.shape, generator=generator, device=dev, dtype=mean.dtype)
+    u = sample_density(settings.weighting_scheme, n, generator, settings.logit_mean, settings.logit_std,
+                       settings.mode_scale, device=dev)
+    sigmas = pick_sigmas(u, table)
+    if settings.shift is not None:
+        sigmas = settings.shift.apply(sigmas, image_tokens(settings.family, mean))
+    return Inputs(latents, noise, sigmas, torch.cat([c.text_row[rows] for c, rows in parts]),
+                  torch.cat([c.time_ids[rows] for c, rows in parts]), parts[0][1].shape[0])
+
+
+def predict(transformer: nn.Module, noisy: torch.Tensor, sigmas: torch.Tensor, hidden: torch.Tensor,
+            pooled: torch.Tensor | None, mask: torch.Tensor, settings: FlowSettings) -> torch.Tensor:
+    """The transformer's velocity prediction (B, C, H, W) for noisy latents (B, C, H, W) at noise levels sigmas,
+    called as the family's pipeline calls it."""
+    fam, cls = settings.family, settings.pipeline_class
+    b, c, h, w = noisy.shape
+    dev, dtype = noisy.device, noisy.dtype
+    t = sigmas.to(dtype)
+    if fam == "sd3":
+        return transformer(hidden_states=noisy, timestep=t * 1000, encoder_hidden_states=hidden,
+                           pooled_projections=pooled, return_dict=False)[0]
+    if fam == "z-image":  # the pipeline feeds 1 - sigma and negates the output
+        out = transformer([x[:, None] for x in noisy], 1 - t, [e[m] for e, m in zip(hidden, mask)],
+                          return_dict=False)[0]
+        return -torch.stack(list(out))[:, :, 0]
+    if fam == "flux1":
+        packed = cls._pack_latents(noisy, b, c, h, w)
+        img_ids = cls._prepare_latent_image_ids(b, h // 2, w // 2, dev, dtype)
+        txt_ids = torch.zeros(hidden.shape[1], 3, device=dev, dtype=dtype)
+        guidance = (torch.full((b,), settings.guidance_scale, device=dev, dtype=torch.float32)
+                    if settings.guidance_scale is not None else None)
+        out = transformer(hidden_states=packed, timestep=t, guidance=guidance, pooled_projections=pooled,
+                          encoder_hidden_states=hidden, txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
+        return cls._unpack_latents(out, h * 8, w * 8, 8)  # _unpack_latents wants pixels and the VAE factor
+    if fam == "flux2":
+        latent_ids = cls._prepare_latent_ids(noisy).to(dev)
+        txt_ids = cls._prepare_text_ids(hidden).to(dev)
+        out = transformer(hidden_states=cls._pack_latents(noisy), timestep=t, guidance=None,
+                          encoder_hidden_states=hidden, txt_ids=txt_ids, img_ids=latent_ids, return_dict=False)[0]
+        return out.permute(0, 2, 1).reshape(b, c, h, w)
+    if fam == "qwen-image":
+        packed = cls._pack_latents(noisy, b, c, h, w)
+        out = transformer(hidden_states=packed, timestep=t, encoder_hidden_states=hidden,
+                          encoder_hidden_states_mask=mask.to(torch.long), img_shapes=[[(1, h // 2, w // 2)]] * b,
+                          return_dict=False)[0]
+        return cls._unpack_latents(out, h * 8, w * 8, 8)[:, :, 0]
+    raise ValueError(f"predict got family {fam!r}; expected flux1, flux2, sd3, qwen-image or z-image")
+
+
+def flow_loss(transformer: nn.Module, x: Inputs, table: TextTable, settings: FlowSettings,
+              dtype: torch.dtype) -> torch.Tensor:
+    """The DreamBooth flow-matching loss of one batch (instance loss + prior_loss_weight x class loss)."""
+    noisy = noisy_latents(x.latents, x.noise, x.timesteps).to(dtype)
+    hidden = table.hidden[x.text_rows].to(dtype)
+    pooled = table.pooled[x.text_rows].to(dtype) if table.pooled is not None else None
+    pred = predict(transformer, noisy, x.timesteps, hidden, pooled, table.mask[x.text_rows], settings)
+    weights = loss_weights(settings.weighting_scheme, x.timesteps)
+    return diffusion_loss(pred, velocity_target(x.latents, x.noise), weights, x.n_instance,
+                          settings.prior_loss_weight)
+
+
+class FlowTrainingSteps(TrainingSteps):
+    """TrainingSteps over a DiT transformer: `ac` is the table of training sigmas, `settings` a FlowSettings."""
+
+    def _gather(self, parts: list) -> Inputs:
+        return gather_flow_inputs(parts, self.generator, self.settings, self.ac)
+
+    def loss_of(self, x: Inputs) -> torch.Tensor:
+        """The flow-matching DreamBooth loss of one batch."""
+        return flow_loss(self.unet, x, self.table, self.settings, self.dtype)

@@ -1,0 +1,218 @@
+"""One DreamBooth LoRA run on a DiT pipeline (called by scripts/train_sd.py once it has loaded the model and found a
+DiT family): build (resolution, class images, cached text and latents, LoRA, optimizer), loop, save. The loop
+pieces (LossLog, Checkpoints, resume, the static step) and the files written are the SD recipe's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ...generation.images import save_png
+from ...lora import lora_report
+from ...lora.config import ConfigError
+from ..checkpoint import StopOnInterrupt, new_run_id, resume_command, trim_log
+from ..config import config_to_dict, save_config
+from ..ema import EMA
+from ..optim import LRSchedule, build_optimizer, eval_mode
+from ..sd.caching import prepare_data
+from ..sd.config import SDTrainConfig
+from ..sd.lora import add_lora, param_groups, save_adapter
+from ..sd.loop import Checkpoints, LossLog, graph_off_reason, resume_from
+from ..sd.samples import generate_class_images, strength_sweep, validation_grid
+from ..sd.step import clip_and_step
+from .encode import dit_text_table, latent_encoder, offload_text_encoders, text_encoders_of, text_encoders_on
+from .flow import ResolutionShift, training_sigmas
+from .step import FlowSettings, FlowTrainingSteps
+
+# What the SD recipe has and this one does not yet: refused up front rather than ignored.
+_NOT_YET = {"train_text_encoder": "the text embeddings are cached once; train the transformer's LoRA only",
+            "validation_split": "the held-out validation loss is SD-only for now; leave it at 0",
+            "validation_data_dir": "the held-out validation loss is SD-only for now; leave it out",
+            "snr_gamma": "Min-SNR weights DDPM timesteps; use --weighting_scheme for flow matching",
+            "noise_offset": "offset noise is an SD (DDPM) technique; leave it at 0",
+            "prediction_type": "flow matching predicts the velocity noise - x0; leave it out"}
+
+
+# --unet_targets left at the SD default -> the transformer's preset per family (diffusers' examples adapt the
+# attention layers; Flux.1 also its MLPs: the ComfyUI file fuses single blocks' q, k, v and MLP input).
+DEFAULT_TARGETS: dict[str, str] = {"flux1": "flux-attn-ff", "flux2": "flux2-attn", "sd3": "sd3-attn",
+                                   "qwen-image": "qwen-image-attn", "z-image": "z-image-attn"}
+
+
+def check_dit_config(cfg: SDTrainConfig, family: str, resolution: int) -> None:
+    """ConfigError naming every setting this DiT run cannot honour."""
+    bad = [f"--{k} ({why})" for k, why in _NOT_YET.items() if getattr(cfg, k) not in (None, False, 0, 0.0)]
+    if resolution % 16:
+        bad.append(f"--resolution {resolution} (the {family} transformer packs 2x2 latent patches: use a multiple "
+                   "of 16)")
+    if cfg.bucketing and cfg.bucket_step % 16:
+        bad.append(f"--bucket_step {cfg.bucket_step} (2x2 latent patches: use a multiple of 16)")
+    if bad:
+        raise ConfigError(f"{family} training does not support: " + "; ".join(bad))
+
+
+def train_dit(cfg: SDTrainConfig, acc: Any, pipe: Any, family: str, dtype: torch.dtype, ckpt: Path | None,
+              threads: str, script: str) -> int:
+    """Train a LoRA on `pipe.transformer` as configured; returns the exit status (0, or 130 when interrupted)."""
+    from accelerate.utils import gather_object
+
+    device, main_proc = acc.device, acc.is_main_process
+    rank, world = acc.process_index, acc.num_processes
+    out = Path(cfg.output_dir)
+    resolution = cfg.resolution or int(pipe.default_sample_size) * int(pipe.vae_scale_factor)
+    check_dit_config(cfg, family, resolution)
+    if cfg.unet_targets == SDTrainConfig.unet_targets:
+        cfg = dataclasses.replace(cfg, unet_targets=(DEFAULT_TARGETS[family],))
+    pipe.to(device)
+    transformer = pipe.transformer
+    for m in [transformer, pipe.vae, *text_encoders_of(pipe)]:
+        m.requires_grad_(False)
+    scheme = cfg.weighting_scheme or ("logit_normal" if family == "sd3" else "none")
+    base_name = cfg.pretrained_model_name_or_path
+    run_cfg = dataclasses.replace(cfg, resolution=resolution, weighting_scheme=scheme)
+    resolved = dict(config_to_dict(run_cfg), num_processes=world, family=family)
+    shift = ResolutionShift.of(dict(pipe.scheduler.config)) if cfg.resolution_shift else None
+    guidance = cfg.guidance_scale if transformer.config.get("guidance_embeds") else None
+    if main_proc:
+        save_config(run_cfg, out / "config.yaml")
+        print(f"model: {base_name} ({family}, flow matching, weighting {scheme}"
+              + (", image-size shift" if shift else "") + (f", guidance {guidance:g}" if guidance else "")
+              + f"), resolution {resolution}, device {device}, base weights {dtype}, {threads}")
+
+    if cfg.with_prior_preservation:  # the base pipeline makes the class images, before any LoRA exists
+        acc.wait_for_everyone()
+        made = generate_class_images(pipe, cfg.class_prompt, cfg.class_data_dir, cfg.num_class_images,
+                                     cfg.sample_batch_size, cfg.class_inference_steps, resolution, cfg.seed,
+                                     rank=rank, world=world)
+        acc.wait_for_everyone()
+        if made and main_proc:
+            print(f"generated {made} class images into {cfg.class_data_dir}")
+
+    data = prepare_data(cfg, resolution, [pipe.tokenizer], [], pipe.vae, False, dtype, rank, world, gather_object,
+                        verbose=main_proc, encode_latents=latent_encoder(pipe, family),
+                        text_table=lambda prompts: dit_text_table(pipe, family, prompts, dtype,
+                                                                  cfg.max_sequence_length, device))
+    if device.type != "cpu":
+        offload_text_encoders(pipe)  # the embeddings are cached: the encoders wait in host memory
+    data_rng = np.random.default_rng(cfg.seed)
+
+    torch.manual_seed(cfg.seed)
+    models, lora_cfgs = add_lora(cfg, transformer, [], dtype, component="transformer")
+    if main_proc:
+        print("; ".join(lora_report(m, k) for k, m in models.items()))
+    if cfg.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    one_bucket = len(data.inst_cache) == 1 and (data.class_cache is None
+                                               or list(data.class_cache) == list(data.inst_cache))
+    use_graph = graph_off_reason(cfg, device, world, one_bucket, dtype) is None and family != "z-image"
+    groups = param_groups(cfg, models, world)
+    base_lrs, params = [g["lr"] for g in groups], [p for g in groups for p in g["params"]]
+    optimizer = build_optimizer(groups, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay,
+                                eps=cfg.adam_epsilon, use_8bit=cfg.use_8bit_adam, capturable=use_graph,
+                                name=cfg.optimizer)
+    ema = EMA(params, cfg.ema_decay, "cpu" if cfg.ema_cpu else None) if cfg.use_ema else None
+    schedule = LRSchedule(cfg.lr_scheduler, cfg.lr_warmup_steps, cfg.max_train_steps, cfg.lr_num_cycles, cfg.lr_power)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed + 1)
+
+    start, last_good, run_id = 0, None, new_run_id()
+    if cfg.resume_from_checkpoint and ckpt is None and main_proc:
+        print(f"no checkpoint in {out} yet: starting from step 0")
+    elif ckpt is not None:
+        start, run_id = resume_from(ckpt, run_cfg, world, rank, models, optimizer, generator, data_rng, ema)
+        last_good = ckpt
+        if main_proc:
+            print(f"resumed from {ckpt} at step {start}")
+
+    settings = FlowSettings(family, scheme, cfg.logit_mean, cfg.logit_std, cfg.mode_scale, guidance, shift,
+                            cfg.prior_loss_weight, type(pipe))
+    denoiser = acc.prepare_model(transformer) if world > 1 else transformer
+    steps = FlowTrainingSteps(cfg, acc, denoiser, data.table, [], training_sigmas(dict(pipe.scheduler.config), device),
+                              settings, dtype, False, data.inst_cache, data.class_cache, data_rng, generator, params,
+                              optimizer, update=clip_and_step)
+    if use_graph or cfg.compile:
+        steps.use_static(capture=use_graph, compile_unet=cfg.compile, verbose=main_proc)
+
+    log_path = out / cfg.logging_dir / "loss.csv"
+    if main_proc:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        trim_log(log_path, start, LossLog.header(False))
+    bar = tqdm(range(start, cfg.max_train_steps), initial=start, total=cfg.max_train_steps, desc="training",
+               unit="step", disable=not main_proc)
+    log = LossLog(acc, log_path, cfg.logging_steps, start, base_lrs[0], schedule, bar, None, last_good)
+    checkpoints = Checkpoints(acc, out, models, optimizer, generator, data_rng, resolved, cfg.checkpoints_total_limit,
+                              run_id, ema)
+
+    def sampling() -> contextlib.ExitStack:  # validation images: averaged weights, text encoders on the device
+        stack = contextlib.ExitStack()
+        stack.enter_context(eval_mode(optimizer))
+        stack.enter_context(text_encoders_on(pipe, device))
+        if ema is not None:
+            stack.enter_context(ema.swapped_in())
+        return stack
+
+    stopped_at = None
+    with StopOnInterrupt() as stop:
+        for step in bar:
+            schedule.apply(optimizer, base_lrs, step)
+            log.record(steps.run())
+            if ema is not None:
+                ema.update()
+            done = step + 1
+            if log.full() or done == cfg.max_train_steps:
+                log.flush(done)
+            if done % cfg.checkpointing_steps == 0 and done != cfg.max_train_steps:
+                checkpoints.save(done, log)
+            if done < cfg.max_train_steps and stop.should_stop(acc, done, cfg.logging_steps):
+                if done % cfg.checkpointing_steps:
+                    checkpoints.save(done, log)
+                stopped_at = done
+                break
+            if cfg.validation_prompt and done % cfg.validation_steps == 0 and main_proc:
+                with sampling():
+                    image = validation_grid(pipe, cfg.validation_prompt, cfg.num_validation_images,
+                                            cfg.validation_inference_steps, resolution)
+                save_png(image, out / "samples" / f"validation_step{done:06d}.png")
+    bar.close()
+    if stopped_at is not None:
+        if main_proc:
+            print(f"interrupted at step {stopped_at} of {cfg.max_train_steps}; saved {out / f'checkpoint-{stopped_at}'}"
+                  f". Resume with:\n  {resume_command(script, out / 'config.yaml', world)}", file=sys.stderr)
+        return 130
+    log.flush(cfg.max_train_steps)
+    if not main_proc:
+        return 0
+
+    with eval_mode(optimizer):
+        last_good = checkpoints.write(cfg.max_train_steps) if start < cfg.max_train_steps else log.last_good
+        captions = data.instance.captions
+        adapter = save_adapter(out, cfg, models, lora_cfgs, family, base_name, resolved, captions, last_good)
+        export_diffusers(adapter, out / "adapter_diffusers.safetensors")
+        if ema is not None:
+            with ema.swapped_in():
+                ema_adapter = save_adapter(out, cfg, models, lora_cfgs, family, base_name, resolved, captions,
+                                           last_good, name="adapter_ema")
+                export_diffusers(ema_adapter, out / "adapter_ema_diffusers.safetensors")
+        if cfg.strength_sweep:
+            with text_encoders_on(pipe, device):
+                image = strength_sweep(pipe, list(models.values()), cfg.validation_prompt or cfg.instance_prompt,
+                                       cfg.strength_sweep, min(2, cfg.num_validation_images),
+                                       cfg.validation_inference_steps, resolution)
+            print(f"wrote {save_png(image, out / 'samples' / 'strength_sweep.png')}")
+    return 0
+
+
+def export_diffusers(adapter: Any, path: Path) -> Path:
+    """Write the adapter in diffusers' layout (what `pipe.load_lora_weights` reads) and say so."""
+    from ...formats import export
+
+    written = export(adapter, "diffusers", path)
+    print(f"wrote {written}")
+    return written

@@ -1,0 +1,141 @@
+"""scripts/train_sd.py end to end on the tiny random-weight DiT pipelines (flow matching; in-process, CPU)."""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from lora_vision.adapter import Adapter
+from lora_vision.io import read_safetensors
+from lora_vision.models.dit import build_tiny_dit, transformer_inputs, transformer_output
+from lora_vision.pipeline import load_adapter
+
+from test_train_sd import REPO, _load_script
+
+FAMILIES = {"tiny-flux": "flux1", "tiny-sd3": "sd3", "tiny-flux2": "flux2", "tiny-qwen-image": "qwen-image",
+            "tiny-z-image": "z-image"}
+
+
+@pytest.fixture(scope="module")
+def train_sd():
+    return _load_script()
+
+
+@pytest.fixture()
+def images(tmp_path: Path) -> Path:
+    """Two sample images with their captions."""
+    folder = tmp_path / "instance"
+    folder.mkdir()
+    for name in ("toy_00", "toy_01"):
+        for suffix in (".jpg", ".txt"):
+            if (REPO / "samples" / "instance" / f"{name}{suffix}").exists():
+                shutil.copy(REPO / "samples" / "instance" / f"{name}{suffix}", folder)
+    return folder
+
+
+def dit_args(model: str, instance: Path, out: Path, steps: int = 2, *extra: str) -> list[str]:
+    """A fast tiny DiT run: batch 1, no sweep, no TensorBoard."""
+    return ["--pretrained_model_name_or_path", model, "--instance_data_dir", str(instance),
+            "--instance_prompt", "a photo of sks toy", "--output_dir", str(out), "--max_train_steps", str(steps),
+            "--train_batch_size", "1", "--logging_steps", "1", "--report_to", "none", "--strength_sweep=",
+            "--learning_rate", "1e-3", "--checkpointing_steps", "1000", "--max_sequence_length", "16", *extra]
+
+
+def losses(out: Path) -> list[float]:
+    rows = (out / "logs" / "loss.csv").read_text().splitlines()[1:]
+    return [float(r.split(",")[1]) for r in rows]
+
+
+@pytest.mark.parametrize("model", list(FAMILIES))
+def test_a_few_steps_train_every_family_and_write_all_files(train_sd, images, tmp_path, model):
+    out = tmp_path / "out"
+    assert train_sd.main(dit_args(model, images, out)) == 0
+    values = losses(out)
+    assert len(values) == 2 and all(math.isfinite(v) for v in values)
+    adapter = Adapter.load(out / "adapter.safetensors")
+    assert adapter.components() == ["transformer"]
+    b = [t for k, t in adapter.tensors.items() if "lora_B" in k]
+    assert b and any(t.abs().sum() > 0 for t in b), "training left every B matrix at zero"
+    kohya, _ = read_safetensors(out / "adapter_kohya.safetensors")
+    diffusers, _ = read_safetensors(out / "adapter_diffusers.safetensors")
+    assert kohya and all(k.startswith("transformer.") for k in diffusers)
+
+
+def test_resume_equals_an_unbroken_run(train_sd, images, tmp_path):
+    unbroken, broken = tmp_path / "unbroken", tmp_path / "broken"
+    assert train_sd.main(dit_args("tiny-flux", images, unbroken, 4, "--checkpointing_steps", "2")) == 0
+    assert train_sd.main(dit_args("tiny-flux", images, broken, 2, "--checkpointing_steps", "2")) == 0
+    assert train_sd.main(dit_args("tiny-flux", images, broken, 4, "--checkpointing_steps", "2",
+                                  "--resume_from_checkpoint", "latest")) == 0
+    a, _ = read_safetensors(unbroken / "adapter.safetensors")
+    b, _ = read_safetensors(broken / "adapter.safetensors")
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a), "the resumed adapter differs"
+    assert losses(unbroken) == losses(broken)
+
+
+def test_loss_goes_down_on_an_overfit_flux_run(train_sd, images, tmp_path):
+    for p in list(images.iterdir()):
+        if not p.name.startswith("toy_00"):
+            p.unlink()
+    out = tmp_path / "out"
+    # One image at 32 px, noise levels held near 0.5 (logit_normal, std 0.1) so the step-to-step spread is small.
+    assert train_sd.main(dit_args("tiny-flux", images, out, 24, "--learning_rate", "2e-2", "--rank", "8",
+                                  "--train_batch_size", "4", "--resolution", "32", "--weighting_scheme",
+                                  "logit_normal", "--logit_std", "0.1")) == 0
+    values = losses(out)
+    first, last = sum(values[:6]) / 6, sum(values[-6:]) / 6
+    assert last < 0.8 * first, f"the loss did not go down: first 6 steps {first:.4f}, last 6 {last:.4f}"
+
+
+def test_prior_preservation_generates_class_images_with_the_pipeline(train_sd, images, tmp_path):
+    classes, out = tmp_path / "class", tmp_path / "out"
+    assert train_sd.main(dit_args("tiny-sd3", images, out, 2, "--with_prior_preservation", "--class_data_dir",
+                                  str(classes), "--class_prompt", "a photo of a toy", "--num_class_images", "2",
+                                  "--class_inference_steps", "2", "--sample_batch_size", "2")) == 0
+    assert sorted(p.suffix for p in classes.iterdir()) == [".png", ".png"]
+    assert len(losses(out)) == 2
+    # The class images are kept: a second run generates none.
+    made = sorted(classes.iterdir())
+    assert train_sd.main(dit_args("tiny-sd3", images, tmp_path / "again", 1, "--with_prior_preservation",
+                                  "--class_data_dir", str(classes), "--class_prompt", "a photo of a toy",
+                                  "--num_class_images", "2")) == 0
+    assert sorted(classes.iterdir()) == made
+
+
+@pytest.mark.parametrize("model", ["tiny-flux", "tiny-sd3"])
+def test_exported_diffusers_file_loads_in_diffusers_with_our_outputs(train_sd, images, tmp_path, model):
+    out = tmp_path / "out"
+    assert train_sd.main(dit_args(model, images, out, 2, "--learning_rate", "1e-2")) == 0
+    ours, theirs = build_tiny_dit(model), build_tiny_dit(model)
+    inputs = transformer_inputs(ours.transformer, text_tokens=8)
+    with torch.no_grad():
+        base = transformer_output(ours.transformer, inputs)
+    load_adapter(ours, out / "adapter.safetensors")
+    theirs.load_lora_weights(str(out / "adapter_diffusers.safetensors"))
+    with torch.no_grad():
+        mine, diffusers = transformer_output(ours.transformer, inputs), transformer_output(theirs.transformer, inputs)
+    assert not torch.allclose(mine, base, atol=1e-6), "the trained adapter changes nothing"
+    torch.testing.assert_close(diffusers, mine, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--resolution", "72"], "multiple of 16"),
+    (["--train_text_encoder"], "--train_text_encoder"),
+    (["--snr_gamma", "5"], "--weighting_scheme"),
+])
+def test_settings_a_dit_run_cannot_honour_are_one_line_errors(train_sd, images, tmp_path, capsys, extra, words):
+    out = tmp_path / "out"
+    assert train_sd.main(dit_args("tiny-flux", images, out, 1, *extra)) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "flux1 training does not support" in err[0] and words in err[0]
+    assert not (out / "adapter.safetensors").exists()
+
+
+def test_unknown_weighting_scheme_is_refused_with_a_suggestion(train_sd, images, tmp_path, capsys):
+    assert train_sd.main(dit_args("tiny-flux", images, tmp_path / "out", 1, "--weighting_scheme", "logit_norml")) == 2
+    err = capsys.readouterr().err
+    assert "weighting_scheme='logit_norml'" in err and "did you mean 'logit_normal'" in err
