@@ -38,6 +38,7 @@ from ..adapter import Adapter
 from ..io import AdapterFileError, write_safetensors
 from ..lora.ops import parse_canonical
 from ..metadata import AdapterMetadata
+from .diffusers import _alpha_rule, peft_alpha
 from .common import BaseMismatchError, ComponentInfo, ImportReport, alpha_value, fit_pair, is_unsupported, put
 
 COMPONENT = "transformer"
@@ -270,6 +271,15 @@ def strip_prefix(module: str) -> tuple[str, str]:
     return "bare", _u(module)
 
 
+def _dotted_name(module: str) -> str:
+    """A file module's dotted name without its prefix (`transformer.`, `base_model.model.`, ...): what peft's
+    alpha_pattern keys name."""
+    for p in sorted(PREFIXES, key=len, reverse=True):
+        if p and p.endswith(".") and module.startswith(p):
+            return module[len(p):]
+    return module
+
+
 def resolve(fam: str, module: str) -> tuple[str, Target] | None:
     """(dialect, target with block indices filled in) for a file module of family `fam`, or None."""
     label, body = strip_prefix(module)
@@ -471,7 +481,8 @@ def import_dit(raw: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | No
     out: dict[str, torch.Tensor] = {}
     dialects: set[str] = set()
     try:
-        _import_modules(groups, family, info, source, out, report, dialects)
+        rule = _alpha_rule(metadata, COMPONENT)
+        _import_modules(groups, family, info, source, out, report, dialects, rule[0] if rule else None)
     except BaseMismatchError as e:
         raise BaseMismatchError(f"{e}; {_sizes(family, groups, info)}") from None
     report.format = "+".join(sorted(dialects)) if dialects else "dit"
@@ -501,8 +512,11 @@ def _sizes(family: str, groups: Mapping[str, dict], info: ComponentInfo | None) 
 
 
 def _import_modules(groups: Mapping[str, dict], family: str, info: ComponentInfo | None, source: str,
-                    out: dict[str, torch.Tensor], report: ImportReport, dialects: set[str]) -> None:
-    """Map every (down, up, alpha) group of the file into `out`; what does not map goes to `report`."""
+                    out: dict[str, torch.Tensor], report: ImportReport, dialects: set[str],
+                    peft_config: Mapping | None = None) -> None:
+    """Map every (down, up, alpha) group of the file into `out`; what does not map goes to `report`.
+    `peft_config`: the transformer's LoraConfig kwargs from diffusers' `lora_adapter_metadata` (alphas of files
+    without alpha tensors)."""
     for mod, g in groups.items():
         if "down" not in g or "up" not in g:
             raise AdapterFileError(f"{source}: module {mod} has only [{', '.join(sorted(g))}]; a LoRA module needs "
@@ -514,7 +528,10 @@ def _import_modules(groups: Mapping[str, dict], family: str, info: ComponentInfo
         label, target = hit
         dialects.add(target.dialect if target.dialect in ("xlabs", "diffsynth") else label)
         down, up = g["down"], g["up"]
-        alpha = alpha_value(f"{source}: {mod}", g.get("alpha"), down.shape[0])
+        if peft_config is not None and g.get("alpha") is None:
+            alpha = peft_alpha(peft_config, _dotted_name(mod), down.shape[0])
+        else:
+            alpha = alpha_value(f"{source}: {mod}", g.get("alpha"), down.shape[0])
         if up.dim() < 2 or up.shape[1] != down.shape[0]:
             raise AdapterFileError(f"{source}: {mod}: lora_up has shape {tuple(up.shape)} but lora_down has rank "
                                    f"{down.shape[0]}; the file is broken")
