@@ -179,7 +179,8 @@ def test_diffusers_names_in_every_prefix(family, prefix, down, up):
     ("", "lora_A.weight", "lora_B.weight"),                             # BFL's own
 ])
 def test_native_names_in_every_prefix(family, prefix, down, up, tmp_path):
-    from lora_vision.formats.dit_keys import FAMILIES as TABLES, _native_rows
+    from lora_vision.formats.dit_keys import _native_rows
+    from lora_vision.formats.dit_tables import FAMILIES as TABLES
 
     adapter = random_adapter(family)
     sd = load_file(kohya_file(adapter, tmp_path, family))
@@ -210,7 +211,8 @@ def _random_file(names: dict[str, tuple[int, int]], rank: int = 4, seed: int = 0
 
 def _native_shapes(family: str, model: torch.nn.Module, prefix: str, dotted: bool) -> dict[str, tuple[int, int]]:
     """Every native module of the model with its (rows, inputs): fused rows summed over the parts."""
-    from lora_vision.formats.dit_keys import FAMILIES as TABLES, _native_rows
+    from lora_vision.formats.dit_keys import _native_rows
+    from lora_vision.formats.dit_tables import FAMILIES as TABLES
 
     mods = dict(model.named_modules())
     n_blocks = {"transformer_blocks": len(getattr(model, "transformer_blocks", [])),
@@ -273,7 +275,8 @@ def test_xlabs_flux1_matches_diffusers():
 def test_diffsynth_flux1_names():
     adapter = random_adapter("flux1", targets=("re:.*transformer_blocks.*",))
     tmp = {}  # DiffSynth fuses q, k, v (and the single blocks' MLP input): built from our fused modules
-    from lora_vision.formats.dit_keys import DIFFSYNTH, fuse_tensors
+    from lora_vision.formats.dit_keys import fuse_tensors
+    from lora_vision.formats.dit_tables import DIFFSYNTH
     fused = fuse_tensors(adapter, "flux1")
     native_to_ds = {}
     for g_ds in DIFFSYNTH:
@@ -294,7 +297,7 @@ def test_diffsynth_flux1_names():
 
 
 def _bfl_name(ds_group: str, live: tuple[str, ...], i: int) -> str | None:
-    from lora_vision.formats.dit_keys import FLUX1
+    from lora_vision.formats.dit_tables import FLUX1
     for g in FLUX1.groups:
         if (g.native == "double_blocks") == (ds_group == "blocks"):
             for r in g.rows:
