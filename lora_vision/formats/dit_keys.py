@@ -290,7 +290,7 @@ def import_dit(raw: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | No
     out: dict[str, torch.Tensor] = {}
     dialects: set[str] = set()
     try:
-        _import_modules(groups, family, info, source, out, report, dialects)
+        _import_modules(groups, family, info, source, out, report, dialects, metadata)
     except BaseMismatchError as e:
         raise BaseMismatchError(f"{e}; {_sizes(family, groups, info)}") from None
     report.format = "+".join(sorted(dialects)) if dialects else "dit"
@@ -320,8 +320,13 @@ def _sizes(family: str, groups: Mapping[str, dict], info: ComponentInfo | None) 
 
 
 def _import_modules(groups: Mapping[str, dict], family: str, info: ComponentInfo | None, source: str,
-                    out: dict[str, torch.Tensor], report: ImportReport, dialects: set[str]) -> None:
-    """Map every (down, up, alpha) group of the file into `out`; what does not map goes to `report`."""
+                    out: dict[str, torch.Tensor], report: ImportReport, dialects: set[str],
+                    metadata: Mapping[str, str]) -> None:
+    """Map every (down, up, alpha) group of the file into `out`; what does not map goes to `report`. A module
+    without an alpha tensor takes its alpha from diffusers' `lora_adapter_metadata` when the file has one."""
+    from .diffusers import _alpha_rule, peft_alpha
+
+    rule = _alpha_rule(metadata, COMPONENT)
     for mod, g in groups.items():
         if "down" not in g or "up" not in g:
             raise AdapterFileError(f"{source}: module {mod} has only [{', '.join(sorted(g))}]; a LoRA module needs "
@@ -334,6 +339,8 @@ def _import_modules(groups: Mapping[str, dict], family: str, info: ComponentInfo
         dialects.add(target.dialect if target.dialect in ("xlabs", "diffsynth") else label)
         down, up = g["down"], g["up"]
         alpha = alpha_value(f"{source}: {mod}", g.get("alpha"), down.shape[0])
+        if g.get("alpha") is None and rule is not None and len(target.live) == 1:
+            alpha = peft_alpha(rule[0], target.live[0], down.shape[0])
         if up.dim() < 2 or up.shape[1] != down.shape[0]:
             raise AdapterFileError(f"{source}: {mod}: lora_up has shape {tuple(up.shape)} but lora_down has rank "
                                    f"{down.shape[0]}; the file is broken")
