@@ -519,9 +519,11 @@ def dit_kohya_tensors(adapter: Adapter, family: str | None = None,
 
 
 def export_dit_kohya(adapter: Adapter, path: str | Path, family: str | None = None, dtype: torch.dtype | None = None,
-                     metadata: Mapping[str, str] | None = None) -> Path:
+                     metadata: Mapping[str, str] | None = None, title: str | None = None,
+                     trigger_phrase: str | None = None) -> Path:
     """Write the transformer adapter as the file ComfyUI, Forge and kohya read for its family (see
-    `dit_kohya_tensors`); text encoders are not written (export them separately)."""
+    `dit_kohya_tensors`); text encoders are not written (export them separately). `title` and `trigger_phrase`
+    go to modelspec.title / ss_output_name and modelspec.trigger_phrase, as for the SD kohya export."""
     from .diffusers import provenance
 
     comps = adapter.components()
@@ -530,5 +532,9 @@ def export_dit_kohya(adapter: Adapter, path: str | Path, family: str | None = No
     tensors, meta = dit_kohya_tensors(adapter, family, dtype)
     out = provenance(adapter.metadata)
     out.update(meta)
+    if title:
+        out["modelspec.title"] = out["ss_output_name"] = title
+    if trigger_phrase:
+        out["modelspec.trigger_phrase"] = trigger_phrase
     out.update(metadata or {})
     return write_safetensors(path, tensors, out)
