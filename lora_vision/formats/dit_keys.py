@@ -24,12 +24,13 @@ from ..io import AdapterFileError, write_safetensors
 from ..lora.ops import parse_canonical
 from ..metadata import AdapterMetadata
 from .common import BaseMismatchError, ComponentInfo, ImportReport, alpha_value, fit_pair, is_unsupported, put
-from .dit_tables import COMPONENT, EXTRA_DIALECTS, FAMILIES, FLUX2_SIZES, PREFIXES, Family
+from .dit_tables import COMPONENT, EXTRA_DIALECTS, FAMILIES, FLUX2_SIZES, PREFIXES, TEXT_ENCODERS, Family
 
 _SUFFIX = re.compile(r"(?P<sep>[._])(?P<kind>lora_down|lora_up|lora_A|lora_B)(?:\.default)?\.weight$"
                      r"|\.lora(?:_linear_layer)?\.(?P<kind2>down|up)\.weight$"
                      r"|\.(?P<kind3>down|up)\.weight$|\.(?P<alpha>alpha)$")
-_TE_PREFIXES = ("lora_te_", "lora_te1_", "lora_te2_", "text_encoder.", "text_encoder_2.", "text_encoders.")
+_TE_PREFIXES = ("lora_te_", "lora_te1_", "lora_te2_", "lora_te3_", "text_encoder.", "text_encoder_2.",
+                "text_encoder_3.", "text_encoders.")
 
 
 def _u(name: str) -> str:
@@ -295,6 +296,8 @@ def import_dit(raw: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | No
         raise BaseMismatchError(f"{e}; {_sizes(family, groups, info)}") from None
     report.format = "+".join(sorted(dialects)) if dialects else "dit"
     if te_raw:
+        te_raw = _import_family_encoders(te_raw, family, infos, source, out, report)
+    if te_raw:
         te_tensors, te_report = _import_text_encoders(te_raw, metadata, infos, source)
         out.update(te_tensors)
         for what in ("matched", "unused", "not_found", "unsupported", "notes"):
@@ -378,10 +381,51 @@ def _import_modules(groups: Mapping[str, dict], family: str, info: ComponentInfo
         report.split.append(f"{mod} -> {', '.join(done)}")
 
 
+def _import_family_encoders(raw: Mapping[str, torch.Tensor], family: str, infos: Mapping[str, ComponentInfo] | None,
+                            source: str, out: dict[str, torch.Tensor], report: ImportReport
+                            ) -> dict[str, torch.Tensor]:
+    """The family's non-CLIP text encoders (T5, Qwen, Mistral; dit_tables.TEXT_ENCODERS) read into their pipeline
+    component by the model's own module names; returns the keys left for the CLIP importers. kohya's underscored
+    names need the model (its module names) to be read back; without it they are reported not found."""
+    from .naming import kohya_lookup
+
+    table = TEXT_ENCODERS.get(family, {})
+    groups: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    rest: dict[str, torch.Tensor] = {}
+    for key, t in raw.items():
+        s = split_key(key)
+        m = re.match(r"text_encoders\.([^.]+)\.transformer\.(.+)$", s[0]) if s else None
+        if m and m.group(1) in table:
+            groups.setdefault((table[m.group(1)], m.group(2)), {})[s[1]] = t
+            continue
+        prefix = next((p for p in table if p.startswith("lora_") and s and s[0].startswith(p)), None)
+        if prefix is None:
+            rest[key] = t
+            continue
+        comp = table[prefix]
+        info = (infos or {}).get(comp)
+        names = kohya_lookup(prefix.rstrip("_"), info.modules) if info is not None and info.live else {}
+        groups.setdefault((comp, names.get(s[0], "?" + s[0])), {})[s[1]] = t
+    for (comp, name), g in groups.items():
+        label = f"{comp}.{name.lstrip('?')}"
+        if "down" not in g or "up" not in g:
+            raise AdapterFileError(f"{source}: {label} has only [{', '.join(sorted(g))}]; a LoRA module needs "
+                                   "lora_down and lora_up (an orphan alpha or half a pair means the file is broken)")
+        info = (infos or {}).get(comp)
+        if name.startswith("?") or (info is not None and info.live and name not in info.modules):
+            report.not_found.append(label)
+            continue
+        kind, wshape = info.modules[name] if info is not None and info.live else ("Linear", None)
+        a, b = fit_pair(f"{source}: {label}", kind, wshape, g["down"], g["up"], info is not None and info.live)
+        put(out, comp, name, a, b, alpha_value(f"{source}: {label}", g.get("alpha"), a.shape[0]))
+        report.matched.append(label)
+    return rest
+
+
 def _import_text_encoders(raw: Mapping[str, torch.Tensor], metadata: Mapping[str, str],
                           infos: Mapping[str, ComponentInfo] | None, source: str
                           ) -> tuple[dict[str, torch.Tensor], ImportReport]:
-    """The CLIP text-encoder part of a DiT file, read by the SD importers (T5 / Qwen-VL modules are not found)."""
+    """The CLIP text-encoder part of a DiT file, read by the SD importers."""
     from .detect import classify_keys
     from .diffusers import import_diffusers
     from .kohya import import_kohya

@@ -190,5 +190,12 @@ PREFIXES = {
     "base_model.model.": ("peft", "."), "transformer.": ("diffusers", "."), "": ("bare", "."),
 }
 
+# Text encoders besides CLIP, per family: ComfyUI's encoder name (`text_encoders.<name>.transformer.<hf name>`) and
+# kohya's prefix -> the pipeline component. CLIP (clip_l / clip_g, lora_te1_) is read by the SD importers.
+TEXT_ENCODERS = {
+    "flux1": {"t5xxl": "text_encoder_2", "lora_te2_": "text_encoder_2"},
+    "sd3": {"t5xxl": "text_encoder_3", "lora_te3_": "text_encoder_3"},
+}  # Qwen / Mistral encoders: read in diffusers names (text_encoder.<live name>); no native spelling checked yet
+
 # Flux.2 widths (hidden size = heads x 128) -> released model, for messages.
 FLUX2_SIZES = {3072: "Flux.2-klein 4B", 4096: "Flux.2-klein 9B", 6144: "Flux.2-dev"}

@@ -441,3 +441,52 @@ def test_text_encoder_keys_go_to_the_clip_importer(tmp_path):
     assert out.components() == ["transformer", "text_encoder"]
     assert "text_encoder.text_model.encoder.layers.0.self_attn.q_proj" in report.matched or \
         "text_encoder.encoder.layers.0.self_attn.q_proj" in report.matched
+
+
+@pytest.mark.parametrize("name,comp,keys", [
+    ("tiny-flux", "text_encoder_2", ("lora_te2_encoder_block_0_layer_0_SelfAttention_{}",
+                                     "text_encoders.t5xxl.transformer.encoder.block.0.layer.0.SelfAttention.{}")),
+    ("tiny-sd3", "text_encoder_3", ("lora_te3_encoder_block_0_layer_0_SelfAttention_{}",
+                                    "text_encoders.t5xxl.transformer.encoder.block.0.layer.0.SelfAttention.{}")),
+])
+def test_t5_text_encoder_keys_load_into_the_pipelines_t5(name, comp, keys):
+    """kohya (lora_te2_ on Flux.1, lora_te3_ on SD 3.x) and ComfyUI (text_encoders.t5xxl) T5 keys, including the
+    T5 modules named q / k / v, reach the T5 encoder like the core API applies them."""
+    import copy
+
+    from lora_vision.adapter import Adapter
+    from lora_vision.models import build_tiny_dit
+    from lora_vision.pipeline import load_adapter, unload_adapter
+
+    pipe = build_tiny_dit(name)
+    te = getattr(pipe, comp)
+    gen = torch.Generator().manual_seed(0)
+    factors = {}
+    for part in ("q", "v", "o"):
+        w = te.encoder.block[0].layer[0].SelfAttention.get_submodule(part).weight
+        factors[part] = (torch.randn(2, w.shape[1], generator=gen), torch.randn(w.shape[0], 2, generator=gen))
+    ref = copy.deepcopy(te)
+    canonical = {}
+    for part, (a, b) in factors.items():
+        canonical[f"{comp}.encoder.block.0.layer.0.SelfAttention.{part}.lora_A.weight"] = a
+        canonical[f"{comp}.encoder.block.0.layer.0.SelfAttention.{part}.lora_B.weight"] = b
+    Adapter(canonical).apply_to({comp: ref}, strength=0.5)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        want = ref(ids).last_hidden_state
+        plain = te(ids).last_hidden_state
+    assert not torch.allclose(want, plain)
+    proj = pipe.transformer.transformer_blocks[0].attn.to_out[0].weight
+    native = "double_blocks_0_img_attn_proj" if name == "tiny-flux" else "joint_blocks_0_x_block_attn_proj"
+    for template in keys:  # files carry transformer modules too (that is how they are told to be DiT files)
+        sd = {f"lora_unet_{native}.lora_down.weight": torch.randn(2, proj.shape[1], generator=gen),
+              f"lora_unet_{native}.lora_up.weight": torch.randn(proj.shape[0], 2, generator=gen)}
+        for part, (a, b) in factors.items():
+            sd[f"{template.format(part)}.lora_down.weight"] = a
+            sd[f"{template.format(part)}.lora_up.weight"] = b
+            sd[f"{template.format(part)}.alpha"] = torch.tensor(2.0)
+        report = load_adapter(pipe, sd, name="t5", te_strength=0.5)
+        assert f"{comp} 3 modules" in str(report)
+        with torch.no_grad():
+            torch.testing.assert_close(te(ids).last_hidden_state, want, atol=1e-5, rtol=1e-5)
+        unload_adapter(pipe, "t5")
