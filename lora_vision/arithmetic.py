@@ -310,12 +310,15 @@ def extract(base: Mapping[str, Mapping[str, torch.Tensor]], tuned: Mapping[str, 
 
 
 PIPELINE_FILES = {"unet": ("unet/diffusion_pytorch_model.safetensors",),
+                  "transformer": ("transformer/diffusion_pytorch_model.safetensors",),
                   "text_encoder": ("text_encoder/model.safetensors",),
-                  "text_encoder_2": ("text_encoder_2/model.safetensors",)}
+                  "text_encoder_2": ("text_encoder_2/model.safetensors",),
+                  "text_encoder_3": ("text_encoder_3/model.safetensors",)}
 
 
 def load_weights(path: str | os.PathLike, component: str = "model") -> dict[str, dict[str, torch.Tensor]]:
-    """{component: state dict} from a diffusers pipeline folder (unet, text encoders) or one .safetensors file."""
+    """{component: state dict} from a diffusers pipeline folder (unet or transformer, text encoders) or one
+    .safetensors file."""
     p = Path(path)
     if p.is_dir():
         out = {}
@@ -324,7 +327,7 @@ def load_weights(path: str | os.PathLike, component: str = "model") -> dict[str,
                 if (p / n).is_file():
                     out[comp] = read_safetensors(p / n, check_finite=False)[0]
         if not out:
-            raise FileNotFoundError(f"{p}: no unet/text_encoder safetensors weights found (expected a diffusers "
+            raise FileNotFoundError(f"{p}: no unet/transformer/text_encoder safetensors weights found (expected a diffusers "
                                     "pipeline folder saved with safe_serialization)")
         return out
     return {component: read_safetensors(p, check_finite=False)[0]}

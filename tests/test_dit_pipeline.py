@@ -154,3 +154,17 @@ def test_adapter_of_another_family_leaves_the_pipeline_as_it_was(flux) -> None:
     with pytest.raises(AdapterMismatchError, match=r"weights for \['unet'\], which FluxPipeline does not have"):
         load_adapter(pipe, Adapter.from_models({"unet": model}))
     assert pipe.transformer.state_dict().keys() == before.keys() and list_adapters(pipe) == {}
+
+
+def test_file_for_a_deeper_model_counts_its_missing_modules_in_the_transformer(flux) -> None:
+    pipe = copy.deepcopy(flux)
+    w = pipe.transformer.transformer_blocks[0].attn.to_out[0].weight
+    gen = torch.Generator().manual_seed(0)
+    sd = {}
+    for i in range(6):  # the tiny model has 2 double blocks: blocks 2..5 are not there
+        sd[f"lora_unet_double_blocks_{i}_img_attn_proj.lora_down.weight"] = torch.randn(2, w.shape[1], generator=gen)
+        sd[f"lora_unet_double_blocks_{i}_img_attn_proj.lora_up.weight"] = torch.randn(w.shape[0], 2, generator=gen)
+    with pytest.raises(AdapterMismatchError, match=r"4 modules the model does not have \(4 in the transformer;") as e:
+        load_adapter(pipe, sd, name="deep")
+    assert "UNet" not in str(e.value)
+    assert list_adapters(pipe) == {} and not any(isinstance(m, LoRALayer) for m in pipe.transformer.modules())

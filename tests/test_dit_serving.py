@@ -1,5 +1,5 @@
-"""The adapter server and `lora-vision generate` on DiT pipelines (Flux.1 and Z-Image; the server on every
-family's transformer)."""
+"""The adapter server and `lora-vision generate` on DiT pipelines (every family; the server also under
+`torch.compile` on a Flux.1 transformer)."""
 
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ def test_server_switches_like_the_pipeline_loader(name: str) -> None:
                                        rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["tiny-flux", "tiny-z-image"])
+@pytest.mark.parametrize("name", list(DIT_KINDS))
 def test_generate_with_an_adapter(name: str, tmp_path) -> None:
     pipe = build_tiny_dit(name)
     _adapter(pipe, 5).save(tmp_path / "style.safetensors")
@@ -64,8 +64,45 @@ def test_generate_with_an_adapter(name: str, tmp_path) -> None:
     assert rc == 0
     off, on = (np.asarray(Image.open(out / f"0000{i}-0.png"), dtype=np.float32) for i in (0, 1))
     assert off.shape == on.shape == (64, 64, 3)
-    assert np.abs(off - on).mean() > 0.5  # the adapter changes the picture
+    # the adapter changes the picture (the tiny Qwen-Image VAE turns the same transformer change into less)
+    assert np.abs(off - on).mean() > (0.03 if name == "tiny-qwen-image" else 0.5)
     assert (out / "grid-00002-0.png").is_file()
+
+
+def test_server_under_torch_compile_on_a_flux_transformer_does_not_recompile() -> None:
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    pipe = build_tiny_dit("tiny-flux")
+    a, b = _adapter(pipe, 1), _adapter(pipe, 2, rank=3)
+    inputs = transformer_inputs(pipe.transformer)
+    load_adapter(pipe, b, name="b", strength=0.5)
+    with torch.no_grad():
+        want_b = transformer_output(pipe.transformer, inputs)
+    unload_adapter(pipe, "b")
+    server = AdapterServer(pipe)
+    server.add("a", a)
+    server.add("b", b)
+    server.prepare()
+    counter = CompileCounter()
+    pipe.transformer = torch.compile(pipe.transformer, backend=counter, dynamic=False)
+    try:
+        server.activate("a", strength=1.0)
+        with torch.no_grad():
+            out_a = transformer_output(pipe.transformer, inputs)
+            frames = counter.frame_count
+            assert frames >= 1
+            outs = []
+            for step in (lambda: server.activate("b", 0.5), lambda: server.set_strength(1.2),
+                         lambda: server.activate(None), lambda: server.activate("a", 1.0)):
+                step()
+                outs.append(transformer_output(pipe.transformer, inputs))
+        assert counter.frame_count == frames, "switching adapters or strength recompiled the transformer"
+        torch.testing.assert_close(outs[0], want_b, atol=1e-5, rtol=1e-5)
+        assert not torch.equal(outs[0], outs[1])
+        assert torch.equal(outs[-1], out_a)
+    finally:
+        torch._dynamo.reset()
 
 
 def test_generate_refuses_an_sd_adapter_on_flux_under_strict(tmp_path, capsys) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..dtypes import SHORT_NAMES, parse_dtype
+from ..formats.dit_tables import FAMILIES as DIT_FAMILIES
 
 OUT_FORMATS = ("lora_vision", "kohya", "diffusers", "peft")
 
@@ -18,8 +19,9 @@ def add_output_args(p: argparse.ArgumentParser, default_fmt: str = "lora_vision"
     p.add_argument("--to", choices=OUT_FORMATS, default=default_fmt,
                    help=f"output format (default {default_fmt}): kohya for A1111/ComfyUI/kohya, diffusers for "
                         "pipe.load_lora_weights, peft for a PEFT folder (ViT), lora_vision for our own files")
-    p.add_argument("--family", choices=("sd1", "sd2", "sd2-v", "sdxl"),
-                   help="base model family for kohya metadata and SDXL naming (default: from the file)")
+    p.add_argument("--family", choices=("sd1", "sd2", "sd2-v", "sdxl", *DIT_FAMILIES),
+                   help="base model family for kohya metadata, SDXL naming and a DiT adapter's native names "
+                        "(default: from the file)")
     p.add_argument("--dtype", choices=SHORT_NAMES,
                    help="tensor dtype of the output (others keep the input dtype). kohya default: fp16, or fp32 "
                         "with a warning when a value exceeds fp16's range (65504); an explicit fp16 that would "

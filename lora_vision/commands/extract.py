@@ -1,6 +1,6 @@
 """`lora-vision extract --base A --tuned B --rank R -o OUT`: an adapter from the difference of two models.
 
-A and B are diffusers pipeline folders (UNet and text encoders are compared) or two .safetensors state dicts of
+A and B are diffusers pipeline folders (UNet or DiT transformer and text encoders are compared) or two .safetensors state dicts of
 the same model. Every Linear/Conv2d weight that changed gets the best rank-R (or --energy) approximation of
 tuned - base by SVD; the report says per layer how much of the difference's Frobenius norm was kept.
 """
@@ -29,7 +29,7 @@ def register(subparsers: Any) -> None:
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--rank", type=int, help="rank of every extracted layer")
     g.add_argument("--energy", type=float, help="share of ||dW||_F^2 each layer keeps")
-    p.add_argument("--component", default="model", choices=("model", "unet", "text_encoder", "text_encoder_2"),
+    p.add_argument("--component", default="model", choices=("model", "unet", "transformer", "text_encoder", "text_encoder_2"),
                    help="component name for single .safetensors inputs (default model)")
     p.add_argument("--min-change", type=float, default=1e-6,
                    help="skip layers whose relative change ||dW|| / ||W|| is below this (default 1e-6)")

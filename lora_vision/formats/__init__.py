@@ -187,17 +187,26 @@ def _check_base(tensors: dict, report: ImportReport, infos: Mapping[str, Compone
         return
     file_comps = {_component_hint(m) for m in report.matched + report.not_found}
     lacking = [c for c in file_comps if c in COMPONENTS and c not in infos]
-    n_unet = sum(1 for m in report.not_found if not m.startswith(("text_encoder", "model.")))
     matched = len(report.matched)
     if lacking or (report.not_found and len(report.not_found) >= max(1, matched)):
         what = f"components {lacking} that the model does not have" if lacking else \
-            f"{len(report.not_found)} modules the model does not have ({n_unet} in the UNet; first: " \
+            f"{len(report.not_found)} modules the model does not have ({_where(report.not_found)}; first: " \
             f"{report.not_found[:3]})"
         bases = _bases(source, infos, label)
         if lacking and "same layout" in bases:
             raise AdapterFileError(f"{label}: it has weights for {lacking}, which were not given; pass those "
                                    f"components too (models={{...}}) so that nothing is silently dropped")
         raise BaseMismatchError(f"{label} was made for another base model: it has {what}.\n{bases}")
+
+
+def _where(names: list[str]) -> str:
+    """"3 in the UNet, 1 in text_encoder": how many of `names` each component holds."""
+    counts: dict[str, int] = {}
+    for n in names:
+        comp = _component_hint(n)
+        counts[comp] = counts.get(comp, 0) + 1
+    label = {"unet": "the UNet", "transformer": "the transformer"}
+    return ", ".join(f"{n} in {label.get(c, c)}" for c, n in counts.items())
 
 
 def _bases(source: object, infos: Mapping[str, ComponentInfo], label: str) -> str:

@@ -1,28 +1,13 @@
 """Key dialects of the transformer (DiT) families: Flux.1, Flux.2, SD 3.x, Qwen-Image and Z-Image.
 
-Canonical names are the live module paths of diffusers' FluxTransformer2DModel, Flux2Transformer2DModel,
-SD3Transformer2DModel, QwenImageTransformer2DModel and ZImageTransformer2DModel, component "transformer".
-
-Files in the wild spell a module in one of two name spaces, each behind one of several prefixes:
-
-- native names, those of the original checkpoints that ComfyUI, Forge and kohya sd-scripts / musubi-tuner use
-  (BFL `double_blocks.N.img_attn.qkv`, MMDiT `joint_blocks.N.x_block.attn.qkv`, NextDiT `layers.N.attention.qkv`;
-  Qwen-Image's native names are diffusers' own), where q, k and v (Flux.1 single blocks: q, k, v and the MLP input)
-  are one fused Linear;
-- diffusers names, the canonical ones;
-- plus two trainer-specific spellings of Flux.1: XLabs (`double_blocks.N.processor.qkv_lora1.down.weight`) and
-  DiffSynth-Studio (`blocks.N.attn.a_to_qkv`).
-
-Prefixes: `lora_unet_` (kohya / musubi, underscores), `lora_transformer_` (OneTrainer, underscores), `lycoris_`
-(SimpleTuner / LyCORIS, underscores), `diffusion_model.` (ComfyUI, ai-toolkit), `transformer.` (diffusers, PEFT
-via diffusers, ai-toolkit), `base_model.model.` (PEFT), or none (BFL, DiffSynth, XLabs).
+Reads a file in any dialect into canonical names (the live module paths of the diffusers transformer, component
+"transformer") and writes the native (kohya / ComfyUI) spelling back. The name tables, the prefixes and the
+dialects they cover are data in formats/dit_tables.py.
 
 A fused file module maps to several live modules: its lora_down is shared (the same A for each part) and its
 lora_up rows are split by the model's sizes; when lora_up is block-diagonal over the parts (as our export writes
 parts with their own A) each part gets its own slice of A and B, which is exact too. Export fuses back: one A when
 the parts share it, else A stacked and B block-diagonal.
-
-The tables below are data: block rows (native suffix -> live suffixes) per family, read both ways.
 """
 
 from __future__ import annotations
@@ -40,178 +25,13 @@ from ..lora.ops import parse_canonical
 from ..metadata import AdapterMetadata
 from .diffusers import _alpha_rule, peft_alpha
 from .common import BaseMismatchError, ComponentInfo, ImportReport, alpha_value, fit_pair, is_unsupported, put
+from .dit_tables import COMPONENT, EXTRA_DIALECTS, FAMILIES, FLUX2_SIZES, PREFIXES, TEXT_ENCODERS, Family
 
-COMPONENT = "transformer"
-
-
-@dataclass(frozen=True)
-class Row:
-    """One native module and the live module(s) it holds; `swap`: its output is (shift, scale) natively and
-    (scale, shift) in diffusers (AdaLayerNormContinuous), so lora_up's two halves trade places."""
-
-    native: str
-    live: tuple[str, ...]
-    swap: bool = False
-
-
-@dataclass(frozen=True)
-class Group:
-    """Numbered blocks: native prefix, live prefix, rows (suffixes after `<prefix>.<index>.`)."""
-
-    native: str
-    live: str
-    rows: tuple[Row, ...]
-
-
-@dataclass(frozen=True)
-class Family:
-    """One DiT family: its block groups, its top-level rows and the live modules that identify a model of it."""
-
-    name: str
-    label: str
-    groups: tuple[Group, ...]
-    top: tuple[Row, ...]
-    markers: tuple[str, ...]  # live module names only this family has (in the first block)
-    architecture: str  # modelspec.architecture we write
-    base_version: str  # ss_base_model_version we write
-
-
-def _rows(*spec: tuple) -> tuple[Row, ...]:
-    return tuple(Row(n, tuple(live.split()), *rest) for n, live, *rest in spec)
-
-
-QKV = "attn.to_q attn.to_k attn.to_v"
-ADD_QKV = "attn.add_q_proj attn.add_k_proj attn.add_v_proj"
-
-FLUX1 = Family(
-    "flux1", "Flux.1",
-    groups=(
-        Group("double_blocks", "transformer_blocks", _rows(
-            ("img_attn.qkv", QKV), ("img_attn.proj", "attn.to_out.0"),
-            ("img_mlp.0", "ff.net.0.proj"), ("img_mlp.2", "ff.net.2"), ("img_mod.lin", "norm1.linear"),
-            ("txt_attn.qkv", ADD_QKV), ("txt_attn.proj", "attn.to_add_out"),
-            ("txt_mlp.0", "ff_context.net.0.proj"), ("txt_mlp.2", "ff_context.net.2"),
-            ("txt_mod.lin", "norm1_context.linear"))),
-        Group("single_blocks", "single_transformer_blocks", _rows(
-            ("linear1", QKV + " proj_mlp"), ("linear2", "proj_out"), ("modulation.lin", "norm.linear"))),
-    ),
-    top=_rows(("img_in", "x_embedder"), ("txt_in", "context_embedder"),
-              ("time_in.in_layer", "time_text_embed.timestep_embedder.linear_1"),
-              ("time_in.out_layer", "time_text_embed.timestep_embedder.linear_2"),
-              ("vector_in.in_layer", "time_text_embed.text_embedder.linear_1"),
-              ("vector_in.out_layer", "time_text_embed.text_embedder.linear_2"),
-              ("guidance_in.in_layer", "time_text_embed.guidance_embedder.linear_1"),
-              ("guidance_in.out_layer", "time_text_embed.guidance_embedder.linear_2"),
-              ("final_layer.linear", "proj_out"), ("final_layer.adaLN_modulation.1", "norm_out.linear", True)),
-    markers=("single_transformer_blocks.0.proj_mlp",),
-    architecture="flux-1-dev/lora", base_version="flux1")
-
-FLUX2 = Family(
-    "flux2", "Flux.2",
-    groups=(
-        Group("double_blocks", "transformer_blocks", _rows(
-            ("img_attn.qkv", QKV), ("img_attn.proj", "attn.to_out.0"),
-            ("img_mlp.0", "ff.linear_in"), ("img_mlp.2", "ff.linear_out"),
-            ("txt_attn.qkv", ADD_QKV), ("txt_attn.proj", "attn.to_add_out"),
-            ("txt_mlp.0", "ff_context.linear_in"), ("txt_mlp.2", "ff_context.linear_out"))),
-        Group("single_blocks", "single_transformer_blocks", _rows(
-            ("linear1", "attn.to_qkv_mlp_proj"), ("linear2", "attn.to_out"))),
-    ),
-    top=_rows(("img_in", "x_embedder"), ("txt_in", "context_embedder"),
-              ("time_in.in_layer", "time_guidance_embed.timestep_embedder.linear_1"),
-              ("time_in.out_layer", "time_guidance_embed.timestep_embedder.linear_2"),
-              ("guidance_in.in_layer", "time_guidance_embed.guidance_embedder.linear_1"),
-              ("guidance_in.out_layer", "time_guidance_embed.guidance_embedder.linear_2"),
-              ("double_stream_modulation_img.lin", "double_stream_modulation_img.linear"),
-              ("double_stream_modulation_txt.lin", "double_stream_modulation_txt.linear"),
-              ("single_stream_modulation.lin", "single_stream_modulation.linear"),
-              ("final_layer.linear", "proj_out"), ("final_layer.adaLN_modulation.1", "norm_out.linear", True)),
-    markers=("single_transformer_blocks.0.attn.to_qkv_mlp_proj",),
-    architecture="flux-2/lora", base_version="flux2")
-
-SD3 = Family(
-    "sd3", "SD 3.x",
-    groups=(
-        Group("joint_blocks", "transformer_blocks", _rows(
-            ("x_block.attn.qkv", QKV), ("x_block.attn.proj", "attn.to_out.0"),
-            ("x_block.attn2.qkv", "attn2.to_q attn2.to_k attn2.to_v"), ("x_block.attn2.proj", "attn2.to_out.0"),
-            ("x_block.mlp.fc1", "ff.net.0.proj"), ("x_block.mlp.fc2", "ff.net.2"),
-            ("x_block.adaLN_modulation.1", "norm1.linear"),
-            ("context_block.attn.qkv", ADD_QKV), ("context_block.attn.proj", "attn.to_add_out"),
-            ("context_block.mlp.fc1", "ff_context.net.0.proj"), ("context_block.mlp.fc2", "ff_context.net.2"),
-            # The last block's context modulation is (shift, scale) -> AdaLayerNormContinuous: swapped there only
-            # (applied when the layer has exactly two chunks, see _swaps).
-            ("context_block.adaLN_modulation.1", "norm1_context.linear", True))),
-    ),
-    top=_rows(("x_embedder.proj", "pos_embed.proj"), ("context_embedder", "context_embedder"),
-              ("t_embedder.mlp.0", "time_text_embed.timestep_embedder.linear_1"),
-              ("t_embedder.mlp.2", "time_text_embed.timestep_embedder.linear_2"),
-              ("y_embedder.mlp.0", "time_text_embed.text_embedder.linear_1"),
-              ("y_embedder.mlp.2", "time_text_embed.text_embedder.linear_2"),
-              ("final_layer.linear", "proj_out"), ("final_layer.adaLN_modulation.1", "norm_out.linear", True)),
-    markers=("pos_embed.proj",),
-    architecture="stable-diffusion-v3/lora", base_version="sd3")
-
-_QWEN_BLOCK = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
-               "attn.add_v_proj", "attn.to_add_out", "img_mod.1", "txt_mod.1", "img_mlp.net.0.proj",
-               "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2")
-QWEN = Family(
-    "qwen-image", "Qwen-Image",
-    groups=(Group("transformer_blocks", "transformer_blocks", tuple(Row(n, (n,)) for n in _QWEN_BLOCK)),),
-    top=tuple(Row(n, (n,)) for n in ("img_in", "txt_in", "proj_out", "norm_out.linear",
-                                     "time_text_embed.timestep_embedder.linear_1",
-                                     "time_text_embed.timestep_embedder.linear_2")),
-    markers=("transformer_blocks.0.img_mlp.net.0.proj",),
-    architecture="qwen-image/lora", base_version="qwen_image")
-
-_ZIMAGE_BLOCK = _rows(("attention.qkv", "attention.to_q attention.to_k attention.to_v"),
-                      ("attention.out", "attention.to_out.0"), ("feed_forward.w1", "feed_forward.w1"),
-                      ("feed_forward.w2", "feed_forward.w2"), ("feed_forward.w3", "feed_forward.w3"),
-                      ("adaLN_modulation.0", "adaLN_modulation.0"))
-ZIMAGE = Family(
-    "z-image", "Z-Image",
-    groups=tuple(Group(g, g, _ZIMAGE_BLOCK) for g in ("layers", "noise_refiner", "context_refiner")),
-    top=_rows(("x_embedder", "all_x_embedder.2-1"), ("final_layer.linear", "all_final_layer.2-1.linear"),
-              ("final_layer.adaLN_modulation.1", "all_final_layer.2-1.adaLN_modulation.1"),
-              ("cap_embedder.1", "cap_embedder.1"), ("t_embedder.mlp.0", "t_embedder.mlp.0"),
-              ("t_embedder.mlp.2", "t_embedder.mlp.2")),
-    markers=("layers.0.attention.to_q", "noise_refiner.0.attention.to_q"),
-    architecture="z-image/lora", base_version="z_image")
-
-FAMILIES: dict[str, Family] = {f.name: f for f in (FLUX1, FLUX2, SD3, QWEN, ZIMAGE)}
-
-# Trainer-specific Flux.1 spellings (read only).
-XLABS = (  # double_blocks.N.processor.<name>.down/up.weight, single_blocks.N.processor.<name>...
-    Group("double_blocks", "transformer_blocks", _rows(
-        ("processor.qkv_lora1", QKV), ("processor.qkv_lora2", ADD_QKV), ("processor.proj_lora1", "attn.to_out.0"),
-        ("processor.proj_lora2", "attn.to_add_out"))),
-    Group("single_blocks", "single_transformer_blocks", _rows(
-        ("processor.qkv_lora", QKV), ("processor.proj_lora", "proj_out"))),
-)
-DIFFSYNTH = (  # DiffSynth-Studio's own Flux.1 DiT module names
-    Group("blocks", "transformer_blocks", _rows(
-        ("attn.a_to_qkv", QKV), ("attn.b_to_qkv", ADD_QKV), ("attn.a_to_out", "attn.to_out.0"),
-        ("attn.b_to_out", "attn.to_add_out"), ("ff_a.0", "ff.net.0.proj"), ("ff_a.2", "ff.net.2"),
-        ("ff_b.0", "ff_context.net.0.proj"), ("ff_b.2", "ff_context.net.2"), ("norm1_a.linear", "norm1.linear"),
-        ("norm1_b.linear", "norm1_context.linear"))),
-    Group("single_blocks", "single_transformer_blocks", _rows(
-        ("to_qkv_mlp", QKV + " proj_mlp"), ("proj_out", "proj_out"), ("norm.linear", "norm.linear"))),
-)
-EXTRA_DIALECTS = {"flux1": (("xlabs", XLABS), ("diffsynth", DIFFSYNTH))}
-
-# Prefix -> (dialect label, separator). Longest first when stripping.
-PREFIXES = {
-    "lora_unet_": ("kohya", "_"), "lora_transformer_": ("onetrainer", "_"), "lycoris_": ("lycoris", "_"),
-    "model.diffusion_model.": ("comfyui", "."), "diffusion_model.": ("comfyui", "."),
-    "base_model.model.": ("peft", "."), "transformer.": ("diffusers", "."), "": ("bare", "."),
-}
 _SUFFIX = re.compile(r"(?P<sep>[._])(?P<kind>lora_down|lora_up|lora_A|lora_B)(?:\.default)?\.weight$"
                      r"|\.lora(?:_linear_layer)?\.(?P<kind2>down|up)\.weight$"
                      r"|\.(?P<kind3>down|up)\.weight$|\.(?P<alpha>alpha)$")
-_TE_PREFIXES = ("lora_te_", "lora_te1_", "lora_te2_", "text_encoder.", "text_encoder_2.", "text_encoders.")
-
-# Flux.2 widths (hidden size = heads x 128) -> released model, for messages.
-FLUX2_SIZES = {3072: "Flux.2-klein 4B", 4096: "Flux.2-klein 9B", 6144: "Flux.2-dev"}
+_TE_PREFIXES = ("lora_te_", "lora_te1_", "lora_te2_", "lora_te3_", "text_encoder.", "text_encoder_2.",
+                "text_encoder_3.", "text_encoders.")
 
 
 def _u(name: str) -> str:
@@ -269,15 +89,6 @@ def strip_prefix(module: str) -> tuple[str, str]:
         if p and module.startswith(p):
             return label, _u(module[len(p):])
     return "bare", _u(module)
-
-
-def _dotted_name(module: str) -> str:
-    """A file module's dotted name without its prefix (`transformer.`, `base_model.model.`, ...): what peft's
-    alpha_pattern keys name."""
-    for p in sorted(PREFIXES, key=len, reverse=True):
-        if p and p.endswith(".") and module.startswith(p):
-            return module[len(p):]
-    return module
 
 
 def resolve(fam: str, module: str) -> tuple[str, Target] | None:
@@ -481,11 +292,12 @@ def import_dit(raw: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | No
     out: dict[str, torch.Tensor] = {}
     dialects: set[str] = set()
     try:
-        rule = _alpha_rule(metadata, COMPONENT)
-        _import_modules(groups, family, info, source, out, report, dialects, rule[0] if rule else None)
+        _import_modules(groups, family, info, source, out, report, dialects, metadata)
     except BaseMismatchError as e:
         raise BaseMismatchError(f"{e}; {_sizes(family, groups, info)}") from None
     report.format = "+".join(sorted(dialects)) if dialects else "dit"
+    if te_raw:
+        te_raw = _import_family_encoders(te_raw, family, infos, source, out, report)
     if te_raw:
         te_tensors, te_report = _import_text_encoders(te_raw, metadata, infos, source)
         out.update(te_tensors)
@@ -513,10 +325,10 @@ def _sizes(family: str, groups: Mapping[str, dict], info: ComponentInfo | None) 
 
 def _import_modules(groups: Mapping[str, dict], family: str, info: ComponentInfo | None, source: str,
                     out: dict[str, torch.Tensor], report: ImportReport, dialects: set[str],
-                    peft_config: Mapping | None = None) -> None:
-    """Map every (down, up, alpha) group of the file into `out`; what does not map goes to `report`.
-    `peft_config`: the transformer's LoraConfig kwargs from diffusers' `lora_adapter_metadata` (alphas of files
-    without alpha tensors)."""
+                    metadata: Mapping[str, str]) -> None:
+    """Map every (down, up, alpha) group of the file into `out`; what does not map goes to `report`. A module
+    without an alpha tensor takes its alpha from diffusers' `lora_adapter_metadata` when the file has one."""
+    rule = _alpha_rule(metadata, COMPONENT)
     for mod, g in groups.items():
         if "down" not in g or "up" not in g:
             raise AdapterFileError(f"{source}: module {mod} has only [{', '.join(sorted(g))}]; a LoRA module needs "
@@ -528,10 +340,9 @@ def _import_modules(groups: Mapping[str, dict], family: str, info: ComponentInfo
         label, target = hit
         dialects.add(target.dialect if target.dialect in ("xlabs", "diffsynth") else label)
         down, up = g["down"], g["up"]
-        if peft_config is not None and g.get("alpha") is None:
-            alpha = peft_alpha(peft_config, _dotted_name(mod), down.shape[0])
-        else:
-            alpha = alpha_value(f"{source}: {mod}", g.get("alpha"), down.shape[0])
+        alpha = alpha_value(f"{source}: {mod}", g.get("alpha"), down.shape[0])
+        if g.get("alpha") is None and rule is not None and len(target.live) == 1:
+            alpha = peft_alpha(rule[0], target.live[0], down.shape[0])
         if up.dim() < 2 or up.shape[1] != down.shape[0]:
             raise AdapterFileError(f"{source}: {mod}: lora_up has shape {tuple(up.shape)} but lora_down has rank "
                                    f"{down.shape[0]}; the file is broken")
@@ -569,10 +380,51 @@ def _import_modules(groups: Mapping[str, dict], family: str, info: ComponentInfo
         report.split.append(f"{mod} -> {', '.join(done)}")
 
 
+def _import_family_encoders(raw: Mapping[str, torch.Tensor], family: str, infos: Mapping[str, ComponentInfo] | None,
+                            source: str, out: dict[str, torch.Tensor], report: ImportReport
+                            ) -> dict[str, torch.Tensor]:
+    """The family's non-CLIP text encoders (T5, Qwen, Mistral; dit_tables.TEXT_ENCODERS) read into their pipeline
+    component by the model's own module names; returns the keys left for the CLIP importers. kohya's underscored
+    names need the model (its module names) to be read back; without it they are reported not found."""
+    from .naming import kohya_lookup
+
+    table = TEXT_ENCODERS.get(family, {})
+    groups: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    rest: dict[str, torch.Tensor] = {}
+    for key, t in raw.items():
+        s = split_key(key)
+        m = re.match(r"text_encoders\.([^.]+)\.transformer\.(.+)$", s[0]) if s else None
+        if m and m.group(1) in table:
+            groups.setdefault((table[m.group(1)], m.group(2)), {})[s[1]] = t
+            continue
+        prefix = next((p for p in table if p.startswith("lora_") and s and s[0].startswith(p)), None)
+        if prefix is None:
+            rest[key] = t
+            continue
+        comp = table[prefix]
+        info = (infos or {}).get(comp)
+        names = kohya_lookup(prefix.rstrip("_"), info.modules) if info is not None and info.live else {}
+        groups.setdefault((comp, names.get(s[0], "?" + s[0])), {})[s[1]] = t
+    for (comp, name), g in groups.items():
+        label = f"{comp}.{name.lstrip('?')}"
+        if "down" not in g or "up" not in g:
+            raise AdapterFileError(f"{source}: {label} has only [{', '.join(sorted(g))}]; a LoRA module needs "
+                                   "lora_down and lora_up (an orphan alpha or half a pair means the file is broken)")
+        info = (infos or {}).get(comp)
+        if name.startswith("?") or (info is not None and info.live and name not in info.modules):
+            report.not_found.append(label)
+            continue
+        kind, wshape = info.modules[name] if info is not None and info.live else ("Linear", None)
+        a, b = fit_pair(f"{source}: {label}", kind, wshape, g["down"], g["up"], info is not None and info.live)
+        put(out, comp, name, a, b, alpha_value(f"{source}: {label}", g.get("alpha"), a.shape[0]))
+        report.matched.append(label)
+    return rest
+
+
 def _import_text_encoders(raw: Mapping[str, torch.Tensor], metadata: Mapping[str, str],
                           infos: Mapping[str, ComponentInfo] | None, source: str
                           ) -> tuple[dict[str, torch.Tensor], ImportReport]:
-    """The CLIP text-encoder part of a DiT file, read by the SD importers (T5 / Qwen-VL modules are not found)."""
+    """The CLIP text-encoder part of a DiT file, read by the SD importers."""
     from .detect import classify_keys
     from .diffusers import import_diffusers
     from .kohya import import_kohya
@@ -710,9 +562,11 @@ def dit_kohya_tensors(adapter: Adapter, family: str | None = None,
 
 
 def export_dit_kohya(adapter: Adapter, path: str | Path, family: str | None = None, dtype: torch.dtype | None = None,
-                     metadata: Mapping[str, str] | None = None) -> Path:
+                     metadata: Mapping[str, str] | None = None, title: str | None = None,
+                     trigger_phrase: str | None = None) -> Path:
     """Write the transformer adapter as the file ComfyUI, Forge and kohya read for its family (see
-    `dit_kohya_tensors`); text encoders are not written (export them separately)."""
+    `dit_kohya_tensors`); text encoders are not written (export them separately). `title` and `trigger_phrase`
+    go to modelspec.title / ss_output_name and modelspec.trigger_phrase, as for the SD kohya export."""
     from .diffusers import provenance
 
     comps = adapter.components()
@@ -721,5 +575,9 @@ def export_dit_kohya(adapter: Adapter, path: str | Path, family: str | None = No
     tensors, meta = dit_kohya_tensors(adapter, family, dtype)
     out = provenance(adapter.metadata)
     out.update(meta)
+    if title:
+        out["modelspec.title"] = out["ss_output_name"] = title
+    if trigger_phrase:
+        out["modelspec.trigger_phrase"] = trigger_phrase
     out.update(metadata or {})
     return write_safetensors(path, tensors, out)

@@ -212,6 +212,9 @@ DIT_CLASSES: dict[str, str] = {
 # (family, size facts of the real checkpoints' configs) -> variant. Files of two variants of one family do not fit
 # each other (other widths or block counts); Flux.1 dev and schnell share every shape (schnell only drops the
 # guidance embedding) and so are one variant.
+# Released configs. Flux.2 (dev, klein 4B, klein 9B): checked against the configs in diffusers'
+# scripts/convert_flux2_to_diffusers.py (num_layers / num_single_layers / num_attention_heads = 8/48/48, 5/20/24,
+# 8/24/32; head size 128, so hidden 6144 / 3072 / 4096 as dit_tables.FLUX2_SIZES says).
 _DIT_VARIANTS: tuple[tuple[str, dict[str, Any], str], ...] = (
     ("flux1", {"num_layers": 19, "num_single_layers": 38, "num_attention_heads": 24}, "flux1"),
     ("flux2", {"num_layers": 8, "num_single_layers": 48, "num_attention_heads": 48}, "flux2-dev"),

@@ -271,8 +271,9 @@ def _plan_layers(model: nn.Module, layers: Mapping[str, LayerSpec], name: str, d
     """Check every given layer against the model (module, shapes, values) and place its factors on the module's
     device; raises before anything changes."""
     grouped: dict[str, dict[str, LayerSpec]] = {}
+    named = dict(model.named_modules())
     for key, spec in layers.items():
-        mod, part = split_key(key)
+        mod, part = split_key(key, named)
         grouped.setdefault(mod, {})[part] = spec
     norms = sorted(m for m, ps in grouped.items() if any(sp.kind == "norm" for sp in ps.values()))
     if norms:

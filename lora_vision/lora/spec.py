@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -182,7 +182,10 @@ def layer_key(module: str, part: str = "") -> str:
     return f"{module}.{part}" if part else module
 
 
-def split_key(key: str) -> tuple[str, str]:
-    """(module, part) of a canonical layer key; part is "" unless the key ends in a fused part letter."""
+def split_key(key: str, modules: Mapping[str, Any] | None = None) -> tuple[str, str]:
+    """(module, part) of a canonical layer key; part is "" unless the key ends in a fused part letter. With the
+    model's `modules` (name -> module), a key that names a module itself (T5's `SelfAttention.q`) is that module."""
     mod, _, last = key.rpartition(".")
+    if modules is not None and key in modules:
+        return key, ""
     return (mod, last) if last in FUSED_PARTS and mod else (key, "")

@@ -161,7 +161,7 @@ def _plan(pipe: Any, comps: Mapping[str, nn.Module], adapter: Adapter, name: str
         entries = adapter.layers(comp)
         missing, bad = [], []
         for key, spec in entries.items():
-            mod, part = split_key(key)
+            mod, part = split_key(key, modules)
             live = _live_name(mod, modules)
             label = f"{comp}.{key}"
             if live is None or part:

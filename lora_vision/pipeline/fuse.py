@@ -25,7 +25,7 @@ from .adapters import (AdapterLoadReport, AdapterSource, _apply_strength, _requi
 
 # (source, strength) or (source, strength, te_strength)
 MergeItem = Union[tuple[AdapterSource, float], tuple[AdapterSource, float, float]]
-SINGLE_FILE_COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "vae")
+SINGLE_FILE_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "vae")
 
 
 def fuse(pipe: Any, strength: float | None = None, names: Sequence[str] | None = None) -> int:
@@ -111,8 +111,9 @@ def merge_into_pipeline(base: Any, adapters_with_strengths: Sequence[MergeItem] 
     `base`: a pipeline object (left exactly as it was afterwards) or anything `load_sd_pipeline` takes.
     `adapters_with_strengths`: [(file_or_adapter, strength[, te_strength]), ...] or {file: strength}.
     `single_file`: also write one .safetensors checkpoint (True: `<out_dir>/<out_dir name>.safetensors`, or a
-    path). Its keys are the diffusers state dicts prefixed by component: `unet.<key>`, `text_encoder.<key>`,
-    `text_encoder_2.<key>` (SDXL), `vae.<key>`; metadata `lora_vision.layout = "diffusers"` and
+    path). Its keys are the diffusers state dicts prefixed by component: `unet.<key>` (or `transformer.<key>` for
+    a DiT pipeline: Flux, SD 3.x, Qwen-Image, Z-Image), `text_encoder.<key>`, `text_encoder_2.<key>` (SDXL, Flux.1,
+    SD 3.x), `text_encoder_3.<key>` (SD 3.x), `vae.<key>`; metadata `lora_vision.layout = "diffusers"` and
     `lora_vision.merged` (JSON list of the adapters and strengths). The folder appears atomically.
     """
     out = Path(out_dir)

@@ -153,3 +153,21 @@ def test_text_encoder_in_diffusers_format(tmp_path) -> None:
         torch.testing.assert_close(pipe.text_encoder(ids).last_hidden_state, te(ids).last_hidden_state,
                                    atol=1e-5, rtol=1e-5)
     unload_adapter(pipe)
+
+
+def test_our_diffusers_export_reads_back_with_its_alpha(tmp_path) -> None:
+    """alpha != rank lives in lora_adapter_metadata (no alpha tensors): our reader takes it from there too."""
+    from lora_vision.formats import read_adapter
+
+    pipe = build_tiny_dit("tiny-flux")
+    model = copy.deepcopy(pipe.transformer)
+    lv.inject_lora(model, lv.LoRAConfig(rank=2, alpha=4, targets=default_preset(model)))
+    with torch.no_grad():
+        for key, p in model.named_parameters():
+            if "lora_B" in key:
+                p.normal_(std=0.2)
+    adapter = Adapter.from_models({"transformer": model})
+    path = export(adapter, "diffusers", tmp_path / "a.safetensors")
+    back, _report = read_adapter(str(path))
+    want = {n: s.alpha for n, s in adapter.layers("transformer").items()}
+    assert want and {n: s.alpha for n, s in back.layers("transformer").items()} == want == dict.fromkeys(want, 4.0)

@@ -179,7 +179,8 @@ def test_diffusers_names_in_every_prefix(family, prefix, down, up):
     ("", "lora_A.weight", "lora_B.weight"),                             # BFL's own
 ])
 def test_native_names_in_every_prefix(family, prefix, down, up, tmp_path):
-    from lora_vision.formats.dit_keys import FAMILIES as TABLES, _native_rows
+    from lora_vision.formats.dit_keys import _native_rows
+    from lora_vision.formats.dit_tables import FAMILIES as TABLES
 
     adapter = random_adapter(family)
     sd = load_file(kohya_file(adapter, tmp_path, family))
@@ -210,7 +211,8 @@ def _random_file(names: dict[str, tuple[int, int]], rank: int = 4, seed: int = 0
 
 def _native_shapes(family: str, model: torch.nn.Module, prefix: str, dotted: bool) -> dict[str, tuple[int, int]]:
     """Every native module of the model with its (rows, inputs): fused rows summed over the parts."""
-    from lora_vision.formats.dit_keys import FAMILIES as TABLES, _native_rows
+    from lora_vision.formats.dit_keys import _native_rows
+    from lora_vision.formats.dit_tables import FAMILIES as TABLES
 
     mods = dict(model.named_modules())
     n_blocks = {"transformer_blocks": len(getattr(model, "transformer_blocks", [])),
@@ -273,7 +275,8 @@ def test_xlabs_flux1_matches_diffusers():
 def test_diffsynth_flux1_names():
     adapter = random_adapter("flux1", targets=("re:.*transformer_blocks.*",))
     tmp = {}  # DiffSynth fuses q, k, v (and the single blocks' MLP input): built from our fused modules
-    from lora_vision.formats.dit_keys import DIFFSYNTH, fuse_tensors
+    from lora_vision.formats.dit_keys import fuse_tensors
+    from lora_vision.formats.dit_tables import DIFFSYNTH
     fused = fuse_tensors(adapter, "flux1")
     native_to_ds = {}
     for g_ds in DIFFSYNTH:
@@ -294,7 +297,7 @@ def test_diffsynth_flux1_names():
 
 
 def _bfl_name(ds_group: str, live: tuple[str, ...], i: int) -> str | None:
-    from lora_vision.formats.dit_keys import FLUX1
+    from lora_vision.formats.dit_tables import FLUX1
     for g in FLUX1.groups:
         if (g.native == "double_blocks") == (ds_group == "blocks"):
             for r in g.rows:
@@ -438,3 +441,52 @@ def test_text_encoder_keys_go_to_the_clip_importer(tmp_path):
     assert out.components() == ["transformer", "text_encoder"]
     assert "text_encoder.text_model.encoder.layers.0.self_attn.q_proj" in report.matched or \
         "text_encoder.encoder.layers.0.self_attn.q_proj" in report.matched
+
+
+@pytest.mark.parametrize("name,comp,keys", [
+    ("tiny-flux", "text_encoder_2", ("lora_te2_encoder_block_0_layer_0_SelfAttention_{}",
+                                     "text_encoders.t5xxl.transformer.encoder.block.0.layer.0.SelfAttention.{}")),
+    ("tiny-sd3", "text_encoder_3", ("lora_te3_encoder_block_0_layer_0_SelfAttention_{}",
+                                    "text_encoders.t5xxl.transformer.encoder.block.0.layer.0.SelfAttention.{}")),
+])
+def test_t5_text_encoder_keys_load_into_the_pipelines_t5(name, comp, keys):
+    """kohya (lora_te2_ on Flux.1, lora_te3_ on SD 3.x) and ComfyUI (text_encoders.t5xxl) T5 keys, including the
+    T5 modules named q / k / v, reach the T5 encoder like the core API applies them."""
+    import copy
+
+    from lora_vision.adapter import Adapter
+    from lora_vision.models import build_tiny_dit
+    from lora_vision.pipeline import load_adapter, unload_adapter
+
+    pipe = build_tiny_dit(name)
+    te = getattr(pipe, comp)
+    gen = torch.Generator().manual_seed(0)
+    factors = {}
+    for part in ("q", "v", "o"):
+        w = te.encoder.block[0].layer[0].SelfAttention.get_submodule(part).weight
+        factors[part] = (torch.randn(2, w.shape[1], generator=gen), torch.randn(w.shape[0], 2, generator=gen))
+    ref = copy.deepcopy(te)
+    canonical = {}
+    for part, (a, b) in factors.items():
+        canonical[f"{comp}.encoder.block.0.layer.0.SelfAttention.{part}.lora_A.weight"] = a
+        canonical[f"{comp}.encoder.block.0.layer.0.SelfAttention.{part}.lora_B.weight"] = b
+    Adapter(canonical).apply_to({comp: ref}, strength=0.5)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        want = ref(ids).last_hidden_state
+        plain = te(ids).last_hidden_state
+    assert not torch.allclose(want, plain)
+    proj = pipe.transformer.transformer_blocks[0].attn.to_out[0].weight
+    native = "double_blocks_0_img_attn_proj" if name == "tiny-flux" else "joint_blocks_0_x_block_attn_proj"
+    for template in keys:  # files carry transformer modules too (that is how they are told to be DiT files)
+        sd = {f"lora_unet_{native}.lora_down.weight": torch.randn(2, proj.shape[1], generator=gen),
+              f"lora_unet_{native}.lora_up.weight": torch.randn(proj.shape[0], 2, generator=gen)}
+        for part, (a, b) in factors.items():
+            sd[f"{template.format(part)}.lora_down.weight"] = a
+            sd[f"{template.format(part)}.lora_up.weight"] = b
+            sd[f"{template.format(part)}.alpha"] = torch.tensor(2.0)
+        report = load_adapter(pipe, sd, name="t5", te_strength=0.5)
+        assert f"{comp} 3 modules" in str(report)
+        with torch.no_grad():
+            torch.testing.assert_close(te(ids).last_hidden_state, want, atol=1e-5, rtol=1e-5)
+        unload_adapter(pipe, "t5")
