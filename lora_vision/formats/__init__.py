@@ -228,9 +228,9 @@ def _bases(source: object, infos: Mapping[str, ComponentInfo], label: str) -> st
     target = ", ".join(sorted(fams)) or "the given model"
     if file_base in fams:
         return f"The file is also a {file_base} LoRA (same layout as the target)."
-    comps = f" with weights for {file_comps}" if file_comps else ""
-    return (f"The file looks like a {file_base} LoRA{comps} but the target is {target} (components {list(infos)}): "
-            f"load it into a {file_base} model.")
+    comps = f" (the file has weights for {file_comps}, the target has {list(infos)})" if file_comps else ""
+    return (f"The file looks like a {file_base} LoRA but the target is {target}: load it into a {file_base} "
+            f"model{comps}.")
 
 
 def _component_hint(name: str) -> str:
