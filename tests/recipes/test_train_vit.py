@@ -129,7 +129,7 @@ def test_skip_corrupt_alone_trains_past_unreadable_images(data: Path, tmp_path: 
 
 def test_lora_learns_as_well_as_full_fine_tuning(tmp_path: Path) -> None:
     """Real signal: new images of 4 pattern classes, a new head; LoRA within 2 points of full, <10% of its params;
-    the LoRA variants (PiSSA, OLoRA, LoRA+) and the linear probe are reported (docs/benchmarks.md has the table)."""
+    the LoRA variants (PiSSA, OLoRA, LoRA+, DoRA, LoKr) and the linear probe are reported (docs/benchmarks.md has the table)."""
     make_pattern_folder(tmp_path / "train", ("hstripes", "vstripes", "checker", "rings"), per_class=24, seed=11)
     make_pattern_folder(tmp_path / "val", ("hstripes", "vstripes", "checker", "rings"), per_class=50, seed=12)
     common = ["--model_name_or_path", BASE, "--validation_dir", str(tmp_path / "val"), "--max_train_steps", "48",
@@ -139,7 +139,8 @@ def test_lora_learns_as_well_as_full_fine_tuning(tmp_path: Path) -> None:
     full = _run(tmp_path / "full", tmp_path / "train", *common, "--mode", "full", "--learning_rate", "1e-3")
     runs = {"lora": lora, "full": full}
     variants = {"lora-pissa": ["--init", "pissa"], "lora-olora": ["--init", "olora"],
-                "lora-loraplus": ["--loraplus_lr_ratio", "16", "--learning_rate", "2e-3"]}
+                "lora-loraplus": ["--loraplus_lr_ratio", "16", "--learning_rate", "2e-3"],
+                "lora-dora": ["--adapter_type", "dora"], "lora-lokr": ["--adapter_type", "lokr"]}
     # Reduced runs (24 steps, half of the above) keep the test short; the margin for them is "learns": >= 50%
     # (chance 25%). The full-length table is benchmarks/bench_vit_variants.py's, in docs/benchmarks.md.
     short = [*common, "--max_train_steps", "24"]

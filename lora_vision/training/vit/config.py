@@ -17,7 +17,8 @@ from ..config import LORA_ALIASES, AdapterKindFields, TrainingFeatures
 from ..optim import SCHEDULES
 
 MODES = ("lora", "full", "linear-probe")
-VARIANTS = ("pissa", "olora", "loraplus")
+VARIANTS = ("pissa", "olora", "loraplus", "dora", "lokr", "loha")
+KIND_VARIANTS = ("dora", "lokr", "loha")  # variants that are another adapter kind (lora.kinds)
 INITS = ("kaiming", "gaussian") + WEIGHT_INITS
 AUGMENT_ALIASES = {"true": "imagenet", "false": "none"}
 # Learning rates that work for each mode when --learning_rate is not given (AdamW, batch 32-128).
@@ -181,7 +182,8 @@ class ViTTrainConfig(TrainingFeatures, AdapterKindFields):
                        "--compare_variants loraplus")
         out += self.kind_problems()
         family = self.model_name_or_path.split(":", 1)[0].removeprefix("tiny-")
-        if self.adapter_type != "lora" and family in ("timm", "torchvision"):
+        kinds = [k for k in (self.adapter_type, *self.compare_variants) if k in KIND_VARIANTS]
+        if kinds and family in ("timm", "torchvision"):
             out.append(f"adapter_type={self.adapter_type!r} on a {family} ViT ({self.model_name_or_path}): its "
                        "attention has one fused qkv projection, which LoHa / LoKr / DoRA layers do not go on; use "
                        "a transformers ViT (e.g. tiny-hf or google/vit-base-patch16-224) or --adapter_type lora")
@@ -243,10 +245,14 @@ class ViTTrainConfig(TrainingFeatures, AdapterKindFields):
     def plain_lora(self) -> "ViTTrainConfig":
         """This config without the LoRA variants (what --compare's lora, full and linear-probe runs use)."""
         return replace(self, init="kaiming" if self.init in WEIGHT_INITS else self.init, loraplus_lr_ratio=None,
-                       compare_variants=())
+                       compare_variants=(), adapter_type="lora")
 
     def variant(self, name: str) -> "ViTTrainConfig":
-        """Plain LoRA with variant `name` (pissa, olora, loraplus: ratio --loraplus_lr_ratio, else 16) switched on."""
+        """Plain LoRA with variant `name` switched on: pissa, olora (initialisation), loraplus (ratio
+        --loraplus_lr_ratio, else 16), or another adapter kind (dora, lokr, loha: its adapter file only, no peft
+        folder)."""
+        if name in KIND_VARIANTS:
+            return replace(self.plain_lora(), adapter_type=name, save_peft=False)
         if name == "loraplus":
             return replace(self.plain_lora(), loraplus_lr_ratio=self.loraplus_lr_ratio or 16.0)
         return replace(self.plain_lora(), init=name)
