@@ -83,3 +83,13 @@ def test_missing_token_abstraction_is_a_clear_error(train_sd, instance_dir, tmp_
     assert code == 1
     assert "none of the 3 instance caption(s) contains the token abstraction 'TOK'" in err
     assert "Traceback" not in err and not (out / "adapter.safetensors").exists()
+
+
+def test_bad_pivotal_settings_are_reported_together(train_sd, instance_dir, tmp_path, capsys):
+    code = train_sd.main(base_args("tiny-sd1", instance_dir, tmp_path / "out", steps=1)
+                         + ["--train_text_encoder_ti", "--token_abstraction", "my tok",
+                            "--num_new_tokens_per_abstraction", "0"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert "num_new_tokens_per_abstraction=0: expected an integer >= 1" in err
+    assert "token_abstraction='my tok': expected one word without spaces or dots" in err
