@@ -27,6 +27,7 @@ from ..dtypes import parse_dtype
 from ..formats import declared_base
 from ..io import read_header
 from ..models.sd import detect_family, load_sd_pipeline
+from ..formats.kohya import BUNDLE
 from ..pipeline import expand_tokens, load_adapter, set_adapter_strength, set_adapters, unload_adapter
 from ..pipeline.adapters import denoiser, pipeline_components
 from ..terminal import printable
@@ -165,7 +166,8 @@ class AdapterSet:
 
     def _check_unmatched(self, path: str, report: Any) -> None:
         src = report.source_report
-        left = list(report.skipped) + (list(src.not_found) + list(src.unused) + list(src.unsupported) if src else [])
+        unused = [k for k in src.unused if not (report.tokens and k.startswith(BUNDLE + "."))] if src else []
+        left = list(report.skipped) + (list(src.not_found) + unused + list(src.unsupported) if src else [])
         if left:
             more = f" ... (+{len(left) - 3} more)" if len(left) > 3 else ""
             self._problem(f"{printable(path)}: {len(left)} module(s)/tensor(s) of the file are not applied to this "

@@ -123,3 +123,27 @@ def test_embeddings_for_another_width_change_nothing(tmp_path):
     with pytest.raises(Exception, match="do not fit text_encoder, whose tokens are .* wide"):
         load_adapter(pipe, adapter, name="tok")
     assert len(pipe.tokenizer) == size and not getattr(pipe, "_lora_vision").adapters
+
+
+def test_generate_uses_the_bundled_token_of_a_lora_tag(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from lora_vision.generation.run import GenerateConfig, generate, load_pipeline
+
+    adapter, _ = adapter_with_tokens("sd1")
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    export(adapter, "kohya", folder / "tok.safetensors", base="sd1")
+    plain = Adapter({k: v for k, v in adapter.tensors.items() if not k.startswith("embeddings.")}, adapter.metadata)
+    export(plain, "kohya", folder / "plain.safetensors", base="sd1")
+
+    pipe = load_pipeline(GenerateConfig(device="cpu", model="tiny-sd1"))
+
+    def image(tag: str) -> np.ndarray:
+        cfg = GenerateConfig(model="tiny-sd1", steps=1, output_dir=str(tmp_path / tag), progress=False,
+                             prompts=[f"a photo of TOK <lora:{tag}:1>"], seeds=[0], lora_dir=str(folder))
+        unload_adapter(pipe)
+        return np.asarray(Image.open(generate(cfg, pipe=pipe)[0]).convert("RGB"))
+
+    assert not np.array_equal(image("tok"), image("plain"))  # the same LoRA: only the trigger's vectors differ
