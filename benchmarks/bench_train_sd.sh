@@ -76,6 +76,9 @@ for r in $RUNS; do case $r in
   ours_bs4_masked) ours ours_bs4_masked --train_batch_size=4 --max_train_steps=$(steps 150) --alpha_mask ;;
   ours_bs4_captions) ours ours_bs4_captions --train_batch_size=4 --max_train_steps=$(steps 150) --shuffle_caption \
     --caption_dropout_rate=0.1 ;;
+  # Pivotal tuning (RUNS="ours_bs4 ours_bs4_pivotal"): the new token vectors train through the live text encoder.
+  ours_bs4_pivotal) ours ours_bs4_pivotal --train_batch_size=4 --max_train_steps=$(steps 150) --train_text_encoder_ti \
+    --token_abstraction=sks ;;
   ours_xl_bs1) ours ours_xl_bs1 --train_batch_size=1 --max_train_steps=$(steps 40) ;;
   ours_xl_bs4) ours ours_xl_bs4 --train_batch_size=4 --max_train_steps=$(steps 30) ;;
   *) echo "unknown run $r" ;;

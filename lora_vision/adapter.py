@@ -13,6 +13,11 @@ next to `<component>.<module>.alpha`; `lora.ops.canonical_layers` reads them and
 
 Modules trained in full next to the adapter (a new classification head; peft's `modules_to_save`) are stored as
 `full.<component>.<module>.<param>`; `apply_to` copies them into the model after checking every shape.
+
+Text embeddings trained next to the adapter (pivotal tuning: new tokens of the text encoders) are stored as
+`embeddings.<token>.<component>`, one (vectors, width) tensor per text encoder (`text_encoder`, `text_encoder_2`):
+the token is the word written in prompts (e.g. `TOK`), standing for that many vectors. `Adapter.embeddings()` reads
+them, `embedding_tensors` writes them; `lora_vision.pipeline.load_adapter` adds them to the tokenizers.
 """
 
 from __future__ import annotations
@@ -35,6 +40,30 @@ from .metadata import FORMAT_VERSION, AdapterMetadata, scaling_entries
 
 COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "model")
 FULL = "full"
+EMBEDDINGS = "embeddings"
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+
+
+def check_token(token: str) -> str | None:
+    """Why `token` cannot name a bundled embedding (None: it can): it must be one non-empty word without dots."""
+    if not isinstance(token, str) or not token or any(c.isspace() for c in token) or "." in token:
+        return f"embedding token {token!r}: expected one word without spaces or dots (e.g. TOK)"
+    return None
+
+
+def embedding_tensors(embeddings: Mapping[str, Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Native keys `embeddings.<token>.<component>` for {token: {text encoder component: (vectors, width)}}."""
+    out: dict[str, torch.Tensor] = {}
+    for token, per_comp in embeddings.items():
+        why = check_token(token)
+        if why:
+            raise ValueError(why)
+        for comp, vectors in per_comp.items():
+            if comp not in TEXT_ENCODERS or vectors.dim() != 2:
+                raise ValueError(f"embedding {token!r}: {comp} with shape {tuple(vectors.shape)}; expected a text "
+                                 f"encoder of {TEXT_ENCODERS} and a (vectors, width) tensor")
+            out[f"{EMBEDDINGS}.{token}.{comp}"] = vectors.detach().float().cpu().contiguous()
+    return out
 
 
 @dataclass
@@ -98,6 +127,15 @@ class Adapter:
             for key, spec in self.layers(comp).items():
                 tensors[f"{comp}.{key}.alpha"] = torch.tensor(spec.plain().alpha, dtype=torch.float32)
         return Adapter(tensors, {**self.metadata, **info.replace(scaling={}).to_strings()})
+
+    def embeddings(self) -> dict[str, dict[str, torch.Tensor]]:
+        """The bundled text embeddings: {token: {text encoder component: (vectors, width)}} (empty when none)."""
+        out: dict[str, dict[str, torch.Tensor]] = {}
+        for key, t in self.tensors.items():
+            if key.startswith(EMBEDDINGS + "."):
+                token, _, comp = key[len(EMBEDDINGS) + 1:].rpartition(".")
+                out.setdefault(token, {})[comp] = t
+        return out
 
     def components(self) -> list[str]:
         """Components present in the file, in canonical order."""

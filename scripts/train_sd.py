@@ -51,6 +51,7 @@ from lora_vision.training.sd.caching import prepare_data  # noqa: E402
 from lora_vision.training.sd.captions import CaptionVariants  # noqa: E402
 from lora_vision.training.sd.config import SDTrainConfig, kohya_folder_note  # noqa: E402
 from lora_vision.training.sd.lora import add_lora, param_groups, save_adapter  # noqa: E402
+from lora_vision.training.sd.pivotal import NewTokens  # noqa: E402
 from lora_vision.training.sd.loop import (Checkpoints, LossLog, TrainingDiverged, TrainingSteps,  # noqa: E402
                                           check_distributed, graph_off_reason, resume_from)
 from lora_vision.training.sd.losses import alphas_cumprod  # noqa: E402
@@ -187,8 +188,15 @@ def train(cfg: SDTrainConfig) -> int:
         if made and main_proc:
             print(f"generated {made} class images into {cfg.class_data_dir}")
 
+    # pivotal tuning: new tokens in the tokenizers and text encoders; the token abstraction in prompts becomes them
+    tokens = (NewTokens(cfg, tokenizers, dict(zip(("text_encoder", "text_encoder_2"), text_encoders)))
+              if cfg.train_text_encoder_ti else None)
+    prompt_of = tokens.rewrite if tokens else (lambda text: text)
     data = prepare_data(cfg, resolution, tokenizers, text_encoders, vae, sdxl, dtype, rank, world, gather_object,
-                        verbose=main_proc)
+                        verbose=main_proc, rewrite=tokens.rewrite_captions if tokens else None)
+    if tokens and main_proc:
+        print(f"pivotal tuning: {cfg.token_abstraction!r} in the prompts and captions is {''.join(tokens.names)}, "
+              f"new tokens trained as text embeddings ({len(tokens.names)} per text encoder)")
     data_rng = np.random.default_rng(cfg.seed)  # the same on every process: all draw the same global batches
 
     torch.manual_seed(cfg.seed)  # the same LoRA initialisation on every process and every run
@@ -209,7 +217,7 @@ def train(cfg: SDTrainConfig) -> int:
     use_graph = graph_off is None
     if cfg.cuda_graph and device.type == "cuda" and graph_off and main_proc:
         print(f"note: the training step is not captured as a CUDA graph ({graph_off}); the eager step runs")
-    groups = param_groups(cfg, models, world)
+    groups = param_groups(cfg, models, world, tokens.parameters() if tokens else ())
     base_lrs, params = [g["lr"] for g in groups], [p for g in groups for p in g["params"]]
     optimizer = build_optimizer(groups, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay,
                                 eps=cfg.adam_epsilon, use_8bit=cfg.use_8bit_adam, capturable=use_graph,
@@ -222,7 +230,8 @@ def train(cfg: SDTrainConfig) -> int:
     if cfg.resume_from_checkpoint and ckpt is None:
         print(f"no checkpoint in {out} yet: starting from step 0")
     elif ckpt is not None:
-        start, run_id = resume_from(ckpt, run_cfg, world, rank, models, optimizer, generator, data_rng, ema)
+        start, run_id = resume_from(ckpt, run_cfg, world, rank, models, optimizer, generator, data_rng, ema,
+                                    tokens)
         last_good = ckpt
         if main_proc:
             print(f"resumed from {ckpt} at step {start}")
@@ -264,7 +273,7 @@ def train(cfg: SDTrainConfig) -> int:
     log = LossLog(acc, log_path, cfg.logging_steps, start, base_lrs[0], schedule, bar, writer, last_good,
                   validation=data.held_out is not None)
     checkpoints = Checkpoints(acc, out, models, optimizer, generator, data_rng, resolved, cfg.checkpoints_total_limit,
-                              run_id, ema)
+                              run_id, ema, tokens)
     stopped_at = None
     with StopOnInterrupt() as stop:  # the first Ctrl-C ends the loop after the current step, with a checkpoint
         for step in bar:
@@ -292,7 +301,7 @@ def train(cfg: SDTrainConfig) -> int:
                 break
             if cfg.validation_prompt and done % cfg.validation_steps == 0 and main_proc:
                 with eval_mode(optimizer), (ema.swapped_in() if ema is not None else contextlib.nullcontext()):
-                    image = validation_grid(pipe, cfg.validation_prompt, cfg.num_validation_images,
+                    image = validation_grid(pipe, prompt_of(cfg.validation_prompt), cfg.num_validation_images,
                                             cfg.validation_inference_steps, resolution)
                 save_png(image, out / "samples" / f"validation_step{done:06d}.png")
                 if writer:
@@ -321,18 +330,21 @@ def train(cfg: SDTrainConfig) -> int:
     final.enter_context(eval_mode(optimizer))
     last_good = checkpoints.write(cfg.max_train_steps) if start < cfg.max_train_steps else log.last_good
     kohya_base = base_tag(family, pred_type)
-    save_adapter(out, cfg, models, lora_cfgs, kohya_base, base_name, resolved, data.instance.captions, last_good)
+    captions = [tokens.original(c) for c in data.instance.captions] if tokens else data.instance.captions
+    save_adapter(out, cfg, models, lora_cfgs, kohya_base, base_name, resolved, captions, last_good,
+                 embeddings=tokens.embeddings() if tokens else None)
     if ema is not None:
         with ema.swapped_in():
-            save_adapter(out, cfg, models, lora_cfgs, kohya_base, base_name, resolved, data.instance.captions,
-                         last_good, name="adapter_ema")
+            save_adapter(out, cfg, models, lora_cfgs, kohya_base, base_name, resolved, captions, last_good,
+                         name="adapter_ema", embeddings=tokens.embeddings() if tokens else None)
     if cfg.strength_sweep:
-        prompt = cfg.validation_prompt or cfg.instance_prompt
+        prompt = prompt_of(cfg.validation_prompt or cfg.instance_prompt)
         image = strength_sweep(pipe, list(models.values()), prompt, cfg.strength_sweep,
                                min(2, cfg.num_validation_images), cfg.validation_inference_steps, resolution)
         print(f"wrote {save_png(image, out / 'samples' / 'strength_sweep.png')}")
     if sd_metrics.applies_to(cfg.pretrained_model_name_or_path):  # the shape probe knows the tiny model's world
-        metrics = sd_metrics.tiny_run_metrics(pipe, list(models.values()), cfg.instance_data_dir, cfg.instance_prompt,
+        metrics = sd_metrics.tiny_run_metrics(pipe, list(models.values()), cfg.instance_data_dir,
+                                              prompt_of(cfg.instance_prompt),
                                               cfg.class_prompt, cfg.validation_inference_steps, resolution, out)
         print(f"wrote {out / 'metrics.json'}\n{sd_metrics.format_metrics(metrics)}")
     final.close()

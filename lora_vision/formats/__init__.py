@@ -18,7 +18,7 @@ from typing import Mapping, Union
 import torch
 from torch import nn
 
-from ..adapter import COMPONENTS, FULL, Adapter
+from ..adapter import COMPONENTS, EMBEDDINGS, FULL, Adapter, embedding_tensors
 from ..io import AdapterFileError, read_safetensors
 from ..lora.ops import canonical_layers, layer_tensors
 from ..lora.spec import layer_key, split_key
@@ -29,7 +29,7 @@ from .common import (AdapterMismatchError, BaseMismatchError, ComponentInfo, Imp
 from .detect import FORMATS, classify_keys, detect_format
 from .diffusers import export_diffusers, import_diffusers
 from .dit_keys import export_dit_kohya, import_dit, is_dit_keys
-from .kohya import export_kohya, import_kohya
+from .kohya import BUNDLE, export_kohya, import_bundle, import_kohya
 from .peft import export_peft, import_peft_dir, import_peft_tensors
 
 __all__ = ["FORMATS", "AdapterMismatchError", "AdapterSource", "BaseMismatchError", "ComponentInfo", "ImportReport",
@@ -102,8 +102,13 @@ def import_tensors(raw: Mapping[str, torch.Tensor], metadata: Mapping[str, str],
     fmt = classify_keys(list(raw), metadata, source)
     if fmt != "lora_vision" and is_dit_keys(list(raw)):
         return import_dit(raw, metadata, infos, source)  # the report names the DiT family as its base
-    if fmt == "kohya":
+    if fmt == "kohya":  # bundled text embeddings (pivotal tuning): unused by the LoRA import, read apart
         tensors, report = import_kohya(raw, infos, source)
+        bundled = import_bundle(raw, source)
+        if bundled:
+            tensors.update(bundled)
+            report.notes.append(f"{BUNDLE}: bundled text embedding(s) "
+                                f"{', '.join(sorted({k.split('.')[1] for k in bundled}))} read as embeddings")
     elif fmt == "diffusers":
         tensors, report = import_diffusers(raw, metadata, infos, source)
     elif fmt == "peft":
@@ -141,6 +146,13 @@ def import_native(raw: Mapping[str, torch.Tensor], infos: Mapping[str, Component
     for comp in comps:
         if comp == FULL:  # modules stored in full (a new head): kept as they are
             out.update({k: v for k, v in raw.items() if k.startswith(FULL + ".")})
+            continue
+        if comp == EMBEDDINGS:  # bundled text embeddings: checked and kept as they are
+            try:
+                bundled = Adapter({k: v for k, v in raw.items() if k.startswith(EMBEDDINGS + ".")}).embeddings()
+                out.update(embedding_tensors(bundled))
+            except ValueError as e:
+                raise AdapterFileError(f"{source}: {e}") from None
             continue
         if comp not in COMPONENTS:
             report.unused += [k for k in raw if k.startswith(comp + ".")]

@@ -8,7 +8,7 @@ from typing import Mapping
 
 import torch
 
-from ..adapter import COMPONENTS
+from ..adapter import COMPONENTS, EMBEDDINGS
 from ..io import AdapterFileError, read_header
 from ..lora.kinds import KINDS
 from ..metadata import FORMAT_KEY
@@ -33,7 +33,8 @@ def classify_keys(keys: list[str], metadata: Mapping[str, str] | None = None, so
     if not keys:
         raise AdapterFileError(f"{source}: the file holds no tensors; expected LoRA weights")
     if FORMAT_KEY in metadata and "lora_adapter_metadata" not in metadata and all(
-            (k.startswith(_OUR_COMPONENTS) and _is_native_tensor(k)) or k.startswith("full.") for k in keys):
+            (k.startswith(_OUR_COMPONENTS) and _is_native_tensor(k)) or k.startswith(("full.", EMBEDDINGS + "."))
+            for k in keys):
         return "lora_vision"
     if is_dit_keys(keys):  # Flux / SD3 / Qwen-Image / Z-Image: formats/dit_keys.py reads every spelling
         return dit_format(keys)

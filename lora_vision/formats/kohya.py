@@ -16,6 +16,10 @@ Export writes the one spelling all three loaders read (tests/formats/test_kohya_
   writes them: `<kohya key>.<factor>` with the LyCORIS factor names (`hada_w1_a`, `lokr_w2`, `lora_mid.weight`,
   `dora_scale`, `oft_blocks`, `weight`/`on_input`, `diff`/`diff_b`) and each module's own alpha;
   ss_network_module `lycoris.kohya` with the algo in ss_network_args. Reading such a file back is exact.
+- Bundled text embeddings (pivotal tuning), as A1111's Lora extension reads them (`bundle_emb` in its
+  extensions-builtin/Lora/networks.py) and OneTrainer writes them: SD 1.x / 2.x `bundle_emb.<token>.string_to_param.*`,
+  SDXL `bundle_emb.<token>.clip_l` and `bundle_emb.<token>.clip_g`, each (vectors, width). The separate A1111
+  textual-inversion file (a1111_embedding_tensors) has `emb_params` (SD 1.x / 2.x) or `clip_l` / `clip_g` (SDXL).
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from typing import Any, Mapping
 
 import torch
 
-from ..adapter import Adapter
+from ..adapter import Adapter, check_token, embedding_tensors
 from ..io import AdapterFileError, write_safetensors
 from ..metadata import AdapterMetadata
 from . import naming
@@ -390,6 +394,7 @@ def export_kohya(adapter: Adapter, path: str | Path, base: str | None = None, dt
     """
     base = resolve_base(base, adapter)
     tensors, net_meta = kohya_tensors(adapter, base, dtype, dict(unet_config) if unet_config is not None else None)
+    tensors.update({k: v.to(next(iter(tensors.values())).dtype) for k, v in bundle_tensors(adapter, base).items()})
     from safetensors.torch import save
 
     digest = data_region_sha256(save(tensors))
@@ -417,3 +422,53 @@ def export_kohya(adapter: Adapter, path: str | Path, base: str | None = None, dt
     if written != digest:  # the hash must describe the exact bytes on disk (A1111 trusts it)
         raise AdapterFileError(f"{path}: data region hash changed while writing ({written} != {digest})")
     return path
+
+
+# ---- bundled text embeddings (pivotal tuning) -------------------------------------------------------------------
+
+BUNDLE = "bundle_emb"
+_CLIP_NAMES = {"text_encoder": "clip_l", "text_encoder_2": "clip_g"}  # SDXL's two encoders, A1111's names
+
+
+def a1111_embedding_tensors(vectors: Mapping[str, torch.Tensor], sdxl: bool) -> dict[str, torch.Tensor]:
+    """One token's vectors ({text encoder component: (vectors, width)}) as an A1111 textual-inversion file holds
+    them: `emb_params` for SD 1.x / 2.x, `clip_l` and `clip_g` for SDXL."""
+    if not sdxl:
+        if set(vectors) != {"text_encoder"}:
+            raise ValueError(f"an SD 1.x/2.x embedding has vectors for text_encoder only; got {sorted(vectors)}")
+        return {"emb_params": vectors["text_encoder"]}
+    if set(vectors) != set(_CLIP_NAMES):
+        raise ValueError(f"an SDXL embedding needs vectors for text_encoder and text_encoder_2; got {sorted(vectors)}")
+    return {_CLIP_NAMES[c]: v for c, v in vectors.items()}
+
+
+def bundle_tensors(adapter: Adapter, base: str) -> dict[str, torch.Tensor]:
+    """The `bundle_emb.*` tensors of the adapter's bundled embeddings for a kohya file of `base` (float32)."""
+    out: dict[str, torch.Tensor] = {}
+    for token, vectors in adapter.embeddings().items():
+        for name, t in a1111_embedding_tensors(vectors, base == "sdxl").items():
+            key = "string_to_param.*" if name == "emb_params" else name
+            out[f"{BUNDLE}.{token}.{key}"] = t.float().contiguous()
+    return out
+
+
+def import_bundle(tensors: Mapping[str, torch.Tensor], source: str = "<tensors>") -> dict[str, torch.Tensor]:
+    """The native `embeddings.*` tensors of a kohya file's `bundle_emb.*` keys (AdapterFileError when one is not
+    in a spelling A1111 reads, or not a (vectors, width) tensor)."""
+    found: dict[str, dict[str, torch.Tensor]] = {}
+    comps = {"string_to_param.*": "text_encoder", "emb_params": "text_encoder", "clip_l": "text_encoder",
+             "clip_g": "text_encoder_2"}
+    for key, t in tensors.items():
+        if not key.startswith(BUNDLE + "."):
+            continue
+        token, _, name = key[len(BUNDLE) + 1:].partition(".")
+        comp = comps.get(name)
+        why = check_token(token)
+        if why or comp is None or t.dim() != 2:
+            problem = why or (f"shape {tuple(t.shape)}, expected (vectors, width)" if comp else
+                              "expected string_to_param.*, clip_l or clip_g after the token")
+            raise AdapterFileError(f"{source}: bundled embedding key {key!r}: {problem}")
+        if comp in found.get(token, {}):
+            raise AdapterFileError(f"{source}: bundled embedding {token!r} has two tensors for {comp} ({key!r})")
+        found.setdefault(token, {})[comp] = t
+    return embedding_tensors(found)

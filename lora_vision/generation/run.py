@@ -27,7 +27,8 @@ from ..dtypes import parse_dtype
 from ..formats import declared_base
 from ..io import read_header
 from ..models.sd import detect_family, load_sd_pipeline
-from ..pipeline import load_adapter, set_adapter_strength, set_adapters, unload_adapter
+from ..formats.kohya import BUNDLE
+from ..pipeline import expand_tokens, load_adapter, set_adapter_strength, set_adapters, unload_adapter
 from ..pipeline.adapters import denoiser, pipeline_components
 from ..terminal import printable
 from .images import make_grid, save_png
@@ -165,7 +166,8 @@ class AdapterSet:
 
     def _check_unmatched(self, path: str, report: Any) -> None:
         src = report.source_report
-        left = list(report.skipped) + (list(src.not_found) + list(src.unused) + list(src.unsupported) if src else [])
+        unused = [k for k in src.unused if not (report.tokens and k.startswith(BUNDLE + "."))] if src else []
+        left = list(report.skipped) + (list(src.not_found) + unused + list(src.unsupported) if src else [])
         if left:
             more = f" ... (+{len(left) - 3} more)" if len(left) > 3 else ""
             self._problem(f"{printable(path)}: {len(left)} module(s)/tensor(s) of the file are not applied to this "
@@ -329,8 +331,9 @@ def _generate(cfg: GenerateConfig, pipe: Any, plans: list, sweeps: list, neg_cle
             adapters.use(cell_uses)
             for seeds in batches:
                 gens = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
-                negative = {"negative_prompt": [neg_clean] * len(seeds)} if takes_negative else {}
-                images = pipe(prompt=[clean] * len(seeds), **negative, num_inference_steps=cfg.steps, guidance_scale=cfg.guidance_scale, width=width,
+                negative = ({"negative_prompt": [expand_tokens(pipe, neg_clean)] * len(seeds)} if takes_negative
+                            else {})
+                images = pipe(prompt=[expand_tokens(pipe, clean)] * len(seeds), **negative, num_inference_steps=cfg.steps, guidance_scale=cfg.guidance_scale, width=width,
                               height=height, generator=gens, callback_on_step_end=step_done).images
                 for seed, image in zip(seeds, images):
                     params = image_parameters(cfg, sampler, schedule, seed, width, height, cell_uses)

@@ -21,6 +21,7 @@ from ..io import AdapterFileError
 from ..lora.inject import expected_shapes, inject_lora, kind_problems, remove_lora
 from ..lora.layers import LoRALayer, StrengthTable, lora_layers
 from ..lora.spec import LayerSpec, split_key
+from .embeddings import add_embeddings, prepare_embeddings, remove_embeddings
 from .blocks import BlockStrengths, block_counts, block_of, multiplier, parse_block_strengths
 
 PIPELINE_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
@@ -40,6 +41,8 @@ class AdapterLoadReport:
     te_strength: float = 1.0
     block_strengths: dict[str, float] = field(default_factory=dict)
     source_report: Any = None
+    tokens: list[str] = field(default_factory=list)
+    """Tokens of the bundled text embeddings added to the tokenizer(s) (pipeline.embeddings)."""
 
     @property
     def num_modules(self) -> int:
@@ -49,8 +52,9 @@ class AdapterLoadReport:
         comps = ", ".join(f"{c} {len(m)} modules" for c, m in self.modules.items())
         blocks = f", blocks {self.block_strengths}" if self.block_strengths else ""
         skipped = f"; skipped {len(self.skipped)} that did not fit" if self.skipped else ""
+        tokens = f"; embedding token(s) {', '.join(self.tokens)} added" if self.tokens else ""
         return (f"loaded adapter {self.name!r} from {self.source} ({self.format}): {comps}; strength "
-                f"{self.strength:g} (text encoder {self.te_strength:g}{blocks}){skipped}")
+                f"{self.strength:g} (text encoder {self.te_strength:g}{blocks}){skipped}{tokens}")
 
 
 @dataclass
@@ -231,6 +235,7 @@ def load_adapter(pipe: Any, source: AdapterSource, name: str = "default", streng
     label = "<Adapter>" if isinstance(source, Adapter) else "<tensors>" if isinstance(source, Mapping) else str(source)
     fmt = src_report.format if src_report is not None else "lora_vision"
     plan, skipped = _plan(pipe, comps, adapter, name, label, strict)
+    prepared = prepare_embeddings(pipe, name, adapter.embeddings(), label)  # checked before anything changes
     # Move every A and B to its layer's device and dtype first, and check them there, before anything changes.
     moved: dict[str, dict[str, LayerSpec]] = {}
     for comp, specs in plan.items():
@@ -273,12 +278,13 @@ def load_adapter(pipe: Any, source: AdapterSource, name: str = "default", streng
                      float(strength), float(strength if te_strength is None else te_strength), blocks)
     st.adapters[name] = loaded
     st.active.append(name)
+    tokens = add_embeddings(pipe, prepared)
     _apply_strength(loaded)
     for layer in st.layers:
         if name in layer.lora_A:
             layer.set_active(st.active)
     return AdapterLoadReport(name, label, fmt, modules, skipped, loaded.strength, loaded.te_strength, blocks,
-                             src_report)
+                             src_report, tokens)
 
 
 def _to(spec: LayerSpec, device: torch.device, dtype: torch.dtype) -> LayerSpec:
@@ -378,6 +384,7 @@ def unload_adapter(pipe: Any, name: str | None = None) -> list[str]:
         for comp in st.adapters[n].modules:
             remove_lora(comps[comp], n)
         del st.adapters[n]
+        remove_embeddings(pipe, n)
         if n in st.active:
             st.active.remove(n)
     st.layers = _collect_layers(pipe)

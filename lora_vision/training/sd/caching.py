@@ -211,12 +211,13 @@ def prepare_data(cfg: SDTrainConfig, resolution: int, tokenizers: list, text_enc
                  sdxl: bool, dtype: torch.dtype, rank: int = 0, world: int = 1, gather: Callable | None = None,
                  verbose: bool = True, text_table: Callable[[list[str]], TextTable] | None = None,
                  encode_latents: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
-                 ) -> TrainingData:
+                 rewrite: Callable[[tuple[str, ...], str], tuple[str, ...]] | None = None) -> TrainingData:
     """Scan the instance (and class) folders, warn about captions the text encoder cuts, and cache the text
     embeddings (or token ids when the text encoders train) and every image's latent distribution.
 
     `text_table` (distinct prompts -> their cached TextTable) and `encode_latents` (cache_latents' `encode`)
-    replace the SD text encoding and latent scaling for other model families (training.dit)."""
+    replace the SD text encoding and latent scaling for other model families (training.dit). `rewrite(captions,
+    what)` changes the instance ("instance") and held-out ("validation") captions first (pivotal tuning's tokens)."""
     scan = dict(resolution=resolution, bucketing=cfg.bucketing, bucket_step=cfg.bucket_step,
                 small_images=cfg.small_images, caption_extension=cfg.caption_extension)
     masks = "alpha" if cfg.alpha_mask else "files" if cfg.masked_loss else None
@@ -230,6 +231,10 @@ def prepare_data(cfg: SDTrainConfig, resolution: int, tokenizers: list, text_enc
         instance, held_out = hold_out(instance, cfg.validation_split, cfg.seed)
     classes = (scan_folder(cfg.class_data_dir, cfg.class_prompt, what="class", use_captions=False, **scan)
                if cfg.with_prior_preservation else None)
+    if rewrite is not None:
+        instance = dataclasses.replace(instance, captions=rewrite(instance.captions, "instance"))
+        if held_out is not None:
+            held_out = dataclasses.replace(held_out, captions=rewrite(held_out.captions, "validation"))
     prompts = sorted(set(instance.captions) | set(classes.captions if classes else ())
                      | set(held_out.captions if held_out else ()) | ({""} if cfg.caption_dropout_rate else set()))
     long = truncated_captions(instance, tokenizers[0], cfg.instance_prompt, cfg.caption_extension)
@@ -237,7 +242,8 @@ def prepare_data(cfg: SDTrainConfig, resolution: int, tokenizers: list, text_enc
         print(f"warning: {len(long)} caption(s) are longer than the text encoder's {tokenizers[0].model_max_length} "
               f"tokens and are cut to that length: {', '.join(long)}", file=sys.stderr)
     table = (text_table(prompts) if text_table is not None else
-             build_text_table(prompts, tokenizers, text_encoders, sdxl, cache=not cfg.train_text_encoder, dtype=dtype))
+             build_text_table(prompts, tokenizers, text_encoders, sdxl, cache=not cfg.text_encoders_train,
+                              dtype=dtype))
     row_of = {p: i for i, p in enumerate(prompts)}
     crop = dict(center_crop=cfg.center_crop, flip=cfg.random_flip, seed=cfg.seed, dtype=dtype, rank=rank,
                 world=world, gather=gather, encode=encode_latents)
@@ -248,7 +254,7 @@ def prepare_data(cfg: SDTrainConfig, resolution: int, tokenizers: list, text_enc
     if verbose:
         print(f"{len(instance)} instance images in {len(inst_cache)} bucket(s) "
               f"{[f'{w}x{h}' for w, h in inst_cache]}" + (f", {len(classes)} class images" if classes else "")
-              + f", {len(prompts)} distinct prompt(s), text embeddings {'live' if cfg.train_text_encoder else 'cached'}"
+              + f", {len(prompts)} distinct prompt(s), text embeddings {'live' if cfg.text_encoders_train else 'cached'}"
               + (f"; loss masks from {mask_source(cfg)}" if masks else "")
               + (f"; {len(held_out)} held-out image(s) for the validation loss" if held_out else ""))
     return TrainingData(instance, classes, prompts, table, inst_cache, class_cache, held_out, held_out_cache)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import ClassVar
 
+from ...adapter import check_token
 from ...lora.config import ConfigError, _check_pattern, _check_rank
 from ...targets import CLIP_LAYER_NAMES, DIT_PRESET_FAMILIES, PRESETS, UNET_LAYER_NAMES, target_problems
 from ..config import LORA_ALIASES, AdapterKindFields, TrainingFeatures
@@ -136,6 +137,13 @@ class SDTrainConfig(TrainingFeatures, AdapterKindFields):
     """Images smaller than the resolution: 'upscale' (with a warning) or 'error'."""
     train_text_encoder: bool = False
     """Also train LoRA on the text encoder(s)."""
+    train_text_encoder_ti: bool = False
+    """Pivotal tuning: train new tokens as text embeddings with the LoRA (token_abstraction in the prompts and
+    captions stands for them); saved in the adapter, bundled in the kohya file and as embeddings.safetensors."""
+    token_abstraction: str = "TOK"
+    """With train_text_encoder_ti: the word in the instance prompt and captions that the new tokens replace."""
+    num_new_tokens_per_abstraction: int = 2
+    """With train_text_encoder_ti: how many new tokens (vectors per text encoder) the token_abstraction stands for."""
     train_batch_size: int = 4
     """Instance images per step (prior preservation adds as many class images)."""
     max_train_steps: int = 400
@@ -382,6 +390,13 @@ class SDTrainConfig(TrainingFeatures, AdapterKindFields):
             out.append(f"multires_noise_iterations={self.multires_noise_iterations}: expected an integer >= 0")
         if not 0 <= self.multires_noise_discount <= 1:
             out.append(f"multires_noise_discount={self.multires_noise_discount}: expected a number in [0, 1]")
+        if self.train_text_encoder_ti:
+            if self.num_new_tokens_per_abstraction < 1:
+                out.append(f"num_new_tokens_per_abstraction={self.num_new_tokens_per_abstraction}: expected an "
+                           "integer >= 1 (2 is the usual)")
+            if check_token(self.token_abstraction):
+                out.append(f"token_abstraction={self.token_abstraction!r}: expected one word without spaces or dots "
+                           "(e.g. TOK)")
         if self.keep_tokens < 0:
             out.append(f"keep_tokens={self.keep_tokens}: expected an integer >= 0")
         elif self.keep_tokens and not self.shuffle_caption:
@@ -412,6 +427,12 @@ class SDTrainConfig(TrainingFeatures, AdapterKindFields):
         if self.pretrained_model_name_or_path is not None and self.instance_prompt is None:
             out.append("instance_prompt is required with a model (e.g. 'a photo of sks dog')")
         return out
+
+    @property
+    def text_encoders_train(self) -> bool:
+        """Whether the text encoders run with gradients (their LoRA or new token embeddings train), so text
+        embeddings cannot be cached."""
+        return self.train_text_encoder or self.train_text_encoder_ti
 
     def resume_mismatches(self, saved: dict) -> list[str]:
         """Fields that differ from a checkpoint's saved config and must not (see RESUMABLE_CHANGES)."""

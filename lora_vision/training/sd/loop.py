@@ -28,6 +28,7 @@ from ..optim import eval_mode
 from .caching import BatchSampler, BucketCache, TextTable
 from .captions import CaptionVariants
 from .config import SDTrainConfig
+from .pivotal import FILE as TOKENS_FILE, NewTokens
 from .step import Inputs, StaticStep, StepSettings, clip_and_step, gather_inputs, shard_inputs, step_loss
 
 
@@ -258,12 +259,16 @@ class Checkpoints:
     total_limit: int | None
     run_id: str | None
     ema: EMA | None = None
+    tokens: NewTokens | None = None
 
     def write(self, step: int) -> Path:
         """Write checkpoint-<step> (call on the main process); schedule-free optimizers save their averaged weights
-        (a resumed run swaps back exactly as an unbroken one does), the EMA goes into ema.safetensors."""
-        files = {"ema.safetensors": self.ema.state_tensors()} if self.ema is not None else None
+        (a resumed run swaps back exactly as an unbroken one does), the EMA goes into ema.safetensors, pivotal
+        tuning's token vectors into token_embeddings.safetensors."""
+        files = {"ema.safetensors": self.ema.state_tensors()} if self.ema is not None else {}
         with eval_mode(self.optimizer):
+            if self.tokens is not None:  # the vectors as schedule-free evaluates them, like the LoRA weights
+                files[TOKENS_FILE] = self.tokens.state_tensors()
             return save_checkpoint(self.out, step, self.models, self.optimizer,
                                    rng_state(self.generator, self.data_rng), self.config, self.total_limit,
                                    run_id=self.run_id, tensor_files=files)
@@ -278,7 +283,8 @@ class Checkpoints:
 
 def resume_from(ckpt: Path, cfg: SDTrainConfig, world: int, rank: int, models: Mapping[str, nn.Module],
                 optimizer: torch.optim.Optimizer, generator: torch.Generator,
-                data_rng: np.random.Generator, ema: EMA | None = None) -> tuple[int, str | None]:
+                data_rng: np.random.Generator, ema: EMA | None = None,
+                tokens: NewTokens | None = None) -> tuple[int, str | None]:
     """Restore checkpoint `ckpt` into this run; returns (its step, its run id). `cfg` is the resolved config
     (resolution and prediction type filled in). CheckpointError listing the differences when it was written with
     other settings; the same global batch over another number of processes is fine."""
@@ -295,6 +301,12 @@ def resume_from(ckpt: Path, cfg: SDTrainConfig, world: int, rank: int, models: M
                               + "\nresume with the same settings, or use a new --output_dir")
     with eval_mode(optimizer):  # a schedule-free checkpoint holds the averaged weights: swap back after loading
         state = load_checkpoint(ckpt, models, optimizer)
+        if tokens is not None:
+            try:
+                tokens.load_state_tensors(read_checkpoint_tensors(ckpt, TOKENS_FILE, "--train_text_encoder_ti"),
+                                          str(ckpt))
+            except ValueError as err:
+                raise CheckpointError(str(err)) from None
     if ema is not None:
         try:
             ema.load_state_tensors(read_checkpoint_tensors(ckpt, "ema.safetensors", "--use_ema"), str(ckpt))

@@ -9,8 +9,9 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from ...adapter import Adapter
-from ...formats.kohya import tag_frequency
+from ...adapter import Adapter, embedding_tensors
+from ...formats.kohya import a1111_embedding_tensors, tag_frequency
+from ...io import write_safetensors
 from ...lora import LoRAConfig, inject_lora, lora_layers, lora_parameters
 from ...metadata import AdapterMetadata
 from ...targets import PRESETS
@@ -52,11 +53,13 @@ def _unet_part(name: str) -> str:
     return {"down_blocks": "unet.down", "mid_block": "unet.mid", "up_blocks": "unet.up"}.get(head, "unet")
 
 
-def param_groups(cfg: SDTrainConfig, models: Mapping[str, nn.Module], world: int) -> list[dict]:
+def param_groups(cfg: SDTrainConfig, models: Mapping[str, nn.Module], world: int,
+                 token_vectors: Sequence[torch.Tensor] = ()) -> list[dict]:
     """Optimizer groups: the UNet's LoRA at --learning_rate, the text encoders' at --text_encoder_lr (--scale_lr
     multiplies all by batch size x accumulation x processes). --lr_per_component sets the rate of a component or
     UNet part (down/mid/up blocks; text_encoder_2 falls back to text_encoder's); --loraplus_lr_ratio splits each
-    group into its A matrices and its B matrices at ratio x the rate (LoRA+). Groups carry a "name" for logs."""
+    group into its A matrices and its B matrices at ratio x the rate (LoRA+). `token_vectors` (pivotal tuning) are
+    one more group, "token_embeddings", at the text encoder's rate. Groups carry a "name" for logs."""
     scale = cfg.train_batch_size * cfg.gradient_accumulation_steps * world if cfg.scale_lr else 1
     rates = cfg.lr_per_component
     groups = []
@@ -75,15 +78,21 @@ def param_groups(cfg: SDTrainConfig, models: Mapping[str, nn.Module], world: int
             else:
                 groups += [dict(g, name=f"{part}.{g['name']}")
                            for g in loraplus_param_groups(pairs, lr, cfg.loraplus_lr_ratio)]
+    if token_vectors:
+        lr = rates.get("text_encoder", cfg.text_encoder_lr or cfg.learning_rate) * scale
+        groups.append({"name": "token_embeddings", "params": list(token_vectors), "lr": lr})
     return groups
 
 
 def save_adapter(out: Path, cfg: SDTrainConfig, models: Mapping[str, nn.Module], lora_cfgs: Mapping[str, LoRAConfig],
                  base: str, base_name: str, resolved: Mapping[str, Any], captions: Sequence[str],
-                 last_good: Path | None, name: str = "adapter") -> Adapter:
+                 last_good: Path | None, name: str = "adapter",
+                 embeddings: Mapping[str, Mapping[str, torch.Tensor]] | None = None) -> Adapter:
     """Write out/<name>.safetensors with the training metadata (`base`: the kohya base-model tag, `captions` the
     instance captions for A1111's tag list) and, unless --export_kohya false, out/<name>_kohya.safetensors
-    (`name`: adapter, or adapter_ema for the moving average of --use_ema)."""
+    (`name`: adapter, or adapter_ema for the moving average of --use_ema). Pivotal tuning's `embeddings` ({token:
+    {text encoder: vectors}}) go into both files and into an A1111 embedding file, out/embeddings.safetensors
+    (embeddings_ema.safetensors beside adapter_ema)."""
     metadata = AdapterMetadata(
         base=base, base_model=base_name, trigger_phrase=cfg.instance_prompt, rank=cfg.rank,
         alpha=cfg.lora_alpha or cfg.rank, targets={k: c.to_dict()["targets"] for k, c in lora_cfgs.items()},
@@ -91,8 +100,13 @@ def save_adapter(out: Path, cfg: SDTrainConfig, models: Mapping[str, nn.Module],
         extra={"modelspec.trigger_phrase": cfg.instance_prompt,
                "ss_tag_frequency": tag_frequency(captions, cfg.instance_data_dir)}).to_strings()  # A1111's tag list
     adapter = Adapter.from_models(models, metadata=metadata, configs=lora_cfgs)
+    adapter.tensors.update(embedding_tensors(embeddings or {}))
     try:
         path = adapter.save(out / f"{name}.safetensors")
+        for token, vectors in (embeddings or {}).items():  # one token per run (--token_abstraction)
+            emb = out / f"{name.replace('adapter', 'embeddings')}.safetensors"
+            write_safetensors(emb, a1111_embedding_tensors(vectors, base == "sdxl"))
+            print(f"wrote {emb} (A1111 embedding {token!r})")
     except OSError as err:
         raise CheckpointError(f"could not write {out / f'{name}.safetensors'}: {err.strerror or err}; {last_good} "
                               "holds the trained weights: free space and run the same command with "
