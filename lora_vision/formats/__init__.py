@@ -102,11 +102,12 @@ def import_tensors(raw: Mapping[str, torch.Tensor], metadata: Mapping[str, str],
     fmt = classify_keys(list(raw), metadata, source)
     if fmt != "lora_vision" and is_dit_keys(list(raw)):
         return import_dit(raw, metadata, infos, source)  # the report names the DiT family as its base
-    if fmt == "kohya":  # bundled text embeddings (pivotal tuning): unused by the LoRA import, read apart
+    if fmt == "kohya":  # bundled text embeddings (pivotal tuning): read apart from the LoRA import
         tensors, report = import_kohya(raw, infos, source)
         bundled = import_bundle(raw, source)
         if bundled:
             tensors.update(bundled)
+            report.unused = [k for k in report.unused if not k.startswith(BUNDLE + ".")]
             report.notes.append(f"{BUNDLE}: bundled text embedding(s) "
                                 f"{', '.join(sorted({k.split('.')[1] for k in bundled}))} read as embeddings")
     elif fmt == "diffusers":

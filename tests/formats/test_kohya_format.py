@@ -205,7 +205,8 @@ def test_report_unknown_unsupported_and_strict(files, tmp_path):
     # factors, so it is named as broken and skipped whole, never half-applied.
     assert any("hada_w1_a" in u and "lacks" in u for u in report.invalid)
     assert report.kinds == {"LoRA": 127, "LoRA+DoRA": 1}
-    assert "bundle_emb.sks.string_to_param.*" in report.unused
+    # Bundled text embeddings (pivotal tuning, issue 18) are read as embeddings, not left unused.
+    assert "bundle_emb.sks.string_to_param.*" not in report.unused and "sks" in adapter.embeddings()
     assert len(report.matched) == 128
     assert adapter.tensors[f"unet.{K_SCALE_LIVE}.alpha"].item() == 0.25 * 4
     with pytest.raises(AdapterFileError, match="strict"):
