@@ -123,20 +123,15 @@ def import_kohya(tensors: Mapping[str, torch.Tensor], infos: Mapping[str, Compon
             have = ", ".join(sorted(g))
             raise AdapterFileError(f"{source}: module {mod} has only [{have}]; a LoRA module needs lora_down and "
                                    "lora_up (an orphan alpha or half a pair means the file is broken)")
-        target = _resolve(mod, resolver)
+        target = _target(mod, resolver)
         if target is None:
             report.not_found.append(mod)
             continue
-        comp, live = target
-        info = resolver.info(comp)
-        kind, wshape = info.modules.get(live, ("", ()))
+        comp, live, info, kind, wshape = target
         if not info.live:
             kind = "Conv2d" if down.dim() == 4 else "Linear"
         a, b = fit_pair(f"{source}: {mod}", kind, wshape or None, down, up, info.live)
-        alpha = alpha_value(f"{source}: {mod}", g.get("alpha"), a.shape[0])
-        if scale is not None:
-            alpha = alpha_value(f"{source}: {mod}.scale", scale, 1) * a.shape[0]
-        put(out, comp, live, a, b, alpha)
+        put(out, comp, live, a, b, _alpha(source, mod, g.get("alpha"), scale, a.shape[0]))
         report.matched.append(f"{comp}.{live}")
         report.kinds["LoRA"] = report.kinds.get("LoRA", 0) + 1
     return out, report
@@ -158,13 +153,11 @@ def _import_kind(out: dict[str, torch.Tensor], report: ImportReport, resolver: N
     layout. Problems (half a kind's tensors, shapes that do not multiply to the weight, a DoRA scale of the wrong
     length) go to `report.invalid` with the layer and the shapes."""
     report.unused += [f"{mod}.{s}" for s in g if s != "alpha" and not known_factor(_FACTOR.get(s, s))]
-    target = _resolve(mod, resolver)
+    target = _target(mod, resolver)
     if target is None:
         report.not_found.append(mod)
         return
-    comp, live = target
-    info = resolver.info(comp)
-    mtype, wshape = info.modules.get(live, ("", ()))
+    comp, live, info, mtype, wshape = target
     if kind == "lora" and "lora_mid" not in factors and "A" in factors and "B" in factors:
         ktype = mtype if info.live else ("Conv2d" if factors["A"].dim() == 4 else "Linear")
         try:
@@ -184,15 +177,32 @@ def _import_kind(out: dict[str, torch.Tensor], report: ImportReport, resolver: N
             report.invalid.append(f"{mod}: OFT constraint alpha {alpha} must be finite and >= 0")
             return
     else:
-        alpha = alpha_value(f"{source}: {mod}", g.get("alpha"), rank or 1)
-    if scale is not None and kind not in ("oft", "boft"):
-        alpha = alpha_value(f"{source}: {mod}.scale", scale, 1) * (rank or 1)
+        alpha = _alpha(source, mod, g.get("alpha"), scale, rank or 1)
     a, b = (factors.pop("A"), factors.pop("B")) if kind == "lora" else (None, None)
     spec = LayerSpec(a, b, alpha, "lora", kind, factors)
     for k, t in layer_tensors(live, spec).items():
         out[f"{comp}.{k}"] = t
     report.matched.append(f"{comp}.{live}")
     report.kinds[spec.label] = report.kinds.get(spec.label, 0) + 1
+
+
+def _alpha(source: str, mod: str, alpha: torch.Tensor | None, scale: torch.Tensor | None, rank: int) -> float:
+    """A module's alpha: its `alpha` tensor (default: the rank; always checked), or A1111's `scale` (= alpha / rank)
+    when given."""
+    value = alpha_value(f"{source}: {mod}", alpha, rank)
+    return value if scale is None else alpha_value(f"{source}: {mod}.scale", scale, 1) * rank
+
+
+def _target(mod: str, r: NameResolver) -> tuple[str, str, ComponentInfo, str, tuple[int, ...]] | None:
+    """(component, live module, its ComponentInfo, module type, weight shape) of a file module, or None when it
+    maps to nothing; type and shape are ("", ()) when the model is not given (info.live False)."""
+    target = _resolve(mod, r)
+    if target is None:
+        return None
+    comp, live = target
+    info = r.info(comp)
+    mtype, wshape = info.modules.get(live, ("", ()))
+    return comp, live, info, mtype, wshape
 
 
 def _resolve(mod: str, r: NameResolver) -> tuple[str, str] | None:
