@@ -42,8 +42,8 @@ from lora_vision.models.sd import (TINY_PIPELINES, base_tag, detect_family, load
 from lora_vision.models.dit import DIT_KINDS  # noqa: E402
 from lora_vision.data.dreambooth import make_buckets  # noqa: E402
 from lora_vision.generation.images import save_png  # noqa: E402
-from lora_vision.training.checkpoint import (CheckpointError, StopOnInterrupt, find_checkpoint,  # noqa: E402
-                                             new_run_id, prepare_output_dir, resume_command, trim_log)
+from lora_vision.training.checkpoint import (CheckpointError, find_checkpoint, new_run_id,  # noqa: E402
+                                             prepare_output_dir, trim_log)
 from lora_vision.training.config import config_to_dict, load_config, save_config  # noqa: E402
 from lora_vision.training.ema import EMA  # noqa: E402
 from lora_vision.training.optim import LRSchedule, build_optimizer, eval_mode  # noqa: E402
@@ -53,7 +53,8 @@ from lora_vision.training.sd.config import SDTrainConfig, kohya_folder_note  # n
 from lora_vision.training.sd.lora import add_lora, param_groups, save_adapter  # noqa: E402
 from lora_vision.training.sd.pivotal import NewTokens  # noqa: E402
 from lora_vision.training.sd.loop import (Checkpoints, LossLog, TrainingDiverged, TrainingSteps,  # noqa: E402
-                                          check_distributed, graph_off_reason, resume_from)
+                                          check_distributed, graph_off_reason, interrupted_message, resume_from,
+                                          run_steps)
 from lora_vision.training.sd.losses import alphas_cumprod  # noqa: E402
 from lora_vision.training.sd.samples import generate_class_images, strength_sweep, validation_grid  # noqa: E402
 from lora_vision.training.sd.step import StepSettings, clip_and_step  # noqa: E402
@@ -274,43 +275,29 @@ def train(cfg: SDTrainConfig) -> int:
                   validation=data.held_out is not None)
     checkpoints = Checkpoints(acc, out, models, optimizer, generator, data_rng, resolved, cfg.checkpoints_total_limit,
                               run_id, ema, tokens)
-    stopped_at = None
-    with StopOnInterrupt() as stop:  # the first Ctrl-C ends the loop after the current step, with a checkpoint
-        for step in bar:
-            schedule.apply(optimizer, base_lrs, step)
-            t_step = time.perf_counter()
-            log.record(steps.run())
-            if step == start and main_proc:  # one sync: what compiling and the first step cost (issue #17)
-                _report_first_step(device, t_step, static_s, cfg.compile)
-            if ema is not None:
-                ema.update()
-            if val_loss is not None and ((step + 1) % cfg.validation_steps == 0 or step + 1 == cfg.max_train_steps):
-                with eval_mode(optimizer):
-                    log.record_validation(step + 1, val_loss())
-            if cfg.time_steps:
-                events.append(_stamp(device))
-            done = step + 1
-            if log.full() or done == cfg.max_train_steps:
-                log.flush(done)
-            if done % cfg.checkpointing_steps == 0 and done != cfg.max_train_steps:
-                checkpoints.save(done, log)
-            if done < cfg.max_train_steps and stop.should_stop(acc, done, cfg.logging_steps):
-                if done % cfg.checkpointing_steps:
-                    checkpoints.save(done, log)
-                stopped_at = done
-                break
-            if cfg.validation_prompt and done % cfg.validation_steps == 0 and main_proc:
-                with eval_mode(optimizer), (ema.swapped_in() if ema is not None else contextlib.nullcontext()):
-                    image = validation_grid(pipe, prompt_of(cfg.validation_prompt), cfg.num_validation_images,
-                                            cfg.validation_inference_steps, resolution)
-                save_png(image, out / "samples" / f"validation_step{done:06d}.png")
-                if writer:
-                    writer.add_image("validation", np.asarray(image), done, dataformats="HWC")
-    bar.close()
+    def after_step(step: int, t_step: float) -> None:
+        if step == start and main_proc:  # one sync: what compiling and the first step cost (issue #17)
+            _report_first_step(device, t_step, static_s, cfg.compile)
+        if ema is not None:
+            ema.update()
+        if val_loss is not None and ((step + 1) % cfg.validation_steps == 0 or step + 1 == cfg.max_train_steps):
+            with eval_mode(optimizer):
+                log.record_validation(step + 1, val_loss())
+        if cfg.time_steps:
+            events.append(_stamp(device))
+
+    def validate(done: int) -> None:
+        with eval_mode(optimizer), (ema.swapped_in() if ema is not None else contextlib.nullcontext()):
+            image = validation_grid(pipe, prompt_of(cfg.validation_prompt), cfg.num_validation_images,
+                                    cfg.validation_inference_steps, resolution)
+        save_png(image, out / "samples" / f"validation_step{done:06d}.png")
+        if writer:
+            writer.add_image("validation", np.asarray(image), done, dataformats="HWC")
+
+    stopped_at = run_steps(acc, cfg, steps, bar, optimizer, schedule, base_lrs, log, checkpoints, after_step, validate)
     if stopped_at is not None:
         if main_proc:
-            print(f"interrupted at step {stopped_at} of {cfg.max_train_steps}; saved {out / f'checkpoint-{stopped_at}'}"
-                  f". Resume with:\n  {resume_command(__file__, out / 'config.yaml', world)}", file=sys.stderr)
+            print(interrupted_message(cfg, stopped_at, __file__, world), file=sys.stderr)
         if writer:
             writer.close()
         return 130

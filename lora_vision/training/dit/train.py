@@ -18,14 +18,14 @@ from tqdm.auto import tqdm
 from ...generation.images import save_png
 from ...lora import lora_report
 from ...lora.config import ConfigError
-from ..checkpoint import StopOnInterrupt, new_run_id, resume_command, trim_log
+from ..checkpoint import new_run_id, trim_log
 from ..config import config_to_dict, save_config
 from ..ema import EMA
 from ..optim import LRSchedule, build_optimizer, eval_mode
 from ..sd.caching import prepare_data
 from ..sd.config import SDTrainConfig
 from ..sd.lora import add_lora, param_groups, save_adapter
-from ..sd.loop import Checkpoints, LossLog, graph_off_reason, resume_from
+from ..sd.loop import Checkpoints, LossLog, graph_off_reason, interrupted_message, resume_from, run_steps
 from ..sd.samples import generate_class_images, strength_sweep, validation_grid
 from ..sd.step import clip_and_step
 from .encode import dit_text_table, latent_encoder, offload_text_encoders, text_encoders_of, text_encoders_on
@@ -158,33 +158,17 @@ def train_dit(cfg: SDTrainConfig, acc: Any, pipe: Any, family: str, dtype: torch
             stack.enter_context(ema.swapped_in())
         return stack
 
-    stopped_at = None
-    with StopOnInterrupt() as stop:
-        for step in bar:
-            schedule.apply(optimizer, base_lrs, step)
-            log.record(steps.run())
-            if ema is not None:
-                ema.update()
-            done = step + 1
-            if log.full() or done == cfg.max_train_steps:
-                log.flush(done)
-            if done % cfg.checkpointing_steps == 0 and done != cfg.max_train_steps:
-                checkpoints.save(done, log)
-            if done < cfg.max_train_steps and stop.should_stop(acc, done, cfg.logging_steps):
-                if done % cfg.checkpointing_steps:
-                    checkpoints.save(done, log)
-                stopped_at = done
-                break
-            if cfg.validation_prompt and done % cfg.validation_steps == 0 and main_proc:
-                with sampling():
-                    image = validation_grid(pipe, cfg.validation_prompt, cfg.num_validation_images,
-                                            cfg.validation_inference_steps, resolution)
-                save_png(image, out / "samples" / f"validation_step{done:06d}.png")
-    bar.close()
+    def validate(done: int) -> None:
+        with sampling():
+            image = validation_grid(pipe, cfg.validation_prompt, cfg.num_validation_images,
+                                    cfg.validation_inference_steps, resolution)
+        save_png(image, out / "samples" / f"validation_step{done:06d}.png")
+
+    stopped_at = run_steps(acc, cfg, steps, bar, optimizer, schedule, base_lrs, log, checkpoints,
+                           lambda step, t: ema.update() if ema is not None else None, validate)
     if stopped_at is not None:
         if main_proc:
-            print(f"interrupted at step {stopped_at} of {cfg.max_train_steps}; saved {out / f'checkpoint-{stopped_at}'}"
-                  f". Resume with:\n  {resume_command(script, out / 'config.yaml', world)}", file=sys.stderr)
+            print(interrupted_message(cfg, stopped_at, script, world), file=sys.stderr)
         return 130
     log.flush(cfg.max_train_steps)
     if not main_proc:

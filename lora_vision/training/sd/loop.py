@@ -14,6 +14,7 @@ import dataclasses
 import math
 import statistics
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -21,8 +22,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..checkpoint import (CheckpointError, load_checkpoint, read_checkpoint_tensors, read_state, restore_rng,
-                          rng_state, save_checkpoint)
+from ..checkpoint import (CheckpointError, StopOnInterrupt, load_checkpoint, read_checkpoint_tensors, read_state,
+                          restore_rng, resume_command, rng_state, save_checkpoint)
 from ..ema import EMA
 from ..optim import eval_mode
 from .caching import BatchSampler, BucketCache, TextTable
@@ -243,6 +244,44 @@ class LossLog:
         if val:
             self.bar.set_postfix(loss=f"{mean:.4f}", val_loss=f"{val[max(val)]:.4f}", lr=f"{lr:.2e}")
         self.pending_from, self.pending, self.val_losses = step, 0, {}
+
+
+def run_steps(acc: Any, cfg: SDTrainConfig, steps: "TrainingSteps", bar: Any, optimizer: torch.optim.Optimizer,
+              schedule: Any, base_lrs: list[float], log: "LossLog", checkpoints: "Checkpoints",
+              after_step: Callable[[int, float], None], validate: Callable[[int], None]) -> int | None:
+    """The training loop both recipes of train_sd.py share (SD and the DiT families): one step per item of `bar`,
+    `after_step(step, start time)` right after it (EMA, timings, validation loss), the loss log flushed and
+    checkpoints written on schedule, `validate(done)` every --validation_steps on the main process when a
+    validation prompt is set. The first Ctrl-C ends the loop after the current step, with a checkpoint; returns the
+    step it stopped at, or None when every step ran."""
+    stopped_at = None
+    with StopOnInterrupt() as stop:
+        for step in bar:
+            schedule.apply(optimizer, base_lrs, step)
+            t_step = time.perf_counter()
+            log.record(steps.run())
+            after_step(step, t_step)
+            done = step + 1
+            if log.full() or done == cfg.max_train_steps:
+                log.flush(done)
+            if done % cfg.checkpointing_steps == 0 and done != cfg.max_train_steps:
+                checkpoints.save(done, log)
+            if done < cfg.max_train_steps and stop.should_stop(acc, done, cfg.logging_steps):
+                if done % cfg.checkpointing_steps:
+                    checkpoints.save(done, log)
+                stopped_at = done
+                break
+            if cfg.validation_prompt and done % cfg.validation_steps == 0 and acc.is_main_process:
+                validate(done)
+    bar.close()
+    return stopped_at
+
+
+def interrupted_message(cfg: SDTrainConfig, stopped_at: int, script: str, world: int) -> str:
+    """What a run stopped by Ctrl-C prints: where its checkpoint is and the command that resumes it."""
+    out = Path(cfg.output_dir)
+    return (f"interrupted at step {stopped_at} of {cfg.max_train_steps}; saved {out / f'checkpoint-{stopped_at}'}. "
+            f"Resume with:\n  {resume_command(script, out / 'config.yaml', world)}")
 
 
 @dataclasses.dataclass
