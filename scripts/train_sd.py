@@ -130,19 +130,13 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(threads)
 
 
-def train(cfg: SDTrainConfig) -> int:
-    from accelerate import Accelerator
-    from accelerate.utils import gather_object
-
-    # ---- build ---------------------------------------------------------------------------------------------
-    acc = Accelerator()
-    device, main_proc = acc.device, acc.is_main_process
-    rank, world = acc.process_index, acc.num_processes
+def start_run(cfg: SDTrainConfig, acc, out: Path) -> tuple:
+    """Checks, threads, the output folder, seeds and the model: (checkpoint or None, thread words, base dtype,
+    pipeline, family). The folder is created only once the model loaded: a failed start leaves nothing behind."""
     check_distributed(acc)
-    out = Path(cfg.output_dir)
-    threads = choose_threads(cfg, device)
+    threads = choose_threads(cfg, acc.device)
     ckpt = find_checkpoint(out, cfg.resume_from_checkpoint, cfg.max_train_steps) if cfg.resume_from_checkpoint else None
-    for note in prepare_output_dir(out, ckpt is not None, cfg.overwrite_output_dir, main_proc):
+    for note in prepare_output_dir(out, ckpt is not None, cfg.overwrite_output_dir, acc.is_main_process):
         print(note)
     acc.wait_for_everyone()  # the folder is ready before any process writes to it
     torch.manual_seed(cfg.seed + acc.process_index)
@@ -151,9 +145,21 @@ def train(cfg: SDTrainConfig) -> int:
     dtype = parse_dtype(cfg.mixed_precision, "--mixed_precision")
     pipe = load_sd_pipeline(cfg.pretrained_model_name_or_path, torch_dtype=None if dtype == torch.float32 else dtype,
                             variant=cfg.variant)
-    out.mkdir(parents=True, exist_ok=True)  # only once the model loaded: a failed start leaves nothing behind
+    out.mkdir(parents=True, exist_ok=True)
     pipe.set_progress_bar_config(disable=True)
-    family = detect_family(pipe)
+    return ckpt, threads, dtype, pipe, detect_family(pipe)
+
+
+def train(cfg: SDTrainConfig) -> int:
+    from accelerate import Accelerator
+    from accelerate.utils import gather_object
+
+    # ---- build ---------------------------------------------------------------------------------------------
+    acc = Accelerator()
+    device, main_proc = acc.device, acc.is_main_process
+    rank, world = acc.process_index, acc.num_processes
+    out = Path(cfg.output_dir)
+    ckpt, threads, dtype, pipe, family = start_run(cfg, acc, out)
     if family in DIT_KINDS.values():  # Flux.1/2, SD 3.x, Qwen-Image, Z-Image: flow matching (training/dit)
         from lora_vision.training.dit.train import train_dit
         return train_dit(cfg, acc, pipe, family, dtype, ckpt, threads, __file__)
@@ -268,33 +274,16 @@ def train(cfg: SDTrainConfig) -> int:
         trim_log(log_path, start, LossLog.header(data.held_out is not None))  # steps after `start` are redone
 
     # ---- loop ----------------------------------------------------------------------------------------------
-    events: list = []
     bar = tqdm(range(start, cfg.max_train_steps), initial=start, total=cfg.max_train_steps, desc="training",
                unit="step", disable=not main_proc)
     log = LossLog(acc, log_path, cfg.logging_steps, start, base_lrs[0], schedule, bar, writer, last_good,
                   validation=data.held_out is not None)
     checkpoints = Checkpoints(acc, out, models, optimizer, generator, data_rng, resolved, cfg.checkpoints_total_limit,
                               run_id, ema, tokens)
-    def after_step(step: int, t_step: float) -> None:
-        if step == start and main_proc:  # one sync: what compiling and the first step cost (issue #17)
-            _report_first_step(device, t_step, static_s, cfg.compile)
-        if ema is not None:
-            ema.update()
-        if val_loss is not None and ((step + 1) % cfg.validation_steps == 0 or step + 1 == cfg.max_train_steps):
-            with eval_mode(optimizer):
-                log.record_validation(step + 1, val_loss())
-        if cfg.time_steps:
-            events.append(_stamp(device))
-
-    def validate(done: int) -> None:
-        with eval_mode(optimizer), (ema.swapped_in() if ema is not None else contextlib.nullcontext()):
-            image = validation_grid(pipe, prompt_of(cfg.validation_prompt), cfg.num_validation_images,
-                                    cfg.validation_inference_steps, resolution)
-        save_png(image, out / "samples" / f"validation_step{done:06d}.png")
-        if writer:
-            writer.add_image("validation", np.asarray(image), done, dataformats="HWC")
-
-    stopped_at = run_steps(acc, cfg, steps, bar, optimizer, schedule, base_lrs, log, checkpoints, after_step, validate)
+    hooks = StepHooks(cfg, device, main_proc, start, static_s, ema, val_loss, log, optimizer, pipe, prompt_of,
+                      resolution, out, writer)
+    stopped_at = run_steps(acc, cfg, steps, bar, optimizer, schedule, base_lrs, log, checkpoints, hooks.after_step,
+                           hooks.validate)
     if stopped_at is not None:
         if main_proc:
             print(interrupted_message(cfg, stopped_at, __file__, world), file=sys.stderr)
@@ -303,7 +292,7 @@ def train(cfg: SDTrainConfig) -> int:
         return 130
     log.flush(cfg.max_train_steps)
     if cfg.time_steps:
-        _report_times(events, cfg.train_batch_size)
+        _report_times(hooks.events, cfg.train_batch_size)
     dump = os.environ.get("LORA_VISION_DUMP_RANK_LORA")
     if dump:  # debugging/tests: every process writes the LoRA weights it holds, to compare processes
         Path(dump).mkdir(parents=True, exist_ok=True)
@@ -311,12 +300,21 @@ def train(cfg: SDTrainConfig) -> int:
                           {k: v.detach().float().cpu().contiguous() for k, v in lora_state_dict(models["unet"]).items()})
 
     # ---- save ----------------------------------------------------------------------------------------------
-    if not main_proc:
-        return 0
-    final = contextlib.ExitStack()  # schedule-free: what follows saves and samples the averaged weights
-    final.enter_context(eval_mode(optimizer))
-    last_good = checkpoints.write(cfg.max_train_steps) if start < cfg.max_train_steps else log.last_good
-    kohya_base = base_tag(family, pred_type)
+    if main_proc:
+        kohya_base = base_tag(family, pred_type)
+        with eval_mode(optimizer):  # schedule-free: what follows saves and samples the averaged weights
+            last_good = checkpoints.write(cfg.max_train_steps) if start < cfg.max_train_steps else log.last_good
+            save_outputs(cfg, out, pipe, models, lora_cfgs, ema, tokens, prompt_of, data, kohya_base, base_name,
+                         resolved, last_good, resolution)
+    if writer:
+        writer.close()
+    return 0
+
+
+def save_outputs(cfg: SDTrainConfig, out: Path, pipe, models: dict, lora_cfgs: dict, ema, tokens, prompt_of, data,
+                 kohya_base: str, base_name: str, resolved: dict, last_good: Path | None, resolution: int) -> None:
+    """The end of a run on the main process: the adapter (and its EMA copy), the strength sweep, the tiny model's
+    metrics."""
     captions = [tokens.original(c) for c in data.instance.captions] if tokens else data.instance.captions
     save_adapter(out, cfg, models, lora_cfgs, kohya_base, base_name, resolved, captions, last_good,
                  embeddings=tokens.embeddings() if tokens else None)
@@ -334,11 +332,39 @@ def train(cfg: SDTrainConfig) -> int:
                                               prompt_of(cfg.instance_prompt),
                                               cfg.class_prompt, cfg.validation_inference_steps, resolution, out)
         print(f"wrote {out / 'metrics.json'}\n{sd_metrics.format_metrics(metrics)}")
-    final.close()
-    if writer:
-        writer.close()
-    return 0
 
+
+class StepHooks:
+    """What the loop calls around each step: `after_step` (first-step timing, EMA, validation loss, step stamps)
+    and `validate` (the validation grid, with the averaged weights)."""
+
+    def __init__(self, cfg: SDTrainConfig, device: torch.device, main_proc: bool, start: int, static_s: float, ema,
+                 val_loss, log, optimizer, pipe, prompt_of, resolution: int, out: Path, writer) -> None:
+        self.cfg, self.device, self.main_proc, self.start, self.static_s = cfg, device, main_proc, start, static_s
+        self.ema, self.val_loss, self.log, self.optimizer = ema, val_loss, log, optimizer
+        self.pipe, self.prompt_of, self.resolution, self.out, self.writer = pipe, prompt_of, resolution, out, writer
+        self.events: list = []
+
+    def after_step(self, step: int, t_step: float) -> None:
+        cfg = self.cfg
+        if step == self.start and self.main_proc:  # one sync: what compiling and the first step cost (issue #17)
+            _report_first_step(self.device, t_step, self.static_s, cfg.compile)
+        if self.ema is not None:
+            self.ema.update()
+        if self.val_loss is not None and ((step + 1) % cfg.validation_steps == 0 or step + 1 == cfg.max_train_steps):
+            with eval_mode(self.optimizer):
+                self.log.record_validation(step + 1, self.val_loss())
+        if cfg.time_steps:
+            self.events.append(_stamp(self.device))
+
+    def validate(self, done: int) -> None:
+        cfg = self.cfg
+        with eval_mode(self.optimizer), (self.ema.swapped_in() if self.ema is not None else contextlib.nullcontext()):
+            image = validation_grid(self.pipe, self.prompt_of(cfg.validation_prompt), cfg.num_validation_images,
+                                    cfg.validation_inference_steps, self.resolution)
+        save_png(image, self.out / "samples" / f"validation_step{done:06d}.png")
+        if self.writer:
+            self.writer.add_image("validation", np.asarray(image), done, dataformats="HWC")
 
 def open_tensorboard(folder: Path):
     """A TensorBoard SummaryWriter on `folder`, or None when tensorboard is not installed."""
