@@ -202,6 +202,8 @@ def train(cfg: SDTrainConfig) -> int:
 
     torch.manual_seed(cfg.seed)  # the same LoRA initialisation on every process and every run
     models, lora_cfgs = add_lora(cfg, unet, text_encoders, dtype)
+    for vectors in tokens.parameters() if tokens else []:  # --train_text_encoder's inject_lora froze all but the LoRA
+        vectors.requires_grad_(True)
     if main_proc:
         print("; ".join(lora_report(m, k) for k, m in models.items()))
     if cfg.gradient_checkpointing:
