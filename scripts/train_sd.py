@@ -46,6 +46,7 @@ from lora_vision.training.checkpoint import (CheckpointError, find_checkpoint, n
                                              prepare_output_dir, trim_log)
 from lora_vision.training.config import config_to_dict, load_config, save_config  # noqa: E402
 from lora_vision.training.ema import EMA  # noqa: E402
+from lora_vision.training.first_step import report_first_step  # noqa: E402
 from lora_vision.training.optim import LRSchedule, build_optimizer, eval_mode  # noqa: E402
 from lora_vision.training.sd.caching import prepare_data  # noqa: E402
 from lora_vision.training.sd.captions import CaptionVariants  # noqa: E402
@@ -258,11 +259,11 @@ def train(cfg: SDTrainConfig) -> int:
     if cfg.shuffle_caption and main_proc:
         print("shuffled captions are encoded on the fly (the original captions and the empty prompt are "
               f"{'cached' if data.table.hidden is not None else 'encoded by the training text encoders'})")
-    static_s = 0.0
+    static_s = None  # seconds capturing the step as a CUDA graph (compiling included under --compile)
     if use_graph or cfg.compile:
         t_static = time.perf_counter()
         steps.use_static(capture=use_graph, compile_unet=cfg.compile, verbose=main_proc)
-        static_s = time.perf_counter() - t_static
+        static_s = time.perf_counter() - t_static if use_graph else None  # uncaptured: compiles in the first step
 
     writer = open_tensorboard(out / cfg.logging_dir) if cfg.report_to == "tensorboard" and main_proc else None
     log_path = out / cfg.logging_dir / "loss.csv"
@@ -279,7 +280,7 @@ def train(cfg: SDTrainConfig) -> int:
                               run_id, ema, tokens)
     def after_step(step: int, t_step: float) -> None:
         if step == start and main_proc:  # one sync: what compiling and the first step cost (issue #17)
-            _report_first_step(device, t_step, static_s, cfg.compile)
+            report_first_step(device, _T_START, t_step, cfg.compile, static_s)
         if ema is not None:
             ema.update()
         if val_loss is not None and ((step + 1) % cfg.validation_steps == 0 or step + 1 == cfg.max_train_steps):
@@ -357,18 +358,6 @@ def _stamp(device: torch.device):
         event.record()
         return event
     return time.perf_counter()
-
-
-def _report_first_step(device: torch.device, t_step: float, static_s: float, compiled: bool) -> None:
-    """Print `first step after X s (setup Y s, static step built in Z s, first step W s)`; with --compile the
-    compile time is in the static-step build (CUDA graph) or in the first step (eager)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    now = time.perf_counter()
-    what = "compile + capture" if compiled else "capture"
-    print(f"first step done {now - _T_START:.1f} s after start (imports and setup {t_step - _T_START - static_s:.1f} s, "
-          f"{what} {static_s:.1f} s, first step {now - t_step:.1f} s{', compile included' if compiled and not static_s else ''})",
-          flush=True)
 
 
 def _report_times(events: list, batch_size: int, warmup: int = 10) -> None:
