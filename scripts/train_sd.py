@@ -308,10 +308,12 @@ def train(cfg: SDTrainConfig) -> int:
     if cfg.time_steps:
         _report_times(events, cfg.train_batch_size)
     dump = os.environ.get("LORA_VISION_DUMP_RANK_LORA")
-    if dump:  # debugging/tests: every process writes the LoRA weights it holds, to compare processes
+    if dump:  # debugging/tests: every process writes the LoRA weights (and new token vectors) it holds
         Path(dump).mkdir(parents=True, exist_ok=True)
+        held = {f"{comp}.{k}": v for comp, m in models.items() for k, v in lora_state_dict(m).items()}
+        held.update({f"embeddings.{comp}": v for comp, v in (tokens.vectors() if tokens else {}).items()})
         write_safetensors(Path(dump) / f"rank{rank}.safetensors",
-                          {k: v.detach().float().cpu().contiguous() for k, v in lora_state_dict(models["unet"]).items()})
+                          {k: v.detach().float().cpu().contiguous() for k, v in held.items()})
 
     # ---- save ----------------------------------------------------------------------------------------------
     if not main_proc:
