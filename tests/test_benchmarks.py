@@ -140,3 +140,49 @@ def test_bench_generate_smoke(tmp_path):
     result = json.loads((tmp_path / "results.json").read_text())
     assert set(result["rounds"]) >= {"base", "ours unfused", "ours fused", "compiled served + hot-swap"}
     assert result["recompiles_after_warmup"] == 0
+
+
+def _bash(script: str, *args: str, timeout: int = 600, **env: str) -> subprocess.CompletedProcess:
+    full = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", **env)
+    return subprocess.run(["bash", script, *args], cwd=REPO, env=full, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_order_prints_the_rounds_for_the_shell_scripts():
+    done = _run("benchmarks/timing.py", "order", "4", "a", "b", "c")
+    assert done.returncode == 0 and done.stdout.splitlines() == [" ".join(o) for o in
+                                                                 timing.round_orders("abc", 4)]
+    done = _run("benchmarks/timing.py", "order", "0", "a")
+    assert done.returncode == 2 and "ROUNDS=1 or more" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_train_log_table_reports_the_first_step_and_capture_per_round(tmp_path):
+    log = tmp_path / "bench.log"
+    log.write_text("".join(
+        f"== ours_bs16_compile@r{r}\nfirst step done {start} s after start (imports and setup 9.0 s, compile + capture "
+        f"{cap} s, first step 0.5 s)\nSTEPS ours n=10 median_s=0.1 steps_per_s=9.5 peak_alloc_gib=12.0\n"
+        for r, (start, cap) in enumerate([(40.0, 30.0), (50.0, 40.0), (45.0, 35.0)])))
+    row = [line for line in timing.train_log_table(str(log), 470).splitlines() if line.startswith("| ours_bs16")][0]
+    assert "| 45.0 (40.0-50.0) | 35.0 (30.0-40.0) |" in row
+
+
+def test_bench_train_sd_refuses_unknown_runs_and_missing_reference_before_any_work(tmp_path):
+    done = _bash("benchmarks/bench_train_sd.sh", "sd15", str(tmp_path / "out"), RUNS="ours_bs4 ours_bs5")
+    assert done.returncode == 2 and "'ours_bs5', which is no run" in done.stderr
+    done = _bash("benchmarks/bench_train_sd.sh", "sd15", str(tmp_path / "out"), RUNS="ref_bs4")
+    assert done.returncode == 2 and ".ref/train_dreambooth_lora.py" in done.stderr
+    done = _bash("benchmarks/bench_train_sd.sh", "sd21", str(tmp_path / "out"))
+    assert done.returncode == 2 and "expected sd15 or sdxl" in done.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_bench_train_sd_cpu_smoke_prints_the_table(tmp_path):
+    done = _bash("benchmarks/bench_train_sd.sh", "sd15", str(tmp_path), MODEL="samples/tiny-sd",
+                 IMGS="samples/instance", SIZE="tiny", RES="64", STEPS_SCALE="0.01", ROUNDS="1", RUNS="ours_bs1")
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert done.stdout.startswith('command: ROUNDS=1 RUNS="ours_bs1"')
+    table = (tmp_path / "table_sd15.md").read_text()
+    row = [line for line in table.splitlines() if line.startswith("| ours_bs1 |")]
+    assert row and "1 interleaved round(s)" in table and "first step after start s" in table
+    assert "== ours_bs1@r1" in (tmp_path / "bench_sd15.log").read_text()
