@@ -8,7 +8,8 @@
 # against the reference at the same batch the per-round ratios (python benchmarks/timing.py train-log LOG LIMIT).
 # The model: benchmarks/make_random_sd.py (sd15, tiny); SDXL and the ref_* runs need the git-ignored .ref/ folder
 # (the reference script, .ref/tools/make_random_sd.py for SDXL and the step timer .ref/tools/step_timer.py).
-# MODEL / IMGS name another model folder / image folder (built there when missing).
+# MODEL / IMGS name another model folder / image folder (built there when missing). CHECK_ONLY=1 checks RUNS and
+# prints the round orders without running anything.
 # CPU smoke run of the plumbing:
 #   SIZE=tiny RES=64 STEPS_SCALE=0.2 ROUNDS=1 RUNS="ours_bs1 ours_bs4" bash benchmarks/bench_train_sd.sh sd15 /tmp/b
 #
@@ -29,7 +30,7 @@ case $MODE in
 esac
 RUNS=${RUNS:-$DEFAULT_RUNS}
 MODEL=${MODEL:-/tmp/bench_$SIZE}; IMGS=${IMGS:-/tmp/bench_imgs_$SIZE}
-steps() { python3 -c "print(max(14, int($1 * $SCALE)))"; }
+steps() { awk -v n="$1" -v s="$SCALE" 'BEGIN { v = int(n * s); print (v < 14 ? 14 : v) }'; }
 
 # kind (ref|ours), timeout in s, then the run's own flags; unknown labels fail (checked before anything runs)
 args_of() { case $1 in
@@ -67,6 +68,9 @@ for r in $RUNS; do
 done
 mapfile -t ORDERS < <(python3 benchmarks/timing.py order "$ROUNDS" $RUNS) || exit 2
 [ "${#ORDERS[@]}" -gt 0 ] || exit 2
+if [ "${CHECK_ONLY:-0}" = 1 ]; then  # the plan only (gpu_session_17.sh's dry run): runs checked, nothing run
+  printf 'round order: %s\n' "${ORDERS[@]}"; exit 0
+fi
 
 mkdir -p "$OUTD/runs"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false

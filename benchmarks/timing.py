@@ -19,9 +19,10 @@ import shlex
 import statistics
 import sys
 import time
-from typing import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Callable, Iterable, Mapping
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
 def command_line(argv: list[str] | None = None) -> str:
@@ -70,6 +71,8 @@ def interleave(variants: Mapping[str, Callable[[], float]], rounds: int, seed: i
 
 def sync(device: str | torch.device | None = None) -> None:
     """Wait for the device's queued work (no-op on the CPU)."""
+    import torch  # here, not at the top: the shell scripts' `timing.py order` needs no torch
+
     if torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda"):
         torch.cuda.synchronize()
 
