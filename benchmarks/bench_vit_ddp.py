@@ -6,8 +6,10 @@
 
 Random-weight ViTForImageClassification (seed 0, 100 classes), LoRA rank 16 on q,v + the head trainable, frozen base
 weights in bf16, bf16 autocast, AdamW; each process trains on its own random batch of --batch images (per device).
-Timing: CUDA events around whole optimizer steps (gradient all-reduce included), warm-up dropped, median over
-processes' maxima. Prints one JSON line (rank 0): global images/s, step time, peak memory per GPU. With --save,
+Timing: benchmarks/timing.py's timed_ms around whole optimizer steps (a device sync before and after, so the
+gradient all-reduce is included; the host clock on a CPU), warm-up dropped, the median step of the slowest process.
+bench_multi_gpu.sh launches it once per configuration and round, interleaved. Prints the command (rank 0) and one
+JSON line (rank 0): global images/s, step time, peak memory per GPU. With --save,
 rank 0 writes the LoRA + head weights (under FSDP gathered with a full state dict, only trainable keys kept).
 """
 
@@ -23,6 +25,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import timing  # noqa: E402  (the shared timing method)
 
 
 def main() -> None:
@@ -64,27 +69,27 @@ def main() -> None:
     x = torch.randn(args.batch, 3, cfg.image_size, cfg.image_size, generator=g).to(acc.device)
     y = torch.randint(0, 100, (args.batch,), generator=g).to(acc.device)
     cuda = acc.device.type == "cuda"
+    if acc.is_main_process:
+        timing.print_command()
     losses, times = [], []
-    for i in range(args.warmup + args.steps):
-        if i == args.warmup and cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        if cuda:
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
+
+    def step() -> None:
         with acc.autocast():
             loss = F.cross_entropy(model(pixel_values=x).logits.float(), y)
         acc.backward(loss)
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.detach())
-        if cuda:
-            e.record()
+
+    for i in range(args.warmup + args.steps):
+        if i == args.warmup and cuda:
             torch.cuda.synchronize()
-            if i >= args.warmup:
-                times.append(s.elapsed_time(e) / 1000)
-    ms = statistics.median(times) if times else float("nan")
-    step_s = float(acc.reduce(torch.tensor(ms, device=acc.device), "max")) if cuda else float("nan")
+            torch.cuda.reset_peak_memory_stats()
+        ms = timing.timed_ms(step, acc.device)
+        if i >= args.warmup:
+            times.append(ms / 1000)
+    med = statistics.median(times) if times else float("nan")
+    step_s = float(acc.reduce(torch.tensor(med, device=acc.device), "max"))  # the slowest process sets the pace
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
     peaks = acc.gather(torch.tensor([peak], device=acc.device)).tolist()
     finite = all(torch.isfinite(torch.stack(losses)).tolist())

@@ -1,35 +1,98 @@
 #!/bin/bash
-# Issue #17 re-measurement in ONE device call (one H200): every table of docs/benchmarks.md "GPU plan for issue #17",
-# each written under $OUT/<name>/ with the exact command at the top of its output.
+# Issues #17 and #18 re-measured on one H200 in THREE device calls of under 10 minutes each (a device call runs at
+# most 600 s): every GPU number the two issues ask for, each table with the exact command at the top of its output.
 #
-#   bash benchmarks/gpu_session_17.sh            # OUT defaults to /tmp/gpu17; BUDGET (s) skips later parts when spent
-#   PARTS="vit ops" bash benchmarks/gpu_session_17.sh   # only some parts
+#   a: ViT ours vs peft per precision mode (+ kernel profiles), adapter load/switch/fuse, generation with adapters
+#   b: #18's training features at batch 4 (EMA, LoRA+, Prodigy, schedule-free, Adafactor) against the plain step,
+#      interleaved over 2 rounds: "the GPU step stays as fast with them"
+#   c: SD 1.5 batch 16 eager vs --compile (compile cost, net saving at 500 steps, time to the first step, share of
+#      the limit) and pivotal tuning against the plain batch-4 step (one round: compiling alone takes minutes)
+#
+# Before the calls, here (the device has no diffusers, prodigyopt or schedulefree; nothing can be fetched there):
+#   bash benchmarks/gpu_wheels.sh                      # pure-Python wheels into .whl/ (git-ignored)
+# Then three device calls in a row, each `run` with carry [".whl"] and timeout_s 600:
+#   bash benchmarks/gpu_session_17.sh a      (then b, then c)
+# Each call leaves in $OUT: session_<call>.md (the session log and every part's table) and results_<call>.tar.gz
+# (all logs, JSON and profiles), within the device's 8 files of 16 MiB. DRY_RUN=1 prints the plan (commands,
+# estimated seconds, total against the 600 s limit) and checks the parts' prerequisites without running anything:
+#   DRY_RUN=1 bash benchmarks/gpu_session_17.sh a
+# Estimates: ViT-B/16 at 3.7k images/s (docs/benchmarks.md), load+apply 68 ms, the UNet step ~55 ms at batch 1, a
+# train_sd.py run ~21 s to its first step plus its steps (46 ms at batch 4 captured, 135 ms eager, 140 ms at batch
+# 16), and 304 s of compiling for --compile at batch 16 (issue #17's re-measurement).
 set -u
-OUTD=${OUT:-/tmp/gpu17}
-mkdir -p "$OUTD"
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONPATH=$PWD
+CALL=${1:-}
+LIMIT=${LIMIT:-600}  # seconds a device call may run
+case $CALL in
+  a) PARTS=(vit ops generate) ;;
+  b) PARTS=(features) ;;
+  c) PARTS=(compile) ;;
+  *) echo "error: call '$CALL': expected a, b or c (bash benchmarks/gpu_session_17.sh a|b|c; the calls are listed" \
+          "at the top of benchmarks/gpu_session_17.sh)" >&2; exit 2 ;;
+esac
+OUTD=${OUT:-/tmp/gpu17_out}
+WORK=${WORK:-/tmp/gpu17_work}/$CALL
 T0=$(date +%s)
-BUDGET=${BUDGET:-580}
-PARTS=${PARTS:-"vit ops generate train"}
+BUDGET=${BUDGET:-570}  # leave time to pack the results inside the call's limit
+
+# part -> estimated seconds, then the command (run from the repository root)
+estimate() { case $1 in
+  vit) echo 170 ;; ops) echo 120 ;; generate) echo 240 ;; features) echo 480 ;; compile) echo 500 ;; esac; }
+command_of() { case $1 in
+  vit) echo "python3 benchmarks/bench_vit.py --batch 128 --steps 20 --warmup 5 --rounds 5 --variants" \
+            "peft,ours-fp32,peft-bf16,ours-bf16,peft-purebf16,ours-purebf16 --profile peft-purebf16,ours-purebf16" \
+            "--out $WORK/vit" ;;
+  ops) echo "python3 benchmarks/bench_adapter_ops.py --model sd15 --device cuda --dtype bf16 --rounds 5 --repeats 6" \
+            "--out $WORK/ops" ;;
+  generate) echo "python3 benchmarks/bench_generate.py --size sd15 --rounds 5 --iters 20 --steps 30 --batches 1,4" \
+                 "--out $WORK/generate" ;;
+  features) echo "env ROUNDS=2 STEPS_SCALE=0.5 RUNS=\"ours_bs4 ours_bs4_ema ours_bs4_loraplus ours_bs4_prodigy" \
+                 "ours_bs4_schedulefree ours_bs4_adafactor\" bash benchmarks/bench_train_sd.sh sd15 $WORK/features" ;;
+  compile) echo "env ROUNDS=1 RUNS=\"ours_bs16 ours_bs16_compile ours_bs4 ours_bs4_pivotal\" COMPILE_TIMEOUT=380" \
+                "bash benchmarks/bench_train_sd.sh sd15 $WORK/compile" ;;
+esac; }
+
+if [ "${DRY_RUN:-0}" = 1 ]; then
+  total=0
+  echo "call $CALL: plan (dry run, nothing runs)"
+  for p in "${PARTS[@]}"; do
+    cmd=$(command_of "$p"); est=$(estimate "$p"); total=$(( total + est ))
+    echo "- $p (~$est s): $cmd"
+    script=$(grep -oE "benchmarks/[a-z_0-9]+\.(py|sh)" <<< "$cmd" | head -1)
+    [ -f "$script" ] || { echo "error: part $p needs $script, which is not in this checkout" >&2; exit 1; }
+    case $cmd in *bench_train_sd.sh*)  # the runs it names exist, and their round orders
+      eval "CHECK_ONLY=1 ${cmd#env }" | sed 's/^/    /' || { echo "error: part $p names runs bench_train_sd.sh does not have" >&2; exit 1; } ;;
+    esac
+  done
+  echo "estimated total ${total} s of the ${BUDGET} s budget (a device call may run ${LIMIT} s)"
+  [ "$total" -le "$BUDGET" ] || { echo "error: call $CALL would need ~${total} s, over its ${BUDGET} s budget; move a part to another call" >&2; exit 1; }
+  exit 0
+fi
+
+mkdir -p "$OUTD" "$WORK"
+SLOG="$OUTD/session_$CALL.md"
+echo "command: bash benchmarks/gpu_session_17.sh $CALL (commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown))" > "$SLOG"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONPATH=$PWD
+# the carried wheels (device README: --target a folder on PYTHONPATH, no index, no dependencies)
+if ls .whl/*.whl > /dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    >> "$SLOG" 2>&1 || { echo "error: installing the carried wheels failed (see $SLOG)" | tee -a "$SLOG" >&2; exit 1; }
+  export PYTHONPATH=$PWD:/tmp/site
+fi
+python3 -c "import diffusers" 2>> "$SLOG" || { echo "error: diffusers is not importable on this machine; run" \
+  "bash benchmarks/gpu_wheels.sh here first and carry .whl" | tee -a "$SLOG" >&2; exit 1; }
+nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv >> "$SLOG" 2>&1
+python3 -c "import torch, diffusers, transformers; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__)" >> "$SLOG" 2>&1
+
 left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
-part() { name=$1; need=$2; shift 2
-  case " $PARTS " in *" $name "*) ;; *) return ;; esac
-  if [ "$(left)" -lt "$need" ]; then echo "== $name skipped (time budget)" | tee -a "$OUTD/session.log"; return; fi
-  mkdir -p "$OUTD/$name"
-  echo "== $name: $*" | tee -a "$OUTD/session.log"
-  timeout "$(left)" "$@" > "$OUTD/$name/output.md" 2> "$OUTD/$name/stderr.txt"
-  echo "== $name exit $? after $(( $(date +%s) - T0 )) s" | tee -a "$OUTD/session.log"
-}
-nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv > "$OUTD/gpu.txt" 2>&1
-# 1. ViT-B/16 LoRA, ours vs peft in each precision mode, interleaved rounds (~2-3 min)
-part vit 150 python benchmarks/bench_vit.py --batch 128 --steps 20 --warmup 5 --rounds 5 \
-  --variants peft,ours-fp32,peft-bf16,ours-bf16,peft-purebf16,ours-purebf16 --out "$OUTD/vit"
-# 2. adapter load + apply, switch, fuse vs diffusers + peft on SD 1.5 (target: load + apply < 50 ms, fuse <= diffusers)
-part ops 120 python benchmarks/bench_adapter_ops.py --model sd15 --device cuda --dtype bf16 --rounds 5 --repeats 6 \
-  --out "$OUTD/ops"
-# 3. generation: unfused / fused / served / compiled against the base, interleaved (target: unfused < 3% per step)
-part generate 200 python benchmarks/bench_generate.py --size sd15 --rounds 5 --iters 20 --steps 30 --batches 1,4 \
-  --out "$OUTD/generate"
-# 4. SD 1.5 training, batch 16 eager vs compiled: compile cost and time to the first step (the train_sd log lines)
-part train 200 env RUNS="ours_bs16 ours_bs16_compile" ROUNDS=1 bash benchmarks/bench_train_sd.sh sd15 "$OUTD/train"
-echo "total $(( $(date +%s) - T0 )) s" | tee -a "$OUTD/session.log"
+for p in "${PARTS[@]}"; do
+  cmd=$(command_of "$p")
+  need=$(( $(estimate "$p") / 2 ))
+  if [ "$(left)" -lt "$need" ]; then echo "== $p skipped (time budget: $(left) s left)" | tee -a "$SLOG"; continue; fi
+  mkdir -p "$WORK/$p"
+  echo "== $p: $cmd" | tee -a "$SLOG"
+  timeout "$(left)" bash -c "$cmd" > "$WORK/$p/output.md" 2> "$WORK/$p/stderr.txt"
+  echo "== $p exit $? after $(( $(date +%s) - T0 )) s" | tee -a "$SLOG"
+  { echo; echo "### $p"; echo; tail -60 "$WORK/$p/output.md"; } >> "$SLOG"
+done
+tar -czf "$OUTD/results_$CALL.tar.gz" -C "$WORK" --exclude='*.safetensors' --exclude='out_*' . 2>> "$SLOG"
+echo "total $(( $(date +%s) - T0 )) s" | tee -a "$SLOG"

@@ -1,4 +1,6 @@
-"""Summarise benchmarks/bench_multi_gpu.sh: a markdown table of throughput, scaling, peak memory, loss curves.
+"""Summarise benchmarks/bench_multi_gpu.sh: per configuration the median and min-max of images/s (all GPUs) over the
+interleaved rounds (benchmarks/timing.py's table), the scaling 1 -> 2 GPUs as the median (min-max) of per-round
+ratios, peak memory, and the loss curves of the same global batch on 1 and 2 GPUs.
 
     python benchmarks/multi_gpu_summary.py OUT_DIR      (reads OUT_DIR/multi_gpu.log and OUT_DIR/loss_*.csv)
 """
@@ -11,59 +13,96 @@ import statistics
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-def sections(log: str) -> dict[str, tuple[int, list[str]]]:
-    """label -> (processes, lines) of each '== label (n process(es))' block."""
-    out, label = {}, None
+import timing  # noqa: E402  (the shared report)
+
+# 2-GPU configurations against the 1-GPU one they scale (the first is the table's reference column)
+SCALING = (("sd_2gpu_b4", "sd_1gpu_b4"), ("sd_2gpu_b4", "sd_1gpu_b4_graph"), ("vit_2gpu", "vit_1gpu"),
+           ("vit_2gpu_fsdp", "vit_2gpu"))
+
+
+def sections(log: str) -> list[tuple[str, int, int, list[str]]]:
+    """(label, round, processes, lines) of each '== label@rN (n process(es))' block, in log order (a block
+    without @rN counts as round 1)."""
+    out: list[tuple[str, int, int, list[str]]] = []
     for line in log.splitlines():
-        m = re.match(r"== (\S+) \((\d+) process", line)
+        m = re.match(r"== ([^\s@]+)(?:@r(\d+))? \((\d+) process", line)
         if m:
-            label = m.group(1)
-            out[label] = (int(m.group(2)), [])
-        elif label:
-            out[label][1].append(line)
+            out.append((m.group(1), int(m.group(2) or 1), int(m.group(3)), []))
+        elif out and not line.startswith("round "):
+            out[-1][3].append(line)
     return out
+
+
+def throughput(n: int, lines: list[str]) -> tuple[float, str] | None:
+    """(images/s over all processes, peak GiB per process) of one run, or None when it gave no number."""
+    found = [re.search(r"STEPS ours (.*)", ln) for ln in lines]  # a progress bar may sit before it on the line
+    steps = [dict(kv.split("=") for kv in m.group(1).split() if "=" in kv) for m in found if m]
+    if steps:
+        med = max(float(s["median_s"]) for s in steps)  # the slowest process sets the pace
+        batch = float(steps[0]["images_per_s"]) * float(steps[0]["median_s"])
+        return n * batch / med, ", ".join(s["peak_alloc_gib"] for s in steps)
+    res = [json.loads(ln.split("RESULT ", 1)[1]) for ln in lines if "RESULT " in ln]
+    if res and res[-1]["images_per_s"] == res[-1]["images_per_s"]:  # not NaN
+        return float(res[-1]["images_per_s"]), ", ".join(str(p) for p in res[-1]["peak_gib_per_gpu"])
+    return None
 
 
 def losses(path: Path) -> list[float]:
     return [float(r.split(",")[1]) for r in path.read_text().splitlines()[1:]] if path.is_file() else []
 
 
-def main(out_dir: str) -> None:
+def summary(out_dir: str) -> str:
+    """The markdown report of one bench_multi_gpu.sh output folder."""
     out = Path(out_dir)
-    runs = sections((out / "multi_gpu.log").read_text())
-    print("| run | processes | step s (median) | steps/s | images/s (all GPUs) | peak GiB per GPU |")
-    print("|---|---|---|---|---|---|")
-    ips = {}
-    for label, (n, lines) in runs.items():
-        steps = [dict(kv.split("=") for kv in ln.split()[2:] if "=" in kv) for ln in lines if ln.startswith("STEPS ours")]
-        res = [json.loads(ln.split("RESULT ", 1)[1]) for ln in lines if "RESULT " in ln]
-        if steps:
-            med = max(float(s["median_s"]) for s in steps)  # the slowest process sets the pace
-            batch = float(steps[0]["images_per_s"]) * float(steps[0]["median_s"])
-            ips[label] = n * batch / med
-            peaks = ", ".join(s["peak_alloc_gib"] for s in steps)
-            print(f"| {label} | {n} | {med:.4f} | {1 / med:.2f} | {ips[label]:.1f} | {peaks} |")
-        elif res:
-            r = res[-1]
-            ips[label] = r["images_per_s"]
-            print(f"| {label} | {n} | {r['step_s']:.4f} | {1 / r['step_s']:.2f} | {r['images_per_s']:.1f} | "
-                  f"{', '.join(str(p) for p in r['peak_gib_per_gpu'])} |")
-        else:
-            print(f"| {label} | {n} | failed or skipped: {' '.join(lines)[-120:]} | | | |")
-    print()
-    for two, one in (("sd_2gpu_b4", "sd_1gpu_b4"), ("sd_2gpu_b4", "sd_1gpu_b4_graph"), ("vit_2gpu", "vit_1gpu")):
-        if two in ips and one in ips:
-            print(f"- scaling {two} / {one}: {ips[two] / ips[one]:.2f}x")
+    rates: dict[str, list[float]] = {}
+    extra: dict[str, dict[str, str]] = {}
+    failed: list[str] = []
+    for label, rnd, n, lines in sections((out / "multi_gpu.log").read_text()):
+        got = throughput(n, lines)
+        if got is None:
+            failed.append(f"- {label} round {rnd}: failed or skipped: {' '.join(lines)[-160:] or 'no output'}")
+            continue
+        rates.setdefault(label, []).append(got[0])
+        extra[label] = {"processes": str(n), "peak GiB per process": got[1]}
+    lines = []
+    if rates:
+        refs = {two: one for two, one in reversed(SCALING) if two in rates and one in rates}
+        lines.append(timing.markdown_table(rates, "images/s (all GPUs)", refs, extra, digits=1))
+    else:
+        lines.append(f"no configuration of {out / 'multi_gpu.log'} gave a number")
+    lines.append("")
+    for two, one in SCALING:
+        if rates.get(two) and rates.get(one) and len(rates[two]) == len(rates[one]):
+            s = timing.summarize({two: rates[two], one: rates[one]}, {two: one})[two]
+            lines.append(f"- scaling {two} / {one}: {s['median_ratio']:.2f}x ({s['ratio_min']:.2f}-"
+                         f"{s['ratio_max']:.2f}) over {s['n']} round(s)")
     a, b = losses(out / "loss_sd_1gpu_b8.csv"), losses(out / "loss_sd_2gpu_b4.csv")
     if a and b and len(a) == len(b):
         diff = [abs(x - y) for x, y in zip(a, b)]
-        corr = statistics.correlation(a, b) if len(a) > 2 else float("nan")
-        print(f"- loss curve, 1 GPU batch 8 vs 2 GPUs x batch 4 ({len(a)} steps): max |diff| {max(diff):.2e}, "
-              f"mean |diff| {statistics.fmean(diff):.2e}, mean loss {statistics.fmean(a):.4f}, correlation {corr:.6f}")
+        corr = statistics.correlation(a, b) if len(a) > 2 and len(set(a)) > 1 and len(set(b)) > 1 else float("nan")
+        lines.append(f"- loss curve, 1 GPU batch 8 vs 2 GPUs x batch 4 ({len(a)} steps, round 1): max |diff| "
+                     f"{max(diff):.2e}, mean |diff| {statistics.fmean(diff):.2e}, mean loss {statistics.fmean(a):.4f}, "
+                     f"correlation {corr:.6f}")
     else:
-        print(f"- loss curves missing or of different lengths ({len(a)} vs {len(b)} steps)")
+        lines.append(f"- loss curves missing or of different lengths ({len(a)} vs {len(b)} steps)")
+    lines += failed
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1:
+        print("usage: python benchmarks/multi_gpu_summary.py OUT_DIR", file=sys.stderr)
+        return 2
+    try:
+        print(summary(argv[0]))
+    except OSError as err:
+        print(f"error: multi_gpu_summary.py {argv[0]}: {err.strerror or err} ({err.filename}); expected the output "
+              "folder of bench_multi_gpu.sh, with multi_gpu.log in it", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    sys.exit(main(sys.argv[1:]))

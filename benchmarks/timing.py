@@ -8,6 +8,7 @@ where machine drift hits both alike.
 Every script prints the exact command it was run with first (`print_command`), so a table can be re-measured.
 
     python benchmarks/timing.py train-log LOG LIMIT     # the table of bench_train_sd.sh's log (rounds of runs)
+    python benchmarks/timing.py order ROUNDS LABEL...   # round_orders for the shell scripts: one round a line
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ import shlex
 import statistics
 import sys
 import time
-from typing import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Callable, Iterable, Mapping
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
 def command_line(argv: list[str] | None = None) -> str:
@@ -69,6 +71,8 @@ def interleave(variants: Mapping[str, Callable[[], float]], rounds: int, seed: i
 
 def sync(device: str | torch.device | None = None) -> None:
     """Wait for the device's queued work (no-op on the CPU)."""
+    import torch  # here, not at the top: the shell scripts' `timing.py order` needs no torch
+
     if torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda"):
         torch.cuda.synchronize()
 
@@ -167,24 +171,61 @@ def read_train_log(path: str) -> tuple[dict[str, list[float]], dict[str, float]]
     return rates, peaks
 
 
+_FIRST = re.compile(r"first step done ([\d.]+) s after start \(imports and setup ([\d.]+) s, "
+                    r"(?:[a-z +]+ ([\d.]+) s, )?first step ([\d.]+) s")
+
+
+def read_first_steps(path: str) -> dict[str, dict[str, list[float]]]:
+    """{label: {"start": [s], "capture": [s]}} per round from the recipes' `first step done ...` lines (the time to
+    the first step and the static step's capture, which holds the compile under --compile with a CUDA graph)."""
+    out: dict[str, dict[str, list[float]]] = {}
+    label = None
+    with open(path) as f:
+        for line in f:
+            if line.startswith("== "):
+                label = line[3:].split()[0].split("@")[0]
+            m = _FIRST.search(line)
+            if m and label:
+                row = out.setdefault(label, {"start": [], "capture": []})
+                row["start"].append(float(m.group(1)))
+                if m.group(3) is not None:
+                    row["capture"].append(float(m.group(3)))
+    return out
+
+
 def train_log_table(path: str, limit: float) -> str:
     """The markdown table of bench_train_sd.sh: images/s per run label over the rounds, ours against the reference
-    at the same batch (ref_bsN), and the share of the throughput limit."""
+    at the same batch (ref_bsN), the share of the throughput limit, and the time to the first step and the
+    capture (+ compile) before it, median (min-max) over the rounds."""
     rates, peaks = read_train_log(path)
     if not rates:
         return f"no STEPS lines in {path}: every run failed or timed out; see the logs next to it"
+    firsts = read_first_steps(path)
     refs = {label: re.sub(r"^ours(_xl)?_bs(\d+).*$", r"ref_bs\2", label) if label.startswith("ours") else None
             for label in rates}
     extra = {label: {"peak alloc GiB": f"{peaks[label]:.2f}",
-                     f"share of limit ({limit:g} img/s)": f"{100 * statistics.median(rates[label]) / limit:.1f}%"}
+                     f"share of limit ({limit:g} img/s)": f"{100 * statistics.median(rates[label]) / limit:.1f}%",
+                     "first step after start s": spread(firsts[label]["start"], 1) if firsts.get(label, {}).get(
+                         "start") else "",
+                     "capture (+ compile) s": spread(firsts[label]["capture"], 1) if firsts.get(label, {}).get(
+                         "capture") else ""}
              for label in rates}
     return markdown_table(rates, "images/s", refs, extra, digits=1)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["order"]:
+        if len(args) < 3 or not args[1].isdigit() or int(args[1]) < 1:
+            print(f"error: timing.py {' '.join(args)}: expected `order ROUNDS LABEL...` with ROUNDS a whole number "
+                  ">= 1 and at least one label; set ROUNDS=1 or more", file=sys.stderr)
+            return 2
+        for order in round_orders(args[2:], int(args[1])):
+            print(" ".join(order))
+        return 0
     if len(args) != 3 or args[0] != "train-log":
-        print("usage: python benchmarks/timing.py train-log LOG LIMIT_IMAGES_PER_S", file=sys.stderr)
+        print("usage: python benchmarks/timing.py train-log LOG LIMIT_IMAGES_PER_S\n"
+              "       python benchmarks/timing.py order ROUNDS LABEL...", file=sys.stderr)
         return 2
     try:
         limit = float(args[2])

@@ -46,6 +46,7 @@ from lora_vision.training.checkpoint import (CheckpointError, find_checkpoint, n
                                              prepare_output_dir, trim_log)
 from lora_vision.training.config import config_to_dict, load_config, save_config  # noqa: E402
 from lora_vision.training.ema import EMA  # noqa: E402
+from lora_vision.training.first_step import report_first_step  # noqa: E402
 from lora_vision.training.optim import LRSchedule, build_optimizer, eval_mode  # noqa: E402
 from lora_vision.training.sd.caching import prepare_data  # noqa: E402
 from lora_vision.training.sd.captions import CaptionVariants  # noqa: E402
@@ -208,6 +209,8 @@ def train(cfg: SDTrainConfig) -> int:
 
     torch.manual_seed(cfg.seed)  # the same LoRA initialisation on every process and every run
     models, lora_cfgs = add_lora(cfg, unet, text_encoders, dtype)
+    for vectors in tokens.parameters() if tokens else []:  # --train_text_encoder's inject_lora froze all but the LoRA
+        vectors.requires_grad_(True)
     if main_proc:
         print("; ".join(lora_report(m, k) for k, m in models.items()))
     if cfg.gradient_checkpointing:
@@ -262,11 +265,11 @@ def train(cfg: SDTrainConfig) -> int:
     if cfg.shuffle_caption and main_proc:
         print("shuffled captions are encoded on the fly (the original captions and the empty prompt are "
               f"{'cached' if data.table.hidden is not None else 'encoded by the training text encoders'})")
-    static_s = 0.0
+    static_s = None  # seconds capturing the step as a CUDA graph (compiling included under --compile)
     if use_graph or cfg.compile:
         t_static = time.perf_counter()
         steps.use_static(capture=use_graph, compile_unet=cfg.compile, verbose=main_proc)
-        static_s = time.perf_counter() - t_static
+        static_s = time.perf_counter() - t_static if use_graph else None  # uncaptured: compiles in the first step
 
     writer = open_tensorboard(out / cfg.logging_dir) if cfg.report_to == "tensorboard" and main_proc else None
     log_path = out / cfg.logging_dir / "loss.csv"
@@ -293,11 +296,7 @@ def train(cfg: SDTrainConfig) -> int:
     log.flush(cfg.max_train_steps)
     if cfg.time_steps:
         _report_times(hooks.events, cfg.train_batch_size)
-    dump = os.environ.get("LORA_VISION_DUMP_RANK_LORA")
-    if dump:  # debugging/tests: every process writes the LoRA weights it holds, to compare processes
-        Path(dump).mkdir(parents=True, exist_ok=True)
-        write_safetensors(Path(dump) / f"rank{rank}.safetensors",
-                          {k: v.detach().float().cpu().contiguous() for k, v in lora_state_dict(models["unet"]).items()})
+    dump_held_weights(models, tokens, rank)
 
     # ---- save ----------------------------------------------------------------------------------------------
     if main_proc:
@@ -309,6 +308,19 @@ def train(cfg: SDTrainConfig) -> int:
     if writer:
         writer.close()
     return 0
+
+
+def dump_held_weights(models: dict, tokens, rank: int) -> None:
+    """With LORA_VISION_DUMP_RANK_LORA=DIR (debugging, tests): every process writes the LoRA weights and new token
+    vectors it holds to DIR/rank<N>.safetensors, to compare processes."""
+    dump = os.environ.get("LORA_VISION_DUMP_RANK_LORA")
+    if not dump:
+        return
+    Path(dump).mkdir(parents=True, exist_ok=True)
+    held = {f"{comp}.{k}": v for comp, m in models.items() for k, v in lora_state_dict(m).items()}
+    held.update({f"embeddings.{comp}": v for comp, v in (tokens.vectors() if tokens else {}).items()})
+    write_safetensors(Path(dump) / f"rank{rank}.safetensors",
+                      {k: v.detach().float().cpu().contiguous() for k, v in held.items()})
 
 
 def save_outputs(cfg: SDTrainConfig, out: Path, pipe, models: dict, lora_cfgs: dict, ema, tokens, prompt_of, data,
@@ -348,7 +360,7 @@ class StepHooks:
     def after_step(self, step: int, t_step: float) -> None:
         cfg = self.cfg
         if step == self.start and self.main_proc:  # one sync: what compiling and the first step cost (issue #17)
-            _report_first_step(self.device, t_step, self.static_s, cfg.compile)
+            report_first_step(self.device, _T_START, t_step, cfg.compile, self.static_s)
         if self.ema is not None:
             self.ema.update()
         if self.val_loss is not None and ((step + 1) % cfg.validation_steps == 0 or step + 1 == cfg.max_train_steps):
@@ -381,18 +393,6 @@ def _stamp(device: torch.device):
         event.record()
         return event
     return time.perf_counter()
-
-
-def _report_first_step(device: torch.device, t_step: float, static_s: float, compiled: bool) -> None:
-    """Print `first step after X s (setup Y s, static step built in Z s, first step W s)`; with --compile the
-    compile time is in the static-step build (CUDA graph) or in the first step (eager)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    now = time.perf_counter()
-    what = "compile + capture" if compiled else "capture"
-    print(f"first step done {now - _T_START:.1f} s after start (imports and setup {t_step - _T_START - static_s:.1f} s, "
-          f"{what} {static_s:.1f} s, first step {now - t_step:.1f} s{', compile included' if compiled and not static_s else ''})",
-          flush=True)
 
 
 def _report_times(events: list, batch_size: int, warmup: int = 10) -> None:

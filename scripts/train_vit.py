@@ -23,7 +23,9 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+_T_START = time.perf_counter()  # before the heavy imports: the time to the first step counts them (issue #17)
+
+import torch  # noqa: E402
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -47,6 +49,7 @@ from lora_vision.training.vit.evaluate import evaluate
 from lora_vision.training.vit.precision import MasterWeights
 from lora_vision.training.config import load_config, save_config
 from lora_vision.training.ema import EMA
+from lora_vision.training.first_step import report_first_step
 from lora_vision.training.optim import LRSchedule, build_optimizer, eval_mode
 
 REPO = Path(__file__).resolve().parents[1]
@@ -114,9 +117,10 @@ def build_loaders(cfg: ViTTrainConfig, subset, pre, cuda: bool):
 
 
 def train_one(cfg: ViTTrainConfig, mode: str, out: Path, accelerator, subset, ckpt: Path | None = None,
-              label: str | None = None) -> dict:
+              label: str | None = None, t_start: float | None = None) -> dict:
     """Train one mode end to end, resuming from checkpoint `ckpt`; returns its metrics (also out/metrics.json).
-    `label` names the run in messages and the comparison (a LoRA variant of --compare); default: the mode."""
+    `label` names the run in messages and the comparison (a LoRA variant of --compare); default: the mode. With
+    `t_start` (the process start), the time to this run's first optimizer step is printed."""
     from accelerate.utils import set_seed
 
     set_seed(cfg.seed)
@@ -187,6 +191,7 @@ def train_one(cfg: ViTTrainConfig, mode: str, out: Path, accelerator, subset, ck
             accelerator.step = skip
             batch, skip, losses, carried = skip, 0, carried, []
             t0 = time.perf_counter()
+            t_first = t0 if t_start is not None and epoch == start_epoch else None  # the first step loads its batch
             for x, y in loader:
                 with accelerator.accumulate(model):
                     loss = F.cross_entropy(fwd(x).float(), y, label_smoothing=cfg.label_smoothing)
@@ -209,6 +214,11 @@ def train_one(cfg: ViTTrainConfig, mode: str, out: Path, accelerator, subset, ck
                 if accelerator.sync_gradients:
                     run.step += 1
                     bar.update(1)
+                    if t_first is not None:  # one sync: what compiling and the first step cost
+                        if is_main:
+                            report_first_step(accelerator.device, t_start, t_first, cfg.torch_compile,
+                                              prefix=f"[{run.mode}] ")
+                        t_first = None
                     if run.step % cfg.logging_steps == 0:
                         bar.set_postfix(loss=f"{float(loss.detach()):.4f}",
                                         lr=f"{lr * schedule.factor(run.step - 1):.2e}")
@@ -339,8 +349,9 @@ def main(argv: list[str] | None = None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "train_config.yaml")
     try:
-        results = {m: train_one(run_cfg, mode, folders[m], accelerator, subset, resume[m], label=m)
-                   for m, (mode, run_cfg) in runs.items()}
+        results = {m: train_one(run_cfg, mode, folders[m], accelerator, subset, resume[m], label=m,
+                                t_start=_T_START if i == 0 else None)  # the start-up cost: the first run's
+                   for i, (m, (mode, run_cfg)) in enumerate(runs.items())}
     except TrainingInterrupted as stop:
         if accelerator.is_main_process:
             print(stop, file=sys.stderr)

@@ -140,3 +140,110 @@ def test_bench_generate_smoke(tmp_path):
     result = json.loads((tmp_path / "results.json").read_text())
     assert set(result["rounds"]) >= {"base", "ours unfused", "ours fused", "compiled served + hot-swap"}
     assert result["recompiles_after_warmup"] == 0
+
+
+def _bash(script: str, *args: str, timeout: int = 600, **env: str) -> subprocess.CompletedProcess:
+    full = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", **env)
+    return subprocess.run(["bash", script, *args], cwd=REPO, env=full, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_order_prints_the_rounds_for_the_shell_scripts():
+    done = _run("benchmarks/timing.py", "order", "4", "a", "b", "c")
+    assert done.returncode == 0 and done.stdout.splitlines() == [" ".join(o) for o in
+                                                                 timing.round_orders("abc", 4)]
+    done = _run("benchmarks/timing.py", "order", "0", "a")
+    assert done.returncode == 2 and "ROUNDS=1 or more" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_train_log_table_reports_the_first_step_and_capture_per_round(tmp_path):
+    log = tmp_path / "bench.log"
+    log.write_text("".join(
+        f"== ours_bs16_compile@r{r}\nfirst step done {start} s after start (imports and setup 9.0 s, compile + capture "
+        f"{cap} s, first step 0.5 s)\nSTEPS ours n=10 median_s=0.1 steps_per_s=9.5 peak_alloc_gib=12.0\n"
+        for r, (start, cap) in enumerate([(40.0, 30.0), (50.0, 40.0), (45.0, 35.0)])))
+    row = [line for line in timing.train_log_table(str(log), 470).splitlines() if line.startswith("| ours_bs16")][0]
+    assert "| 45.0 (40.0-50.0) | 35.0 (30.0-40.0) |" in row
+
+
+def test_bench_train_sd_refuses_unknown_runs_and_missing_reference_before_any_work(tmp_path):
+    done = _bash("benchmarks/bench_train_sd.sh", "sd15", str(tmp_path / "out"), RUNS="ours_bs4 ours_bs5")
+    assert done.returncode == 2 and "'ours_bs5', which is no run" in done.stderr
+    done = _bash("benchmarks/bench_train_sd.sh", "sd15", str(tmp_path / "out"), RUNS="ref_bs4")
+    assert done.returncode == 2 and ".ref/train_dreambooth_lora.py" in done.stderr
+    done = _bash("benchmarks/bench_train_sd.sh", "sd21", str(tmp_path / "out"))
+    assert done.returncode == 2 and "expected sd15 or sdxl" in done.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_bench_train_sd_cpu_smoke_prints_the_table(tmp_path):
+    done = _bash("benchmarks/bench_train_sd.sh", "sd15", str(tmp_path), MODEL="samples/tiny-sd",
+                 IMGS="samples/instance", SIZE="tiny", RES="64", STEPS_SCALE="0.01", ROUNDS="1", RUNS="ours_bs1")
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert done.stdout.startswith('command: ROUNDS=1 RUNS="ours_bs1"')
+    table = (tmp_path / "table_sd15.md").read_text()
+    row = [line for line in table.splitlines() if line.startswith("| ours_bs1 |")]
+    assert row and "1 interleaved round(s)" in table and "first step after start s" in table
+    assert "== ours_bs1@r1" in (tmp_path / "bench_sd15.log").read_text()
+
+
+def test_multi_gpu_summary_reports_rounds_and_per_round_scaling(tmp_path):
+    summary = _load("multi_gpu_summary")
+    log = []
+    for r, (one, two) in enumerate([(0.10, 0.11), (0.20, 0.21)], start=1):  # the machine slowed down in round 2
+        log += [f"== sd_1gpu_b4@r{r} (1 process(es))",
+                f"STEPS ours n=19 median_s={one} steps_per_s=1 images_per_s={4 / one} peak_alloc_gib=5.30",
+                f"== sd_2gpu_b4@r{r} (2 process(es))",
+                f"training: 93%|###| 13/14 STEPS ours n=19 median_s={two} steps_per_s=1 images_per_s={4 / two} "
+                "peak_alloc_gib=5.30",
+                f"STEPS ours n=19 median_s={two - 0.01} steps_per_s=1 images_per_s=1 peak_alloc_gib=5.31",
+                f"round {r}/2 done"]
+    log += ["== vit_2gpu@r1 (2 process(es))", "Traceback: boom"]
+    (tmp_path / "multi_gpu.log").write_text("\n".join(log) + "\n")
+    text = summary.summary(str(tmp_path))
+    assert "| sd_2gpu_b4 | 2 | 5.30, 5.31 | 55.4 | 38.1-72.7 |" in text  # 2 x 4 / slowest process, per round
+    assert "- scaling sd_2gpu_b4 / sd_1gpu_b4: 1.86x (1.82-1.90) over 2 round(s)" in text
+    assert "- vit_2gpu round 1: failed or skipped: Traceback: boom" in text
+    done = _run("benchmarks/multi_gpu_summary.py", str(tmp_path / "missing"))
+    assert done.returncode == 1 and "expected the output folder of bench_multi_gpu.sh" in done.stderr
+
+
+def test_bench_multi_gpu_refuses_unknown_configurations(tmp_path):
+    done = _bash("benchmarks/bench_multi_gpu.sh", str(tmp_path / "out"), RUNS="vit_3gpu", CPU="1")
+    assert done.returncode == 2 and "'vit_3gpu', which is no configuration" in done.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_bench_multi_gpu_cpu_smoke_prints_the_table(tmp_path):
+    port = str(20000 + os.getpid() % 20000)
+    done = _bash("benchmarks/bench_multi_gpu.sh", str(tmp_path), CPU="1", ROUNDS="1", RUNS="vit_1gpu vit_2gpu",
+                 MASTER_PORT=port, MODEL="samples/tiny-sd", IMGS="samples/instance")
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert done.stdout.startswith('command: CPU=1 ROUNDS=1 RUNS="vit_1gpu vit_2gpu"')
+    table = (tmp_path / "summary.md").read_text()
+    assert "| vit_2gpu | 2 |" in table and "| vit_1gpu |" in table and "- scaling vit_2gpu / vit_1gpu:" in table
+
+
+def test_gpu_session_17_dry_run_plans_every_number_of_issues_17_and_18_within_the_call_limit():
+    plans = {}
+    for call in "abc":
+        done = _bash("benchmarks/gpu_session_17.sh", call, timeout=60, DRY_RUN="1", OUT="/nonexistent/out")
+        assert done.returncode == 0, done.stderr
+        plans[call] = done.stdout
+        total = int(done.stdout.split("estimated total ")[1].split()[0])
+        assert total <= 570, f"call {call} plans {total} s: over the budget of a 600 s device call"
+    plan = "".join(plans.values())
+    # 17: ViT ours vs peft in each precision mode; load/switch/fuse; generation with adapters; compile and first step
+    assert "peft,ours-fp32,peft-bf16,ours-bf16,peft-purebf16,ours-purebf16" in plans["a"]
+    assert "bench_adapter_ops.py --model sd15" in plans["a"] and "bench_generate.py --size sd15" in plans["a"]
+    assert "ours_bs16 ours_bs16_compile" in plans["c"]
+    # 18: the step with EMA, LoRA+ and the new optimizers against the plain step, interleaved over rounds
+    for run in ("ours_bs4", "ours_bs4_ema", "ours_bs4_loraplus", "ours_bs4_prodigy", "ours_bs4_schedulefree",
+                "ours_bs4_adafactor"):
+        assert run in plans["b"].split("round order:")[1], run
+    assert plans["b"].count("round order:") == 2
+    assert not Path("/nonexistent/out").exists()
+    done = _bash("benchmarks/gpu_session_17.sh", "d", timeout=60)
+    assert done.returncode == 2 and "expected a, b or c" in done.stderr

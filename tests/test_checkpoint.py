@@ -4,8 +4,10 @@ corrupt checkpoints, files left by killed processes, the loss log after a resume
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +15,7 @@ import pytest
 import torch
 
 from lora_vision.lora import LoRAConfig, inject_lora, lora_parameters
+from lora_vision.training.first_step import report_first_step
 from lora_vision.training.checkpoint import (CheckpointError, TrainableWeights, find_checkpoint, list_checkpoints,
                                              load_checkpoint, prepare_output_dir, read_state, restore_rng, rng_state,
                                              save_checkpoint, trim_log)
@@ -171,3 +174,30 @@ def test_trainable_weights_resume_exactly_through_the_same_checkpoint(tmp_path: 
     assert torch.equal(wider[0].weight, before)  # nothing was loaded
     with pytest.raises(ValueError, match="reserved key"):
         save_checkpoint(tmp_path, 2, TrainableWeights.of_model(model), optimizer, rng_state(), {}, extra={"step": 9})
+
+
+# ---- the time to the first step, as both recipes print it (lora_vision.training.first_step) ----------------------
+
+FIRST_STEP_LINE = re.compile(r"first step done ([\d.]+) s after start \(imports and setup ([\d.]+) s, (?:(capture|compile \+ "
+                  r"capture) ([\d.]+) s, )?first step ([\d.]+) s(, compile included)?\)")
+
+
+def test_first_step_parts_add_up_to_the_time_since_start(capsys):
+    now = time.perf_counter()
+    line = report_first_step(torch.device("cpu"), now - 10.0, now - 3.0, compiled=False, static_s=2.0, prefix="[x] ")
+    assert capsys.readouterr().out == line + "\n" and line.startswith("[x] first step done")
+    total, setup, what, built, first, compile_note = FIRST_STEP_LINE.search(line).groups()
+    assert what == "capture" and float(built) == 2.0 and compile_note is None
+    assert abs(float(setup) - 5.0) < 0.05 and 3.0 <= float(first) < 3.5 and 10.0 <= float(total) < 10.5
+
+
+def test_first_step_without_a_static_step_a_compiled_first_step_says_it_holds_the_compile():
+    now = time.perf_counter()
+    line = report_first_step(torch.device("cpu"), now - 4.0, now - 1.0, compiled=True)
+    total, setup, what, built, first, compile_note = FIRST_STEP_LINE.search(line).groups()
+    assert what is None and built is None and compile_note == ", compile included"
+    assert abs(float(setup) - 3.0) < 0.05
+    line = report_first_step(torch.device("cpu"), now - 4.0, now - 1.0, compiled=True, static_s=1.5)
+    assert "compile + capture 1.5 s" in line and "compile included" not in line
+    line = report_first_step(torch.device("cpu"), now - 4.0, now - 1.0, compiled=True, static_s=0.0)
+    assert "compile + capture 0.0 s" in line and "compile included" not in line

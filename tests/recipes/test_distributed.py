@@ -5,6 +5,9 @@
 - 2 processes at per-device batch b give the adapter of 1 process at batch 2b (same global batches, averaged
   gradients), to float32 rounding;
 - a checkpoint written by the 2-process run resumes on 1 process and ends where the 1-process run ends;
+- pivotal tuning with the text encoder's LoRA: the new token vectors and the text-encoder LoRA (outside the DDP-wrapped
+  UNet) are averaged over the processes too, so both ranks hold the same vectors and weights, those of 1 process at
+  twice the batch;
 - the ViT recipe shards its loader: each process runs half the steps' batches, not all of them.
 """
 
@@ -13,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -38,10 +42,17 @@ def _launch(args: list[str], processes: int, dump: Path | None = None) -> str:
     if dump is not None:
         env[DUMP] = str(dump)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port",
-           "29517", *args]
+           str(_free_port()), *args]
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done.stdout + done.stderr
+
+
+def _free_port() -> int:
+    """A port nobody listens on now (a fixed one collides with another run of these tests on the machine)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -99,6 +110,39 @@ def test_sd_two_processes_equal_one_process_at_twice_the_batch(instance_dir: Pat
                                                                  "--resume_from_checkpoint", "latest"], 1,
             dump=tmp_path / "dump_resumed")
     assert _max_diff(_weights(tmp_path / "dump_resumed" / "rank0.safetensors"), single) < 1e-5
+
+
+def test_pivotal_tuning_two_processes_agree_with_each_other_and_with_one_process(instance_dir: Path,
+                                                                                 tmp_path: Path) -> None:
+    flags = ["--train_text_encoder_ti", "--token_abstraction", "sks", "--train_text_encoder", "--checkpointing_steps",
+             "100"]
+    _launch(_sd_args(instance_dir, tmp_path / "two", batch=1, steps=3) + flags, 2, dump=tmp_path / "dump2")
+    _launch(_sd_args(instance_dir, tmp_path / "one", batch=2, steps=3) + flags, 1, dump=tmp_path / "dump1")
+    r0, r1 = _weights(tmp_path / "dump2" / "rank0.safetensors"), _weights(tmp_path / "dump2" / "rank1.safetensors")
+    single = _weights(tmp_path / "dump1" / "rank0.safetensors")
+    assert {k.split(".")[0] for k in single} == {"unet", "text_encoder", "embeddings"}
+    # every part trained (B starts at 0; the vectors at the recipe's seeded start), else equal ranks prove nothing
+    start = _start_vectors()
+    assert float((single["embeddings.text_encoder"] - start).abs().min()) > 0
+    for part in ("unet", "text_encoder"):
+        assert max(float(v.abs().max()) for k, v in single.items()
+                   if k.startswith(part + ".") and k.endswith("lora_B.weight")) > 1e-5, part
+    for part in ("unet", "text_encoder", "embeddings"):
+        a, b, one = ({k: v for k, v in d.items() if k.startswith(part + ".")} for d in (r0, r1, single))
+        assert _max_diff(a, b) == 0.0, f"the two ranks hold different {part} weights ({_max_diff(a, b):.3g})"
+        assert _max_diff(a, one) < 1e-5, (f"{part}: 2 processes x batch 1 differ from 1 process x batch 2 by "
+                                          f"{_max_diff(a, one):.3g}")
+
+
+def _start_vectors() -> torch.Tensor:
+    """The new token vectors the recipe starts from (NewTokens draws them from the run's seed)."""
+    from lora_vision.models.sd import load_sd_pipeline
+    from lora_vision.training.sd.config import SDTrainConfig
+    from lora_vision.training.sd.pivotal import NewTokens
+
+    pipe = load_sd_pipeline("tiny-sd1")
+    cfg = SDTrainConfig(train_text_encoder_ti=True, token_abstraction="sks")
+    return NewTokens(cfg, [pipe.tokenizer], {"text_encoder": pipe.text_encoder}).vectors()["text_encoder"]
 
 
 def test_vit_loader_is_sharded_and_ranks_agree(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import importlib.util
+import re
 import shutil
 from pathlib import Path
 
@@ -143,3 +144,12 @@ def test_sd2_v_prediction_with_accumulation_and_checkpointing(train_sd, instance
     adapter = Adapter.load(out / "adapter.safetensors")
     assert adapter.metadata["lora_vision.base"] == "sd2-v"
     assert any(".ff.net.2." in k for k in adapter.tensors)  # the preset reached the feed-forward layers
+
+
+def test_time_to_the_first_step_is_printed_once(train_sd, instance_dir, tmp_path, capsys):
+    assert train_sd.main(base_args("tiny-sd1", instance_dir, tmp_path / "out", steps=2)) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if "first step done" in line]
+    assert len(lines) == 1, lines
+    m = re.fullmatch(r"first step done ([\d.]+) s after start \(imports and setup ([\d.]+) s, first step ([\d.]+) s\)",
+                     lines[0])  # on the CPU no static step is built before the first one
+    assert m and float(m[1]) >= float(m[2]) > 0, lines[0]

@@ -93,3 +93,14 @@ def test_bad_pivotal_settings_are_reported_together(train_sd, instance_dir, tmp_
     assert code == 2 and "Traceback" not in err
     assert "num_new_tokens_per_abstraction=0: expected an integer >= 1" in err
     assert "token_abstraction='my tok': expected one word without spaces or dots" in err
+
+
+def test_new_tokens_train_together_with_the_text_encoder_lora(train_sd, instance_dir, tmp_path):
+    out = tmp_path / "out"
+    assert train_sd.main(base_args("tiny-sd1", instance_dir, out, steps=2) + FLAGS + ["--train_text_encoder"]) == 0
+    pipe = build_tiny_sd("sd1")
+    start = NewTokens(SDTrainConfig(train_text_encoder_ti=True, token_abstraction="sks"), [pipe.tokenizer],
+                      {"text_encoder": pipe.text_encoder}).vectors()["text_encoder"]
+    adapter = Adapter.load(out / "adapter.safetensors")
+    assert float((adapter.embeddings()["sks"]["text_encoder"] - start).abs().min()) > 0, "the new vectors never moved"
+    assert any(k.startswith("text_encoder.") for k in adapter.tensors)  # and the text encoder's LoRA was trained

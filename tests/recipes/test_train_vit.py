@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -100,6 +101,15 @@ def test_compare_writes_table_json_and_plot(data: Path, tmp_path: Path) -> None:
     res = json.loads((tmp_path / "compare.json").read_text())
     assert res["lora"]["trainable"] < res["full"]["trainable"] and res["linear-probe"]["artifact_bytes"] > 0
     assert (tmp_path / "compare.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_time_to_the_first_step_is_printed_once(data: Path, tmp_path: Path, capsys) -> None:
+    _run(tmp_path, data, "--model_name_or_path", "tiny-hf", "--max_train_steps", "2")
+    lines = [line for line in capsys.readouterr().out.splitlines() if "first step done" in line]
+    assert len(lines) == 1, lines
+    m = re.fullmatch(r"\[lora\] first step done ([\d.]+) s after start \(imports and setup ([\d.]+) s, first step "
+                     r"([\d.]+) s\)", lines[0])
+    assert m and float(m[1]) >= float(m[2]) > 0, lines[0]
 
 
 def test_bad_input_is_reported(data: Path, tmp_path: Path, capsys) -> None:

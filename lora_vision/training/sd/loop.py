@@ -30,7 +30,8 @@ from .caching import BatchSampler, BucketCache, TextTable
 from .captions import CaptionVariants
 from .config import SDTrainConfig
 from .pivotal import FILE as TOKENS_FILE, NewTokens
-from .step import Inputs, StaticStep, StepSettings, clip_and_step, gather_inputs, shard_inputs, step_loss
+from .step import (Inputs, StaticStep, StepSettings, average_gradients, clip_and_step, gather_inputs, shard_inputs,
+                   step_loss)
 
 
 class TrainingDiverged(RuntimeError):
@@ -105,6 +106,8 @@ class TrainingSteps:
         self.class_sampler = BatchSampler(class_cache, global_batch, data_rng) if class_cache else None
         self.data_rng, self.generator = data_rng, generator
         self.params, self.optimizer, self.update = params, optimizer, update
+        inside = {id(p) for p in unet.parameters()}  # under DDP, the wrapped denoiser's gradients are averaged by it
+        self.outside_ddp = [p for p in params if id(p) not in inside] if self.world > 1 else []
         self.accumulation, self.max_grad_norm = cfg.gradient_accumulation_steps, cfg.max_grad_norm
         self.prior_loss_weight = cfg.prior_loss_weight
         fp16_cuda = dtype == torch.float16 and self.device.type == "cuda"
@@ -154,8 +157,14 @@ class TrainingSteps:
             with (self.acc.no_sync(self.unet) if not sync else torch.enable_grad()):
                 (self.scaler.scale(loss) if self.scaler else loss).backward()
             total = total + loss.detach()
+        self.average_outside_ddp()
         self.update(self.params, self.optimizer, self.max_grad_norm, self.scaler)
         return total
+
+    def average_outside_ddp(self) -> None:
+        """Under DDP, average the gradients DDP does not: those of the text encoders' LoRA and the new token vectors
+        (the text encoders run outside the wrapped denoiser). Nothing to do on one process."""
+        average_gradients(self.outside_ddp, self.world)
 
     def use_static(self, capture: bool, compile_unet: bool, verbose: bool) -> None:
         """Switch to the static step (torch.compile'd with `compile_unet`; captured as a CUDA graph with `capture`,
@@ -165,7 +174,7 @@ class TrainingSteps:
             self.unet.forward = torch.compile(self.unet.forward)
         saved_rng = self.generator.get_state(), self.data_rng.bit_generator.state
         self.static = StaticStep(self.loss_of, self.params, self.optimizer, self.max_grad_norm,
-                                 self.next_inputs()[0])
+                                 self.next_inputs()[0], self.average_outside_ddp if self.outside_ddp else None)
         if capture:
             try:
                 self.static.capture(warmup=2)

@@ -139,6 +139,22 @@ def step_loss(unet: nn.Module, x: Inputs, table: TextTable, text_encoders: list,
                           loss_type=settings.loss_type, huber_c=huber_c, mask=x.mask)
 
 
+def average_gradients(params: list[torch.Tensor], world: int) -> None:
+    """Average the gradients of `params` over the `world` processes in one all-reduce of their concatenation: the
+    trainable tensors outside the DDP-wrapped denoiser (the text encoders' LoRA, pivotal tuning's new vectors),
+    whose gradients DDP does not reduce. A tensor without a gradient on this process counts as zeros."""
+    if world == 1 or not params:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1).float() for g in grads])
+    torch.distributed.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for p, g in zip(params, grads):
+        p.grad = flat[offset:offset + g.numel()].view_as(g).to(g.dtype)
+        offset += g.numel()
+
+
 def clip_and_step(params: list[torch.Tensor], optimizer: torch.optim.Optimizer, max_grad_norm: float,
                   scaler: torch.amp.GradScaler | None = None) -> None:
     """Clip the gradient norm (no host sync) and step the optimizer; grads are set to None afterwards."""
@@ -163,8 +179,10 @@ class StaticStep:
     """
 
     def __init__(self, loss_fn: Callable[[Inputs], torch.Tensor], params: list[torch.Tensor],
-                 optimizer: torch.optim.Optimizer, max_grad_norm: float, example: Inputs) -> None:
+                 optimizer: torch.optim.Optimizer, max_grad_norm: float, example: Inputs,
+                 after_backward: Callable[[], None] | None = None) -> None:
         self.loss_fn, self.params, self.optimizer, self.max_grad_norm = loss_fn, params, optimizer, max_grad_norm
+        self.after_backward = after_backward  # e.g. average_gradients under DDP (uncaptured: one process captures)
         self.buf = Inputs(*(t.clone() for t in (example.latents, example.noise, example.timesteps,
                                                  example.text_rows, example.time_ids)), example.n_instance,
                           example.mask.clone() if example.mask is not None else None)
@@ -186,6 +204,8 @@ class StaticStep:
     def _body(self) -> torch.Tensor:
         loss = self.loss_fn(self.buf)
         loss.backward()
+        if self.after_backward is not None:
+            self.after_backward()
         clip_and_step(self.params, self.optimizer, self.max_grad_norm)
         return loss.detach()
 
