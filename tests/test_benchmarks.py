@@ -140,3 +140,45 @@ def test_bench_generate_smoke(tmp_path):
     result = json.loads((tmp_path / "results.json").read_text())
     assert set(result["rounds"]) >= {"base", "ours unfused", "ours fused", "compiled served + hot-swap"}
     assert result["recompiles_after_warmup"] == 0
+
+
+def test_kinds_size_quality_compare_finds_the_smallest_setting_reaching_the_other_kind():
+    bench = _load("kinds_size_quality")
+    row = dict(min=0.0, max=0.0, seeds=3, lr=0.01, tensor_bytes=0)
+    table = {"lora r1": dict(row, kind="lora", median=0.90, file_bytes=100, params=10),
+             "lora r4": dict(row, kind="lora", median=0.80, file_bytes=400, params=40),
+             "lora r8": dict(row, kind="lora", median=0.70, file_bytes=800, params=80),
+             "lokr a": dict(row, kind="lokr", median=0.85, file_bytes=20, params=2),
+             "lokr b": dict(row, kind="lokr", median=0.79, file_bytes=40, params=5)}
+    lines = bench.compare(table)
+    # the best LoKr (b, 0.79) is first reached by LoRA r8 (0.70): 800 / 40 bytes, 80 / 5 parameters
+    assert lines[0].startswith("best LoKr 'lokr b' (median 0.7900) is reached by LoRA 'lora r8'")
+    assert "= 20.00x" in lines[0] and "= 16.00x" in lines[0]
+    assert "'lora r1' (median 0.9000): smallest LoKr reaching it 'lokr a'" in lines[1]
+    assert "'lora r4' (median 0.8000): smallest LoKr reaching it 'lokr b'" in lines[2] and "= 10.00x" in lines[2]
+    assert lines[3].endswith("no LoKr setting tried reaches it")
+    del table["lora r8"]
+    assert "is reached by no LoRA tried (largest 'lora r4': median 0.8000)" in bench.compare(table)[0]
+
+
+@pytest.mark.slow
+def test_kinds_size_quality_smoke_trains_both_kinds_through_the_recipe(tmp_path):
+    done = _run("benchmarks/kinds_size_quality.py", "--quick", "--json", str(tmp_path / "r.json"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("command: ")
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert {r["kind"] for r in result["runs"]} == {"lora", "lokr"}
+    for r in result["runs"]:  # the file holds the trained tensors plus key names and the training metadata
+        assert r["file_bytes"] > r["tensor_bytes"] == 4 * r["params"] > 0 and r["fixed_loss"] > 0
+    assert "| lora r1 |" in done.stdout and "| lokr f-1 full |" in done.stdout
+
+
+@pytest.mark.parametrize("argv,said", [(["--steps", "0"], "--steps 0 --batch 4 --lrs [0.003, 0.01, 0.03, 0.1]: "
+                                                           "expected at least 1 step"),
+                                       (["--image", "no/such.jpg"], "--image no/such.jpg: no such file")],
+                         ids=["zero steps", "missing image"])
+def test_kinds_size_quality_rejects_bad_arguments_naming_them(capsys, argv, said):
+    with pytest.raises(SystemExit) as stop:
+        _load("kinds_size_quality").main(argv)
+    assert stop.value.code == 2
+    assert said in capsys.readouterr().err
