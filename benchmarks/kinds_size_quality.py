@@ -90,8 +90,9 @@ def train_once(work: Path, setting: str, lr: float, seed: int, steps: int, model
         code = train_sd.main(argv)
     seconds = time.perf_counter() - t0
     if code != 0:
-        tail = " | ".join(log.getvalue().strip().splitlines()[-3:])
-        raise RuntimeError(f"{setting} (lr {lr}, seed {seed}) failed with exit code {code}: {tail}")
+        lines = log.getvalue().strip().splitlines()
+        said = " | ".join([ln for ln in lines if ln.startswith("train_sd.py:")] or lines[-3:])  # the recipe's error
+        raise RuntimeError(f"{setting} (lr {lr}, seed {seed}) failed with exit code {code}: {said}")
     last = (out / "logs" / "loss.csv").read_text().splitlines()[-1].split(",")
     path = out / "adapter.safetensors"
     factors = [t for spec in Adapter.load(path).layers("unet").values() for t in spec.all_factors.values()]

@@ -182,3 +182,13 @@ def test_kinds_size_quality_rejects_bad_arguments_naming_them(capsys, argv, said
         _load("kinds_size_quality").main(argv)
     assert stop.value.code == 2
     assert said in capsys.readouterr().err
+
+
+def test_kinds_size_quality_failed_run_exits_1_naming_the_setting_and_the_recipes_error(tmp_path, capsys):
+    code = _load("kinds_size_quality").main(["--quick", "--model", str(tmp_path / "no_model"), "--json",
+                                             str(tmp_path / "r.json")])
+    assert code == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("kinds_size_quality.py: error: lora r1 (lr 0.003, seed 0) failed with exit code 1: "
+                          "train_sd.py: error: load_sd_pipeline got"), err
+    assert "no_model" in err and not (tmp_path / "r.json").exists()
