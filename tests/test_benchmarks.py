@@ -234,7 +234,6 @@ def test_gpu_session_17_dry_run_plans_every_number_of_issues_17_and_18_within_th
         plans[call] = done.stdout
         total = int(done.stdout.split("estimated total ")[1].split()[0])
         assert total <= 570, f"call {call} plans {total} s: over the budget of a 600 s device call"
-    plan = "".join(plans.values())
     # 17: ViT ours vs peft in each precision mode; load/switch/fuse; generation with adapters; compile and first step
     assert "peft,ours-fp32,peft-bf16,ours-bf16,peft-purebf16,ours-purebf16" in plans["a"]
     assert "bench_adapter_ops.py --model sd15" in plans["a"] and "bench_generate.py --size sd15" in plans["a"]
@@ -247,3 +246,55 @@ def test_gpu_session_17_dry_run_plans_every_number_of_issues_17_and_18_within_th
     assert not Path("/nonexistent/out").exists()
     done = _bash("benchmarks/gpu_session_17.sh", "d", timeout=60)
     assert done.returncode == 2 and "expected a, b or c" in done.stderr
+
+
+def test_kinds_size_quality_compare_finds_the_smallest_setting_reaching_the_other_kind():
+    bench = _load("kinds_size_quality")
+    row = dict(min=0.0, max=0.0, seeds=3, lr=0.01, tensor_bytes=0)
+    table = {"lora r1": dict(row, kind="lora", median=0.90, file_bytes=100, params=10),
+             "lora r4": dict(row, kind="lora", median=0.80, file_bytes=400, params=40),
+             "lora r8": dict(row, kind="lora", median=0.70, file_bytes=800, params=80),
+             "lokr a": dict(row, kind="lokr", median=0.85, file_bytes=20, params=2),
+             "lokr b": dict(row, kind="lokr", median=0.79, file_bytes=40, params=5)}
+    lines = bench.compare(table)
+    # the best LoKr (b, 0.79) is first reached by LoRA r8 (0.70): 800 / 40 bytes, 80 / 5 parameters
+    assert lines[0].startswith("best LoKr 'lokr b' (median 0.7900) is reached by LoRA 'lora r8'")
+    assert "= 20.00x" in lines[0] and "= 16.00x" in lines[0]
+    assert "'lora r1' (median 0.9000): smallest LoKr reaching it 'lokr a'" in lines[1]
+    assert "'lora r4' (median 0.8000): smallest LoKr reaching it 'lokr b'" in lines[2] and "= 10.00x" in lines[2]
+    assert lines[3].endswith("no LoKr setting tried reaches it")
+    del table["lora r8"]
+    assert "is reached by no LoRA tried (largest 'lora r4': median 0.8000)" in bench.compare(table)[0]
+
+
+@pytest.mark.slow
+def test_kinds_size_quality_smoke_trains_both_kinds_through_the_recipe(tmp_path):
+    done = _run("benchmarks/kinds_size_quality.py", "--quick", "--json", str(tmp_path / "r.json"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("command: ")
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert {r["kind"] for r in result["runs"]} == {"lora", "lokr"}
+    for r in result["runs"]:  # the file holds the trained tensors plus key names and the training metadata
+        assert r["file_bytes"] > r["tensor_bytes"] == 4 * r["params"] > 0 and r["fixed_loss"] > 0
+    assert "| lora r1 |" in done.stdout and "| lokr f-1 full |" in done.stdout
+
+
+@pytest.mark.parametrize("argv,said", [(["--steps", "0"], "--steps 0 --batch 4 --lrs [0.003, 0.01, 0.03, 0.1]: "
+                                                           "expected at least 1 step"),
+                                       (["--image", "no/such.jpg"], "--image no/such.jpg: no such file")],
+                         ids=["zero steps", "missing image"])
+def test_kinds_size_quality_rejects_bad_arguments_naming_them(capsys, argv, said):
+    with pytest.raises(SystemExit) as stop:
+        _load("kinds_size_quality").main(argv)
+    assert stop.value.code == 2
+    assert said in capsys.readouterr().err
+
+
+def test_kinds_size_quality_failed_run_exits_1_naming_the_setting_and_the_recipes_error(tmp_path, capsys):
+    code = _load("kinds_size_quality").main(["--quick", "--model", str(tmp_path / "no_model"), "--json",
+                                             str(tmp_path / "r.json")])
+    assert code == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("kinds_size_quality.py: error: lora r1 (lr 0.003, seed 0) failed with exit code 1: "
+                          "train_sd.py: error: load_sd_pipeline got"), err
+    assert "no_model" in err and not (tmp_path / "r.json").exists()
