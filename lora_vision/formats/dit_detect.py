@@ -19,7 +19,11 @@ from .dit_tables import EXTRA_DIALECTS, FAMILIES, PREFIXES, Family
 
 _SUFFIX = re.compile(r"(?P<sep>[._])(?P<kind>lora_down|lora_up|lora_A|lora_B)(?:\.default)?\.weight$"
                      r"|\.lora(?:_linear_layer)?\.(?P<kind2>down|up)\.weight$"
-                     r"|\.(?P<kind3>down|up)\.weight$|\.(?P<alpha>alpha)$")
+                     r"|\.(?P<kind3>down|up)\.weight$|\.(?P<alpha>alpha)$"
+                     # factors of the other adapter kinds as LyCORIS writes them (lora.kinds names); (IA)^3's bare
+                     # `.weight` is left out: it cannot be told from a full weight
+                     r"|\.(?P<factor>hada_w[12]_[ab]|hada_t[12]|lokr_w[12](?:_[ab])?|lokr_t2|diff(?:_b)?|dora_scale"
+                     r"|oft_blocks|rescale)$|\.(?P<mid>lora_mid)\.weight$")
 _TE_PREFIXES = ("lora_te_", "lora_te1_", "lora_te2_", "lora_te3_", "text_encoder.", "text_encoder_2.",
                 "text_encoder_3.", "text_encoders.")
 
@@ -64,11 +68,13 @@ _TABLES = {name: _tables(f) for name, f in FAMILIES.items()}
 
 
 def split_key(key: str) -> tuple[str, str] | None:
-    """(file module, tensor kind "down" / "up" / "alpha") of a LoRA key in any DiT dialect; None otherwise."""
+    """(file module, tensor kind "down" / "up" / "alpha", or the factor name of another adapter kind: "lokr_w1",
+    "hada_w2_b", "diff", "dora_scale", "lora_mid", ...) of a LoRA key in any DiT dialect; None otherwise."""
     m = _SUFFIX.search(key)
     if not m:
         return None
-    kind = m.group("kind") or m.group("kind2") or m.group("kind3") or "alpha"
+    kind = (m.group("kind") or m.group("kind2") or m.group("kind3") or m.group("factor") or m.group("mid")
+            or "alpha")
     kind = {"lora_down": "down", "lora_A": "down", "lora_up": "up", "lora_B": "up"}.get(kind, kind)
     return key[: m.start()], kind
 

@@ -3,15 +3,17 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 
 from ..adapter import Adapter
 from ..io import write_safetensors
-from ..lora.ops import parse_canonical
+from ..lora.ops import layer_tensors, parse_canonical
+from ..lora.spec import split_key
 from ..metadata import AdapterMetadata
 from .dit_detect import _u, declared_family, family_of_modules, family_of_names
 from .dit_fused import _fuse, _swap_halves, _swaps
@@ -28,7 +30,7 @@ def _native_rows(fam: Family) -> list[tuple[str, str, tuple[str, ...], bool]]:
 
 def dit_family(adapter: Adapter, family: str | None = None) -> str:
     """The family to export for: `family`, else the adapter's metadata, else its module names."""
-    names = {m for (m, _p) in parse_canonical(adapter.state_dict_for(COMPONENT))}
+    names = {split_key(k)[0] for k in adapter.layers(COMPONENT)}
     fam = family or declared_family(adapter.metadata) or family_of_modules(names) or family_of_names(names)
     if fam not in FAMILIES:
         raise ValueError(f"cannot tell the DiT family of this adapter (got {fam!r}); pass family= one of "
@@ -78,23 +80,60 @@ def fuse_tensors(adapter: Adapter, family: str) -> dict[str, tuple[torch.Tensor,
 def dit_kohya_tensors(adapter: Adapter, family: str | None = None,
                       dtype: torch.dtype | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The transformer of `adapter` as kohya / ComfyUI keys (`lora_unet_<native name>`, fused where the native
-    model fuses) plus the ss_/modelspec metadata that names the family."""
-    from .kohya import _output_dtype
+    model fuses) plus the ss_/modelspec metadata that names the family.
+
+    Layers of other kinds (LoKr, LoHa, DoRA, full diff, ...; lora.kinds) keep their kind, written as LyCORIS writes
+    them (kohya.kind_tensors): under `lora_unet_<native name>` when the native module is the live one, else (a part
+    of a fused qkv / linear1, or a layer whose native output halves are swapped) under SimpleTuner's
+    `lycoris_<diffusers name>`, which ComfyUI maps onto its slice of the fused weight; no kind is fused, so the
+    file reads back exactly."""
+    from .kohya import _output_dtype, kind_tensors, lycoris_args
 
     fam = dit_family(adapter, family)
+    adapter = adapter.plain()
+    layers = adapter.layers(COMPONENT)
+    kinds = {k: spec for k, spec in layers.items() if not spec.is_plain}
     tensors: dict[str, torch.Tensor] = {}
-    for native, (a, b, alpha) in fuse_tensors(adapter.plain(), fam).items():
-        key = "lora_unet_" + _u(native)
-        tensors[f"{key}.lora_down.weight"] = a
-        tensors[f"{key}.lora_up.weight"] = b
-        tensors[f"{key}.alpha"] = torch.tensor(float(alpha))
-    want = _output_dtype(tensors, dtype)
-    tensors = {k: v.to(want).contiguous() for k, v in tensors.items()}
+    if len(kinds) < len(layers):
+        plain = Adapter({f"{COMPONENT}.{k}": t for key, spec in layers.items() if spec.is_plain
+                         for k, t in layer_tensors(key, spec).items()}, adapter.metadata)
+        for native, (a, b, alpha) in fuse_tensors(plain, fam).items():
+            key = "lora_unet_" + _u(native)
+            tensors[f"{key}.lora_down.weight"] = a
+            tensors[f"{key}.lora_up.weight"] = b
+            tensors[f"{key}.alpha"] = torch.tensor(float(alpha))
+    natives = _one_to_one(FAMILIES[fam])
+    for live, spec in kinds.items():
+        native = natives(live)
+        key = "lora_unet_" + _u(native) if native is not None else "lycoris_" + _u(live)
+        tensors.update(kind_tensors(key, spec))
+    want = _output_dtype({k: v for k, v in tensors.items() if v.is_floating_point()}, dtype)
+    tensors = {k: (v.to(want) if v.is_floating_point() else v).contiguous() for k, v in tensors.items()}
     f = FAMILIES[fam]
     meta = {"ss_network_module": "networks.lora", "ss_base_model_version": f.base_version,
             "modelspec.sai_model_spec": "1.0.1", "modelspec.architecture": f.architecture,
             **AdapterMetadata(base=fam).to_strings()}
+    if kinds:  # LyCORIS' own metadata, as the SD kohya export writes it
+        meta["ss_network_module"] = "lycoris.kohya"
+        meta["ss_network_args"] = json.dumps(lycoris_args(kinds.values()))
     return tensors, meta
+
+
+def _one_to_one(fam: Family) -> Callable[[str], str | None]:
+    """live module name -> its native name, for the rows where one native module is one live module with the same
+    output layout (not fused, not swapped); None for the others."""
+    rows = []
+    for _group, native_t, live_t, swap in _native_rows(fam):
+        if len(live_t) == 1 and not swap:
+            rows.append((re.compile(re.escape(live_t[0]).replace(r"\{\}", r"(\d+)")), native_t))
+
+    def native(live: str) -> str | None:
+        for pattern, native_t in rows:
+            m = pattern.fullmatch(live)
+            if m:
+                return native_t.format(*m.groups())
+        return None
+    return native
 
 
 def export_dit_kohya(adapter: Adapter, path: str | Path, family: str | None = None, dtype: torch.dtype | None = None,

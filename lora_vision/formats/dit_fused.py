@@ -15,9 +15,14 @@ import torch
 from .common import BaseMismatchError, ComponentInfo
 
 
+def swaps(rows: int, inputs: int) -> bool:
+    """True when a swapping row's output halves trade places: (shift, scale) <-> (scale, shift), two chunks, only
+    in AdaLayerNormContinuous layers (out = 2 x in)."""
+    return rows == 2 * inputs
+
+
 def _swaps(up: torch.Tensor, down: torch.Tensor) -> bool:
-    # Two chunks (shift, scale) <-> (scale, shift): only AdaLayerNormContinuous layers (out = 2 x in) trade halves.
-    return up.shape[0] == 2 * down.shape[1]
+    return swaps(up.shape[0], down.shape[1])
 
 
 def _swap_halves(t: torch.Tensor) -> torch.Tensor:
@@ -25,22 +30,20 @@ def _swap_halves(t: torch.Tensor) -> torch.Tensor:
     return torch.cat([b, a], dim=0)
 
 
-def _part_rows(label: str, names: tuple[str, ...], info: ComponentInfo | None, down: torch.Tensor,
-               up: torch.Tensor) -> list[int]:
-    """Rows of each part of a fused module: the model's sizes, or (no model) the input width for q, k and v and the
-    rest for the MLP input. Raises ValueError with the reason when the rows do not split so."""
-    total = up.shape[0]
+def _part_rows(label: str, names: tuple[str, ...], info: ComponentInfo | None, total: int, width: int) -> list[int]:
+    """Rows of each part of a fused module of `total` rows and `width` inputs: the model's sizes, or (no model) the
+    input width for q, k and v and the rest for the MLP input. Raises ValueError with the reason when the rows do
+    not split so (KeyError naming the parts the model lacks)."""
     if info is not None and info.live:
         missing = [n for n in names if n not in info.modules]
         if missing:
             raise KeyError(", ".join(missing))
         sizes = [info.modules[n][1][0] for n in names]
         ins = {info.modules[n][1][1] for n in names}
-        if down.shape[1] not in ins or len(ins) != 1:
-            raise BaseMismatchError(f"{label}: lora_down has {down.shape[1]} inputs but the model's "
+        if width not in ins or len(ins) != 1:
+            raise BaseMismatchError(f"{label}: lora_down has {width} inputs but the model's "
                                     f"{', '.join(names)} take {sorted(ins)}; the file was made for another size")
     else:
-        width = down.shape[1]
         sizes = [width if not n.endswith("proj_mlp") else total - 3 * width for n in names]
     if sum(sizes) != total or min(sizes) <= 0:
         raise ValueError(f"{total} rows do not split into {' + '.join(map(str, sizes))} "

@@ -14,14 +14,18 @@ from typing import Mapping
 import torch
 
 from ..io import AdapterFileError
+from ..lora.kinds import kind_of
+from ..lora.ops import layer_tensors
+from ..lora.spec import LayerSpec
 from .common import BaseMismatchError, ComponentInfo, ImportReport, alpha_value, fit_pair, is_unsupported, put
 from .diffusers import _alpha_rule, peft_alpha
 from .dit_detect import (_TE_PREFIXES, Target, _group, detect_family, declared_family, dit_format,  # noqa: F401
                          family_of_modules, family_of_names, is_dit_keys, resolve, split_key, strip_prefix)
 from .dit_export import _native_rows, dit_family, dit_kohya_tensors, export_dit_kohya, fuse_tensors  # noqa: F401
-from .dit_fused import _part_rows, _split_fused, _swap_halves, _swaps
+from .dit_fused import _part_rows, _split_fused, _swap_halves, _swaps, swaps
 from .dit_tables import COMPONENT, FAMILIES, FLUX2_SIZES
 from .dit_text import import_clip_encoders, import_family_encoders
+from .kohya import kind_factors, kind_spec
 
 
 def import_dit(raw: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None,
@@ -76,6 +80,17 @@ def _sizes(family: str, groups: Mapping[str, dict], info: ComponentInfo | None) 
     return f"hidden size: file {_hidden(family, file_w)}, model {_hidden(family, model_w)}"
 
 
+def _target(family: str, mod: str, report: ImportReport, dialects: set[str]) -> Target | None:
+    """The live module(s) a file module maps to (its dialect noted in `dialects`), or None, noted as not found."""
+    hit = resolve(family, mod)
+    if hit is None:
+        report.not_found.append(f"{COMPONENT}.{mod}")
+        return None
+    label, target = hit
+    dialects.add(target.dialect if target.dialect in ("xlabs", "diffsynth") else label)
+    return target
+
+
 def _import_modules(groups: Mapping[str, dict], family: str, info: ComponentInfo | None, source: str,
                     out: dict[str, torch.Tensor], report: ImportReport, dialects: set[str],
                     metadata: Mapping[str, str]) -> None:
@@ -83,15 +98,17 @@ def _import_modules(groups: Mapping[str, dict], family: str, info: ComponentInfo
     without an alpha tensor takes its alpha from diffusers' `lora_adapter_metadata` when the file has one."""
     rule = _alpha_rule(metadata, COMPONENT)
     for mod, g in groups.items():
+        factors = kind_factors({_FILE_SUFFIX.get(n, n): t for n, t in g.items()})
+        kind = kind_of(factors, factors)
+        if kind is not None and (kind != "lora" or set(factors) - {"A", "B"}):
+            _import_kind(mod, kind, g, factors, family, info, source, out, report, dialects)
+            continue
         if "down" not in g or "up" not in g:
             raise AdapterFileError(f"{source}: module {mod} has only [{', '.join(sorted(g))}]; a LoRA module needs "
                                    "lora_down and lora_up (an orphan alpha or half a pair means the file is broken)")
-        hit = resolve(family, mod)
-        if hit is None:
-            report.not_found.append(f"{COMPONENT}.{mod}")
+        target = _target(family, mod, report, dialects)
+        if target is None:
             continue
-        label, target = hit
-        dialects.add(target.dialect if target.dialect in ("xlabs", "diffsynth") else label)
         down, up = g["down"], g["up"]
         alpha = alpha_value(f"{source}: {mod}", g.get("alpha"), down.shape[0])
         if g.get("alpha") is None and rule is not None and len(target.live) == 1:
@@ -113,7 +130,7 @@ def _import_modules(groups: Mapping[str, dict], family: str, info: ComponentInfo
             report.matched.append(f"{COMPONENT}.{name}")
             continue
         try:
-            sizes = _part_rows(f"{source}: {mod}", target.live, info, down, up)
+            sizes = _part_rows(f"{source}: {mod}", target.live, info, up.shape[0], down.shape[1])
         except KeyError:
             report.not_found.append(f"{COMPONENT}.{mod}")
             continue
@@ -131,3 +148,81 @@ def _import_modules(groups: Mapping[str, dict], family: str, info: ComponentInfo
             report.matched.append(f"{COMPONENT}.{name}")
             done.append(name.rsplit(".", 1)[-1])
         report.split.append(f"{mod} -> {', '.join(done)}")
+
+
+# split_key's tensor names -> the kohya suffixes kohya.kind_factors reads (the other kinds' factors keep their names)
+_FILE_SUFFIX = {"down": "lora_down.weight", "up": "lora_up.weight", "lora_mid": "lora_mid.weight"}
+
+
+def _import_kind(mod: str, kind: str, g: Mapping[str, torch.Tensor], factors: dict[str, torch.Tensor], family: str,
+                 info: ComponentInfo | None, source: str, out: dict[str, torch.Tensor], report: ImportReport,
+                 dialects: set[str]) -> None:
+    """One file module of another kind than plain LoRA (LoKr, LoHa, full diff, DoRA, ...; lora.kinds). On one live
+    module it is kept whole, checked against the model's weight. On a fused native module (BFL qkv, Flux.1's
+    linear1) or one whose output halves trade places (final_layer.adaLN_modulation.1), the kind's update is worked
+    out over the native weight (the kind's rule, LayerSpec.delta) and its rows go to the live modules as full
+    diffs, which is exact at every strength; the report's `split` says so. Broken layers (half a kind's tensors,
+    rows that do not split into the model's parts) go to `report.invalid`, one line each."""
+    target = _target(family, mod, report, dialects)
+    if target is None:
+        return
+    live = info is not None and info.live
+    if live and any(n not in info.modules for n in target.live):
+        report.not_found.append(f"{COMPONENT}.{mod}")
+        return
+    names = target.live
+    if len(names) == 1 and not target.swap:  # the kind whole, on its one live module
+        mtype, wshape = info.modules[names[0]] if live else ("", ())
+        spec = kind_spec(source, mod, kind, g, factors, None, mtype, wshape, live)
+        if isinstance(spec, list):
+            report.invalid += spec
+            return
+        _put_layer(out, report, names[0], spec)
+        return
+    spec = kind_spec(source, mod, kind, g, factors, None, "Linear", None, False)  # the factors among themselves
+    if isinstance(spec, list):
+        report.invalid += spec
+        return
+    weight = None
+    if spec.weight_dependent:  # DoRA, OFT, ...: the update needs the native (fused) weight
+        if not live or info.weight is None:
+            report.unsupported.append(f"{mod} ({spec.label} over {', '.join(n.rsplit('.', 1)[-1] for n in names)}: "
+                                      "its update depends on the base weights; give the model (models=...) to read "
+                                      "it)")
+            return
+        weight = torch.cat([info.weight(n).detach().float() for n in names], 0)
+        problems = spec.check(tuple(weight.shape))
+        if problems:
+            report.invalid += [f"{mod}: {p}" for p in problems]
+            return
+    if weight is not None and target.swap and swaps(*weight.shape):
+        weight = _swap_halves(weight)  # the native layout of the live weight
+    delta, bias = spec.delta(weight), spec.bias_delta()
+    swap = target.swap and swaps(*delta.shape)
+    if swap:  # native (shift, scale) rows -> the live (scale, shift)
+        delta, bias = _swap_halves(delta), (_swap_halves(bias) if bias is not None else None)
+    try:
+        sizes = _part_rows(f"{source}: {mod}", names, info, delta.shape[0], delta.shape[1]) if len(names) > 1 \
+            else [delta.shape[0]]
+    except ValueError as e:
+        report.invalid.append(f"{mod}: {spec.label} update {tuple(delta.shape)}: {e}")
+        return
+    done = []
+    for name, rows, d, b in zip(names, sizes, delta.split(sizes, 0),
+                                bias.split(sizes, 0) if bias is not None else [None] * len(sizes)):
+        if not d.any() and (b is None or not b.any()):
+            continue  # this part is not adapted in the file (zero rows)
+        mtype, wshape = info.modules[name] if live else ("Linear", (rows, d.shape[1]))
+        full = {"diff": d.reshape(wshape).clone()} | ({"diff_b": b.clone()} if b is not None else {})
+        _put_layer(out, report, name, LayerSpec(None, None, 1.0, "lora", "full", full))
+        done.append(name.rsplit(".", 1)[-1] if len(names) > 1 else name)
+    how = "computed with the model's weights, " if weight is not None else ""
+    what = "output halves swapped" if swap else "rows split"
+    report.split.append(f"{mod} -> {', '.join(done)} ({spec.label} over the native weight, {how}{what}, applied as "
+                        "full diffs)")
+
+
+def _put_layer(out: dict[str, torch.Tensor], report: ImportReport, name: str, spec: LayerSpec) -> None:
+    out.update({f"{COMPONENT}.{k}": t for k, t in layer_tensors(name, spec).items()})
+    report.matched.append(f"{COMPONENT}.{name}")
+    report.kinds[spec.label] = report.kinds.get(spec.label, 0) + 1
