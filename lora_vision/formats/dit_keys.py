@@ -54,7 +54,7 @@ def import_dit(raw: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | No
         raise BaseMismatchError(f"{e}; {_sizes(family, groups, info)}") from None
     report.format = "+".join(sorted(dialects)) if dialects else "dit"
     if te_raw:
-        te_raw = import_family_encoders(te_raw, family, infos, source, out, report)
+        te_raw = import_family_encoders(te_raw, family, infos, source, out, report, metadata)
     if te_raw:
         te_tensors, te_report = import_clip_encoders(te_raw, metadata, infos, source)
         out.update(te_tensors)
