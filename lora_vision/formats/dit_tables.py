@@ -17,8 +17,8 @@ Prefixes: `lora_unet_` (kohya / musubi, underscores), `lora_transformer_` (OneTr
 (SimpleTuner / LyCORIS, underscores), `diffusion_model.` (ComfyUI, ai-toolkit), `transformer.` (diffusers, PEFT
 via diffusers, ai-toolkit), `base_model.model.` (PEFT), or none (BFL, DiffSynth, XLabs).
 
-The tables below are data: block rows (native suffix -> live suffixes) per family, read both ways by
-formats/dit_keys.py.
+The tables below are data: block rows (native suffix -> live suffixes) per family, read both ways: by
+formats/dit_detect.py (file names -> live modules) and formats/dit_export.py (live modules -> native names).
 """
 
 from __future__ import annotations
