@@ -5,7 +5,7 @@ adapter's base architecture."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
@@ -36,6 +36,9 @@ class ComponentInfo:
     unet_config: Mapping[str, Any] | None = None
     family: str | None = None
     live: bool = False  # True when built from the real target model (shapes are authoritative)
+    weight: Callable[[str], torch.Tensor] | None = field(default=None, repr=False, compare=False)
+    """The live module's base weight by name (live models only): for updates that depend on it (DoRA, OFT, ...)
+    when a reader must work them out itself (a kind over a fused DiT module)."""
 
 
 def describe_models(models: Mapping[str, nn.Module]) -> dict[str, ComponentInfo]:
@@ -44,11 +47,13 @@ def describe_models(models: Mapping[str, nn.Module]) -> dict[str, ComponentInfo]
     for comp, model in models.items():
         if model is None:
             continue
-        mods = {n: (type(m).__name__, _weight_shape(m)) for n, m in naming.adaptable_modules(model).items()}
+        adaptable = naming.adaptable_modules(model)
+        mods = {n: (type(m).__name__, _weight_shape(m)) for n, m in adaptable.items()}
         cfg = dict(model.config) if comp == "unet" and hasattr(model, "config") else None
         fam = naming.sd_family(cfg) if cfg is not None else (
             naming.dit_family(type(model).__name__) if comp == "transformer" else None)
-        out[comp] = ComponentInfo(mods, hasattr(model, "text_model"), cfg, fam, live=True)
+        out[comp] = ComponentInfo(mods, hasattr(model, "text_model"), cfg, fam, live=True,
+                                  weight=lambda name, _m=adaptable: _m[name].weight)
     return out
 
 

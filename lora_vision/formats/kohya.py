@@ -31,7 +31,7 @@ import re
 import struct
 import warnings
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import torch
 
@@ -100,7 +100,7 @@ def import_kohya(tensors: Mapping[str, torch.Tensor], infos: Mapping[str, Compon
     out: dict[str, torch.Tensor] = {}
     for mod, g in groups.items():
         scale = g.pop("scale", None)  # A1111: `scale` overrides alpha / r
-        factors = {_FACTOR.get(s, s): t for s, t in g.items() if s != "alpha" and known_factor(_FACTOR.get(s, s))}
+        factors = kind_factors(g)
         kind = kind_of(factors, factors)
         if kind == "norm":
             report.unsupported += [f"{mod}.{s} (norm-layer update: not applied yet)" for s in sorted(g)]
@@ -158,32 +158,46 @@ def _import_kind(out: dict[str, torch.Tensor], report: ImportReport, resolver: N
         report.not_found.append(mod)
         return
     comp, live, info, mtype, wshape = target
-    if kind == "lora" and "lora_mid" not in factors and "A" in factors and "B" in factors:
-        ktype = mtype if info.live else ("Conv2d" if factors["A"].dim() == 4 else "Linear")
-        try:
-            factors["A"], factors["B"] = fit_pair(f"{source}: {mod}", ktype, wshape or None, factors["A"],
-                                                  factors["B"], False)
-        except AdapterFileError as e:
-            report.invalid.append(str(e))
-            return
-    problems = check_kind(kind, factors, tuple(wshape) if info.live and wshape else None, f"{mtype} weight")
-    if problems:
-        report.invalid += [f"{mod}: {p}" for p in problems]
+    spec = kind_spec(source, mod, kind, g, factors, scale, mtype, wshape, info.live)
+    if isinstance(spec, list):
+        report.invalid += spec
         return
-    rank = rank_of(kind, factors)
-    if kind in ("oft", "boft"):  # alpha is the rotation constraint there, 0 meaning none (lora.kinds)
-        alpha = float(g["alpha"].float().item()) if g.get("alpha") is not None and g["alpha"].numel() == 1 else 0.0
-        if not (alpha >= 0 and alpha != float("inf")):
-            report.invalid.append(f"{mod}: OFT constraint alpha {alpha} must be finite and >= 0")
-            return
-    else:
-        alpha = _alpha(source, mod, g.get("alpha"), scale, rank or 1)
-    a, b = (factors.pop("A"), factors.pop("B")) if kind == "lora" else (None, None)
-    spec = LayerSpec(a, b, alpha, "lora", kind, factors)
     for k, t in layer_tensors(live, spec).items():
         out[f"{comp}.{k}"] = t
     report.matched.append(f"{comp}.{live}")
     report.kinds[spec.label] = report.kinds.get(spec.label, 0) + 1
+
+
+def kind_factors(g: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The factors (lora.kinds names: A, B, hada_w1_a, lokr_w1, diff, dora_scale, ...) among a file module's
+    tensors, keyed by their kohya / LyCORIS suffixes."""
+    return {_FACTOR.get(s, s): t for s, t in g.items() if s != "alpha" and known_factor(_FACTOR.get(s, s))}
+
+
+def kind_spec(source: str, mod: str, kind: str, g: Mapping[str, torch.Tensor], factors: dict[str, torch.Tensor],
+              scale: torch.Tensor | None, mtype: str, wshape: tuple[int, ...] | None,
+              live: bool) -> LayerSpec | list[str]:
+    """The LayerSpec of one file module of `kind` (its `factors`, its alpha or A1111 `scale` from `g`) on a
+    `mtype` weight of shape `wshape` (checked when `live`), or the problems that make it unusable, one line each."""
+    if kind == "lora" and "lora_mid" not in factors and "A" in factors and "B" in factors:
+        ktype = mtype if live else ("Conv2d" if factors["A"].dim() == 4 else "Linear")
+        try:
+            factors["A"], factors["B"] = fit_pair(f"{source}: {mod}", ktype, wshape or None, factors["A"],
+                                                  factors["B"], False)
+        except AdapterFileError as e:
+            return [str(e)]
+    problems = check_kind(kind, factors, tuple(wshape) if live and wshape else None, f"{mtype} weight")
+    if problems:
+        return [f"{mod}: {p}" for p in problems]
+    rank = rank_of(kind, factors)
+    if kind in ("oft", "boft"):  # alpha is the rotation constraint there, 0 meaning none (lora.kinds)
+        alpha = float(g["alpha"].float().item()) if g.get("alpha") is not None and g["alpha"].numel() == 1 else 0.0
+        if not (alpha >= 0 and alpha != float("inf")):
+            return [f"{mod}: OFT constraint alpha {alpha} must be finite and >= 0"]
+    else:
+        alpha = _alpha(source, mod, g.get("alpha"), scale, rank or 1)
+    a, b = (factors.pop("A"), factors.pop("B")) if kind == "lora" else (None, None)
+    return LayerSpec(a, b, alpha, "lora", kind, factors)
 
 
 def _alpha(source: str, mod: str, alpha: torch.Tensor | None, scale: torch.Tensor | None, rank: int) -> float:
@@ -295,10 +309,7 @@ def kohya_tensors(adapter: Adapter, base: str, dtype: torch.dtype | None = None,
     for key, spec in kinds.items():  # each with its own alpha: LyCORIS files carry one per module
         if any(k.startswith(key + ".") for k in tensors):
             raise AdapterFileError(f"two modules map to the kohya key {key}")
-        for n, t in spec.all_factors.items():
-            tensors[f"{key}.{_SUFFIX.get(n, n)}"] = t
-        if get_kind(spec.kind).uses_alpha:  # (IA)^3, full and norm have none in LyCORIS files
-            tensors[key + ".alpha"] = torch.tensor(float(spec.alpha))
+        tensors.update(kind_tensors(key, spec))
     dtype = _output_dtype({k: v for k, v in tensors.items() if v.is_floating_point()}, dtype)
     tensors = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in tensors.items()}
     ranks = sorted({int(e["rank"]) for _, e, conv in rows if not conv})
@@ -312,18 +323,33 @@ def kohya_tensors(adapter: Adapter, base: str, dtype: torch.dtype | None = None,
         args = {"conv_dim": str(conv_ranks[0]) if len(conv_ranks) == 1 else "Dynamic",
                 "conv_alpha": str(float(conv_alpha))}
     if kinds:  # LyCORIS' own metadata: A1111, ComfyUI and Forge read the tensors; trainers read the algo
-        algos = sorted({"locon" if sp.kind == "lora" else ("diag-oft" if sp.kind == "oft" else sp.kind)
-                        for sp in kinds.values()})
         meta["ss_network_module"] = "lycoris.kohya"
-        args["algo"] = algos[0] if len(algos) == 1 else ",".join(algos)
-        if any("dora_scale" in sp.factors for sp in kinds.values()):
-            args["dora_wd"] = "True"
+        args.update(lycoris_args(kinds.values()))
         if not rows:
             dims = sorted({sp.rank for sp in kinds.values()})
             meta["ss_network_dim"] = str(dims[0]) if len(dims) == 1 else "Dynamic"
             meta["ss_network_alpha"] = str(_common([float(sp.alpha) for sp in kinds.values()]))
     meta["ss_network_args"] = json.dumps(args)
     return tensors, meta
+
+
+def kind_tensors(key: str, spec: LayerSpec) -> dict[str, torch.Tensor]:
+    """The tensors of one layer of another kind than plain LoRA as LyCORIS writes them: `<key>.<factor>` (LoRA's
+    A / B / Tucker core as lora_down / lora_up / lora_mid) and `<key>.alpha` for the kinds that have one."""
+    out = {f"{key}.{_SUFFIX.get(n, n)}": t for n, t in spec.all_factors.items()}
+    if get_kind(spec.kind).uses_alpha:  # (IA)^3, full and norm have none in LyCORIS files
+        out[key + ".alpha"] = torch.tensor(float(spec.alpha))
+    return out
+
+
+def lycoris_args(specs: Iterable[LayerSpec]) -> dict[str, str]:
+    """LyCORIS' ss_network_args for layers of other kinds: the algo(s) and dora_wd."""
+    specs = list(specs)
+    algos = sorted({"locon" if sp.kind == "lora" else ("diag-oft" if sp.kind == "oft" else sp.kind) for sp in specs})
+    args = {"algo": algos[0] if len(algos) == 1 else ",".join(algos)}
+    if any("dora_scale" in sp.factors for sp in specs):
+        args["dora_wd"] = "True"
+    return args
 
 
 def _output_dtype(tensors: Mapping[str, torch.Tensor], dtype: torch.dtype | None) -> torch.dtype:

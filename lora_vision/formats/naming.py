@@ -57,6 +57,30 @@ def transformers_major() -> int:
     return int(transformers.__version__.split(".")[0])
 
 
+# ---- LLM text encoders of the DiT pipelines (Qwen2.5-VL, Mistral 3, Qwen3) --------------------------------------
+
+# One module, several spellings: transformers 5 (and 4.52+) nest the language model of Qwen2.5-VL / Mistral 3 as
+# `model.language_model.layers.N`, older transformers as `model.layers.N` (Qwen2.5-VL) or
+# `language_model.model.layers.N` (Mistral 3); Qwen3ForCausalLM has `model.layers.N`, Qwen3Model `layers.N`. The
+# vision towers moved the same way (`visual.` -> `model.visual.`, ...).
+_LLM_SPELLINGS = ("model.language_model.", "language_model.model.", "model.", "")
+_VISION_SPELLINGS = (("model.visual.", "visual."), ("model.vision_tower.", "vision_tower."),
+                     ("model.multi_modal_projector.", "multi_modal_projector."))
+
+
+def llm_aliases(name: str) -> list[str]:
+    """Every spelling files use for the live module `name` of an LLM text encoder (itself first); [name] for
+    modules of other models (CLIP, T5)."""
+    for p in _LLM_SPELLINGS:
+        if name.startswith(p + "layers."):
+            return [name] + [q + name[len(p):] for q in _LLM_SPELLINGS if q != p]
+    for spellings in _VISION_SPELLINGS:
+        for p in spellings:
+            if name.startswith(p):
+                return [name] + [q + name[len(p):] for q in spellings if q != p]
+    return [name]
+
+
 # ---- HF ViT v4 <-> v5 ------------------------------------------------------------------------------------------
 
 _VIT_V4_TO_V5 = (

@@ -234,7 +234,14 @@ def load_adapter(pipe: Any, source: AdapterSource, name: str = "default", streng
         raise type(e)(f"{type(pipe).__name__}: {e}") from None
     label = "<Adapter>" if isinstance(source, Adapter) else "<tensors>" if isinstance(source, Mapping) else str(source)
     fmt = src_report.format if src_report is not None else "lora_vision"
+    broken = list(src_report.invalid) if src_report is not None else []  # layers the reader could not build
+    if broken and strict:
+        more = f" (+{len(broken) - 3} more)" if len(broken) > 3 else ""
+        raise AdapterMismatchError(f"{label}: {len(broken)} broken layers in the file, nothing was loaded: "
+                                   f"{'; '.join(broken[:3])}{more}. Fix or re-export the file, or pass strict=False "
+                                   "to load the layers that are whole")
     plan, skipped = _plan(pipe, comps, adapter, name, label, strict)
+    skipped += broken
     prepared = prepare_embeddings(pipe, name, adapter.embeddings(), label)  # checked before anything changes
     # Move every A and B to its layer's device and dtype first, and check them there, before anything changes.
     moved: dict[str, dict[str, LayerSpec]] = {}

@@ -427,7 +427,8 @@ def test_keys_that_map_to_nothing_are_named(tmp_path):
     adapter, report = load_any(dict(raw), models={"transformer": build("flux1")})
     assert sorted(report.not_found) == ["transformer.lora_unet_double_blocks_0_img_attn_bogus",
                                         "transformer.lora_unet_double_blocks_7_img_attn_proj"]
-    assert report.unsupported == ["lora_unet_double_blocks_0_img_attn_proj.dora_scale"]
+    # A DoRA magnitude next to a LoRA pair is applied as LoRA+DoRA (adapter kinds go through the DiT maps).
+    assert report.unsupported == [] and report.kinds == {"LoRA+DoRA": 1}
     with pytest.raises(AdapterFileError, match="strict load failed"):
         load_any(dict(raw), models={"transformer": build("flux1")}, strict=True)
 

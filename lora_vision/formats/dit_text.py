@@ -1,0 +1,103 @@
+"""The text-encoder part of a DiT LoRA file: the family's own encoders (T5, Qwen, Mistral; dit_tables.TEXT_ENCODERS)
+read here by the model's module names, CLIP read by the SD importers."""
+
+from __future__ import annotations
+
+import re
+from typing import Mapping
+
+import torch
+
+from ..io import AdapterFileError
+from .common import ComponentInfo, ImportReport, alpha_value, fit_pair, put
+from .diffusers import _alpha_rule, peft_alpha
+from .dit_detect import split_key
+from .dit_tables import TEXT_ENCODERS
+from .naming import kohya_lookup, llm_aliases
+
+
+def import_family_encoders(raw: Mapping[str, torch.Tensor], family: str, infos: Mapping[str, ComponentInfo] | None,
+                           source: str, out: dict[str, torch.Tensor], report: ImportReport,
+                           metadata: Mapping[str, str] | None = None) -> dict[str, torch.Tensor]:
+    """The family's non-CLIP text encoders (T5, Qwen, Mistral; dit_tables.TEXT_ENCODERS) read into their pipeline
+    component by the model's own module names; returns the keys left for the CLIP importers.
+
+    Three spellings: ComfyUI's `text_encoders.<encoder>.transformer.<name>`, kohya's `lora_te[N]_<name with
+    underscores>`, and (for the encoders without CLIP) diffusers / PEFT `text_encoder.<name>`. The name may be any
+    of the encoder's spellings (naming.llm_aliases: transformers 5 and older module paths). kohya's underscored
+    names need the model (its module names) to be read back; without it they are reported not found. A module
+    without an alpha tensor takes its alpha from diffusers' `lora_adapter_metadata` when the file has one."""
+    table = TEXT_ENCODERS.get(family, {})
+    lookups: dict[tuple[str, str], dict[str, str]] = {}  # (component, kohya prefix or "") -> file name -> live
+    groups: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    rest: dict[str, torch.Tensor] = {}
+    for key, t in raw.items():
+        s = split_key(key)
+        hit = _spelling(s[0], table) if s else None
+        if hit is None:
+            rest[key] = t
+            continue
+        comp, kohya, name = hit
+        info = (infos or {}).get(comp)
+        if info is None or not info.live:
+            live = "?" + name if kohya else name
+        else:
+            if (comp, kohya) not in lookups:
+                lookups[comp, kohya] = _lookup(info, kohya)
+            live = lookups[comp, kohya].get(name, "?" + name)
+        groups.setdefault((comp, live), {})[s[1]] = t
+    rules = {c: _alpha_rule(metadata or {}, c) for c in {c for c, _ in groups}}
+    for (comp, name), g in groups.items():
+        label = f"{comp}.{name.lstrip('?')}"
+        if "down" not in g or "up" not in g:
+            raise AdapterFileError(f"{source}: {label} has only [{', '.join(sorted(g))}]; a LoRA module needs "
+                                   "lora_down and lora_up (an orphan alpha or half a pair means the file is broken)")
+        info = (infos or {}).get(comp)
+        if name.startswith("?"):
+            report.not_found.append(label)
+            continue
+        kind, wshape = info.modules[name] if info is not None and info.live else ("Linear", None)
+        a, b = fit_pair(f"{source}: {label}", kind, wshape, g["down"], g["up"], info is not None and info.live)
+        alpha = alpha_value(f"{source}: {label}", g.get("alpha"), a.shape[0])
+        if g.get("alpha") is None and rules[comp] is not None:
+            alpha = peft_alpha(rules[comp][0], name, a.shape[0])
+        put(out, comp, name, a, b, alpha)
+        report.matched.append(label)
+    return rest
+
+
+def _spelling(module: str, table: Mapping[str, str]) -> tuple[str, str, str] | None:
+    """(component, kohya prefix or "", module name in the file) of a text-encoder file module, or None when the
+    family's table does not know its spelling. Table keys: ComfyUI encoder names (`t5xxl`), kohya prefixes
+    (ending in `_`) and diffusers component prefixes (ending in `.`)."""
+    m = re.match(r"text_encoders\.([^.]+)\.transformer\.(.+)$", module)
+    if m and m.group(1) in table:
+        return table[m.group(1)], "", m.group(2)
+    for p, comp in table.items():
+        if p.endswith("_") and module.startswith(p):
+            return comp, p, module
+        if p.endswith(".") and module.startswith(p):
+            return comp, "", module[len(p):].removeprefix("base_model.model.")
+    return None
+
+
+def _lookup(info: ComponentInfo, kohya: str) -> dict[str, str]:
+    """Every spelling of every module of a live encoder -> its live name (kohya keys when `kohya` is a prefix)."""
+    spellings = {alias: live for live in info.modules for alias in llm_aliases(live)}
+    if not kohya:
+        return spellings
+    return {k: spellings[alias] for k, alias in kohya_lookup(kohya.rstrip("_"), spellings).items()}
+
+
+def import_clip_encoders(raw: Mapping[str, torch.Tensor], metadata: Mapping[str, str],
+                          infos: Mapping[str, ComponentInfo] | None, source: str
+                          ) -> tuple[dict[str, torch.Tensor], ImportReport]:
+    """The CLIP text-encoder part of a DiT file, read by the SD importers."""
+    from .detect import classify_keys
+    from .diffusers import import_diffusers
+    from .kohya import import_kohya
+
+    te_infos = {c: i for c, i in (infos or {}).items() if c.startswith("text_encoder")} or None
+    if classify_keys(list(raw), metadata, source) == "kohya":
+        return import_kohya(raw, te_infos, source)
+    return import_diffusers(raw, metadata, te_infos, source)
