@@ -26,14 +26,6 @@ VIT_TARGETS = ["q_proj", "v_proj", "o_proj", "fc1", "fc2"]
 UNET_TARGETS = ["to_q", "to_v", "to_out.0", "ff.net.2", "proj_in", "conv1", "conv2"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def peft_configs(targets: list[str]) -> dict:
     from peft import LoHaConfig, LoKrConfig, LoraConfig
 
