@@ -100,6 +100,7 @@ def scaled_spec(kind: str, factors: dict[str, torch.Tensor], scale: float) -> La
 # ---- export ---------------------------------------------------------------------------------------------------
 
 _KINDS_HELD = "peft folders hold LoRA, LoRA+DoRA, LoHa and LoKr layers (peft's LoHa and LoKr have no DoRA magnitude)"
+_KEEP = "keep it in our own format (--to lora_vision; SD adapters also --to kohya), which holds every kind"
 
 
 def peft_type(layers: Mapping[str, LayerSpec], comp: str) -> tuple[str, bool]:
@@ -113,14 +114,14 @@ def peft_type(layers: Mapping[str, LayerSpec], comp: str) -> tuple[str, bool]:
         elif spec.kind in ("loha", "lokr") and not dora:
             t = (spec.kind.upper(), False)
         else:
-            raise PeftExportError(f"{comp}.{key} is a {spec.label} layer; {_KINDS_HELD}. Write it --to kohya, or "
-                                  "turn every layer into plain LoRA first (lora-vision convert FILE --rank N "
-                                  "[--base MODEL] --to peft)")
+            raise PeftExportError(f"{comp}.{key}: {spec.label} layers have no peft form; {_KINDS_HELD}. {_KEEP}, "
+                                  "or turn every layer into plain LoRA (lora-vision convert FILE --rank N [--base "
+                                  "MODEL] --to peft)")
         seen.setdefault(t, key)
     if len(seen) > 1:
         what = " and ".join(f"{kind_label(*t)} ({comp}.{k})" for t, k in seen.items())
         raise PeftExportError(f"{comp} mixes {what}; a peft folder holds one kind (one peft_type and use_dora) per "
-                              "component: write it --to kohya or our own format, which keep each layer's kind")
+                              f"component: {_KEEP}")
     return next(iter(seen), ("LORA", False))
 
 
@@ -139,7 +140,7 @@ def lora_view(layers: Mapping[str, LayerSpec], comp: str) -> tuple[dict[str, tor
         if not dora_on_out(dora, out):
             raise PeftExportError(f"{comp}.{key}: dora_scale {tuple(dora.shape)} is one value per input column "
                                   f"(ComfyUI's orientation); peft's DoRA magnitude is per output row ({out} values), "
-                                  "so this layer has no peft form: write it --to kohya")
+                                  f"so this layer has no peft form: {_KEEP}")
         magnitudes[key] = dora.reshape(-1) if plain.A.dim() == 2 else dora.reshape(1, -1, 1, 1)
     return state, magnitudes
 
@@ -245,7 +246,7 @@ def lokr_state(layers: Mapping[str, LayerSpec], comp: str, weights: Mapping[str,
     if factor is None:
         key, s = next((k, s) for k, s in shapes.items() if not fits(s, -1))
         raise PeftExportError(f"the LoKr layers of {comp} split their sides in ways no single peft decompose_factor "
-                              f"reproduces (first that the square split does not give: {where(key, s)}); write it --to kohya or our own format")
+                              f"reproduces (first that the square split does not give: {where(key, s)}); {_KEEP}")
     tensors, targets = {}, {}
     for key, spec in layers.items():
         r = ranks[key]

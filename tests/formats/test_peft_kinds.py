@@ -219,12 +219,12 @@ def test_kinds_peft_lacks_and_mixtures_are_refused_and_nothing_is_written(tmp_pa
     lv.inject_lora(model, lv.LoRAConfig(rank=2, targets=("v_proj",), adapter_type="lokr"))
     mixed = Adapter.from_models({"model": model})
     with pytest.raises(PeftExportError, match=r"model mixes LoHa \(model\.vit\.layers\.0\.attention\.q_proj\) and "
-                                              r"LoKr .*one kind"):
+                                              r"LoKr .*one kind .*--to lora_vision"):
         export(mixed, "peft", tmp_path / "mixed")
     oft = Adapter({"model.vit.layers.0.attention.q_proj.oft.oft_blocks": torch.zeros(4, 8, 8),
                    "model.vit.layers.0.attention.q_proj.alpha": torch.tensor(0.0)})
-    with pytest.raises(PeftExportError, match=r"model\.vit\.layers\.0\.attention\.q_proj is a OFT layer; peft "
-                                              r"folders hold LoRA, LoRA\+DoRA, LoHa and LoKr"):
+    with pytest.raises(PeftExportError, match=r"model\.vit\.layers\.0\.attention\.q_proj: OFT layers have no peft "
+                                              r"form; peft folders hold LoRA, LoRA\+DoRA, LoHa and LoKr"):
         export(oft, "peft", tmp_path / "oft")
     key = "model.vit.layers.0.attention.q_proj"
     on_input = Adapter({f"{key}.lora_A.weight": torch.randn(2, 32), f"{key}.lora_B.weight": torch.randn(32, 2),
@@ -232,3 +232,17 @@ def test_kinds_peft_lacks_and_mixtures_are_refused_and_nothing_is_written(tmp_pa
     with pytest.raises(PeftExportError, match=r"dora_scale \(1, 32\) is one value per input column"):
         export(on_input, "peft", tmp_path / "in")
     assert not any(tmp_path.iterdir())
+
+
+def test_convert_to_peft_of_a_mixture_is_one_line_and_exit_1(tmp_path, capsys):
+    from lora_vision.cli import main
+
+    model = build_tiny_hf_vit()
+    lv.inject_lora(model, lv.LoRAConfig(rank=2, targets=("q_proj",), adapter_type="loha"))
+    lv.inject_lora(model, lv.LoRAConfig(rank=2, targets=("v_proj",), adapter_type="dora"))
+    src = Adapter.from_models({"model": model}).save(tmp_path / "mixed.safetensors")
+    assert main(["convert", str(src), "--to", "peft", "-o", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert "model mixes" in err and "LoHa (" in err and "LoRA+DoRA (" in err
+    assert not (tmp_path / "out").exists()
