@@ -150,6 +150,25 @@ def test_our_kinds_on_sd_unet_exported_to_peft_load_in_peft(adapter_type, tmp_pa
     assert (unet_out(pm.base_model.model) - unet_out(unet)).abs().max() < TOL
 
 
+def test_tucker_locon_exports_as_peft_lora_with_its_core_folded(tmp_path):
+    from peft import PeftModel
+
+    conv = "up_blocks.1.resnets.0.conv2"
+    w = build_tiny_sd("sd1").unet.get_submodule(conv).weight
+    g = torch.Generator().manual_seed(0)
+    adapter = Adapter({f"unet.{conv}.lora_A.weight": torch.randn(2, w.shape[1], 1, 1, generator=g) * 0.1,
+                       f"unet.{conv}.lora_B.weight": torch.randn(w.shape[0], 2, 1, 1, generator=g) * 0.1,
+                       f"unet.{conv}.lora.lora_mid": torch.randn(2, 2, 3, 3, generator=g),
+                       f"unet.{conv}.alpha": torch.tensor(1.0)})
+    path = export(adapter, "peft", tmp_path / "p")
+    assert json.loads((path / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    pm = PeftModel.from_pretrained(build_tiny_sd("sd1").unet, str(path)).eval()
+    ours = build_tiny_sd("sd1").unet
+    adapter.apply_to({"unet": ours})
+    assert (unet_out(ours) - unet_out(build_tiny_sd("sd1").unet)).abs().max() > 1e-3
+    assert (unet_out(pm.base_model.model) - unet_out(ours)).abs().max() < TOL
+
+
 # ---- bad input ---------------------------------------------------------------------------------------------------
 
 def _vit_folder(tmp_path, which: str):
