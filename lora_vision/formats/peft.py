@@ -11,6 +11,9 @@
   dropped per part, which is exact, and a general fused adapter becomes q/k/v parts sharing A.
 - HF ViT names are written as the installed transformers names them (recorded in lora_vision.* metadata of the
   safetensors file); import converts transformers-4 names to the live ones.
+- LoHa (peft_type LOHA), LoKr (LOKR) and DoRA (LORA with use_dora) layers are written and read as peft has them
+  (keys, scales and the config that makes peft rebuild the same factors: formats/peft_kinds.py). One folder holds
+  one kind per component; other kinds (OFT, BOFT, (IA)^3, full diff) and mixtures are refused by name.
 """
 
 from __future__ import annotations
@@ -26,13 +29,16 @@ from torch import nn
 
 from ..adapter import Adapter
 from ..io import AdapterFileError, atomic_write_text, read_safetensors, replace_dir, write_safetensors
-from ..lora.ops import parse_canonical
+from ..lora.kinds import DORA, check as check_kind, describe, get_kind, kind_of
+from ..lora.ops import layer_tensors, parse_canonical
+from ..lora.spec import LayerSpec
 from ..metadata import AdapterMetadata
 from . import naming
 from .common import ComponentInfo, ImportReport, alpha_value, fit_pair, put
-from .diffusers import peft_alpha, provenance
+from .diffusers import _pattern_value, peft_alpha, provenance
+from .peft_kinds import (MAGNITUDE, PEFT_TYPES, PREFIX, kind_label, lokr_state, loha_state, lora_view, lycoris_scale,
+                         magnitude_problem, our_magnitude, peft_type, scaled_spec, split_key)
 
-PREFIX = "base_model.model."
 # Measured with peft 0.21.2 (tests/formats/test_peft_format.py): its MultiheadAttention layer applies the out_proj
 # LoRA twice (forward and merge_and_unload alike). We write out_proj's B halved and double it on import, so the
 # folder gives our outputs in PEFT and round-trips exactly (x2 and /2 are exact in floating point).
@@ -90,21 +96,24 @@ def _live_name(mod: str, info: ComponentInfo | None, comp: str) -> str | None:
 def import_peft_tensors(raw: Mapping[str, torch.Tensor], config: Mapping, infos: Mapping[str, ComponentInfo] | None
                         = None, source: str = "<tensors>", comp: str | None = None
                         ) -> tuple[dict[str, torch.Tensor], ImportReport]:
-    """PEFT state dict (+ its adapter_config) -> canonical tensors; full weights go to report.full_weights."""
+    """PEFT state dict (+ its adapter_config) -> canonical tensors; full weights go to report.full_weights.
+
+    LoRA, LoRA+DoRA, LoHa and LoKr modules are read (peft_kinds); a module whose tensors are not the kind the
+    config declares (peft_type, use_dora), or are broken (half a kind's tensors, a magnitude of the wrong length,
+    shapes that do not fit the model), is named in `report.invalid` and skipped."""
     report = ImportReport("peft")
     groups: dict[str, dict[str, torch.Tensor]] = {}
     full: dict[str, torch.Tensor] = {}
     for key, t in raw.items():
+        hit = split_key(key)
+        if hit is not None:
+            groups.setdefault(hit[0], {})[hit[1]] = t
+            continue
         k = key.removeprefix(PREFIX).replace(".default.weight", ".weight")
-        for s, which in ((".lora_A.weight", "A"), (".lora_B.weight", "B")):
-            if k.endswith(s):
-                groups.setdefault(k[: -len(s)], {})[which] = t
-                break
+        if ".lora_" in k or k.endswith(".alpha"):
+            report.unsupported.append(key)
         else:
-            if ".lora_" in k or k.endswith(".alpha"):
-                report.unsupported.append(key)
-            else:
-                full[k.replace(".modules_to_save", "")] = t
+            full[k.replace(".modules_to_save", "")] = t
     mods = [m.removesuffix(_OUT_PROJ) for m in groups]
     comp = comp or _component(mods, infos)
     info = (infos or {}).get(comp)
@@ -112,6 +121,13 @@ def import_peft_tensors(raw: Mapping[str, torch.Tensor], config: Mapping, infos:
     mha: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
     for mod, g in groups.items():
         label = f"{source}: {mod}"
+        problem = _kind_problem(g, config)
+        if problem:
+            report.invalid.append(f"{label}: {problem}")
+            continue
+        if set(g) - {"A", "B"}:  # LoHa, LoKr, LoRA+DoRA
+            _import_kind(out, report, g, config, mod, info, comp, label)
+            continue
         if "A" not in g or "B" not in g:
             raise AdapterFileError(f"{label} has only lora_{''.join(sorted(g))}; a LoRA module needs lora_A and lora_B")
         alpha = peft_alpha(config, mod.removesuffix(_OUT_PROJ), g["A"].shape[0]) if config else \
@@ -140,6 +156,7 @@ def import_peft_tensors(raw: Mapping[str, torch.Tensor], config: Mapping, infos:
         a, b = fit_pair(label, kind, wshape or None, a, b, bool(info and info.live))
         put(out, comp, live, a, b, alpha)
         report.matched.append(f"{comp}.{live}")
+        report.kinds["LoRA"] = report.kinds.get("LoRA", 0) + 1
     for live, parts in mha.items():
         # Parts of one module share rank and alpha: keep the first part's scaling, fold any other into B.
         (al0, r0) = next(iter(parts.values()))[2]
@@ -147,8 +164,66 @@ def import_peft_tensors(raw: Mapping[str, torch.Tensor], config: Mapping, infos:
         for p, (a, b) in pairs.items():
             put(out, comp, f"{live}.{p}", a, b, al0 * a.shape[0] / r0)
             report.matched.append(f"{comp}.{live}.{p}")
+            report.kinds["LoRA"] = report.kinds.get("LoRA", 0) + 1
     report.full_weights = {f"{comp}.{k}": v for k, v in full.items()}
     return out, report
+
+
+_PEFT_NAME = {"A": "lora_A.weight", "B": "lora_B.weight", DORA: MAGNITUDE}
+
+
+def _kind_problem(g: Mapping[str, torch.Tensor], config: Mapping) -> str | None:
+    """Why a module's tensors are not one layer of the kind its adapter_config declares (None when they are)."""
+    names = ", ".join(_PEFT_NAME.get(n, n) for n in sorted(g))
+    kind = kind_of(g)
+    if kind is None or any(n not in get_kind(kind).factor_names for n in g):
+        return f"has {names}, which make no LoRA, LoRA+DoRA, LoHa or LoKr module"
+    if not config:
+        return None
+    pt = str(config.get("peft_type", "LORA")).upper()
+    dora = pt == "LORA" and bool(config.get("use_dora"))
+    if kind != PEFT_TYPES.get(pt) or (DORA in g) != dora:
+        return (f"has {describe(kind, g)} tensors ({names}) but adapter_config.json declares {kind_label(pt, dora)} "
+                f"(peft_type {pt}{', use_dora true' if dora else ''}); the folder is inconsistent")
+    return None
+
+
+def _import_kind(out: dict[str, torch.Tensor], report: ImportReport, g: Mapping[str, torch.Tensor], config: Mapping,
+                 mod: str, info: ComponentInfo | None, comp: str, label: str) -> None:
+    """One LoHa / LoKr / LoRA+DoRA module: checked against the live weight when known, stored with our factor
+    names and peft's scale (alpha / r; rsLoRA for DoRA converted)."""
+    kind = kind_of(g)
+    live = _live_name(mod, info, comp)
+    if live is None:
+        report.not_found.append(f"{comp}.{mod}")
+        return
+    mtype, wshape = info.modules[live] if info is not None and live in info.modules else ("", ())
+    is_live = bool(info and info.live)
+    f = dict(g)
+    if kind == "lora" and "A" in f and "B" in f and DORA in f:
+        ktype = mtype if is_live else ("Conv2d" if f["A"].dim() == 4 else "Linear")
+        try:
+            f["A"], f["B"] = fit_pair(label, ktype, None, f["A"], f["B"], False)
+        except AdapterFileError as e:
+            report.invalid.append(str(e))
+            return
+        problem = magnitude_problem(f[DORA], f["B"].shape[0])
+        if problem:
+            report.invalid.append(f"{label}: {problem}")
+            return
+        f[DORA] = our_magnitude(f[DORA], f["A"])
+    problems = check_kind(kind, f, tuple(wshape) if is_live and wshape else None, f"{mtype} weight")
+    if problems:
+        report.invalid += [f"{label}: {p}" for p in problems]
+        return
+    if kind == "lora":
+        a, b = f.pop("A"), f.pop("B")
+        spec = LayerSpec(a, b, peft_alpha(config, mod, a.shape[0]), "lora", "lora", f)
+    else:
+        spec = scaled_spec(kind, f, lycoris_scale(config, mod, _pattern_value))
+    out.update({f"{comp}.{k}": t for k, t in layer_tensors(live, spec).items()})
+    report.matched.append(f"{comp}.{live}")
+    report.kinds[spec.label] = report.kinds.get(spec.label, 0) + 1
 
 
 def import_peft_dir(path: Path, infos: Mapping[str, ComponentInfo] | None = None
@@ -174,10 +249,9 @@ def _import_one(path: Path, infos, comp: str | None) -> tuple[dict[str, torch.Te
         config = json.loads((path / CONFIG).read_text())
     except json.JSONDecodeError as e:
         raise AdapterFileError(f"{path / CONFIG}: not valid JSON ({e})") from None
-    if config.get("peft_type", "LORA") != "LORA":
-        raise AdapterFileError(f"{path}: peft_type {config.get('peft_type')!r} is not supported (only LORA)")
-    if config.get("use_dora"):
-        raise AdapterFileError(f"{path}: DoRA adapters (use_dora=true) are not supported")
+    if str(config.get("peft_type", "LORA")).upper() not in PEFT_TYPES:
+        raise AdapterFileError(f"{path}: peft_type {config.get('peft_type')!r} is not supported; lora_vision reads "
+                               f"peft's {', '.join(PEFT_TYPES)} adapters (LORA with or without use_dora)")
     weights = path / WEIGHTS
     if not weights.is_file():
         raise AdapterFileError(f"{path}: no {WEIGHTS} (pickled adapter_model.bin files are not loaded)")
@@ -196,9 +270,28 @@ def _fused_pair(entries: dict, mod: str, parts: tuple[str, ...]) -> tuple[torch.
     return a, torch.block_diag(*blocks), entries[(mod, have[0])]["alpha"]
 
 
-def peft_state(adapter: Adapter, comp: str) -> tuple[dict[str, torch.Tensor], dict[str, tuple[int, float]]]:
-    """PEFT tensors (prefixed) and (rank, alpha) per PEFT target module for one component."""
-    entries = parse_canonical(adapter.state_dict_for(comp))
+def peft_state(adapter: Adapter, comp: str, weights: Mapping[str, tuple[int, ...]] | None = None
+               ) -> tuple[dict[str, torch.Tensor], dict[str, tuple[int, float]], dict]:
+    """PEFT tensors (prefixed), (rank, alpha) per PEFT target module and the config fields of its peft_type
+    (peft_type, use_dora, ...) for one component. Plain LoRA, LoRA+DoRA, LoHa and LoKr (peft_kinds); other kinds
+    and mixtures raise PeftExportError. `weights`: module -> weight shape, when the model is known."""
+    layers = adapter.layers(comp)
+    if all(spec.is_plain for spec in layers.values()):
+        return (*_lora_tensors(adapter.state_dict_for(comp)), {"peft_type": "LORA", "use_dora": False})
+    kind, _ = peft_type(layers, comp)
+    if kind == "LOHA":
+        return loha_state(layers, comp)
+    if kind == "LOKR":
+        return lokr_state(layers, comp, weights)
+    state, magnitudes = lora_view(layers, comp)
+    tensors, targets = _lora_tensors(state)
+    tensors.update({f"{PREFIX}{mod}.{MAGNITUDE}": m for mod, m in magnitudes.items()})
+    return tensors, targets, {"peft_type": "LORA", "use_dora": bool(magnitudes)}
+
+
+def _lora_tensors(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, tuple[int, float]]]:
+    """PEFT LoRA tensors (prefixed) and (rank, alpha) per PEFT target module of a canonical plain-LoRA state dict."""
+    entries = parse_canonical(state)
     tensors: dict[str, torch.Tensor] = {}
     targets: dict[str, tuple[int, float]] = {}
     fused = sorted({m for (m, p) in entries if p})
@@ -269,7 +362,9 @@ def _write_peft(adapter: Adapter, path: Path, model: nn.Module | None, modules_t
             _write_peft(sub, path / c, None, None, None, base_model_name_or_path, dtype)
         return
     comp = comps[0]
-    tensors, targets = peft_state(adapter, comp)
+    weights = {n: tuple(getattr(m, "weight").shape) for n, m in model.named_modules()
+               if isinstance(getattr(m, "weight", None), torch.Tensor)} if model is not None else None
+    tensors, targets, fields = peft_state(adapter, comp, weights)
     full = dict(adapter.full_state_dict_for(comp))
     full.update(full_weights or {})
     for m in modules_to_save or []:
@@ -285,13 +380,17 @@ def _write_peft(adapter: Adapter, path: Path, model: nn.Module | None, modules_t
     r = max(set(ranks), key=ranks.count)
     a = max(set(alphas), key=alphas.count)
     config = {
-        "peft_type": "LORA", "task_type": None, "r": r, "lora_alpha": a, "target_modules": sorted(targets),
+        "task_type": None, "r": r, "target_modules": sorted(targets),
         "rank_pattern": {m: rk for m, (rk, _) in targets.items() if rk != r},
         "alpha_pattern": {m: al for m, (_, al) in targets.items() if al != a},
-        "modules_to_save": sorted({k.rsplit(".", 1)[0] for k in full}) or None, "use_rslora": False,
-        "use_dora": False, "bias": "none", "lora_dropout": 0.0, "fan_in_fan_out": False, "init_lora_weights": True,
-        "base_model_name_or_path": base_model_name_or_path, "inference_mode": True,
+        "modules_to_save": sorted({k.rsplit(".", 1)[0] for k in full}) or None,
+        "base_model_name_or_path": base_model_name_or_path, "inference_mode": True, **fields,
     }
+    if fields["peft_type"] == "LORA":
+        config.update({"lora_alpha": a, "use_rslora": False, "bias": "none", "lora_dropout": 0.0,
+                       "fan_in_fan_out": False, "init_lora_weights": True})
+    else:  # peft's LycorisConfig (LoHaConfig, LoKrConfig)
+        config.update({"alpha": a, "rank_dropout": 0.0, "module_dropout": 0.0, "init_weights": True})
     base = adapter.info.base or ""
     if "timm" in base or any(m.endswith(".qkv") for m in targets):
         config["auto_mapping"] = {"base_model_class": "VisionTransformer",

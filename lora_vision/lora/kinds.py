@@ -254,10 +254,15 @@ def _boft_apply(w: torch.Tensor, blocks: torch.Tensor, alpha: float) -> torch.Te
     return x.reshape(w.shape)
 
 
+def dora_on_out(scale: torch.Tensor, out_rows: int) -> bool:
+    """True when a DoRA magnitude holds one value per output row ((out,) or (out, 1, ...), LyCORIS' wd_on_out and
+    peft's orientation), False when it is per input column ((1, in, ...), ComfyUI's)."""
+    return scale.shape[0] == out_rows and scale.numel() == out_rows and (scale.dim() < 2 or scale.shape[1] == 1)
+
+
 def _dora(weight: torch.Tensor, updated: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """dora(W') - W: W' rescaled to the magnitude `scale` per output row or per input column."""
-    out_axis = scale.shape[0] == updated.shape[0] and scale.numel() == updated.shape[0] and (
-        scale.dim() < 2 or scale.shape[1] == 1)
+    out_axis = dora_on_out(scale, updated.shape[0])
     eps = torch.finfo(torch.float32).eps
     if out_axis:
         norm = updated.reshape(updated.shape[0], -1).norm(dim=1).reshape(-1, *[1] * (updated.dim() - 1))

@@ -3,6 +3,7 @@ kohya / LyCORIS export A1111 and ComfyUI read), resumes exactly, and refuses wha
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from test_train_vit import _run, data, train_vit  # noqa: F401  (data is a fixtu
 
 REPO = Path(__file__).resolve().parents[2]
 LABEL = {"loha": "LoHa", "lokr": "LoKr", "dora": "LoRA+DoRA"}
+PEFT = {"loha": ("LOHA", False), "lokr": ("LOKR", False), "dora": ("LORA", True)}
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +97,27 @@ def test_vit_kind_trains_and_writes_its_adapter(adapter_type, data, tmp_path):  
     adapter = Adapter.load(tmp_path / "adapter.safetensors")
     assert set(adapter.kinds()) == {LABEL[adapter_type]}
     assert "full.model.classifier.weight" in adapter.tensors
+
+
+@pytest.mark.parametrize("adapter_type", ["loha", "lokr", "dora"])
+def test_vit_kind_peft_folder_loads_in_peft_with_the_recipes_outputs(adapter_type, data, tmp_path):  # noqa: F811
+    from peft import PeftModel
+
+    from lora_vision.models.vit import load_vit
+
+    _run(tmp_path, data, "--model_name_or_path", "tiny-hf", "--max_train_steps", "3", "--adapter_type", adapter_type,
+         "--learning_rate", "1e-2")
+    cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert (cfg["peft_type"], cfg.get("use_dora", False)) == PEFT[adapter_type]
+    adapter = Adapter.load(tmp_path / "adapter.safetensors")
+    classes = json.loads(adapter.metadata["lora_vision.classes"])
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    ours = load_vit("tiny-hf", len(classes), None, classes).model.eval()
+    adapter.apply_to({"model": ours})
+    theirs = PeftModel.from_pretrained(load_vit("tiny-hf", len(classes), None, classes).model,
+                                       str(tmp_path / "peft")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(pixel_values=x).logits, ours(pixel_values=x).logits, atol=1e-5, rtol=1e-5)
 
 
 def test_vit_kind_on_fused_qkv_family_is_refused_naming_it(data, tmp_path):  # noqa: F811

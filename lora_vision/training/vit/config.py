@@ -130,7 +130,8 @@ class ViTTrainConfig(TrainingFeatures, AdapterKindFields):
     save_merged: bool = False
     """Also save the model with the adapter merged (zero inference overhead)."""
     save_peft: bool = True
-    """Also write a peft adapter folder (output_dir/peft)."""
+    """Also write a peft adapter folder (output_dir/peft): peft's LoRA, LoRA with use_dora, LoHa or LoKr, as
+    --adapter_type."""
     logging_steps: int = 10
     """Log the loss every N optimizer steps."""
 
@@ -187,9 +188,6 @@ class ViTTrainConfig(TrainingFeatures, AdapterKindFields):
             out.append(f"adapter_type={self.adapter_type!r} on a {family} ViT ({self.model_name_or_path}): its "
                        "attention has one fused qkv projection, which LoHa / LoKr / DoRA layers do not go on; use "
                        "a transformers ViT (e.g. tiny-hf or google/vit-base-patch16-224) or --adapter_type lora")
-        if self.adapter_type != "lora" and self.mode == "lora" and self.save_peft:
-            out.append(f"save_peft: peft folders of adapter_type={self.adapter_type!r} are not written yet (the "
-                       "adapter.safetensors file is); pass --save_peft false")
         if self.mode not in MODES:
             out.append(f"mode={self.mode!r}: expected one of {MODES}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
@@ -249,10 +247,10 @@ class ViTTrainConfig(TrainingFeatures, AdapterKindFields):
 
     def variant(self, name: str) -> "ViTTrainConfig":
         """Plain LoRA with variant `name` switched on: pissa, olora (initialisation), loraplus (ratio
-        --loraplus_lr_ratio, else 16), or another adapter kind (dora, lokr, loha: its adapter file only, no peft
-        folder)."""
+        --loraplus_lr_ratio, else 16), or another adapter kind (dora, lokr, loha; its peft folder is peft's LoRA with
+        use_dora, LoKr or LoHa)."""
         if name in KIND_VARIANTS:
-            return replace(self.plain_lora(), adapter_type=name, save_peft=False)
+            return replace(self.plain_lora(), adapter_type=name)
         if name == "loraplus":
             return replace(self.plain_lora(), loraplus_lr_ratio=self.loraplus_lr_ratio or 16.0)
         return replace(self.plain_lora(), init=name)
