@@ -20,7 +20,7 @@ from torch import nn
 from .config import LoRAConfig, TargetError, matches
 from .layers import (LoRAConv2d, LoRAFusedLinear, LoRALayer, LoRALinear, LoRAMultiheadAttention,
                      StrengthTable, lora_layers)
-from .ops import LoRAStateDictError, merge_lora, parse_canonical
+from .ops import LoRAStateDictError, canonical_layers, merge_lora
 from .kinds import KindError, fresh_spec
 from .spec import FUSED_PARTS, LayerSpec, layer_key, split_key
 
@@ -385,12 +385,12 @@ def inject_lora_from_state_dict(model: nn.Module, state_dict: Mapping[str, torch
                                 freeze_base: bool = True, dtype: torch.dtype = torch.float32) -> list[str]:
     """Inject adapter `name` with the modules, ranks, alphas and factors that a canonical state dict describes.
 
-    Canonical keys: `<module>[.<part>].lora_A.weight`, `.lora_B.weight` and `.alpha` (alpha defaults to rank).
+    Canonical keys: `<module>[.<part>].lora_A.weight`, `.lora_B.weight` and `.alpha` (alpha defaults to rank), and
+    `<module>.<kind>.<factor>` for layers of other kinds (what `lora_state_dict` writes for them).
     `rslora` applies alpha / sqrt(rank) to every layer. `dropout` is not applied to given factors.
     """
     rule = "rslora" if rslora else "lora"
-    layers = {layer_key(m, p): LayerSpec(e["A"], e["B"], e["alpha"], rule)
-              for (m, p), e in parse_canonical(state_dict).items()}
+    layers = canonical_layers(state_dict, lambda _key: rule)
     return inject_lora(model, name=name, strength=strength, freeze_base=freeze_base, dtype=dtype, layers=layers,
                        dropout=dropout)
 

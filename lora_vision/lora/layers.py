@@ -241,7 +241,7 @@ class LoRALayer(nn.Module):
     def _refuse_kind(self, name: str, what: str) -> None:
         if name in self.kinds:
             raise KindError(f"adapter {name!r} is a {self.kind_spec(name).label} adapter; {what} handles plain LoRA "
-                            "(A and B) only: use Adapter.from_models / Adapter.save for other kinds")
+                            "(A and B) only: read other kinds with specs() / kind_spec()")
 
     # ---- merge ---------------------------------------------------------------------------------------
     def merge_(self, names: list[str], strengths: dict[str, float], check: bool = True) -> torch.Tensor | None:
@@ -339,12 +339,12 @@ class LoRALayer(nn.Module):
 
     def lora_pairs(self, name: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Canonical (A, B) per sub-module suffix ("" for plain layers, "q"/"k"/"v"/"o" for fused parts)."""
-        self._refuse_kind(name, "a LoRA state dict")
+        self._refuse_kind(name, "an (A, B) pair")
         return {"": (self.lora_A[name], self.lora_B[name])}
 
     def load_pair_(self, name: str, suffix: str, a: torch.Tensor, b: torch.Tensor) -> None:
         """Copy canonical A and B (shapes as lora_pairs returns them) into adapter `name`."""
-        self._refuse_kind(name, "a LoRA state dict")
+        self._refuse_kind(name, "an (A, B) pair")
         with torch.no_grad():
             self.lora_A[name].copy_(a)
             self.lora_B[name].copy_(b)
