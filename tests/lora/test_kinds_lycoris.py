@@ -36,6 +36,12 @@ CASES = [
     ("oft", diag_oft.DiagOFTModule, {"rescaled": True, "constraint": 1e-3}, "OFT"),
     ("oft-free", diag_oft.DiagOFTModule, {}, "OFT"),
     ("boft", boft.ButterflyOFTModule, {}, "BOFT"),
+    ("boft-constrained", boft.ButterflyOFTModule, {"rescaled": True, "constraint": 1e-3}, "BOFT"),
+    # LyCORIS before 2.1 wrote the rotation R itself as `oft_diag` (its custom_state_dict returned get_r()); the
+    # same modules written that way give the same weight
+    ("oft-diag", diag_oft.DiagOFTModule, {"constraint": 1e-3}, "OFT"),
+    ("oft-diag-rescaled", diag_oft.DiagOFTModule, {"rescaled": True}, "OFT"),
+    ("boft-diag", boft.ButterflyOFTModule, {"constraint": 1e-3}, "BOFT"),
     ("ia3-out", ia3.IA3Module, {}, "(IA)^3"),
     ("ia3-in", ia3.IA3Module, {"train_on_input": True}, "(IA)^3"),
     ("full", full.FullModule, {}, "full diff"),
@@ -89,7 +95,10 @@ def _lycoris(cls, org: nn.Module, opts: dict, seed: int):
     return mod
 
 
-def _file_tensors(mod) -> dict[str, torch.Tensor]:
+def _file_tensors(mod, as_rotation: bool = False) -> dict[str, torch.Tensor]:
+    if as_rotation:  # old LyCORIS: R = get_r() as `oft_diag`, no alpha (the constraint is inside R)
+        out = {"oft_diag": mod.get_r().detach().clone()}
+        return out | ({"rescale": mod.rescale.detach().clone()} if mod.rescaled else {})
     if isinstance(mod, full.FullModule):  # before apply_to its weight is the diff (custom_state_dict assumes after)
         out = {"diff": mod.weight.detach().clone()}
         return out | ({"diff_b": mod.bias.detach().clone()} if mod.bias is not None else {})
@@ -118,7 +127,10 @@ def test_kind_matches_lycoris(pipes, model, case):
         refs[(comp, live)] = (w, merged.detach().float().reshape(w.shape))
         if merged_bias is not None:  # full diff_b
             bias_refs[(comp, live)] = (org.bias.detach().clone(), merged_bias.detach().float())
-        file.update({f"{key}.{s}": t for s, t in _file_tensors(mod).items()})
+        file.update({f"{key}.{s}": t for s, t in _file_tensors(mod, cid.endswith("-diag")).items()})
+        if "constraint" in opts and mod.oft_blocks.shape[-1] > 1:  # the constraint is active: the skew part is
+            q = (mod.oft_blocks - mod.oft_blocks.transpose(-1, -2)).detach()  # larger than it allows
+            assert float(q.norm()) > mod.constraint > 0
     adapter, report = load_any(file, models=comps, strict=True)
     assert sum(report.kinds.values()) == len(refs)
     if label:
