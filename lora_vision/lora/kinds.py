@@ -359,7 +359,10 @@ def _product_shape(kind: str, f: Factors, ws: tuple[int, ...] | None) -> tuple[i
     if kind == "full":
         return _shape(f["diff"])
     if kind == "norm":
-        return _shape(f["w_norm"])
+        w, b = f["w_norm"], f.get("b_norm")
+        if w.dim() != 1 or (b is not None and tuple(b.shape) != tuple(w.shape)):
+            raise KindError("w_norm must be a vector and b_norm (when present) one of the same length")
+        return _shape(w)
     raise KindError(f"unknown adapter kind {kind!r}")
 
 
@@ -417,9 +420,13 @@ def update(kind: str, factors: Factors, scale: float, alpha: float, weight: torc
     return d if shape is not None else d.reshape(d.shape[0], -1)
 
 
+BIAS_FACTORS = {"full": "diff_b", "norm": "b_norm"}
+"""The factor that updates the layer's bias, per kind that has one."""
+
+
 def bias_update(kind: str, factors: Factors) -> torch.Tensor | None:
     """The update of the layer's bias at strength 1 (full: `diff_b`, norm: `b_norm`), None for other kinds."""
-    name = {"full": "diff_b", "norm": "b_norm"}.get(kind)
+    name = BIAS_FACTORS.get(kind)
     t = factors.get(name) if name else None
     return t.float() if t is not None else None
 

@@ -88,11 +88,48 @@ def test_lora_only_paths_refuse_other_kinds(comps, tmp_path):
     assert sorted(report.modules["unet"]) == sorted([Q, Q.replace("to_q", "to_k")])
 
 
-def test_norm_layers_are_refused_clearly():
+NORM = "lora_unet_down_blocks_0_resnets_0_norm1"  # GroupNorm(32 channels)
+
+
+@pytest.mark.parametrize("what", ["norm_len", "norm_bias_len", "oft_blocks", "oft_diag"])
+def test_norm_and_oft_layers_that_do_not_fit_are_named_and_strict_refuses(comps, what):
+    out = comps["unet"].get_submodule(Q).weight.shape[0]
+    sd = {k: v for k, v in _loha(out, comps["unet"].get_submodule(Q).weight.shape[1]).items() if k.startswith(K_OK)}
+    if what == "norm_len":
+        sd |= {f"{NORM}.w_norm": torch.randn(33), f"{NORM}.b_norm": torch.randn(33)}
+        bad, expect = NORM, "w_norm (33,), b_norm (33,) make a (33,) update but the layer's GroupNorm weight is (32,)"
+    elif what == "norm_bias_len":
+        sd |= {f"{NORM}.w_norm": torch.randn(32), f"{NORM}.b_norm": torch.randn(31)}
+        bad, expect = NORM, "b_norm (when present) one of the same length"
+    else:  # 3 blocks of 5 rows for a layer of `out` rows: the block size does not divide the layer
+        sd |= {f"{K}.{what}": torch.randn(3, 5, 5), f"{K}.alpha": torch.tensor(0.0)}
+        bad, expect = K, f"{what} (3, 5, 5)"
+    adapter, report = load_any(sd, models=comps)
+    assert any(line.startswith(bad) and expect in line for line in report.invalid), report.invalid
+    if what.startswith("oft"):
+        assert any(f"the blocks cover 15 output rows but the layer has {out}" in line for line in report.invalid)
+    assert report.matched == [f"unet.{Q.replace('to_q', 'to_k')}"]
+    with pytest.raises(AdapterFileError, match="strict load failed"):
+        load_any(sd, models=comps, strict=True)
+
+
+def test_norm_updates_go_on_norm_layers_only_and_fit_their_length():
     unet = build_tiny_sd("sd1").unet
-    spec = lv.LayerSpec(None, None, 1.0, kind="norm", factors={"w_norm": torch.ones(32)})
-    with pytest.raises(KindError, match="norm-layer updates"):
-        lv.inject_lora(unet, layers={"down_blocks.0.attentions.0.norm": spec})
+    norm = "down_blocks.0.resnets.0.norm1"
+    with pytest.raises(LoRAStateDictError, match=r"norm1: norm factors w_norm \(33,\) make a \(33,\) update but "
+                                                 r"the layer's weight is \(32,\)"):
+        lv.inject_lora(unet, layers={norm: lv.LayerSpec(None, None, 1.0, kind="norm",
+                                                         factors={"w_norm": torch.ones(33)})})
+    with pytest.raises(LoRAStateDictError, match="norm layers .w_norm / b_norm. go on LayerNorm and GroupNorm "
+                                                 "modules only, not on a Linear"):
+        lv.inject_lora(unet, layers={Q: lv.LayerSpec(None, None, 1.0, kind="norm",
+                                                      factors={"w_norm": torch.ones(32)})})
+    with pytest.raises(LoRAStateDictError, match="LoHa layers go on Linear and Conv2d modules only, not on a "
+                                                 "GroupNorm"):
+        lv.inject_lora(unet, layers={norm: lv.LayerSpec(None, None, 1.0, kind="loha", factors={
+            "hada_w1_a": torch.ones(32, 1), "hada_w1_b": torch.ones(1, 1), "hada_w2_a": torch.ones(32, 1),
+            "hada_w2_b": torch.ones(1, 1)})})
+    assert not any(isinstance(m, lv.LoRALayer) for m in unet.modules())  # nothing changed
 
 
 @pytest.mark.parametrize("adapter_type,extra", [("lora", {}), ("loha", {}), ("lokr", {"lokr_factor": 4}),
