@@ -256,16 +256,21 @@ def _plan_config(model: nn.Module, config: LoRAConfig) -> dict:
         k = _kernel(mod)
         part = _Part(config.rank_for(mod_name, k), config.alpha_for(mod_name, k), config.rule, config.dropout,
                      config.init)
+        split = config.split_qkv
         if config.adapter_type != "lora":
             base = mod.base if isinstance(mod, LoRALayer) else mod
-            if not isinstance(base, (nn.Linear, nn.Conv2d)) or (_is_fused_qkv(mod_name, base) and config.split_qkv):
+            if not isinstance(base, (nn.Linear, nn.Conv2d)) or isinstance(mod, LoRAFusedLinear):
+                # MultiheadAttention's forward reads in_proj_weight and out_proj.weight itself: a kind would need
+                # one layer on each inside one wrapper, which the kind layers (one update per module) do not have.
                 raise TargetError(f"{mod_name}: adapter_type={config.adapter_type!r} goes on Linear and Conv2d "
-                                  f"modules only, not on a {type(base).__name__} (or a fused qkv projection); "
-                                  "exclude it or use adapter_type='lora'")
+                                  f"modules (a fused qkv Linear included, as one layer), not on a "
+                                  f"{type(mod).__name__}; exclude it or use adapter_type='lora'")
+            # A fused qkv Linear (timm) takes the kind over its whole (3d, d) weight, as one Linear.
+            split = False
             part.spec = fresh_spec(config.adapter_type, base.weight.detach(), part.rank, part.alpha, part.rule,
                                    factor=config.lokr_factor, decompose_both=config.decompose_both,
                                    full_rank=config.full_rank, init=config.init)
-        wrap = (lambda n=mod_name, m=mod: _wrap(n, m, config.fused_parts, config.split_qkv))
+        wrap = (lambda n=mod_name, m=mod, split=split: _wrap(n, m, config.fused_parts, split))
         plan[mod_name] = (mod, {"": part}, wrap, None)
     return plan
 

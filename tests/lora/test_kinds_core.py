@@ -234,3 +234,43 @@ def test_lora_state_dict_of_every_trainable_kind_round_trips_exactly(adapter_typ
 
 CONV = "down_blocks.0.resnets.0.conv1"
 LABELS = {"loha": "LoHa", "lokr": "LoKr", "dora": "LoRA+DoRA"}
+
+
+@pytest.mark.parametrize("adapter_type", ["loha", "lokr", "dora"])
+def test_kind_on_timm_fused_qkv_is_one_linear_and_trains(adapter_type):
+    from lora_vision.models.tiny import build_tiny_timm_vit
+
+    torch.manual_seed(0)
+    vit = build_tiny_timm_vit(4, 32, 0)
+    qkv = "blocks.0.attn.qkv"
+    w, bias = vit.get_submodule(qkv).weight.detach().clone(), vit.get_submodule(qkv).bias.detach().clone()
+    names = lv.inject_lora(vit, lv.LoRAConfig(rank=2, targets="timm-vit-attn", adapter_type=adapter_type))
+    layer = vit.get_submodule(qkv)
+    assert qkv in names and type(layer) is lv.LoRALinear  # the whole (3d, d) weight, not split into q / k / v
+    with torch.no_grad():
+        for p in lv.lora_parameters(vit):
+            p.add_(torch.randn_like(p) * 0.1)
+    x = torch.randn(2, 5, w.shape[1])
+    spec = layer.kind_spec("default")
+    want = nn.functional.linear(x, w + spec.delta(w).reshape(w.shape), bias)
+    torch.testing.assert_close(layer(x), want, atol=1e-5, rtol=1e-5)
+    images, labels = torch.randn(8, 3, 32, 32), torch.arange(8) % 4
+    opt = torch.optim.Adam(lv.lora_parameters(vit), lr=1e-2)
+    losses = []
+    for _ in range(8):
+        loss = nn.functional.cross_entropy(vit(images), labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.97 * losses[0]  # only the attention adapters train (the head is frozen)
+
+
+def test_kind_on_multihead_attention_is_refused_naming_why():
+    from lora_vision.models.tiny import build_tiny_torchvision_vit
+
+    vit = build_tiny_torchvision_vit(4, 32, 0)
+    with pytest.raises(lv.TargetError, match=r"self_attention: adapter_type='lokr' goes on Linear and Conv2d "
+                                             r"modules .*not on a MultiheadAttention"):
+        lv.inject_lora(vit, lv.LoRAConfig(rank=2, targets="tv-vit-attn", adapter_type="lokr"))
+    assert not any(isinstance(m, lv.LoRALayer) for m in vit.modules())
