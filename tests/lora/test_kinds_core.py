@@ -264,6 +264,11 @@ def test_kind_on_timm_fused_qkv_is_one_linear_and_trains(adapter_type):
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.97 * losses[0]  # only the attention adapters train (the head is frozen)
+    vit.eval()
+    applied = build_tiny_timm_vit(4, 32, 0).eval()  # the trained file applied to a fresh model: same outputs
+    Adapter.from_models({"model": vit}).apply_to({"model": applied})
+    with torch.no_grad():
+        torch.testing.assert_close(applied(images), vit(images), atol=1e-5, rtol=1e-5)
 
 
 def test_kind_on_multihead_attention_is_refused_naming_why():
