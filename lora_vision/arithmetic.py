@@ -125,6 +125,9 @@ def _flat_pair(key: str, e: LayerSpec, base: Mapping[str, torch.Tensor] | None
     if plain is not None:
         fb, fa = plain.update_factors()
         return fb, fa, plain, "" if e.is_plain else f"from {e.label}"
+    if e.kind == "norm":
+        raise ConversionError(f"{key} is a norm-layer update (w_norm / b_norm) of a LayerNorm / GroupNorm, which plain "
+                              "LoRA has no layer for; leave it out or keep the adapter in its own format")
     shape = _kind_shape(key, e, base)
     if e.bias_delta() is not None:
         raise ConversionError(f"{key} is a {e.label} layer with a bias update (diff_b), which plain LoRA cannot "

@@ -184,6 +184,47 @@ def test_two_adapter_sweep_writes_a_labelled_grid_of_the_cells(pipe, lora_files,
     assert "Sweep" in parse_infotext(Image.open(grids[0]).info["parameters"])
 
 
+def _kind_file(adapter_type: str, path: Path, seed: int) -> Path:
+    """A LoHa / LoKr adapter of the tiny SD 1.x UNet and text encoder, written as LyCORIS writes it (kohya names)."""
+    from lora_vision import LoRAConfig, inject_lora, lora_parameters
+    from lora_vision.adapter import Adapter
+    from lora_vision.formats.kohya import export_kohya
+    from lora_vision.models import build_tiny_sd
+
+    torch.manual_seed(seed)
+    tiny = build_tiny_sd("sd1")
+    extra = {"lokr_factor": 4} if adapter_type == "lokr" else {}
+    inject_lora(tiny.unet, LoRAConfig(rank=4, targets="unet-attn", adapter_type=adapter_type, **extra))
+    inject_lora(tiny.text_encoder, LoRAConfig(rank=4, targets="clip-attn", adapter_type=adapter_type, **extra))
+    with torch.no_grad():
+        for p in lora_parameters(tiny.unet) + lora_parameters(tiny.text_encoder):
+            p.add_(torch.randn_like(p) * 0.3)
+    return export_kohya(Adapter.from_models({"unet": tiny.unet, "text_encoder": tiny.text_encoder}), path, "sd1")
+
+
+def test_lyco_and_lora_tags_apply_loha_and_lokr_files_as_load_adapter_does(pipe, tmp_path):
+    from lora_vision.formats import read_adapter
+    from lora_vision.pipeline import load_adapter
+
+    d = tmp_path / "loras"
+    d.mkdir()
+    files = {"hada": _kind_file("loha", d / "hada.safetensors", 1), "kron": _kind_file("lokr", d / "kron.safetensors", 2)}
+    assert [set(read_adapter(f)[0].kinds()) for f in files.values()] == [{"LoHa"}, {"LoKr"}]
+    out = _run(pipe, tmp_path / "gen", prompts=["a red box <lyco:hada:0.7>", "a red box <lora:kron:0.7>", "a red box"],
+               seeds=[5], lora_dir=str(d))
+    tagged = {"hada": _pixels(out[0]), "kron": _pixels(out[1])}
+    base = _pixels(out[2])
+    for name, path in files.items():
+        assert not np.array_equal(tagged[name], base), name
+        _fresh(pipe)
+        load_adapter(pipe, path, name=name, strength=0.7)  # the same file, loaded by hand at 0.7 (te and UNet)
+        with torch.no_grad():
+            image = pipe(prompt=["a red box"], negative_prompt=[""], num_inference_steps=2, guidance_scale=7.5,
+                         width=64, height=64, generator=[torch.Generator(device="cpu").manual_seed(5)]).images[0]
+        assert np.array_equal(np.asarray(image.convert("RGB")), tagged[name]), name
+    _fresh(pipe)
+
+
 def _cli(argv: list[str]) -> int:
     # The `generate` subcommand exactly as lora_vision.cli registers it (other subcommands are not needed here).
     parser = argparse.ArgumentParser(prog="lora-vision")

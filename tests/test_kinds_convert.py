@@ -61,6 +61,13 @@ def test_kohya_export_writes_lycoris_names_and_reads_back_exactly(kinds, tmp_pat
             assert all(torch.equal(other.all_factors[n].reshape(t.shape), t) for n, t in spec.all_factors.items()), key
 
 
+def test_conversion_to_lora_refuses_norm_layers_naming_them(pipe):
+    norms = make_kind_adapter("sd1", 0, norms=True)
+    with pytest.raises(ConversionError, match=r"(unet|text_encoder)\.\S+norm\d? is a norm-layer update "
+                                              r"\(w_norm / b_norm\) of a LayerNorm / GroupNorm"):
+        resize(_no_bias_update(norms), rank=10_000, base=_base(pipe), progress=False)
+
+
 def test_conversion_to_lora_at_full_rank_reproduces_every_update(kinds, pipe):
     base = _base(pipe)
     with pytest.raises(ConversionError, match=r"unet.conv_in is a full diff layer with a bias update \(diff_b\)"):

@@ -1,4 +1,4 @@
-"""Adapter kinds (LoHa, LoKr, DoRA, Tucker LoCon, OFT, (IA)^3, full diff) in tiny diffusers pipelines: load_adapter at
+"""Adapter kinds (LoHa, LoKr, DoRA, Tucker LoCon, OFT, (IA)^3, full diff, norm) in tiny diffusers pipelines: load_adapter at
 strength, text-encoder and block strengths against hand-merged weights (W + s * delta), runtime == fused, several
 adapters and set_adapters, fuse / unfuse bit-exact, merge_into_pipeline, and bad kind layers named and skipped."""
 
@@ -31,9 +31,10 @@ def _noise(model: torch.nn.Module, g: torch.Generator) -> None:
             p.add_(torch.randn(p.shape, generator=g) * 0.1)
 
 
-def make_kind_adapter(model_kind: str, seed: int) -> Adapter:
+def make_kind_adapter(model_kind: str, seed: int, norms: bool = False) -> Adapter:
     """One adapter mixing kinds: LoHa on attention, LoKr on the feed-forward and the text encoder, DoRA on resnet
-    convs, and, written in the native layout by hand, a Tucker LoCon conv, an OFT, an (IA)^3 and a full diff."""
+    convs, and, written in the native layout by hand, a Tucker LoCon conv, an OFT, an (IA)^3, a full diff and, with
+    `norms`, norm-layer updates (a ResNet GroupNorm, a transformer-block LayerNorm and a CLIP LayerNorm)."""
     pipe = build_tiny_sd(model_kind)
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -55,9 +56,18 @@ def make_kind_adapter(model_kind: str, seed: int) -> Adapter:
           f"{conv}.lora_B.weight": torch.randn(w.shape[0], 2, 1, 1, generator=g) * 0.1,
           f"{conv}.lora.lora_mid": torch.randn(2, 2, 3, 3, generator=g), f"{conv}.alpha": torch.tensor(1.0)}
     proj_in = next(n for n, _ in unet.named_modules() if n.endswith("attentions.0.proj_in"))
-    for mod, kind in ((proj_in, "oft"), ("mid_block.attentions.0.proj_out", "ia3"), ("conv_in", "full")):
-        w = unet.get_submodule(mod).weight
-        key = f"unet.{mod}"
+    block_norm = next(n for n, _ in unet.named_modules() if n.endswith("transformer_blocks.0.norm3"))
+    te_norm = next(n for n, _ in te.named_modules() if n.endswith("layers.1.layer_norm1"))
+    norm_layers = (("down_blocks.0.resnets.1.norm2", "norm"), (block_norm, "norm"), ("te:" + te_norm, "norm"))
+    for mod, kind in ((proj_in, "oft"), ("mid_block.attentions.0.proj_out", "ia3"), ("conv_in", "full"),
+                      *(norm_layers if norms else ())):
+        comp, mod = ("text_encoder", mod[3:]) if mod.startswith("te:") else ("unet", mod)
+        w = getattr(pipe, comp).get_submodule(mod).weight
+        key = f"{comp}.{mod}"
+        if kind == "norm":  # no alpha: LyCORIS writes none for norms
+            t[f"{key}.norm.w_norm"] = torch.randn(w.shape, generator=g) * 0.2
+            t[f"{key}.norm.b_norm"] = torch.randn(w.shape, generator=g) * 0.2
+            continue
         if kind == "oft":
             t[f"{key}.oft.oft_blocks"] = torch.randn(w.shape[0] // 4, 4, 4, generator=g) * 0.05
         elif kind == "ia3":
@@ -76,7 +86,7 @@ def model_kind(request) -> str:
 
 @pytest.fixture(scope="module")
 def adapters(model_kind) -> tuple[Adapter, Adapter]:
-    return make_kind_adapter(model_kind, 0), make_kind_adapter(model_kind, 1)
+    return make_kind_adapter(model_kind, 0, norms=True), make_kind_adapter(model_kind, 1, norms=True)
 
 
 def _pipe(model_kind: str):

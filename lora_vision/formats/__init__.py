@@ -24,8 +24,8 @@ from ..lora.ops import canonical_layers, layer_tensors
 from ..lora.spec import layer_key, split_key
 from ..metadata import FORMAT_VERSION, AdapterMetadata, scaling_entries
 from . import naming
-from .common import (AdapterMismatchError, BaseMismatchError, ComponentInfo, ImportReport, describe_models, fit_pair,
-                     guess_base, put)
+from .common import (NORM_TYPES, AdapterMismatchError, BaseMismatchError, ComponentInfo, ImportReport, describe_models,
+                     fit_pair, guess_base, put)
 from .detect import FORMATS, classify_keys, detect_format
 from .diffusers import export_diffusers, import_diffusers
 from .dit_keys import export_dit_kohya, import_dit, is_dit_keys
@@ -170,18 +170,23 @@ def import_native(raw: Mapping[str, torch.Tensor], infos: Mapping[str, Component
             if comp.startswith("text_encoder"):
                 has = info.has_text_model if info is not None else naming.default_has_text_model(comp)
                 live = naming.te_to_live(mod, has)
-            if info is not None and info.live and live not in info.modules:
+            found = info.module_of(live) if info is not None and info.live else None
+            if info is not None and info.live and found is None:
                 report.not_found.append(f"{comp}.{live}")
                 continue
             if spec.is_plain:
                 a, b = spec.A, spec.B
+                if found is not None and found[0] in NORM_TYPES:
+                    report.invalid.append(f"{comp}.{live}: a LoRA pair on a {found[0]}, which takes w_norm / b_norm "
+                                          "only")
+                    continue
                 if info is not None and info.live and not part:
-                    mtype, wshape = info.modules[live]
+                    mtype, wshape = found
                     a, b = fit_pair(f"{source}: {comp}.{mod}", mtype, wshape, a, b, True)
                 put(out, comp, layer_key(live, part), a, b, spec.alpha)
             else:  # another kind (lora.kinds): its factors as stored, checked against the live weight
                 if info is not None and info.live:
-                    mtype, wshape = info.modules[live]
+                    mtype, wshape = found
                     problems = spec.check(tuple(wshape) if wshape else None)
                     if problems:
                         report.invalid += [f"{comp}.{live}: {q}" for q in problems]

@@ -39,6 +39,12 @@ class ComponentInfo:
     weight: Callable[[str], torch.Tensor] | None = field(default=None, repr=False, compare=False)
     """The live module's base weight by name (live models only): for updates that depend on it (DoRA, OFT, ...)
     when a reader must work them out itself (a kind over a fused DiT module)."""
+    norms: dict[str, tuple[str, tuple[int, ...]]] = field(default_factory=dict)
+    """LayerNorm / GroupNorm modules (class name, weight shape): where norm-layer updates (w_norm / b_norm) go."""
+
+    def module_of(self, name: str) -> tuple[str, tuple[int, ...]] | None:
+        """(class name, weight shape) of module `name`, adaptable or norm; None when the model has no such module."""
+        return self.modules.get(name) or self.norms.get(name)
 
 
 def describe_models(models: Mapping[str, nn.Module]) -> dict[str, ComponentInfo]:
@@ -52,8 +58,9 @@ def describe_models(models: Mapping[str, nn.Module]) -> dict[str, ComponentInfo]
         cfg = dict(model.config) if comp == "unet" and hasattr(model, "config") else None
         fam = naming.sd_family(cfg) if cfg is not None else (
             naming.dit_family(type(model).__name__) if comp == "transformer" else None)
+        norms = {n: (type(m).__name__, tuple(m.weight.shape)) for n, m in naming.norm_modules(model).items()}
         out[comp] = ComponentInfo(mods, hasattr(model, "text_model"), cfg, fam, live=True,
-                                  weight=lambda name, _m=adaptable: _m[name].weight)
+                                  weight=lambda name, _m=adaptable: _m[name].weight, norms=norms)
     return out
 
 
@@ -66,7 +73,7 @@ def _weight_shape(m: nn.Module) -> tuple[int, ...]:
 def standard_unet_info(layout: str) -> ComponentInfo:
     """ComponentInfo of a standard full-size UNet layout ("sd1", "sd2", "sdxl"), for files loaded without a model."""
     return ComponentInfo(naming.standard_unet_modules(layout), unet_config=naming.STANDARD_UNET_CONFIGS[layout],
-                         family=layout)
+                         family=layout, norms=naming.standard_unet_modules(layout, norms=True))
 
 
 @dataclass
@@ -118,6 +125,9 @@ class ImportReport:
         if strict and not self.ok:
             raise AdapterMismatchError(f"{source}: strict load failed:\n{self}\n(pass strict=False to load what fits)")
 
+
+NORM_TYPES = ("LayerNorm", "GroupNorm")
+"""Class names of the modules that take norm-layer updates only (never a LoRA pair)."""
 
 # Tensor kinds we recognise but cannot represent as plain LoRA.
 UNSUPPORTED_MARKERS = ("hada_", "lokr_", "dora_scale", "lora_mid", ".scale", ".bias", "oft_", "boft_", ".diff",

@@ -39,10 +39,10 @@ from ..adapter import Adapter, check_token, embedding_tensors
 from ..io import AdapterFileError, write_safetensors
 from ..metadata import AdapterMetadata
 from . import naming
-from ..lora.kinds import check as check_kind, describe, get_kind, kind_of, known_factor, rank_of
+from ..lora.kinds import check as check_kind, get_kind, kind_of, known_factor, rank_of
 from ..lora.ops import layer_tensors
 from ..lora.spec import LayerSpec, split_key
-from .common import ComponentInfo, ImportReport, alpha_value, fit_pair, guess_base, is_unsupported, put
+from .common import NORM_TYPES, ComponentInfo, ImportReport, alpha_value, fit_pair, guess_base, is_unsupported, put
 from .diffusers import path_name, provenance
 from .resolve import COMFY_CLIP, NameResolver, default_infos, guess_unet_layout, te_layer_count
 
@@ -102,9 +102,6 @@ def import_kohya(tensors: Mapping[str, torch.Tensor], infos: Mapping[str, Compon
         scale = g.pop("scale", None)  # A1111: `scale` overrides alpha / r
         factors = kind_factors(g)
         kind = kind_of(factors, factors)
-        if kind == "norm":
-            report.unsupported += [f"{mod}.{s} (norm-layer update: not applied yet)" for s in sorted(g)]
-            continue
         if kind is None and set(g) - {"alpha"}:
             report.unsupported += [f"{mod}.{s} (unknown adapter kind)" for s in sorted(g)]
             continue
@@ -128,6 +125,10 @@ def import_kohya(tensors: Mapping[str, torch.Tensor], infos: Mapping[str, Compon
             report.not_found.append(mod)
             continue
         comp, live, info, kind, wshape = target
+        if kind in NORM_TYPES:
+            report.invalid.append(f"{mod}: a LoRA pair (lora_down / lora_up) on a {kind}, which takes w_norm / "
+                                  "b_norm only")
+            continue
         if not info.live:
             kind = "Conv2d" if down.dim() == 4 else "Linear"
         a, b = fit_pair(f"{source}: {mod}", kind, wshape or None, down, up, info.live)
@@ -215,7 +216,7 @@ def _target(mod: str, r: NameResolver) -> tuple[str, str, ComponentInfo, str, tu
         return None
     comp, live = target
     info = r.info(comp)
-    mtype, wshape = info.modules.get(live, ("", ()))
+    mtype, wshape = info.module_of(live) or ("", ())
     return comp, live, info, mtype, wshape
 
 

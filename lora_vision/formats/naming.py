@@ -20,7 +20,7 @@ import transformers
 from torch import nn
 
 from ..lora.inject import candidate_modules
-from ..lora.layers import LoRALayer
+from ..lora.layers import NORMS, LoRALayer
 
 # ---- CLIP text encoders -------------------------------------------------------------------------------------
 
@@ -276,18 +276,35 @@ def adaptable_modules(model: nn.Module) -> dict[str, nn.Module]:
     return {n: (m.base if isinstance(m, LoRALayer) else m) for n, m in candidate_modules(model).items()}
 
 
+def norm_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """LayerNorm / GroupNorm modules with a weight (what norm-layer updates, w_norm / b_norm, go on) by name
+    (a wrapper counts as its base)."""
+    out = {}
+    inside = None  # named_modules walks depth first: a wrapper's insides follow it directly
+    for n, m in model.named_modules():
+        if inside is not None and n.startswith(inside):
+            continue
+        if isinstance(m, LoRALayer):
+            inside, m = n + ".", m.base
+        if isinstance(m, NORMS) and m.weight is not None:
+            out[n] = m
+    return out
+
+
 @functools.lru_cache(maxsize=8)
-def _meta_unet_modules(key: str) -> tuple[tuple[str, str, tuple[int, ...]], ...]:
+def _meta_unet_modules(key: str, norms: bool = False) -> tuple[tuple[str, str, tuple[int, ...]], ...]:
     from diffusers import UNet2DConditionModel
 
     with torch.device("meta"):
         unet = UNet2DConditionModel(**STANDARD_UNET_CONFIGS[key])
-    return tuple((n, type(m).__name__, tuple(m.weight.shape)) for n, m in adaptable_modules(unet).items())
+    mods = norm_modules(unet) if norms else adaptable_modules(unet)
+    return tuple((n, type(m).__name__, tuple(m.weight.shape)) for n, m in mods.items())
 
 
-def standard_unet_modules(layout: str) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """Module name -> (class name, weight shape) of a standard full-size UNet (built on the meta device)."""
-    return {n: (k, s) for n, k, s in _meta_unet_modules(layout)}
+def standard_unet_modules(layout: str, norms: bool = False) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Module name -> (class name, weight shape) of a standard full-size UNet (built on the meta device): its
+    adaptable modules, or with `norms` its LayerNorm / GroupNorm modules."""
+    return {n: (k, s) for n, k, s in _meta_unet_modules(layout, norms)}
 
 
 # ---- kohya keys ------------------------------------------------------------------------------------------------
@@ -310,6 +327,12 @@ def kohya_lookup(prefix: str, names: Iterable[str]) -> dict[str, str]:
 
 CLIP_SUFFIXES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1",
                  "mlp.fc2")
+
+
+def clip_norm_names(num_layers: int) -> list[str]:
+    """transformers-4 names of the LayerNorms of a CLIP text encoder with `num_layers` layers."""
+    return [f"text_model.encoder.layers.{i}.layer_norm{j}" for i in range(num_layers) for j in (1, 2)] + [
+        "text_model.final_layer_norm"]
 
 
 def clip_file_names(num_layers: int) -> list[str]:

@@ -35,7 +35,7 @@ class NameResolver:
             info = self.infos.get(comp)
             if info is None:
                 continue
-            table = {naming.te_to_file(n): n for n in info.modules}
+            table = {naming.te_to_file(n): n for n in (*info.modules, *info.norms)}
             self.te_names[comp] = table
             prefixes = [p for p, c in KOHYA_TE_PREFIXES.items() if c == comp]
             for file_name, live in table.items():
@@ -57,7 +57,7 @@ def _build_unet_tables(unet: ComponentInfo) -> tuple[dict[str, str], dict[str, t
     names: dict[str, str] = {}
     kohya: dict[str, tuple[str, str]] = {}
     bmap = naming.unet_block_map(unet.unet_config) if unet.unet_config else None
-    for n in unet.modules:
+    for n in (*unet.modules, *unet.norms):
         names[n] = n
         kohya[naming.kohya_key("lora_unet", n)] = ("unet", n)
         kohya[naming.kohya_key("lycoris", n)] = ("unet", n)
@@ -87,7 +87,8 @@ def synthetic_te_info(comp: str, num_layers: int) -> ComponentInfo:
     """A CLIP text encoder with `num_layers` layers named as the installed transformers names it (shapes unknown)."""
     has = naming.default_has_text_model(comp)
     mods = {naming.te_to_live(n, has): ("Linear", ()) for n in naming.clip_file_names(num_layers)}
-    return ComponentInfo(mods, has_text_model=has)
+    norms = {naming.te_to_live(n, has): ("LayerNorm", ()) for n in naming.clip_norm_names(num_layers)}
+    return ComponentInfo(mods, has_text_model=has, norms=norms)
 
 
 def guess_unet_layout(candidates: Iterable[str], kohya_keys: bool) -> str:

@@ -18,10 +18,10 @@ import torch
 from torch import nn
 
 from .config import LoRAConfig, TargetError, matches
-from .layers import (LoRAConv2d, LoRAFusedLinear, LoRALayer, LoRALinear, LoRAMultiheadAttention,
+from .layers import (NORMS, LoRAConv2d, LoRAFusedLinear, LoRALayer, LoRALinear, LoRAMultiheadAttention, LoRANorm,
                      StrengthTable, lora_layers)
-from .ops import LoRAStateDictError, merge_lora, parse_canonical
-from .kinds import KindError, fresh_spec
+from .ops import LoRAStateDictError, canonical_layers, merge_lora
+from .kinds import BIAS_FACTORS, fresh_spec, get_kind
 from .spec import FUSED_PARTS, LayerSpec, layer_key, split_key
 
 ADAPTABLE = (nn.Linear, nn.Conv2d, nn.MultiheadAttention)
@@ -45,7 +45,9 @@ def candidate_modules(model: nn.Module) -> dict[str, nn.Module]:
     for name, mod in model.named_modules():
         if skip is not None and name.startswith(skip):
             continue
-        if isinstance(mod, LoRALayer):
+        if isinstance(mod, LoRANorm):  # carries norm-layer updates only, never a LoRA pair
+            skip = name + "."
+        elif isinstance(mod, LoRALayer):
             out[name] = mod
             skip = name + "."
         elif isinstance(mod, nn.MultiheadAttention):
@@ -69,7 +71,7 @@ def _candidate(model: nn.Module, name: str) -> tuple[nn.Module, nn.Module] | Non
     # have no adaptable children of their own, so the parent tells.
     if not name or isinstance(parent, (LoRALayer, nn.MultiheadAttention)):
         return None
-    return (mod, parent) if isinstance(mod, (LoRALayer, *ADAPTABLE)) else None
+    return (mod, parent) if isinstance(mod, (LoRALayer, *ADAPTABLE, *NORMS)) else None
 
 
 def _is_fused_qkv(name: str, mod: nn.Module) -> bool:
@@ -131,6 +133,8 @@ def _wrap(name: str, mod: nn.Module, parts: tuple[str, ...], split_qkv: bool = T
         return LoRALinear(mod)
     if isinstance(mod, nn.Conv2d):
         return LoRAConv2d(mod)
+    if isinstance(mod, NORMS):
+        return LoRANorm(mod)
     raise TargetError(f"{name}: cannot adapt a {type(mod).__name__}")
 
 
@@ -252,16 +256,21 @@ def _plan_config(model: nn.Module, config: LoRAConfig) -> dict:
         k = _kernel(mod)
         part = _Part(config.rank_for(mod_name, k), config.alpha_for(mod_name, k), config.rule, config.dropout,
                      config.init)
+        split = config.split_qkv
         if config.adapter_type != "lora":
             base = mod.base if isinstance(mod, LoRALayer) else mod
-            if not isinstance(base, (nn.Linear, nn.Conv2d)) or (_is_fused_qkv(mod_name, base) and config.split_qkv):
+            if not isinstance(base, (nn.Linear, nn.Conv2d)) or isinstance(mod, LoRAFusedLinear):
+                # MultiheadAttention's forward reads in_proj_weight and out_proj.weight itself: a kind would need
+                # one layer on each inside one wrapper, which the kind layers (one update per module) do not have.
                 raise TargetError(f"{mod_name}: adapter_type={config.adapter_type!r} goes on Linear and Conv2d "
-                                  f"modules only, not on a {type(base).__name__} (or a fused qkv projection); "
-                                  "exclude it or use adapter_type='lora'")
+                                  f"modules (a fused qkv Linear included, as one layer), not on a "
+                                  f"{type(mod).__name__}; exclude it or use adapter_type='lora'")
+            # A fused qkv Linear (timm) takes the kind over its whole (3d, d) weight, as one Linear.
+            split = False
             part.spec = fresh_spec(config.adapter_type, base.weight.detach(), part.rank, part.alpha, part.rule,
                                    factor=config.lokr_factor, decompose_both=config.decompose_both,
                                    full_rank=config.full_rank, init=config.init)
-        wrap = (lambda n=mod_name, m=mod: _wrap(n, m, config.fused_parts, config.split_qkv))
+        wrap = (lambda n=mod_name, m=mod, split=split: _wrap(n, m, config.fused_parts, split))
         plan[mod_name] = (mod, {"": part}, wrap, None)
     return plan
 
@@ -275,10 +284,6 @@ def _plan_layers(model: nn.Module, layers: Mapping[str, LayerSpec], name: str, d
     for key, spec in layers.items():
         mod, part = split_key(key, named)
         grouped.setdefault(mod, {})[part] = spec
-    norms = sorted(m for m, ps in grouped.items() if any(sp.kind == "norm" for sp in ps.values()))
-    if norms:
-        raise KindError(f"{len(norms)} layer(s) are norm-layer updates (w_norm / b_norm; first: {norms[:3]}); "
-                        "applying them to LayerNorm / GroupNorm modules is not supported yet: leave them out")
     cands = {m: found for m in grouped if (found := _candidate(model, m)) is not None}
     missing = sorted(m for m in grouped if m not in cands)
     if missing:
@@ -334,19 +339,25 @@ def kind_problems(module: nn.Module, spec: LayerSpec) -> list[str]:
     """Why a layer of another kind than plain LoRA cannot go on `module` (a plain module or a wrapper), one line
     each naming the factors and shapes; empty when it fits. The one check every loader of kinds uses."""
     base = module.base if isinstance(module, LoRALayer) else module
-    if spec.kind == "norm":
-        return [f"{spec.label} layer (w_norm / b_norm) updates a normalisation layer; applying those to "
-                f"{type(base).__name__} modules is not supported yet: leave it out"]
-    if not isinstance(base, (nn.Linear, nn.Conv2d)) or isinstance(module, LoRAFusedLinear):
+    kind = get_kind(spec.kind)
+    if kind.norm_layers:
+        if not isinstance(base, NORMS):
+            return [f"{spec.label} layers (w_norm / b_norm) go on LayerNorm and GroupNorm modules only, not on a "
+                    f"{type(base).__name__}"]
+        if base.weight is None:
+            return [f"the {type(base).__name__} has no weight (built without an affine part): w_norm has nothing "
+                    "to update"]
+    elif not isinstance(base, (nn.Linear, nn.Conv2d)) or isinstance(module, LoRAFusedLinear):
         return [f"{spec.label} layers go on Linear and Conv2d modules only, not on a {type(base).__name__}"]
     if isinstance(base, nn.Conv2d) and (base.groups != 1 or base.padding_mode != "zeros"):
         return [f"{spec.label} needs a Conv2d with groups=1 and zero padding"]
     bad = spec.check(tuple(base.weight.shape))
-    if "diff_b" in spec.factors and base.bias is None:
-        bad.append(f"diff_b {tuple(spec.factors['diff_b'].shape)} updates a bias the layer does not have")
-    elif "diff_b" in spec.factors and tuple(spec.factors["diff_b"].shape) != tuple(base.bias.shape):
-        bad.append(f"diff_b has shape {tuple(spec.factors['diff_b'].shape)} but the layer's bias is "
-                   f"{tuple(base.bias.shape)}")
+    bias_factor = BIAS_FACTORS.get(spec.kind)
+    given = spec.factors.get(bias_factor) if bias_factor else None
+    if given is not None and getattr(base, "bias", None) is None:
+        bad.append(f"{bias_factor} {tuple(given.shape)} updates a bias the layer does not have")
+    elif given is not None and tuple(given.shape) != tuple(base.bias.shape):
+        bad.append(f"{bias_factor} has shape {tuple(given.shape)} but the layer's bias is {tuple(base.bias.shape)}")
     return bad
 
 
@@ -385,12 +396,12 @@ def inject_lora_from_state_dict(model: nn.Module, state_dict: Mapping[str, torch
                                 freeze_base: bool = True, dtype: torch.dtype = torch.float32) -> list[str]:
     """Inject adapter `name` with the modules, ranks, alphas and factors that a canonical state dict describes.
 
-    Canonical keys: `<module>[.<part>].lora_A.weight`, `.lora_B.weight` and `.alpha` (alpha defaults to rank).
+    Canonical keys: `<module>[.<part>].lora_A.weight`, `.lora_B.weight` and `.alpha` (alpha defaults to rank), and
+    `<module>.<kind>.<factor>` for layers of other kinds (what `lora_state_dict` writes for them).
     `rslora` applies alpha / sqrt(rank) to every layer. `dropout` is not applied to given factors.
     """
     rule = "rslora" if rslora else "lora"
-    layers = {layer_key(m, p): LayerSpec(e["A"], e["B"], e["alpha"], rule)
-              for (m, p), e in parse_canonical(state_dict).items()}
+    layers = canonical_layers(state_dict, lambda _key: rule)
     return inject_lora(model, name=name, strength=strength, freeze_base=freeze_base, dtype=dtype, layers=layers,
                        dropout=dropout)
 

@@ -10,8 +10,8 @@ the module part only). Layout of the weight W: (out, in) for Linear, (out, in, k
 | lora | A (`lora_down`), B (`lora_up`) / `lora_mid` (Tucker core, conv), `dora_scale` | rows of A | s·B·A (Tucker: mid ×₀ up ×₁ down) |
 | loha | `hada_w1_a`, `hada_w1_b`, `hada_w2_a`, `hada_w2_b` / `hada_t1`, `hada_t2`, `dora_scale` | rows of w1_b | s·(w1_a w1_b) ⊙ (w2_a w2_b) |
 | lokr | `lokr_w1` or `lokr_w1_a`+`lokr_w1_b`; `lokr_w2` or `lokr_w2_a`+`lokr_w2_b` / `lokr_t2`, `dora_scale` | rows of w1_b, else of w2_b, else 0 | s·w1 ⊗ w2 |
-| oft | `oft_blocks` (n, b, b) / `rescale` | b | rescale·R W − W, R block-diagonal Cayley |
-| boft | `oft_blocks` (m, n, b, b) / `rescale` | b | rescale·(butterfly of m stages) W − W |
+| oft | `oft_blocks` (n, b, b) or `oft_diag` (n, b, b) / `rescale` | b | rescale·R W − W, R block-diagonal Cayley |
+| boft | `oft_blocks` (m, n, b, b) or `oft_diag` (m, n, b, b) / `rescale` | b | rescale·(butterfly of m stages) W − W |
 | ia3 | `weight` / `on_input` | 0 | W ⊙ weight (per output row, or per input column when on_input) |
 | full | `diff` / `diff_b` | 0 | diff (bias: diff_b) |
 | norm | `w_norm` / `b_norm` | 0 | w_norm (bias: b_norm); norm layers only |
@@ -19,8 +19,9 @@ the module part only). Layout of the weight W: (out, in) for Linear, (out, in, k
 Scale s: alpha / rank for lora, loha and lokr (alpha / sqrt(rank) under the "rslora" rule); a missing alpha means
 alpha = rank. LoKr with neither w1 nor w2 decomposed has no rank and s = 1 whatever alpha says (LyCORIS and
 ComfyUI both do this). OFT/BOFT read alpha as LyCORIS writes it, the constraint per output channel: the skew
-matrix Q is rescaled to norm alpha * out when its norm is larger (alpha 0: no constraint). (IA)^3, full and norm
-ignore alpha.
+matrix Q is rescaled to norm alpha * out when its norm is larger (alpha 0: no constraint). `oft_diag` is what
+LyCORIS wrote before 2.1 (Nov 2023 to Feb 2024, its `custom_state_dict`): the rotation R itself, constraint already
+applied, so alpha is not read (A1111's network_oft.py reads it the same way). (IA)^3, full and norm ignore alpha.
 
 DoRA (`dora_scale`, Liu et al. 2024, https://arxiv.org/abs/2402.09353) modifies lora, loha and lokr: with
 W' = W + ΔW the kind's update, the layer's weight becomes dora_scale · W' / ‖W'‖, the norm taken per output row
@@ -80,8 +81,8 @@ KINDS: dict[str, Kind] = {k.name: k for k in (
     Kind("loha", "LoHa", (("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"),), ("hada_t1", "hada_t2", DORA)),
     Kind("lokr", "LoKr", (), ("lokr_t2", DORA),
          alternatives=(("lokr_w1", ("lokr_w1_a", "lokr_w1_b")), ("lokr_w2", ("lokr_w2_a", "lokr_w2_b")))),
-    Kind("oft", "OFT", (("oft_blocks",),), ("rescale",), weight_dependent=True),
-    Kind("boft", "BOFT", (("oft_blocks",),), ("rescale",), weight_dependent=True),
+    Kind("oft", "OFT", (), ("rescale",), alternatives=(("oft_blocks", ("oft_diag",)),), weight_dependent=True),
+    Kind("boft", "BOFT", (), ("rescale",), alternatives=(("oft_blocks", ("oft_diag",)),), weight_dependent=True),
     Kind("ia3", "(IA)^3", (("weight",),), ("on_input",), weight_dependent=True, uses_alpha=False),
     Kind("full", "full diff", (("diff",),), ("diff_b",), uses_alpha=False),
     Kind("norm", "norm", (("w_norm",),), ("b_norm",), uses_alpha=False, norm_layers=True),
@@ -150,7 +151,7 @@ def rank_of(kind: str, factors: Factors) -> int:
                 return int(factors[n].shape[0])
         return 0
     if kind in ("oft", "boft"):
-        return int(factors["oft_blocks"].shape[-1])
+        return int(_oft_factor(factors).shape[-1])
     return 0
 
 
@@ -220,6 +221,19 @@ def _lokr_shape(f: Factors, wshape: tuple[int, ...]) -> tuple[int, ...]:
     return (out, cols)
 
 
+def _oft_factor(f: Factors) -> torch.Tensor:
+    """The OFT / BOFT blocks of a layer: `oft_blocks` (skew-symmetric generators) or `oft_diag` (R itself)."""
+    blocks = f.get("oft_blocks")
+    return blocks if blocks is not None else f["oft_diag"]
+
+
+def _oft_rotation(f: Factors, out: int, alpha: float) -> torch.Tensor:
+    """R of every block: the Cayley transform of `oft_blocks` under the constraint alpha * out, or `oft_diag`."""
+    if f.get("oft_blocks") is None:
+        return f["oft_diag"]
+    return _oft_r(f["oft_blocks"], alpha * out)
+
+
 def _oft_r(blocks: torch.Tensor, constraint: float) -> torch.Tensor:
     """Cayley transform R = (I + Q)(I - Q)^-1 of Q = B - B^T, Q rescaled to norm `constraint` when larger."""
     eye = torch.eye(blocks.shape[-1], device=blocks.device, dtype=blocks.dtype)
@@ -231,18 +245,17 @@ def _oft_r(blocks: torch.Tensor, constraint: float) -> torch.Tensor:
     return (eye + q) @ torch.linalg.inv(eye - q)
 
 
-def _oft_apply(w: torch.Tensor, blocks: torch.Tensor, alpha: float) -> torch.Tensor:
-    """R^T applied per block of output rows (LyCORIS' diag-OFT)."""
-    n, b, _ = blocks.shape
-    r = _oft_r(blocks, alpha * w.shape[0])
+def _oft_apply(w: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """R^T applied per block of output rows (LyCORIS' diag-OFT); r (n, b, b)."""
+    n, b, _ = r.shape
     rows = w.reshape(n, b, -1)
     return torch.einsum("knm,knx->kmx", r, rows).reshape(w.shape)
 
 
-def _boft_apply(w: torch.Tensor, blocks: torch.Tensor, alpha: float) -> torch.Tensor:
-    """m butterfly stages; stage i mixes output rows 2^i * b/2 apart within blocks of b (LyCORIS' BOFT)."""
-    m, _, b, _ = blocks.shape
-    r = _oft_r(blocks, alpha * w.shape[0])
+def _boft_apply(w: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """m butterfly stages; stage i mixes output rows 2^i * b/2 apart within blocks of b (LyCORIS' BOFT); r (m, n,
+    b, b)."""
+    m, _, b, _ = r.shape
     x = w.reshape(w.shape[0], -1)
     half = b // 2
     for i in range(m):
@@ -324,10 +337,13 @@ def _product_shape(kind: str, f: Factors, ws: tuple[int, ...] | None) -> tuple[i
         got = _lokr_shape(f, ws or ())
         return got
     if kind in ("oft", "boft"):
-        blocks = f["oft_blocks"]
+        if f.get("oft_blocks") is not None and f.get("oft_diag") is not None:
+            raise KindError("a layer has oft_blocks or oft_diag, not both")
+        blocks = _oft_factor(f)
+        name = "oft_blocks" if f.get("oft_blocks") is not None else "oft_diag"
         want_dim = 3 if kind == "oft" else 4
         if blocks.dim() != want_dim or blocks.shape[-1] != blocks.shape[-2]:
-            raise KindError(f"oft_blocks must be {'(blocks, b, b)' if kind == 'oft' else '(stages, blocks, b, b)'}")
+            raise KindError(f"{name} must be {'(blocks, b, b)' if kind == 'oft' else '(stages, blocks, b, b)'}")
         if kind == "boft" and blocks.shape[-1] % 2:
             raise KindError("BOFT blocks must have an even size")
         out = blocks.shape[-3] * blocks.shape[-1]
@@ -348,7 +364,10 @@ def _product_shape(kind: str, f: Factors, ws: tuple[int, ...] | None) -> tuple[i
     if kind == "full":
         return _shape(f["diff"])
     if kind == "norm":
-        return _shape(f["w_norm"])
+        w, b = f["w_norm"], f.get("b_norm")
+        if w.dim() != 1 or (b is not None and tuple(b.shape) != tuple(w.shape)):
+            raise KindError("w_norm must be a vector and b_norm (when present) one of the same length")
+        return _shape(w)
     raise KindError(f"unknown adapter kind {kind!r}")
 
 
@@ -380,9 +399,9 @@ def update(kind: str, factors: Factors, scale: float, alpha: float, weight: torc
         w1, w2 = _lokr_part(f, "w1"), _lokr_part(f, "w2")
         d = torch.kron(w1, w2.flatten(1))
     elif kind == "oft":
-        d = _oft_apply(w, f["oft_blocks"], alpha)
+        d = _oft_apply(w, _oft_rotation(f, w.shape[0], alpha))
     elif kind == "boft":
-        d = _boft_apply(w, f["oft_blocks"], alpha)
+        d = _boft_apply(w, _oft_rotation(f, w.shape[0], alpha))
     elif kind == "ia3":
         v = f["weight"]
         d = w * (v.reshape(1, -1, *[1] * (w.dim() - 2)) if _on_input(f) else v.reshape(-1, *[1] * (w.dim() - 1)))
@@ -406,9 +425,13 @@ def update(kind: str, factors: Factors, scale: float, alpha: float, weight: torc
     return d if shape is not None else d.reshape(d.shape[0], -1)
 
 
+BIAS_FACTORS = {"full": "diff_b", "norm": "b_norm"}
+"""The factor that updates the layer's bias, per kind that has one."""
+
+
 def bias_update(kind: str, factors: Factors) -> torch.Tensor | None:
     """The update of the layer's bias at strength 1 (full: `diff_b`, norm: `b_norm`), None for other kinds."""
-    name = {"full": "diff_b", "norm": "b_norm"}.get(kind)
+    name = BIAS_FACTORS.get(kind)
     t = factors.get(name) if name else None
     return t.float() if t is not None else None
 
@@ -423,8 +446,8 @@ def kind_of(names: set[str] | tuple[str, ...] | list[str], factors: Factors | No
         return "loha"
     if any(n.startswith("lokr_") for n in names):
         return "lokr"
-    if "oft_blocks" in names:
-        blocks = (factors or {}).get("oft_blocks")
+    if "oft_blocks" in names or "oft_diag" in names:
+        blocks = _oft_factor(factors) if factors and ("oft_blocks" in factors or "oft_diag" in factors) else None
         return "boft" if blocks is not None and blocks.dim() == 4 else "oft"
     if names & {"A", "B", "lora_mid"}:
         return "lora"

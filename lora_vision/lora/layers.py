@@ -11,7 +11,9 @@ wrappers around nn.Linear and nn.Conv2d: their factors are parameters in `kind_f
 the kind, and `lora_A[name]` / `lora_B[name]` hold empty placeholders so that every "which adapters does this
 layer have" question keeps one answer. Such an adapter runs unfused as
 h = base(x) + strength * (x through Δ), Δ = LayerSpec.delta(W) rebuilt from the factors at every forward (nothing
-cached, so training works), and its table slot holds the strength alone (the scale is inside Δ).
+cached, so training works), and its table slot holds the strength alone (the scale is inside Δ). Norm-layer updates
+(`w_norm` / `b_norm`) live in `LoRANorm`, around nn.LayerNorm and nn.GroupNorm: the norm is affine in its weight
+and bias, so x through Δ is the same normalisation with weight w_norm and bias b_norm.
 """
 
 from __future__ import annotations
@@ -23,11 +25,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kinds as _kinds
 from .kinds import KindError
 from .spec import LayerSpec, scaling as _scaling
 
 # Part letters of fused projections and their row block in the fused weight.
 _QKV = ("q", "k", "v")
+NORMS = (nn.LayerNorm, nn.GroupNorm)
+"""The normalisation layers norm-kind updates (w_norm / b_norm) go on."""
 
 
 class StrengthTable:
@@ -128,8 +133,11 @@ class LoRALayer(nn.Module):
         the caller has placed them on the right device and dtype) and register it in `table` at scale 1."""
         if name in self.lora_A:
             raise ValueError(f"adapter {name!r} already exists in {layer_name}; remove it first or use another name")
-        if not isinstance(self.base, (nn.Linear, nn.Conv2d)) or isinstance(self, _FusedLoRA):
-            raise KindError(f"{layer_name}: {spec.label} layers go on Linear and Conv2d modules only, not on a "
+        norm = _kinds.get_kind(spec.kind).norm_layers
+        if norm != isinstance(self.base, NORMS) or isinstance(self, _FusedLoRA) or not isinstance(
+                self.base, (nn.Linear, nn.Conv2d, *NORMS)):
+            where = "LayerNorm and GroupNorm" if norm else "Linear and Conv2d"
+            raise KindError(f"{layer_name}: {spec.label} layers go on {where} modules only, not on a "
                             f"{type(self.base).__name__}")
         params = nn.ParameterDict()
         for n, t in spec.all_factors.items():
@@ -175,6 +183,10 @@ class LoRALayer(nn.Module):
         c = self.base
         if isinstance(c, nn.Conv2d):
             y = F.conv2d(h, w, bias, c.stride, c.padding, c.dilation)
+        elif isinstance(c, nn.LayerNorm):
+            y = F.layer_norm(h, c.normalized_shape, w, bias, c.eps)
+        elif isinstance(c, nn.GroupNorm):
+            y = F.group_norm(h, c.num_groups, w, bias, c.eps)
         else:
             y = F.linear(h, w, bias)
         return out + (y * self.factor(name, out.device)).to(out.dtype)
@@ -241,7 +253,7 @@ class LoRALayer(nn.Module):
     def _refuse_kind(self, name: str, what: str) -> None:
         if name in self.kinds:
             raise KindError(f"adapter {name!r} is a {self.kind_spec(name).label} adapter; {what} handles plain LoRA "
-                            "(A and B) only: use Adapter.from_models / Adapter.save for other kinds")
+                            "(A and B) only: read other kinds with specs() / kind_spec()")
 
     # ---- merge ---------------------------------------------------------------------------------------
     def merge_(self, names: list[str], strengths: dict[str, float], check: bool = True) -> torch.Tensor | None:
@@ -330,7 +342,7 @@ class LoRALayer(nn.Module):
     def _base_weights(self) -> Iterator[tuple[str, nn.Parameter]]:
         yield "weight", self.base.weight
         if getattr(self.base, "bias", None) is not None and any(
-                "diff_b" in self.kind_factors[n] for n in self.kinds):
+                f in self.kind_factors[n] for n in self.kinds for f in _kinds.BIAS_FACTORS.values()):
             yield "bias", self.base.bias
 
     def delta(self, name: str) -> dict[str, torch.Tensor]:
@@ -339,12 +351,12 @@ class LoRALayer(nn.Module):
 
     def lora_pairs(self, name: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Canonical (A, B) per sub-module suffix ("" for plain layers, "q"/"k"/"v"/"o" for fused parts)."""
-        self._refuse_kind(name, "a LoRA state dict")
+        self._refuse_kind(name, "an (A, B) pair")
         return {"": (self.lora_A[name], self.lora_B[name])}
 
     def load_pair_(self, name: str, suffix: str, a: torch.Tensor, b: torch.Tensor) -> None:
         """Copy canonical A and B (shapes as lora_pairs returns them) into adapter `name`."""
-        self._refuse_kind(name, "a LoRA state dict")
+        self._refuse_kind(name, "an (A, B) pair")
         with torch.no_grad():
             self.lora_A[name].copy_(a)
             self.lora_B[name].copy_(b)
@@ -431,6 +443,33 @@ class LoRAConv2d(LoRALayer):
             h = self.lora_dropout[name](_cast_in(x, a))
             h = F.conv2d(h, a, None, c.stride, c.padding, c.dilation)
             out = out + (F.conv2d(h, b) * self.factor(name, out.device)).to(out.dtype)
+        return out
+
+
+class LoRANorm(LoRALayer):
+    """Norm-layer updates (`w_norm` / `b_norm`, LyCORIS' NormModule) around nn.LayerNorm or nn.GroupNorm:
+    h = norm(x; W, b) + strength * norm(x; w_norm, b_norm), which equals norm(x; W + strength * w_norm, b +
+    strength * b_norm). Carries norm-kind adapters only (no LoRA pairs)."""
+
+    def __init__(self, base: nn.Module) -> None:
+        if not isinstance(base, NORMS):
+            raise KindError(f"LoRANorm wraps a LayerNorm or GroupNorm, got a {type(base).__name__}")
+        if base.weight is None:
+            raise KindError(f"the {type(base).__name__} has no weight (built without an affine part): w_norm has "
+                            "nothing to update")
+        super().__init__(base)
+
+    def add_adapter(self, name: str, *args, **kwargs) -> None:
+        raise KindError(f"a {type(self.base).__name__} takes norm-layer updates (w_norm / b_norm) only, not a LoRA "
+                        f"pair; leave it out of the targets")
+
+    def delta(self, name: str) -> dict[str, torch.Tensor]:
+        return self._kind_delta(name)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        for name in self._run:
+            out = self._kind_out(name, x, out)
         return out
 
 

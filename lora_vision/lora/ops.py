@@ -164,20 +164,12 @@ def lora_parameters(model: nn.Module, name: str | None = None) -> list[nn.Parame
 def lora_state_dict(model: nn.Module, name: str = "default") -> dict[str, torch.Tensor]:
     """Canonical state dict of adapter `name`: `<module>[.<part>].lora_A.weight`, `.lora_B.weight`, `.alpha`.
 
-    Fused projections (MultiheadAttention, timm qkv) get one entry per part (`q`, `k`, `v`, `o`). Tensors are
-    detached views; alpha is a 0-dim float32 tensor.
+    Fused projections (MultiheadAttention, timm qkv) get one entry per part (`q`, `k`, `v`, `o`). Layers of other
+    kinds (LoHa, LoKr, DoRA, ...) hold their factors under their LyCORIS names, `<module>.<kind>.<factor>` (see
+    `canonical_layers`), next to `<module>.alpha`. Tensors are detached views; alpha is a 0-dim float32 tensor.
+    `load_lora_state_dict` reads every kind back.
     """
-    _require(model, name)
-    sd: dict[str, torch.Tensor] = {}
-    for mod_name, layer in lora_layers(model):
-        if name not in layer.lora_A:
-            continue
-        for suffix, (a, b) in layer.lora_pairs(name).items():
-            key = f"{mod_name}.{suffix}" if suffix else mod_name
-            sd[f"{key}.lora_A.weight"] = a.detach()
-            sd[f"{key}.lora_B.weight"] = b.detach()
-            sd[f"{key}.alpha"] = torch.tensor(layer.alphas[name], dtype=torch.float32)
-    return sd
+    return {k: t for key, spec in lora_specs(model, name).items() for k, t in layer_tensors(key, spec).items()}
 
 
 def lora_specs(model: nn.Module, name: str = "default") -> dict[str, LayerSpec]:

@@ -79,8 +79,7 @@ def test_lora_only_paths_refuse_other_kinds(comps, tmp_path):
     assert adapter.kinds() == {"LoHa": 1, "LoRA": 1}
     unet = build_tiny_sd("sd1").unet
     adapter.apply_to({"unet": unet})
-    with pytest.raises(KindError, match="is a LoHa adapter; a LoRA state dict handles plain LoRA"):
-        lv.lora_state_dict(unet)
+    assert f"{Q}.loha.hada_w1_a" in lv.lora_state_dict(unet)  # every kind has a state dict now (test below)
     tensors, _ = lv.formats.kohya.kohya_tensors(adapter, "sd1")  # kinds export in LyCORIS names now
     assert f"{K}.hada_w1_a" in tensors
     pipe = build_tiny_sd("sd1")
@@ -89,11 +88,48 @@ def test_lora_only_paths_refuse_other_kinds(comps, tmp_path):
     assert sorted(report.modules["unet"]) == sorted([Q, Q.replace("to_q", "to_k")])
 
 
-def test_norm_layers_are_refused_clearly():
+NORM = "lora_unet_down_blocks_0_resnets_0_norm1"  # GroupNorm(32 channels)
+
+
+@pytest.mark.parametrize("what", ["norm_len", "norm_bias_len", "oft_blocks", "oft_diag"])
+def test_norm_and_oft_layers_that_do_not_fit_are_named_and_strict_refuses(comps, what):
+    out = comps["unet"].get_submodule(Q).weight.shape[0]
+    sd = {k: v for k, v in _loha(out, comps["unet"].get_submodule(Q).weight.shape[1]).items() if k.startswith(K_OK)}
+    if what == "norm_len":
+        sd |= {f"{NORM}.w_norm": torch.randn(33), f"{NORM}.b_norm": torch.randn(33)}
+        bad, expect = NORM, "w_norm (33,), b_norm (33,) make a (33,) update but the layer's GroupNorm weight is (32,)"
+    elif what == "norm_bias_len":
+        sd |= {f"{NORM}.w_norm": torch.randn(32), f"{NORM}.b_norm": torch.randn(31)}
+        bad, expect = NORM, "b_norm (when present) one of the same length"
+    else:  # 3 blocks of 5 rows for a layer of `out` rows: the block size does not divide the layer
+        sd |= {f"{K}.{what}": torch.randn(3, 5, 5), f"{K}.alpha": torch.tensor(0.0)}
+        bad, expect = K, f"{what} (3, 5, 5)"
+    adapter, report = load_any(sd, models=comps)
+    assert any(line.startswith(bad) and expect in line for line in report.invalid), report.invalid
+    if what.startswith("oft"):
+        assert any(f"the blocks cover 15 output rows but the layer has {out}" in line for line in report.invalid)
+    assert report.matched == [f"unet.{Q.replace('to_q', 'to_k')}"]
+    with pytest.raises(AdapterFileError, match="strict load failed"):
+        load_any(sd, models=comps, strict=True)
+
+
+def test_norm_updates_go_on_norm_layers_only_and_fit_their_length():
     unet = build_tiny_sd("sd1").unet
-    spec = lv.LayerSpec(None, None, 1.0, kind="norm", factors={"w_norm": torch.ones(32)})
-    with pytest.raises(KindError, match="norm-layer updates"):
-        lv.inject_lora(unet, layers={"down_blocks.0.attentions.0.norm": spec})
+    norm = "down_blocks.0.resnets.0.norm1"
+    with pytest.raises(LoRAStateDictError, match=r"norm1: norm factors w_norm \(33,\) make a \(33,\) update but "
+                                                 r"the layer's weight is \(32,\)"):
+        lv.inject_lora(unet, layers={norm: lv.LayerSpec(None, None, 1.0, kind="norm",
+                                                         factors={"w_norm": torch.ones(33)})})
+    with pytest.raises(LoRAStateDictError, match="norm layers .w_norm / b_norm. go on LayerNorm and GroupNorm "
+                                                 "modules only, not on a Linear"):
+        lv.inject_lora(unet, layers={Q: lv.LayerSpec(None, None, 1.0, kind="norm",
+                                                      factors={"w_norm": torch.ones(32)})})
+    with pytest.raises(LoRAStateDictError, match="LoHa layers go on Linear and Conv2d modules only, not on a "
+                                                 "GroupNorm"):
+        lv.inject_lora(unet, layers={norm: lv.LayerSpec(None, None, 1.0, kind="loha", factors={
+            "hada_w1_a": torch.ones(32, 1), "hada_w1_b": torch.ones(1, 1), "hada_w2_a": torch.ones(32, 1),
+            "hada_w2_b": torch.ones(1, 1)})})
+    assert not any(isinstance(m, lv.LoRALayer) for m in unet.modules())  # nothing changed
 
 
 @pytest.mark.parametrize("adapter_type,extra", [("lora", {}), ("loha", {}), ("lokr", {"lokr_factor": 4}),
@@ -154,3 +190,92 @@ def test_config_rejects_bad_kind_settings():
 def test_factorization():
     assert factorization(320, 4) == (4, 80) and factorization(64) == (8, 8) and factorization(37) == (1, 37)
     assert factorization(96, 5) == (4, 24)
+
+
+KIND_KEYS = {"loha": ("loha.hada_w1_a", "loha.hada_w2_b"), "lokr": ("lokr.lokr_w1", "lokr.lokr_w2_a", "lokr.lokr_w2_b"),
+             "dora": ("lora_A.weight", "lora_B.weight", "lora.dora_scale")}
+
+
+@pytest.mark.parametrize("adapter_type", list(KIND_KEYS))
+def test_lora_state_dict_of_every_trainable_kind_round_trips_exactly(adapter_type, tmp_path):
+    def unet_with(seed):
+        torch.manual_seed(seed)
+        unet = build_tiny_sd("sd1").unet
+        extra = {"lokr_factor": 4} if adapter_type == "lokr" else {}
+        lv.inject_lora(unet, lv.LoRAConfig(rank=2, targets=(Q, CONV),
+                                           adapter_type=adapter_type, **extra))
+        with torch.no_grad():
+            for p in lv.lora_parameters(unet):
+                p.add_(torch.randn_like(p) * 0.1)
+        return unet
+
+    trained = unet_with(0)
+    sd = lv.lora_state_dict(trained)
+    for mod in (Q, CONV):
+        assert all(f"{mod}.{k}" in sd for k in KIND_KEYS[adapter_type]) and f"{mod}.alpha" in sd
+    x = (torch.randn(1, 4, 8, 8), torch.tensor([10]), torch.randn(1, 77, 32))
+    want = trained(*x).sample
+    other = unet_with(1)  # same layers, other values: load_lora_state_dict copies every factor
+    assert not torch.equal(other(*x).sample, want)
+    report = lv.load_lora_state_dict(other, sd, strict=True)
+    assert sorted(report.matched) == sorted([Q, CONV])
+    assert torch.equal(other(*x).sample, want)
+    fresh = build_tiny_sd("sd1").unet  # a plain model: the state dict alone says what to build
+    lv.inject_lora_from_state_dict(fresh, sd)
+    assert torch.equal(fresh(*x).sample, want)
+    path = Adapter.from_models({"unet": trained}).save(tmp_path / "a.safetensors")
+    back = Adapter.load(path)
+    assert set(back.kinds()) == {LABELS[adapter_type]}
+    applied = build_tiny_sd("sd1").unet
+    back.apply_to({"unet": applied})
+    assert torch.equal(applied(*x).sample, want)
+    assert all(torch.equal(lv.lora_state_dict(applied)[k], t) for k, t in sd.items())
+
+
+CONV = "down_blocks.0.resnets.0.conv1"
+LABELS = {"loha": "LoHa", "lokr": "LoKr", "dora": "LoRA+DoRA"}
+
+
+@pytest.mark.parametrize("adapter_type", ["loha", "lokr", "dora"])
+def test_kind_on_timm_fused_qkv_is_one_linear_and_trains(adapter_type):
+    from lora_vision.models.tiny import build_tiny_timm_vit
+
+    torch.manual_seed(0)
+    vit = build_tiny_timm_vit(4, 32, 0)
+    qkv = "blocks.0.attn.qkv"
+    w, bias = vit.get_submodule(qkv).weight.detach().clone(), vit.get_submodule(qkv).bias.detach().clone()
+    names = lv.inject_lora(vit, lv.LoRAConfig(rank=2, targets="timm-vit-attn", adapter_type=adapter_type))
+    layer = vit.get_submodule(qkv)
+    assert qkv in names and type(layer) is lv.LoRALinear  # the whole (3d, d) weight, not split into q / k / v
+    with torch.no_grad():
+        for p in lv.lora_parameters(vit):
+            p.add_(torch.randn_like(p) * 0.1)
+    x = torch.randn(2, 5, w.shape[1])
+    spec = layer.kind_spec("default")
+    want = nn.functional.linear(x, w + spec.delta(w).reshape(w.shape), bias)
+    torch.testing.assert_close(layer(x), want, atol=1e-5, rtol=1e-5)
+    images, labels = torch.randn(8, 3, 32, 32), torch.arange(8) % 4
+    opt = torch.optim.Adam(lv.lora_parameters(vit), lr=1e-2)
+    losses = []
+    for _ in range(8):
+        loss = nn.functional.cross_entropy(vit(images), labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.97 * losses[0]  # only the attention adapters train (the head is frozen)
+    vit.eval()
+    applied = build_tiny_timm_vit(4, 32, 0).eval()  # the trained file applied to a fresh model: same outputs
+    Adapter.from_models({"model": vit}).apply_to({"model": applied})
+    with torch.no_grad():
+        torch.testing.assert_close(applied(images), vit(images), atol=1e-5, rtol=1e-5)
+
+
+def test_kind_on_multihead_attention_is_refused_naming_why():
+    from lora_vision.models.tiny import build_tiny_torchvision_vit
+
+    vit = build_tiny_torchvision_vit(4, 32, 0)
+    with pytest.raises(lv.TargetError, match=r"self_attention: adapter_type='lokr' goes on Linear and Conv2d "
+                                             r"modules .*not on a MultiheadAttention"):
+        lv.inject_lora(vit, lv.LoRAConfig(rank=2, targets="tv-vit-attn", adapter_type="lokr"))
+    assert not any(isinstance(m, lv.LoRALayer) for m in vit.modules())

@@ -12,10 +12,11 @@ from torch import nn
 from lora_vision import merge_lora, set_strength, unmerge_lora
 from lora_vision.adapter import Adapter
 from lora_vision.formats import load_any
+from lora_vision.formats.kohya import kohya_tensors
 from lora_vision.models import build_tiny_sd
 
 lycoris_modules = pytest.importorskip("lycoris.modules")
-from lycoris.modules import boft, diag_oft, full, ia3, locon, loha, lokr  # noqa: E402
+from lycoris.modules import boft, diag_oft, full, ia3, locon, loha, lokr, norms  # noqa: E402
 
 # (id, LyCORIS class, its options, which layers: "lin", "conv" or both, expected label)
 CASES = [
@@ -36,9 +37,16 @@ CASES = [
     ("oft", diag_oft.DiagOFTModule, {"rescaled": True, "constraint": 1e-3}, "OFT"),
     ("oft-free", diag_oft.DiagOFTModule, {}, "OFT"),
     ("boft", boft.ButterflyOFTModule, {}, "BOFT"),
+    ("boft-constrained", boft.ButterflyOFTModule, {"rescaled": True, "constraint": 1e-3}, "BOFT"),
+    # LyCORIS before 2.1 wrote the rotation R itself as `oft_diag` (its custom_state_dict returned get_r()); the
+    # same modules written that way give the same weight
+    ("oft-diag", diag_oft.DiagOFTModule, {"constraint": 1e-3}, "OFT"),
+    ("oft-diag-rescaled", diag_oft.DiagOFTModule, {"rescaled": True}, "OFT"),
+    ("boft-diag", boft.ButterflyOFTModule, {"constraint": 1e-3}, "BOFT"),
     ("ia3-out", ia3.IA3Module, {}, "(IA)^3"),
     ("ia3-in", ia3.IA3Module, {"train_on_input": True}, "(IA)^3"),
     ("full", full.FullModule, {}, "full diff"),
+    ("norm", norms.NormModule, {}, "norm"),  # w_norm / b_norm on the layers of NORM_LAYERS
 ]
 
 # (component, live module name, kohya module key): a Linear and a 3x3 Conv2d of each UNet, and a text-encoder
@@ -56,6 +64,44 @@ LAYERS = {
 }
 
 
+
+def _sdxl_key(live: str) -> str:  # SDXL UNet norms as kohya names them: SGM names (input_blocks_1_0_in_layers_0)
+    from lora_vision.formats import naming
+    return naming.kohya_key("lora_unet", naming.diffusers_to_ldm(live, naming.unet_block_map(
+        dict(build_tiny_sd("sdxl").unet.config))))
+
+
+# (component, live module name, kohya module key) of a GroupNorm (ResNet, transformer input) and a LayerNorm
+# (transformer block, CLIP) of each model.
+NORM_LAYERS = {
+    "sd1": [("unet", "down_blocks.0.resnets.0.norm1", "lora_unet_down_blocks_0_resnets_0_norm1"),
+            ("unet", "down_blocks.0.attentions.0.transformer_blocks.0.norm1",
+             "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_norm1"),
+            ("text_encoder", "encoder.layers.0.layer_norm1", "lora_te_text_model_encoder_layers_0_layer_norm1")],
+    "sdxl": [("unet", "down_blocks.0.resnets.0.norm1", None), ("unet", "down_blocks.1.attentions.0.norm", None),
+             ("text_encoder_2", "text_model.final_layer_norm", "lora_te2_text_model_final_layer_norm")],
+}
+
+
+def _forward(base: nn.Module, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """What `base` computes with weight `w` and bias `bias` instead of its own."""
+    if isinstance(base, nn.GroupNorm):
+        return nn.functional.group_norm(x, base.num_groups, w, bias, base.eps)
+    if isinstance(base, nn.LayerNorm):
+        return nn.functional.layer_norm(x, base.normalized_shape, w, bias, base.eps)
+    if isinstance(base, nn.Conv2d):
+        return nn.functional.conv2d(x, w, bias, base.stride, base.padding)
+    return nn.functional.linear(x, w, bias)
+
+
+def _input(base: nn.Module, w: torch.Tensor) -> torch.Tensor:
+    if isinstance(base, nn.GroupNorm):
+        return torch.randn(2, base.num_channels, 5, 5)
+    if isinstance(base, nn.LayerNorm):
+        return torch.randn(2, 3, *base.normalized_shape)
+    return torch.randn(2, w.shape[1], *([5, 5] if w.dim() == 4 else []))
+
+
 @pytest.fixture(scope="module")
 def pipes():
     return {k: build_tiny_sd(k) for k in LAYERS}
@@ -71,7 +117,7 @@ def _components(pipe) -> dict[str, nn.Module]:
 def _lycoris(cls, org: nn.Module, opts: dict, seed: int):
     opts = dict(opts)
     dim, alpha = opts.pop("lora_dim", 4), opts.pop("alpha", 2.0)
-    mod = cls("x", org, 1.0, dim, alpha, **opts)
+    mod = cls("x", org, 1.0) if cls is norms.NormModule else cls("x", org, 1.0, dim, alpha, **opts)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in mod.named_parameters():
@@ -89,7 +135,10 @@ def _lycoris(cls, org: nn.Module, opts: dict, seed: int):
     return mod
 
 
-def _file_tensors(mod) -> dict[str, torch.Tensor]:
+def _file_tensors(mod, as_rotation: bool = False) -> dict[str, torch.Tensor]:
+    if as_rotation:  # old LyCORIS: R = get_r() as `oft_diag`, no alpha (the constraint is inside R)
+        out = {"oft_diag": mod.get_r().detach().clone()}
+        return out | ({"rescale": mod.rescale.detach().clone()} if mod.rescaled else {})
     if isinstance(mod, full.FullModule):  # before apply_to its weight is the diff (custom_state_dict assumes after)
         out = {"diff": mod.weight.detach().clone()}
         return out | ({"diff_b": mod.bias.detach().clone()} if mod.bias is not None else {})
@@ -104,7 +153,8 @@ def test_kind_matches_lycoris(pipes, model, case):
     pipe = pipes[model]
     comps = _components(pipe)
     file, refs, bias_refs = {}, {}, {}
-    for i, (comp, live, key) in enumerate(LAYERS[model]):
+    for i, (comp, live, key) in enumerate((NORM_LAYERS if cid == "norm" else LAYERS)[model]):
+        key = key or _sdxl_key(live)
         org = comps[comp].get_submodule(live)
         if "tucker" in cid and not isinstance(org, nn.Conv2d):
             continue  # Tucker cores exist for k x k convolutions only
@@ -116,9 +166,12 @@ def test_kind_matches_lycoris(pipes, model, case):
         w = org.weight.detach().clone()
         merged, merged_bias = mod.get_merged_weight(multiplier=1.0, shape=w.shape, device=w.device)
         refs[(comp, live)] = (w, merged.detach().float().reshape(w.shape))
-        if merged_bias is not None:  # full diff_b
+        if merged_bias is not None:  # full diff_b, norm b_norm
             bias_refs[(comp, live)] = (org.bias.detach().clone(), merged_bias.detach().float())
-        file.update({f"{key}.{s}": t for s, t in _file_tensors(mod).items()})
+        file.update({f"{key}.{s}": t for s, t in _file_tensors(mod, cid.endswith("-diag")).items()})
+        if "constraint" in opts and mod.oft_blocks.shape[-1] > 1:  # the constraint is active: the skew part is
+            q = (mod.oft_blocks - mod.oft_blocks.transpose(-1, -2)).detach()  # larger than it allows
+            assert float(q.norm()) > mod.constraint > 0
     adapter, report = load_any(file, models=comps, strict=True)
     assert sum(report.kinds.values()) == len(refs)
     if label:
@@ -137,15 +190,14 @@ def test_kind_matches_lycoris(pipes, model, case):
                 set_strength(comps[comp], strength, name="k")
             for (comp, live), (w, merged) in refs.items():
                 layer = comps[comp].get_submodule(live)
-                x = torch.randn(2, w.shape[1], *([5, 5] if w.dim() == 4 else []))
-                want_w = w.float() + strength * (merged - w.float())
                 base = layer.base
+                x = _input(base, w)
+                want_w = w.float() + strength * (merged - w.float())
                 bias = base.bias
                 if (comp, live) in bias_refs:
                     b0, b1 = bias_refs[(comp, live)]
                     bias = b0 + strength * (b1 - b0)
-                want = (nn.functional.conv2d(x, want_w, bias, base.stride, base.padding) if w.dim() == 4
-                        else nn.functional.linear(x, want_w, bias))
+                want = _forward(base, x, want_w, bias)
                 torch.testing.assert_close(layer(x), want, atol=1e-5, rtol=1e-5)
         for comp in {c for c, _ in refs}:
             merge_lora(comps[comp])
@@ -165,16 +217,21 @@ def test_kind_matches_lycoris(pipes, model, case):
             remove_lora(comps[comp], "k")
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c[0] in ("loha", "lokr-tucker", "dora-in", "oft", "full")],
-                         ids=lambda c: c[0])
+@pytest.mark.parametrize("case", [c for c in CASES if c[0] in ("loha", "lokr-tucker", "dora-in", "oft", "full",
+                                                               "oft-diag", "norm")], ids=lambda c: c[0])
 def test_kind_save_load_roundtrip_is_exact(pipes, tmp_path, case):
     cid, cls, opts, _ = case
     comps = _components(pipes["sd1"])
     file = {}
-    for i, (comp, live, key) in enumerate(LAYERS["sd1"][:2]):
+    for i, (comp, live, key) in enumerate((NORM_LAYERS if cid == "norm" else LAYERS)["sd1"][:2]):
         mod = _lycoris(cls, comps[comp].get_submodule(live), opts, seed=i)
-        file.update({f"{key}.{s}": t for s, t in _file_tensors(mod).items()})
+        file.update({f"{key}.{s}": t for s, t in _file_tensors(mod, cid.endswith("-diag")).items()})
     adapter, _ = load_any(file, models=comps, strict=True)
+    exported, _ = kohya_tensors(adapter, "sd1", torch.float32)  # the names A1111 / ComfyUI read, and back
+    assert {k for k in exported if not k.endswith(".alpha")} == {k for k in file if not k.endswith(".alpha")}
+    again, _ = load_any(exported, models=comps, strict=True)
+    assert again.tensors.keys() == adapter.tensors.keys()
+    assert all(torch.equal(again.tensors[k], adapter.tensors[k]) for k in adapter.tensors)
     adapter.save(tmp_path / "a.safetensors")
     back = Adapter.load(tmp_path / "a.safetensors")
     assert back.tensors.keys() == adapter.tensors.keys()

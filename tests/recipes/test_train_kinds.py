@@ -120,10 +120,25 @@ def test_vit_kind_peft_folder_loads_in_peft_with_the_recipes_outputs(adapter_typ
         torch.testing.assert_close(theirs(pixel_values=x).logits, ours(pixel_values=x).logits, atol=1e-5, rtol=1e-5)
 
 
-def test_vit_kind_on_fused_qkv_family_is_refused_naming_it(data, tmp_path):  # noqa: F811
+@pytest.mark.parametrize("adapter_type", ["loha", "lokr"])
+def test_vit_kind_on_timm_fused_qkv_trains_as_one_linear(adapter_type, data, tmp_path):  # noqa: F811
+    m = _run(tmp_path, data, "--model_name_or_path", "tiny-timm", "--max_train_steps", "3", "--adapter_type",
+             adapter_type, "--save_peft", "false")
+    assert m["steps"] == 3
+    adapter = Adapter.load(tmp_path / "adapter.safetensors")
+    assert set(adapter.kinds()) == {LABEL[adapter_type]}
+    layers = adapter.layers("model")
+    qkv = [k for k in layers if k.endswith("attn.qkv")]  # one layer over the fused (3d, d) weight, no q/k/v parts
+    assert qkv and not any(k.endswith(("qkv.q", "qkv.k", "qkv.v")) for k in layers)
+    assert all(layers[k].delta().abs().max() > 0 for k in qkv)  # trained away from the zero start
+    # outputs == W + delta and the loss going down: tests/lora/test_kinds_core.py::test_kind_on_timm_fused_qkv_*
+
+
+def test_vit_kind_on_torchvision_attention_is_refused_naming_it(data, tmp_path):  # noqa: F811
     from lora_vision.lora.config import ConfigError
 
-    with pytest.raises(ConfigError, match=r"adapter_type='lokr' on a timm ViT .*fused qkv.*use a transformers ViT"):
-        train_vit.main(["--train_dir", str(data), "--output_dir", str(tmp_path), "--model_name_or_path", "tiny-timm",
-                        "--adapter_type", "lokr", "--save_peft", "false"])
+    with pytest.raises(ConfigError, match=r"adapter_type='lokr' on a torchvision ViT .*MultiheadAttention.*"
+                                          r"in_proj_weight and out_proj.weight.*timm ViT"):
+        train_vit.main(["--train_dir", str(data), "--output_dir", str(tmp_path), "--model_name_or_path",
+                        "tiny-torchvision", "--adapter_type", "lokr", "--save_peft", "false"])
     assert not any(tmp_path.iterdir())
