@@ -83,18 +83,23 @@ class LoRALayer(nn.Module):
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
         self.lora_dropout = nn.ModuleDict()
-        self.ranks: dict[str, int] = {}
-        self.alphas: dict[str, float] = {}
-        self.rules: dict[str, str] = {}
-        self.tables: dict[str, tuple[StrengthTable, int]] = {}
-        self.active: list[str] = []
-        self.merged: dict[str, float] = {}
-        self.disabled = False
-        self._backup: dict[str, torch.Tensor] = {}
-        self._undo: tuple[dict[str, torch.Tensor | None], dict[str, float]] | None = None
-        self._run: tuple[str, ...] = ()
-        self.kind_factors = nn.ModuleDict()
-        self.kinds: dict[str, str] = {}
+        # Plain bookkeeping goes straight into __dict__: nn.Module.__setattr__ checks every value against its
+        # parameters, buffers and modules, and a pipeline load builds one wrapper per adapted layer.
+        self.__dict__.update(
+            ranks={},  # name -> rank
+            alphas={},  # name -> alpha
+            rules={},  # name -> scaling rule
+            tables={},  # name -> (StrengthTable, slot)
+            active=[],  # names that run (set_active)
+            merged={},  # name -> strength folded into the weights
+            disabled=False,
+            _backup={},  # weight name -> the exact weight before the first merge
+            _undo=None,  # what undo_merge_ restores after an unchecked merge_
+            _run=(),  # the adapters forward runs: active, not merged, not disabled
+            kinds={},  # name -> kind, for adapters other than plain LoRA; their factors in `kind_factors`
+        )
+        # `kind_factors` (name -> ParameterDict of that adapter's factors) is created with the first adapter of
+        # another kind (add_kind_adapter): plain LoRA layers do without the extra module.
 
     # ---- adapter bookkeeping -------------------------------------------------------------------------
     def add_adapter(self, name: str, rank: int, alpha: float, dropout: float, init: str, rule: str,
@@ -134,6 +139,8 @@ class LoRALayer(nn.Module):
         params = nn.ParameterDict()
         for n, t in spec.all_factors.items():
             params[n] = nn.Parameter(t, requires_grad=trainable and t.is_floating_point())
+        if "kind_factors" not in self._modules:
+            self.kind_factors = nn.ModuleDict()
         self.kind_factors[name] = params
         self.kinds[name] = spec.kind
         dev = self.base.weight.device
@@ -329,7 +336,7 @@ class LoRALayer(nn.Module):
 
     def _base_weights(self) -> Iterator[tuple[str, nn.Parameter]]:
         yield "weight", self.base.weight
-        if getattr(self.base, "bias", None) is not None and any(
+        if self.kinds and getattr(self.base, "bias", None) is not None and any(
                 "diff_b" in self.kind_factors[n] for n in self.kinds):
             yield "bias", self.base.bias
 
