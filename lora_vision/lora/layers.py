@@ -28,6 +28,10 @@ from .spec import LayerSpec, scaling as _scaling
 
 # Part letters of fused projections and their row block in the fused weight.
 _QKV = ("q", "k", "v")
+# LoRALayer attributes that hold plain Python data (see LoRALayer.__setattr__).
+_PLAIN_STATE = frozenset({"ranks", "alphas", "rules", "tables", "active", "merged", "disabled", "_backup", "_undo",
+                          "_run", "kinds", "in_features", "out_features", "parts", "d", "d_in", "batch_first",
+                          "compute_dtype"})
 
 
 class StrengthTable:
@@ -83,23 +87,28 @@ class LoRALayer(nn.Module):
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
         self.lora_dropout = nn.ModuleDict()
-        # Plain bookkeeping goes straight into __dict__: nn.Module.__setattr__ checks every value against its
-        # parameters, buffers and modules, and a pipeline load builds one wrapper per adapted layer.
-        self.__dict__.update(
-            ranks={},  # name -> rank
-            alphas={},  # name -> alpha
-            rules={},  # name -> scaling rule
-            tables={},  # name -> (StrengthTable, slot)
-            active=[],  # names that run (set_active)
-            merged={},  # name -> strength folded into the weights
-            disabled=False,
-            _backup={},  # weight name -> the exact weight before the first merge
-            _undo=None,  # what undo_merge_ restores after an unchecked merge_
-            _run=(),  # the adapters forward runs: active, not merged, not disabled
-            kinds={},  # name -> kind, for adapters other than plain LoRA; their factors in `kind_factors`
-        )
+        self.ranks: dict[str, int] = {}
+        self.alphas: dict[str, float] = {}
+        self.rules: dict[str, str] = {}
+        self.tables: dict[str, tuple[StrengthTable, int]] = {}
+        self.active: list[str] = []
+        self.merged: dict[str, float] = {}
+        self.disabled = False
+        self._backup: dict[str, torch.Tensor] = {}
+        self._undo: tuple[dict[str, torch.Tensor | None], dict[str, float]] | None = None
+        self._run: tuple[str, ...] = ()
+        self.kinds: dict[str, str] = {}
         # `kind_factors` (name -> ParameterDict of that adapter's factors) is created with the first adapter of
         # another kind (add_kind_adapter): plain LoRA layers do without the extra module.
+
+    def __setattr__(self, name: str, value: object) -> None:
+        # The bookkeeping above is plain data, set on every load (one wrapper per adapted layer) and every switch
+        # (set_active): it skips nn.Module.__setattr__, which checks each value against parameters, buffers and
+        # modules.
+        if name in _PLAIN_STATE:
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
 
     # ---- adapter bookkeeping -------------------------------------------------------------------------
     def add_adapter(self, name: str, rank: int, alpha: float, dropout: float, init: str, rule: str,
