@@ -474,3 +474,42 @@ def test_target_matching_nothing_alike_suggests_no_unrelated_name() -> None:
     msg = str(e.value)
     assert "closest" not in msg and "0.conv" not in msg
     assert "no module name resembles them; module names end in: " in msg and "to_q" in msg
+
+
+def test_find_module_and_module_names_agree_with_named_modules():
+    """The by-name lookups the loaders use instead of walking the model give what named_modules gives, wrappers
+    included, and nothing for names the model does not have."""
+    from lora_vision.lora.inject import ModuleNames, find_module, replace_module
+
+    model = Toy()
+    lv.inject_lora(model, lv.LoRAConfig(rank=2, targets=("fc", "conv1x1")))
+    walked = dict(model.named_modules())
+    names = ModuleNames(model)
+    assert list(names) == list(walked) and len(names) == len(walked)
+    for n, m in walked.items():
+        assert find_module(model, n) is m and names[n] is m and n in names
+    for missing in ("nope", "fc.nope", "blk.qkv.weight", "fc.base.bias", "attn.out_proj.x"):
+        assert find_module(model, missing) is None and missing not in names
+    with pytest.raises(KeyError):
+        names["blk.nope"]
+    with pytest.raises(AttributeError, match="no module 'blk.nope'"):
+        replace_module(model, "blk.nope.fc", nn.Linear(1, 1))
+
+
+def test_plain_wrappers_carry_no_kind_module_until_a_kind_adapter_comes():
+    """A plain LoRA wrapper has only base, A, B and dropout as children (one module less to build on every load and
+    to walk on every fuse); the first LoHa adapter brings kind_factors, and both adapters save, merge and go."""
+    model = Toy()
+    lv.inject_lora(model, lv.LoRAConfig(rank=2, targets=("fc",)))
+    assert [n for n, _ in model.fc.named_children()] == ["base", "lora_A", "lora_B", "lora_dropout"]
+    lv.inject_lora(model, lv.LoRAConfig(rank=2, targets=("fc",), adapter_type="loha"), name="h")
+    assert "kind_factors" in dict(model.fc.named_children())
+    assert any(k.startswith("fc.kind_factors.h.") for k in model.state_dict())
+    x, img = _inputs()
+    with torch.no_grad():
+        for p in lv.lora_parameters(model):
+            p.normal_(0, 0.1)
+        ref = model(x, img)["fc"]
+        lv.merge_lora(model)
+        torch.testing.assert_close(model(x, img)["fc"], ref, atol=1e-5, rtol=1e-5)
+    assert lv.remove_lora(model) == ["fc"] and isinstance(model.fc, nn.Linear)

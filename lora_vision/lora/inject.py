@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import collections
 import difflib
-from typing import Callable, Mapping
+from typing import Callable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -28,9 +28,9 @@ ADAPTABLE = (nn.Linear, nn.Conv2d, nn.MultiheadAttention)
 NamedTargets = Callable[[str, nn.Module], "tuple[str, ...]"]
 _named_targets: list[NamedTargets] = []
 
-__all__ = ["ADAPTABLE", "TargetError", "candidate_modules", "expected_shapes", "fold_lora", "inject_lora",
-           "inject_lora_from_state_dict", "lora_layers", "remove_lora", "replace_module", "resolve_targets",
-           "use_named_targets"]
+__all__ = ["ADAPTABLE", "ModuleNames", "TargetError", "candidate_modules", "expected_shapes", "find_module",
+           "fold_lora", "inject_lora", "inject_lora_from_state_dict", "lora_layers", "remove_lora", "replace_module",
+           "resolve_targets", "use_named_targets"]
 
 
 def use_named_targets(resolve: NamedTargets) -> None:
@@ -59,12 +59,42 @@ def candidate_modules(model: nn.Module) -> dict[str, nn.Module]:
     return out
 
 
+def find_module(model: nn.Module, name: str) -> nn.Module | None:
+    """The submodule of `model` named `name` (as named_modules names it; "" is `model`), or None: looked up along
+    the children, without walking the model or going through nn.Module.__getattr__."""
+    mod: nn.Module | None = model
+    for atom in name.split(".") if name else ():
+        mod = mod._modules.get(atom)
+        if mod is None:
+            return None
+    return mod
+
+
+class ModuleNames(Mapping[str, nn.Module]):
+    """The modules of `model` by name, each looked up when asked (find_module): what `dict(named_modules())` gives
+    to a caller that asks about a few names, without walking the whole model first."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __getitem__(self, name: str) -> nn.Module:
+        mod = find_module(self.model, name) if isinstance(name, str) else None
+        if mod is None:
+            raise KeyError(name)
+        return mod
+
+    def __iter__(self) -> Iterator[str]:
+        return (n for n, _ in self.model.named_modules())
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self.model.named_modules())
+
+
 def _candidate(model: nn.Module, name: str) -> tuple[nn.Module, nn.Module] | None:
     """(module, parent) if module `name` is one of candidate_modules(model) (looked up by name, not by walking)."""
     parent_name, _, child = name.rpartition(".")
-    try:
-        parent = model.get_submodule(parent_name)
-    except AttributeError:
+    parent = find_module(model, parent_name)
+    if parent is None:
         return None
     mod = parent._modules.get(child)
     # Inside a wrapper (its `base`) or a MultiheadAttention (its out_proj) nothing is a candidate; wrapped bases
@@ -142,7 +172,9 @@ def replace_module(model: nn.Module, name: str, new: nn.Module, parent: nn.Modul
     """Put `new` in place of the child module `name` of `model` (`parent`: its parent, when already known)."""
     parent_name, _, child = name.rpartition(".")
     if parent is None:
-        parent = model.get_submodule(parent_name) if parent_name else model
+        parent = find_module(model, parent_name)
+        if parent is None:
+            raise AttributeError(f"{type(model).__name__} has no module {parent_name!r}")
     setattr(parent, child, new)
 
 
@@ -280,7 +312,7 @@ def _plan_layers(model: nn.Module, layers: Mapping[str, LayerSpec], name: str, d
     """Check every given layer against the model (module, shapes, values) and place its factors on the module's
     device; raises before anything changes."""
     grouped: dict[str, dict[str, LayerSpec]] = {}
-    named = dict(model.named_modules())
+    named = ModuleNames(model)
     for key, spec in layers.items():
         mod, part = split_key(key, named)
         grouped.setdefault(mod, {})[part] = spec

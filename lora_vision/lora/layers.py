@@ -33,6 +33,10 @@ from .spec import LayerSpec, scaling as _scaling
 _QKV = ("q", "k", "v")
 NORMS = (nn.LayerNorm, nn.GroupNorm)
 """The normalisation layers norm-kind updates (w_norm / b_norm) go on."""
+# LoRALayer attributes that hold plain Python data (see LoRALayer.__setattr__).
+_PLAIN_STATE = frozenset({"ranks", "alphas", "rules", "tables", "active", "merged", "disabled", "_backup", "_undo",
+                          "_run", "kinds", "in_features", "out_features", "parts", "d", "d_in", "batch_first",
+                          "compute_dtype"})
 
 
 class StrengthTable:
@@ -98,8 +102,18 @@ class LoRALayer(nn.Module):
         self._backup: dict[str, torch.Tensor] = {}
         self._undo: tuple[dict[str, torch.Tensor | None], dict[str, float]] | None = None
         self._run: tuple[str, ...] = ()
-        self.kind_factors = nn.ModuleDict()
         self.kinds: dict[str, str] = {}
+        # `kind_factors` (name -> ParameterDict of that adapter's factors) is created with the first adapter of
+        # another kind (add_kind_adapter): plain LoRA layers do without the extra module.
+
+    def __setattr__(self, name: str, value: object) -> None:
+        # The bookkeeping above is plain data, set on every load (one wrapper per adapted layer) and every switch
+        # (set_active): it skips nn.Module.__setattr__, which checks each value against parameters, buffers and
+        # modules.
+        if name in _PLAIN_STATE:
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
 
     # ---- adapter bookkeeping -------------------------------------------------------------------------
     def add_adapter(self, name: str, rank: int, alpha: float, dropout: float, init: str, rule: str,
@@ -142,6 +156,8 @@ class LoRALayer(nn.Module):
         params = nn.ParameterDict()
         for n, t in spec.all_factors.items():
             params[n] = nn.Parameter(t, requires_grad=trainable and t.is_floating_point())
+        if "kind_factors" not in self._modules:
+            self.kind_factors = nn.ModuleDict()
         self.kind_factors[name] = params
         self.kinds[name] = spec.kind
         dev = self.base.weight.device
@@ -341,7 +357,7 @@ class LoRALayer(nn.Module):
 
     def _base_weights(self) -> Iterator[tuple[str, nn.Parameter]]:
         yield "weight", self.base.weight
-        if getattr(self.base, "bias", None) is not None and any(
+        if self.kinds and getattr(self.base, "bias", None) is not None and any(
                 f in self.kind_factors[n] for n in self.kinds for f in _kinds.BIAS_FACTORS.values()):
             yield "bias", self.base.bias
 

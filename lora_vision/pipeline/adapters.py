@@ -18,7 +18,7 @@ from torch import nn
 from ..adapter import FULL, Adapter
 from ..formats import AdapterMismatchError, AdapterSource, read_adapter
 from ..io import AdapterFileError
-from ..lora.inject import expected_shapes, inject_lora, kind_problems, remove_lora
+from ..lora.inject import ModuleNames, expected_shapes, find_module, inject_lora, kind_problems, remove_lora
 from ..lora.layers import LoRALayer, StrengthTable, lora_layers
 from ..lora.spec import LayerSpec, split_key
 from .embeddings import add_embeddings, prepare_embeddings, remove_embeddings
@@ -160,8 +160,7 @@ def _plan(pipe: Any, comps: Mapping[str, nn.Module], adapter: Adapter, name: str
     for comp in adapter.components():
         if comp not in comps:
             continue
-        model = comps[comp]
-        modules = dict(model.named_modules())
+        modules = ModuleNames(comps[comp])
         entries = adapter.layers(comp)
         missing, bad = [], []
         for key, spec in entries.items():
@@ -260,7 +259,7 @@ def load_adapter(pipe: Any, source: AdapterSource, name: str = "default", streng
                 modules[comp] = inject_lora(comps[comp], name=name, layers=specs, freeze_base=False, dtype=None,
                                             trainable=False, tables=tables, label=comp + ".")
                 for live in modules[comp]:
-                    layer = comps[comp].get_submodule(live)
+                    layer = find_module(comps[comp], live)
                     if id(layer) not in known:
                         known.add(id(layer))
                         st.layers.append(layer)
