@@ -25,6 +25,8 @@ from torch.utils.data import DataLoader
 from lora_vision.data.imagenet import (DatasetError, ImageListDataset, build_subset, build_transforms, scan_images,
                                        select_classes)
 from lora_vision.data.preprocessing import Preprocessing
+from lora_vision.formats import read_adapter
+from lora_vision.formats.peft import CONFIG
 from lora_vision.io import AdapterFileError, atomic_write_text, read_safetensors
 from lora_vision.metadata import AdapterMetadata
 from lora_vision.models.vit import load_vit, merged_copy
@@ -58,8 +60,6 @@ def recorded(adapter: str | None) -> AdapterMetadata:
     if not adapter:
         return AdapterMetadata()
     if Path(adapter).is_dir():
-        from lora_vision.formats.peft import CONFIG
-
         config_path = Path(adapter) / CONFIG
         if not config_path.is_file():
             return AdapterMetadata()
@@ -99,8 +99,6 @@ def main(argv: list[str] | None = None) -> int:
         loaded.preprocessing = Preprocessing.from_dict(info.preprocessing)
     model = loaded.model
     if args.adapter:
-        from lora_vision.formats import read_adapter
-
         adapter, report = read_adapter(args.adapter, {"model": model}, strict=True)
         adapter.apply_to({"model": model})
         print(f"applied {args.adapter}: {report}")

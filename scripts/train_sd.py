@@ -61,6 +61,7 @@ from lora_vision.training.sd.samples import generate_class_images, strength_swee
 from lora_vision.training.sd.step import StepSettings, clip_and_step  # noqa: E402
 from lora_vision.training.sd.validation_loss import ValidationLoss  # noqa: E402
 from lora_vision.training.sd import metrics as sd_metrics  # noqa: E402
+from lora_vision.training.dit.train import train_dit  # noqa: E402
 
 TINY_PROMPT = "a photo of sks toy"
 TINY_CONFIG = REPO / "configs" / "tiny.yaml"
@@ -162,7 +163,6 @@ def train(cfg: SDTrainConfig) -> int:
     out = Path(cfg.output_dir)
     ckpt, threads, dtype, pipe, family = start_run(cfg, acc, out)
     if family in DIT_KINDS.values():  # Flux.1/2, SD 3.x, Qwen-Image, Z-Image: flow matching (training/dit)
-        from lora_vision.training.dit.train import train_dit
         return train_dit(cfg, acc, pipe, family, dtype, ckpt, threads, __file__)
     sdxl = family == "sdxl"
     if sdxl and dtype == torch.float16:

@@ -13,7 +13,7 @@ from ..io import AdapterFileError, read_header
 from ..lora.kinds import KINDS
 from ..metadata import FORMAT_KEY
 from .diffusers import is_diffusers_key
-from .dit_keys import dit_format, is_dit_keys
+from .dit_detect import dit_format, is_dit_keys
 from .kohya import is_kohya_key
 
 FORMATS = ("lora_vision", "kohya", "diffusers", "peft")

@@ -18,6 +18,8 @@ from ..metadata import AdapterMetadata
 from .dit_detect import _u, declared_family, family_of_modules, family_of_names
 from .dit_fused import _fuse, _swap_halves, _swaps
 from .dit_tables import COMPONENT, FAMILIES, Family
+from .kohya import _output_dtype, kind_tensors, lycoris_args
+from .diffusers import provenance
 
 def _native_rows(fam: Family) -> list[tuple[str, str, tuple[str, ...], bool]]:
     """(group live prefix or "", native name template, live name templates, swap) for every row of the family."""
@@ -87,7 +89,6 @@ def dit_kohya_tensors(adapter: Adapter, family: str | None = None,
     of a fused qkv / linear1, or a layer whose native output halves are swapped) under SimpleTuner's
     `lycoris_<diffusers name>`, which ComfyUI maps onto its slice of the fused weight; no kind is fused, so the
     file reads back exactly."""
-    from .kohya import _output_dtype, kind_tensors, lycoris_args
 
     fam = dit_family(adapter, family)
     adapter = adapter.plain()
@@ -142,7 +143,6 @@ def export_dit_kohya(adapter: Adapter, path: str | Path, family: str | None = No
     """Write the transformer adapter as the file ComfyUI, Forge and kohya read for its family (see
     `dit_kohya_tensors`); text encoders are not written (export them separately). `title` and `trigger_phrase`
     go to modelspec.title / ss_output_name and modelspec.trigger_phrase, as for the SD kohya export."""
-    from .diffusers import provenance
 
     comps = adapter.components()
     if comps != [COMPONENT]:

@@ -14,6 +14,9 @@ from .diffusers import _alpha_rule, peft_alpha
 from .dit_detect import split_key
 from .dit_tables import TEXT_ENCODERS
 from .naming import kohya_lookup, llm_aliases
+from .detect import classify_keys
+from .diffusers import import_diffusers
+from .kohya import import_kohya
 
 
 def import_family_encoders(raw: Mapping[str, torch.Tensor], family: str, infos: Mapping[str, ComponentInfo] | None,
@@ -93,9 +96,6 @@ def import_clip_encoders(raw: Mapping[str, torch.Tensor], metadata: Mapping[str,
                           infos: Mapping[str, ComponentInfo] | None, source: str
                           ) -> tuple[dict[str, torch.Tensor], ImportReport]:
     """The CLIP text-encoder part of a DiT file, read by the SD importers."""
-    from .detect import classify_keys
-    from .diffusers import import_diffusers
-    from .kohya import import_kohya
 
     te_infos = {c: i for c, i in (infos or {}).items() if c.startswith("text_encoder")} or None
     if classify_keys(list(raw), metadata, source) == "kohya":

@@ -21,7 +21,7 @@ from .config import LoRAConfig, TargetError, matches
 from .layers import (NORMS, LoRAConv2d, LoRAFusedLinear, LoRALayer, LoRALinear, LoRAMultiheadAttention, LoRANorm,
                      StrengthTable, lora_layers)
 from .ops import LoRAStateDictError, canonical_layers, merge_lora
-from .kinds import BIAS_FACTORS, fresh_spec, get_kind
+from .kinds import BIAS_FACTORS, fresh_factors, get_kind
 from .spec import FUSED_PARTS, LayerSpec, layer_key, split_key
 
 ADAPTABLE = (nn.Linear, nn.Conv2d, nn.MultiheadAttention)
@@ -299,9 +299,10 @@ def _plan_config(model: nn.Module, config: LoRAConfig) -> dict:
                                   f"{type(mod).__name__}; exclude it or use adapter_type='lora'")
             # A fused qkv Linear (timm) takes the kind over its whole (3d, d) weight, as one Linear.
             split = False
-            part.spec = fresh_spec(config.adapter_type, base.weight.detach(), part.rank, part.alpha, part.rule,
-                                   factor=config.lokr_factor, decompose_both=config.decompose_both,
-                                   full_rank=config.full_rank, init=config.init)
+            a, b, kind, factors = fresh_factors(config.adapter_type, base.weight.detach(), part.rank,
+                                                factor=config.lokr_factor, decompose_both=config.decompose_both,
+                                                full_rank=config.full_rank, init=config.init)
+            part.spec = LayerSpec(a, b, part.alpha, part.rule, kind, factors)
         wrap = (lambda n=mod_name, m=mod, split=split: _wrap(n, m, config.fused_parts, split))
         plan[mod_name] = (mod, {"": part}, wrap, None)
     return plan

@@ -487,14 +487,14 @@ def _dora_magnitude(weight: torch.Tensor) -> torch.Tensor:
     return w.reshape(w.shape[0], -1).norm(dim=1).reshape(-1, *[1] * (w.dim() - 1))
 
 
-def fresh_spec(adapter_type: str, weight: torch.Tensor, rank: int, alpha: float, rule: str = "lora",
-               factor: int = -1, decompose_both: bool = False, full_rank: bool = False, init: str = "kaiming"):
-    """A new trainable layer of `adapter_type` for a base weight: LyCORIS' standard inits, one factor zero so that
-    the first update is zero (LoHa: hada_w2_a; LoKr: lokr_w2 or lokr_w2_b; LoRA/DoRA: B). DoRA starts with
-    dora_scale = ‖W‖ per output row. LoKr: `factor` splits the sides (-1: as square as possible), `full_rank` keeps
-    w2 whole, `decompose_both` also splits w1 into w1_a @ w1_b when the rank is small enough."""
-    from .spec import LayerSpec  # spec imports this module
-
+def fresh_factors(adapter_type: str, weight: torch.Tensor, rank: int, factor: int = -1,
+                  decompose_both: bool = False, full_rank: bool = False, init: str = "kaiming"
+                  ) -> tuple[torch.Tensor | None, torch.Tensor | None, str, dict[str, torch.Tensor]]:
+    """The factors of a new trainable layer of `adapter_type` for a base weight, as (A, B, kind, other factors) for
+    a LayerSpec: LyCORIS' standard inits, one factor zero so that the first update is zero (LoHa: hada_w2_a; LoKr:
+    lokr_w2 or lokr_w2_b; LoRA/DoRA: B). DoRA starts with dora_scale = ‖W‖ per output row. LoKr: `factor` splits the
+    sides (-1: as square as possible), `full_rank` keeps w2 whole, `decompose_both` also splits w1 into w1_a @ w1_b
+    when the rank is small enough."""
     if adapter_type not in TRAINABLE:
         raise KindError(f"adapter_type {adapter_type!r}: expected one of {TRAINABLE}")
     out_dim, in_dim, *k = weight.shape
@@ -509,14 +509,14 @@ def fresh_spec(adapter_type: str, weight: torch.Tensor, rank: int, alpha: float,
         a = kaiming(rank, in_dim, *k) if init == "kaiming" else torch.randn(rank, in_dim, *k, device=dev) / rank
         b = torch.zeros(out_dim, rank, *[1] * len(k), device=dev)
         extra = {DORA: _dora_magnitude(weight).to(dev)} if adapter_type == "dora" else {}
-        return LayerSpec(a, b, alpha, rule, "lora", extra)
+        return a, b, "lora", extra
     cols = in_dim * math.prod(k)
     if adapter_type == "loha":
         f = {"hada_w1_a": torch.randn(out_dim, rank, device=dev) * 0.1,
              "hada_w1_b": torch.randn(rank, cols, device=dev),
              "hada_w2_a": torch.zeros(out_dim, rank, device=dev),
              "hada_w2_b": torch.randn(rank, cols, device=dev)}
-        return LayerSpec(None, None, alpha, rule, "loha", f)
+        return None, None, "loha", f
     out_l, out_k = factorization(out_dim, factor)
     in_m, in_n = factorization(in_dim, factor)
     f = {}
@@ -528,4 +528,4 @@ def fresh_spec(adapter_type: str, weight: torch.Tensor, rank: int, alpha: float,
         f["lokr_w2_a"], f["lokr_w2_b"] = kaiming(out_k, rank), torch.zeros(rank, in_n * math.prod(k), device=dev)
     else:
         f["lokr_w2"] = torch.zeros(out_k, in_n, *k, device=dev)
-    return LayerSpec(None, None, alpha, rule, "lokr", f)
+    return None, None, "lokr", f

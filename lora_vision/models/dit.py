@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .tiny import _TOKENIZER_WORDS, TINY_RESOLUTION, _bytes_to_unicode, _seeded, _text_config, build_tiny_tokenizer
+from ..formats.naming import dit_family
 
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
@@ -259,7 +260,6 @@ def transformer_inputs(transformer: torch.nn.Module, batch: int = 1, image_token
 
     `transformer(**inputs, return_dict=False)[0]` is the prediction (Z-Image: a list, one tensor per image).
     """
-    from ..formats.naming import dit_family
 
     cfg = transformer.config
     family = dit_family(type(transformer).__name__)

@@ -14,6 +14,7 @@ import torch
 from lora_vision.formats.naming import dit_family, dit_variant, sd_family
 from lora_vision.models.dit import DIT_KINDS, build_tiny_dit
 from lora_vision.models.tiny import build_tiny_sd
+from lora_vision.io import AdapterFileError, read_header
 
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
@@ -155,7 +156,6 @@ def _hub_failure(name: str, err: BaseException) -> str | None:
 
 def _weight_problems(folder: Path) -> list[str]:
     """Truncated or corrupt .safetensors files in the component folders of a local pipeline (headers only)."""
-    from lora_vision.io import AdapterFileError, read_header
 
     out = []
     for file in sorted(folder.glob("*/*.safetensors")):

@@ -23,6 +23,7 @@ import yaml
 from ..io import atomic_write_text
 from ..lora.config import ConfigError
 from .optim import OPTIMIZERS
+from ..lora.config import LoRAConfig
 
 C = TypeVar("C")
 
@@ -80,7 +81,6 @@ class AdapterKindFields:
 
     def kind_problems(self) -> list[str]:
         """Problems of these settings (LoRAConfig's own checks, so the rules live in one place)."""
-        from ..lora.config import LoRAConfig
 
         try:
             LoRAConfig(**self.kind_settings())

@@ -13,6 +13,7 @@ from typing import Any, Iterator
 import torch
 
 from ...adapter import Adapter
+from ...formats.peft import export_peft
 from ...io import atomic_write_text, write_safetensors
 from ...lora.weight_init import StartPoint, to_plain_delta_
 from ...metadata import AdapterMetadata
@@ -130,8 +131,6 @@ def export(cfg: ViTTrainConfig, mode: str, out: Path, loaded: LoadedViT, lora_cf
                                       full_modules={"model": [loaded.head_name]})
         path = adapter.save(out / f"adapter{suffix}.safetensors")
         if cfg.save_peft:
-            from ...formats.peft import export_peft
-
             base = None if loaded.source.startswith("tiny-") else loaded.source
             export_peft(adapter, out / f"peft{suffix}", base_model_name_or_path=base)
             save_processor(loaded, out / f"peft{suffix}")
