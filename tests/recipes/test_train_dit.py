@@ -139,3 +139,25 @@ def test_unknown_weighting_scheme_is_refused_with_a_suggestion(train_sd, images,
     assert train_sd.main(dit_args("tiny-flux", images, tmp_path / "out", 1, "--weighting_scheme", "logit_norml")) == 2
     err = capsys.readouterr().err
     assert "weighting_scheme='logit_norml'" in err and "did you mean 'logit_normal'" in err
+
+
+def test_sd3_preconditions_its_outputs_by_default_as_the_reference(train_sd, images, tmp_path, capsys):
+    import yaml
+
+    out = tmp_path / "out"
+    assert train_sd.main(dit_args("tiny-sd3", images, out, 1)) == 0
+    assert "preconditioned outputs" in capsys.readouterr().out
+    assert yaml.safe_load((out / "config.yaml").read_text())["precondition_outputs"] is True
+    flux = tmp_path / "flux"
+    assert train_sd.main(dit_args("tiny-flux", images, flux, 1)) == 0
+    assert yaml.safe_load((flux / "config.yaml").read_text())["precondition_outputs"] is False
+
+
+@pytest.mark.parametrize("extra, words", [(["--precondition_outputs"], "--prediction_type"),
+                                          (["--weighting_scheme", "logit_normal"], "--snr_gamma")])
+def test_flow_matching_settings_are_refused_for_a_unet(train_sd, tmp_path, capsys, extra, words):
+    out = tmp_path / "out"
+    assert train_sd.main(["--output_dir", str(out), "--max_train_steps", "1", *extra]) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if "train_sd.py" in line]  # not the load bars
+    assert len(err) == 1 and "(UNet) training does not support" in err[0] and words in err[0]
+    assert not (out / "adapter.safetensors").exists()

@@ -17,7 +17,8 @@ from ..sd.caching import BucketCache, TextTable
 from ..sd.loop import TrainingSteps
 from ..sd.losses import diffusion_loss
 from ..sd.step import Inputs
-from .flow import ResolutionShift, loss_weights, noisy_latents, pick_sigmas, sample_density, velocity_target
+from .flow import (ResolutionShift, denoised, loss_weights, noisy_latents, pick_sigmas, sample_density,
+                   velocity_target)
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,8 @@ class FlowSettings:
     prior_loss_weight: float
     pipeline_class: Any
     """The pipeline class, whose static helpers pack latents and build position ids for its transformer."""
+    precondition_outputs: bool = False
+    """Train x_sigma - sigma x prediction against x0 instead of the prediction against noise - x0."""
 
 
 def image_tokens(family: str, latents: torch.Tensor) -> int:
@@ -104,13 +107,16 @@ def predict(transformer: nn.Module, noisy: torch.Tensor, sigmas: torch.Tensor, h
 def flow_loss(transformer: nn.Module, x: Inputs, table: TextTable, settings: FlowSettings,
               dtype: torch.dtype) -> torch.Tensor:
     """The DreamBooth flow-matching loss of one batch (instance loss + prior_loss_weight x class loss)."""
-    noisy = noisy_latents(x.latents, x.noise, x.timesteps).to(dtype)
+    noisy = noisy_latents(x.latents, x.noise, x.timesteps)
     hidden = table.hidden[x.text_rows].to(dtype)
     pooled = table.pooled[x.text_rows].to(dtype) if table.pooled is not None else None
-    pred = predict(transformer, noisy, x.timesteps, hidden, pooled, table.mask[x.text_rows], settings)
+    pred = predict(transformer, noisy.to(dtype), x.timesteps, hidden, pooled, table.mask[x.text_rows], settings)
+    if settings.precondition_outputs:
+        pred, target = denoised(pred, noisy, x.timesteps), x.latents.float()
+    else:
+        target = velocity_target(x.latents, x.noise)
     weights = loss_weights(settings.weighting_scheme, x.timesteps)
-    return diffusion_loss(pred, velocity_target(x.latents, x.noise), weights, x.n_instance,
-                          settings.prior_loss_weight)
+    return diffusion_loss(pred, target, weights, x.n_instance, settings.prior_loss_weight)
 
 
 class FlowTrainingSteps(TrainingSteps):

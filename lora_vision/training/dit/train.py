@@ -47,6 +47,19 @@ DEFAULT_TARGETS: dict[str, str] = {"flux1": "flux-attn-ff", "flux2": "flux2-attn
                                    "qwen-image": "qwen-image-attn", "z-image": "z-image-attn"}
 
 
+# Flow-matching settings that a UNet (DDPM) run has no use for: refused there rather than ignored.
+DIT_ONLY: dict[str, str] = {
+    "weighting_scheme": "it picks flow-matching noise levels; use --snr_gamma for a UNet",
+    "precondition_outputs": "it preconditions flow-matching outputs; use --prediction_type for a UNet"}
+
+
+def check_unet_config(cfg: SDTrainConfig, family: str) -> None:
+    """ConfigError naming every DiT-only setting given to a UNet (SD 1.x/2.x/SDXL) run."""
+    bad = [f"--{k} ({why})" for k, why in DIT_ONLY.items() if getattr(cfg, k) is not None]
+    if bad:
+        raise ConfigError(f"{family} (UNet) training does not support: " + "; ".join(bad))
+
+
 def check_dit_config(cfg: SDTrainConfig, family: str, resolution: int) -> None:
     """ConfigError naming every setting this DiT run cannot honour."""
     bad = [f"--{k} ({why})" for k, why in _NOT_YET.items() if getattr(cfg, k) not in (None, False, 0, 0.0)]
@@ -76,15 +89,17 @@ def train_dit(cfg: SDTrainConfig, acc: Any, pipe: Any, family: str, dtype: torch
     for m in [transformer, pipe.vae, *text_encoders_of(pipe)]:
         m.requires_grad_(False)
     scheme = cfg.weighting_scheme or ("logit_normal" if family == "sd3" else "none")
+    precondition = cfg.precondition_outputs if cfg.precondition_outputs is not None else family == "sd3"
     base_name = cfg.pretrained_model_name_or_path
-    run_cfg = dataclasses.replace(cfg, resolution=resolution, weighting_scheme=scheme)
+    run_cfg = dataclasses.replace(cfg, resolution=resolution, weighting_scheme=scheme,
+                                  precondition_outputs=precondition)
     resolved = dict(config_to_dict(run_cfg), num_processes=world, family=family)
     shift = ResolutionShift.of(dict(pipe.scheduler.config)) if cfg.resolution_shift else None
     guidance = cfg.guidance_scale if transformer.config.get("guidance_embeds") else None
     if main_proc:
         save_config(run_cfg, out / "config.yaml")
         print(f"model: {base_name} ({family}, flow matching, weighting {scheme}"
-              + (", image-size shift" if shift else "") + (f", guidance {guidance:g}" if guidance else "")
+              + (", preconditioned outputs" if precondition else "") + (", image-size shift" if shift else "") + (f", guidance {guidance:g}" if guidance else "")
               + f"), resolution {resolution}, device {device}, base weights {dtype}, {threads}")
 
     if cfg.with_prior_preservation:  # the base pipeline makes the class images, before any LoRA exists
@@ -132,7 +147,7 @@ def train_dit(cfg: SDTrainConfig, acc: Any, pipe: Any, family: str, dtype: torch
             print(f"resumed from {ckpt} at step {start}")
 
     settings = FlowSettings(family, scheme, cfg.logit_mean, cfg.logit_std, cfg.mode_scale, guidance, shift,
-                            cfg.prior_loss_weight, type(pipe))
+                            cfg.prior_loss_weight, type(pipe), precondition)
     denoiser = acc.prepare_model(transformer) if world > 1 else transformer
     steps = FlowTrainingSteps(cfg, acc, denoiser, data.table, [], training_sigmas(dict(pipe.scheduler.config), device),
                               settings, dtype, False, data.inst_cache, data.class_cache, data_rng, generator, params,

@@ -239,6 +239,10 @@ class SDTrainConfig(TrainingFeatures, AdapterKindFields):
     """DiT: standard deviation of the logit_normal density."""
     mode_scale: float = 1.29
     """DiT: scale of the mode density."""
+    precondition_outputs: bool | None = None
+    """DiT: train the clean latent the prediction implies (x_sigma - sigma x prediction) against the image latent,
+    EDM-style, instead of the prediction against noise - x0 (a sigma^2 loss weight); None: on for SD 3.x, as
+    diffusers' train_dreambooth_lora_sd3.py, off for the others."""
     guidance_scale: float = 3.5
     """DiT: the value the guidance embedding sees during training (Flux.1-dev; unused by transformers without one)."""
     resolution_shift: bool = True
