@@ -161,3 +161,45 @@ def test_flow_matching_settings_are_refused_for_a_unet(train_sd, tmp_path, capsy
     err = [line for line in capsys.readouterr().err.splitlines() if "train_sd.py" in line]  # not the load bars
     assert len(err) == 1 and "(UNet) training does not support" in err[0] and words in err[0]
     assert not (out / "adapter.safetensors").exists()
+
+
+def test_validation_split_logs_a_held_out_loss_and_resumes_exactly(train_sd, images, tmp_path, capsys):
+    args = ["--validation_split", "0.5", "--validation_steps", "2"]
+    full, parts = tmp_path / "full", tmp_path / "parts"
+    assert train_sd.main(dit_args("tiny-flux", images, full, 3, *args)) == 0
+    assert "1 instance images" in capsys.readouterr().out  # one of the two is held out
+    lines = (full / "logs" / "loss.csv").read_text().splitlines()
+    assert lines[0] == "step,loss,lr,val_loss"
+    measured = {int(r.split(",")[0]): float(r.split(",")[3]) for r in lines[1:] if r.split(",")[3]}
+    assert sorted(measured) == [2, 3] and all(math.isfinite(v) for v in measured.values())
+    assert measured[2] != measured[3]  # it follows the weights
+    assert train_sd.main(dit_args("tiny-flux", images, parts, 2, *args, "--checkpointing_steps", "2")) == 0
+    assert train_sd.main(dit_args("tiny-flux", images, parts, 3, *args, "--resume_from_checkpoint", "latest")) == 0
+    assert (full / "logs" / "loss.csv").read_text() == (parts / "logs" / "loss.csv").read_text()
+
+
+def test_masked_loss_black_masks_train_nothing(train_sd, images, tmp_path):
+    from PIL import Image
+
+    for image in images.glob("*.jpg"):
+        Image.new("L", Image.open(image).size, 0).save(images / f"{image.stem}_mask.png")
+    out = tmp_path / "out"
+    assert train_sd.main(dit_args("tiny-flux2", images, out, 2, "--masked_loss")) == 0
+    assert losses(out) == [0.0, 0.0]
+    adapter = Adapter.load(out / "adapter.safetensors")
+    assert all(t.abs().sum() == 0 for k, t in adapter.tensors.items() if "lora_B" in k)
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--noise_offset", "0.1"], "kohya's flux / sd3 trainers draw plain Gaussian noise"),
+    (["--prediction_type", "epsilon"], "velocity"),
+    (["--loss_type", "huber"], "squared error"),
+    (["--debiased_estimation_loss"], "--weighting_scheme"),
+    (["--shuffle_caption"], "cached once per caption"),
+])
+def test_ddpm_only_settings_are_refused_for_a_dit_with_the_reason(train_sd, images, tmp_path, capsys, extra, words):
+    out = tmp_path / "out"
+    assert train_sd.main(dit_args("tiny-flux", images, out, 1, *extra)) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "flux1 training does not support" in err[0] and words in err[0]
+    assert not (out / "adapter.safetensors").exists()

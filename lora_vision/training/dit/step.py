@@ -7,8 +7,9 @@ the inputs and the loss of flow matching: the noise levels travel in `Inputs.tim
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from torch import nn
@@ -16,7 +17,8 @@ from torch import nn
 from ..sd.caching import BucketCache, TextTable
 from ..sd.loop import TrainingSteps
 from ..sd.losses import diffusion_loss
-from ..sd.step import Inputs
+from ..sd.step import Inputs, gather_masks
+from ..sd.validation_loss import TIMESTEP_FRACTIONS, fixed_batches, mean_loss
 from .flow import (ResolutionShift, denoised, loss_weights, noisy_latents, pick_sigmas, sample_density,
                    velocity_target)
 
@@ -62,7 +64,7 @@ def gather_flow_inputs(parts: list[tuple[BucketCache, torch.Tensor]], generator:
     if settings.shift is not None:
         sigmas = settings.shift.apply(sigmas, image_tokens(settings.family, mean))
     return Inputs(latents, noise, sigmas, torch.cat([c.text_row[rows] for c, rows in parts]),
-                  torch.cat([c.time_ids[rows] for c, rows in parts]), parts[0][1].shape[0])
+                  torch.cat([c.time_ids[rows] for c, rows in parts]), parts[0][1].shape[0], gather_masks(parts))
 
 
 def predict(transformer: nn.Module, noisy: torch.Tensor, sigmas: torch.Tensor, hidden: torch.Tensor,
@@ -116,7 +118,7 @@ def flow_loss(transformer: nn.Module, x: Inputs, table: TextTable, settings: Flo
     else:
         target = velocity_target(x.latents, x.noise)
     weights = loss_weights(settings.weighting_scheme, x.timesteps)
-    return diffusion_loss(pred, target, weights, x.n_instance, settings.prior_loss_weight)
+    return diffusion_loss(pred, target, weights, x.n_instance, settings.prior_loss_weight, mask=x.mask)
 
 
 class FlowTrainingSteps(TrainingSteps):
@@ -128,3 +130,18 @@ class FlowTrainingSteps(TrainingSteps):
     def loss_of(self, x: Inputs) -> torch.Tensor:
         """The flow-matching DreamBooth loss of one batch."""
         return flow_loss(self.unet, x, self.table, self.settings, self.dtype)
+
+
+class FlowValidationLoss:
+    """Call with nothing: the plain velocity loss (no loss weights, no preconditioning) over every held-out image at
+    the noise levels TIMESTEP_FRACTIONS with noise drawn once, a device scalar: it moves only when the weights do."""
+
+    def __init__(self, transformer: nn.Module, caches: Mapping[tuple[int, int], BucketCache], table: TextTable,
+                 settings: FlowSettings, dtype: torch.dtype, batch_size: int, seed: int) -> None:
+        self.transformer, self.table, self.dtype = transformer, table, dtype
+        self.settings = dataclasses.replace(settings, weighting_scheme="none", precondition_outputs=False)
+        self.batches = fixed_batches(caches, torch.tensor(TIMESTEP_FRACTIONS), batch_size, seed)
+
+    def __call__(self) -> torch.Tensor:
+        return mean_loss([self.transformer], self.batches,
+                         lambda x: flow_loss(self.transformer, x, self.table, self.settings, self.dtype))

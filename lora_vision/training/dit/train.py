@@ -30,15 +30,25 @@ from ..sd.samples import generate_class_images, strength_sweep, validation_grid
 from ..sd.step import clip_and_step
 from .encode import dit_text_table, latent_encoder, offload_text_encoders, text_encoders_of, text_encoders_on
 from .flow import ResolutionShift, training_sigmas
-from .step import FlowSettings, FlowTrainingSteps
+from .step import FlowSettings, FlowTrainingSteps, FlowValidationLoss
 
-# What the SD recipe has and this one does not yet: refused up front rather than ignored.
-_NOT_YET = {"train_text_encoder": "the text embeddings are cached once; train the transformer's LoRA only",
-            "validation_split": "the held-out validation loss is SD-only for now; leave it at 0",
-            "validation_data_dir": "the held-out validation loss is SD-only for now; leave it out",
-            "snr_gamma": "Min-SNR weights DDPM timesteps; use --weighting_scheme for flow matching",
-            "noise_offset": "offset noise is an SD (DDPM) technique; leave it at 0",
-            "prediction_type": "flow matching predicts the velocity noise - x0; leave it out"}
+# SD-recipe settings a DiT run does not honour: refused up front (when set away from their defaults), saying why.
+_REFUSED = {
+    "train_text_encoder": "the text embeddings are cached once; train the transformer's LoRA only",
+    "train_text_encoder_ti": "pivotal tuning adds tokens to the SD text encoders; the DiT families have none yet",
+    "snr_gamma": "Min-SNR weighs DDPM timesteps by their signal-to-noise ratio; use --weighting_scheme for flow "
+                 "matching",
+    "debiased_estimation_loss": "its weights are DDPM signal-to-noise ratios; use --weighting_scheme for flow "
+                                "matching",
+    "noise_offset": "no flow-matching trainer applies it (diffusers' train_dreambooth_lora_flux.py / _sd3.py and "
+                    "kohya's flux / sd3 trainers draw plain Gaussian noise); leave it at 0",
+    "multires_noise_iterations": "pyramid noise is a DDPM technique no flow-matching trainer uses; leave it at 0",
+    "prediction_type": "flow matching predicts the velocity noise - x0 (or x0 with --precondition_outputs); leave "
+                       "it out",
+    "loss_type": "the flow-matching loss is squared error; leave it at l2",
+    "shuffle_caption": "the DiT text embeddings are cached once per caption; leave it off",
+    "caption_dropout_rate": "the DiT text embeddings are cached once per caption; leave it at 0"}
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(SDTrainConfig)}
 
 
 # --unet_targets left at the SD default -> the transformer's preset per family (diffusers' examples adapt the
@@ -62,7 +72,7 @@ def check_unet_config(cfg: SDTrainConfig, family: str) -> None:
 
 def check_dit_config(cfg: SDTrainConfig, family: str, resolution: int) -> None:
     """ConfigError naming every setting this DiT run cannot honour."""
-    bad = [f"--{k} ({why})" for k, why in _NOT_YET.items() if getattr(cfg, k) not in (None, False, 0, 0.0)]
+    bad = [f"--{k} ({why})" for k, why in _REFUSED.items() if getattr(cfg, k) != _DEFAULTS[k]]
     if resolution % 16:
         bad.append(f"--resolution {resolution} (the {family} transformer packs 2x2 latent patches: use a multiple "
                    "of 16)")
@@ -154,14 +164,17 @@ def train_dit(cfg: SDTrainConfig, acc: Any, pipe: Any, family: str, dtype: torch
                               optimizer, update=clip_and_step)
     if use_graph or cfg.compile:
         steps.use_static(capture=use_graph, compile_unet=cfg.compile, verbose=main_proc)
+    val_loss = (FlowValidationLoss(transformer, data.held_out_cache, data.table, settings, dtype,
+                                   cfg.train_batch_size, cfg.seed + 2) if data.held_out_cache and main_proc else None)
 
     log_path = out / cfg.logging_dir / "loss.csv"
     if main_proc:
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        trim_log(log_path, start, LossLog.header(False))
+        trim_log(log_path, start, LossLog.header(data.held_out is not None))
     bar = tqdm(range(start, cfg.max_train_steps), initial=start, total=cfg.max_train_steps, desc="training",
                unit="step", disable=not main_proc)
-    log = LossLog(acc, log_path, cfg.logging_steps, start, base_lrs[0], schedule, bar, None, last_good)
+    log = LossLog(acc, log_path, cfg.logging_steps, start, base_lrs[0], schedule, bar, None, last_good,
+                  validation=data.held_out is not None)
     checkpoints = Checkpoints(acc, out, models, optimizer, generator, data_rng, resolved, cfg.checkpoints_total_limit,
                               run_id, ema)
 
@@ -179,8 +192,15 @@ def train_dit(cfg: SDTrainConfig, acc: Any, pipe: Any, family: str, dtype: torch
                                     cfg.validation_inference_steps, resolution)
         save_png(image, out / "samples" / f"validation_step{done:06d}.png")
 
-    stopped_at = run_steps(acc, cfg, steps, bar, optimizer, schedule, base_lrs, log, checkpoints,
-                           lambda step, t: ema.update() if ema is not None else None, validate)
+    def after_step(step: int, t_step: float) -> None:
+        if ema is not None:
+            ema.update()
+        if val_loss is not None and ((step + 1) % cfg.validation_steps == 0 or step + 1 == cfg.max_train_steps):
+            with eval_mode(optimizer):
+                log.record_validation(step + 1, val_loss())
+
+    stopped_at = run_steps(acc, cfg, steps, bar, optimizer, schedule, base_lrs, log, checkpoints, after_step,
+                           validate)
     if stopped_at is not None:
         if main_proc:
             print(interrupted_message(cfg, stopped_at, script, world), file=sys.stderr)
