@@ -203,3 +203,38 @@ def test_ddpm_only_settings_are_refused_for_a_dit_with_the_reason(train_sd, imag
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "flux1 training does not support" in err[0] and words in err[0]
     assert not (out / "adapter.safetensors").exists()
+
+
+def test_int8_quantized_base_trains_and_the_adapter_loads_on_the_plain_base(train_sd, images, tmp_path, capsys):
+    for p in list(images.iterdir()):
+        if not p.name.startswith("toy_00"):
+            p.unlink()
+    out = tmp_path / "out"
+    # The overfit run of test_loss_goes_down_on_an_overfit_flux_run, on an int8 base with gradient checkpointing.
+    assert train_sd.main(dit_args("tiny-flux", images, out, 24, "--learning_rate", "2e-2", "--rank", "8",
+                                  "--train_batch_size", "4", "--resolution", "32", "--weighting_scheme",
+                                  "logit_normal", "--logit_std", "0.1", "--quantize_base", "int8",
+                                  "--gradient_checkpointing")) == 0
+    assert "quantized base: 50 of 50 Linear layers of the FluxTransformer2DModel to int8" in capsys.readouterr().out
+    values = losses(out)
+    first, last = sum(values[:6]) / 6, sum(values[-6:]) / 6
+    assert last < 0.8 * first, f"the loss did not go down: first 6 steps {first:.4f}, last 6 {last:.4f}"
+    plain = build_tiny_dit("tiny-flux")
+    inputs = transformer_inputs(plain.transformer, text_tokens=8)
+    with torch.no_grad():
+        base = transformer_output(plain.transformer, inputs)
+    load_adapter(plain, out / "adapter.safetensors")
+    assert type(plain.transformer.transformer_blocks[0].attn.to_q.base.weight) is torch.nn.Parameter
+    with torch.no_grad():
+        adapted = transformer_output(plain.transformer, inputs)
+    assert torch.isfinite(adapted).all() and not torch.allclose(adapted, base, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind, code, words", [("fp8", 1, "compute capability 8.9"),
+                                               ("nf4", 1, "none of the 50 Linear layers"),
+                                               ("int4", 2, "quantize_base='int4': expected one of")])
+def test_quantize_base_a_cpu_run_cannot_do_is_one_line(train_sd, images, tmp_path, capsys, kind, code, words):
+    out = tmp_path / "out"
+    assert train_sd.main(dit_args("tiny-flux", images, out, 1, "--quantize_base", kind)) == code
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert words in err[-1] and not (out / "adapter.safetensors").exists()

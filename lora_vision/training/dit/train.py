@@ -30,6 +30,7 @@ from ..sd.samples import generate_class_images, strength_sweep, validation_grid
 from ..sd.step import clip_and_step
 from .encode import dit_text_table, latent_encoder, offload_text_encoders, text_encoders_of, text_encoders_on
 from .flow import ResolutionShift, training_sigmas
+from .lowmem import quantize_base, quantize_unsupported_reason
 from .step import FlowSettings, FlowTrainingSteps, FlowValidationLoss
 
 # SD-recipe settings a DiT run does not honour: refused up front (when set away from their defaults), saying why.
@@ -60,12 +61,13 @@ DEFAULT_TARGETS: dict[str, str] = {"flux1": "flux-attn-ff", "flux2": "flux2-attn
 # Flow-matching settings that a UNet (DDPM) run has no use for: refused there rather than ignored.
 DIT_ONLY: dict[str, str] = {
     "weighting_scheme": "it picks flow-matching noise levels; use --snr_gamma for a UNet",
-    "precondition_outputs": "it preconditions flow-matching outputs; use --prediction_type for a UNet"}
+    "precondition_outputs": "it preconditions flow-matching outputs; use --prediction_type for a UNet",
+    "quantize_base": "the low-memory mode is for the DiT transformers; leave it at none"}
 
 
 def check_unet_config(cfg: SDTrainConfig, family: str) -> None:
     """ConfigError naming every DiT-only setting given to a UNet (SD 1.x/2.x/SDXL) run."""
-    bad = [f"--{k} ({why})" for k, why in DIT_ONLY.items() if getattr(cfg, k) is not None]
+    bad = [f"--{k} ({why})" for k, why in DIT_ONLY.items() if getattr(cfg, k) != _DEFAULTS[k]]
     if bad:
         raise ConfigError(f"{family} (UNet) training does not support: " + "; ".join(bad))
 
@@ -92,6 +94,9 @@ def train_dit(cfg: SDTrainConfig, acc: Any, pipe: Any, family: str, dtype: torch
     out = Path(cfg.output_dir)
     resolution = cfg.resolution or int(pipe.default_sample_size) * int(pipe.vae_scale_factor)
     check_dit_config(cfg, family, resolution)
+    why = quantize_unsupported_reason(cfg.quantize_base, device)
+    if why:
+        raise ConfigError(f"--quantize_base {cfg.quantize_base}: {why}")
     if cfg.unet_targets == SDTrainConfig.unet_targets:
         cfg = dataclasses.replace(cfg, unet_targets=(DEFAULT_TARGETS[family],))
     pipe.to(device)
@@ -129,6 +134,10 @@ def train_dit(cfg: SDTrainConfig, acc: Any, pipe: Any, family: str, dtype: torch
         offload_text_encoders(pipe)  # the embeddings are cached: the encoders wait in host memory
     data_rng = np.random.default_rng(cfg.seed)
 
+    if cfg.quantize_base != "none":  # the frozen weights only, before the LoRA wraps them
+        note = quantize_base(transformer, cfg.quantize_base)
+        if main_proc:
+            print(note)
     torch.manual_seed(cfg.seed)
     models, lora_cfgs = add_lora(cfg, transformer, [], dtype, component="transformer")
     if main_proc:
@@ -137,7 +146,8 @@ def train_dit(cfg: SDTrainConfig, acc: Any, pipe: Any, family: str, dtype: torch
         transformer.enable_gradient_checkpointing()
     one_bucket = len(data.inst_cache) == 1 and (data.class_cache is None
                                                or list(data.class_cache) == list(data.inst_cache))
-    use_graph = graph_off_reason(cfg, device, world, one_bucket, dtype) is None and family != "z-image"
+    use_graph = (graph_off_reason(cfg, device, world, one_bucket, dtype) is None and family != "z-image"
+                 and cfg.quantize_base == "none")  # capture with torchao's weight tensors is not measured yet
     groups = param_groups(cfg, models, world)
     base_lrs, params = [g["lr"] for g in groups], [p for g in groups for p in g["params"]]
     optimizer = build_optimizer(groups, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay,
