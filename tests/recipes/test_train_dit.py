@@ -77,17 +77,21 @@ def test_resume_equals_an_unbroken_run(train_sd, images, tmp_path):
     assert losses(unbroken) == losses(broken)
 
 
-def test_loss_goes_down_on_an_overfit_flux_run(train_sd, images, tmp_path):
+def overfit_flux(train_sd, images: Path, out: Path, *extra: str) -> tuple[float, float]:
+    """A 24-step tiny-flux run on one image; the mean loss of its first and of its last 6 steps."""
     for p in list(images.iterdir()):
         if not p.name.startswith("toy_00"):
             p.unlink()
-    out = tmp_path / "out"
     # One image at 32 px, noise levels held near 0.5 (logit_normal, std 0.1) so the step-to-step spread is small.
     assert train_sd.main(dit_args("tiny-flux", images, out, 24, "--learning_rate", "2e-2", "--rank", "8",
                                   "--train_batch_size", "4", "--resolution", "32", "--weighting_scheme",
-                                  "logit_normal", "--logit_std", "0.1")) == 0
+                                  "logit_normal", "--logit_std", "0.1", *extra)) == 0
     values = losses(out)
-    first, last = sum(values[:6]) / 6, sum(values[-6:]) / 6
+    return sum(values[:6]) / 6, sum(values[-6:]) / 6
+
+
+def test_loss_goes_down_on_an_overfit_flux_run(train_sd, images, tmp_path):
+    first, last = overfit_flux(train_sd, images, tmp_path / "out")
     assert last < 0.8 * first, f"the loss did not go down: first 6 steps {first:.4f}, last 6 {last:.4f}"
 
 
@@ -206,18 +210,9 @@ def test_ddpm_only_settings_are_refused_for_a_dit_with_the_reason(train_sd, imag
 
 
 def test_int8_quantized_base_trains_and_the_adapter_loads_on_the_plain_base(train_sd, images, tmp_path, capsys):
-    for p in list(images.iterdir()):
-        if not p.name.startswith("toy_00"):
-            p.unlink()
     out = tmp_path / "out"
-    # The overfit run of test_loss_goes_down_on_an_overfit_flux_run, on an int8 base with gradient checkpointing.
-    assert train_sd.main(dit_args("tiny-flux", images, out, 24, "--learning_rate", "2e-2", "--rank", "8",
-                                  "--train_batch_size", "4", "--resolution", "32", "--weighting_scheme",
-                                  "logit_normal", "--logit_std", "0.1", "--quantize_base", "int8",
-                                  "--gradient_checkpointing")) == 0
+    first, last = overfit_flux(train_sd, images, out, "--quantize_base", "int8", "--gradient_checkpointing")
     assert "quantized base: 50 of 50 Linear layers of the FluxTransformer2DModel to int8" in capsys.readouterr().out
-    values = losses(out)
-    first, last = sum(values[:6]) / 6, sum(values[-6:]) / 6
     assert last < 0.8 * first, f"the loss did not go down: first 6 steps {first:.4f}, last 6 {last:.4f}"
     plain = build_tiny_dit("tiny-flux")
     inputs = transformer_inputs(plain.transformer, text_tokens=8)
