@@ -128,7 +128,7 @@ def test_exported_diffusers_file_loads_in_diffusers_with_our_outputs(train_sd, i
 
 @pytest.mark.parametrize("extra, words", [
     (["--resolution", "72"], "multiple of 16"),
-    (["--train_text_encoder"], "--train_text_encoder"),
+    (["--train_text_encoder_ti"], "--train_text_encoder_ti"),
     (["--snr_gamma", "5"], "--weighting_scheme"),
 ])
 def test_settings_a_dit_run_cannot_honour_are_one_line_errors(train_sd, images, tmp_path, capsys, extra, words):
@@ -233,3 +233,30 @@ def test_quantize_base_a_cpu_run_cannot_do_is_one_line(train_sd, images, tmp_pat
     assert train_sd.main(dit_args("tiny-flux", images, out, 1, "--quantize_base", kind)) == code
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert words in err[-1] and not (out / "adapter.safetensors").exists()
+
+
+@pytest.mark.parametrize("model, encoders", [("tiny-flux", ["text_encoder"]),
+                                             ("tiny-sd3", ["text_encoder", "text_encoder_2"])])
+def test_train_text_encoder_trains_the_clip_encoders_and_diffusers_reads_them(train_sd, images, tmp_path, model,
+                                                                              encoders):
+    out = tmp_path / "out"
+    assert train_sd.main(dit_args(model, images, out, 2, "--learning_rate", "1e-2", "--train_text_encoder")) == 0
+    adapter = Adapter.load(out / "adapter.safetensors")
+    assert adapter.components() == ["transformer", *encoders]
+    assert not (out / "adapter_kohya.safetensors").exists()  # the DiT kohya file holds the transformer only
+    ours, theirs, base = build_tiny_dit(model), build_tiny_dit(model), build_tiny_dit(model)
+    load_adapter(ours, out / "adapter.safetensors")
+    theirs.load_lora_weights(str(out / "adapter_diffusers.safetensors"))
+    ids = ours.tokenizer(["a photo of sks toy"], padding="max_length", max_length=16, return_tensors="pt").input_ids
+    for name in encoders:
+        with torch.no_grad():
+            mine, diffusers, plain = (getattr(p, name)(ids).last_hidden_state for p in (ours, theirs, base))
+        assert not torch.allclose(mine, plain, atol=1e-6), f"training left {name} unchanged"
+        torch.testing.assert_close(diffusers, mine, atol=1e-4, rtol=1e-4)
+
+
+def test_train_text_encoder_is_refused_where_the_family_has_no_clip_encoder(train_sd, images, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert train_sd.main(dit_args("tiny-qwen-image", images, out, 1, "--train_text_encoder")) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "CLIP encoders of Flux.1 and SD 3.x" in err[0]

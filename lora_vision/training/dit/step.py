@@ -41,6 +41,8 @@ class FlowSettings:
     """The pipeline class, whose static helpers pack latents and build position ids for its transformer."""
     precondition_outputs: bool = False
     """Train x_sigma - sigma x prediction against x0 instead of the prediction against noise - x0."""
+    live_text: Any = None
+    """(prompts, cached hidden states) -> (hidden, pooled) encoded now (--train_text_encoder); None: the cache."""
 
 
 def image_tokens(family: str, latents: torch.Tensor) -> int:
@@ -112,6 +114,8 @@ def flow_loss(transformer: nn.Module, x: Inputs, table: TextTable, settings: Flo
     noisy = noisy_latents(x.latents, x.noise, x.timesteps)
     hidden = table.hidden[x.text_rows].to(dtype)
     pooled = table.pooled[x.text_rows].to(dtype) if table.pooled is not None else None
+    if settings.live_text is not None:  # the CLIP encoders train: their part of the embeddings is encoded now
+        hidden, pooled = settings.live_text([table.prompts[i] for i in x.text_rows.tolist()], hidden)
     pred = predict(transformer, noisy.to(dtype), x.timesteps, hidden, pooled, table.mask[x.text_rows], settings)
     if settings.precondition_outputs:
         pred, target = denoised(pred, noisy, x.timesteps), x.latents.float()
@@ -143,5 +147,5 @@ class FlowValidationLoss:
         self.batches = fixed_batches(caches, torch.tensor(TIMESTEP_FRACTIONS), batch_size, seed)
 
     def __call__(self) -> torch.Tensor:
-        return mean_loss([self.transformer], self.batches,
+        return mean_loss([self.transformer], self.batches,  # the text encoders have no dropout
                          lambda x: flow_loss(self.transformer, x, self.table, self.settings, self.dtype))

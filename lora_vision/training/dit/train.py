@@ -28,14 +28,14 @@ from ..sd.lora import add_lora, param_groups, save_adapter
 from ..sd.loop import Checkpoints, LossLog, graph_off_reason, interrupted_message, resume_from, run_steps
 from ..sd.samples import generate_class_images, strength_sweep, validation_grid
 from ..sd.step import clip_and_step
-from .encode import dit_text_table, latent_encoder, offload_text_encoders, text_encoders_of, text_encoders_on
+from .encode import (CLIP_ENCODERS, dit_text_table, latent_encoder, live_clip_text, offload_text_encoders,
+                     text_encoders_of, text_encoders_on)
 from .flow import ResolutionShift, training_sigmas
 from .lowmem import quantize_base, quantize_unsupported_reason
 from .step import FlowSettings, FlowTrainingSteps, FlowValidationLoss
 
 # SD-recipe settings a DiT run does not honour: refused up front (when set away from their defaults), saying why.
 _REFUSED = {
-    "train_text_encoder": "the text embeddings are cached once; train the transformer's LoRA only",
     "train_text_encoder_ti": "pivotal tuning adds tokens to the SD text encoders; the DiT families have none yet",
     "snr_gamma": "Min-SNR weighs DDPM timesteps by their signal-to-noise ratio; use --weighting_scheme for flow "
                  "matching",
@@ -72,9 +72,18 @@ def check_unet_config(cfg: SDTrainConfig, family: str) -> None:
         raise ConfigError(f"{family} (UNet) training does not support: " + "; ".join(bad))
 
 
-def check_dit_config(cfg: SDTrainConfig, family: str, resolution: int) -> None:
+def check_dit_config(cfg: SDTrainConfig, family: str, resolution: int, world: int = 1) -> None:
     """ConfigError naming every setting this DiT run cannot honour."""
     bad = [f"--{k} ({why})" for k, why in _REFUSED.items() if getattr(cfg, k) != _DEFAULTS[k]]
+    if cfg.train_text_encoder and family not in CLIP_ENCODERS:
+        bad.append(f"--train_text_encoder (it trains the CLIP encoders of Flux.1 and SD 3.x, as diffusers' "
+                   f"scripts; {family} has none: its text embeddings are cached and only the transformer trains)")
+    if cfg.train_text_encoder and cfg.export_kohya:
+        bad.append("--export_kohya with --train_text_encoder (the DiT kohya / ComfyUI file holds the transformer "
+                   "only; adapter_diffusers.safetensors holds both: leave --export_kohya out)")
+    if cfg.train_text_encoder and world > 1:
+        bad.append("--train_text_encoder on several processes (the text encoders' gradients are not averaged "
+                   "across processes yet: train on one)")
     if resolution % 16:
         bad.append(f"--resolution {resolution} (the {family} transformer packs 2x2 latent patches: use a multiple "
                    "of 16)")
@@ -93,12 +102,17 @@ def train_dit(cfg: SDTrainConfig, acc: Any, pipe: Any, family: str, dtype: torch
     rank, world = acc.process_index, acc.num_processes
     out = Path(cfg.output_dir)
     resolution = cfg.resolution or int(pipe.default_sample_size) * int(pipe.vae_scale_factor)
-    check_dit_config(cfg, family, resolution)
+    check_dit_config(cfg, family, resolution, world)
     why = quantize_unsupported_reason(cfg.quantize_base, device)
     if why:
         raise ConfigError(f"--quantize_base {cfg.quantize_base}: {why}")
     if cfg.unet_targets == SDTrainConfig.unet_targets:
         cfg = dataclasses.replace(cfg, unet_targets=(DEFAULT_TARGETS[family],))
+    if cfg.train_text_encoder and cfg.export_kohya is None:  # the DiT kohya file holds the transformer only
+        cfg = dataclasses.replace(cfg, export_kohya=False)
+        if main_proc:
+            print("note: no kohya (ComfyUI) file with --train_text_encoder (it holds the transformer only); "
+                  "adapter_diffusers.safetensors holds the text encoders too")
     pipe.to(device)
     transformer = pipe.transformer
     for m in [transformer, pipe.vae, *text_encoders_of(pipe)]:
@@ -130,8 +144,9 @@ def train_dit(cfg: SDTrainConfig, acc: Any, pipe: Any, family: str, dtype: torch
                         verbose=main_proc, encode_latents=latent_encoder(pipe, family),
                         text_table=lambda prompts: dit_text_table(pipe, family, prompts, dtype,
                                                                   cfg.max_sequence_length, device))
-    if device.type != "cpu":
-        offload_text_encoders(pipe)  # the embeddings are cached: the encoders wait in host memory
+    trained_encoders = [getattr(pipe, n) for n in CLIP_ENCODERS[family]] if cfg.train_text_encoder else []
+    if device.type != "cpu":  # the embeddings are cached: the other encoders wait in host memory
+        offload_text_encoders(pipe, keep=tuple(trained_encoders))
     data_rng = np.random.default_rng(cfg.seed)
 
     if cfg.quantize_base != "none":  # the frozen weights only, before the LoRA wraps them
@@ -139,15 +154,18 @@ def train_dit(cfg: SDTrainConfig, acc: Any, pipe: Any, family: str, dtype: torch
         if main_proc:
             print(note)
     torch.manual_seed(cfg.seed)
-    models, lora_cfgs = add_lora(cfg, transformer, [], dtype, component="transformer")
+    models, lora_cfgs = add_lora(cfg, transformer, trained_encoders, dtype, component="transformer")
     if main_proc:
         print("; ".join(lora_report(m, k) for k, m in models.items()))
     if cfg.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
+        for te in trained_encoders:
+            te.gradient_checkpointing_enable()
     one_bucket = len(data.inst_cache) == 1 and (data.class_cache is None
                                                or list(data.class_cache) == list(data.inst_cache))
     use_graph = (graph_off_reason(cfg, device, world, one_bucket, dtype) is None and family != "z-image"
-                 and cfg.quantize_base == "none")  # capture with torchao's weight tensors is not measured yet
+                 and cfg.quantize_base == "none"  # capture with torchao's weight tensors is not measured yet
+                 and not cfg.train_text_encoder)  # the live CLIP prompts are tokenized on the host
     groups = param_groups(cfg, models, world)
     base_lrs, params = [g["lr"] for g in groups], [p for g in groups for p in g["params"]]
     optimizer = build_optimizer(groups, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay,
@@ -167,7 +185,9 @@ def train_dit(cfg: SDTrainConfig, acc: Any, pipe: Any, family: str, dtype: torch
             print(f"resumed from {ckpt} at step {start}")
 
     settings = FlowSettings(family, scheme, cfg.logit_mean, cfg.logit_std, cfg.mode_scale, guidance, shift,
-                            cfg.prior_loss_weight, type(pipe), precondition)
+                            cfg.prior_loss_weight, type(pipe), precondition,
+                            (lambda prompts, cached: live_clip_text(pipe, family, prompts, cached, device, dtype))
+                            if cfg.train_text_encoder else None)
     denoiser = acc.prepare_model(transformer) if world > 1 else transformer
     steps = FlowTrainingSteps(cfg, acc, denoiser, data.table, [], training_sigmas(dict(pipe.scheduler.config), device),
                               settings, dtype, False, data.inst_cache, data.class_cache, data_rng, generator, params,
