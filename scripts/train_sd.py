@@ -164,6 +164,8 @@ def train(cfg: SDTrainConfig) -> int:
     ckpt, threads, dtype, pipe, family = start_run(cfg, acc, out)
     if family in DIT_KINDS.values():  # Flux.1/2, SD 3.x, Qwen-Image, Z-Image: flow matching (training/dit)
         return train_dit(cfg, acc, pipe, family, dtype, ckpt, threads, __file__)
+    from lora_vision.training.dit.train import check_unet_config
+    check_unet_config(cfg, family)
     sdxl = family == "sdxl"
     if sdxl and dtype == torch.float16:
         pipe.vae.to(torch.float32)  # SDXL's VAE overflows in fp16

@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from lora_vision.training.dit.flow import (ResolutionShift, loss_weights, noisy_latents, pick_sigmas, sample_density,
-                                           training_sigmas, velocity_target)
+from lora_vision.training.dit.flow import (ResolutionShift, denoised, loss_weights, noisy_latents, pick_sigmas,
+                                           sample_density, training_sigmas, velocity_target)
 
 
 def test_noisy_latents_and_target_follow_the_straight_path():
@@ -67,3 +67,33 @@ def test_resolution_shift_matches_diffusers_dynamic_shift(seq_len):
     sigmas = torch.tensor([0.1, 0.5, 0.9, 1.0])
     torch.testing.assert_close(shift.apply(sigmas, seq_len), scheduler.time_shift(mu, 1.0, sigmas))
     assert ResolutionShift.of({"use_dynamic_shifting": False}) is None
+
+
+def test_denoised_inverts_the_straight_path():
+    x0, noise, sigmas = torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2), torch.tensor([0.1, 0.5, 1.0])
+    noisy = noisy_latents(x0, noise, sigmas)
+    torch.testing.assert_close(denoised(velocity_target(x0, noise), noisy, sigmas), x0)
+
+
+@pytest.mark.parametrize("sigma", [0.2, 0.7])
+def test_preconditioned_loss_is_the_velocity_loss_times_sigma_squared(sigma):
+    from lora_vision.models.dit import build_tiny_dit
+    from lora_vision.training.dit.step import FlowSettings, flow_loss
+    from lora_vision.training.sd.caching import TextTable
+    from lora_vision.training.sd.step import Inputs
+
+    pipe = build_tiny_dit("tiny-sd3")
+    cfg = pipe.transformer.config
+    g = torch.Generator().manual_seed(0)
+    x = Inputs(torch.randn(1, cfg.in_channels, 8, 8, generator=g), torch.randn(1, cfg.in_channels, 8, 8, generator=g),
+               torch.tensor([sigma]), torch.tensor([0]), torch.zeros(1, 6), 1)
+    table = TextTable([""], [], hidden=torch.randn(1, 4, cfg.joint_attention_dim, generator=g),
+                      pooled=torch.randn(1, cfg.pooled_projection_dim, generator=g),
+                      mask=torch.ones(1, 4, dtype=torch.bool))
+    losses = {}
+    for precondition in (False, True):
+        settings = FlowSettings("sd3", "none", 0.0, 1.0, 1.29, None, None, 1.0, type(pipe), precondition)
+        with torch.no_grad():
+            losses[precondition] = float(flow_loss(pipe.transformer, x, table, settings, torch.float32))
+    assert losses[False] > 0
+    assert losses[True] == pytest.approx(sigma ** 2 * losses[False], rel=1e-5)

@@ -77,17 +77,21 @@ def test_resume_equals_an_unbroken_run(train_sd, images, tmp_path):
     assert losses(unbroken) == losses(broken)
 
 
-def test_loss_goes_down_on_an_overfit_flux_run(train_sd, images, tmp_path):
+def overfit_flux(train_sd, images: Path, out: Path, *extra: str) -> tuple[float, float]:
+    """A 24-step tiny-flux run on one image; the mean loss of its first and of its last 6 steps."""
     for p in list(images.iterdir()):
         if not p.name.startswith("toy_00"):
             p.unlink()
-    out = tmp_path / "out"
     # One image at 32 px, noise levels held near 0.5 (logit_normal, std 0.1) so the step-to-step spread is small.
     assert train_sd.main(dit_args("tiny-flux", images, out, 24, "--learning_rate", "2e-2", "--rank", "8",
                                   "--train_batch_size", "4", "--resolution", "32", "--weighting_scheme",
-                                  "logit_normal", "--logit_std", "0.1")) == 0
+                                  "logit_normal", "--logit_std", "0.1", *extra)) == 0
     values = losses(out)
-    first, last = sum(values[:6]) / 6, sum(values[-6:]) / 6
+    return sum(values[:6]) / 6, sum(values[-6:]) / 6
+
+
+def test_loss_goes_down_on_an_overfit_flux_run(train_sd, images, tmp_path):
+    first, last = overfit_flux(train_sd, images, tmp_path / "out")
     assert last < 0.8 * first, f"the loss did not go down: first 6 steps {first:.4f}, last 6 {last:.4f}"
 
 
@@ -124,7 +128,7 @@ def test_exported_diffusers_file_loads_in_diffusers_with_our_outputs(train_sd, i
 
 @pytest.mark.parametrize("extra, words", [
     (["--resolution", "72"], "multiple of 16"),
-    (["--train_text_encoder"], "--train_text_encoder"),
+    (["--train_text_encoder_ti"], "--train_text_encoder_ti"),
     (["--snr_gamma", "5"], "--weighting_scheme"),
 ])
 def test_settings_a_dit_run_cannot_honour_are_one_line_errors(train_sd, images, tmp_path, capsys, extra, words):
@@ -139,3 +143,120 @@ def test_unknown_weighting_scheme_is_refused_with_a_suggestion(train_sd, images,
     assert train_sd.main(dit_args("tiny-flux", images, tmp_path / "out", 1, "--weighting_scheme", "logit_norml")) == 2
     err = capsys.readouterr().err
     assert "weighting_scheme='logit_norml'" in err and "did you mean 'logit_normal'" in err
+
+
+def test_sd3_preconditions_its_outputs_by_default_as_the_reference(train_sd, images, tmp_path, capsys):
+    import yaml
+
+    out = tmp_path / "out"
+    assert train_sd.main(dit_args("tiny-sd3", images, out, 1)) == 0
+    assert "preconditioned outputs" in capsys.readouterr().out
+    assert yaml.safe_load((out / "config.yaml").read_text())["precondition_outputs"] is True
+    flux = tmp_path / "flux"
+    assert train_sd.main(dit_args("tiny-flux", images, flux, 1)) == 0
+    assert yaml.safe_load((flux / "config.yaml").read_text())["precondition_outputs"] is False
+
+
+@pytest.mark.parametrize("extra, words", [(["--precondition_outputs"], "--prediction_type"),
+                                          (["--weighting_scheme", "logit_normal"], "--snr_gamma")])
+def test_flow_matching_settings_are_refused_for_a_unet(train_sd, tmp_path, capsys, extra, words):
+    out = tmp_path / "out"
+    assert train_sd.main(["--output_dir", str(out), "--max_train_steps", "1", *extra]) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if "train_sd.py" in line]  # not the load bars
+    assert len(err) == 1 and "(UNet) training does not support" in err[0] and words in err[0]
+    assert not (out / "adapter.safetensors").exists()
+
+
+def test_validation_split_logs_a_held_out_loss_and_resumes_exactly(train_sd, images, tmp_path, capsys):
+    args = ["--validation_split", "0.5", "--validation_steps", "2"]
+    full, parts = tmp_path / "full", tmp_path / "parts"
+    assert train_sd.main(dit_args("tiny-flux", images, full, 3, *args)) == 0
+    assert "1 instance images" in capsys.readouterr().out  # one of the two is held out
+    lines = (full / "logs" / "loss.csv").read_text().splitlines()
+    assert lines[0] == "step,loss,lr,val_loss"
+    measured = {int(r.split(",")[0]): float(r.split(",")[3]) for r in lines[1:] if r.split(",")[3]}
+    assert sorted(measured) == [2, 3] and all(math.isfinite(v) for v in measured.values())
+    assert measured[2] != measured[3]  # it follows the weights
+    assert train_sd.main(dit_args("tiny-flux", images, parts, 2, *args, "--checkpointing_steps", "2")) == 0
+    assert train_sd.main(dit_args("tiny-flux", images, parts, 3, *args, "--resume_from_checkpoint", "latest")) == 0
+    assert (full / "logs" / "loss.csv").read_text() == (parts / "logs" / "loss.csv").read_text()
+
+
+def test_masked_loss_black_masks_train_nothing(train_sd, images, tmp_path):
+    from PIL import Image
+
+    for image in images.glob("*.jpg"):
+        Image.new("L", Image.open(image).size, 0).save(images / f"{image.stem}_mask.png")
+    out = tmp_path / "out"
+    assert train_sd.main(dit_args("tiny-flux2", images, out, 2, "--masked_loss")) == 0
+    assert losses(out) == [0.0, 0.0]
+    adapter = Adapter.load(out / "adapter.safetensors")
+    assert all(t.abs().sum() == 0 for k, t in adapter.tensors.items() if "lora_B" in k)
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--noise_offset", "0.1"], "kohya's flux / sd3 trainers draw plain Gaussian noise"),
+    (["--prediction_type", "epsilon"], "velocity"),
+    (["--loss_type", "huber"], "squared error"),
+    (["--debiased_estimation_loss"], "--weighting_scheme"),
+    (["--shuffle_caption"], "cached once per caption"),
+])
+def test_ddpm_only_settings_are_refused_for_a_dit_with_the_reason(train_sd, images, tmp_path, capsys, extra, words):
+    out = tmp_path / "out"
+    assert train_sd.main(dit_args("tiny-flux", images, out, 1, *extra)) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "flux1 training does not support" in err[0] and words in err[0]
+    assert not (out / "adapter.safetensors").exists()
+
+
+def test_int8_quantized_base_trains_and_the_adapter_loads_on_the_plain_base(train_sd, images, tmp_path, capsys):
+    out = tmp_path / "out"
+    first, last = overfit_flux(train_sd, images, out, "--quantize_base", "int8", "--gradient_checkpointing")
+    assert "quantized base: 50 of 50 Linear layers of the FluxTransformer2DModel to int8" in capsys.readouterr().out
+    assert last < 0.8 * first, f"the loss did not go down: first 6 steps {first:.4f}, last 6 {last:.4f}"
+    plain = build_tiny_dit("tiny-flux")
+    inputs = transformer_inputs(plain.transformer, text_tokens=8)
+    with torch.no_grad():
+        base = transformer_output(plain.transformer, inputs)
+    load_adapter(plain, out / "adapter.safetensors")
+    assert type(plain.transformer.transformer_blocks[0].attn.to_q.base.weight) is torch.nn.Parameter
+    with torch.no_grad():
+        adapted = transformer_output(plain.transformer, inputs)
+    assert torch.isfinite(adapted).all() and not torch.allclose(adapted, base, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind, code, words", [("fp8", 1, "compute capability 8.9"),
+                                               ("nf4", 1, "none of the 50 Linear layers"),
+                                               ("int4", 2, "quantize_base='int4': expected one of")])
+def test_quantize_base_a_cpu_run_cannot_do_is_one_line(train_sd, images, tmp_path, capsys, kind, code, words):
+    out = tmp_path / "out"
+    assert train_sd.main(dit_args("tiny-flux", images, out, 1, "--quantize_base", kind)) == code
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert words in err[-1] and not (out / "adapter.safetensors").exists()
+
+
+@pytest.mark.parametrize("model, encoders", [("tiny-flux", ["text_encoder"]),
+                                             ("tiny-sd3", ["text_encoder", "text_encoder_2"])])
+def test_train_text_encoder_trains_the_clip_encoders_and_diffusers_reads_them(train_sd, images, tmp_path, model,
+                                                                              encoders):
+    out = tmp_path / "out"
+    assert train_sd.main(dit_args(model, images, out, 2, "--learning_rate", "1e-2", "--train_text_encoder")) == 0
+    adapter = Adapter.load(out / "adapter.safetensors")
+    assert adapter.components() == ["transformer", *encoders]
+    assert not (out / "adapter_kohya.safetensors").exists()  # the DiT kohya file holds the transformer only
+    ours, theirs, base = build_tiny_dit(model), build_tiny_dit(model), build_tiny_dit(model)
+    load_adapter(ours, out / "adapter.safetensors")
+    theirs.load_lora_weights(str(out / "adapter_diffusers.safetensors"))
+    ids = ours.tokenizer(["a photo of sks toy"], padding="max_length", max_length=16, return_tensors="pt").input_ids
+    for name in encoders:
+        with torch.no_grad():
+            mine, diffusers, plain = (getattr(p, name)(ids).last_hidden_state for p in (ours, theirs, base))
+        assert not torch.allclose(mine, plain, atol=1e-6), f"training left {name} unchanged"
+        torch.testing.assert_close(diffusers, mine, atol=1e-4, rtol=1e-4)
+
+
+def test_train_text_encoder_is_refused_where_the_family_has_no_clip_encoder(train_sd, images, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert train_sd.main(dit_args("tiny-qwen-image", images, out, 1, "--train_text_encoder")) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "CLIP encoders of Flux.1 and SD 3.x" in err[0]

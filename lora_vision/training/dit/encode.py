@@ -96,16 +96,39 @@ def dit_text_table(pipe: Any, family: str, prompts: list[str], dtype: torch.dtyp
     return TextTable(list(prompts), [], hidden=hidden, pooled=pooled, mask=mask)
 
 
+# The CLIP encoders --train_text_encoder adapts, per family (diffusers' train_dreambooth_lora_flux.py / _sd3.py);
+# the T5 and LLM encoders stay frozen and cached.
+CLIP_ENCODERS: dict[str, tuple[str, ...]] = {"flux1": ("text_encoder",), "sd3": ("text_encoder", "text_encoder_2")}
+
+
+def live_clip_text(pipe: Any, family: str, prompts: list[str], cached: torch.Tensor, device: torch.device,
+                   dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hidden states, pooled) of `prompts` with the CLIP parts encoded now, with gradients (their LoRA trains),
+    and the T5 part taken from the cached hidden states `cached` (B, L, D); assembled as the pipeline's
+    encode_prompt does (SD 3.x: both CLIP sequences side by side, zero-padded to T5's width, before T5's)."""
+    if family == "flux1":  # the T5 sequence is the whole hidden state; CLIP gives the pooled embedding
+        return cached, pipe._get_clip_prompt_embeds(prompt=prompts, device=device).to(dtype)
+    if family == "sd3":
+        (h1, p1), (h2, p2) = (pipe._get_clip_prompt_embeds(prompts, device=device, clip_model_index=i)
+                              for i in (0, 1))
+        clip = torch.cat([h1, h2], dim=-1).to(dtype)
+        clip = torch.nn.functional.pad(clip, (0, cached.shape[-1] - clip.shape[-1]))
+        return torch.cat([clip, cached[:, clip.shape[1]:]], dim=1), torch.cat([p1, p2], dim=-1).to(dtype)
+    raise ValueError(f"live_clip_text got family {family!r}; expected one of {', '.join(CLIP_ENCODERS)}")
+
+
 def text_encoders_of(pipe: Any) -> list[torch.nn.Module]:
     """The pipeline's text encoders (text_encoder, text_encoder_2, text_encoder_3 where present)."""
     names = ("text_encoder", "text_encoder_2", "text_encoder_3")
     return [m for m in (getattr(pipe, n, None) for n in names) if isinstance(m, torch.nn.Module)]
 
 
-def offload_text_encoders(pipe: Any) -> None:
-    """Move the text encoders to the CPU once the embeddings are cached (no-op when they are there already)."""
+def offload_text_encoders(pipe: Any, keep: tuple[torch.nn.Module, ...] = ()) -> None:
+    """Move the text encoders to the CPU once the embeddings are cached (no-op when they are there already),
+    except those in `keep` (trained ones)."""
     for m in text_encoders_of(pipe):
-        m.to("cpu")
+        if not any(m is k for k in keep):
+            m.to("cpu")
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 

@@ -97,3 +97,11 @@ def noisy_latents(x0: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -
 def velocity_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """What the transformer predicts: noise - x0 (float32)."""
     return noise.float() - x0.float()
+
+
+def denoised(velocity: torch.Tensor, noisy: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+    """The clean latent a velocity prediction implies, x_sigma - sigma v (float32): the preconditioned output of
+    diffusers' train_dreambooth_lora_sd3.py (--precondition_outputs, after Karras et al. 2022, section 5,
+    https://arxiv.org/abs/2206.00364), trained against x0. Its squared error is the velocity's times sigma^2."""
+    s = sigmas.float().reshape(-1, *([1] * (noisy.dim() - 1)))
+    return noisy.float() - s * velocity.float()

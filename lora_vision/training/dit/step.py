@@ -7,8 +7,9 @@ the inputs and the loss of flow matching: the noise levels travel in `Inputs.tim
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from torch import nn
@@ -16,8 +17,10 @@ from torch import nn
 from ..sd.caching import BucketCache, TextTable
 from ..sd.loop import TrainingSteps
 from ..sd.losses import diffusion_loss
-from ..sd.step import Inputs
-from .flow import ResolutionShift, loss_weights, noisy_latents, pick_sigmas, sample_density, velocity_target
+from ..sd.step import Inputs, gather_masks
+from ..sd.validation_loss import TIMESTEP_FRACTIONS, fixed_batches, mean_loss
+from .flow import (ResolutionShift, denoised, loss_weights, noisy_latents, pick_sigmas, sample_density,
+                   velocity_target)
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,10 @@ class FlowSettings:
     prior_loss_weight: float
     pipeline_class: Any
     """The pipeline class, whose static helpers pack latents and build position ids for its transformer."""
+    precondition_outputs: bool = False
+    """Train x_sigma - sigma x prediction against x0 instead of the prediction against noise - x0."""
+    live_text: Any = None
+    """(prompts, cached hidden states) -> (hidden, pooled) encoded now (--train_text_encoder); None: the cache."""
 
 
 def image_tokens(family: str, latents: torch.Tensor) -> int:
@@ -59,7 +66,7 @@ def gather_flow_inputs(parts: list[tuple[BucketCache, torch.Tensor]], generator:
     if settings.shift is not None:
         sigmas = settings.shift.apply(sigmas, image_tokens(settings.family, mean))
     return Inputs(latents, noise, sigmas, torch.cat([c.text_row[rows] for c, rows in parts]),
-                  torch.cat([c.time_ids[rows] for c, rows in parts]), parts[0][1].shape[0])
+                  torch.cat([c.time_ids[rows] for c, rows in parts]), parts[0][1].shape[0], gather_masks(parts))
 
 
 def predict(transformer: nn.Module, noisy: torch.Tensor, sigmas: torch.Tensor, hidden: torch.Tensor,
@@ -104,13 +111,18 @@ def predict(transformer: nn.Module, noisy: torch.Tensor, sigmas: torch.Tensor, h
 def flow_loss(transformer: nn.Module, x: Inputs, table: TextTable, settings: FlowSettings,
               dtype: torch.dtype) -> torch.Tensor:
     """The DreamBooth flow-matching loss of one batch (instance loss + prior_loss_weight x class loss)."""
-    noisy = noisy_latents(x.latents, x.noise, x.timesteps).to(dtype)
+    noisy = noisy_latents(x.latents, x.noise, x.timesteps)
     hidden = table.hidden[x.text_rows].to(dtype)
     pooled = table.pooled[x.text_rows].to(dtype) if table.pooled is not None else None
-    pred = predict(transformer, noisy, x.timesteps, hidden, pooled, table.mask[x.text_rows], settings)
+    if settings.live_text is not None:  # the CLIP encoders train: their part of the embeddings is encoded now
+        hidden, pooled = settings.live_text([table.prompts[i] for i in x.text_rows.tolist()], hidden)
+    pred = predict(transformer, noisy.to(dtype), x.timesteps, hidden, pooled, table.mask[x.text_rows], settings)
+    if settings.precondition_outputs:
+        pred, target = denoised(pred, noisy, x.timesteps), x.latents.float()
+    else:
+        target = velocity_target(x.latents, x.noise)
     weights = loss_weights(settings.weighting_scheme, x.timesteps)
-    return diffusion_loss(pred, velocity_target(x.latents, x.noise), weights, x.n_instance,
-                          settings.prior_loss_weight)
+    return diffusion_loss(pred, target, weights, x.n_instance, settings.prior_loss_weight, mask=x.mask)
 
 
 class FlowTrainingSteps(TrainingSteps):
@@ -122,3 +134,18 @@ class FlowTrainingSteps(TrainingSteps):
     def loss_of(self, x: Inputs) -> torch.Tensor:
         """The flow-matching DreamBooth loss of one batch."""
         return flow_loss(self.unet, x, self.table, self.settings, self.dtype)
+
+
+class FlowValidationLoss:
+    """Call with nothing: the plain velocity loss (no loss weights, no preconditioning) over every held-out image at
+    the noise levels TIMESTEP_FRACTIONS with noise drawn once, a device scalar: it moves only when the weights do."""
+
+    def __init__(self, transformer: nn.Module, caches: Mapping[tuple[int, int], BucketCache], table: TextTable,
+                 settings: FlowSettings, dtype: torch.dtype, batch_size: int, seed: int) -> None:
+        self.transformer, self.table, self.dtype = transformer, table, dtype
+        self.settings = dataclasses.replace(settings, weighting_scheme="none", precondition_outputs=False)
+        self.batches = fixed_batches(caches, torch.tensor(TIMESTEP_FRACTIONS), batch_size, seed)
+
+    def __call__(self) -> torch.Tensor:
+        return mean_loss([self.transformer], self.batches,  # the text encoders have no dropout
+                         lambda x: flow_loss(self.transformer, x, self.table, self.settings, self.dtype))

@@ -28,17 +28,28 @@ from ..sd.lora import add_lora, param_groups, save_adapter
 from ..sd.loop import Checkpoints, LossLog, graph_off_reason, interrupted_message, resume_from, run_steps
 from ..sd.samples import generate_class_images, strength_sweep, validation_grid
 from ..sd.step import clip_and_step
-from .encode import dit_text_table, latent_encoder, offload_text_encoders, text_encoders_of, text_encoders_on
+from .encode import (CLIP_ENCODERS, dit_text_table, latent_encoder, live_clip_text, offload_text_encoders,
+                     text_encoders_of, text_encoders_on)
 from .flow import ResolutionShift, training_sigmas
-from .step import FlowSettings, FlowTrainingSteps
+from .lowmem import quantize_base, quantize_unsupported_reason
+from .step import FlowSettings, FlowTrainingSteps, FlowValidationLoss
 
-# What the SD recipe has and this one does not yet: refused up front rather than ignored.
-_NOT_YET = {"train_text_encoder": "the text embeddings are cached once; train the transformer's LoRA only",
-            "validation_split": "the held-out validation loss is SD-only for now; leave it at 0",
-            "validation_data_dir": "the held-out validation loss is SD-only for now; leave it out",
-            "snr_gamma": "Min-SNR weights DDPM timesteps; use --weighting_scheme for flow matching",
-            "noise_offset": "offset noise is an SD (DDPM) technique; leave it at 0",
-            "prediction_type": "flow matching predicts the velocity noise - x0; leave it out"}
+# SD-recipe settings a DiT run does not honour: refused up front (when set away from their defaults), saying why.
+_REFUSED = {
+    "train_text_encoder_ti": "pivotal tuning adds tokens to the SD text encoders; the DiT families have none yet",
+    "snr_gamma": "Min-SNR weighs DDPM timesteps by their signal-to-noise ratio; use --weighting_scheme for flow "
+                 "matching",
+    "debiased_estimation_loss": "its weights are DDPM signal-to-noise ratios; use --weighting_scheme for flow "
+                                "matching",
+    "noise_offset": "no flow-matching trainer applies it (diffusers' train_dreambooth_lora_flux.py / _sd3.py and "
+                    "kohya's flux / sd3 trainers draw plain Gaussian noise); leave it at 0",
+    "multires_noise_iterations": "pyramid noise is a DDPM technique no flow-matching trainer uses; leave it at 0",
+    "prediction_type": "flow matching predicts the velocity noise - x0 (or x0 with --precondition_outputs); leave "
+                       "it out",
+    "loss_type": "the flow-matching loss is squared error; leave it at l2",
+    "shuffle_caption": "the DiT text embeddings are cached once per caption; leave it off",
+    "caption_dropout_rate": "the DiT text embeddings are cached once per caption; leave it at 0"}
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(SDTrainConfig)}
 
 
 # --unet_targets left at the SD default -> the transformer's preset per family (diffusers' examples adapt the
@@ -47,9 +58,32 @@ DEFAULT_TARGETS: dict[str, str] = {"flux1": "flux-attn-ff", "flux2": "flux2-attn
                                    "qwen-image": "qwen-image-attn", "z-image": "z-image-attn"}
 
 
-def check_dit_config(cfg: SDTrainConfig, family: str, resolution: int) -> None:
+# Flow-matching settings that a UNet (DDPM) run has no use for: refused there rather than ignored.
+DIT_ONLY: dict[str, str] = {
+    "weighting_scheme": "it picks flow-matching noise levels; use --snr_gamma for a UNet",
+    "precondition_outputs": "it preconditions flow-matching outputs; use --prediction_type for a UNet",
+    "quantize_base": "the low-memory mode is for the DiT transformers; leave it at none"}
+
+
+def check_unet_config(cfg: SDTrainConfig, family: str) -> None:
+    """ConfigError naming every DiT-only setting given to a UNet (SD 1.x/2.x/SDXL) run."""
+    bad = [f"--{k} ({why})" for k, why in DIT_ONLY.items() if getattr(cfg, k) != _DEFAULTS[k]]
+    if bad:
+        raise ConfigError(f"{family} (UNet) training does not support: " + "; ".join(bad))
+
+
+def check_dit_config(cfg: SDTrainConfig, family: str, resolution: int, world: int = 1) -> None:
     """ConfigError naming every setting this DiT run cannot honour."""
-    bad = [f"--{k} ({why})" for k, why in _NOT_YET.items() if getattr(cfg, k) not in (None, False, 0, 0.0)]
+    bad = [f"--{k} ({why})" for k, why in _REFUSED.items() if getattr(cfg, k) != _DEFAULTS[k]]
+    if cfg.train_text_encoder and family not in CLIP_ENCODERS:
+        bad.append(f"--train_text_encoder (it trains the CLIP encoders of Flux.1 and SD 3.x, as diffusers' "
+                   f"scripts; {family} has none: its text embeddings are cached and only the transformer trains)")
+    if cfg.train_text_encoder and cfg.export_kohya:
+        bad.append("--export_kohya with --train_text_encoder (the DiT kohya / ComfyUI file holds the transformer "
+                   "only; adapter_diffusers.safetensors holds both: leave --export_kohya out)")
+    if cfg.train_text_encoder and world > 1:
+        bad.append("--train_text_encoder on several processes (the text encoders' gradients are not averaged "
+                   "across processes yet: train on one)")
     if resolution % 16:
         bad.append(f"--resolution {resolution} (the {family} transformer packs 2x2 latent patches: use a multiple "
                    "of 16)")
@@ -68,23 +102,33 @@ def train_dit(cfg: SDTrainConfig, acc: Any, pipe: Any, family: str, dtype: torch
     rank, world = acc.process_index, acc.num_processes
     out = Path(cfg.output_dir)
     resolution = cfg.resolution or int(pipe.default_sample_size) * int(pipe.vae_scale_factor)
-    check_dit_config(cfg, family, resolution)
+    check_dit_config(cfg, family, resolution, world)
+    why = quantize_unsupported_reason(cfg.quantize_base, device)
+    if why:
+        raise ConfigError(f"--quantize_base {cfg.quantize_base}: {why}")
     if cfg.unet_targets == SDTrainConfig.unet_targets:
         cfg = dataclasses.replace(cfg, unet_targets=(DEFAULT_TARGETS[family],))
+    if cfg.train_text_encoder and cfg.export_kohya is None:  # the DiT kohya file holds the transformer only
+        cfg = dataclasses.replace(cfg, export_kohya=False)
+        if main_proc:
+            print("note: no kohya (ComfyUI) file with --train_text_encoder (it holds the transformer only); "
+                  "adapter_diffusers.safetensors holds the text encoders too")
     pipe.to(device)
     transformer = pipe.transformer
     for m in [transformer, pipe.vae, *text_encoders_of(pipe)]:
         m.requires_grad_(False)
     scheme = cfg.weighting_scheme or ("logit_normal" if family == "sd3" else "none")
+    precondition = cfg.precondition_outputs if cfg.precondition_outputs is not None else family == "sd3"
     base_name = cfg.pretrained_model_name_or_path
-    run_cfg = dataclasses.replace(cfg, resolution=resolution, weighting_scheme=scheme)
+    run_cfg = dataclasses.replace(cfg, resolution=resolution, weighting_scheme=scheme,
+                                  precondition_outputs=precondition)
     resolved = dict(config_to_dict(run_cfg), num_processes=world, family=family)
     shift = ResolutionShift.of(dict(pipe.scheduler.config)) if cfg.resolution_shift else None
     guidance = cfg.guidance_scale if transformer.config.get("guidance_embeds") else None
     if main_proc:
         save_config(run_cfg, out / "config.yaml")
         print(f"model: {base_name} ({family}, flow matching, weighting {scheme}"
-              + (", image-size shift" if shift else "") + (f", guidance {guidance:g}" if guidance else "")
+              + (", preconditioned outputs" if precondition else "") + (", image-size shift" if shift else "") + (f", guidance {guidance:g}" if guidance else "")
               + f"), resolution {resolution}, device {device}, base weights {dtype}, {threads}")
 
     if cfg.with_prior_preservation:  # the base pipeline makes the class images, before any LoRA exists
@@ -100,19 +144,28 @@ def train_dit(cfg: SDTrainConfig, acc: Any, pipe: Any, family: str, dtype: torch
                         verbose=main_proc, encode_latents=latent_encoder(pipe, family),
                         text_table=lambda prompts: dit_text_table(pipe, family, prompts, dtype,
                                                                   cfg.max_sequence_length, device))
-    if device.type != "cpu":
-        offload_text_encoders(pipe)  # the embeddings are cached: the encoders wait in host memory
+    trained_encoders = [getattr(pipe, n) for n in CLIP_ENCODERS[family]] if cfg.train_text_encoder else []
+    if device.type != "cpu":  # the embeddings are cached: the other encoders wait in host memory
+        offload_text_encoders(pipe, keep=tuple(trained_encoders))
     data_rng = np.random.default_rng(cfg.seed)
 
+    if cfg.quantize_base != "none":  # the frozen weights only, before the LoRA wraps them
+        note = quantize_base(transformer, cfg.quantize_base)
+        if main_proc:
+            print(note)
     torch.manual_seed(cfg.seed)
-    models, lora_cfgs = add_lora(cfg, transformer, [], dtype, component="transformer")
+    models, lora_cfgs = add_lora(cfg, transformer, trained_encoders, dtype, component="transformer")
     if main_proc:
         print("; ".join(lora_report(m, k) for k, m in models.items()))
     if cfg.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
+        for te in trained_encoders:
+            te.gradient_checkpointing_enable()
     one_bucket = len(data.inst_cache) == 1 and (data.class_cache is None
                                                or list(data.class_cache) == list(data.inst_cache))
-    use_graph = graph_off_reason(cfg, device, world, one_bucket, dtype) is None and family != "z-image"
+    use_graph = (graph_off_reason(cfg, device, world, one_bucket, dtype) is None and family != "z-image"
+                 and cfg.quantize_base == "none"  # capture with torchao's weight tensors is not measured yet
+                 and not cfg.train_text_encoder)  # the live CLIP prompts are tokenized on the host
     groups = param_groups(cfg, models, world)
     base_lrs, params = [g["lr"] for g in groups], [p for g in groups for p in g["params"]]
     optimizer = build_optimizer(groups, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay,
@@ -132,21 +185,26 @@ def train_dit(cfg: SDTrainConfig, acc: Any, pipe: Any, family: str, dtype: torch
             print(f"resumed from {ckpt} at step {start}")
 
     settings = FlowSettings(family, scheme, cfg.logit_mean, cfg.logit_std, cfg.mode_scale, guidance, shift,
-                            cfg.prior_loss_weight, type(pipe))
+                            cfg.prior_loss_weight, type(pipe), precondition,
+                            (lambda prompts, cached: live_clip_text(pipe, family, prompts, cached, device, dtype))
+                            if cfg.train_text_encoder else None)
     denoiser = acc.prepare_model(transformer) if world > 1 else transformer
     steps = FlowTrainingSteps(cfg, acc, denoiser, data.table, [], training_sigmas(dict(pipe.scheduler.config), device),
                               settings, dtype, False, data.inst_cache, data.class_cache, data_rng, generator, params,
                               optimizer, update=clip_and_step)
     if use_graph or cfg.compile:
         steps.use_static(capture=use_graph, compile_unet=cfg.compile, verbose=main_proc)
+    val_loss = (FlowValidationLoss(transformer, data.held_out_cache, data.table, settings, dtype,
+                                   cfg.train_batch_size, cfg.seed + 2) if data.held_out_cache and main_proc else None)
 
     log_path = out / cfg.logging_dir / "loss.csv"
     if main_proc:
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        trim_log(log_path, start, LossLog.header(False))
+        trim_log(log_path, start, LossLog.header(data.held_out is not None))
     bar = tqdm(range(start, cfg.max_train_steps), initial=start, total=cfg.max_train_steps, desc="training",
                unit="step", disable=not main_proc)
-    log = LossLog(acc, log_path, cfg.logging_steps, start, base_lrs[0], schedule, bar, None, last_good)
+    log = LossLog(acc, log_path, cfg.logging_steps, start, base_lrs[0], schedule, bar, None, last_good,
+                  validation=data.held_out is not None)
     checkpoints = Checkpoints(acc, out, models, optimizer, generator, data_rng, resolved, cfg.checkpoints_total_limit,
                               run_id, ema)
 
@@ -164,8 +222,15 @@ def train_dit(cfg: SDTrainConfig, acc: Any, pipe: Any, family: str, dtype: torch
                                     cfg.validation_inference_steps, resolution)
         save_png(image, out / "samples" / f"validation_step{done:06d}.png")
 
-    stopped_at = run_steps(acc, cfg, steps, bar, optimizer, schedule, base_lrs, log, checkpoints,
-                           lambda step, t: ema.update() if ema is not None else None, validate)
+    def after_step(step: int, t_step: float) -> None:
+        if ema is not None:
+            ema.update()
+        if val_loss is not None and ((step + 1) % cfg.validation_steps == 0 or step + 1 == cfg.max_train_steps):
+            with eval_mode(optimizer):
+                log.record_validation(step + 1, val_loss())
+
+    stopped_at = run_steps(acc, cfg, steps, bar, optimizer, schedule, base_lrs, log, checkpoints, after_step,
+                           validate)
     if stopped_at is not None:
         if main_proc:
             print(interrupted_message(cfg, stopped_at, script, world), file=sys.stderr)

@@ -17,6 +17,7 @@ from ...lora.config import ConfigError, _check_pattern, _check_rank
 from ...targets import CLIP_LAYER_NAMES, DIT_PRESET_FAMILIES, PRESETS, UNET_LAYER_NAMES, target_problems
 from ..config import LORA_ALIASES, AdapterKindFields, TrainingFeatures
 from ..dit.flow import WEIGHTING_SCHEMES
+from ..dit.lowmem import QUANTIZE_KINDS
 from ..optim import OPTIMIZERS, SCHEDULES
 from .losses import HUBER_SCHEDULES, LOSS_TYPES
 
@@ -239,6 +240,13 @@ class SDTrainConfig(TrainingFeatures, AdapterKindFields):
     """DiT: standard deviation of the logit_normal density."""
     mode_scale: float = 1.29
     """DiT: scale of the mode density."""
+    precondition_outputs: bool | None = None
+    """DiT: train the clean latent the prediction implies (x_sigma - sigma x prediction) against the image latent,
+    EDM-style, instead of the prediction against noise - x0 (a sigma^2 loss weight); None: on for SD 3.x, as
+    diffusers' train_dreambooth_lora_sd3.py, off for the others."""
+    quantize_base: str = "none"
+    """DiT low-memory mode: quantize the frozen transformer's Linear weights with torchao (none, int8, fp8 on CUDA
+    8.9+, nf4); the LoRA trains on top in the compute dtype and loads on the unquantized base."""
     guidance_scale: float = 3.5
     """DiT: the value the guidance embedding sees during training (Flux.1-dev; unused by transformers without one)."""
     resolution_shift: bool = True
@@ -369,6 +377,10 @@ class SDTrainConfig(TrainingFeatures, AdapterKindFields):
         if self.weighting_scheme is not None and self.weighting_scheme not in WEIGHTING_SCHEMES:
             close = difflib.get_close_matches(self.weighting_scheme, WEIGHTING_SCHEMES, n=1)
             out.append(f"weighting_scheme={self.weighting_scheme!r}: expected one of {', '.join(WEIGHTING_SCHEMES)}"
+                       + (f" (did you mean {close[0]!r}?)" if close else ""))
+        if self.quantize_base not in QUANTIZE_KINDS:
+            close = difflib.get_close_matches(self.quantize_base, QUANTIZE_KINDS, n=1)
+            out.append(f"quantize_base={self.quantize_base!r}: expected one of {', '.join(QUANTIZE_KINDS)}"
                        + (f" (did you mean {close[0]!r}?)" if close else ""))
         if not self.logit_std > 0:
             out.append(f"logit_std={self.logit_std}: expected a number > 0")

@@ -77,13 +77,19 @@ def gather_inputs(parts: list[tuple[BucketCache, torch.Tensor]], generator: torc
         noise = multires_noise(noise, generator, settings.multires_noise_iterations,
                                settings.multires_noise_discount, stretches)
     t = torch.randint(0, settings.num_timesteps, (n,), generator=generator, device=dev)
-    mask = None
-    if any(c.mask is not None for c, _ in parts):
-        mask = torch.cat([c.mask[rows] if c.mask is not None
-                          else torch.ones((rows.shape[0], 1, *mean.shape[2:]), device=dev, dtype=mean.dtype)
-                          for c, rows in parts])
     return Inputs(latents, noise, t, torch.cat([c.text_row[rows] for c, rows in parts]),
-                  torch.cat([c.time_ids[rows] for c, rows in parts]), parts[0][1].shape[0], mask)
+                  torch.cat([c.time_ids[rows] for c, rows in parts]), parts[0][1].shape[0], gather_masks(parts))
+
+
+def gather_masks(parts: list[tuple[BucketCache, torch.Tensor]]) -> torch.Tensor | None:
+    """The loss masks of the rows (N, 1, h, w), ones for a cache without masks (class images); None when no cache
+    has masks."""
+    if all(c.mask is None for c, _ in parts):
+        return None
+    return torch.cat([c.mask[rows] if c.mask is not None
+                      else torch.ones((rows.shape[0], 1, *c.mean.shape[2:]), device=c.mean.device,
+                                      dtype=c.mean.dtype)
+                      for c, rows in parts])
 
 
 def shard_inputs(x: Inputs, rank: int, world: int) -> Inputs:
