@@ -14,10 +14,8 @@ Flags follow diffusers' examples/dreambooth/train_dreambooth_lora.py (the DiT fl
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -46,18 +44,17 @@ from lora_vision.training.checkpoint import (CheckpointError, find_checkpoint, n
                                              prepare_output_dir, trim_log)
 from lora_vision.training.config import config_to_dict, load_config, save_config  # noqa: E402
 from lora_vision.training.ema import EMA  # noqa: E402
-from lora_vision.training.first_step import report_first_step  # noqa: E402
 from lora_vision.training.optim import LRSchedule, build_optimizer, eval_mode  # noqa: E402
 from lora_vision.training.sd.caching import prepare_data  # noqa: E402
 from lora_vision.training.sd.captions import CaptionVariants  # noqa: E402
 from lora_vision.training.sd.config import SDTrainConfig, kohya_folder_note  # noqa: E402
 from lora_vision.training.sd.lora import add_lora, param_groups, save_adapter  # noqa: E402
 from lora_vision.training.sd.pivotal import NewTokens  # noqa: E402
-from lora_vision.training.sd.loop import (Checkpoints, LossLog, TrainingDiverged, TrainingSteps,  # noqa: E402
-                                          check_distributed, graph_off_reason, interrupted_message, resume_from,
-                                          run_steps)
+from lora_vision.training.sd.loop import (Checkpoints, LossLog, StepHooks, TrainingDiverged,  # noqa: E402
+                                          TrainingSteps, check_distributed, graph_off_reason, interrupted_message,
+                                          report_step_times, resume_from, run_steps)
 from lora_vision.training.sd.losses import alphas_cumprod  # noqa: E402
-from lora_vision.training.sd.samples import generate_class_images, strength_sweep, validation_grid  # noqa: E402
+from lora_vision.training.sd.samples import generate_class_images, strength_sweep  # noqa: E402
 from lora_vision.training.sd.step import StepSettings, clip_and_step  # noqa: E402
 from lora_vision.training.sd.validation_loss import ValidationLoss  # noqa: E402
 from lora_vision.training.sd import metrics as sd_metrics  # noqa: E402
@@ -163,7 +160,7 @@ def train(cfg: SDTrainConfig) -> int:
     out = Path(cfg.output_dir)
     ckpt, threads, dtype, pipe, family = start_run(cfg, acc, out)
     if family in DIT_KINDS.values():  # Flux.1/2, SD 3.x, Qwen-Image, Z-Image: flow matching (training/dit)
-        return train_dit(cfg, acc, pipe, family, dtype, ckpt, threads, __file__)
+        return train_dit(cfg, acc, pipe, family, dtype, ckpt, threads, __file__, t_start=_T_START)
     from lora_vision.training.dit.train import check_unet_config
     check_unet_config(cfg, family)
     sdxl = family == "sdxl"
@@ -285,8 +282,9 @@ def train(cfg: SDTrainConfig) -> int:
                   validation=data.held_out is not None)
     checkpoints = Checkpoints(acc, out, models, optimizer, generator, data_rng, resolved, cfg.checkpoints_total_limit,
                               run_id, ema, tokens)
-    hooks = StepHooks(cfg, device, main_proc, start, static_s, ema, val_loss, log, optimizer, pipe, prompt_of,
-                      resolution, out, writer)
+    hooks = StepHooks(cfg, device, main_proc, start, optimizer, log, ema, val_loss, pipe,
+                      prompt_of(cfg.validation_prompt) if cfg.validation_prompt else None, resolution, out,
+                      writer, t_start=_T_START, static_s=static_s)
     stopped_at = run_steps(acc, cfg, steps, bar, optimizer, schedule, base_lrs, log, checkpoints, hooks.after_step,
                            hooks.validate)
     if stopped_at is not None:
@@ -297,7 +295,7 @@ def train(cfg: SDTrainConfig) -> int:
         return 130
     log.flush(cfg.max_train_steps)
     if cfg.time_steps:
-        _report_times(hooks.events, cfg.train_batch_size)
+        report_step_times(hooks.events, cfg.train_batch_size)
     dump_held_weights(models, tokens, rank)
 
     # ---- save ----------------------------------------------------------------------------------------------
@@ -348,38 +346,6 @@ def save_outputs(cfg: SDTrainConfig, out: Path, pipe, models: dict, lora_cfgs: d
         print(f"wrote {out / 'metrics.json'}\n{sd_metrics.format_metrics(metrics)}")
 
 
-class StepHooks:
-    """What the loop calls around each step: `after_step` (first-step timing, EMA, validation loss, step stamps)
-    and `validate` (the validation grid, with the averaged weights)."""
-
-    def __init__(self, cfg: SDTrainConfig, device: torch.device, main_proc: bool, start: int, static_s: float, ema,
-                 val_loss, log, optimizer, pipe, prompt_of, resolution: int, out: Path, writer) -> None:
-        self.cfg, self.device, self.main_proc, self.start, self.static_s = cfg, device, main_proc, start, static_s
-        self.ema, self.val_loss, self.log, self.optimizer = ema, val_loss, log, optimizer
-        self.pipe, self.prompt_of, self.resolution, self.out, self.writer = pipe, prompt_of, resolution, out, writer
-        self.events: list = []
-
-    def after_step(self, step: int, t_step: float) -> None:
-        cfg = self.cfg
-        if step == self.start and self.main_proc:  # one sync: what compiling and the first step cost (issue #17)
-            report_first_step(self.device, _T_START, t_step, cfg.compile, self.static_s)
-        if self.ema is not None:
-            self.ema.update()
-        if self.val_loss is not None and ((step + 1) % cfg.validation_steps == 0 or step + 1 == cfg.max_train_steps):
-            with eval_mode(self.optimizer):
-                self.log.record_validation(step + 1, self.val_loss())
-        if cfg.time_steps:
-            self.events.append(_stamp(self.device))
-
-    def validate(self, done: int) -> None:
-        cfg = self.cfg
-        with eval_mode(self.optimizer), (self.ema.swapped_in() if self.ema is not None else contextlib.nullcontext()):
-            image = validation_grid(self.pipe, self.prompt_of(cfg.validation_prompt), cfg.num_validation_images,
-                                    cfg.validation_inference_steps, self.resolution)
-        save_png(image, self.out / "samples" / f"validation_step{done:06d}.png")
-        if self.writer:
-            self.writer.add_image("validation", np.asarray(image), done, dataformats="HWC")
-
 def open_tensorboard(folder: Path):
     """A TensorBoard SummaryWriter on `folder`, or None when tensorboard is not installed."""
     try:
@@ -387,31 +353,6 @@ def open_tensorboard(folder: Path):
     except ImportError:
         return None
     return SummaryWriter(str(folder))
-
-
-def _stamp(device: torch.device):
-    if device.type == "cuda":
-        event = torch.cuda.Event(enable_timing=True)
-        event.record()
-        return event
-    return time.perf_counter()
-
-
-def _report_times(events: list, batch_size: int, warmup: int = 10) -> None:
-    """Print `STEPS ours n=.. median_s=.. steps_per_s=.. peak_alloc_gib=..` (bench_train_sd.sh greps it)."""
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-        d = [a.elapsed_time(b) / 1000 for a, b in zip(events[warmup:], events[warmup + 1:])]
-    else:
-        d = [b - a for a, b in zip(events[warmup:], events[warmup + 1:])]
-    if not d:
-        print(f"STEPS too few steps: {len(events)}", flush=True)
-        return
-    d.sort()
-    med = statistics.median(d)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
-    print(f"STEPS ours n={len(d)} median_s={med:.4f} p10_s={d[len(d) // 10]:.4f} p90_s={d[(9 * len(d)) // 10]:.4f} "
-          f"steps_per_s={1 / med:.3f} images_per_s={batch_size / med:.1f} peak_alloc_gib={peak:.2f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -65,6 +65,16 @@ def test_a_few_steps_train_every_family_and_write_all_files(train_sd, images, tm
     assert kohya and all(k.startswith("transformer.") for k in diffusers)
 
 
+def test_first_step_and_step_times_are_reported_as_in_the_sd_recipe(train_sd, images, tmp_path, capsys):
+    # --time_steps used to be accepted and ignored on a DiT run; the first-step line was SD-only
+    assert train_sd.main(dit_args("tiny-flux", images, tmp_path / "out", 12, "--time_steps")) == 0
+    out = capsys.readouterr().out
+    first = [line for line in out.splitlines() if "first step done" in line]
+    assert len(first) == 1 and "imports and setup" in first[0], first
+    steps = [line for line in out.splitlines() if line.startswith("STEPS ours")]
+    assert len(steps) == 1 and "n=1 " in steps[0], steps  # 12 stamps, 10 warm-up dropped: one interval
+
+
 def test_resume_equals_an_unbroken_run(train_sd, images, tmp_path):
     unbroken, broken = tmp_path / "unbroken", tmp_path / "broken"
     assert train_sd.main(dit_args("tiny-flux", images, unbroken, 4, "--checkpointing_steps", "2")) == 0

@@ -5,9 +5,9 @@ pieces (LossLog, Checkpoints, resume, the static step) and the files written are
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ...formats import export
 from ...generation.images import save_png
 from ...lora import lora_report
 from ...lora.config import ConfigError
@@ -25,8 +26,9 @@ from ..optim import LRSchedule, build_optimizer, eval_mode
 from ..sd.caching import prepare_data
 from ..sd.config import SDTrainConfig
 from ..sd.lora import add_lora, param_groups, save_adapter
-from ..sd.loop import Checkpoints, LossLog, graph_off_reason, interrupted_message, resume_from, run_steps
-from ..sd.samples import generate_class_images, strength_sweep, validation_grid
+from ..sd.loop import (Checkpoints, LossLog, StepHooks, graph_off_reason, interrupted_message, report_step_times,
+                       resume_from, run_steps)
+from ..sd.samples import generate_class_images, strength_sweep
 from ..sd.step import clip_and_step
 from .encode import (CLIP_ENCODERS, dit_text_table, latent_encoder, live_clip_text, offload_text_encoders,
                      text_encoders_of, text_encoders_on)
@@ -94,7 +96,7 @@ def check_dit_config(cfg: SDTrainConfig, family: str, resolution: int, world: in
 
 
 def train_dit(cfg: SDTrainConfig, acc: Any, pipe: Any, family: str, dtype: torch.dtype, ckpt: Path | None,
-              threads: str, script: str) -> int:
+              threads: str, script: str, t_start: float | None = None) -> int:
     """Train a LoRA on `pipe.transformer` as configured; returns the exit status (0, or 130 when interrupted)."""
     from accelerate.utils import gather_object
 
@@ -192,8 +194,11 @@ def train_dit(cfg: SDTrainConfig, acc: Any, pipe: Any, family: str, dtype: torch
     steps = FlowTrainingSteps(cfg, acc, denoiser, data.table, [], training_sigmas(dict(pipe.scheduler.config), device),
                               settings, dtype, False, data.inst_cache, data.class_cache, data_rng, generator, params,
                               optimizer, update=clip_and_step)
+    static_s = None
     if use_graph or cfg.compile:
+        t_static = time.perf_counter()
         steps.use_static(capture=use_graph, compile_unet=cfg.compile, verbose=main_proc)
+        static_s = time.perf_counter() - t_static if use_graph else None  # uncaptured: compiles in the first step
     val_loss = (FlowValidationLoss(transformer, data.held_out_cache, data.table, settings, dtype,
                                    cfg.train_batch_size, cfg.seed + 2) if data.held_out_cache and main_proc else None)
 
@@ -208,34 +213,18 @@ def train_dit(cfg: SDTrainConfig, acc: Any, pipe: Any, family: str, dtype: torch
     checkpoints = Checkpoints(acc, out, models, optimizer, generator, data_rng, resolved, cfg.checkpoints_total_limit,
                               run_id, ema)
 
-    def sampling() -> contextlib.ExitStack:  # validation images: averaged weights, text encoders on the device
-        stack = contextlib.ExitStack()
-        stack.enter_context(eval_mode(optimizer))
-        stack.enter_context(text_encoders_on(pipe, device))
-        if ema is not None:
-            stack.enter_context(ema.swapped_in())
-        return stack
-
-    def validate(done: int) -> None:
-        with sampling():
-            image = validation_grid(pipe, cfg.validation_prompt, cfg.num_validation_images,
-                                    cfg.validation_inference_steps, resolution)
-        save_png(image, out / "samples" / f"validation_step{done:06d}.png")
-
-    def after_step(step: int, t_step: float) -> None:
-        if ema is not None:
-            ema.update()
-        if val_loss is not None and ((step + 1) % cfg.validation_steps == 0 or step + 1 == cfg.max_train_steps):
-            with eval_mode(optimizer):
-                log.record_validation(step + 1, val_loss())
-
-    stopped_at = run_steps(acc, cfg, steps, bar, optimizer, schedule, base_lrs, log, checkpoints, after_step,
-                           validate)
+    hooks = StepHooks(cfg, device, main_proc, start, optimizer, log, ema, val_loss, pipe, cfg.validation_prompt,
+                      resolution, out, t_start=t_start, static_s=static_s,
+                      sampling=lambda: text_encoders_on(pipe, device))  # validation images: text encoders back
+    stopped_at = run_steps(acc, cfg, steps, bar, optimizer, schedule, base_lrs, log, checkpoints, hooks.after_step,
+                           hooks.validate)
     if stopped_at is not None:
         if main_proc:
             print(interrupted_message(cfg, stopped_at, script, world), file=sys.stderr)
         return 130
     log.flush(cfg.max_train_steps)
+    if cfg.time_steps:
+        report_step_times(hooks.events, cfg.train_batch_size)
     if not main_proc:
         return 0
 
@@ -260,8 +249,6 @@ def train_dit(cfg: SDTrainConfig, acc: Any, pipe: Any, family: str, dtype: torch
 
 def export_diffusers(adapter: Any, path: Path) -> Path:
     """Write the adapter in diffusers' layout (what `pipe.load_lora_weights` reads) and say so."""
-    from ...formats import export
-
     written = export(adapter, "diffusers", path)
     print(f"wrote {written}")
     return written

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import statistics
@@ -22,14 +23,17 @@ import numpy as np
 import torch
 from torch import nn
 
+from ...generation.images import save_png
 from ..checkpoint import (CheckpointError, StopOnInterrupt, load_checkpoint, read_checkpoint_tensors, read_state,
                           restore_rng, resume_command, rng_state, save_checkpoint)
 from ..ema import EMA
+from ..first_step import report_first_step
 from ..optim import eval_mode
 from .caching import BatchSampler, BucketCache, TextTable
 from .captions import CaptionVariants
 from .config import SDTrainConfig
 from .pivotal import FILE as TOKENS_FILE, NewTokens
+from .samples import validation_grid
 from .step import (Inputs, StaticStep, StepSettings, average_gradients, clip_and_step, gather_inputs, shard_inputs,
                    step_loss)
 
@@ -364,3 +368,72 @@ def resume_from(ckpt: Path, cfg: SDTrainConfig, world: int, rank: int, models: M
     if world > 1:  # the global-batch streams above are shared; dropout's stream is each process's own
         torch.manual_seed(cfg.seed + 1_000_003 * (rank + 1))
     return int(state["step"]), state.get("run_id")
+
+
+class StepHooks:
+    """What `run_steps` calls around each step, for both recipes: `after_step` (the time to the first step, EMA,
+    the validation loss, step stamps for --time_steps) and `validate` (the validation grid, sampled with the averaged
+    weights; `sampling` adds what the family needs, e.g. its text encoders back on the device)."""
+
+    def __init__(self, cfg: SDTrainConfig, device: torch.device, main_proc: bool, start: int,
+                 optimizer: torch.optim.Optimizer, log: LossLog, ema: EMA | None, val_loss: Callable | None,
+                 pipe: Any, prompt: str | None, resolution: int, out: Path, writer: Any = None,
+                 t_start: float | None = None, static_s: float | None = None,
+                 sampling: Callable[[], Any] | None = None) -> None:
+        self.cfg, self.device, self.main_proc, self.start = cfg, device, main_proc, start
+        self.optimizer, self.log, self.ema, self.val_loss = optimizer, log, ema, val_loss
+        self.pipe, self.prompt, self.resolution, self.out, self.writer = pipe, prompt, resolution, out, writer
+        self.t_start, self.static_s, self.sampling = t_start, static_s, sampling
+        self.events: list = []
+
+    def after_step(self, step: int, t_step: float) -> None:
+        cfg = self.cfg
+        if step == self.start and self.main_proc and self.t_start is not None:  # one sync (issue #17)
+            report_first_step(self.device, self.t_start, t_step, cfg.compile, self.static_s)
+        if self.ema is not None:
+            self.ema.update()
+        if self.val_loss is not None and ((step + 1) % cfg.validation_steps == 0 or step + 1 == cfg.max_train_steps):
+            with eval_mode(self.optimizer):
+                self.log.record_validation(step + 1, self.val_loss())
+        if cfg.time_steps:
+            self.events.append(step_stamp(self.device))
+
+    def validate(self, done: int) -> None:
+        cfg = self.cfg
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(eval_mode(self.optimizer))
+            if self.sampling is not None:
+                stack.enter_context(self.sampling())
+            if self.ema is not None:
+                stack.enter_context(self.ema.swapped_in())
+            image = validation_grid(self.pipe, self.prompt, cfg.num_validation_images,
+                                    cfg.validation_inference_steps, self.resolution)
+        save_png(image, self.out / "samples" / f"validation_step{done:06d}.png")
+        if self.writer:
+            self.writer.add_image("validation", np.asarray(image), done, dataformats="HWC")
+
+
+def step_stamp(device: torch.device) -> Any:
+    """A point in time after the step's queued work: a CUDA event on a GPU, the wall clock on a CPU."""
+    if device.type == "cuda":
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+    return time.perf_counter()
+
+
+def report_step_times(events: list, batch_size: int, warmup: int = 10) -> None:
+    """Print `STEPS ours n=.. median_s=.. steps_per_s=.. peak_alloc_gib=..` (bench_train_sd.sh greps it)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        d = [a.elapsed_time(b) / 1000 for a, b in zip(events[warmup:], events[warmup + 1:])]
+    else:
+        d = [b - a for a, b in zip(events[warmup:], events[warmup + 1:])]
+    if not d:
+        print(f"STEPS too few steps: {len(events)}", flush=True)
+        return
+    d.sort()
+    med = statistics.median(d)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
+    print(f"STEPS ours n={len(d)} median_s={med:.4f} p10_s={d[len(d) // 10]:.4f} p90_s={d[(9 * len(d)) // 10]:.4f} "
+          f"steps_per_s={1 / med:.3f} images_per_s={batch_size / med:.1f} peak_alloc_gib={peak:.2f}", flush=True)
