@@ -11,6 +11,7 @@ import torch
 
 from lora_vision.adapter import Adapter
 from lora_vision.formats import read_adapter
+from test_train_dit import dit_args
 from test_train_sd import base_args  # noqa: E402  (tests/recipes is on sys.path under pytest)
 from test_train_vit import _run, data, train_vit  # noqa: F401  (data is a fixture)
 
@@ -115,8 +116,8 @@ def test_sd_save_peft_folders_load_in_peft_with_our_outputs(train_sd, one_image,
 
     out = tmp_path / "out"
     args = base_args("tiny-sd1", one_image, out, steps=2) + [
-        "--adapter_type", adapter_type, "--rank", "4", "--learning_rate", "1e-2", *[a for a in extra if a != "resume"]]
-    if "resume" in extra:  # save_peft may change on resume: the finished run's folders are written from its checkpoint
+        "--adapter_type", adapter_type, "--rank", "4", "--learning_rate", "1e-2", *(a for a in extra if a != "resume")]
+    if "resume" in extra:  # save_peft may change on resume: a finished run's folders are written from its checkpoint
         assert train_sd.main(args + ["--checkpointing_steps", "2"]) == 0 and not (out / "peft").exists()
         args += ["--resume_from_checkpoint", "latest"]
     assert train_sd.main(args + ["--save_peft"]) == 0
@@ -139,6 +140,27 @@ def test_sd_save_peft_folders_load_in_peft_with_our_outputs(train_sd, one_image,
     if "--use_ema" in extra:  # the EMA folder holds the average, not a second copy of the result
         a, b = (read_adapter(out / name)[0] for name in ("peft", "peft_ema"))
         assert any(not torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
+
+
+def test_dit_save_peft_folder_loads_in_peft_with_our_outputs(train_sd, one_image, tmp_path):
+    """A DiT run (save_adapter is shared) writes peft/transformer/, which peft loads with our outputs."""
+    from peft import PeftModel
+
+    from lora_vision.models.dit import transformer_inputs
+    from lora_vision.models.sd import load_sd_pipeline
+
+    out = tmp_path / "out"
+    assert train_sd.main(dit_args("tiny-flux", one_image, out, 2, "--learning_rate", "1e-2", "--save_peft")) == 0
+    assert [p.name for p in (out / "peft").iterdir()] == ["transformer"]
+    ours, base = load_sd_pipeline("tiny-flux").transformer, load_sd_pipeline("tiny-flux").transformer
+    Adapter.load(out / "adapter.safetensors").apply_to({"transformer": ours})
+    theirs = PeftModel.from_pretrained(load_sd_pipeline("tiny-flux").transformer, str(out / "peft" / "transformer"))
+    inputs = transformer_inputs(base)
+    with torch.no_grad():
+        want = ours.eval()(**inputs, return_dict=False)[0]
+        assert (want - base.eval()(**inputs, return_dict=False)[0]).abs().max() > 1e-4
+        torch.testing.assert_close(theirs.base_model.model.eval()(**inputs, return_dict=False)[0], want, atol=1e-5,
+                                   rtol=1e-5)
 
 
 def test_sd_save_peft_does_not_change_training(train_sd, one_image, tmp_path):
