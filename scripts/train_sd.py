@@ -48,7 +48,7 @@ from lora_vision.training.optim import LRSchedule, build_optimizer, eval_mode  #
 from lora_vision.training.sd.caching import prepare_data  # noqa: E402
 from lora_vision.training.sd.captions import CaptionVariants  # noqa: E402
 from lora_vision.training.sd.config import SDTrainConfig, kohya_folder_note  # noqa: E402
-from lora_vision.training.sd.lora import add_lora, param_groups, save_adapter  # noqa: E402
+from lora_vision.training.sd.lora import add_lora, check_peft_folders, param_groups, save_adapter  # noqa: E402
 from lora_vision.training.sd.pivotal import NewTokens  # noqa: E402
 from lora_vision.training.sd.loop import (Checkpoints, LossLog, StepHooks, TrainingDiverged,  # noqa: E402
                                           TrainingSteps, check_distributed, graph_off_reason, interrupted_message,
@@ -131,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def start_run(cfg: SDTrainConfig, acc, out: Path) -> tuple:
     """Checks, threads, the output folder, seeds and the model: (checkpoint or None, thread words, base dtype,
-    pipeline, family). The folder is created only once the model loaded: a failed start leaves nothing behind."""
+    pipeline, family). The folder is created only once the model loaded (and --save_peft's layout was checked): a
+    failed start leaves nothing behind."""
     check_distributed(acc)
     threads = choose_threads(cfg, acc.device)
     ckpt = find_checkpoint(out, cfg.resume_from_checkpoint, cfg.max_train_steps) if cfg.resume_from_checkpoint else None
@@ -144,9 +145,12 @@ def start_run(cfg: SDTrainConfig, acc, out: Path) -> tuple:
     dtype = parse_dtype(cfg.mixed_precision, "--mixed_precision")
     pipe = load_sd_pipeline(cfg.pretrained_model_name_or_path, torch_dtype=None if dtype == torch.float32 else dtype,
                             variant=cfg.variant)
+    family = detect_family(pipe)
+    if cfg.save_peft and family not in DIT_KINDS.values():  # refuse what peft cannot hold before anything is written
+        check_peft_folders(cfg, pipe.unet, [pipe.text_encoder] + ([pipe.text_encoder_2] if family == "sdxl" else []))
     out.mkdir(parents=True, exist_ok=True)
     pipe.set_progress_bar_config(disable=True)
-    return ckpt, threads, dtype, pipe, detect_family(pipe)
+    return ckpt, threads, dtype, pipe, family
 
 
 def train(cfg: SDTrainConfig) -> int:

@@ -324,10 +324,20 @@ def _lora_tensors(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Te
     return tensors, targets
 
 
+def check_peft_export(adapter: Adapter) -> None:
+    """Raise PeftExportError when export_peft could not write `adapter` (a kind peft lacks, a mixture, a LoKr layout
+    no peft config rebuilds): the writer's own rules, run without writing anything."""
+    plain = adapter.plain()
+    for comp in plain.components():
+        peft_state(plain, comp)
+
+
 def export_peft(adapter: Adapter, path: str | Path, model: nn.Module | None = None,
                 modules_to_save: list[str] | None = None, full_weights: Mapping[str, torch.Tensor] | None = None,
-                base_model_name_or_path: str | None = None, dtype: torch.dtype | None = None) -> Path:
-    """Write a PEFT adapter folder; several components go to one subfolder each (unet/, text_encoder/, ...).
+                base_model_name_or_path: str | None = None, dtype: torch.dtype | None = None,
+                per_component: bool = False) -> Path:
+    """Write a PEFT adapter folder; several components go to one subfolder each (unet/, text_encoder/, ...), and
+    with `per_component` a single one does too (train_sd.py's peft/unet/ whether or not text encoders trained).
 
     Modules stored in full in the adapter (`full.<component>.*`) become `modules_to_save`; more can be named in
     `modules_to_save` (taken from `model`) or given as `full_weights` (`<module>.weight` -> tensor).
@@ -336,7 +346,7 @@ def export_peft(adapter: Adapter, path: str | Path, model: nn.Module | None = No
     """
     path = Path(path)
     adapter = adapter.plain()  # alphas for PEFT's alpha / rank (use_rslora false): the same updates
-    args = (model, modules_to_save, full_weights, base_model_name_or_path, dtype)
+    args = (model, modules_to_save, full_weights, base_model_name_or_path, dtype, per_component)
     if path.exists():
         _write_peft(adapter, path, *args)
         return path
@@ -353,9 +363,9 @@ def export_peft(adapter: Adapter, path: str | Path, model: nn.Module | None = No
 
 def _write_peft(adapter: Adapter, path: Path, model: nn.Module | None, modules_to_save: list[str] | None,
                 full_weights: Mapping[str, torch.Tensor] | None, base_model_name_or_path: str | None,
-                dtype: torch.dtype | None) -> None:
+                dtype: torch.dtype | None, per_component: bool = False) -> None:
     comps = adapter.components()
-    if len(comps) > 1:
+    if len(comps) > 1 or per_component:
         for c in comps:
             sub = Adapter({k: v for k, v in adapter.tensors.items() if k.startswith((c + ".", f"full.{c}."))},
                           adapter.metadata)

@@ -42,7 +42,8 @@ class TrainingFeatures:
     AdamW; evaluated and saved at its averaged weights) or adafactor."""
     use_ema: bool = False
     """Keep an exponential moving average of the trained weights: validation uses it, and it is saved beside the
-    plain result as adapter_ema.safetensors (SD: + adapter_ema_kohya.safetensors; ViT: + peft_ema/)."""
+    plain result as adapter_ema.safetensors (SD: + adapter_ema_kohya.safetensors; both: + peft_ema/ with
+    --save_peft)."""
     ema_decay: float = 0.999
     """EMA decay per optimizer step (ema = decay x ema + (1 - decay) x weights)."""
     ema_cpu: bool = False

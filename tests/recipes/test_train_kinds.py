@@ -11,12 +11,13 @@ import torch
 
 from lora_vision.adapter import Adapter
 from lora_vision.formats import read_adapter
+from test_train_dit import dit_args
 from test_train_sd import base_args  # noqa: E402  (tests/recipes is on sys.path under pytest)
 from test_train_vit import _run, data, train_vit  # noqa: F401  (data is a fixture)
 
 REPO = Path(__file__).resolve().parents[2]
 LABEL = {"loha": "LoHa", "lokr": "LoKr", "dora": "LoRA+DoRA"}
-PEFT = {"loha": ("LOHA", False), "lokr": ("LOKR", False), "dora": ("LORA", True)}
+PEFT = {"loha": ("LOHA", False), "lokr": ("LOKR", False), "dora": ("LORA", True), "lora": ("LORA", False)}
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +88,101 @@ def test_sd_kind_flags_are_checked_before_loading(train_sd, one_image, tmp_path,
     assert code != 0
     err = capsys.readouterr().err
     assert "adapter_type='boft'" in err and "lokr_factor=0" in err
+
+
+def _component_out(comp: str, model: torch.nn.Module) -> torch.Tensor:
+    """One forward of a tiny SD component on fixed inputs: the UNet's noise prediction, the text encoder's states."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        if comp == "unet":
+            c = model.config
+            sample = torch.randn(2, c.in_channels, c.sample_size, c.sample_size, generator=g)
+            context = torch.randn(2, 8, c.cross_attention_dim, generator=g)
+            return model(sample, torch.tensor([10, 500]), encoder_hidden_states=context).sample
+        ids = torch.randint(0, model.config.vocab_size, (2, 8), generator=g)
+        return model(input_ids=ids).last_hidden_state
+
+
+# --save_peft: one run per kind (DoRA also trains the text encoder, LoKr also keeps an EMA copy, LoHa writes its
+# folders when a finished run is resumed with --save_peft added). For each folder peft builds from a fresh model
+# must give the outputs of our adapter file applied to another fresh model.
+@pytest.mark.parametrize("adapter_type,extra", [
+    ("lora", []), ("loha", ["resume"]), ("lokr", ["--lokr_factor", "4", "--use_ema", "--ema_decay", "0.5"]),
+    ("dora", ["--train_text_encoder"])])
+def test_sd_save_peft_folders_load_in_peft_with_our_outputs(train_sd, one_image, tmp_path, adapter_type, extra):
+    from peft import PeftModel
+
+    from lora_vision.models.sd import load_sd_pipeline
+
+    out = tmp_path / "out"
+    args = base_args("tiny-sd1", one_image, out, steps=2) + [
+        "--adapter_type", adapter_type, "--rank", "4", "--learning_rate", "1e-2", *(a for a in extra if a != "resume")]
+    if "resume" in extra:  # save_peft may change on resume: a finished run's folders are written from its checkpoint
+        assert train_sd.main(args + ["--checkpointing_steps", "2"]) == 0 and not (out / "peft").exists()
+        args += ["--resume_from_checkpoint", "latest"]
+    assert train_sd.main(args + ["--save_peft"]) == 0
+    comps = ["unet", "text_encoder"] if "--train_text_encoder" in extra else ["unet"]
+    names = ["", "_ema"] if "--use_ema" in extra else [""]
+    for suffix in names:
+        folder = out / f"peft{suffix}"
+        assert sorted(p.name for p in folder.iterdir()) == sorted(comps)
+        adapter = Adapter.load(out / f"adapter{suffix}.safetensors")
+        ours, base = load_sd_pipeline("tiny-sd1"), load_sd_pipeline("tiny-sd1")
+        adapter.apply_to({c: getattr(ours, c) for c in comps})
+        for comp in comps:
+            cfg = json.loads((folder / comp / "adapter_config.json").read_text())
+            assert (cfg["peft_type"], cfg.get("use_dora", False)) == PEFT[adapter_type]
+            theirs = PeftModel.from_pretrained(getattr(load_sd_pipeline("tiny-sd1"), comp), str(folder / comp))
+            want = _component_out(comp, getattr(ours, comp).eval())
+            assert (want - _component_out(comp, getattr(base, comp).eval())).abs().max() > 1e-4  # it trained
+            torch.testing.assert_close(_component_out(comp, theirs.base_model.model.eval()), want, atol=1e-5,
+                                       rtol=1e-5)
+    if "--use_ema" in extra:  # the EMA folder holds the average, not a second copy of the result
+        a, b = (read_adapter(out / name)[0] for name in ("peft", "peft_ema"))
+        assert any(not torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
+
+
+def test_dit_save_peft_folder_loads_in_peft_with_our_outputs(train_sd, one_image, tmp_path):
+    """A DiT run (save_adapter is shared) writes peft/transformer/, which peft loads with our outputs."""
+    from peft import PeftModel
+
+    from lora_vision.models.dit import transformer_inputs
+    from lora_vision.models.sd import load_sd_pipeline
+
+    out = tmp_path / "out"
+    assert train_sd.main(dit_args("tiny-flux", one_image, out, 2, "--learning_rate", "1e-2", "--save_peft")) == 0
+    assert [p.name for p in (out / "peft").iterdir()] == ["transformer"]
+    ours, base = load_sd_pipeline("tiny-flux").transformer, load_sd_pipeline("tiny-flux").transformer
+    Adapter.load(out / "adapter.safetensors").apply_to({"transformer": ours})
+    theirs = PeftModel.from_pretrained(load_sd_pipeline("tiny-flux").transformer, str(out / "peft" / "transformer"))
+    inputs = transformer_inputs(base)
+    with torch.no_grad():
+        want = ours.eval()(**inputs, return_dict=False)[0]
+        assert (want - base.eval()(**inputs, return_dict=False)[0]).abs().max() > 1e-4
+        torch.testing.assert_close(theirs.base_model.model.eval()(**inputs, return_dict=False)[0], want, atol=1e-5,
+                                   rtol=1e-5)
+
+
+def test_sd_save_peft_does_not_change_training(train_sd, one_image, tmp_path):
+    """The check before training builds and removes layers: the trained adapter is the same bit for bit."""
+    args = ["--adapter_type", "loha", "--rank", "4", "--learning_rate", "1e-2"]
+    for name, more in (("plain", []), ("peft", ["--save_peft"])):
+        assert train_sd.main(base_args("tiny-sd1", one_image, tmp_path / name, steps=2) + args + more) == 0
+    a, b = (Adapter.load(tmp_path / name / "adapter.safetensors") for name in ("plain", "peft"))
+    assert a.tensors.keys() == b.tensors.keys() and all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
+
+
+def test_sd_save_peft_refuses_a_lokr_layout_peft_cannot_rebuild_before_training(train_sd, one_image, tmp_path,
+                                                                                   capsys):
+    # --lokr_factor 16 splits the tiny UNet's 32-wide sides as (2, 16); peft's LoKr would build (16, 2) and no
+    # decompose_factor gives ours, so the folder could not be loaded: refused before anything is written.
+    out = tmp_path / "out"
+    code = train_sd.main(base_args("tiny-sd1", one_image, out, steps=2)
+                         + ["--adapter_type", "lokr", "--lokr_factor", "16", "--save_peft"])
+    err = capsys.readouterr().err
+    assert code == 1 and not out.exists()
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert "--save_peft" in err and "decompose_factor" in err and "--lokr_factor -1" in err
 
 
 @pytest.mark.parametrize("adapter_type", ["loha", "lokr", "dora"])

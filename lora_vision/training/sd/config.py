@@ -29,7 +29,7 @@ RESUMABLE_CHANGES: frozenset[str] = frozenset({
     "max_train_steps", "checkpointing_steps", "checkpoints_total_limit", "resume_from_checkpoint", "output_dir",
     "overwrite_output_dir",
     "validation_prompt", "num_validation_images", "validation_steps", "validation_inference_steps",
-    "strength_sweep", "logging_steps", "report_to", "export_kohya", "time_steps", "cuda_graph", "compile",
+    "strength_sweep", "logging_steps", "report_to", "export_kohya", "save_peft", "time_steps", "cuda_graph", "compile",
     "sample_batch_size", "class_inference_steps", "num_class_images", "logging_dir", "num_threads", "ema_cpu",
 })
 
@@ -282,6 +282,10 @@ class SDTrainConfig(TrainingFeatures, AdapterKindFields):
     """Use channels_last memory format for the UNet on CUDA."""
     export_kohya: bool | None = None
     """Also write the A1111/ComfyUI (kohya) file; None: when the exporter is available."""
+    save_peft: bool = False
+    """Also write peft adapter folders, output_dir/peft/<component>/ (unet, text_encoder, text_encoder_2; peft_ema/
+    with --use_ema): peft's LoRA, LoRA with use_dora, LoHa or LoKr, as --adapter_type (PeftModel.from_pretrained(
+    unet, 'out/peft/unet')). Settings peft cannot rebuild are refused before training."""
     time_steps: bool = False
     """Time every step with CUDA events and print a STEPS line (benchmarks)."""
     num_threads: int | None = None

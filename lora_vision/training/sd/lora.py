@@ -1,5 +1,6 @@
 """The LoRA layers the DreamBooth recipe trains: where they go, their optimizer groups, and the adapter file written
-at the end (native format with the training metadata, plus the A1111/ComfyUI export)."""
+at the end (native format with the training metadata, plus the A1111/ComfyUI export and, with --save_peft, peft
+folders)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,14 @@ from torch import nn
 
 from ...adapter import Adapter, embedding_tensors
 from ...formats.kohya import a1111_embedding_tensors, tag_frequency
+from ...formats.peft import check_peft_export
+from ...formats.peft_kinds import PeftExportError
 from ...io import write_safetensors
-from ...lora import LoRAConfig, inject_lora, lora_layers, lora_parameters
+from ...lora import LoRAConfig, inject_lora, lora_layers, lora_parameters, remove_lora
+from ...lora.config import ConfigError
 from ...metadata import AdapterMetadata
+from ...models.dit import DIT_KINDS
+from ...models.sd import TINY_PIPELINES
 from ...targets import PRESETS
 from ..checkpoint import CheckpointError
 from ..optim import loraplus_param_groups
@@ -45,6 +51,24 @@ def add_lora(cfg: SDTrainConfig, unet: nn.Module, text_encoders: list[nn.Module]
             for _, layer in lora_layers(m):
                 layer.compute_dtype = dtype  # the low-rank product in bf16/fp16; parameters stay float32
     return models, lora_cfgs
+
+
+def check_peft_folders(cfg: SDTrainConfig, unet: nn.Module, text_encoders: list[nn.Module]) -> None:
+    """ConfigError when --save_peft could not write this run's adapter as peft folders (e.g. LoKr sides split by a
+    --lokr_factor that no peft decompose_factor gives): the layers are built on the untrained models (on the CPU,
+    before anything is written), checked by the peft writer's own rules and removed again; the random state is
+    left as it was, so the run trains as it would without the check."""
+    with torch.random.fork_rng(devices=[]):
+        models, lora_cfgs = add_lora(cfg, unet, text_encoders, torch.float32)
+        try:
+            check_peft_export(Adapter.from_models(models, configs=lora_cfgs))
+        except PeftExportError as err:
+            hint = " or split the LoKr sides as peft does (--lokr_factor -1)" if cfg.adapter_type == "lokr" else ""
+            raise ConfigError(f"--save_peft: {err}. Refused before training: leave out --save_peft "
+                              f"(adapter.safetensors and the kohya file hold every kind){hint}") from None
+        finally:
+            for model in models.values():
+                remove_lora(model)
 
 
 def _unet_part(name: str) -> str:
@@ -123,4 +147,12 @@ def save_adapter(out: Path, cfg: SDTrainConfig, models: Mapping[str, nn.Module],
             how = {"base": base} if "transformer" in models else {"trigger_phrase": cfg.instance_prompt}
             kohya = export(adapter, "kohya", out / f"{name}_kohya.safetensors", **how)
             print(f"wrote {kohya}")
+    if cfg.save_peft:  # peft/<component>/ (peft_ema/ beside adapter_ema), written whole under a temporary name
+        from ...formats import export
+
+        model_id = cfg.pretrained_model_name_or_path  # a built-in tiny model has no id peft could load
+        base_id = None if model_id in (None, *TINY_PIPELINES, *DIT_KINDS) else model_id
+        folder = export(adapter, "peft", out / name.replace("adapter", "peft"), per_component=True,
+                        base_model_name_or_path=base_id)
+        print(f"wrote {folder}/ ({', '.join(adapter.components())})")
     return adapter
