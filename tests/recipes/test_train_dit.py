@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from lora_vision.adapter import Adapter
+from lora_vision.formats import read_adapter
 from lora_vision.io import read_safetensors
 from lora_vision.models.dit import build_tiny_dit, transformer_inputs, transformer_output
 from lora_vision.pipeline import load_adapter
@@ -73,6 +74,18 @@ def test_first_step_and_step_times_are_reported_as_in_the_sd_recipe(train_sd, im
     assert len(first) == 1 and "imports and setup" in first[0], first
     steps = [line for line in out.splitlines() if line.startswith("STEPS ours")]
     assert len(steps) == 1 and "n=1 " in steps[0], steps  # 12 stamps, 10 warm-up dropped: one interval
+
+
+@pytest.mark.parametrize("adapter_type", ["lokr", "dora"])
+def test_a_kind_trains_on_a_dit_and_its_files_load(train_sd, images, tmp_path, capsys, adapter_type):
+    # the run used to end in a traceback from the diffusers export, which holds plain LoRA only
+    out = tmp_path / "out"
+    assert train_sd.main(dit_args("tiny-flux", images, out, 2, "--adapter_type", adapter_type, "--rank", "4")) == 0
+    assert "note: no adapter_diffusers.safetensors" in capsys.readouterr().out
+    assert not (out / "adapter_diffusers.safetensors").exists()
+    ours = Adapter.load(out / "adapter.safetensors")
+    kohya, report = read_adapter(out / "adapter_kohya.safetensors")
+    assert set(ours.kinds()) == set(report.kinds) and "LoRA" not in ours.kinds()
 
 
 def test_resume_equals_an_unbroken_run(train_sd, images, tmp_path):

@@ -247,8 +247,14 @@ def train_dit(cfg: SDTrainConfig, acc: Any, pipe: Any, family: str, dtype: torch
     return 0
 
 
-def export_diffusers(adapter: Any, path: Path) -> Path:
-    """Write the adapter in diffusers' layout (what `pipe.load_lora_weights` reads) and say so."""
+def export_diffusers(adapter: Any, path: Path) -> Path | None:
+    """Write the adapter in diffusers' layout (what `pipe.load_lora_weights` reads) and say so; an adapter of
+    another kind (LoHa, LoKr, DoRA) gets a note instead, since that layout holds plain LoRA only."""
+    other = sorted(k for k in adapter.kinds() if k != "LoRA")
+    if other:
+        print(f"note: no {path.name}: diffusers' LoRA layout holds plain LoRA and this adapter is {', '.join(other)}; "
+              "adapter.safetensors and the kohya (ComfyUI) file hold it")
+        return None
     written = export(adapter, "diffusers", path)
     print(f"wrote {written}")
     return written

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ...adapter import Adapter, embedding_tensors
+from ...formats import export
 from ...formats.kohya import a1111_embedding_tensors, tag_frequency
 from ...formats.peft import check_peft_export
 from ...formats.peft_kinds import PeftExportError
@@ -137,19 +138,11 @@ def save_adapter(out: Path, cfg: SDTrainConfig, models: Mapping[str, nn.Module],
                               "--resume_from_checkpoint latest to write the adapter") from None
     print(f"wrote {path}")
     if cfg.export_kohya is not False:
-        try:
-            from ...formats import export
-        except ImportError as err:
-            if cfg.export_kohya:
-                raise ValueError(f"--export_kohya needs lora_vision.formats ({err})") from None
-        else:
-            # a DiT transformer gets its family's ComfyUI names (the trigger phrase travels in the metadata)
-            how = {"base": base} if "transformer" in models else {"trigger_phrase": cfg.instance_prompt}
-            kohya = export(adapter, "kohya", out / f"{name}_kohya.safetensors", **how)
-            print(f"wrote {kohya}")
+        # a DiT transformer gets its family's ComfyUI names (the trigger phrase travels in the metadata)
+        how = {"base": base} if "transformer" in models else {"trigger_phrase": cfg.instance_prompt}
+        kohya = export(adapter, "kohya", out / f"{name}_kohya.safetensors", **how)
+        print(f"wrote {kohya}")
     if cfg.save_peft:  # peft/<component>/ (peft_ema/ beside adapter_ema), written whole under a temporary name
-        from ...formats import export
-
         model_id = cfg.pretrained_model_name_or_path  # a built-in tiny model has no id peft could load
         base_id = None if model_id in (None, *TINY_PIPELINES, *DIT_KINDS) else model_id
         folder = export(adapter, "peft", out / name.replace("adapter", "peft"), per_component=True,
