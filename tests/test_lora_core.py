@@ -422,6 +422,35 @@ def test_strength_table_is_one_tensor_per_adapter() -> None:
     assert torch.allclose(t.values, (t.scaling * 0.5).float())
 
 
+class _CountTorchCalls(torch.overrides.TorchFunctionMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_strength_table_registers_the_slots_of_one_load_in_one_build() -> None:
+    t = StrengthTable("a")
+    t.add_slot("first", 0.5)
+    t.set_strength(2.0)  # a strength set before more slots come keeps its value
+    with _CountTorchCalls() as counted:
+        slots = [t.add_slot(f"layer{i}", 0.25 * (i + 1)) for i in range(200)]
+    assert counted.calls == 0  # nothing per slot: the tensors are built on the next read
+    assert slots == list(range(1, 201)) and len(t.layer_names) == 201
+    with _CountTorchCalls() as counted:
+        values = t.values
+    assert counted.calls < 20  # one build for the 200 slots
+    want_scaling = torch.tensor([0.5] + [0.25 * (i + 1) for i in range(200)], dtype=torch.float64)
+    want_strength = torch.tensor([2.0] + [1.0] * 200, dtype=torch.float64)
+    assert torch.equal(t.scaling, want_scaling) and torch.equal(t.strength, want_strength)
+    assert torch.equal(values, (want_scaling * want_strength).float())
+    t.set_strength(0.5, slots=[3])
+    assert float(t.values[3]) == 0.25 * 3 * 0.5 and float(t.values[4]) == 0.25 * 4
+
+
 def test_failed_merge_undoes_earlier_layers_and_keeps_prior_merges() -> None:
     m = _toy()
     lv.inject_lora(m, lv.LoRAConfig(rank=2, targets=KINDS), name="second")
