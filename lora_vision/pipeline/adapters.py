@@ -257,7 +257,7 @@ def load_adapter(pipe: Any, source: AdapterSource, name: str = "default", streng
         with torch.no_grad():
             for comp, specs in moved.items():
                 modules[comp] = inject_lora(comps[comp], name=name, layers=specs, freeze_base=False, dtype=None,
-                                            trainable=False, tables=tables, label=comp + ".")
+                                            trainable=False, tables=tables, label=comp + ".", checked=True)
                 for live in modules[comp]:
                     layer = find_module(comps[comp], live)
                     if id(layer) not in known:
