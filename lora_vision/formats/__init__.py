@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Mapping, Union
 
@@ -140,7 +141,7 @@ def import_native(raw: Mapping[str, torch.Tensor], infos: Mapping[str, Component
                   ) -> tuple[dict[str, torch.Tensor], ImportReport]:
     """Our own files: names are re-mapped for the installed transformers (CLIP `text_model.`) and checked; alphas
     are kept as written and each layer's recorded scaling rule goes to `report.rules`."""
-    report = ImportReport("lora_vision")
+    report = ImportReport("lora_vision", layers={})
     info_meta = AdapterMetadata.from_strings(metadata or {})
     out: dict[str, torch.Tensor] = {}
     comps = sorted({k.split(".", 1)[0] for k in raw})
@@ -184,6 +185,7 @@ def import_native(raw: Mapping[str, torch.Tensor], infos: Mapping[str, Component
                     mtype, wshape = found
                     a, b = fit_pair(f"{source}: {comp}.{mod}", mtype, wshape, a, b, True)
                 put(out, comp, layer_key(live, part), a, b, spec.alpha)
+                spec = spec.with_factors(a, b)
             else:  # another kind (lora.kinds): its factors as stored, checked against the live weight
                 if info is not None and info.live:
                     mtype, wshape = found
@@ -192,8 +194,13 @@ def import_native(raw: Mapping[str, torch.Tensor], infos: Mapping[str, Component
                         report.invalid += [f"{comp}.{live}: {q}" for q in problems]
                         continue
                 out.update({f"{comp}.{k}": t for k, t in layer_tensors(layer_key(live, part), spec).items()})
+            live_key = layer_key(live, part)
+            rule = info_meta.rule(comp, key)
+            # The layer as the adapter's tensors give it back (alpha as stored: a float32 0-dim tensor).
+            report.layers.setdefault(comp, {})[live_key] = replace(
+                spec, alpha=float(out[f"{comp}.{live_key}.alpha"].item()), rule=rule)
             report.kinds[spec.label] = report.kinds.get(spec.label, 0) + 1
-            report.rules.setdefault(comp, {})[layer_key(live, part)] = info_meta.rule(comp, key)
+            report.rules.setdefault(comp, {})[live_key] = rule
             report.matched.append(f"{comp}.{live}" + (f".{part}" if part else ""))
     return out, report
 

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ..io import AdapterFileError
+from ..lora.spec import LayerSpec
 from ..terminal import printable
 from . import naming
 
@@ -96,6 +97,10 @@ class ImportReport:
     rules: dict[str, dict[str, str]] = field(default_factory=dict)
     """Scaling rule of every imported layer, {component: {module[.part]: rule}}, for files that record one (ours);
     the other formats' alphas are for the plain rule."""
+    layers: dict[str, dict[str, LayerSpec]] | None = field(default=None, repr=False)
+    """The imported layers as parsed, {component: {module[.part]: LayerSpec}} under the live names, rules included:
+    what `Adapter.layers` of the adapter read gives, kept by the readers that parse layers (our own files) so that
+    a loader need not parse them again; None when the reader did not keep them."""
 
     @property
     def ok(self) -> bool:
