@@ -422,6 +422,61 @@ def test_strength_table_is_one_tensor_per_adapter() -> None:
     assert torch.allclose(t.values, (t.scaling * 0.5).float())
 
 
+class _CountTorchCalls(torch.overrides.TorchFunctionMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_strength_table_registers_the_slots_of_one_load_in_one_build() -> None:
+    t = StrengthTable("a")
+    t.add_slot("first", 0.5)
+    t.set_strength(2.0)  # a strength set before more slots come keeps its value
+    with _CountTorchCalls() as counted:
+        slots = [t.add_slot(f"layer{i}", 0.25 * (i + 1)) for i in range(200)]
+    assert counted.calls == 0  # nothing per slot: the tensors are built on the next read
+    assert slots == list(range(1, 201)) and len(t.layer_names) == 201
+    with _CountTorchCalls() as counted:
+        values = t.values
+    assert counted.calls < 20  # one build for the 200 slots
+    want_scaling = torch.tensor([0.5] + [0.25 * (i + 1) for i in range(200)], dtype=torch.float64)
+    want_strength = torch.tensor([2.0] + [1.0] * 200, dtype=torch.float64)
+    assert torch.equal(t.scaling, want_scaling) and torch.equal(t.strength, want_strength)
+    assert torch.equal(values, (want_scaling * want_strength).float())
+    t.set_strength(0.5, slots=[3])
+    assert float(t.values[3]) == 0.25 * 3 * 0.5 and float(t.values[4]) == 0.25 * 4
+
+
+def test_inject_checked_layers_gives_the_same_model_as_checked_here() -> None:
+    from lora_vision.lora.ops import lora_specs
+    from lora_vision.lora.spec import LayerSpec
+
+    trained = _toy()
+    _randomize(trained)
+    specs = {k: s for k, s in lora_specs(trained, "default").items() if k in ("fc", "conv1x1", "conv3x3")}
+    specs["fc"] = LayerSpec(specs["fc"].A, specs["fc"].B, specs["fc"].alpha, "rslora")
+    x, img = _inputs()
+    outs = []
+    for checked in (False, True):
+        torch.manual_seed(0)
+        m = Toy()
+        names = lv.inject_lora(m, name="given", layers=specs, freeze_base=False, trainable=False, checked=checked)
+        assert names == ["fc", "conv1x1", "conv3x3"]
+        assert m.fc.lora_A["given"].data_ptr() == specs["fc"].A.data_ptr()  # used as given, no copy
+        assert m.fc.scaling("given") == specs["fc"].scaling
+        outs.append(m(x, img))
+    for k in outs[0]:
+        assert torch.equal(outs[0][k], outs[1][k]), k
+    with pytest.raises(ValueError, match="trainable=False"):
+        lv.inject_lora(Toy(), name="given", layers=specs, checked=True)
+    with pytest.raises(KeyError, match="nope.fc"):
+        lv.inject_lora(Toy(), name="given", layers={"nope.fc": specs["fc"]}, trainable=False, checked=True)
+
+
 def test_failed_merge_undoes_earlier_layers_and_keeps_prior_merges() -> None:
     m = _toy()
     lv.inject_lora(m, lv.LoRAConfig(rank=2, targets=KINDS), name="second")

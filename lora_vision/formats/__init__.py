@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Mapping, Union
 
@@ -21,7 +22,7 @@ from torch import nn
 from ..adapter import COMPONENTS, EMBEDDINGS, FULL, Adapter, embedding_tensors
 from ..io import AdapterFileError, read_safetensors
 from ..lora.ops import canonical_layers, layer_tensors
-from ..lora.spec import layer_key, split_key
+from ..lora.spec import SCALING_RULES, layer_key, split_key
 from ..metadata import FORMAT_VERSION, AdapterMetadata, scaling_entries
 from . import naming
 from .common import (NORM_TYPES, AdapterMismatchError, BaseMismatchError, ComponentInfo, ImportReport, describe_models,
@@ -140,7 +141,7 @@ def import_native(raw: Mapping[str, torch.Tensor], infos: Mapping[str, Component
                   ) -> tuple[dict[str, torch.Tensor], ImportReport]:
     """Our own files: names are re-mapped for the installed transformers (CLIP `text_model.`) and checked; alphas
     are kept as written and each layer's recorded scaling rule goes to `report.rules`."""
-    report = ImportReport("lora_vision")
+    report = ImportReport("lora_vision", layers={})
     info_meta = AdapterMetadata.from_strings(metadata or {})
     out: dict[str, torch.Tensor] = {}
     comps = sorted({k.split(".", 1)[0] for k in raw})
@@ -164,36 +165,49 @@ def import_native(raw: Mapping[str, torch.Tensor], infos: Mapping[str, Component
         except KeyError as e:
             raise AdapterFileError(f"{source}: {e}") from None
         info = (infos or {}).get(comp)
+        live_info = info is not None and info.live
+        has = None
+        if comp.startswith("text_encoder"):
+            has = info.has_text_model if info is not None else naming.default_has_text_model(comp)
         for key, spec in specs.items():
             mod, part = split_key(key)
-            live = mod
-            if comp.startswith("text_encoder"):
-                has = info.has_text_model if info is not None else naming.default_has_text_model(comp)
-                live = naming.te_to_live(mod, has)
-            found = info.module_of(live) if info is not None and info.live else None
-            if info is not None and info.live and found is None:
+            live = naming.te_to_live(mod, has) if has is not None else mod
+            found = info.module_of(live) if live_info else None
+            if live_info and found is None:
                 report.not_found.append(f"{comp}.{live}")
                 continue
+            live_key = layer_key(live, part)
             if spec.is_plain:
                 a, b = spec.A, spec.B
                 if found is not None and found[0] in NORM_TYPES:
                     report.invalid.append(f"{comp}.{live}: a LoRA pair on a {found[0]}, which takes w_norm / b_norm "
                                           "only")
                     continue
-                if info is not None and info.live and not part:
+                if live_info and not part:
                     mtype, wshape = found
                     a, b = fit_pair(f"{source}: {comp}.{mod}", mtype, wshape, a, b, True)
-                put(out, comp, layer_key(live, part), a, b, spec.alpha)
+                put(out, comp, live_key, a, b, spec.alpha)
+                if a is not spec.A or b is not spec.B:
+                    spec = spec.with_factors(a, b)
             else:  # another kind (lora.kinds): its factors as stored, checked against the live weight
-                if info is not None and info.live:
+                if live_info:
                     mtype, wshape = found
                     problems = spec.check(tuple(wshape) if wshape else None)
                     if problems:
                         report.invalid += [f"{comp}.{live}: {q}" for q in problems]
                         continue
-                out.update({f"{comp}.{k}": t for k, t in layer_tensors(layer_key(live, part), spec).items()})
-            report.kinds[spec.label] = report.kinds.get(spec.label, 0) + 1
-            report.rules.setdefault(comp, {})[layer_key(live, part)] = info_meta.rule(comp, key)
+                out.update({f"{comp}.{k}": t for k, t in layer_tensors(live_key, spec).items()})
+            rule = info_meta.rule(comp, key)
+            if rule not in SCALING_RULES:  # not kept: Adapter.layers refuses it when asked, as for any adapter
+                report.layers = None
+            elif report.layers is not None:
+                # The layer as the adapter's tensors give it back: alpha as stored there (a float32 0-dim tensor).
+                alpha = float(out[f"{comp}.{live_key}.alpha"].item())
+                report.layers.setdefault(comp, {})[live_key] = spec if (alpha, rule) == (spec.alpha, spec.rule) \
+                    else replace(spec, alpha=alpha, rule=rule)
+            label = spec.label
+            report.kinds[label] = report.kinds.get(label, 0) + 1
+            report.rules.setdefault(comp, {})[live_key] = rule
             report.matched.append(f"{comp}.{live}" + (f".{part}" if part else ""))
     return out, report
 

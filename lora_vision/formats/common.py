@@ -4,13 +4,15 @@ adapter's base architecture."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch import nn
 
 from ..io import AdapterFileError
+from ..lora.spec import LayerSpec
 from ..terminal import printable
 from . import naming
 
@@ -31,7 +33,7 @@ class ComponentInfo:
     """What an importer needs to know about one live model: adaptable modules (class name, weight shape) and
     naming facts. Built from a live model (`describe_models`) or from a standard layout when none is given."""
 
-    modules: dict[str, tuple[str, tuple[int, ...]]]
+    modules: Mapping[str, tuple[str, tuple[int, ...]]]
     has_text_model: bool = False
     unet_config: Mapping[str, Any] | None = None
     family: str | None = None
@@ -39,7 +41,7 @@ class ComponentInfo:
     weight: Callable[[str], torch.Tensor] | None = field(default=None, repr=False, compare=False)
     """The live module's base weight by name (live models only): for updates that depend on it (DoRA, OFT, ...)
     when a reader must work them out itself (a kind over a fused DiT module)."""
-    norms: dict[str, tuple[str, tuple[int, ...]]] = field(default_factory=dict)
+    norms: Mapping[str, tuple[str, tuple[int, ...]]] = field(default_factory=dict)
     """LayerNorm / GroupNorm modules (class name, weight shape): where norm-layer updates (w_norm / b_norm) go."""
 
     def module_of(self, name: str) -> tuple[str, tuple[int, ...]] | None:
@@ -48,20 +50,61 @@ class ComponentInfo:
 
 
 def describe_models(models: Mapping[str, nn.Module]) -> dict[str, ComponentInfo]:
-    """ComponentInfo per component of live models, e.g. {"unet": pipe.unet, "text_encoder": pipe.text_encoder}."""
+    """ComponentInfo per component of live models, e.g. {"unet": pipe.unet, "text_encoder": pipe.text_encoder}.
+
+    The modules are described when asked (LiveModules): a reader that asks about the names of its file looks up
+    those, one that goes through them all walks the model once; nothing is kept beyond the description."""
     out: dict[str, ComponentInfo] = {}
     for comp, model in models.items():
         if model is None:
             continue
-        adaptable = naming.adaptable_modules(model)
-        mods = {n: (type(m).__name__, _weight_shape(m)) for n, m in adaptable.items()}
         cfg = dict(model.config) if comp == "unet" and hasattr(model, "config") else None
         fam = naming.sd_family(cfg) if cfg is not None else (
             naming.dit_family(type(model).__name__) if comp == "transformer" else None)
-        norms = {n: (type(m).__name__, tuple(m.weight.shape)) for n, m in naming.norm_modules(model).items()}
-        out[comp] = ComponentInfo(mods, hasattr(model, "text_model"), cfg, fam, live=True,
-                                  weight=lambda name, _m=adaptable: _m[name].weight, norms=norms)
+        out[comp] = ComponentInfo(LiveModules(model), hasattr(model, "text_model"), cfg, fam, live=True,
+                                  weight=functools.partial(_live_weight, model),
+                                  norms=LiveModules(model, norms=True))
     return out
+
+
+class LiveModules(Mapping[str, tuple[str, tuple[int, ...]]]):
+    """(class name, weight shape) of the adaptable modules of a live model by name (naming.adaptable_modules), or
+    of its LayerNorm / GroupNorm modules (`norms`, naming.norm_modules): a name is looked up along the children
+    when asked (naming.live_module); iterating walks the model, once."""
+
+    def __init__(self, model: nn.Module, norms: bool = False) -> None:
+        self._model, self._norms = model, norms
+        self._all: dict[str, tuple[str, tuple[int, ...]]] | None = None
+
+    def _walked(self) -> dict[str, tuple[str, tuple[int, ...]]]:
+        if self._all is None:
+            mods = naming.norm_modules(self._model) if self._norms else naming.adaptable_modules(self._model)
+            self._all = {n: (type(m).__name__, _weight_shape(m)) for n, m in mods.items()}
+        return self._all
+
+    def __getitem__(self, name: str) -> tuple[str, tuple[int, ...]]:
+        if self._all is not None:
+            return self._all[name]
+        m = naming.live_module(self._model, name, self._norms) if isinstance(name, str) else None
+        if m is None:
+            raise KeyError(name)
+        return type(m).__name__, _weight_shape(m)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._walked())
+
+    def __len__(self) -> int:
+        return len(self._walked())
+
+    def __repr__(self) -> str:
+        return f"LiveModules({self._walked()!r})"
+
+
+def _live_weight(model: nn.Module, name: str) -> torch.Tensor:
+    m = naming.live_module(model, name)
+    if m is None:
+        raise KeyError(name)
+    return m.weight
 
 
 def _weight_shape(m: nn.Module) -> tuple[int, ...]:
@@ -96,6 +139,10 @@ class ImportReport:
     rules: dict[str, dict[str, str]] = field(default_factory=dict)
     """Scaling rule of every imported layer, {component: {module[.part]: rule}}, for files that record one (ours);
     the other formats' alphas are for the plain rule."""
+    layers: dict[str, dict[str, LayerSpec]] | None = field(default=None, repr=False)
+    """The imported layers as parsed, {component: {module[.part]: LayerSpec}} under the live names, rules included:
+    what `Adapter.layers` of the adapter read gives, kept by the readers that parse layers (our own files) so that
+    a loader need not parse them again; None when the reader did not keep them."""
 
     @property
     def ok(self) -> bool:

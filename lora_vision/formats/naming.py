@@ -19,8 +19,8 @@ import torch
 import transformers
 from torch import nn
 
-from ..lora.inject import candidate_modules
-from ..lora.layers import NORMS, LoRALayer
+from ..lora.inject import ADAPTABLE, candidate_modules
+from ..lora.layers import NORMS, LoRALayer, LoRANorm
 
 # ---- CLIP text encoders -------------------------------------------------------------------------------------
 
@@ -289,6 +289,26 @@ def norm_modules(model: nn.Module) -> dict[str, nn.Module]:
         if isinstance(m, NORMS) and m.weight is not None:
             out[n] = m
     return out
+
+
+def live_module(model: nn.Module, name: str, norms: bool = False) -> nn.Module | None:
+    """The module adaptable_modules(model) (with `norms`: norm_modules(model)) holds under `name`, or None: found
+    along the children, without walking the model."""
+    mod = model
+    for atom in name.split(".") if name else ():
+        if isinstance(mod, LoRALayer) or (not norms and isinstance(mod, nn.MultiheadAttention)):
+            return None  # the insides of a wrapper (and of a MultiheadAttention) are not listed
+        mod = mod._modules.get(atom)
+        if mod is None:
+            return None
+    if norms:
+        mod = mod.base if isinstance(mod, LoRALayer) else mod
+        return mod if isinstance(mod, NORMS) and mod.weight is not None else None
+    if isinstance(mod, LoRANorm):  # carries norm-layer updates only
+        return None
+    if isinstance(mod, LoRALayer):
+        return mod.base
+    return mod if isinstance(mod, ADAPTABLE) else None
 
 
 @functools.lru_cache(maxsize=8)

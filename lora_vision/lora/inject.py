@@ -212,7 +212,7 @@ def _device(mod: nn.Module) -> torch.device:
 def inject_lora(model: nn.Module, config: LoRAConfig | None = None, name: str = "default", strength: float = 1.0,
                 freeze_base: bool = True, dtype: torch.dtype | None = torch.float32, *,
                 layers: Mapping[str, LayerSpec] | None = None, dropout: float = 0.0, trainable: bool = True,
-                tables: dict[str, StrengthTable] | None = None, label: str = "") -> list[str]:
+                tables: dict[str, StrengthTable] | None = None, label: str = "", checked: bool = False) -> list[str]:
     """Add adapter `name` to `model`; returns the adapted module names.
 
     Either `config` (targets, ranks, alphas, rule: fresh factors, B zero) or `layers` ({module[.part]: LayerSpec},
@@ -224,13 +224,24 @@ def inject_lora(model: nn.Module, config: LoRAConfig | None = None, name: str = 
     `tables` (device -> StrengthTable, shared by callers that adapt several models as one adapter): slots are added
     there, labelled `label + module`, and the caller sets their strengths; by default one table holds every layer
     at `strength`.
+
+    `checked=True` is for a caller that has already matched every layer of `layers` to its module (keys are module
+    names without parts), checked the factors' shapes and values and placed them on the module's device in the
+    dtype wanted (the pipeline loader): only the modules are looked up, the factors are used as they are
+    (`trainable=False`), and the checks are not done a second time.
     """
     if "." in name or not name:
         raise ValueError(f"adapter name {name!r}: expected a non-empty name without '.'")
     if (config is None) == (layers is None):
         raise ValueError("give exactly one of config (fresh adapters) or layers (given factors)")
-    plan = _plan_config(model, config) if config is not None else _plan_layers(model, layers, name, dtype, dropout,
-                                                                                       trainable)
+    if checked and (layers is None or trainable):
+        raise ValueError("checked=True is for given layers used as they are: pass layers= and trainable=False")
+    if config is not None:
+        plan = _plan_config(model, config)
+    elif checked:
+        plan = _plan_checked(model, layers, dropout)
+    else:
+        plan = _plan_layers(model, layers, name, dtype, dropout, trainable)
     if freeze_base:
         model.requires_grad_(False)
     own = tables is None
@@ -365,6 +376,22 @@ def _plan_layers(model: nn.Module, layers: Mapping[str, LayerSpec], name: str, d
     if problems:
         raise LoRAStateDictError(f"the LoRA weights do not fit {type(model).__name__}:\n  - "
                                  + "\n  - ".join(problems))
+    return plan
+
+
+def _plan_checked(model: nn.Module, layers: Mapping[str, LayerSpec], dropout: float) -> dict:
+    """The plan of layers already checked against the model by the caller (inject_lora's `checked`): the modules
+    are looked up, nothing else is checked or moved."""
+    plan = {}
+    for mod_name, spec in layers.items():
+        found = _candidate(model, mod_name)
+        if found is None:
+            raise KeyError(f"the state dict adapts a module that {type(model).__name__} does not have "
+                           f"({mod_name!r}); is it for another model?")
+        mod, parent = found
+        part = _Part(spec.rank, spec.alpha, spec.rule, dropout, weights=(spec.A, spec.B)) if spec.is_plain else \
+            _Part(spec.rank, spec.alpha, spec.rule, dropout, spec=spec)
+        plan[mod_name] = (mod, {"": part}, lambda n=mod_name, m=mod: _wrap(n, m, FUSED_PARTS, False), parent)
     return plan
 
 

@@ -40,7 +40,13 @@ _PLAIN_STATE = frozenset({"ranks", "alphas", "rules", "tables", "active", "merge
 
 
 class StrengthTable:
-    """Strength of one adapter in every layer it adapts, stored as `values[slot] = scaling[slot] * strength[slot]`."""
+    """Strength of one adapter in every layer it adapts, stored as `values[slot] = scaling[slot] * strength[slot]`.
+
+    Slots are registered one per layer while an adapter is added; they are built into the tensors in one go, the
+    first time `scaling`, `strength` or `values` is read after them (one small tensor build per load instead of a
+    few tensor operations per layer)."""
+
+    _TENSORS = ("scaling", "strength", "values")
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -48,14 +54,27 @@ class StrengthTable:
         self.scaling = torch.zeros(0, dtype=torch.float64)
         self.strength = torch.zeros(0, dtype=torch.float64)
         self.values = torch.zeros(0, dtype=torch.float32)
+        self._pending: list[tuple[float, float]] = []  # (scaling, strength) of slots not built yet
 
     def add_slot(self, layer_name: str, scaling: float, strength: float = 1.0) -> int:
         """Register one more layer; returns its slot index."""
+        if not self._pending:  # the built tensors step aside until the next read (__getattr__)
+            self._built = tuple(self.__dict__.pop(n) for n in self._TENSORS)
+        self._pending.append((scaling, strength))
         self.layer_names.append(layer_name)
-        self.scaling = torch.cat([self.scaling, torch.tensor([scaling], dtype=torch.float64)])
-        self.strength = torch.cat([self.strength, torch.tensor([strength], dtype=torch.float64)])
-        self.values = (self.scaling * self.strength).to(torch.float32).to(self.values.device)
         return len(self.layer_names) - 1
+
+    def __getattr__(self, name: str) -> torch.Tensor:
+        # Called only for attributes not set: the tensors while slots are pending.
+        if name in StrengthTable._TENSORS and self.__dict__.get("_pending"):
+            scaling, strength, values = self.__dict__.pop("_built")
+            new = torch.tensor(self._pending, dtype=torch.float64)
+            self._pending = []
+            self.scaling = torch.cat([scaling, new[:, 0]])
+            self.strength = torch.cat([strength, new[:, 1]])
+            self.values = (self.scaling * self.strength).to(torch.float32).to(values.device)
+            return self.__dict__[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def set_strength(self, strength: float | torch.Tensor, slots: list[int] | None = None) -> None:
         """Set the strength of all slots (or of the given ones); one host-to-device copy."""

@@ -143,9 +143,11 @@ def _live_name(name: str, modules: Mapping[str, nn.Module]) -> str | None:
 
 
 def _plan(pipe: Any, comps: Mapping[str, nn.Module], adapter: Adapter, name: str, source: str,
-          strict: bool) -> tuple[dict[str, dict[str, tuple[nn.Module, LayerSpec]]], list[str]]:
+          strict: bool, parsed: Mapping[str, Mapping[str, LayerSpec]] | None = None
+          ) -> tuple[dict[str, dict[str, tuple[nn.Module, LayerSpec]]], list[str]]:
     """Match every layer of the adapter to the pipeline ({component: {live module: (module, LayerSpec)}}) and
-    check shapes, before anything changes."""
+    check shapes, before anything changes. `parsed`: the adapter's layers as its reader kept them
+    (ImportReport.layers), so that they are not parsed again."""
     problems: list[str] = []
     skipped: list[str] = []
     plan: dict[str, dict[str, tuple[nn.Module, LayerSpec]]] = {}
@@ -161,7 +163,7 @@ def _plan(pipe: Any, comps: Mapping[str, nn.Module], adapter: Adapter, name: str
         if comp not in comps:
             continue
         modules = ModuleNames(comps[comp])
-        entries = adapter.layers(comp)
+        entries = parsed.get(comp, {}) if parsed is not None else adapter.layers(comp)
         missing, bad = [], []
         for key, spec in entries.items():
             mod, part = split_key(key, modules)
@@ -239,7 +241,8 @@ def load_adapter(pipe: Any, source: AdapterSource, name: str = "default", streng
         raise AdapterMismatchError(f"{label}: {len(broken)} broken layers in the file, nothing was loaded: "
                                    f"{'; '.join(broken[:3])}{more}. Fix or re-export the file, or pass strict=False "
                                    "to load the layers that are whole")
-    plan, skipped = _plan(pipe, comps, adapter, name, label, strict)
+    plan, skipped = _plan(pipe, comps, adapter, name, label, strict,
+                          src_report.layers if src_report is not None else None)
     skipped += broken
     prepared = prepare_embeddings(pipe, name, adapter.embeddings(), label)  # checked before anything changes
     # Move every A and B to its layer's device and dtype first, and check them there, before anything changes.
@@ -257,7 +260,7 @@ def load_adapter(pipe: Any, source: AdapterSource, name: str = "default", streng
         with torch.no_grad():
             for comp, specs in moved.items():
                 modules[comp] = inject_lora(comps[comp], name=name, layers=specs, freeze_base=False, dtype=None,
-                                            trainable=False, tables=tables, label=comp + ".")
+                                            trainable=False, tables=tables, label=comp + ".", checked=True)
                 for live in modules[comp]:
                     layer = find_module(comps[comp], live)
                     if id(layer) not in known:

@@ -151,3 +151,52 @@ def test_hf_vit_v4_v5():
     live = set(naming.adaptable_modules(build_tiny_hf_vit()))
     assert {v for v in pairs.values()} - {"vit.layers.3.attention.q_proj", "vit.layers.3.attention.v_proj",
                                          "vit.layers.11.attention.o_proj"} <= live
+
+
+class _Mixed(torch.nn.Module):
+    """Every case the model description tells apart: wrappers (of a Linear and of a LayerNorm), the insides of a
+    MultiheadAttention, a norm without weight, a grouped conv, containers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 6)
+        self.attn = torch.nn.MultiheadAttention(8, 2)
+        self.blocks = torch.nn.ModuleList([torch.nn.Sequential(torch.nn.Conv2d(4, 4, 3, groups=2),
+                                                               torch.nn.LayerNorm(4), torch.nn.Linear(4, 4))])
+        self.bare = torch.nn.LayerNorm(4, elementwise_affine=False)
+        self.group = torch.nn.GroupNorm(2, 4)
+
+
+def test_described_modules_are_looked_up_by_name_exactly_as_the_walk_lists_them(monkeypatch):
+    from lora_vision import inject_lora
+    from lora_vision.formats.common import describe_models
+    from lora_vision.lora.layers import LoRANorm
+
+    model = _Mixed()
+    inject_lora(model, LoRAConfig(rank=2, targets=("fc", "attn")))
+    model.blocks[0][1] = LoRANorm(model.blocks[0][1])  # what a file's w_norm / b_norm goes in
+    walked = {n: (type(m).__name__, tuple(m.in_proj_weight.shape if isinstance(m, torch.nn.MultiheadAttention)
+                                            else m.weight.shape)) for n, m in naming.adaptable_modules(model).items()}
+    norms = {n: (type(m).__name__, tuple(m.weight.shape)) for n, m in naming.norm_modules(model).items()}
+    info = describe_models({"model": model})["model"]
+    names = [n for n, _ in model.named_modules()] + ["attn.out_proj", "fc.base", "nope", "fc.nope"]
+    for n in names:
+        assert (n in info.modules, info.modules.get(n)) == (n in walked, walked.get(n)), n
+        assert (n in info.norms, info.norms.get(n)) == (n in norms, norms.get(n)), n
+    assert info.module_of("blocks.0.1") == ("LayerNorm", (4,)) and info.module_of("bare") is None
+    assert torch.equal(info.weight("fc"), model.fc.base.weight)
+    assert dict(info.modules) == walked and dict(info.norms) == norms  # walking them gives the same table
+
+    # A reader asking about a file's names does not walk the model.
+    walks = []
+    real = torch.nn.Module.named_modules
+
+    def counted(self, *args, **kwargs):  # noqa: ANN001, ANN202
+        if self is model:
+            walks.append(1)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.Module, "named_modules", counted)
+    info = describe_models({"model": model})["model"]
+    assert [info.module_of(n) for n in ("fc", "blocks.0.2")] == [("Linear", (6, 4)), ("Linear", (4, 4))]
+    assert walks == []

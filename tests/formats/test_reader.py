@@ -43,6 +43,31 @@ def test_every_name_reads_a_native_file_the_same_way_keeping_alphas_and_rules(rs
         torch.testing.assert_close(spec.delta(), specs[key].delta(), rtol=1e-6, atol=1e-7)
 
 
+def test_a_native_file_keeps_its_parsed_layers_as_the_adapter_gives_them(tmp_path):
+    pipe = build_tiny_sd("sd1")
+    inject_lora(pipe.unet, LoRAConfig(rank=4, alpha=2.0, rslora=True, targets="unet-attn"))
+    inject_lora(pipe.text_encoder, LoRAConfig(rank=2, adapter_type="loha", targets="clip-attn"))
+    randomize_lora(pipe.unet, 1)
+    adapter = Adapter.from_models({"unet": pipe.unet, "text_encoder": pipe.text_encoder})
+    key = next(k for k in adapter.tensors if k.startswith("unet.") and k.endswith(".alpha"))
+    adapter.tensors[key] = torch.tensor(0.1, dtype=torch.float64)  # read back as a float32 alpha
+    path = adapter.save(tmp_path / "mixed.safetensors")
+    for models in (sd_components(build_tiny_sd("sd1")), None):
+        got, report = read_adapter(path, models=models)
+        assert set(report.layers) == set(got.components()) == {"unet", "text_encoder"}
+        for comp in got.components():
+            again = got.layers(comp)
+            assert report.layers[comp].keys() == again.keys()
+            for k, spec in report.layers[comp].items():
+                assert (spec.alpha, spec.rule, spec.kind) == (again[k].alpha, again[k].rule, again[k].kind), k
+                assert spec.all_factors.keys() == again[k].all_factors.keys()
+                assert all(t is again[k].all_factors[n] for n, t in spec.all_factors.items()), k
+        assert {s.rule for s in report.layers["unet"].values()} == {"rslora"}
+        assert {s.kind for s in report.layers["text_encoder"].values()} == {"loha"}
+    kohya = export(adapter, "kohya", tmp_path / "k.safetensors", base="sd1", dtype=torch.float32)
+    assert read_adapter(kohya)[1].layers is None  # readers that do not keep them say so
+
+
 def test_adapter_load_reads_every_format(tmp_path):
     native = make_sd_adapter("sd1", unet_targets="unet-cross-attn")
     kohya = export(native, "kohya", tmp_path / "k.safetensors", base="sd1", dtype=torch.float32)
