@@ -143,7 +143,9 @@ def test_bench_generate_smoke(tmp_path):
 
 
 def _bash(script: str, *args: str, timeout: int = 600, **env: str) -> subprocess.CompletedProcess:
-    full = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", **env)
+    # the scripts call `python3`: the interpreter running the tests comes first on PATH (a venv not activated)
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    full = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PATH=path, **env)
     return subprocess.run(["bash", script, *args], cwd=REPO, env=full, capture_output=True, text=True,
                           timeout=timeout)
 
