@@ -43,12 +43,11 @@ from lora_vision.generation.images import save_png  # noqa: E402
 from lora_vision.training.checkpoint import (CheckpointError, find_checkpoint, new_run_id,  # noqa: E402
                                              prepare_output_dir, trim_log)
 from lora_vision.training.config import config_to_dict, load_config, save_config  # noqa: E402
-from lora_vision.training.ema import EMA  # noqa: E402
-from lora_vision.training.optim import LRSchedule, build_optimizer, eval_mode  # noqa: E402
+from lora_vision.training.optim import eval_mode  # noqa: E402
 from lora_vision.training.sd.caching import prepare_data  # noqa: E402
 from lora_vision.training.sd.captions import CaptionVariants  # noqa: E402
 from lora_vision.training.sd.config import SDTrainConfig, kohya_folder_note  # noqa: E402
-from lora_vision.training.sd.lora import add_lora, check_peft_folders, param_groups, save_adapter  # noqa: E402
+from lora_vision.training.sd.lora import add_lora, check_peft_folders, optimization, save_adapter  # noqa: E402
 from lora_vision.training.sd.pivotal import NewTokens  # noqa: E402
 from lora_vision.training.sd.loop import (Checkpoints, LossLog, StepHooks, TrainingDiverged,  # noqa: E402
                                           TrainingSteps, check_distributed, graph_off_reason, interrupted_message,
@@ -230,13 +229,8 @@ def train(cfg: SDTrainConfig) -> int:
     use_graph = graph_off is None
     if cfg.cuda_graph and device.type == "cuda" and graph_off and main_proc:
         print(f"note: the training step is not captured as a CUDA graph ({graph_off}); the eager step runs")
-    groups = param_groups(cfg, models, world, tokens.parameters() if tokens else ())
-    base_lrs, params = [g["lr"] for g in groups], [p for g in groups for p in g["params"]]
-    optimizer = build_optimizer(groups, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay,
-                                eps=cfg.adam_epsilon, use_8bit=cfg.use_8bit_adam, capturable=use_graph,
-                                name=cfg.optimizer)
-    ema = EMA(params, cfg.ema_decay, "cpu" if cfg.ema_cpu else None) if cfg.use_ema else None
-    schedule = LRSchedule(cfg.lr_scheduler, cfg.lr_warmup_steps, cfg.max_train_steps, cfg.lr_num_cycles, cfg.lr_power)
+    base_lrs, params, optimizer, ema, schedule = optimization(cfg, models, world, use_graph,
+                                                              tokens.parameters() if tokens else ())
     generator = torch.Generator(device=device).manual_seed(cfg.seed + 1)  # the same on every process, as data_rng
 
     start, last_good, run_id = 0, None, new_run_id()

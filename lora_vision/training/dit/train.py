@@ -21,11 +21,10 @@ from ...lora import lora_report
 from ...lora.config import ConfigError
 from ..checkpoint import new_run_id, trim_log
 from ..config import config_to_dict, save_config
-from ..ema import EMA
-from ..optim import LRSchedule, build_optimizer, eval_mode
+from ..optim import eval_mode
 from ..sd.caching import prepare_data
 from ..sd.config import SDTrainConfig
-from ..sd.lora import add_lora, param_groups, save_adapter
+from ..sd.lora import add_lora, optimization, save_adapter
 from ..sd.loop import (Checkpoints, LossLog, StepHooks, graph_off_reason, interrupted_message, report_step_times,
                        resume_from, run_steps)
 from ..sd.samples import generate_class_images, strength_sweep
@@ -168,13 +167,7 @@ def train_dit(cfg: SDTrainConfig, acc: Any, pipe: Any, family: str, dtype: torch
     use_graph = (graph_off_reason(cfg, device, world, one_bucket, dtype) is None and family != "z-image"
                  and cfg.quantize_base == "none"  # capture with torchao's weight tensors is not measured yet
                  and not cfg.train_text_encoder)  # the live CLIP prompts are tokenized on the host
-    groups = param_groups(cfg, models, world)
-    base_lrs, params = [g["lr"] for g in groups], [p for g in groups for p in g["params"]]
-    optimizer = build_optimizer(groups, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay,
-                                eps=cfg.adam_epsilon, use_8bit=cfg.use_8bit_adam, capturable=use_graph,
-                                name=cfg.optimizer)
-    ema = EMA(params, cfg.ema_decay, "cpu" if cfg.ema_cpu else None) if cfg.use_ema else None
-    schedule = LRSchedule(cfg.lr_scheduler, cfg.lr_warmup_steps, cfg.max_train_steps, cfg.lr_num_cycles, cfg.lr_power)
+    base_lrs, params, optimizer, ema, schedule = optimization(cfg, models, world, use_graph)
     generator = torch.Generator(device=device).manual_seed(cfg.seed + 1)
 
     start, last_good, run_id = 0, None, new_run_id()

@@ -23,7 +23,8 @@ from ...models.dit import DIT_KINDS
 from ...models.sd import TINY_PIPELINES
 from ...targets import PRESETS
 from ..checkpoint import CheckpointError
-from ..optim import loraplus_param_groups
+from ..ema import EMA
+from ..optim import LRSchedule, build_optimizer, loraplus_param_groups
 from .config import SDTrainConfig
 
 
@@ -107,6 +108,20 @@ def param_groups(cfg: SDTrainConfig, models: Mapping[str, nn.Module], world: int
         lr = rates.get("text_encoder", cfg.text_encoder_lr or cfg.learning_rate) * scale
         groups.append({"name": "token_embeddings", "params": list(token_vectors), "lr": lr})
     return groups
+
+
+def optimization(cfg: SDTrainConfig, models: Mapping[str, nn.Module], world: int, capturable: bool,
+                 token_vectors: Sequence[torch.Tensor] = ()) -> tuple[list[float], list[torch.Tensor], Any, Any, Any]:
+    """What trains the adapter, for both recipes: (each group's base rate, the trained tensors, the optimizer, the
+    EMA of the tensors or None, the rate schedule)."""
+    groups = param_groups(cfg, models, world, token_vectors)
+    base_lrs, params = [g["lr"] for g in groups], [p for g in groups for p in g["params"]]
+    optimizer = build_optimizer(groups, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay,
+                                eps=cfg.adam_epsilon, use_8bit=cfg.use_8bit_adam, capturable=capturable,
+                                name=cfg.optimizer)
+    ema = EMA(params, cfg.ema_decay, "cpu" if cfg.ema_cpu else None) if cfg.use_ema else None
+    schedule = LRSchedule(cfg.lr_scheduler, cfg.lr_warmup_steps, cfg.max_train_steps, cfg.lr_num_cycles, cfg.lr_power)
+    return base_lrs, params, optimizer, ema, schedule
 
 
 def save_adapter(out: Path, cfg: SDTrainConfig, models: Mapping[str, nn.Module], lora_cfgs: Mapping[str, LoRAConfig],
