@@ -127,6 +127,8 @@ def main() -> int:
     b = sub.add_parser("build")
     b.add_argument("--out", type=Path, required=True)
     b.add_argument("--size", choices=("full", "tiny"), default="full")
+    b.add_argument("--images", type=Path, help="also write the 8 seeded instance images here (bench_train_sd.sh)")
+    b.add_argument("--resolution", type=int, default=1024, help="of --images")
     for name in ("compare", "one"):
         c = sub.add_parser(name)
         c.add_argument("--model", required=True)
@@ -141,6 +143,8 @@ def main() -> int:
     args = parser.parse_args()
     if args.command == "build":
         build(args.out, args.size)
+        if args.images:
+            images(args.images, 8, args.resolution)
     elif args.command == "compare":
         compare(args.model, args.out, args.modes, args.steps, args.resolution)
     else:

@@ -1,10 +1,10 @@
 #!/bin/bash
 # The pure-Python packages the GPU benchmarks need that the device image lacks (device README, "a Python package
 # missing there can travel as wheels"): downloaded here into .whl/ (git-ignored), carried with `carry: [".whl"]`
-# and installed there by benchmarks/gpu_session_17.sh. The versions are pyproject.toml's pins; importlib_metadata
+# and installed there by benchmarks/gpu_session.sh. The versions are pyproject.toml's pins; importlib_metadata
 # is diffusers' one requirement the image does not have.
 #
-#   bash benchmarks/gpu_wheels.sh          # then: run `bash benchmarks/gpu_session_17.sh a` with carry [".whl"]
+#   bash benchmarks/gpu_wheels.sh          # then: run `bash benchmarks/gpu_session.sh a` with carry [".whl"]
 set -eu
 PKGS=${PKGS:-"diffusers==0.42.1 prodigyopt==1.1.2 schedulefree==1.4.1 importlib_metadata==10.2.0"}
 grep -qx "/.whl/" .gitignore || { echo "error: run from the repository root (its .gitignore keeps /.whl/ out of git)" >&2; exit 2; }

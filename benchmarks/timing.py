@@ -171,8 +171,8 @@ def read_train_log(path: str) -> tuple[dict[str, list[float]], dict[str, float]]
     return rates, peaks
 
 
-_FIRST = re.compile(r"first step done ([\d.]+) s after start \(imports and setup ([\d.]+) s, "
-                    r"(?:[a-z +]+ ([\d.]+) s, )?first step ([\d.]+) s")
+_FIRST = re.compile(r"first step done ([\d.]+) s after start(?: \(imports and setup ([\d.]+) s, "
+                    r"(?:[a-z +]+ ([\d.]+) s, )?first step ([\d.]+) s)?")  # the reference's line: start only
 
 
 def read_first_steps(path: str) -> dict[str, dict[str, list[float]]]:

@@ -168,13 +168,35 @@ def test_train_log_table_reports_the_first_step_and_capture_per_round(tmp_path):
     assert "| 45.0 (40.0-50.0) | 35.0 (30.0-40.0) |" in row
 
 
+def test_step_timer_times_a_reference_script_s_optimizer_steps_in_the_recipes_format(tmp_path):
+    script = tmp_path / "train.py"
+    script.write_text("import sys, time, torch\n"
+                      "w = torch.nn.Parameter(torch.zeros(3))\n"
+                      "opt = torch.optim.SGD([w], lr=0.1)\n"
+                      "for i in range(int(sys.argv[1])):\n"
+                      "    (w - 1).pow(2).sum().backward(); time.sleep(0.02 if i < 10 else 0.05); opt.step()\n")
+    done = _run("benchmarks/step_timer.py", "ref_bs2", str(script), "16")
+    assert done.returncode == 0, done.stderr
+    log = tmp_path / "bench.log"
+    log.write_text("== ref_bs2@r1\n" + done.stdout)
+    rates, _ = timing.read_train_log(str(log))
+    assert 2 / 0.07 < rates["ref_bs2"][0] < 2 / 0.045  # 2 images per step of about 50 ms after the 10 warm-up steps
+    assert timing.read_first_steps(str(log))["ref_bs2"]["start"][0] > 0
+    too_few = _run("benchmarks/step_timer.py", "ref_bs2", str(script), "11")
+    assert "STEPS too few steps: 11 optimizer steps" in too_few.stdout
+    assert _run("benchmarks/step_timer.py", "ref_bs2", str(tmp_path / "missing.py")).returncode == 2
+
+
 def test_bench_train_sd_refuses_unknown_runs_and_missing_reference_before_any_work(tmp_path):
     done = _bash("benchmarks/bench_train_sd.sh", "sd15", str(tmp_path / "out"), RUNS="ours_bs4 ours_bs5")
     assert done.returncode == 2 and "'ours_bs5', which is no run" in done.stderr
-    done = _bash("benchmarks/bench_train_sd.sh", "sd15", str(tmp_path / "out"), RUNS="ref_bs4")
-    assert done.returncode == 2 and ".ref/train_dreambooth_lora.py" in done.stderr
+    no_ref = str(tmp_path / "no_ref")  # the reference scripts' folder (.ref/ by default) without them
+    done = _bash("benchmarks/bench_train_sd.sh", "sd15", str(tmp_path / "out"), RUNS="ref_bs4", REF_DIR=no_ref)
+    assert done.returncode == 2 and "no_ref/train_dreambooth_lora.py" in done.stderr
+    done = _bash("benchmarks/bench_train_sd.sh", "flux1", str(tmp_path / "out"), RUNS="ref_bs1", REF_DIR=no_ref)
+    assert done.returncode == 2 and "no_ref/train_dreambooth_lora_flux.py" in done.stderr
     done = _bash("benchmarks/bench_train_sd.sh", "sd21", str(tmp_path / "out"))
-    assert done.returncode == 2 and "expected sd15 or sdxl" in done.stderr
+    assert done.returncode == 2 and "expected sd15, sdxl or flux1" in done.stderr
     assert not (tmp_path / "out").exists()
 
 
@@ -188,6 +210,28 @@ def test_bench_train_sd_cpu_smoke_prints_the_table(tmp_path):
     row = [line for line in table.splitlines() if line.startswith("| ours_bs1 |")]
     assert row and "1 interleaved round(s)" in table and "first step after start s" in table
     assert "== ours_bs1@r1" in (tmp_path / "bench_sd15.log").read_text()
+
+
+@pytest.mark.slow
+def test_bench_train_sd_flux1_cpu_smoke_builds_the_model_and_trains_the_reference_s_modules(tmp_path):
+    done = _bash("benchmarks/bench_train_sd.sh", "flux1", str(tmp_path), MODEL=str(tmp_path / "flux"),
+                 IMGS=str(tmp_path / "imgs"), SIZE="flux1_tiny", RES="64", STEPS_SCALE="0.3", ROUNDS="1",
+                 RUNS="ours_bs1")
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert len(list((tmp_path / "imgs").glob("*.png"))) == 8 and (tmp_path / "flux" / "model_index.json").exists()
+    assert [line for line in (tmp_path / "table_flux1.md").read_text().splitlines() if line.startswith("| ours_bs1 |")]
+    # the same modules as diffusers' train_dreambooth_lora_flux.py's default target_modules, counted by peft
+    from diffusers import FluxTransformer2DModel
+    from peft import LoraConfig
+
+    model = FluxTransformer2DModel.from_pretrained(tmp_path / "flux" / "transformer")
+    model.add_adapter(LoraConfig(r=16, target_modules=[
+        "attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.add_k_proj", "attn.add_q_proj",
+        "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"]))
+    wrapped = sum(hasattr(m, "lora_A") for m in model.modules())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert f"adapted {wrapped} modules in transformer ({trainable:,} trainable" in (
+        tmp_path / "runs" / "ours_bs1_r1.log").read_text()
 
 
 def test_multi_gpu_summary_reports_rounds_and_per_round_scaling(tmp_path):
@@ -228,10 +272,10 @@ def test_bench_multi_gpu_cpu_smoke_prints_the_table(tmp_path):
     assert "| vit_2gpu | 2 |" in table and "| vit_1gpu |" in table and "- scaling vit_2gpu / vit_1gpu:" in table
 
 
-def test_gpu_session_17_dry_run_plans_every_number_of_issues_17_and_18_within_the_call_limit():
+def test_gpu_session_dry_run_plans_every_number_of_issues_15_to_18_within_the_call_limit():
     plans = {}
-    for call in "abc":
-        done = _bash("benchmarks/gpu_session_17.sh", call, timeout=60, DRY_RUN="1", OUT="/nonexistent/out")
+    for call in "abcde":
+        done = _bash("benchmarks/gpu_session.sh", call, timeout=60, DRY_RUN="1", OUT="/nonexistent/out")
         assert done.returncode == 0, done.stderr
         plans[call] = done.stdout
         total = int(done.stdout.split("estimated total ")[1].split()[0])
@@ -245,9 +289,14 @@ def test_gpu_session_17_dry_run_plans_every_number_of_issues_17_and_18_within_th
                 "ours_bs4_adafactor"):
         assert run in plans["b"].split("round order:")[1], run
     assert plans["b"].count("round order:") == 2
+    # 15 and 16: Flux.1 adapter operations, DreamBooth against diffusers' script, the low-memory modes
+    assert "bench_dit_adapter_ops.py --model flux1 --device cuda" in plans["d"]
+    assert "ref_bs1 ours_bs1" in plans["d"] and "bench_train_sd.sh flux1" in plans["d"]
+    assert plans["d"].count("round order:") == 2
+    assert "--modes none int8 fp8 nf4" in plans["e"]
     assert not Path("/nonexistent/out").exists()
-    done = _bash("benchmarks/gpu_session_17.sh", "d", timeout=60)
-    assert done.returncode == 2 and "expected a, b or c" in done.stderr
+    done = _bash("benchmarks/gpu_session.sh", "f", timeout=60)
+    assert done.returncode == 2 and "expected a, b, c, d or e" in done.stderr
 
 
 def test_kinds_size_quality_compare_finds_the_smallest_setting_reaching_the_other_kind():

@@ -1,7 +1,11 @@
 #!/bin/bash
-# Issues #17 and #18 re-measured on one H200 in THREE device calls of under 10 minutes each (a device call runs at
-# most 600 s): every GPU number the two issues ask for, each table with the exact command at the top of its output.
+# The GPU numbers of issues #15-#18 on one H200, in device calls of under 10 minutes each (a device call runs at
+# most 600 s), each table with the exact command at the top of its output.
 #
+#   d: #15 adapter operations on a real-size Flux.1 transformer against diffusers + peft, and #16 DreamBooth on it
+#      at 1024 px, ours against diffusers' train_dreambooth_lora_flux.py (.ref/), interleaved over 2 rounds
+#   e: #16 the low-memory mode (--quantize_base none/int8/fp8/nf4: peak memory, loss-curve cost) and #17's SD 1.5
+#      adapter load/switch/fuse (part ops of call a)
 #   a: ViT ours vs peft per precision mode (+ kernel profiles), adapter load/switch/fuse, generation with adapters
 #   b: #18's training features at batch 4 (EMA, LoRA+, Prodigy, schedule-free, Adafactor) against the plain step,
 #      interleaved over 2 rounds: "the GPU step stays as fast with them"
@@ -10,12 +14,12 @@
 #
 # Before the calls, here (the device has no diffusers, prodigyopt or schedulefree; nothing can be fetched there):
 #   bash benchmarks/gpu_wheels.sh                      # pure-Python wheels into .whl/ (git-ignored)
-# Then three device calls in a row, each `run` with carry [".whl"] and timeout_s 600:
-#   bash benchmarks/gpu_session_17.sh a      (then b, then c)
+# Then device calls in a row, each `run` with carry [".whl"] (call d also ".ref") and timeout_s 600:
+#   bash benchmarks/gpu_session.sh a      (then b, c, d, e; d and e share /tmp/bench_flux1 when the machine stays)
 # Each call leaves in $OUT: session_<call>.md (the session log and every part's table) and results_<call>.tar.gz
 # (all logs, JSON and profiles), within the device's 8 files of 16 MiB. DRY_RUN=1 prints the plan (commands,
 # estimated seconds, total against the 600 s limit) and checks the parts' prerequisites without running anything:
-#   DRY_RUN=1 bash benchmarks/gpu_session_17.sh a
+#   DRY_RUN=1 bash benchmarks/gpu_session.sh a
 # Estimates: ViT-B/16 at 3.7k images/s (docs/benchmarks.md), load+apply 68 ms, the UNet step ~55 ms at batch 1, a
 # train_sd.py run ~21 s to its first step plus its steps (46 ms at batch 4 captured, 135 ms eager, 140 ms at batch
 # 16), and 304 s of compiling for --compile at batch 16 (issue #17's re-measurement).
@@ -26,8 +30,10 @@ case $CALL in
   a) PARTS=(vit ops generate) ;;
   b) PARTS=(features) ;;
   c) PARTS=(compile) ;;
-  *) echo "error: call '$CALL': expected a, b or c (bash benchmarks/gpu_session_17.sh a|b|c; the calls are listed" \
-          "at the top of benchmarks/gpu_session_17.sh)" >&2; exit 2 ;;
+  d) PARTS=(ditops dittrain) ;;
+  e) PARTS=(lowmem ops) ;;
+  *) echo "error: call '$CALL': expected a, b, c, d or e (bash benchmarks/gpu_session.sh a|b|c|d|e; the calls are" \
+          "listed at the top of benchmarks/gpu_session.sh)" >&2; exit 2 ;;
 esac
 OUTD=${OUT:-/tmp/gpu17_out}
 WORK=${WORK:-/tmp/gpu17_work}/$CALL
@@ -36,7 +42,8 @@ BUDGET=${BUDGET:-570}  # leave time to pack the results inside the call's limit
 
 # part -> estimated seconds, then the command (run from the repository root)
 estimate() { case $1 in
-  vit) echo 170 ;; ops) echo 120 ;; generate) echo 240 ;; features) echo 480 ;; compile) echo 500 ;; esac; }
+  vit) echo 170 ;; ops) echo 120 ;; generate) echo 240 ;; features) echo 480 ;; compile) echo 500 ;;
+  ditops) echo 150 ;; dittrain) echo 380 ;; lowmem) echo 370 ;; esac; }
 command_of() { case $1 in
   vit) echo "python3 benchmarks/bench_vit.py --batch 128 --steps 20 --warmup 5 --rounds 5 --variants" \
             "peft,ours-fp32,peft-bf16,ours-bf16,peft-purebf16,ours-purebf16 --profile peft-purebf16,ours-purebf16" \
@@ -49,6 +56,13 @@ command_of() { case $1 in
                  "ours_bs4_schedulefree ours_bs4_adafactor\" bash benchmarks/bench_train_sd.sh sd15 $WORK/features" ;;
   compile) echo "env ROUNDS=1 RUNS=\"ours_bs16 ours_bs16_compile ours_bs4 ours_bs4_pivotal\" COMPILE_TIMEOUT=380" \
                 "bash benchmarks/bench_train_sd.sh sd15 $WORK/compile" ;;
+  ditops) echo "python3 benchmarks/bench_dit_adapter_ops.py --model flux1 --device cuda --dtype bf16 --rounds 3" \
+               "--repeats 4 --out $WORK/ditops" ;;
+  dittrain) echo "env ROUNDS=2 MODEL=/tmp/bench_flux1 IMGS=/tmp/bench_imgs_flux1 RUNS=\"ref_bs1 ours_bs1\"" \
+                 "bash benchmarks/bench_train_sd.sh flux1 $WORK/dittrain" ;;
+  lowmem) echo "{ [ -d /tmp/bench_flux1 ] || python3 benchmarks/bench_dit_lowmem.py build --out /tmp/bench_flux1; } &&" \
+               "python3 benchmarks/bench_dit_lowmem.py compare --model /tmp/bench_flux1 --steps 30" \
+               "--modes none int8 fp8 nf4 --out $WORK/lowmem" ;;
 esac; }
 
 if [ "${DRY_RUN:-0}" = 1 ]; then
@@ -70,7 +84,7 @@ fi
 
 mkdir -p "$OUTD" "$WORK"
 SLOG="$OUTD/session_$CALL.md"
-echo "command: bash benchmarks/gpu_session_17.sh $CALL (commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown))" > "$SLOG"
+echo "command: bash benchmarks/gpu_session.sh $CALL (commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown))" > "$SLOG"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONPATH=$PWD
 # the carried wheels (device README: --target a folder on PYTHONPATH, no index, no dependencies)
 if ls .whl/*.whl > /dev/null 2>&1; then
