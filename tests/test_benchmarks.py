@@ -290,13 +290,18 @@ def test_gpu_session_dry_run_plans_every_number_of_issues_15_to_18_within_the_ca
         assert run in plans["b"].split("round order:")[1], run
     assert plans["b"].count("round order:") == 2
     # 15 and 16: Flux.1 adapter operations, DreamBooth against diffusers' script, the low-memory modes
-    assert "bench_dit_adapter_ops.py --model flux1 --device cuda" in plans["d"]
-    assert "ref_bs1 ours_bs1" in plans["d"] and "bench_train_sd.sh flux1" in plans["d"]
-    assert plans["d"].count("round order:") == 2
-    assert "--modes none int8 fp8 nf4" in plans["e"]
+    assert "gpu_dit_parts.sh train" in plans["d"] and "gpu_dit_parts.sh lowmem" in plans["e"]
+    assert "bench_dit_adapter_ops.py --model flux1 --device cuda" in plans["e"]
     assert not Path("/nonexistent/out").exists()
     done = _bash("benchmarks/gpu_session.sh", "f", timeout=60)
     assert done.returncode == 2 and "expected a, b, c, d or e" in done.stderr
+
+
+def test_gpu_dit_parts_runs_the_reference_and_the_quantized_modes_and_refuses_other_parts(tmp_path):
+    text = Path(REPO, "benchmarks", "gpu_dit_parts.sh").read_text()
+    assert 'RUNS=${RUNS:-"ref_bs1 ours_bs1"}' in text and "--modes ${MODES:-none int8 fp8 nf4}" in text
+    done = _bash("benchmarks/gpu_dit_parts.sh", "sweep", str(tmp_path / "out"), timeout=60)
+    assert done.returncode == 2 and "expected train or lowmem" in done.stderr
 
 
 def test_kinds_size_quality_compare_finds_the_smallest_setting_reaching_the_other_kind():

@@ -568,3 +568,36 @@ def test_plain_wrappers_carry_no_kind_module_until_a_kind_adapter_comes():
         lv.merge_lora(model)
         torch.testing.assert_close(model(x, img)["fc"], ref, atol=1e-5, rtol=1e-5)
     assert lv.remove_lora(model) == ["fc"] and isinstance(model.fc, nn.Linear)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_merge_with_factors_in_the_weight_dtype_is_the_fp32_sum_rounded_once(dtype: torch.dtype) -> None:
+    # A pipeline's adapters hold A and B in the weight's dtype: the merge adds B @ A into W in one product whose
+    # sum is formed in fp32 and rounded once, as the fp32-copy path does; it must agree with that to one rounding.
+    base = nn.Linear(96, 80).to(dtype)
+    m = nn.Sequential(base)
+    lv.inject_lora(m, lv.LoRAConfig(rank=8, alpha=4, targets=["0"]))
+    layer = m[0]
+    torch.manual_seed(5)
+    with torch.no_grad():
+        layer.lora_A["default"].data = torch.randn(8, 96).to(dtype)
+        layer.lora_B["default"].data = torch.randn(80, 8).to(dtype)
+    w0 = layer.base.weight.detach().clone()
+    a, b = layer.lora_A["default"].detach().float(), layer.lora_B["default"].detach().float()
+    expect = (w0.float() + 1.7 * 0.5 * (b @ a)).to(dtype)
+    # one rounding of the result (half types) or the fp32 accumulation error over the rank (fp32): eps x the
+    # terms' magnitude
+    k = 8 if dtype == torch.float32 else 1
+    bound = k * torch.finfo(dtype).eps * (w0.float().abs() + 1.7 * 0.5 * (b.abs() @ a.abs()))
+    for cycle in range(3):
+        lv.merge_lora(m, strength=1.7)
+        got = layer.base.weight.detach()
+        assert ((got.float() - expect.float()).abs() <= bound).all(), cycle
+        assert not torch.equal(got, w0)
+        lv.unmerge_lora(m)
+        assert torch.equal(layer.base.weight, w0), cycle  # bit-exact back
+    with torch.no_grad():
+        layer.lora_B["default"][3, 2] = float("inf")
+    with pytest.raises(FloatingPointError, match="0"):
+        lv.merge_lora(m)
+    assert torch.equal(layer.base.weight, w0) and not layer.merged
