@@ -322,3 +322,25 @@ def test_adapter_from_a_trained_pipeline_reproduces_its_images_rslora_included()
     pipe = new_pipe("sd1")
     load_adapter(pipe, adapter, name="t")
     assert np.abs(images(pipe) - expected).max() < 1e-6
+
+
+def test_a_file_naming_the_inside_of_a_wrapper_is_not_found_and_changes_nothing():
+    """A layer keyed at a loaded adapter's wrapper inside (`to_q.base`) names a module that takes no adapter: strict
+    loading says it is not found and changes nothing, strict=False loads the rest and lists it as skipped (before:
+    a raw KeyError from inside the injection, with strict=False too)."""
+    pipe = new_pipe("sd1")
+    first = make_adapter("sd1", 0)
+    load_adapter(pipe, first, name="a")
+    t = first.tensors
+    q = next(k for k in t if k.endswith("attn1.to_q.lora_A.weight")).removesuffix(".lora_A.weight")
+    kv = next(k for k in t if k.endswith("attn2.to_k.lora_A.weight")).removesuffix(".lora_A.weight")
+    inside = {f"{q}.base.lora_{ab}.weight": t[f"{q}.lora_{ab}.weight"] for ab in "AB"}
+    bad = Adapter(inside | {k: v for k, v in t.items() if k.startswith(kv + ".")}, dict(first.metadata))
+    before, mods = weights(pipe), [(n, type(m)) for n, m in pipe.unet.named_modules()]
+    with pytest.raises(AdapterMismatchError, match=r"1 of 2 unet modules not found \(first: \['" + re.escape(q)
+                       + r"\.base'\]\)"):
+        load_adapter(pipe, bad, name="b")
+    assert list(list_adapters(pipe)) == ["a"] and [(n, type(m)) for n, m in pipe.unet.named_modules()] == mods
+    assert all(torch.equal(v, weights(pipe)[k]) for k, v in before.items())
+    report = load_adapter(pipe, bad, name="b", strict=False)
+    assert report.modules == {"unet": [kv.removeprefix("unet.")]} and report.skipped == [f"{q}.base"]

@@ -19,8 +19,8 @@ import torch
 import transformers
 from torch import nn
 
-from ..lora.inject import ADAPTABLE, candidate_modules
-from ..lora.layers import NORMS, LoRALayer, LoRANorm
+from ..lora.inject import adapter_slot, adapter_slots
+from ..lora.layers import LoRALayer
 
 # ---- CLIP text encoders -------------------------------------------------------------------------------------
 
@@ -273,42 +273,33 @@ def dit_variant(class_name: str, config: Mapping[str, Any]) -> str | None:
 
 def adaptable_modules(model: nn.Module) -> dict[str, nn.Module]:
     """Linear / Conv2d / MultiheadAttention modules of `model` by name (LoRA wrappers count as their base)."""
-    return {n: (m.base if isinstance(m, LoRALayer) else m) for n, m in candidate_modules(model).items()}
+    return _described_all(model, norms=False)
 
 
 def norm_modules(model: nn.Module) -> dict[str, nn.Module]:
     """LayerNorm / GroupNorm modules with a weight (what norm-layer updates, w_norm / b_norm, go on) by name
     (a wrapper counts as its base)."""
-    out = {}
-    inside = None  # named_modules walks depth first: a wrapper's insides follow it directly
-    for n, m in model.named_modules():
-        if inside is not None and n.startswith(inside):
-            continue
-        if isinstance(m, LoRALayer):
-            inside, m = n + ".", m.base
-        if isinstance(m, NORMS) and m.weight is not None:
-            out[n] = m
-    return out
+    return _described_all(model, norms=True)
 
 
 def live_module(model: nn.Module, name: str, norms: bool = False) -> nn.Module | None:
     """The module adaptable_modules(model) (with `norms`: norm_modules(model)) holds under `name`, or None: found
     along the children, without walking the model."""
-    mod = model
-    for atom in name.split(".") if name else ():
-        if isinstance(mod, LoRALayer) or (not norms and isinstance(mod, nn.MultiheadAttention)):
-            return None  # the insides of a wrapper (and of a MultiheadAttention) are not listed
-        mod = mod._modules.get(atom)
-        if mod is None:
-            return None
+    found = adapter_slot(model, name)
+    return None if found is None else _described(found[0], found[2], norms)
+
+
+def _described_all(model: nn.Module, norms: bool) -> dict[str, nn.Module]:
+    return {n: m for n, mod, kind in adapter_slots(model) if (m := _described(mod, kind, norms)) is not None}
+
+
+def _described(mod: nn.Module, kind: str, norms: bool) -> nn.Module | None:
+    """The module a description lists for adapter slot `mod` (lora.inject.adapter_slot): its base, when it is of
+    the kind asked for (a norm layer only with a weight: the description carries the weight's shape)."""
+    base = mod.base if isinstance(mod, LoRALayer) else mod
     if norms:
-        mod = mod.base if isinstance(mod, LoRALayer) else mod
-        return mod if isinstance(mod, NORMS) and mod.weight is not None else None
-    if isinstance(mod, LoRANorm):  # carries norm-layer updates only
-        return None
-    if isinstance(mod, LoRALayer):
-        return mod.base
-    return mod if isinstance(mod, ADAPTABLE) else None
+        return base if kind == "norm" and base.weight is not None else None
+    return base if kind == "lora" else None
 
 
 @functools.lru_cache(maxsize=8)

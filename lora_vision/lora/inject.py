@@ -28,9 +28,9 @@ ADAPTABLE = (nn.Linear, nn.Conv2d, nn.MultiheadAttention)
 NamedTargets = Callable[[str, nn.Module], "tuple[str, ...]"]
 _named_targets: list[NamedTargets] = []
 
-__all__ = ["ADAPTABLE", "ModuleNames", "TargetError", "candidate_modules", "expected_shapes", "find_module",
-           "fold_lora", "inject_lora", "inject_lora_from_state_dict", "lora_layers", "remove_lora", "replace_module",
-           "resolve_targets", "use_named_targets"]
+__all__ = ["ADAPTABLE", "ModuleNames", "TargetError", "adapter_slot", "adapter_slots", "candidate_modules",
+           "expected_shapes", "find_module", "fold_lora", "inject_lora", "inject_lora_from_state_dict", "lora_layers",
+           "remove_lora", "replace_module", "resolve_targets", "slot_kind", "use_named_targets"]
 
 
 def use_named_targets(resolve: NamedTargets) -> None:
@@ -38,25 +38,60 @@ def use_named_targets(resolve: NamedTargets) -> None:
     _named_targets[:] = [resolve]
 
 
-def candidate_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Modules that can carry LoRA: Linear, Conv2d, MultiheadAttention and existing wrappers (not their insides)."""
-    out: dict[str, nn.Module] = {}
-    skip = None  # named_modules walks depth first: the insides of a skipped module follow it directly
+# Insides of these are never adapted: a wrapper's `base` is adapted through the wrapper, and MultiheadAttention's
+# forward reads its out_proj's weight itself (only the MultiheadAttention can be adapted).
+_CLOSED = (LoRALayer, nn.MultiheadAttention)
+
+
+def slot_kind(module: nn.Module) -> str | None:
+    """What adapters `module` can carry: "lora" (LoRA pairs and the other kinds: Linear, Conv2d,
+    MultiheadAttention, or a wrapper of one), "norm" (norm-layer updates, w_norm / b_norm: LayerNorm, GroupNorm,
+    or their LoRANorm), or None."""
+    if isinstance(module, (LoRANorm, *NORMS)):
+        return "norm"
+    return "lora" if isinstance(module, (LoRALayer, *ADAPTABLE)) else None
+
+
+def adapter_slot(model: nn.Module, name: str) -> tuple[nn.Module, nn.Module, str] | None:
+    """(module, parent, slot_kind) of module `name` of `model` when an adapter can go on it, else None: the rule
+    of which modules can be adapted, looked up along the children without walking the model.
+
+    The model itself (name "") is never a slot: an adapter replaces a child module in its parent. Nothing inside a
+    wrapper or a MultiheadAttention is one (see _CLOSED). `adapter_slots` walks the same rule over the model.
+    """
+    if not name:
+        return None
+    parent, mod = None, model
+    for atom in name.split("."):
+        if isinstance(mod, _CLOSED):
+            return None
+        parent, mod = mod, mod._modules.get(atom)
+        if mod is None:
+            return None
+    kind = slot_kind(mod)
+    return None if kind is None else (mod, parent, kind)
+
+
+def adapter_slots(model: nn.Module) -> Iterator[tuple[str, nn.Module, str]]:
+    """(name, module, slot_kind) of every module that `adapter_slot` accepts, in named_modules order (a module
+    registered under two names is listed under the first)."""
+    if isinstance(model, _CLOSED):
+        return
+    skip = None  # named_modules walks depth first: the insides of a closed module follow it directly
     for name, mod in model.named_modules():
-        if skip is not None and name.startswith(skip):
+        if not name or (skip is not None and name.startswith(skip)):
             continue
-        if isinstance(mod, LoRANorm):  # carries norm-layer updates only, never a LoRA pair
+        if isinstance(mod, _CLOSED):
             skip = name + "."
-        elif isinstance(mod, LoRALayer):
-            out[name] = mod
-            skip = name + "."
-        elif isinstance(mod, nn.MultiheadAttention):
-            # Its out_proj is read directly by the parent's forward: only the parent can be adapted.
-            out[name] = mod
-            skip = name + "."
-        elif isinstance(mod, ADAPTABLE):
-            out[name] = mod
-    return out
+        kind = slot_kind(mod)
+        if kind is not None:
+            yield name, mod, kind
+
+
+def candidate_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Modules that can carry LoRA: Linear, Conv2d, MultiheadAttention and existing wrappers (not their insides,
+    not norm layers, not the model itself); see adapter_slot."""
+    return {name: mod for name, mod, kind in adapter_slots(model) if kind == "lora"}
 
 
 def find_module(model: nn.Module, name: str) -> nn.Module | None:
@@ -88,20 +123,6 @@ class ModuleNames(Mapping[str, nn.Module]):
 
     def __len__(self) -> int:
         return sum(1 for _ in self.model.named_modules())
-
-
-def _candidate(model: nn.Module, name: str) -> tuple[nn.Module, nn.Module] | None:
-    """(module, parent) if module `name` is one of candidate_modules(model) (looked up by name, not by walking)."""
-    parent_name, _, child = name.rpartition(".")
-    parent = find_module(model, parent_name)
-    if parent is None:
-        return None
-    mod = parent._modules.get(child)
-    # Inside a wrapper (its `base`) or a MultiheadAttention (its out_proj) nothing is a candidate; wrapped bases
-    # have no adaptable children of their own, so the parent tells.
-    if not name or isinstance(parent, (LoRALayer, nn.MultiheadAttention)):
-        return None
-    return (mod, parent) if isinstance(mod, (LoRALayer, *ADAPTABLE, *NORMS)) else None
 
 
 def _is_fused_qkv(name: str, mod: nn.Module) -> bool:
@@ -145,9 +166,13 @@ def resolve_targets(model: nn.Module, config: LoRAConfig) -> tuple[tuple[str, ..
     if not chosen:
         what = f"preset {config.targets!r} ({', '.join(patterns)})" if isinstance(config.targets, str) else \
             f"targets {tuple(patterns)!r}"
+        hint = _target_hint(tuple(patterns), list(cands))
+        if not cands and slot_kind(model) is not None:  # adapters replace children: the model itself is none
+            hint = (f"the model is itself a {type(model).__name__}, and an adapter replaces a module in its parent: "
+                    "put the model in one (e.g. nn.Sequential(model)) and adapt that")
         raise TargetError(
             f"{what} matched 0 of {len(cands)} Linear/Conv2d/MultiheadAttention modules in {type(model).__name__}; "
-            f"{_target_hint(tuple(patterns), list(cands))}")
+            f"{hint}")
     return tuple(patterns), chosen
 
 
@@ -328,7 +353,7 @@ def _plan_layers(model: nn.Module, layers: Mapping[str, LayerSpec], name: str, d
     for key, spec in layers.items():
         mod, part = split_key(key, named)
         grouped.setdefault(mod, {})[part] = spec
-    cands = {m: found for m in grouped if (found := _candidate(model, m)) is not None}
+    cands = {m: found[:2] for m in grouped if (found := adapter_slot(model, m)) is not None}
     missing = sorted(m for m in grouped if m not in cands)
     if missing:
         raise KeyError(f"the state dict adapts {len(missing)} module(s) that {type(model).__name__} does not "
@@ -384,11 +409,11 @@ def _plan_checked(model: nn.Module, layers: Mapping[str, LayerSpec], dropout: fl
     are looked up, nothing else is checked or moved."""
     plan = {}
     for mod_name, spec in layers.items():
-        found = _candidate(model, mod_name)
+        found = adapter_slot(model, mod_name)
         if found is None:
             raise KeyError(f"the state dict adapts a module that {type(model).__name__} does not have "
                            f"({mod_name!r}); is it for another model?")
-        mod, parent = found
+        mod, parent, _ = found
         part = _Part(spec.rank, spec.alpha, spec.rule, dropout, weights=(spec.A, spec.B)) if spec.is_plain else \
             _Part(spec.rank, spec.alpha, spec.rule, dropout, spec=spec)
         plan[mod_name] = (mod, {"": part}, lambda n=mod_name, m=mod: _wrap(n, m, FUSED_PARTS, False), parent)

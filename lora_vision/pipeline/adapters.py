@@ -18,7 +18,8 @@ from torch import nn
 from ..adapter import FULL, Adapter
 from ..formats import AdapterMismatchError, AdapterSource, read_adapter
 from ..io import AdapterFileError
-from ..lora.inject import ModuleNames, expected_shapes, find_module, inject_lora, kind_problems, remove_lora
+from ..lora.inject import (ModuleNames, adapter_slot, expected_shapes, find_module, inject_lora, kind_problems,
+                           remove_lora)
 from ..lora.layers import LoRALayer, StrengthTable, lora_layers
 from ..lora.spec import LayerSpec, split_key
 from .embeddings import add_embeddings, prepare_embeddings, remove_embeddings
@@ -169,10 +170,12 @@ def _plan(pipe: Any, comps: Mapping[str, nn.Module], adapter: Adapter, name: str
             mod, part = split_key(key, modules)
             live = _live_name(mod, modules)
             label = f"{comp}.{key}"
-            if live is None or part:
+            # A module inside a wrapper (`to_q.base`) is there but takes no adapter: the one rule says which do.
+            slot = adapter_slot(comps[comp], live) if live is not None and not part else None
+            if slot is None:
                 missing.append(label)
                 continue
-            target = modules[live]
+            target = slot[0]
             if isinstance(target, LoRALayer) and name in target.lora_A:
                 raise ValueError(f"{comp}.{live} already has an adapter named {name!r}; unload it first or "
                                  "choose another name")
