@@ -2,7 +2,8 @@
 configs/accelerate/fsdp_dit.yaml` on the tiny Flux.1, and the pieces of lora_vision/training/dit/fsdp.py in one process.
 
 - the frozen transformer is sharded (each process holds half of it), the LoRA is whole on every process;
-- 2 processes x batch 1 under FSDP give the adapter and loss curve of 1 process x batch 2 (float32 rounding);
+- 2 processes x batch 1 under FSDP give the adapter and loss curves (training and held-out) of 1 process x batch 2
+  (float32 rounding);
 - a checkpoint written under FSDP resumes under FSDP and ends bit for bit where the unbroken FSDP run ends;
 - the SD (UNet) recipe refuses FSDP, saying why; FSDP settings the recipe cannot honour are refused, each named.
 """
@@ -49,11 +50,13 @@ def _flux_args(instance: Path, out: Path, batch: int, steps: int = 4, *extra: st
             str(instance), "--instance_prompt", "a photo of sks toy", "--output_dir", str(out), "--max_train_steps",
             str(steps), "--train_batch_size", str(batch), "--logging_steps", "1", "--report_to", "none",
             "--strength_sweep=", "--learning_rate", "1e-3", "--checkpointing_steps", "2", "--export_kohya", "false",
-            "--max_sequence_length", "16", *extra]
+            "--max_sequence_length", "16", "--validation_split", "0.34", "--validation_steps", "2", *extra]
 
 
-def _losses(out: Path) -> list[float]:
-    return [float(r.split(",")[1]) for r in (out / "logs" / "loss.csv").read_text().splitlines()[1:]]
+def _losses(out: Path, column: int = 1) -> list[float]:
+    """loss.csv's training losses (column 1) or held-out validation losses (column 3, the steps that have one)."""
+    rows = [r.split(",") for r in (out / "logs" / "loss.csv").read_text().splitlines()[1:]]
+    return [float(r[column]) for r in rows if r[column]]
 
 
 @pytest.mark.slow
@@ -72,6 +75,8 @@ def test_flux_under_fsdp_equals_one_process_at_twice_the_batch_and_resumes_exact
     assert _max_diff(a, b) < 1e-5 * max(1.0, moved * 100), _max_diff(a, b)
     assert all(abs(x - y) < 1e-5 for x, y in zip(_losses(fsdp), _losses(one))), (_losses(fsdp), _losses(one))
     assert len(_losses(fsdp)) == 4
+    # the held-out loss runs the sharded transformer on every process (the main one alone would wait forever)
+    assert len(_losses(fsdp, 3)) == 2 and all(abs(x - y) < 1e-5 for x, y in zip(_losses(fsdp, 3), _losses(one, 3)))
     # the FSDP checkpoint of step 2 resumes under FSDP and ends exactly where the unbroken FSDP run ends
     shutil.copytree(fsdp / "checkpoint-2", resumed / "checkpoint-2")
     _fsdp_launch(_flux_args(instance_dir, resumed, 1, 4, "--resume_from_checkpoint", "latest"))
