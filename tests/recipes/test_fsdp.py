@@ -126,7 +126,8 @@ def test_the_wrapped_blocks_are_the_family_blocks_or_the_named_ones() -> None:
                                                                           "FluxSingleTransformerBlock"}
     named = _plugin(transformer_cls_names_to_wrap=["FluxSingleTransformerBlock"])
     assert {c.__name__ for c in block_classes(transformer, named)} == {"FluxSingleTransformerBlock"}
-    with pytest.raises(ValueError, match=r"'UNetBlock'.*no such module in FluxTransformer2DModel.*FluxTransformerBlock"):
+    wrong = r"'UNetBlock'.*no such module in FluxTransformer2DModel.*FluxTransformerBlock"
+    with pytest.raises(ValueError, match=wrong):
         block_classes(transformer, _plugin(transformer_cls_names_to_wrap=["UNetBlock"]))
 
 
