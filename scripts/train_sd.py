@@ -145,6 +145,7 @@ def start_run(cfg: SDTrainConfig, acc, out: Path) -> tuple:
     pipe = load_sd_pipeline(cfg.pretrained_model_name_or_path, torch_dtype=None if dtype == torch.float32 else dtype,
                             variant=cfg.variant)
     family = detect_family(pipe)
+    check_distributed(acc, family)  # FSDP: the DiT families only
     if cfg.save_peft and family not in DIT_KINDS.values():  # refuse what peft cannot hold before anything is written
         check_peft_folders(cfg, pipe.unet, [pipe.text_encoder] + ([pipe.text_encoder_2] if family == "sdxl" else []))
     out.mkdir(parents=True, exist_ok=True)

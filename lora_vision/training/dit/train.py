@@ -32,6 +32,7 @@ from ..sd.step import clip_and_step
 from .encode import (CLIP_ENCODERS, dit_text_table, latent_encoder, live_clip_text, offload_text_encoders,
                      text_encoders_of, text_encoders_on)
 from .flow import ResolutionShift, training_sigmas
+from .fsdp import CONFIG as FSDP_CONFIG, fsdp_plugin, fsdp_refusals, fsdp_run_refusals, shard_frozen_base
 from .lowmem import quantize_base, quantize_unsupported_reason
 from .step import FlowSettings, FlowTrainingSteps, FlowValidationLoss
 
@@ -107,6 +108,11 @@ def train_dit(cfg: SDTrainConfig, acc: Any, pipe: Any, family: str, dtype: torch
     why = quantize_unsupported_reason(cfg.quantize_base, device)
     if why:
         raise ConfigError(f"--quantize_base {cfg.quantize_base}: {why}")
+    fsdp = fsdp_plugin(acc)  # the frozen transformer sharded over the processes (training/dit/fsdp.py)
+    bad = fsdp_refusals(fsdp, acc.mixed_precision) + fsdp_run_refusals(cfg) if fsdp is not None else []
+    if bad:
+        raise ConfigError(f"{family} training under FSDP does not support: " + "; ".join(bad)
+                          + f" (the working settings: {FSDP_CONFIG})")
     if cfg.unet_targets == SDTrainConfig.unet_targets:
         cfg = dataclasses.replace(cfg, unet_targets=(DEFAULT_TARGETS[family],))
     if cfg.train_text_encoder and cfg.export_kohya is None:  # the DiT kohya file holds the transformer only
@@ -114,8 +120,13 @@ def train_dit(cfg: SDTrainConfig, acc: Any, pipe: Any, family: str, dtype: torch
         if main_proc:
             print("note: no kohya (ComfyUI) file with --train_text_encoder (it holds the transformer only); "
                   "adapter_diffusers.safetensors holds the text encoders too")
-    pipe.to(device)
     transformer = pipe.transformer
+    if fsdp is None:
+        pipe.to(device)
+    else:  # the transformer reaches the device as shards (shard_frozen_base)
+        for part in pipe.components.values():
+            if isinstance(part, torch.nn.Module) and part is not transformer:
+                part.to(device)
     for m in [transformer, pipe.vae, *text_encoders_of(pipe)]:
         m.requires_grad_(False)
     scheme = cfg.weighting_scheme or ("logit_normal" if family == "sd3" else "none")
@@ -162,11 +173,17 @@ def train_dit(cfg: SDTrainConfig, acc: Any, pipe: Any, family: str, dtype: torch
         transformer.enable_gradient_checkpointing()
         for te in trained_encoders:
             te.gradient_checkpointing_enable()
+    if fsdp is not None:  # before the optimizer: it holds the LoRA tensors on the device
+        units = shard_frozen_base(transformer, fsdp, device)
+        if main_proc:
+            print(f"FSDP: the frozen transformer is sharded over {world} processes in {units} units "
+                  "(its blocks and the rest); the LoRA is whole on every process")
     one_bucket = len(data.inst_cache) == 1 and (data.class_cache is None
                                                or list(data.class_cache) == list(data.inst_cache))
     use_graph = (graph_off_reason(cfg, device, world, one_bucket, dtype) is None and family != "z-image"
                  and cfg.quantize_base == "none"  # capture with torchao's weight tensors is not measured yet
-                 and not cfg.train_text_encoder)  # the live CLIP prompts are tokenized on the host
+                 and not cfg.train_text_encoder  # the live CLIP prompts are tokenized on the host
+                 and fsdp is None)
     base_lrs, params, optimizer, ema, schedule = optimization(cfg, models, world, use_graph)
     generator = torch.Generator(device=device).manual_seed(cfg.seed + 1)
 
@@ -183,7 +200,7 @@ def train_dit(cfg: SDTrainConfig, acc: Any, pipe: Any, family: str, dtype: torch
                             cfg.prior_loss_weight, type(pipe), precondition,
                             (lambda prompts, cached: live_clip_text(pipe, family, prompts, cached, device, dtype))
                             if cfg.train_text_encoder else None)
-    denoiser = acc.prepare_model(transformer) if world > 1 else transformer
+    denoiser = acc.prepare_model(transformer) if world > 1 and fsdp is None else transformer
     steps = FlowTrainingSteps(cfg, acc, denoiser, data.table, [], training_sigmas(dict(pipe.scheduler.config), device),
                               settings, dtype, False, data.inst_cache, data.class_cache, data_rng, generator, params,
                               optimizer, update=clip_and_step)
@@ -193,7 +210,8 @@ def train_dit(cfg: SDTrainConfig, acc: Any, pipe: Any, family: str, dtype: torch
         steps.use_static(capture=use_graph, compile_unet=cfg.compile, verbose=main_proc)
         static_s = time.perf_counter() - t_static if use_graph else None  # uncaptured: compiles in the first step
     val_loss = (FlowValidationLoss(transformer, data.held_out_cache, data.table, settings, dtype,
-                                   cfg.train_batch_size, cfg.seed + 2) if data.held_out_cache and main_proc else None)
+                                   cfg.train_batch_size, cfg.seed + 2)
+               if data.held_out_cache and (main_proc or fsdp is not None) else None)  # sharded: every process runs it
 
     log_path = out / cfg.logging_dir / "loss.csv"
     if main_proc:
@@ -218,25 +236,28 @@ def train_dit(cfg: SDTrainConfig, acc: Any, pipe: Any, family: str, dtype: torch
     log.flush(cfg.max_train_steps)
     if cfg.time_steps:
         report_step_times(hooks.events, cfg.train_batch_size)
-    if not main_proc:
+    sweep_everywhere = fsdp is not None and bool(cfg.strength_sweep)  # the sharded transformer needs all
+    if not main_proc and not sweep_everywhere:
         return 0
 
     with eval_mode(optimizer):
-        last_good = checkpoints.write(cfg.max_train_steps) if start < cfg.max_train_steps else log.last_good
-        captions = data.instance.captions
-        adapter = save_adapter(out, cfg, models, lora_cfgs, family, base_name, resolved, captions, last_good)
-        export_diffusers(adapter, out / "adapter_diffusers.safetensors")
-        if ema is not None:
-            with ema.swapped_in():
-                ema_adapter = save_adapter(out, cfg, models, lora_cfgs, family, base_name, resolved, captions,
-                                           last_good, name="adapter_ema")
-                export_diffusers(ema_adapter, out / "adapter_ema_diffusers.safetensors")
+        if main_proc:  # the LoRA is whole on every process, FSDP or not: the main one writes it
+            last_good = checkpoints.write(cfg.max_train_steps) if start < cfg.max_train_steps else log.last_good
+            captions = data.instance.captions
+            adapter = save_adapter(out, cfg, models, lora_cfgs, family, base_name, resolved, captions, last_good)
+            export_diffusers(adapter, out / "adapter_diffusers.safetensors")
+            if ema is not None:
+                with ema.swapped_in():
+                    ema_adapter = save_adapter(out, cfg, models, lora_cfgs, family, base_name, resolved, captions,
+                                               last_good, name="adapter_ema")
+                    export_diffusers(ema_adapter, out / "adapter_ema_diffusers.safetensors")
         if cfg.strength_sweep:
             with text_encoders_on(pipe, device):
                 image = strength_sweep(pipe, list(models.values()), cfg.validation_prompt or cfg.instance_prompt,
                                        cfg.strength_sweep, min(2, cfg.num_validation_images),
                                        cfg.validation_inference_steps, resolution)
-            print(f"wrote {save_png(image, out / 'samples' / 'strength_sweep.png')}")
+            if main_proc:
+                print(f"wrote {save_png(image, out / 'samples' / 'strength_sweep.png')}")
     return 0
 
 

@@ -24,6 +24,8 @@ import torch
 from torch import nn
 
 from ...generation.images import save_png
+from ...models.dit import DIT_KINDS
+from ..dit.fsdp import CONFIG as FSDP_CONFIG, fsdp_plugin
 from ..checkpoint import (CheckpointError, StopOnInterrupt, load_checkpoint, read_checkpoint_tensors, read_state,
                           restore_rng, resume_command, rng_state, save_checkpoint)
 from ..ema import EMA
@@ -55,12 +57,23 @@ def check_losses(losses: torch.Tensor, first_step: int, last_good: Path | None) 
     return values
 
 
-def check_distributed(acc: Any) -> None:
-    """ValueError unless the run is one process or DDP (the LoRA weights are small: sharding them saves nothing)."""
-    if acc.distributed_type.name not in ("NO", "MULTI_GPU", "MULTI_CPU", "MULTI_XPU", "MULTI_NPU"):
-        raise ValueError(f"train_sd.py runs on one process or under DDP (accelerate's multi_gpu), not "
-                         f"{acc.distributed_type.name}; use configs/accelerate/multi_gpu.yaml (the LoRA weights "
-                         "are small, so sharding them with FSDP saves nothing)")
+def check_distributed(acc: Any, family: str | None = None) -> None:
+    """ValueError unless the run is one process, DDP, or FSDP of a DiT family (`family` None: not known yet).
+
+    A UNet family (sd1, sd2, sdxl) refuses FSDP: the UNet and its LoRA fit one GPU, so sharding saves nothing and
+    DDP is faster. The DiT families shard their frozen transformer (Flux.1 is 24 GB in bf16; training/dit/fsdp.py).
+    """
+    kind = acc.distributed_type.name
+    if kind == "FSDP" or fsdp_plugin(acc) is not None:
+        if family is not None and family not in DIT_KINDS.values():
+            raise ValueError(f"train_sd.py shards only the DiT transformers with FSDP; {family} is a UNet, which "
+                             "fits one GPU with its LoRA, so sharding it saves nothing: use "
+                             "configs/accelerate/multi_gpu.yaml (DDP)")
+        return
+    if kind not in ("NO", "MULTI_GPU", "MULTI_CPU", "MULTI_XPU", "MULTI_NPU"):
+        raise ValueError(f"train_sd.py runs on one process, under DDP (accelerate's multi_gpu) or, for the DiT "
+                         f"families, FSDP; not {kind}: use configs/accelerate/multi_gpu.yaml, or {FSDP_CONFIG} for "
+                         "a DiT too large for one GPU")
 
 
 def graph_off_reason(cfg: SDTrainConfig, device: torch.device, world: int, one_bucket: bool,
@@ -110,7 +123,9 @@ class TrainingSteps:
         self.class_sampler = BatchSampler(class_cache, global_batch, data_rng) if class_cache else None
         self.data_rng, self.generator = data_rng, generator
         self.params, self.optimizer, self.update = params, optimizer, update
-        inside = {id(p) for p in unet.parameters()}  # under DDP, the wrapped denoiser's gradients are averaged by it
+        # under DDP, the wrapped denoiser's gradients are averaged by it; FSDP (DiT) leaves the LoRA whole: here
+        ddp = isinstance(unet, nn.parallel.DistributedDataParallel)
+        inside = {id(p) for p in unet.parameters()} if ddp else set()
         self.outside_ddp = [p for p in params if id(p) not in inside] if self.world > 1 else []
         self.accumulation, self.max_grad_norm = cfg.gradient_accumulation_steps, cfg.max_grad_norm
         self.prior_loss_weight = cfg.prior_loss_weight

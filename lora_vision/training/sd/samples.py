@@ -40,10 +40,10 @@ def generate_class_images(pipe, prompt: str, folder: str | Path, wanted: int, ba
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    have = sum(1 for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    missing = max(0, wanted - have)
+    missing = missing_class_images(folder, wanted)
     if not missing:
         return 0
+    have = wanted - missing
     tag = hashlib.sha1(prompt.encode()).hexdigest()[:8]
     mine = [have + i for i in range(rank, missing, world)]
     with tqdm(total=len(mine), desc="generating class images", unit="image", disable=rank != 0) as bar:
@@ -54,6 +54,13 @@ def generate_class_images(pipe, prompt: str, folder: str | Path, wanted: int, ba
                 save_png(image, folder / f"class_{k:05d}_{tag}.png")
             bar.update(len(numbers))
     return missing
+
+
+def missing_class_images(folder: str | Path, wanted: int) -> int:
+    """How many images `folder` lacks to hold `wanted` (all of them when it does not exist)."""
+    folder = Path(folder)
+    have = sum(1 for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else 0
+    return max(0, wanted - have)
 
 
 def validation_grid(pipe, prompt: str, num_images: int, steps: int, resolution: int) -> Image.Image:
