@@ -40,7 +40,7 @@ RUNS=${RUNS:-$DEFAULT_RUNS}
 MODEL=${MODEL:-/tmp/bench_$SIZE}; IMGS=${IMGS:-/tmp/bench_imgs_$SIZE}
 REF_DIR=${REF_DIR:-.ref}; REF_SCRIPT=$REF_DIR/train_dreambooth_lora.py; RANK=4; OURS_FLAGS=(); REF_FLAGS=(); BS1_REF=80; BS1_OURS=200
 if [ "$MODE" = flux1 ]; then  # the reference's default LoRA modules (its target_modules list) on both sides
-  REF_SCRIPT=$REF_DIR/train_dreambooth_lora_flux.py; RANK=16; BS1_REF=40; BS1_OURS=40
+  REF_SCRIPT=$REF_DIR/train_dreambooth_lora_flux.py; RANK=16; BS1_REF=30; BS1_OURS=30
   OURS_FLAGS=("--unet_targets=re:.*transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)|ff\.net\.(0\.proj|2)|ff_context\.net\.(0\.proj|2))")
   REF_FLAGS=(--guidance_scale=1 --max_sequence_length=512)
   OURS_FLAGS+=(--guidance_scale=1 --max_sequence_length=512)

@@ -2,10 +2,10 @@
 # The GPU numbers of issues #15-#18 on one H200, in device calls of under 10 minutes each (a device call runs at
 # most 600 s), each table with the exact command at the top of its output.
 #
-#   d: #16 DreamBooth on a real-size random-weight Flux.1 at 1024 px, ours against diffusers'
-#      train_dreambooth_lora_flux.py (.ref/), interleaved over 2 rounds (benchmarks/gpu_dit_parts.sh)
-#   e: #15 adapter operations on the real-size Flux.1 transformer against diffusers + peft, and #16 the low-memory
-#      mode (--quantize_base none/int8/fp8/nf4: peak memory, loss-curve cost)
+#   d: #15 adapter operations on a real-size random-weight Flux.1 transformer against diffusers + peft, and #16
+#      DreamBooth on it at 1024 px, ours against diffusers' train_dreambooth_lora_flux.py (.ref/), one round of
+#      each (benchmarks/gpu_dit_parts.sh; ROUNDS=2 there when a call has the time)
+#   e: #16 the low-memory mode (--quantize_base none/int8/fp8/nf4: peak memory, loss-curve cost)
 #   a: ViT ours vs peft per precision mode (+ kernel profiles), adapter load/switch/fuse, generation with adapters
 #   b: #18's training features at batch 4 (EMA, LoRA+, Prodigy, schedule-free, Adafactor) against the plain step,
 #      interleaved over 2 rounds: "the GPU step stays as fast with them"
@@ -30,8 +30,8 @@ case $CALL in
   a) PARTS=(vit ops generate) ;;
   b) PARTS=(features) ;;
   c) PARTS=(compile) ;;
-  d) PARTS=(dittrain) ;;
-  e) PARTS=(ditops lowmem) ;;
+  d) PARTS=(ditops dittrain) ;;
+  e) PARTS=(lowmem) ;;
   *) echo "error: call '$CALL': expected a, b, c, d or e (bash benchmarks/gpu_session.sh a|b|c|d|e; the calls are" \
           "listed at the top of benchmarks/gpu_session.sh)" >&2; exit 2 ;;
 esac
@@ -58,7 +58,7 @@ command_of() { case $1 in
                 "bash benchmarks/bench_train_sd.sh sd15 $WORK/compile" ;;
   ditops) echo "python3 benchmarks/bench_dit_adapter_ops.py --model flux1 --device cuda --dtype bf16 --rounds 3" \
                "--repeats 4 --out $WORK/ditops" ;;
-  dittrain) echo "bash benchmarks/gpu_dit_parts.sh train $WORK/dittrain" ;;
+  dittrain) echo "env ROUNDS=1 bash benchmarks/gpu_dit_parts.sh train $WORK/dittrain" ;;
   lowmem) echo "bash benchmarks/gpu_dit_parts.sh lowmem $WORK/lowmem" ;;
 esac; }
 
