@@ -280,3 +280,40 @@ def test_the_widened_input_stays_until_its_last_adapter_is_unloaded(files) -> No
     assert isinstance(pipe.transformer.x_embedder, LoRALayer) and pipe.transformer.config.in_channels == 32
     unload_adapter(pipe, "extra")
     assert pipe.transformer.x_embedder is x_embedder and pipe.transformer.config.in_channels == 16
+
+
+def test_our_own_file_of_a_control_lora_loads_like_the_original(files, tmp_path, capsys) -> None:
+    own = tmp_path / "own.safetensors"
+    assert main(["convert", files["bfl"], "--to", "lora_vision", "-o", str(own)]) == 0
+    a, b = control_pipe(), control_pipe()
+    load_adapter(a, files["bfl"], strength=0.8)
+    load_adapter(b, str(own), strength=0.8)
+    inputs = transformer_inputs(a.transformer)
+    torch.testing.assert_close(_out(b, inputs), _out(a, inputs), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("fmt, why", [("kohya", "sets 12 tensors in full"),
+                                      ("peft", "a LoRA layer with a bias update")])
+def test_converting_a_control_lora_to_a_format_that_cannot_hold_it_is_one_line(files, tmp_path, capsys, fmt,
+                                                                              why) -> None:
+    out = tmp_path / f"out-{fmt}"
+    assert main(["convert", files["bfl"], "--to", fmt, "-o", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert why in err and "Traceback" not in err and not out.exists() and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("fmt", ["peft", "lora_vision"])
+def test_bfl_names_with_fused_qkv_convert_to_peft_and_our_format(files, tmp_path, capsys, fmt) -> None:
+    """The q, k and v split from one fused module share lora_down: each is written in full (safetensors refuses
+    shared memory)."""
+    from safetensors.torch import load_file
+    plain = {k: v for k, v in load_file(files["bfl"]).items()
+             if k.endswith(("lora_A.weight", "lora_B.weight")) and not k.startswith("img_in")}
+    save_file(plain, tmp_path / "plain.safetensors")
+    out = tmp_path / f"out-{fmt}"
+    assert main(["convert", str(tmp_path / "plain.safetensors"), "--to", fmt, "-o", str(out)]) == 0
+    want = read_adapter(str(tmp_path / "plain.safetensors"))[0]
+    got = read_adapter(str(out))[0]
+    got_layers = got.layers(got.components()[0])  # a peft folder read without a model: component "model"
+    for key, spec in want.layers("transformer").items():
+        torch.testing.assert_close(got_layers[key].delta(), spec.delta())
