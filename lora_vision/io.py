@@ -142,11 +142,18 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
                       metadata: Mapping[str, str] | None = None) -> Path:
-    """Write tensors (made contiguous, on CPU) and string metadata to a .safetensors file atomically."""
+    """Write tensors (made contiguous, on CPU) and string metadata to a .safetensors file atomically. Tensors that
+    share memory (one lora_down used by the q, k and v of a split fused module, row slices of one lora_up) are
+    written each in full: safetensors refuses shared storage."""
     bad = {k: type(v).__name__ for k, v in (metadata or {}).items() if not isinstance(v, str)}
     if bad:
         raise TypeError(f"safetensors metadata values must be strings; got {bad}")
-    clean = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    clean, seen = {}, set()
+    for k, v in tensors.items():
+        t = v.detach().to("cpu").contiguous()
+        storage = t.untyped_storage().data_ptr()
+        clean[k] = t.clone() if storage in seen and t.numel() else t
+        seen.add(storage)
     with atomic_path(path) as tmp:
         _save_file(clean, tmp, dict(metadata or {}))
     return Path(path)

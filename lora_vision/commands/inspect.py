@@ -44,7 +44,8 @@ def summary(path: str) -> dict[str, Any]:
     params = sum(t.numel() for k, t in adapter.tensors.items() if not k.endswith(".alpha"))
     trigger = meta.get("modelspec.trigger_phrase") or adapter.info.trigger_phrase
     return {
-        "file": str(path), "format": fmt, "base": report.base, "size_bytes": _size(Path(path)),
+        "file": str(path), "format": fmt, "base": report.base, "variant": report.variant,
+        "size_bytes": _size(Path(path)),
         "parameters": params, "dtypes": sorted({str(t.dtype).replace("torch.", "") for t in adapter.tensors.values()}),
         "components": adapter_summary(adapter), "kinds": adapter.kinds(), "trigger_phrase": trigger,
         "full_modules": sorted({k.rsplit(".", 1)[0] for k in adapter.tensors if k.startswith("full.")}),
@@ -64,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print(f"file:       {esc(info['file'])} ({info['size_bytes']:,} bytes)")
     print(f"format:     {info['format']}")
-    print(f"base:       {esc(info['base'])}")
+    print(f"base:       {esc(info['base'])}" + (f" ({info['variant']})" if info["variant"] else ""))
     print(f"parameters: {info['parameters']:,} ({', '.join(info['dtypes'])})")
     print(f"kinds:      {', '.join(f'{k}: {n}' for k, n in info['kinds'].items()) or '-'}")
     for comp, c in info["components"].items():

@@ -29,6 +29,7 @@ from .common import (NORM_TYPES, AdapterMismatchError, BaseMismatchError, Compon
                      fit_pair, guess_base, put)
 from .detect import FORMATS, classify_keys, detect_format
 from .diffusers import export_diffusers, import_diffusers
+from .dit_control import widened_inputs
 from .dit_keys import export_dit_kohya, import_dit, is_dit_keys
 from .kohya import BUNDLE, export_kohya, import_bundle, import_kohya
 from .peft import export_peft, import_peft_dir, import_peft_tensors
@@ -176,6 +177,9 @@ def import_native(raw: Mapping[str, torch.Tensor], infos: Mapping[str, Component
             if live_info and found is None:
                 report.not_found.append(f"{comp}.{live}")
                 continue
+            if found is not None and spec.kind == "lora" and widened_inputs(info.family or "", live, spec.A, found[1]):
+                report.widened[f"{comp}.{live}"] = (int(found[1][1]), int(spec.A.shape[1]))  # a control LoRA
+                found = (found[0], (found[1][0], int(spec.A.shape[1])))
             live_key = layer_key(live, part)
             if spec.is_plain:
                 a, b = spec.A, spec.B
@@ -284,6 +288,11 @@ def export(adapter: Adapter, fmt: str, path: str | os.PathLike, base: str | None
     Extra keyword arguments go to the format's exporter (e.g. dtype, title, trigger_phrase).
     """
     if fmt == "kohya" and "transformer" in adapter.components():
+        full = sorted(k[len(FULL) + 1:] for k in adapter.tensors if k.startswith(FULL + "."))
+        if full:  # not silently dropped: the file would not do what the adapter does
+            raise ValueError(f"the adapter sets {len(full)} tensors in full (first: {full[0]}; the norm scales of a "
+                             "Flux.1 control LoRA), which the DiT kohya export does not write; keep it in our own "
+                             "format (--to lora_vision) or use the original file")
         return export_dit_kohya(adapter, path, family=base if isinstance(base, str) else None, **kwargs)
     if fmt == "kohya":
         return export_kohya(adapter, path, base=base, **kwargs)

@@ -139,6 +139,12 @@ class ImportReport:
     rules: dict[str, dict[str, str]] = field(default_factory=dict)
     """Scaling rule of every imported layer, {component: {module[.part]: rule}}, for files that record one (ours);
     the other formats' alphas are for the plain rule."""
+    widened: dict[str, tuple[int, int]] = field(default_factory=dict)
+    """Modules whose input the file widens, {component.module: (model inputs, file inputs)}: a Flux.1 control LoRA's
+    x_embedder takes image + control latents, which only a FluxControlPipeline feeds (pipeline.load_adapter widens
+    the module there); any other model does not take the file."""
+    variant: str | None = None
+    """What the file is within its base family when it is a special one ("Flux.1 control LoRA")."""
     layers: dict[str, dict[str, LayerSpec]] | None = field(default=None, repr=False)
     """The imported layers as parsed, {component: {module[.part]: LayerSpec}} under the live names, rules included:
     what `Adapter.layers` of the adapter read gives, kept by the readers that parse layers (our own files) so that
@@ -146,7 +152,7 @@ class ImportReport:
 
     @property
     def ok(self) -> bool:
-        return not (self.unused or self.not_found or self.unsupported or self.invalid)
+        return not (self.unused or self.not_found or self.unsupported or self.invalid or self.widened)
 
     def __str__(self) -> str:
         lines = [f"format {self.format}" + (f", base {self.base}" if self.base else "")
@@ -159,12 +165,18 @@ class ImportReport:
             if items:
                 more = f" ... (+{len(items) - 6} more)" if len(items) > 6 else ""
                 lines.append(f"{label} ({len(items)}): " + ", ".join(printable(i) for i in items[:6]) + more)
+        if self.widened:
+            lines.append("widened inputs, for a FluxControlPipeline only: " + ", ".join(
+                f"{m} takes {new} inputs, the model {old}" for m, (old, new) in self.widened.items()))
         if self.split:
             more = f" ... (+{len(self.split) - 6} more)" if len(self.split) > 6 else ""
             lines.append(f"split ({len(self.split)}): " + "; ".join(printable(i) for i in self.split[:6]) + more)
         lines += [printable(n) for n in self.notes]
         if self.full_weights:
-            lines.append(f"full weights (modules_to_save): {printable(', '.join(sorted(self.full_weights)))}")
+            names = sorted(self.full_weights)
+            more = f" ... (+{len(names) - 6} more)" if len(names) > 6 else ""
+            lines.append(f"full weights, set as they are ({len(names)}; peft's modules_to_save, a control LoRA's norm "
+                         f"scales): {printable(', '.join(names[:6]))}{more}")
         return "\n".join(lines)
 
     def raise_if_strict(self, strict: bool, source: str) -> None:

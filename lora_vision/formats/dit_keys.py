@@ -19,11 +19,13 @@ from ..lora.ops import layer_tensors
 from ..lora.spec import LayerSpec
 from .common import BaseMismatchError, ComponentInfo, ImportReport, alpha_value, fit_pair, is_unsupported, put
 from .diffusers import _alpha_rule, peft_alpha
+from .dit_control import BIAS_SUFFIX, VARIANT, check_bias, control_note, full_tensor_name, lora_biases, split_biases, \
+    widened_inputs
 from .dit_detect import (_TE_PREFIXES, Target, _group, detect_family, declared_family, dit_format,  # noqa: F401
                          family_of_modules, family_of_names, is_dit_keys, resolve, split_key, strip_prefix)
 from .dit_export import _native_rows, dit_family, dit_kohya_tensors, export_dit_kohya, fuse_tensors  # noqa: F401
 from .dit_fused import _part_rows, _split_fused, _swap_halves, _swaps, swaps
-from .dit_tables import COMPONENT, FAMILIES, FLUX2_SIZES
+from .dit_tables import COMPONENT, CONTROL_INPUT, FAMILIES, FLUX2_SIZES
 from .dit_text import import_clip_encoders, import_family_encoders
 from .kohya import kind_factors, kind_spec
 
@@ -43,15 +45,23 @@ def import_dit(raw: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | No
     report = ImportReport("dit", base=family)
     report.notes += notes
     te_raw = {k: v for k, v in raw.items() if k.startswith(_TE_PREFIXES)}
-    groups = _group({k: v for k, v in raw.items() if k not in te_raw})
-    report.unused += [k for k in raw if k not in te_raw and split_key(k) is None and not is_unsupported(k)]
-    report.unsupported += [k for k in raw if k not in te_raw and split_key(k) is None and is_unsupported(k)]
+    # Flux.1 control LoRAs: full tensors (norm scales) and lora_B biases beside the pairs (formats/dit_control.py)
+    full = {k: n for k in raw if k not in te_raw and family == "flux1" and (n := full_tensor_name(k))}
+    biases = lora_biases({k: v for k, v in raw.items() if k not in te_raw})
+    rest = [k for k in raw if k not in te_raw and k not in full and not k.endswith(BIAS_SUFFIX)]
+    groups = _group({k: raw[k] for k in rest})
+    report.unused += [k for k in rest if split_key(k) is None and not is_unsupported(k)]
+    report.unsupported += [k for k in rest if split_key(k) is None and is_unsupported(k)]
+    report.full_weights.update({f"{COMPONENT}.{n}": raw[k] for k, n in full.items()})
     out: dict[str, torch.Tensor] = {}
     dialects: set[str] = set()
     try:
-        _import_modules(groups, family, info, source, out, report, dialects, metadata)
+        _import_modules(groups, family, info, source, out, report, dialects, metadata, biases)
     except BaseMismatchError as e:
         raise BaseMismatchError(f"{e}; {_sizes(family, groups, info)}") from None
+    report.unused += [m + BIAS_SUFFIX for m in biases]  # biases of no pair
+    if family == "flux1":
+        _note_control(out, info, len(full), report)
     report.format = "+".join(sorted(dialects)) if dialects else "dit"
     if te_raw:
         te_raw = import_family_encoders(te_raw, family, infos, source, out, report, metadata)
@@ -91,11 +101,26 @@ def _target(family: str, mod: str, report: ImportReport, dialects: set[str]) -> 
     return target
 
 
+def _note_control(out: Mapping[str, torch.Tensor], info: ComponentInfo | None, norms: int,
+                  report: ImportReport) -> None:
+    """Name a Flux.1 control LoRA in the report (variant and a note), from its img_in width and full tensors."""
+    a = out.get(f"{COMPONENT}.{CONTROL_INPUT}.lora_A.weight")
+    live = info is not None and info.live and CONTROL_INPUT in info.modules
+    model_inputs = info.modules[CONTROL_INPUT][1][1] if live else None
+    biases = sum(1 for k in out if k.endswith(".lora.diff_b"))
+    note = control_note(int(a.shape[1]) if a is not None and a.dim() == 2 else None, model_inputs, norms, biases)
+    if note:
+        report.variant = VARIANT
+        report.notes.append(note)
+
+
 def _import_modules(groups: Mapping[str, dict], family: str, info: ComponentInfo | None, source: str,
                     out: dict[str, torch.Tensor], report: ImportReport, dialects: set[str],
-                    metadata: Mapping[str, str]) -> None:
+                    metadata: Mapping[str, str], biases: dict[str, torch.Tensor]) -> None:
     """Map every (down, up, alpha) group of the file into `out`; what does not map goes to `report`. A module
-    without an alpha tensor takes its alpha from diffusers' `lora_adapter_metadata` when the file has one."""
+    without an alpha tensor takes its alpha from diffusers' `lora_adapter_metadata` when the file has one. `biases`
+    ({file module: lora_B bias}, Flux.1 control LoRAs) become the LoRA layers' bias updates; the ones used are
+    removed from it."""
     rule = _alpha_rule(metadata, COMPONENT)
     for mod, g in groups.items():
         factors = kind_factors({_FILE_SUFFIX.get(n, n): t for n, t in g.items()})
@@ -103,6 +128,7 @@ def _import_modules(groups: Mapping[str, dict], family: str, info: ComponentInfo
         if kind is not None and (kind != "lora" or set(factors) - {"A", "B"}):
             _import_kind(mod, kind, g, factors, family, info, source, out, report, dialects)
             continue
+        bias = biases.pop(mod, None)
         if "down" not in g or "up" not in g:
             raise AdapterFileError(f"{source}: module {mod} has only [{', '.join(sorted(g))}]; a LoRA module needs "
                                    "lora_down and lora_up (an orphan alpha or half a pair means the file is broken)")
@@ -116,8 +142,14 @@ def _import_modules(groups: Mapping[str, dict], family: str, info: ComponentInfo
         if up.dim() < 2 or up.shape[1] != down.shape[0]:
             raise AdapterFileError(f"{source}: {mod}: lora_up has shape {tuple(up.shape)} but lora_down has rank "
                                    f"{down.shape[0]}; the file is broken")
+        if bias is not None:
+            try:
+                check_bias(f"{source}: {mod}", bias, up.shape[0])
+            except ValueError as e:
+                raise AdapterFileError(str(e)) from None
         if target.swap and down.dim() == 2 and _swaps(up, down):
             up = _swap_halves(up)
+            bias = _swap_halves(bias) if bias is not None else None
         if len(target.live) == 1:
             name = target.live[0]
             if info is not None and info.live and name not in info.modules:
@@ -125,8 +157,13 @@ def _import_modules(groups: Mapping[str, dict], family: str, info: ComponentInfo
                 continue
             kind, wshape = (info.modules[name] if info is not None and info.live else
                             ("Conv2d" if down.dim() == 4 else "Linear", None))
+            wide = info is not None and info.live and widened_inputs(family, name, down, wshape)
+            if wide:  # image + control latents: the pipeline loader widens the module (FluxControlPipeline only)
+                report.widened[f"{COMPONENT}.{name}"] = (int(wshape[1]), int(down.shape[1]))
+                wshape = (wshape[0], down.shape[1])
             a, b = fit_pair(f"{source}: {mod}", kind, wshape, down, up, info is not None and info.live)
             put(out, COMPONENT, name, a, b, alpha)
+            _put_bias(out, name, bias, alpha / down.shape[0])
             report.matched.append(f"{COMPONENT}.{name}")
             continue
         try:
@@ -139,15 +176,25 @@ def _import_modules(groups: Mapping[str, dict], family: str, info: ComponentInfo
             continue
         parts = _split_fused(down, up, sizes)
         done = []
-        for name, pair in zip(target.live, parts):
+        for name, pair, rows, part_bias in zip(target.live, parts, up.split(sizes, 0), split_biases(bias, sizes)):
+            if pair is None and part_bias is not None and part_bias.any():
+                pair = (down, rows)  # no rows of lora_B but a bias update: the part is adapted
             if pair is None:
                 continue
             a, b = pair
             # each part keeps the file's scale: alpha / rank of the fused module
             put(out, COMPONENT, name, a.contiguous(), b.contiguous(), alpha * a.shape[0] / down.shape[0])
+            _put_bias(out, name, part_bias, alpha / down.shape[0])
             report.matched.append(f"{COMPONENT}.{name}")
             done.append(name.rsplit(".", 1)[-1])
         report.split.append(f"{mod} -> {', '.join(done)}")
+
+
+def _put_bias(out: dict[str, torch.Tensor], name: str, bias: torch.Tensor | None, scale: float) -> None:
+    """A lora_B bias as the LoRA layer's bias update at strength 1 (`diff_b`, its scale alpha / rank folded in:
+    the bias runs through lora_B, so the scale applies to it as to B @ A)."""
+    if bias is not None:
+        out[f"{COMPONENT}.{name}.lora.diff_b"] = (bias.float() * scale).to(bias.dtype) if scale != 1 else bias
 
 
 # split_key's tensor names -> the kohya suffixes kohya.kind_factors reads (the other kinds' factors keep their names)

@@ -208,3 +208,22 @@ TEXT_ENCODERS = {
 
 # Flux.2 widths (hidden size = heads x 128) -> released model, for messages.
 FLUX2_SIZES = {3072: "Flux.2-klein 4B", 4096: "Flux.2-klein 9B", 6144: "Flux.2-dev"}
+
+# Flux.1 control LoRAs (BFL's FLUX.1-Canny-dev-lora and FLUX.1-Depth-dev-lora, and files trained the same way with
+# diffusers): their img_in (x_embedder) takes the packed image latents and the control latents side by side, twice
+# the model's input channels; their Linear layers carry lora_B biases; and they set the q/k RMSNorm scales in full.
+# The rows map the full tensors' native names to the live parameters (diffusers names are the live ones).
+CONTROL_INPUT = "x_embedder"  # the live module a control LoRA widens
+CONTROL_CONFIG = "in_channels"  # the transformer config entry that follows its input width
+FLUX1_IN_CHANNELS = 64  # Flux.1's packed latents (16 channels x 2 x 2); a control LoRA's img_in takes twice that
+FLUX1_NORMS = (
+    Group("double_blocks", "transformer_blocks", _rows(
+        ("img_attn.norm.query_norm.scale", "attn.norm_q.weight"),
+        ("img_attn.norm.key_norm.scale", "attn.norm_k.weight"),
+        ("txt_attn.norm.query_norm.scale", "attn.norm_added_q.weight"),
+        ("txt_attn.norm.key_norm.scale", "attn.norm_added_k.weight"))),
+    Group("single_blocks", "single_transformer_blocks", _rows(
+        ("norm.query_norm.scale", "attn.norm_q.weight"), ("norm.key_norm.scale", "attn.norm_k.weight"))),
+)
+CONTROL_PIPELINES = ("FluxControlPipeline", "FluxControlImg2ImgPipeline", "FluxControlInpaintPipeline")
+"""The diffusers pipelines that feed a Flux.1 transformer image and control latents side by side."""

@@ -109,6 +109,9 @@ def peft_type(layers: Mapping[str, LayerSpec], comp: str) -> tuple[str, bool]:
     seen: dict[tuple[str, bool], str] = {}
     for key, spec in layers.items():
         dora = DORA in spec.factors
+        if spec.kind == "lora" and "diff_b" in spec.factors:
+            raise PeftExportError(f"{comp}.{key}: a LoRA layer with a bias update (diff_b, e.g. a Flux.1 control "
+                                  f"LoRA) is not written as a peft folder; {_KEEP}")
         if spec.kind == "lora":
             t = ("LORA", dora)
         elif spec.kind in ("loha", "lokr") and not dora:

@@ -7,7 +7,7 @@ the module part only). Layout of the weight W: (out, in) for Linear, (out, in, k
 
 | kind | factors (required / optional) | rank | update at strength 1 |
 |---|---|---|---|
-| lora | A (`lora_down`), B (`lora_up`) / `lora_mid` (Tucker core, conv), `dora_scale` | rows of A | s·B·A (Tucker: mid ×₀ up ×₁ down) |
+| lora | A (`lora_down`), B (`lora_up`) / `lora_mid` (Tucker core, conv), `dora_scale`, `diff_b` | rows of A | s·B·A (Tucker: mid ×₀ up ×₁ down); bias: diff_b |
 | loha | `hada_w1_a`, `hada_w1_b`, `hada_w2_a`, `hada_w2_b` / `hada_t1`, `hada_t2`, `dora_scale` | rows of w1_b | s·(w1_a w1_b) ⊙ (w2_a w2_b) |
 | lokr | `lokr_w1` or `lokr_w1_a`+`lokr_w1_b`; `lokr_w2` or `lokr_w2_a`+`lokr_w2_b` / `lokr_t2`, `dora_scale` | rows of w1_b, else of w2_b, else 0 | s·w1 ⊗ w2 |
 | oft | `oft_blocks` (n, b, b) or `oft_diag` (n, b, b) / `rescale` | b | rescale·R W − W, R block-diagonal Cayley |
@@ -77,7 +77,9 @@ class Kind:
 
 
 KINDS: dict[str, Kind] = {k.name: k for k in (
-    Kind("lora", "LoRA", (("A", "B"),), ("lora_mid", DORA)),
+    # diff_b: the bias update a LoRA with a biased lora_up carries (BFL's Flux.1 control LoRAs, peft's lora_bias),
+    # stored at strength 1 (its scale folded in), as ComfyUI reads `diff_b` next to a LoRA pair.
+    Kind("lora", "LoRA", (("A", "B"),), ("lora_mid", DORA, "diff_b")),
     Kind("loha", "LoHa", (("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"),), ("hada_t1", "hada_t2", DORA)),
     Kind("lokr", "LoKr", (), ("lokr_t2", DORA),
          alternatives=(("lokr_w1", ("lokr_w1_a", "lokr_w1_b")), ("lokr_w2", ("lokr_w2_a", "lokr_w2_b")))),
@@ -111,6 +113,8 @@ def describe(kind: str, factors: Factors) -> str:
     label = get_kind(kind).label
     if any(t in factors for t in ("lora_mid", "hada_t1", "hada_t2", "lokr_t2")):
         label += " (Tucker)"
+    if kind == "lora" and "diff_b" in factors:
+        label += "+bias"
     return label + ("+DoRA" if is_dora(factors) else "")
 
 
@@ -425,12 +429,13 @@ def update(kind: str, factors: Factors, scale: float, alpha: float, weight: torc
     return d if shape is not None else d.reshape(d.shape[0], -1)
 
 
-BIAS_FACTORS = {"full": "diff_b", "norm": "b_norm"}
+BIAS_FACTORS = {"lora": "diff_b", "full": "diff_b", "norm": "b_norm"}
 """The factor that updates the layer's bias, per kind that has one."""
 
 
 def bias_update(kind: str, factors: Factors) -> torch.Tensor | None:
-    """The update of the layer's bias at strength 1 (full: `diff_b`, norm: `b_norm`), None for other kinds."""
+    """The update of the layer's bias at strength 1 (lora and full: `diff_b`, norm: `b_norm`), None for other kinds
+    or when the layer has none."""
     name = BIAS_FACTORS.get(kind)
     t = factors.get(name) if name else None
     return t.float() if t is not None else None

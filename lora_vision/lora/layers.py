@@ -210,6 +210,14 @@ class LoRALayer(nn.Module):
 
     def _kind_out(self, name: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """out + strength * (x through Δ [+ bias Δ]) for a kind adapter, differentiable in its factors."""
+        f = self.kind_factors[name]
+        if self.kinds[name] == "lora" and set(f) == {"A", "B", "diff_b"} and isinstance(self.base, nn.Linear):
+            # A LoRA pair with a bias update (lora.kinds): the low-rank product, no full-size Δ per call.
+            dtype = self.compute_dtype or torch.float32
+            a, b, bias = (f[n].to(dtype) for n in ("A", "B", "diff_b"))
+            h = self.lora_dropout[name](_cast_in(x, a))
+            y = F.linear(F.linear(h, a.to(h.dtype)) * self.scaling(name), b.to(h.dtype), bias.to(h.dtype))
+            return out + (y * self.factor(name, out.device)).to(out.dtype)
         d = self._kind_delta(name, detach=False)
         dtype = self.compute_dtype or torch.float32
         h = self.lora_dropout[name](_cast_in(x, d["weight"].to(dtype)))

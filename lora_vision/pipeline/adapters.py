@@ -15,13 +15,14 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from ..adapter import FULL, Adapter
+from ..adapter import Adapter
 from ..formats import AdapterMismatchError, AdapterSource, read_adapter
 from ..io import AdapterFileError
 from ..lora.inject import (ModuleNames, adapter_slot, expected_shapes, find_module, inject_lora, kind_problems,
                            remove_lora)
 from ..lora.layers import LoRALayer, StrengthTable, lora_layers
 from ..lora.spec import LayerSpec, split_key
+from .control import FullTensor, Widening, install, plan_full, plan_widening, set_full, uninstall
 from .embeddings import add_embeddings, prepare_embeddings, remove_embeddings
 from .blocks import BlockStrengths, block_counts, block_of, multiplier, parse_block_strengths
 
@@ -70,6 +71,7 @@ class _Loaded:
     strength: float
     te_strength: float
     blocks: dict[str, float]
+    full: list[FullTensor] = field(default_factory=list)  # tensors it sets in full (pipeline.control)
 
 
 @dataclass
@@ -78,6 +80,7 @@ class _State:
     active: list[str] = field(default_factory=list)
     fused: dict[str, float] = field(default_factory=dict)
     layers: list[LoRALayer] = field(default_factory=list)
+    widened: dict[str, Widening] = field(default_factory=dict)  # input layers widened for control LoRAs
 
 
 def _state(pipe: Any) -> _State:
@@ -144,18 +147,16 @@ def _live_name(name: str, modules: Mapping[str, nn.Module]) -> str | None:
 
 
 def _plan(pipe: Any, comps: Mapping[str, nn.Module], adapter: Adapter, name: str, source: str,
-          strict: bool, parsed: Mapping[str, Mapping[str, LayerSpec]] | None = None
+          strict: bool, parsed: Mapping[str, Mapping[str, LayerSpec]] | None = None,
+          replaced: Mapping[str, nn.Module] | None = None
           ) -> tuple[dict[str, dict[str, tuple[nn.Module, LayerSpec]]], list[str]]:
     """Match every layer of the adapter to the pipeline ({component: {live module: (module, LayerSpec)}}) and
     check shapes, before anything changes. `parsed`: the adapter's layers as its reader kept them
-    (ImportReport.layers), so that they are not parsed again."""
+    (ImportReport.layers), so that they are not parsed again. `replaced`: {component.module: module} that will
+    stand in place of the live ones when the layers go in (a control LoRA's widened input)."""
     problems: list[str] = []
     skipped: list[str] = []
     plan: dict[str, dict[str, tuple[nn.Module, LayerSpec]]] = {}
-    full = sorted(k[len(FULL) + 1:] for k in adapter.tensors if k.startswith(FULL + "."))
-    if full:
-        problems.append(f"the adapter carries fully trained modules {full[:3]}, which load_adapter does not apply "
-                        "(use Adapter.apply_to for those)")
     extra = [c for c in adapter.components() if c not in comps]
     if extra:
         hint = " (an SDXL adapter?)" if "text_encoder_2" in extra else ""
@@ -175,7 +176,8 @@ def _plan(pipe: Any, comps: Mapping[str, nn.Module], adapter: Adapter, name: str
             if slot is None:
                 missing.append(label)
                 continue
-            target = slot[0]
+            target = (replaced or {}).get(f"{comp}.{live}")
+            target = slot[0] if target is None else target
             if isinstance(target, LoRALayer) and name in target.lora_A:
                 raise ValueError(f"{comp}.{live} already has an adapter named {name!r}; unload it first or "
                                  "choose another name")
@@ -220,6 +222,10 @@ def load_adapter(pipe: Any, source: AdapterSource, name: str = "default", streng
     in pipeline.blocks, e.g. "down=1,mid=0.5,up=0", or "double=1,single.3=0" for a transformer). LoRA weights take
     the dtype of the layer they adapt unless `dtype` is given.
     Nothing changes if the file does not fit the pipeline (AdapterMismatchError); strict=False loads what fits.
+    Tensors the file sets in full (a Flux.1 control LoRA's norm scales, peft's modules_to_save) are set as they are
+    while the adapter is active, whatever the strength; a Flux.1 control LoRA loads into a FluxControlPipeline
+    only, which gets its x_embedder widened for the control latents (pipeline.control) until the adapter is
+    unloaded.
     A file is read by `lora_vision.formats.read_adapter`, whatever its format: one made for another base model is
     an AdapterMismatchError, and modules of it that the pipeline does not have are left out and listed in the
     report's `source_report` (the same for our files and kohya / diffusers / peft ones).
@@ -244,9 +250,12 @@ def load_adapter(pipe: Any, source: AdapterSource, name: str = "default", streng
         raise AdapterMismatchError(f"{label}: {len(broken)} broken layers in the file, nothing was loaded: "
                                    f"{'; '.join(broken[:3])}{more}. Fix or re-export the file, or pass strict=False "
                                    "to load the layers that are whole")
+    widen = plan_widening(pipe, comps, src_report, label)  # a control LoRA's wider input; refused elsewhere
     plan, skipped = _plan(pipe, comps, adapter, name, label, strict,
-                          src_report.layers if src_report is not None else None)
+                          src_report.layers if src_report is not None else None,
+                          {k: w.wide for k, w in widen.items()})
     skipped += broken
+    full = plan_full(comps, adapter, label, {id(t.param): n for n, a in st.adapters.items() for t in a.full})
     prepared = prepare_embeddings(pipe, name, adapter.embeddings(), label)  # checked before anything changes
     # Move every A and B to its layer's device and dtype first, and check them there, before anything changes.
     moved: dict[str, dict[str, LayerSpec]] = {}
@@ -255,11 +264,13 @@ def load_adapter(pipe: Any, source: AdapterSource, name: str = "default", streng
             w = (target.base if isinstance(target, LoRALayer) else target).weight
             moved.setdefault(comp, {})[live] = _to(spec, w.device, dtype or w.dtype)
     _check_finite({f"{c}.{live}.{n}": t for c, specs in moved.items() for live, s in specs.items()
-                   for n, t in s.all_factors.items() if t.is_floating_point()}, label)
+                   for n, t in s.all_factors.items() if t.is_floating_point()}
+                  | {t.key: t.value for t in full if t.value.is_floating_point()}, label)
     tables: dict[str, StrengthTable] = {}  # one per device, shared by the UNet and the text encoders
     modules: dict[str, list[str]] = {}
     try:
         known = {id(x) for x in st.layers}
+        install(comps, widen)
         with torch.no_grad():
             for comp, specs in moved.items():
                 modules[comp] = inject_lora(comps[comp], name=name, layers=specs, freeze_base=False, dtype=None,
@@ -272,6 +283,7 @@ def load_adapter(pipe: Any, source: AdapterSource, name: str = "default", streng
     except BaseException:
         for comp in plan:
             remove_lora(comps[comp], name)
+        uninstall(comps, widen)
         st.layers = _collect_layers(pipe)
         raise
     groups: list[str] = []  # "<denoiser>:<block>" or a text-encoder component, in order of first use
@@ -287,7 +299,13 @@ def load_adapter(pipe: Any, source: AdapterSource, name: str = "default", streng
             idx.append(groups.index(group))
         slot_groups.append(torch.tensor(idx))
     loaded = _Loaded(name, modules, list(tables.values()), slot_groups, groups,
-                     float(strength), float(strength if te_strength is None else te_strength), blocks)
+                     float(strength), float(strength if te_strength is None else te_strength), blocks, full)
+    st.widened.update(widen)
+    for w in st.widened.values():  # every adapter with a layer on a widened module keeps it wide
+        if w.module in modules.get(w.comp, ()):
+            w.owners.add(name)
+    _release_widened(comps, st)
+    set_full(full, True)
     st.adapters[name] = loaded
     st.active.append(name)
     tokens = add_embeddings(pipe, prepared)
@@ -367,6 +385,8 @@ def set_adapters(pipe: Any, names: Sequence[str] | str,
     st.active = names
     for layer in st.layers:
         layer.set_active(names)
+    for n, loaded in st.adapters.items():  # tensors set in full follow their adapter
+        set_full(loaded.full, n in names)
 
 
 def active_adapters(pipe: Any) -> list[str]:
@@ -395,9 +415,21 @@ def unload_adapter(pipe: Any, name: str | None = None) -> list[str]:
     for n in names:
         for comp in st.adapters[n].modules:
             remove_lora(comps[comp], n)
+        set_full(st.adapters[n].full, False)
+        for w in st.widened.values():
+            w.owners.discard(n)
         del st.adapters[n]
         remove_embeddings(pipe, n)
         if n in st.active:
             st.active.remove(n)
+    _release_widened(comps, st)
     st.layers = _collect_layers(pipe)
     return names
+
+
+def _release_widened(comps: Mapping[str, nn.Module], st: _State) -> None:
+    """Put back the original input layers that no adapter uses any more (pipeline.control)."""
+    done = {k: w for k, w in st.widened.items() if not w.owners}
+    uninstall(comps, done)
+    for k in done:
+        del st.widened[k]

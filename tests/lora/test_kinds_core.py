@@ -279,3 +279,28 @@ def test_kind_on_multihead_attention_is_refused_naming_why():
                                              r"modules .*not on a MultiheadAttention"):
         lv.inject_lora(vit, lv.LoRAConfig(rank=2, targets="tv-vit-attn", adapter_type="lokr"))
     assert not any(isinstance(m, lv.LoRALayer) for m in vit.modules())
+
+
+def test_lora_with_a_bias_update_runs_merges_and_unmerges_exactly():
+    """A LoRA pair with `diff_b` (a biased lora_up, as in BFL's Flux.1 control LoRAs): h = W x + b + s (scaling B A x
+    + diff_b), the same merged, and unmerge gives back the exact weight and bias."""
+    from lora_vision.lora.spec import LayerSpec
+    g = torch.Generator().manual_seed(0)
+    lin = nn.Linear(6, 5)
+    x = torch.randn(3, 6, generator=g)
+    a, b, diff_b = torch.randn(2, 6, generator=g), torch.randn(5, 2, generator=g), torch.randn(5, generator=g)
+    spec = LayerSpec(a, b, 4.0, "lora", "lora", {"diff_b": diff_b})
+    assert spec.label == "LoRA+bias" and torch.equal(spec.bias_delta(), diff_b)
+    model = nn.Sequential(lin)
+    weight, bias = lin.weight.detach().clone(), lin.bias.detach().clone()
+    lv.inject_lora(model, layers={"0": spec}, strength=0.5)
+    want = x @ weight.T + bias + 0.5 * (2.0 * x @ (b @ a).T + diff_b)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), want, atol=1e-5, rtol=1e-5)
+        lv.merge_lora(model)
+        torch.testing.assert_close(model(x), want, atol=1e-5, rtol=1e-5)
+        lv.unmerge_lora(model)
+    assert torch.equal(model[0].base.weight, weight) and torch.equal(model[0].base.bias, bias)
+    with pytest.raises(Exception, match=r"diff_b has shape \(4,\) but the layer's bias is \(5,\)"):
+        lv.inject_lora(nn.Sequential(nn.Linear(6, 5)), layers={"0": LayerSpec(a, b, 4.0, "lora", "lora",
+                                                                              {"diff_b": torch.zeros(4)})})
