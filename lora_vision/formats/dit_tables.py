@@ -191,13 +191,14 @@ PREFIXES = {
 }
 
 # Text encoders besides CLIP, per family: ComfyUI's encoder name (`text_encoders.<name>.transformer.<hf name>`),
-# kohya's prefix (`lora_te[N]_`) and, for the pipelines without CLIP, diffusers' component prefix (`text_encoder.`)
-# -> the pipeline component. CLIP (clip_l / clip_g, lora_te1_ next to a T5) is read by the SD importers.
+# kohya's prefix (`lora_te[N]_`; LyCORIS' `lycoris_te_`) and, for the pipelines without CLIP, diffusers' component
+# prefix (`text_encoder.`) -> the pipeline component. CLIP (clip_l / clip_g, lora_te1_ next to a T5) is read by the SD importers.
 # Encoders of the pinned diffusers pipelines: QwenImagePipeline Qwen2_5_VLForConditionalGeneration (ComfyUI
 # qwen25_7b); Flux2Pipeline Mistral3ForConditionalGeneration (mistral3_24b), Flux2KleinPipeline Qwen3ForCausalLM
 # (qwen3_4b for klein 4B, qwen3_8b for 9B); ZImagePipeline Qwen3 (qwen3_4b). Module names in any of their
 # transformers spellings (naming.llm_aliases).
-_LLM_ONLY = {"lora_te_": "text_encoder", "lora_te1_": "text_encoder", "text_encoder.": "text_encoder"}
+_LLM_ONLY = {"lora_te_": "text_encoder", "lora_te1_": "text_encoder", "lycoris_te_": "text_encoder",
+             "text_encoder.": "text_encoder"}
 TEXT_ENCODERS = {
     "flux1": {"t5xxl": "text_encoder_2", "lora_te2_": "text_encoder_2"},
     "sd3": {"t5xxl": "text_encoder_3", "lora_te3_": "text_encoder_3"},

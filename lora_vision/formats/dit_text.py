@@ -9,14 +9,16 @@ from typing import Mapping
 import torch
 
 from ..io import AdapterFileError
+from ..lora.kinds import kind_of
+from ..lora.ops import layer_tensors
 from .common import ComponentInfo, ImportReport, alpha_value, fit_pair, put
 from .diffusers import _alpha_rule, peft_alpha
-from .dit_detect import split_key
+from .dit_detect import FILE_SUFFIX, split_key
 from .dit_tables import TEXT_ENCODERS
 from .naming import kohya_lookup, llm_aliases
 from .detect import classify_keys
 from .diffusers import import_diffusers
-from .kohya import import_kohya
+from .kohya import import_kohya, kind_factors, kind_spec
 
 
 def import_family_encoders(raw: Mapping[str, torch.Tensor], family: str, infos: Mapping[str, ComponentInfo] | None,
@@ -29,10 +31,17 @@ def import_family_encoders(raw: Mapping[str, torch.Tensor], family: str, infos: 
     underscores>`, and (for the encoders without CLIP) diffusers / PEFT `text_encoder.<name>`. The name may be any
     of the encoder's spellings (naming.llm_aliases: transformers 5 and older module paths). kohya's underscored
     names need the model (its module names) to be read back; without it they are reported not found. A module
-    without an alpha tensor takes its alpha from diffusers' `lora_adapter_metadata` when the file has one."""
+    without an alpha tensor takes its alpha from diffusers' `lora_adapter_metadata` when the file has one.
+
+    Every adapter kind (LoHa, LoKr, full diff, DoRA, ...; lora.kinds) goes through the same names, its factors
+    spelt as LyCORIS writes them (`<module>.lokr_w1`, `.hada_w1_a`, `.diff`, `.dora_scale`): kept whole on its
+    module and checked against the live weight; a layer whose factors do not make that weight's update (half a
+    kind's tensors, another model size, a fused weight such as Qwen2.5-VL's vision `attn.qkv` given a part's
+    rows) goes to `report.invalid`, one line each."""
     table = TEXT_ENCODERS.get(family, {})
     lookups: dict[tuple[str, str], dict[str, str]] = {}  # (component, kohya prefix or "") -> file name -> live
     groups: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    files: dict[tuple[str, str], str] = {}  # (component, live or "?" + file name) -> the file's module key
     rest: dict[str, torch.Tensor] = {}
     for key, t in raw.items():
         s = split_key(key)
@@ -49,9 +58,19 @@ def import_family_encoders(raw: Mapping[str, torch.Tensor], family: str, infos: 
                 lookups[comp, kohya] = _lookup(info, kohya)
             live = lookups[comp, kohya].get(name, "?" + name)
         groups.setdefault((comp, live), {})[s[1]] = t
+        files[comp, live] = s[0]
     rules = {c: _alpha_rule(metadata or {}, c) for c in {c for c, _ in groups}}
     for (comp, name), g in groups.items():
         label = f"{comp}.{name.lstrip('?')}"
+        factors = kind_factors({FILE_SUFFIX.get(n, n): t for n, t in g.items()})
+        kind = kind_of(factors, factors)
+        if kind is not None and (kind != "lora" or set(factors) - {"A", "B"}):
+            if name.startswith("?"):
+                report.not_found.append(label)
+                continue
+            _import_kind(files[comp, name], comp, name, kind, g, factors, (infos or {}).get(comp), source, out,
+                         report)
+            continue
         if "down" not in g or "up" not in g:
             raise AdapterFileError(f"{source}: {label} has only [{', '.join(sorted(g))}]; a LoRA module needs "
                                    "lora_down and lora_up (an orphan alpha or half a pair means the file is broken)")
@@ -67,6 +86,22 @@ def import_family_encoders(raw: Mapping[str, torch.Tensor], family: str, infos: 
         put(out, comp, name, a, b, alpha)
         report.matched.append(label)
     return rest
+
+
+def _import_kind(mod: str, comp: str, name: str, kind: str, g: Mapping[str, torch.Tensor],
+                 factors: dict[str, torch.Tensor], info: ComponentInfo | None, source: str,
+                 out: dict[str, torch.Tensor], report: ImportReport) -> None:
+    """One encoder module of another kind than plain LoRA (file module `mod`, live module `name`): checked against
+    the live weight when the model is given and stored whole; a broken one goes to `report.invalid`."""
+    live = info is not None and info.live
+    mtype, wshape = info.modules[name] if live else ("", ())
+    spec = kind_spec(source, mod, kind, g, factors, None, mtype, wshape, live)
+    if isinstance(spec, list):
+        report.invalid += spec
+        return
+    out.update({f"{comp}.{k}": t for k, t in layer_tensors(name, spec).items()})
+    report.matched.append(f"{comp}.{name}")
+    report.kinds[spec.label] = report.kinds.get(spec.label, 0) + 1
 
 
 def _spelling(module: str, table: Mapping[str, str]) -> tuple[str, str, str] | None:
