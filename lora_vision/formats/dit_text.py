@@ -1,5 +1,6 @@
 """The text-encoder part of a DiT LoRA file: the family's own encoders (T5, Qwen, Mistral; dit_tables.TEXT_ENCODERS)
-read here by the model's module names, CLIP read by the SD importers."""
+read here by the model's module names, CLIP read by the SD importers; and written for ComfyUI
+(`text_encoders.<encoder>.transformer.<name>`) by the DiT kohya export."""
 
 from __future__ import annotations
 
@@ -8,17 +9,20 @@ from typing import Mapping
 
 import torch
 
+from ..adapter import Adapter
 from ..io import AdapterFileError
+from ..lora import spec as layer_spec
 from ..lora.kinds import kind_of
 from ..lora.ops import layer_tensors
+from ..lora.spec import LayerSpec
 from .common import ComponentInfo, ImportReport, alpha_value, fit_pair, put
 from .diffusers import _alpha_rule, peft_alpha
 from .dit_detect import FILE_SUFFIX, split_key
-from .dit_tables import TEXT_ENCODERS
-from .naming import kohya_lookup, llm_aliases
+from .dit_tables import FLUX2_QWEN3, TEXT_ENCODERS
+from .naming import comfy_llm_name, kohya_lookup, llm_aliases
 from .detect import classify_keys
 from .diffusers import import_diffusers
-from .kohya import import_kohya, kind_factors, kind_spec
+from .kohya import import_kohya, kind_factors, kind_spec, kind_tensors
 
 
 def import_family_encoders(raw: Mapping[str, torch.Tensor], family: str, infos: Mapping[str, ComponentInfo] | None,
@@ -136,3 +140,67 @@ def import_clip_encoders(raw: Mapping[str, torch.Tensor], metadata: Mapping[str,
     if classify_keys(list(raw), metadata, source) == "kohya":
         return import_kohya(raw, te_infos, source)
     return import_diffusers(raw, metadata, te_infos, source)
+
+
+def encoder_components(family: str) -> list[str]:
+    """The pipeline components of the family's own (non-CLIP) text encoders, which the DiT kohya export writes."""
+    return sorted(set(TEXT_ENCODERS.get(family, {}).values()))
+
+
+def family_encoder_tensors(adapter: Adapter, family: str, text_encoder: str | None = None
+                           ) -> tuple[dict[str, torch.Tensor], list[LayerSpec]]:
+    """(tensors, the layers of other kinds than plain LoRA) of the adapter's text encoders of `family` in the
+    spelling ComfyUI reads for every encoder: `text_encoders.<encoder>.transformer.<ComfyUI's module name>`
+    (naming.comfy_llm_name), each layer as LyCORIS writes it (kohya.kind_tensors: lora_down / lora_up / alpha for
+    LoRA, `lokr_w1`, `hada_w1_a`, `diff`, `dora_scale`, ... for the other kinds) with its own alpha, so the file
+    reads back exactly. `text_encoder` names ComfyUI's encoder (Flux.2: `mistral3_24b` for dev, `qwen3_4b` /
+    `qwen3_8b` for klein 4B / 9B; None: told from the module names and widths, a Qwen3 of another width being
+    written as qwen3_4b). A part of a fused projection (q of Qwen2.5-VL's vision `attn.qkv`) has no such spelling
+    and is refused."""
+    tensors: dict[str, torch.Tensor] = {}
+    kinds: list[LayerSpec] = []
+    for comp in encoder_components(family):
+        layers = adapter.layers(comp)
+        if not layers:
+            continue
+        enc = _comfy_encoder(family, comp, layers, text_encoder)
+        for key, spec in layers.items():
+            mod, part = layer_spec.split_key(key)
+            if part and mod.endswith("qkv"):  # T5's `SelfAttention.q` is a module of its own, not a part
+                raise ValueError(f"{comp}.{mod} ({part} part): a part of a fused projection has no ComfyUI "
+                                 f"spelling (ComfyUI adapts {mod} whole); adapt the whole module instead")
+            name = f"text_encoders.{enc}.transformer.{comfy_llm_name(key)}"
+            if any(k.startswith(name + ".") for k in tensors):
+                raise ValueError(f"two modules of {comp} map to the ComfyUI key {name}")
+            tensors.update(kind_tensors(name, spec))
+            if not spec.is_plain:
+                kinds.append(spec)
+    return tensors, kinds
+
+
+def _comfy_encoder(family: str, comp: str, layers: Mapping[str, LayerSpec], given: str | None) -> str:
+    """ComfyUI's name of the `comp` encoder of `family` (dit_tables.TEXT_ENCODERS): `given` when it is one, the
+    only one, or for Flux.2 Mistral 3 (told by its `language_model` modules) or Qwen3 (by its hidden width)."""
+    names = [k for k, c in TEXT_ENCODERS[family].items() if c == comp and not k.endswith(("_", "."))]
+    if given is not None:
+        if given not in names:
+            raise ValueError(f"text_encoder={given!r}: ComfyUI's {comp} of this family is one of {names}")
+        return given
+    if len(names) == 1:
+        return names[0]
+    if any("language_model." in k for k in layers):
+        return "mistral3_24b"
+    widths = {_hidden_width(k, spec) for k, spec in layers.items()} - {None}
+    return next((FLUX2_QWEN3[w] for w in widths if w in FLUX2_QWEN3), FLUX2_QWEN3[min(FLUX2_QWEN3)])
+
+
+def _hidden_width(key: str, spec: LayerSpec) -> int | None:
+    """The hidden width of a decoder layer's module (the input of q/k/v/gate/up, the output of o/down), or None."""
+    inputs = key.endswith(("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"))
+    if not inputs and not key.endswith(("o_proj", "down_proj")):
+        return None
+    if spec.A is not None:
+        return int(spec.A.shape[1] if inputs else spec.B.shape[0])
+    if spec.weight_dependent:
+        return None
+    return int(spec.delta().shape[1 if inputs else 0])
