@@ -284,8 +284,9 @@ def export(adapter: Adapter, fmt: str, path: str | os.PathLike, base: str | None
 
     base: for kohya, "sd1", "sd2", "sd2-v" or "sdxl" (default: the adapter's metadata, else guessed from its
     tensors); pass the target UNet's config as unet_config= for its SGM names. For a transformer (DiT) adapter the
-    family ("flux1", "flux2", "sd3", "qwen-image", "z-image"), written with the native names ComfyUI and Forge read.
-    Extra keyword arguments go to the format's exporter (e.g. dtype, title, trigger_phrase).
+    family ("flux1", "flux2", "sd3", "qwen-image", "z-image"), written with the native names ComfyUI and Forge read,
+    its own text encoders (Qwen, Mistral, T5) in ComfyUI's `text_encoders.<encoder>.transformer.` names.
+    Extra keyword arguments go to the format's exporter (e.g. dtype, title, trigger_phrase; DiT: text_encoder).
     """
     if fmt == "kohya" and "transformer" in adapter.components():
         full = sorted(k[len(FULL) + 1:] for k in adapter.tensors if k.startswith(FULL + "."))

@@ -24,8 +24,10 @@ _SUFFIX = re.compile(r"(?P<sep>[._])(?P<kind>lora_down|lora_up|lora_A|lora_B)(?:
                      # `.weight` is left out: it cannot be told from a full weight
                      r"|\.(?P<factor>hada_w[12]_[ab]|hada_t[12]|lokr_w[12](?:_[ab])?|lokr_t2|diff(?:_b)?|dora_scale"
                      r"|oft_blocks|rescale)$|\.(?P<mid>lora_mid)\.weight$")
-_TE_PREFIXES = ("lora_te_", "lora_te1_", "lora_te2_", "lora_te3_", "text_encoder.", "text_encoder_2.",
-                "text_encoder_3.", "text_encoders.")
+# split_key's tensor names -> the kohya suffixes kohya.kind_factors reads (the other kinds' factors keep their names)
+FILE_SUFFIX = {"down": "lora_down.weight", "up": "lora_up.weight", "lora_mid": "lora_mid.weight"}
+_TE_PREFIXES = ("lora_te_", "lora_te1_", "lora_te2_", "lora_te3_", "lycoris_te_", "text_encoder.",
+                "text_encoder_2.", "text_encoder_3.", "text_encoders.")
 
 
 def _u(name: str) -> str:

@@ -20,6 +20,7 @@ from .dit_fused import _fuse, _swap_halves, _swaps
 from .dit_tables import COMPONENT, FAMILIES, Family
 from .kohya import _output_dtype, kind_tensors, lycoris_args
 from .diffusers import provenance
+from .dit_text import encoder_components, family_encoder_tensors
 
 def _native_rows(fam: Family) -> list[tuple[str, str, tuple[str, ...], bool]]:
     """(group live prefix or "", native name template, live name templates, swap) for every row of the family."""
@@ -79,10 +80,12 @@ def fuse_tensors(adapter: Adapter, family: str) -> dict[str, tuple[torch.Tensor,
     return out
 
 
-def dit_kohya_tensors(adapter: Adapter, family: str | None = None,
-                      dtype: torch.dtype | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def dit_kohya_tensors(adapter: Adapter, family: str | None = None, dtype: torch.dtype | None = None,
+                      text_encoder: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The transformer of `adapter` as kohya / ComfyUI keys (`lora_unet_<native name>`, fused where the native
-    model fuses) plus the ss_/modelspec metadata that names the family.
+    model fuses) plus the ss_/modelspec metadata that names the family; the family's own text encoders (Qwen,
+    Mistral, T5; not CLIP) as ComfyUI reads them (`text_encoders.<encoder>.transformer.<name>`, every kind kept;
+    dit_text.family_encoder_tensors, where `text_encoder` is explained).
 
     Layers of other kinds (LoKr, LoHa, DoRA, full diff, ...; lora.kinds) keep their kind, written as LyCORIS writes
     them (kohya.kind_tensors): under `lora_unet_<native name>` when the native module is the live one, else (a part
@@ -108,15 +111,18 @@ def dit_kohya_tensors(adapter: Adapter, family: str | None = None,
         native = natives(live)
         key = "lora_unet_" + _u(native) if native is not None else "lycoris_" + _u(live)
         tensors.update(kind_tensors(key, spec))
+    te_tensors, te_kinds = family_encoder_tensors(adapter, fam, text_encoder)
+    tensors.update(te_tensors)
+    written = list(kinds.values()) + te_kinds  # the layers of other kinds, for LyCORIS' metadata
     want = _output_dtype({k: v for k, v in tensors.items() if v.is_floating_point()}, dtype)
     tensors = {k: (v.to(want) if v.is_floating_point() else v).contiguous() for k, v in tensors.items()}
     f = FAMILIES[fam]
     meta = {"ss_network_module": "networks.lora", "ss_base_model_version": f.base_version,
             "modelspec.sai_model_spec": "1.0.1", "modelspec.architecture": f.architecture,
             **AdapterMetadata(base=fam).to_strings()}
-    if kinds:  # LyCORIS' own metadata, as the SD kohya export writes it
+    if written:  # LyCORIS' own metadata, as the SD kohya export writes it
         meta["ss_network_module"] = "lycoris.kohya"
-        meta["ss_network_args"] = json.dumps(lycoris_args(kinds.values()))
+        meta["ss_network_args"] = json.dumps(lycoris_args(written))
     return tensors, meta
 
 
@@ -139,15 +145,20 @@ def _one_to_one(fam: Family) -> Callable[[str], str | None]:
 
 def export_dit_kohya(adapter: Adapter, path: str | Path, family: str | None = None, dtype: torch.dtype | None = None,
                      metadata: Mapping[str, str] | None = None, title: str | None = None,
-                     trigger_phrase: str | None = None) -> Path:
+                     trigger_phrase: str | None = None, text_encoder: str | None = None) -> Path:
     """Write the transformer adapter as the file ComfyUI, Forge and kohya read for its family (see
-    `dit_kohya_tensors`); text encoders are not written (export them separately). `title` and `trigger_phrase`
-    go to modelspec.title / ss_output_name and modelspec.trigger_phrase, as for the SD kohya export."""
+    `dit_kohya_tensors`), with the family's own text encoders (Qwen, Mistral, T5); CLIP encoders are not written
+    (export them separately). `title` and `trigger_phrase` go to modelspec.title / ss_output_name and
+    modelspec.trigger_phrase, as for the SD kohya export."""
 
+    fam = dit_family(adapter, family)
     comps = adapter.components()
-    if comps != [COMPONENT]:
-        raise ValueError(f"the DiT kohya export holds one transformer adapter; this one has components {comps}")
-    tensors, meta = dit_kohya_tensors(adapter, family, dtype)
+    others = [c for c in comps if c not in (COMPONENT, *encoder_components(fam))]
+    if COMPONENT not in comps or others:
+        raise ValueError(f"the DiT kohya export holds a transformer adapter and the {FAMILIES[fam].label} text "
+                         f"encoder(s) {encoder_components(fam)}; this one has components {comps}"
+                         + (f" ({others}: export them separately)" if others else ""))
+    tensors, meta = dit_kohya_tensors(adapter, fam, dtype, text_encoder)
     out = provenance(adapter.metadata)
     out.update(meta)
     if title:

@@ -21,8 +21,9 @@ from .common import BaseMismatchError, ComponentInfo, ImportReport, alpha_value,
 from .diffusers import _alpha_rule, peft_alpha
 from .dit_control import BIAS_SUFFIX, VARIANT, check_bias, control_note, full_tensor_name, lora_biases, split_biases, \
     widened_inputs
-from .dit_detect import (_TE_PREFIXES, Target, _group, detect_family, declared_family, dit_format,  # noqa: F401
-                         family_of_modules, family_of_names, is_dit_keys, resolve, split_key, strip_prefix)
+from .dit_detect import (_TE_PREFIXES, FILE_SUFFIX, Target, _group, detect_family, declared_family,  # noqa: F401
+                         dit_format, family_of_modules, family_of_names, is_dit_keys, resolve, split_key,
+                         strip_prefix)
 from .dit_export import _native_rows, dit_family, dit_kohya_tensors, export_dit_kohya, fuse_tensors  # noqa: F401
 from .dit_fused import _part_rows, _split_fused, _swap_halves, _swaps, swaps
 from .dit_tables import COMPONENT, CONTROL_INPUT, FAMILIES, FLUX2_SIZES
@@ -123,7 +124,7 @@ def _import_modules(groups: Mapping[str, dict], family: str, info: ComponentInfo
     removed from it."""
     rule = _alpha_rule(metadata, COMPONENT)
     for mod, g in groups.items():
-        factors = kind_factors({_FILE_SUFFIX.get(n, n): t for n, t in g.items()})
+        factors = kind_factors({FILE_SUFFIX.get(n, n): t for n, t in g.items()})
         kind = kind_of(factors, factors)
         if kind is not None and (kind != "lora" or set(factors) - {"A", "B"}):
             _import_kind(mod, kind, g, factors, family, info, source, out, report, dialects)
@@ -195,10 +196,6 @@ def _put_bias(out: dict[str, torch.Tensor], name: str, bias: torch.Tensor | None
     the bias runs through lora_B, so the scale applies to it as to B @ A)."""
     if bias is not None:
         out[f"{COMPONENT}.{name}.lora.diff_b"] = (bias.float() * scale).to(bias.dtype) if scale != 1 else bias
-
-
-# split_key's tensor names -> the kohya suffixes kohya.kind_factors reads (the other kinds' factors keep their names)
-_FILE_SUFFIX = {"down": "lora_down.weight", "up": "lora_up.weight", "lora_mid": "lora_mid.weight"}
 
 
 def _import_kind(mod: str, kind: str, g: Mapping[str, torch.Tensor], factors: dict[str, torch.Tensor], family: str,

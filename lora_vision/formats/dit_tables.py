@@ -191,13 +191,15 @@ PREFIXES = {
 }
 
 # Text encoders besides CLIP, per family: ComfyUI's encoder name (`text_encoders.<name>.transformer.<hf name>`),
-# kohya's prefix (`lora_te[N]_`) and, for the pipelines without CLIP, diffusers' component prefix (`text_encoder.`)
-# -> the pipeline component. CLIP (clip_l / clip_g, lora_te1_ next to a T5) is read by the SD importers.
+# kohya's prefix (`lora_te[N]_`; LyCORIS' `lycoris_te_`) and, for the pipelines without CLIP, diffusers' component
+# prefix (`text_encoder.`) -> the pipeline component. CLIP (clip_l / clip_g, lora_te1_ next to a T5) is read by the
+# SD importers.
 # Encoders of the pinned diffusers pipelines: QwenImagePipeline Qwen2_5_VLForConditionalGeneration (ComfyUI
 # qwen25_7b); Flux2Pipeline Mistral3ForConditionalGeneration (mistral3_24b), Flux2KleinPipeline Qwen3ForCausalLM
 # (qwen3_4b for klein 4B, qwen3_8b for 9B); ZImagePipeline Qwen3 (qwen3_4b). Module names in any of their
 # transformers spellings (naming.llm_aliases).
-_LLM_ONLY = {"lora_te_": "text_encoder", "lora_te1_": "text_encoder", "text_encoder.": "text_encoder"}
+_LLM_ONLY = {"lora_te_": "text_encoder", "lora_te1_": "text_encoder", "lycoris_te_": "text_encoder",
+             "text_encoder.": "text_encoder"}
 TEXT_ENCODERS = {
     "flux1": {"t5xxl": "text_encoder_2", "lora_te2_": "text_encoder_2"},
     "sd3": {"t5xxl": "text_encoder_3", "lora_te3_": "text_encoder_3"},
@@ -205,6 +207,9 @@ TEXT_ENCODERS = {
     "flux2": {"mistral3_24b": "text_encoder", "qwen3_4b": "text_encoder", "qwen3_8b": "text_encoder", **_LLM_ONLY},
     "z-image": {"qwen3_4b": "text_encoder", **_LLM_ONLY},
 }
+
+# Flux.2-klein's Qwen3 encoders in ComfyUI by their hidden width (Flux.2-dev's Mistral 3 is told by its module names).
+FLUX2_QWEN3 = {2560: "qwen3_4b", 4096: "qwen3_8b"}
 
 # Flux.2 widths (hidden size = heads x 128) -> released model, for messages.
 FLUX2_SIZES = {3072: "Flux.2-klein 4B", 4096: "Flux.2-klein 9B", 6144: "Flux.2-dev"}

@@ -81,6 +81,14 @@ def llm_aliases(name: str) -> list[str]:
     return [name]
 
 
+def comfy_llm_name(name: str) -> str:
+    """ComfyUI's spelling of the module `name` of an LLM text encoder: its own models keep the older transformers
+    paths (language layers under `model.layers.N`, the vision tower under `visual.` / `vision_tower.`); other
+    modules (T5's, `lm_head`) as they are."""
+    comfy = ("model.layers.", "visual.", "vision_tower.", "multi_modal_projector.")
+    return next((a for a in llm_aliases(name) if a.startswith(comfy)), name)
+
+
 # ---- HF ViT v4 <-> v5 ------------------------------------------------------------------------------------------
 
 _VIT_V4_TO_V5 = (

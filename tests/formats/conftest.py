@@ -56,3 +56,23 @@ def sd2_adapter() -> Adapter:
 @pytest.fixture(scope="session")
 def sdxl_adapter() -> Adapter:
     return make_sd_adapter("sdxl", locon=True)
+
+
+def lycoris_update(cls, lin: torch.nn.Linear, opts: dict, g: torch.Generator
+                   ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """(file tensors by LyCORIS suffix, weight update) of a LyCORIS module of class `cls` (options `opts`, with
+    lora_dim and alpha) on `lin`, its factors random and non-zero from `g`: the update is LyCORIS' merged weight minus
+    the weight (lycoris-lora is the oracle of the adapter kinds)."""
+    opts = dict(opts)
+    mod = cls("x", lin, 1.0, opts.pop("lora_dim"), opts.pop("alpha"), **opts)
+    with torch.no_grad():
+        for name, p in mod.named_parameters():
+            if name.startswith("org_module"):
+                continue
+            noise = torch.randn(p.shape, generator=g)
+            p.copy_(p * (1 + 0.2 * noise.abs()) if name == "dora_scale" else 0.2 * noise)
+    w = lin.weight.detach()
+    merged, _ = mod.get_merged_weight(multiplier=1.0, shape=w.shape, device=w.device)
+    sd = mod.custom_state_dict() if hasattr(mod, "custom_state_dict") else {}
+    tensors = {k: v.detach().clone() for k, v in (sd or mod.state_dict()).items() if not k.startswith("org_")}
+    return tensors, merged.detach().float().reshape(w.shape) - w

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from conftest import lycoris_update
 from lora_vision import LoRAConfig, inject_lora, lora_parameters
 from lora_vision.adapter import Adapter
 from lora_vision.formats import export, load_any
@@ -90,19 +91,8 @@ def _lycoris_file(kind: str, lin: nn.Linear, seed: int) -> tuple[dict[str, torch
         diff = torch.randn(lin.weight.shape, generator=g) * 0.05
         diff_b = torch.randn(lin.weight.shape[0], generator=g) * 0.05 if lin.bias is not None else None
         return {"diff": diff} | ({"diff_b": diff_b} if diff_b is not None else {}), diff, diff_b
-    opts = dict(opts)
-    mod = cls("x", lin, 1.0, opts.pop("lora_dim"), opts.pop("alpha"), **opts)
-    with torch.no_grad():
-        for name, p in mod.named_parameters():
-            if name.startswith("org_module"):
-                continue
-            noise = torch.randn(p.shape, generator=g)
-            p.copy_(p * (1 + 0.2 * noise.abs()) if name == "dora_scale" else 0.2 * noise)
-    w = lin.weight.detach()
-    merged, _ = mod.get_merged_weight(multiplier=1.0, shape=w.shape, device=w.device)
-    sd = mod.custom_state_dict() if hasattr(mod, "custom_state_dict") else {}
-    tensors = {k: v.detach().clone() for k, v in (sd or mod.state_dict()).items() if not k.startswith("org_")}
-    return tensors, merged.detach().float().reshape(w.shape) - w, None
+    tensors, dw = lycoris_update(cls, lin, opts, g)
+    return tensors, dw, None
 
 
 def _hand_merged(pipe, updates: list[tuple[list[str], bool, torch.Tensor, torch.Tensor | None]], strength: float):
