@@ -2,15 +2,10 @@
 # The GPU numbers of issues #15-#18 on one H200, in device calls of under 10 minutes each (a device call runs at
 # most 600 s), each table with the exact command at the top of its output.
 #
-#   d: #15 adapter operations on a real-size random-weight Flux.1 transformer against diffusers + peft, and #16
-#      DreamBooth on it at 1024 px, ours against diffusers' train_dreambooth_lora_flux.py (.ref/), one round of
-#      each (benchmarks/gpu_dit_parts.sh; ROUNDS=2 there when a call has the time)
-#   e: #16 the low-memory mode (--quantize_base none/int8/fp8/nf4: peak memory, loss-curve cost)
-#   a: ViT ours vs peft per precision mode (+ kernel profiles), adapter load/switch/fuse, generation with adapters
-#   b: #18's training features at batch 4 (EMA, LoRA+, Prodigy, schedule-free, Adafactor) against the plain step,
-#      interleaved over 2 rounds: "the GPU step stays as fast with them"
-#   c: SD 1.5 batch 16 eager vs --compile (compile cost, net saving at 500 steps, time to the first step, share of
-#      the limit) and pivotal tuning against the plain batch-4 step (one round: compiling alone takes minutes)
+#   d: #16 DreamBooth on a real-size random-weight Flux.1 at 1024 px, ours against diffusers'
+#      train_dreambooth_lora_flux.py (.ref/), one round (ROUNDS=2 when a call has the time), then the low-memory
+#      mode (--quantize_base none/fp8/nf4, 20 steps each: peak memory, loss-curve cost); benchmarks/gpu_dit_parts.sh
+#   e: #15 adapter operations on the real-size Flux.1 transformer against diffusers + peft
 #
 # Before the calls, here (the device has no diffusers, prodigyopt or schedulefree; nothing can be fetched there):
 #   bash benchmarks/gpu_wheels.sh                      # pure-Python wheels into .whl/ (git-ignored)
@@ -30,8 +25,8 @@ case $CALL in
   a) PARTS=(vit ops generate) ;;
   b) PARTS=(features) ;;
   c) PARTS=(compile) ;;
-  d) PARTS=(ditops dittrain) ;;
-  e) PARTS=(lowmem) ;;
+  d) PARTS=(dittrain lowmem) ;;
+  e) PARTS=(ditops) ;;
   *) echo "error: call '$CALL': expected a, b, c, d or e (bash benchmarks/gpu_session.sh a|b|c|d|e; the calls are" \
           "listed at the top of benchmarks/gpu_session.sh)" >&2; exit 2 ;;
 esac
@@ -43,7 +38,7 @@ BUDGET=${BUDGET:-570}  # leave time to pack the results inside the call's limit
 # part -> estimated seconds, then the command (run from the repository root)
 estimate() { case $1 in
   vit) echo 170 ;; ops) echo 120 ;; generate) echo 240 ;; features) echo 480 ;; compile) echo 500 ;;
-  ditops) echo 150 ;; dittrain) echo 380 ;; lowmem) echo 330 ;; esac; }
+  ditops) echo 150 ;; dittrain) echo 340 ;; lowmem) echo 230 ;; esac; }
 command_of() { case $1 in
   vit) echo "python3 benchmarks/bench_vit.py --batch 128 --steps 20 --warmup 5 --rounds 5 --variants" \
             "peft,ours-fp32,peft-bf16,ours-bf16,peft-purebf16,ours-purebf16 --profile peft-purebf16,ours-purebf16" \
@@ -59,7 +54,7 @@ command_of() { case $1 in
   ditops) echo "python3 benchmarks/bench_dit_adapter_ops.py --model flux1 --device cuda --dtype bf16 --rounds 3" \
                "--repeats 4 --out $WORK/ditops" ;;
   dittrain) echo "env ROUNDS=1 bash benchmarks/gpu_dit_parts.sh train $WORK/dittrain" ;;
-  lowmem) echo "bash benchmarks/gpu_dit_parts.sh lowmem $WORK/lowmem" ;;
+  lowmem) echo "env STEPS=20 MODES=\"none fp8 nf4\" bash benchmarks/gpu_dit_parts.sh lowmem $WORK/lowmem" ;;
 esac; }
 
 if [ "${DRY_RUN:-0}" = 1 ]; then

@@ -290,8 +290,8 @@ def test_gpu_session_dry_run_plans_every_number_of_issues_15_to_18_within_the_ca
         assert run in plans["b"].split("round order:")[1], run
     assert plans["b"].count("round order:") == 2
     # 15 and 16: Flux.1 adapter operations, DreamBooth against diffusers' script, the low-memory modes
-    assert "gpu_dit_parts.sh train" in plans["d"] and "gpu_dit_parts.sh lowmem" in plans["e"]
-    assert "bench_dit_adapter_ops.py --model flux1 --device cuda" in plans["d"]
+    assert "gpu_dit_parts.sh train" in plans["d"] and "gpu_dit_parts.sh lowmem" in plans["d"]
+    assert "bench_dit_adapter_ops.py --model flux1 --device cuda" in plans["e"]
     assert not Path("/nonexistent/out").exists()
     done = _bash("benchmarks/gpu_session.sh", "f", timeout=60)
     assert done.returncode == 2 and "expected a, b, c, d or e" in done.stderr
