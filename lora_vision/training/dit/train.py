@@ -164,7 +164,7 @@ def train_dit(cfg: SDTrainConfig, acc: Any, pipe: Any, family: str, dtype: torch
             te.gradient_checkpointing_enable()
     one_bucket = len(data.inst_cache) == 1 and (data.class_cache is None
                                                or list(data.class_cache) == list(data.inst_cache))
-    use_graph = (graph_off_reason(cfg, device, world, one_bucket, dtype) is None and family != "z-image"
+    use_graph = (graph_off_reason(cfg, device, one_bucket, dtype) is None and family != "z-image"
                  and cfg.quantize_base == "none"  # capture with torchao's weight tensors is not measured yet
                  and not cfg.train_text_encoder)  # the live CLIP prompts are tokenized on the host
     base_lrs, params, optimizer, ema, schedule = optimization(cfg, models, world, use_graph)
@@ -183,7 +183,7 @@ def train_dit(cfg: SDTrainConfig, acc: Any, pipe: Any, family: str, dtype: torch
                             cfg.prior_loss_weight, type(pipe), precondition,
                             (lambda prompts, cached: live_clip_text(pipe, family, prompts, cached, device, dtype))
                             if cfg.train_text_encoder else None)
-    denoiser = acc.prepare_model(transformer) if world > 1 else transformer
+    denoiser = transformer  # several processes: the steps' GradientBucket averages every trained gradient
     steps = FlowTrainingSteps(cfg, acc, denoiser, data.table, [], training_sigmas(dict(pipe.scheduler.config), device),
                               settings, dtype, False, data.inst_cache, data.class_cache, data_rng, generator, params,
                               optimizer, update=clip_and_step)
