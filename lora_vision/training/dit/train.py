@@ -25,8 +25,8 @@ from ..optim import eval_mode
 from ..sd.caching import prepare_data
 from ..sd.config import SDTrainConfig
 from ..sd.lora import add_lora, optimization, save_adapter
-from ..sd.loop import (Checkpoints, LossLog, StepHooks, graph_off_reason, interrupted_message, report_step_times,
-                       resume_from, run_steps)
+from ..sd.loop import (Checkpoints, LossLog, StepHooks, dump_held_weights, graph_off_reason, interrupted_message,
+                       report_step_times, resume_from, run_steps)
 from ..sd.samples import generate_class_images, strength_sweep
 from ..sd.step import clip_and_step
 from .encode import (CLIP_ENCODERS, dit_text_table, latent_encoder, live_clip_text, offload_text_encoders,
@@ -73,7 +73,7 @@ def check_unet_config(cfg: SDTrainConfig, family: str) -> None:
         raise ConfigError(f"{family} (UNet) training does not support: " + "; ".join(bad))
 
 
-def check_dit_config(cfg: SDTrainConfig, family: str, resolution: int, world: int = 1) -> None:
+def check_dit_config(cfg: SDTrainConfig, family: str, resolution: int) -> None:
     """ConfigError naming every setting this DiT run cannot honour."""
     bad = [f"--{k} ({why})" for k, why in _REFUSED.items() if getattr(cfg, k) != _DEFAULTS[k]]
     if cfg.train_text_encoder and family not in CLIP_ENCODERS:
@@ -82,9 +82,6 @@ def check_dit_config(cfg: SDTrainConfig, family: str, resolution: int, world: in
     if cfg.train_text_encoder and cfg.export_kohya:
         bad.append("--export_kohya with --train_text_encoder (the DiT kohya / ComfyUI file holds the transformer "
                    "only; adapter_diffusers.safetensors holds both: leave --export_kohya out)")
-    if cfg.train_text_encoder and world > 1:
-        bad.append("--train_text_encoder on several processes (the text encoders' gradients are not averaged "
-                   "across processes yet: train on one)")
     if resolution % 16:
         bad.append(f"--resolution {resolution} (the {family} transformer packs 2x2 latent patches: use a multiple "
                    "of 16)")
@@ -103,7 +100,7 @@ def train_dit(cfg: SDTrainConfig, acc: Any, pipe: Any, family: str, dtype: torch
     rank, world = acc.process_index, acc.num_processes
     out = Path(cfg.output_dir)
     resolution = cfg.resolution or int(pipe.default_sample_size) * int(pipe.vae_scale_factor)
-    check_dit_config(cfg, family, resolution, world)
+    check_dit_config(cfg, family, resolution)
     why = quantize_unsupported_reason(cfg.quantize_base, device)
     if why:
         raise ConfigError(f"--quantize_base {cfg.quantize_base}: {why}")
@@ -218,6 +215,7 @@ def train_dit(cfg: SDTrainConfig, acc: Any, pipe: Any, family: str, dtype: torch
     log.flush(cfg.max_train_steps)
     if cfg.time_steps:
         report_step_times(hooks.events, cfg.train_batch_size)
+    dump_held_weights(models, None, rank)
     if not main_proc:
         return 0
 
