@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from lora_vision.training.sd.loop import graph_off_reason
+from lora_vision.training.sd.loop import all_agree, graph_off_reason
 from lora_vision.training.sd.config import SDTrainConfig
 from lora_vision.training.sd.step import GradientBucket, StaticStep, gather_inputs, shard_inputs, step_loss
 
@@ -81,8 +81,11 @@ def _bucket_worker(rank: int, world: int, folder: str) -> None:
             seen.append({p.grad.data_ptr() for p in params if p.grad is not None})
             opt.zero_grad(set_to_none=True)  # what clip_and_step does: attach() puts the views back
         ptrs = range(flat.data_ptr(), flat.data_ptr() + flat.numel() * flat.element_size())
+        # a capture that failed on one process only: every process hears of it (else the others would wait in the
+        # graph's all-reduce for a process that runs the eager step)
+        agreed = all_agree(rank == 0, torch.device("cpu")), all_agree(True, torch.device("cpu"))
         torch.save({"inside": all(p in ptrs for p in seen[0]), "same": seen[0] == seen[1], "count": len(seen[0]),
-                    "flat": flat.clone()}, Path(folder) / f"bucket{rank}.pt")
+                    "flat": flat.clone(), "agreed": agreed}, Path(folder) / f"bucket{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -92,6 +95,7 @@ def test_bucket_gradients_live_in_one_flat_buffer_and_are_averaged(tmp_path):
     r0, r1 = (torch.load(tmp_path / f"bucket{r}.pt") for r in (0, 1))
     assert r0["inside"] and r0["same"] and r0["count"] == len(_setup()[1])
     assert torch.equal(r0["flat"], r1["flat"])  # both hold the average, not their own half
+    assert r0["agreed"] == r1["agreed"] == (False, True)
     # the average of the halves' gradients is the whole batch's gradient (one process, no bucket)
     unet, params, opt, cache, table, settings, ac = _setup()
     x = gather_inputs([(cache, ROWS[0])], torch.Generator().manual_seed(7), settings)
