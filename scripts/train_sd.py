@@ -5,7 +5,7 @@ SD 3.x, Qwen-Image and Z-Image.
         --instance_data_dir dog/ --instance_prompt "a photo of sks dog" --output_dir out/dog
     python scripts/train_sd.py            # the pretrained tiny model of samples/tiny-sd on samples/instance, offline, CPU
     accelerate launch --config_file configs/accelerate/multi_gpu.yaml --num_processes 2 scripts/train_sd.py ...
-                                          # DDP: per-GPU batch; all draw the same global batch, each its slice
+                                          # per-GPU batch; all draw the same global batch, each its slice
 
 Flags follow diffusers' examples/dreambooth/train_dreambooth_lora.py (the DiT flags --weighting_scheme,
 --logit_mean, --logit_std, --mode_scale, --guidance_scale, --max_sequence_length its _flux.py / _sd3.py);
