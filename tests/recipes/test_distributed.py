@@ -9,6 +9,7 @@
   UNet) are averaged over the processes too, so both ranks hold the same vectors and weights, those of 1 process at
   twice the batch;
 - the ViT recipe shards its loader: each process runs half the steps' batches, not all of them;
+- with gradient accumulation, the micro-batches add up in the bucket before its one all-reduce;
 - the DiT recipe (tiny Flux.1) with --train_text_encoder: the transformer's and the CLIP encoder's LoRA gradients
   are averaged by the same flat bucket, so 2 processes x batch 1 end with the weights of 1 process x batch 2.
 
@@ -116,6 +117,21 @@ def test_sd_two_processes_equal_one_process_at_twice_the_batch(instance_dir: Pat
                                                                  "--resume_from_checkpoint", "latest"], 1,
             dump=tmp_path / "dump_resumed")
     assert _max_diff(_weights(tmp_path / "dump_resumed" / "rank0.safetensors"), single) < 1e-5
+
+
+def test_gradient_accumulation_two_processes_equal_one_process_at_twice_the_batch(instance_dir: Path,
+                                                                                  tmp_path: Path) -> None:
+    """The micro-batches' gradients add up in the flat bucket and are all-reduced once per optimizer step (DDP's
+    no_sync did this before): 2 processes x batch 1 x 2 micro-batches = 1 process x batch 2 x 2 micro-batches."""
+    flags = ["--gradient_accumulation_steps", "2", "--checkpointing_steps", "100"]
+    _launch(_sd_args(instance_dir, tmp_path / "two", batch=1, steps=3) + flags, 2, dump=tmp_path / "dump2")
+    _launch(_sd_args(instance_dir, tmp_path / "one", batch=2, steps=3) + flags, 1, dump=tmp_path / "dump1")
+    r0, r1 = _weights(tmp_path / "dump2" / "rank0.safetensors"), _weights(tmp_path / "dump2" / "rank1.safetensors")
+    single = _weights(tmp_path / "dump1" / "rank0.safetensors")
+    moved = max(float(single[k].abs().max()) for k in single if k.endswith("lora_B.weight"))
+    assert moved > 1e-4, "training did not change the weights; the comparison below would prove nothing"
+    assert _max_diff(r0, r1) == 0.0, "the two ranks hold different LoRA weights"
+    assert _max_diff(r0, single) < 1e-5 * max(1.0, moved * 100), _max_diff(r0, single)
 
 
 def test_pivotal_tuning_two_processes_agree_with_each_other_and_with_one_process(instance_dir: Path,
