@@ -1,18 +1,23 @@
 #!/bin/bash
 # Several GPUs: SD 1.5 DreamBooth LoRA (rank 4, bf16, batch 4 per GPU) and ViT-B/16 LoRA (batch 128 per GPU, bf16)
-# on 1 GPU vs 2 GPUs (DDP through accelerate), plus the same global batch on 1 and 2 GPUs (loss curves), plus an
-# FSDP smoke run of the ViT. The configurations are interleaved over ROUNDS rounds (benchmarks/timing.py's order:
-# seeded shuffle, every other round reversed); multi_gpu_summary.py reports per configuration the median and min-max
-# of images/s over the rounds and the scaling as the median (min-max) of the per-round ratios.
+# on 1 GPU vs 2 GPUs, plus the same global batch on 1 and 2 GPUs (loss curves), plus an FSDP smoke run of the ViT.
+# SD: the CUDA-graph step on 1 GPU vs on 2 GPUs (sd_*_graph: the gradients' all-reduce captured in the graph), and
+# the eager step on both (--cuda_graph=false). Every run starts with `accelerate launch --config_file
+# configs/accelerate/multi_gpu.yaml --num_processes N` (single_gpu.yaml for N=1), as a user starts one.
+# The configurations are interleaved over ROUNDS rounds (benchmarks/timing.py's order: seeded shuffle, every other
+# round reversed); multi_gpu_summary.py reports per configuration the median and min-max of images/s over the rounds
+# and the scaling as the median (min-max) of the per-round ratios.
 #
 # Usage (repo root, a machine with 2 GPUs, diffusers importable):   [ROUNDS=3] bash benchmarks/bench_multi_gpu.sh [OUT_DIR]
+# Issue #20's measurement (1 GPU captured vs 2 GPUs captured, target 1.9x):
+#   RUNS="sd_1gpu_b4_graph sd_2gpu_b4_graph" ROUNDS=3 bash benchmarks/bench_multi_gpu.sh /tmp/mg_graph
 # RUNS picks configurations by label (default: all); BUDGET (s) skips later runs once spent; MASTER_PORT the port.
 # The model: benchmarks/make_random_sd.py (random-weight SD 1.5 + 8 images; MODEL / IMGS name other folders).
 # CPU dry run of the plumbing (gloo, tiny models):   CPU=1 ROUNDS=1 bash benchmarks/bench_multi_gpu.sh /tmp/mg
 set -u
 OUTD=${1:-${OUT:-/tmp/multi_gpu_out}}
 ROUNDS=${ROUNDS:-3}
-RUNS=${RUNS:-"sd_1gpu_b4 sd_2gpu_b4 sd_1gpu_b8 vit_1gpu vit_2gpu vit_2gpu_fsdp sd_1gpu_b4_graph"}
+RUNS=${RUNS:-"sd_1gpu_b4_graph sd_2gpu_b4_graph sd_1gpu_b4 sd_2gpu_b4 sd_1gpu_b8 vit_1gpu vit_2gpu vit_2gpu_fsdp"}
 PORT=${MASTER_PORT:-29561}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -27,7 +32,8 @@ fi
 # label -> kind (sd|vit), processes, the run's own flags; unknown labels fail before anything runs
 spec() { case $1 in
   sd_1gpu_b4) echo "sd 1 --train_batch_size=4 --cuda_graph=false" ;;
-  sd_2gpu_b4) echo "sd 2 --train_batch_size=4" ;;
+  sd_2gpu_b4) echo "sd 2 --train_batch_size=4 --cuda_graph=false" ;;
+  sd_2gpu_b4_graph) echo "sd 2 --train_batch_size=4" ;;
   sd_1gpu_b8) echo "sd 1 --train_batch_size=8 --cuda_graph=false" ;;
   sd_1gpu_b4_graph) echo "sd 1 --train_batch_size=4" ;;
   vit_1gpu) echo "vit 1" ;;
@@ -44,9 +50,13 @@ mkdir -p "$OUTD/runs"
 LOG="$OUTD/multi_gpu.log"
 CMD="command: CPU=${CPU:-0} ROUNDS=$ROUNDS RUNS=\"$RUNS\" bash benchmarks/bench_multi_gpu.sh $OUTD"
 echo "$CMD" | tee "$LOG"
-# torchrun starts one process per GPU and accelerate takes the setup from its environment; the same as
-# `accelerate launch --config_file configs/accelerate/multi_gpu.yaml --num_processes N` (single_gpu.yaml for N=1)
-launch() { n=$1; shift; python3 -m torch.distributed.run --nproc_per_node "$n" --master_port "$PORT" "$@"; }
+# `accelerate launch` with the config files users launch with (on the CPU, ACCELERATE_USE_CPU=true makes them gloo
+# processes); called as the module behind the console script, which a wheel installed with --target (the GPU
+# sessions) leaves off PATH
+launch() { n=$1; shift
+  if [ "$n" = 1 ]; then python3 -m accelerate.commands.launch --config_file configs/accelerate/single_gpu.yaml "$@"
+  else python3 -m accelerate.commands.launch --config_file configs/accelerate/multi_gpu.yaml --num_processes "$n" \
+    --main_process_port "$PORT" "$@"; fi; }
 left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
 MODEL=${MODEL:-/tmp/mg_$SIZE}; IMGS=${IMGS:-/tmp/mg_imgs_$SIZE}
 if [ ! -d "$MODEL" ]; then

@@ -18,8 +18,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import timing  # noqa: E402  (the shared report)
 
 # 2-GPU configurations against the 1-GPU one they scale (the first is the table's reference column)
-SCALING = (("sd_2gpu_b4", "sd_1gpu_b4"), ("sd_2gpu_b4", "sd_1gpu_b4_graph"), ("vit_2gpu", "vit_1gpu"),
-           ("vit_2gpu_fsdp", "vit_2gpu"))
+SCALING = (("sd_2gpu_b4_graph", "sd_1gpu_b4_graph"), ("sd_2gpu_b4", "sd_1gpu_b4"), ("sd_2gpu_b4", "sd_1gpu_b4_graph"),
+           ("vit_2gpu", "vit_1gpu"), ("vit_2gpu_fsdp", "vit_2gpu"))
+# the same global batch: 1 GPU at batch 8 against 2 GPUs at batch 4 each, eager and captured
+SAME_BATCH = (("sd_1gpu_b8", "sd_2gpu_b4"), ("sd_1gpu_b8", "sd_2gpu_b4_graph"))
 
 
 def sections(log: str) -> list[tuple[str, int, int, list[str]]]:
@@ -78,15 +80,17 @@ def summary(out_dir: str) -> str:
             s = timing.summarize({two: rates[two], one: rates[one]}, {two: one})[two]
             lines.append(f"- scaling {two} / {one}: {s['median_ratio']:.2f}x ({s['ratio_min']:.2f}-"
                          f"{s['ratio_max']:.2f}) over {s['n']} round(s)")
-    a, b = losses(out / "loss_sd_1gpu_b8.csv"), losses(out / "loss_sd_2gpu_b4.csv")
-    if a and b and len(a) == len(b):
-        diff = [abs(x - y) for x, y in zip(a, b)]
-        corr = statistics.correlation(a, b) if len(a) > 2 and len(set(a)) > 1 and len(set(b)) > 1 else float("nan")
-        lines.append(f"- loss curve, 1 GPU batch 8 vs 2 GPUs x batch 4 ({len(a)} steps, round 1): max |diff| "
-                     f"{max(diff):.2e}, mean |diff| {statistics.fmean(diff):.2e}, mean loss {statistics.fmean(a):.4f}, "
-                     f"correlation {corr:.6f}")
-    else:
-        lines.append(f"- loss curves missing or of different lengths ({len(a)} vs {len(b)} steps)")
+    for one, two in SAME_BATCH:
+        a, b = losses(out / f"loss_{one}.csv"), losses(out / f"loss_{two}.csv")
+        if a and b and len(a) == len(b):
+            diff = [abs(x - y) for x, y in zip(a, b)]
+            corr = (statistics.correlation(a, b) if len(a) > 2 and len(set(a)) > 1 and len(set(b)) > 1
+                    else float("nan"))
+            lines.append(f"- loss curve, {one} vs {two} ({len(a)} steps, round 1): max |diff| "
+                         f"{max(diff):.2e}, mean |diff| {statistics.fmean(diff):.2e}, mean loss "
+                         f"{statistics.fmean(a):.4f}, correlation {corr:.6f}")
+        elif a or b:
+            lines.append(f"- loss curves {one} vs {two} missing or of different lengths ({len(a)} vs {len(b)} steps)")
     lines += failed
     return "\n".join(lines)
 

@@ -5,7 +5,7 @@ SD 3.x, Qwen-Image and Z-Image.
         --instance_data_dir dog/ --instance_prompt "a photo of sks dog" --output_dir out/dog
     python scripts/train_sd.py            # the pretrained tiny model of samples/tiny-sd on samples/instance, offline, CPU
     accelerate launch --config_file configs/accelerate/multi_gpu.yaml --num_processes 2 scripts/train_sd.py ...
-                                          # DDP: per-GPU batch; all draw the same global batch, each its slice
+                                          # per-GPU batch; all draw the same global batch, each its slice
 
 Flags follow diffusers' examples/dreambooth/train_dreambooth_lora.py (the DiT flags --weighting_scheme,
 --logit_mean, --logit_std, --mode_scale, --guidance_scale, --max_sequence_length its _flux.py / _sd3.py);
@@ -32,8 +32,8 @@ if str(REPO) not in sys.path:  # run as a file from a checkout
     sys.path.insert(0, str(REPO))
 
 from lora_vision.dtypes import parse_dtype  # noqa: E402
-from lora_vision.io import unwritable_reason, write_safetensors  # noqa: E402
-from lora_vision.lora import lora_report, lora_state_dict  # noqa: E402
+from lora_vision.io import unwritable_reason  # noqa: E402
+from lora_vision.lora import lora_report  # noqa: E402
 from lora_vision.lora.config import ConfigError  # noqa: E402
 from lora_vision.models.sd import (TINY_PIPELINES, base_tag, detect_family, load_sd_pipeline,  # noqa: E402
                                    prediction_type)
@@ -50,8 +50,8 @@ from lora_vision.training.sd.config import SDTrainConfig, kohya_folder_note  # n
 from lora_vision.training.sd.lora import add_lora, check_peft_folders, optimization, save_adapter  # noqa: E402
 from lora_vision.training.sd.pivotal import NewTokens  # noqa: E402
 from lora_vision.training.sd.loop import (Checkpoints, LossLog, StepHooks, TrainingDiverged,  # noqa: E402
-                                          TrainingSteps, check_distributed, graph_off_reason, interrupted_message,
-                                          report_step_times, resume_from, run_steps)
+                                          TrainingSteps, check_distributed, dump_held_weights, graph_off_reason,
+                                          interrupted_message, report_step_times, resume_from, run_steps)
 from lora_vision.training.sd.losses import alphas_cumprod  # noqa: E402
 from lora_vision.training.sd.samples import generate_class_images, strength_sweep  # noqa: E402
 from lora_vision.training.sd.step import StepSettings, clip_and_step  # noqa: E402
@@ -226,7 +226,7 @@ def train(cfg: SDTrainConfig) -> int:
 
     one_bucket = len(data.inst_cache) == 1 and (data.class_cache is None
                                                or list(data.class_cache) == list(data.inst_cache))
-    graph_off = graph_off_reason(cfg, device, world, one_bucket, dtype)
+    graph_off = graph_off_reason(cfg, device, one_bucket, dtype)
     use_graph = graph_off is None
     if cfg.cuda_graph and device.type == "cuda" and graph_off and main_proc:
         print(f"note: the training step is not captured as a CUDA graph ({graph_off}); the eager step runs")
@@ -251,8 +251,6 @@ def train(cfg: SDTrainConfig) -> int:
     val_loss = (ValidationLoss(unet, data.held_out_cache, data.table, text_encoders,
                                alphas_cumprod(pipe.scheduler, device), settings, dtype, cfg.train_batch_size,
                                cfg.seed + 2) if data.held_out_cache and main_proc else None)
-    if world > 1:
-        unet = acc.prepare_model(unet)
     captions = (CaptionVariants(data.table, tokenizers, text_encoders, sdxl, dtype, cfg.shuffle_caption,
                                 cfg.keep_tokens, cfg.caption_dropout_rate, cfg.train_batch_size * world)
                 if cfg.shuffle_caption or cfg.caption_dropout_rate else None)
@@ -307,19 +305,6 @@ def train(cfg: SDTrainConfig) -> int:
     if writer:
         writer.close()
     return 0
-
-
-def dump_held_weights(models: dict, tokens, rank: int) -> None:
-    """With LORA_VISION_DUMP_RANK_LORA=DIR (debugging, tests): every process writes the LoRA weights and new token
-    vectors it holds to DIR/rank<N>.safetensors, to compare processes."""
-    dump = os.environ.get("LORA_VISION_DUMP_RANK_LORA")
-    if not dump:
-        return
-    Path(dump).mkdir(parents=True, exist_ok=True)
-    held = {f"{comp}.{k}": v for comp, m in models.items() for k, v in lora_state_dict(m).items()}
-    held.update({f"embeddings.{comp}": v for comp, v in (tokens.vectors() if tokens else {}).items()})
-    write_safetensors(Path(dump) / f"rank{rank}.safetensors",
-                      {k: v.detach().float().cpu().contiguous() for k, v in held.items()})
 
 
 def save_outputs(cfg: SDTrainConfig, out: Path, pipe, models: dict, lora_cfgs: dict, ema, tokens, prompt_of, data,

@@ -255,6 +255,22 @@ def test_multi_gpu_summary_reports_rounds_and_per_round_scaling(tmp_path):
     assert done.returncode == 1 and "expected the output folder of bench_multi_gpu.sh" in done.stderr
 
 
+def test_multi_gpu_summary_scales_the_captured_step_and_compares_its_loss_curve(tmp_path):
+    summary = _load("multi_gpu_summary")
+    log = ["== sd_1gpu_b4_graph@r1 (1 process(es))",
+           "STEPS ours n=19 median_s=0.05 steps_per_s=20 images_per_s=80 peak_alloc_gib=5.38",
+           "== sd_2gpu_b4_graph@r1 (2 process(es))",
+           "STEPS ours n=19 median_s=0.052 steps_per_s=19 images_per_s=76.9 peak_alloc_gib=5.38",
+           "STEPS ours n=19 median_s=0.051 steps_per_s=19 images_per_s=78.4 peak_alloc_gib=5.38"]
+    (tmp_path / "multi_gpu.log").write_text("\n".join(log) + "\n")
+    (tmp_path / "loss_sd_1gpu_b8.csv").write_text("step,loss,lr\n1,1.0,1e-4\n2,0.5,1e-4\n3,0.25,1e-4\n")
+    (tmp_path / "loss_sd_2gpu_b4_graph.csv").write_text("step,loss,lr\n1,1.0,1e-4\n2,0.5001,1e-4\n3,0.25,1e-4\n")
+    text = summary.summary(str(tmp_path))
+    assert "- scaling sd_2gpu_b4_graph / sd_1gpu_b4_graph: 1.92x (1.92-1.92) over 1 round(s)" in text  # 2 x 4 / 0.052
+    assert "- loss curve, sd_1gpu_b8 vs sd_2gpu_b4_graph (3 steps, round 1): max |diff| 1.00e-04" in text
+    assert "| sd_2gpu_b4_graph | 2 | 5.38, 5.38 |" in text
+
+
 def test_bench_multi_gpu_refuses_unknown_configurations(tmp_path):
     done = _bash("benchmarks/bench_multi_gpu.sh", str(tmp_path / "out"), RUNS="vit_3gpu", CPU="1")
     assert done.returncode == 2 and "'vit_3gpu', which is no configuration" in done.stderr

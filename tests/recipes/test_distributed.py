@@ -8,7 +8,14 @@
 - pivotal tuning with the text encoder's LoRA: the new token vectors and the text-encoder LoRA (outside the DDP-wrapped
   UNet) are averaged over the processes too, so both ranks hold the same vectors and weights, those of 1 process at
   twice the batch;
-- the ViT recipe shards its loader: each process runs half the steps' batches, not all of them.
+- the ViT recipe shards its loader: each process runs half the steps' batches, not all of them;
+- with gradient accumulation, the micro-batches add up in the bucket before its one all-reduce;
+- the DiT recipe (tiny Flux.1) with --train_text_encoder: the transformer's and the CLIP encoder's LoRA gradients
+  are averaged by the same flat bucket, so 2 processes x batch 1 end with the weights of 1 process x batch 2.
+
+No DDP wrapper runs: every trained gradient is averaged by the step's GradientBucket (one all-reduce of a flat
+buffer), the code the CUDA-graph step replays on GPUs. Tolerances: float32 rounding, 1e-5 on weights that moved by
+about 1e-2 (scaled with how far they moved), 1e-4 on logged losses; the ranks agree exactly.
 """
 
 from __future__ import annotations
@@ -112,6 +119,21 @@ def test_sd_two_processes_equal_one_process_at_twice_the_batch(instance_dir: Pat
     assert _max_diff(_weights(tmp_path / "dump_resumed" / "rank0.safetensors"), single) < 1e-5
 
 
+def test_gradient_accumulation_two_processes_equal_one_process_at_twice_the_batch(instance_dir: Path,
+                                                                                  tmp_path: Path) -> None:
+    """The micro-batches' gradients add up in the flat bucket and are all-reduced once per optimizer step (DDP's
+    no_sync did this before): 2 processes x batch 1 x 2 micro-batches = 1 process x batch 2 x 2 micro-batches."""
+    flags = ["--gradient_accumulation_steps", "2", "--checkpointing_steps", "100"]
+    _launch(_sd_args(instance_dir, tmp_path / "two", batch=1, steps=3) + flags, 2, dump=tmp_path / "dump2")
+    _launch(_sd_args(instance_dir, tmp_path / "one", batch=2, steps=3) + flags, 1, dump=tmp_path / "dump1")
+    r0, r1 = _weights(tmp_path / "dump2" / "rank0.safetensors"), _weights(tmp_path / "dump2" / "rank1.safetensors")
+    single = _weights(tmp_path / "dump1" / "rank0.safetensors")
+    moved = max(float(single[k].abs().max()) for k in single if k.endswith("lora_B.weight"))
+    assert moved > 1e-4, "training did not change the weights; the comparison below would prove nothing"
+    assert _max_diff(r0, r1) == 0.0, "the two ranks hold different LoRA weights"
+    assert _max_diff(r0, single) < 1e-5 * max(1.0, moved * 100), _max_diff(r0, single)
+
+
 def test_pivotal_tuning_two_processes_agree_with_each_other_and_with_one_process(instance_dir: Path,
                                                                                  tmp_path: Path) -> None:
     flags = ["--train_text_encoder_ti", "--token_abstraction", "sks", "--train_text_encoder", "--checkpointing_steps",
@@ -163,3 +185,31 @@ def test_vit_loader_is_sharded_and_ranks_agree(tmp_path: Path) -> None:
     assert two["steps"] == -(-two["train_images"] // 16), "each process should run half of the epoch's batches"
     r0, r1 = _weights(tmp_path / "dump2" / "rank0.safetensors"), _weights(tmp_path / "dump2" / "rank1.safetensors")
     assert _max_diff(r0, r1) == 0.0, "the two ranks hold different trainable weights"
+
+
+def test_dit_text_encoder_training_two_processes_equal_one_process_at_twice_the_batch(instance_dir: Path,
+                                                                                     tmp_path: Path) -> None:
+    """Issue #16's left-over: the DiT recipe used to refuse --train_text_encoder on several processes."""
+    def args(out: Path, batch: int) -> list[str]:
+        return ["scripts/train_sd.py", "--pretrained_model_name_or_path", "tiny-flux", "--instance_data_dir",
+                str(instance_dir), "--instance_prompt", "a photo of sks toy", "--output_dir", str(out),
+                "--max_train_steps", "3", "--train_batch_size", str(batch), "--logging_steps", "1", "--report_to",
+                "none", "--strength_sweep=", "--learning_rate", "1e-3", "--checkpointing_steps", "100",
+                "--max_sequence_length", "16", "--train_text_encoder"]
+
+    _launch(args(tmp_path / "two", 1), 2, dump=tmp_path / "dump2")
+    _launch(args(tmp_path / "one", 2), 1, dump=tmp_path / "dump1")
+    r0, r1 = _weights(tmp_path / "dump2" / "rank0.safetensors"), _weights(tmp_path / "dump2" / "rank1.safetensors")
+    single = _weights(tmp_path / "dump1" / "rank0.safetensors")
+    assert {k.split(".")[0] for k in single} == {"transformer", "text_encoder"}
+    for part in ("transformer", "text_encoder"):
+        a, b, one = ({k: v for k, v in d.items() if k.startswith(part + ".")} for d in (r0, r1, single))
+        moved = max(float(v.abs().max()) for k, v in one.items() if k.endswith("lora_B.weight"))
+        assert moved > 1e-4, f"{part}: training left B at zero; the comparison would prove nothing"
+        assert _max_diff(a, b) == 0.0, f"the two ranks hold different {part} weights ({_max_diff(a, b):.3g})"
+        assert _max_diff(a, one) < 1e-5 * max(1.0, moved * 100), (
+            f"{part}: 2 processes x batch 1 differ from 1 process x batch 2 by {_max_diff(a, one):.3g}")
+    curve = [(tmp_path / d / "logs" / "loss.csv").read_text().splitlines()[1:] for d in ("two", "one")]
+    assert len(curve[0]) == len(curve[1]) == 3
+    for a, b in zip(*curve):
+        assert abs(float(a.split(",")[1]) - float(b.split(",")[1])) < 1e-4, (a, b)

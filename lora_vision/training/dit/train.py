@@ -25,8 +25,8 @@ from ..optim import eval_mode
 from ..sd.caching import prepare_data
 from ..sd.config import SDTrainConfig
 from ..sd.lora import add_lora, optimization, save_adapter
-from ..sd.loop import (Checkpoints, LossLog, StepHooks, graph_off_reason, interrupted_message, report_step_times,
-                       resume_from, run_steps)
+from ..sd.loop import (Checkpoints, LossLog, StepHooks, dump_held_weights, graph_off_reason, interrupted_message,
+                       report_step_times, resume_from, run_steps)
 from ..sd.samples import generate_class_images, strength_sweep
 from ..sd.step import clip_and_step
 from .encode import (CLIP_ENCODERS, dit_text_table, latent_encoder, live_clip_text, offload_text_encoders,
@@ -74,7 +74,7 @@ def check_unet_config(cfg: SDTrainConfig, family: str) -> None:
         raise ConfigError(f"{family} (UNet) training does not support: " + "; ".join(bad))
 
 
-def check_dit_config(cfg: SDTrainConfig, family: str, resolution: int, world: int = 1) -> None:
+def check_dit_config(cfg: SDTrainConfig, family: str, resolution: int) -> None:
     """ConfigError naming every setting this DiT run cannot honour."""
     bad = [f"--{k} ({why})" for k, why in _REFUSED.items() if getattr(cfg, k) != _DEFAULTS[k]]
     if cfg.train_text_encoder and family not in CLIP_ENCODERS:
@@ -83,9 +83,6 @@ def check_dit_config(cfg: SDTrainConfig, family: str, resolution: int, world: in
     if cfg.train_text_encoder and cfg.export_kohya:
         bad.append("--export_kohya with --train_text_encoder (the DiT kohya / ComfyUI file holds the transformer "
                    "only; adapter_diffusers.safetensors holds both: leave --export_kohya out)")
-    if cfg.train_text_encoder and world > 1:
-        bad.append("--train_text_encoder on several processes (the text encoders' gradients are not averaged "
-                   "across processes yet: train on one)")
     if resolution % 16:
         bad.append(f"--resolution {resolution} (the {family} transformer packs 2x2 latent patches: use a multiple "
                    "of 16)")
@@ -104,7 +101,7 @@ def train_dit(cfg: SDTrainConfig, acc: Any, pipe: Any, family: str, dtype: torch
     rank, world = acc.process_index, acc.num_processes
     out = Path(cfg.output_dir)
     resolution = cfg.resolution or int(pipe.default_sample_size) * int(pipe.vae_scale_factor)
-    check_dit_config(cfg, family, resolution, world)
+    check_dit_config(cfg, family, resolution)
     why = quantize_unsupported_reason(cfg.quantize_base, device)
     if why:
         raise ConfigError(f"--quantize_base {cfg.quantize_base}: {why}")
@@ -180,7 +177,7 @@ def train_dit(cfg: SDTrainConfig, acc: Any, pipe: Any, family: str, dtype: torch
                   "(its blocks and the rest); the LoRA is whole on every process")
     one_bucket = len(data.inst_cache) == 1 and (data.class_cache is None
                                                or list(data.class_cache) == list(data.inst_cache))
-    use_graph = (graph_off_reason(cfg, device, world, one_bucket, dtype) is None and family != "z-image"
+    use_graph = (graph_off_reason(cfg, device, one_bucket, dtype) is None and family != "z-image"
                  and cfg.quantize_base == "none"  # capture with torchao's weight tensors is not measured yet
                  and not cfg.train_text_encoder  # the live CLIP prompts are tokenized on the host
                  and fsdp is None)
@@ -200,7 +197,7 @@ def train_dit(cfg: SDTrainConfig, acc: Any, pipe: Any, family: str, dtype: torch
                             cfg.prior_loss_weight, type(pipe), precondition,
                             (lambda prompts, cached: live_clip_text(pipe, family, prompts, cached, device, dtype))
                             if cfg.train_text_encoder else None)
-    denoiser = acc.prepare_model(transformer) if world > 1 and fsdp is None else transformer
+    denoiser = transformer  # several processes: the steps' GradientBucket averages every trained gradient
     steps = FlowTrainingSteps(cfg, acc, denoiser, data.table, [], training_sigmas(dict(pipe.scheduler.config), device),
                               settings, dtype, False, data.inst_cache, data.class_cache, data_rng, generator, params,
                               optimizer, update=clip_and_step)
@@ -236,6 +233,7 @@ def train_dit(cfg: SDTrainConfig, acc: Any, pipe: Any, family: str, dtype: torch
     log.flush(cfg.max_train_steps)
     if cfg.time_steps:
         report_step_times(hooks.events, cfg.train_batch_size)
+    dump_held_weights(models, None, rank)
     sweep_everywhere = fsdp is not None and bool(cfg.strength_sweep)  # the sharded transformer needs all
     if not main_proc and not sweep_everywhere:
         return 0

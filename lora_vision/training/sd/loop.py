@@ -1,7 +1,8 @@
 """The state of the DreamBooth training loop (scripts/train_sd.py), as small objects instead of closures.
 
 - `TrainingSteps`: draws each step's batches (instance and class rows, fresh noise and timesteps) and runs one
-  optimizer step, eagerly (gradient accumulation, DDP) or as the static step that can be captured in a CUDA graph.
+  optimizer step, eagerly (gradient accumulation) or as the static step that can be captured in a CUDA graph; on
+  several processes both average the gradients through one flat GradientBucket (no DDP wrapper).
 - `LossLog`: keeps the losses on the device and brings them to the host every `logging_steps` (the loop's only
   sync), stopping on a NaN/Inf loss; writes logs/loss.csv, TensorBoard and the progress bar.
 - `Checkpoints`: writes this run's checkpoint-N (main process) after flushing the log.
@@ -13,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 import statistics
 import sys
 import time
@@ -26,6 +28,8 @@ from torch import nn
 from ...generation.images import save_png
 from ...models.dit import DIT_KINDS
 from ..dit.fsdp import CONFIG as FSDP_CONFIG, fsdp_plugin
+from ...io import write_safetensors
+from ...lora import lora_state_dict
 from ..checkpoint import (CheckpointError, StopOnInterrupt, load_checkpoint, read_checkpoint_tensors, read_state,
                           restore_rng, resume_command, rng_state, save_checkpoint)
 from ..ema import EMA
@@ -36,7 +40,7 @@ from .captions import CaptionVariants
 from .config import SDTrainConfig
 from .pivotal import FILE as TOKENS_FILE, NewTokens
 from .samples import validation_grid
-from .step import (Inputs, StaticStep, StepSettings, average_gradients, clip_and_step, gather_inputs, shard_inputs,
+from .step import (GradientBucket, Inputs, StaticStep, StepSettings, clip_and_step, gather_inputs, shard_inputs,
                    step_loss)
 
 
@@ -76,18 +80,18 @@ def check_distributed(acc: Any, family: str | None = None) -> None:
                          "a DiT too large for one GPU")
 
 
-def graph_off_reason(cfg: SDTrainConfig, device: torch.device, world: int, one_bucket: bool,
-                     dtype: torch.dtype) -> str | None:
-    """Why the whole step cannot be one CUDA graph on this run (None: it can). It needs CUDA, one process, one
+def graph_off_reason(cfg: SDTrainConfig, device: torch.device, one_bucket: bool, dtype: torch.dtype) -> str | None:
+    """Why the whole step cannot be one CUDA graph on this run (None: it can). It needs CUDA, one
     batch shape, no accumulation, no gradient checkpointing, plain AdamW (the others keep step counts and step
     sizes on the host), no fp16 (its scaler syncs) and no dropout. EMA, LoRA+ and per-block learning rates do
     not stop it: the EMA update runs after each replay, the learning rates are device tensors per group. Nor do
     the loss options: Huber thresholds, debiased and min-SNR weights and masks are device ops on the step's
     buffers, and multires noise is drawn with the other random numbers, outside the graph; nor caption shuffle and
-    dropout: the step reads text rows chosen (and, for shuffled captions, encoded into scratch rows) before it."""
+    dropout: the step reads text rows chosen (and, for shuffled captions, encoded into scratch rows) before it. Nor
+    do several processes: their gradients are averaged by the GradientBucket's all-reduce inside the graph."""
     if not cfg.cuda_graph or device.type != "cuda":
         return None if cfg.cuda_graph and device.type == "cuda" else "not on CUDA or --cuda_graph false"
-    checks = [(world == 1, f"{world} processes"), (one_bucket, "more than one batch shape (buckets)"),
+    checks = [(one_bucket, "more than one batch shape (buckets)"),
               (cfg.gradient_accumulation_steps == 1, "gradient accumulation"),
               (not cfg.gradient_checkpointing, "gradient checkpointing"),
               (not cfg.use_8bit_adam and cfg.optimizer == "adamw",
@@ -97,15 +101,18 @@ def graph_off_reason(cfg: SDTrainConfig, device: torch.device, world: int, one_b
     return ", ".join(reasons) if reasons else None
 
 
-def graph_possible(cfg: SDTrainConfig, device: torch.device, world: int, one_bucket: bool, dtype: torch.dtype) -> bool:
+def graph_possible(cfg: SDTrainConfig, device: torch.device, one_bucket: bool, dtype: torch.dtype) -> bool:
     """Whether the whole step can be one CUDA graph (graph_off_reason gives the reason when not)."""
-    return graph_off_reason(cfg, device, world, one_bucket, dtype) is None
+    return graph_off_reason(cfg, device, one_bucket, dtype) is None
 
 
 class TrainingSteps:
     """One optimizer step after another over the cached latents, the same on every process (each trains its slice).
 
     `update(params, optimizer, max_grad_norm, scaler)` clips and steps after the eager backward (clip_and_step).
+    On several processes `unet` is the bare denoiser (no DDP wrapper: its hooks cannot sit in a CUDA graph) and
+    `bucket`, a GradientBucket over every trained tensor, averages the gradients in both the eager and the static
+    step; a denoiser given wrapped in something that reduces its own gradients (DDP, FSDP) keeps them out of it.
     """
 
     def __init__(self, cfg: SDTrainConfig, acc: Any, unet: nn.Module, table: TextTable, text_encoders: list,
@@ -123,10 +130,9 @@ class TrainingSteps:
         self.class_sampler = BatchSampler(class_cache, global_batch, data_rng) if class_cache else None
         self.data_rng, self.generator = data_rng, generator
         self.params, self.optimizer, self.update = params, optimizer, update
-        # under DDP, the wrapped denoiser's gradients are averaged by it; FSDP (DiT) leaves the LoRA whole: here
-        ddp = isinstance(unet, nn.parallel.DistributedDataParallel)
-        inside = {id(p) for p in unet.parameters()} if ddp else set()
-        self.outside_ddp = [p for p in params if id(p) not in inside] if self.world > 1 else []
+        wrapped = {id(p) for p in unet.parameters()} if reduces_own_gradients(unet) else set()
+        own = [p for p in params if id(p) not in wrapped]
+        self.bucket = GradientBucket(own, self.world) if self.world > 1 and own else None
         self.accumulation, self.max_grad_norm = cfg.gradient_accumulation_steps, cfg.max_grad_norm
         self.prior_loss_weight = cfg.prior_loss_weight
         fp16_cuda = dtype == torch.float16 and self.device.type == "cuda"
@@ -166,8 +172,11 @@ class TrainingSteps:
                          self.channels_last)
 
     def eager_step(self) -> torch.Tensor:
-        """One optimizer step in plain PyTorch (accumulation, DDP: gradients sync on the last micro-batch only)."""
+        """One optimizer step in plain PyTorch: the micro-batches' gradients add up in place, then the bucket
+        averages them over the processes once (a wrapped denoiser syncs on the last micro-batch only)."""
         total = torch.zeros((), device=self.device)
+        if self.bucket is not None:
+            self.bucket.attach()
         for micro in range(self.accumulation):
             xs = self.next_inputs()
             loss = self.loss_of(xs[0]) + sum(self.prior_loss_weight * self.loss_of(x) for x in xs[1:])
@@ -176,14 +185,10 @@ class TrainingSteps:
             with (self.acc.no_sync(self.unet) if not sync else torch.enable_grad()):
                 (self.scaler.scale(loss) if self.scaler else loss).backward()
             total = total + loss.detach()
-        self.average_outside_ddp()
+        if self.bucket is not None:
+            self.bucket.all_reduce()
         self.update(self.params, self.optimizer, self.max_grad_norm, self.scaler)
         return total
-
-    def average_outside_ddp(self) -> None:
-        """Under DDP, average the gradients DDP does not: those of the text encoders' LoRA and the new token vectors
-        (the text encoders run outside the wrapped denoiser). Nothing to do on one process."""
-        average_gradients(self.outside_ddp, self.world)
 
     def use_static(self, capture: bool, compile_unet: bool, verbose: bool) -> None:
         """Switch to the static step (torch.compile'd with `compile_unet`; captured as a CUDA graph with `capture`,
@@ -193,15 +198,23 @@ class TrainingSteps:
             self.unet.forward = torch.compile(self.unet.forward)
         saved_rng = self.generator.get_state(), self.data_rng.bit_generator.state
         self.static = StaticStep(self.loss_of, self.params, self.optimizer, self.max_grad_norm,
-                                 self.next_inputs()[0], self.average_outside_ddp if self.outside_ddp else None)
+                                 self.next_inputs()[0], self.bucket)
         if capture:
+            failed = None
             try:
                 self.static.capture(warmup=2)
-                if verbose:
-                    print("training step captured as one CUDA graph")
             except RuntimeError as err:  # e.g. an op that cannot be captured: keep training, eagerly
-                print(f"warning: CUDA graph capture failed ({err}); using the eager step", file=sys.stderr)
+                failed = str(err)
+            if self.world > 1 and not failed and not all_agree(True, self.device):
+                failed = "it failed on another process"  # replays meet in the all-reduce: all capture or none
+            elif self.world > 1 and failed:
+                all_agree(False, self.device)
+            if failed:
+                print(f"warning: CUDA graph capture failed ({failed}); using the eager step", file=sys.stderr)
                 self.static = None
+            elif verbose:
+                print("training step captured as one CUDA graph"
+                      + (f" (with the gradients' all-reduce over {self.world} processes)" if self.bucket else ""))
         self.generator.set_state(saved_rng[0])
         self.data_rng.bit_generator.state = saved_rng[1]
 
@@ -211,6 +224,20 @@ class TrainingSteps:
             return self.eager_step()
         self.static.load(self.next_inputs()[0])
         return self.static.run()
+
+
+def reduces_own_gradients(model: nn.Module) -> bool:
+    """Whether `model` is wrapped in DDP, which averages its gradients itself, so the training step's
+    GradientBucket leaves its parameters out. FSDP (the DiT recipe, training/dit/fsdp.py) shards only the frozen
+    weights and leaves the LoRA whole: its gradients go through the bucket."""
+    return isinstance(model, nn.parallel.DistributedDataParallel)
+
+
+def all_agree(ok: bool, device: torch.device) -> bool:
+    """True when `ok` holds on every process (one all-reduce of a flag; call on all of them)."""
+    flag = torch.tensor([1.0 if ok else 0.0], device=device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+    return bool(flag.item())
 
 
 class LossLog:
@@ -426,6 +453,19 @@ class StepHooks:
         save_png(image, self.out / "samples" / f"validation_step{done:06d}.png")
         if self.writer:
             self.writer.add_image("validation", np.asarray(image), done, dataformats="HWC")
+
+
+def dump_held_weights(models: Mapping[str, nn.Module], tokens: NewTokens | None, rank: int) -> None:
+    """With LORA_VISION_DUMP_RANK_LORA=DIR (debugging, tests): every process writes the LoRA weights and new token
+    vectors it holds to DIR/rank<N>.safetensors, to compare processes (both recipes call it after the loop)."""
+    dump = os.environ.get("LORA_VISION_DUMP_RANK_LORA")
+    if not dump:
+        return
+    Path(dump).mkdir(parents=True, exist_ok=True)
+    held = {f"{comp}.{k}": v for comp, m in models.items() for k, v in lora_state_dict(m).items()}
+    held.update({f"embeddings.{comp}": v for comp, v in (tokens.vectors() if tokens else {}).items()})
+    write_safetensors(Path(dump) / f"rank{rank}.safetensors",
+                      {k: v.detach().float().cpu().contiguous() for k, v in held.items()})
 
 
 def step_stamp(device: torch.device) -> Any:

@@ -11,7 +11,7 @@ Two ways to run the same step:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -145,20 +145,45 @@ def step_loss(unet: nn.Module, x: Inputs, table: TextTable, text_encoders: list,
                           loss_type=settings.loss_type, huber_c=huber_c, mask=x.mask)
 
 
-def average_gradients(params: list[torch.Tensor], world: int) -> None:
-    """Average the gradients of `params` over the `world` processes in one all-reduce of their concatenation: the
-    trainable tensors outside the DDP-wrapped denoiser (the text encoders' LoRA, pivotal tuning's new vectors),
-    whose gradients DDP does not reduce. A tensor without a gradient on this process counts as zeros."""
-    if world == 1 or not params:
-        return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1).float() for g in grads])
-    torch.distributed.all_reduce(flat)
-    flat /= world
-    offset = 0
-    for p, g in zip(params, grads):
-        p.grad = flat[offset:offset + g.numel()].view_as(g).to(g.dtype)
-        offset += g.numel()
+class GradientBucket:
+    """The gradients of `params` kept in one preallocated flat buffer and averaged over the `world` processes with
+    one all-reduce of it: what replaces DDP's hooks in the training step, eager or captured.
+
+    `attach()` (before the backward) zeroes the buffer and makes each `p.grad` a view into it, so the backward
+    accumulates into the same memory every step; `all_reduce()` (after it) averages the buffer in place. The
+    tensors never move, so the step that uses them can be captured in a CUDA graph with the all-reduce inside it
+    (NCCL), and the eager step on gloo runs exactly the same code. A tensor that gets no gradient on this process
+    counts as zeros. One buffer per dtype (the LoRA parameters are float32: one all-reduce).
+    """
+
+    def __init__(self, params: list[torch.Tensor], world: int, group: Any = None) -> None:
+        self.params, self.world, self.group = list(params), world, group
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for p in self.params:
+            by_dtype.setdefault(p.dtype, []).append(p)
+        self.flats: list[torch.Tensor] = []
+        self.views: list[tuple[torch.Tensor, torch.Tensor]] = []  # (parameter, its gradient's place in a flat)
+        for dtype, ps in by_dtype.items():
+            flat = torch.zeros(sum(p.numel() for p in ps), dtype=dtype, device=ps[0].device)
+            offset = 0
+            for p in ps:
+                self.views.append((p, flat[offset:offset + p.numel()].view_as(p)))
+                offset += p.numel()
+            self.flats.append(flat)
+
+    def attach(self) -> None:
+        """Zero the buffer and point every parameter's gradient at its view (a no-op for a view already there)."""
+        for flat in self.flats:
+            flat.zero_()
+        for p, view in self.views:
+            if p.grad is not view:
+                p.grad = view
+
+    def all_reduce(self) -> None:
+        """Average the gradients over the processes: one all-reduce (sum) per buffer, then / world, in place."""
+        for flat in self.flats:
+            torch.distributed.all_reduce(flat, group=self.group)
+            flat.div_(self.world)
 
 
 def clip_and_step(params: list[torch.Tensor], optimizer: torch.optim.Optimizer, max_grad_norm: float,
@@ -181,14 +206,16 @@ class StaticStep:
 
     `load(inputs)` copies a step's inputs into the buffers; `run()` replays the graph (or calls the step when
     not captured) and returns the loss buffer. Capturing first runs warm-up steps on a side stream and then puts
-    back the LoRA weights and optimizer state, so capturing does not change the training.
+    back the LoRA weights and optimizer state, so capturing does not change the training. With a `bucket` (several
+    processes) the gradients live in its flat buffer and its all-reduce runs between the backward and the update,
+    inside the graph when captured: N processes replay N graphs that meet in that all-reduce.
     """
 
     def __init__(self, loss_fn: Callable[[Inputs], torch.Tensor], params: list[torch.Tensor],
                  optimizer: torch.optim.Optimizer, max_grad_norm: float, example: Inputs,
-                 after_backward: Callable[[], None] | None = None) -> None:
+                 bucket: GradientBucket | None = None) -> None:
         self.loss_fn, self.params, self.optimizer, self.max_grad_norm = loss_fn, params, optimizer, max_grad_norm
-        self.after_backward = after_backward  # e.g. average_gradients under DDP (uncaptured: one process captures)
+        self.bucket = bucket
         self.buf = Inputs(*(t.clone() for t in (example.latents, example.noise, example.timesteps,
                                                  example.text_rows, example.time_ids)), example.n_instance,
                           example.mask.clone() if example.mask is not None else None)
@@ -208,10 +235,12 @@ class StaticStep:
             self.buf.mask.copy_(x.mask, non_blocking=True)
 
     def _body(self) -> torch.Tensor:
+        if self.bucket is not None:
+            self.bucket.attach()
         loss = self.loss_fn(self.buf)
         loss.backward()
-        if self.after_backward is not None:
-            self.after_backward()
+        if self.bucket is not None:
+            self.bucket.all_reduce()
         clip_and_step(self.params, self.optimizer, self.max_grad_norm)
         return loss.detach()
 
@@ -244,6 +273,9 @@ class StaticStep:
                         v.copy_(saved_state[id(p)][k]) if id(p) in had_state else v.zero_()
         self.optimizer.zero_grad(set_to_none=True)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # several processes: NCCL's watchdog thread polls its events while this thread captures, which the global
+        # capture mode forbids (NCCL's guide, "Using NCCL with CUDA Graphs", capture modes)
+        mode = "thread_local" if self.bucket is not None else "global"
+        with torch.cuda.graph(graph, capture_error_mode=mode):
             self.loss = self._body()
         self.graph = graph
