@@ -90,7 +90,7 @@ fi
 mkdir -p "$OUTD/runs"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 LOG="$OUTD/bench_${MODE}.log"
-CMD="command: ROUNDS=$ROUNDS RUNS=\"$RUNS\" SIZE=$SIZE RES=$RES STEPS_SCALE=$SCALE bash benchmarks/bench_train_sd.sh $MODE $OUTD"
+CMD="command: ROUNDS=$ROUNDS RUNS=\"$RUNS\" SIZE=$SIZE RES=$RES STEPS_SCALE=$SCALE${BENCH_EXTRA:+ BENCH_EXTRA=\"$BENCH_EXTRA\"}${BENCH_SDPA:+ BENCH_SDPA=$BENCH_SDPA} bash benchmarks/bench_train_sd.sh $MODE $OUTD"
 echo "$CMD" | tee "$LOG"
 t0=$(date +%s)
 if [ ! -d "$MODEL" ]; then
@@ -104,7 +104,7 @@ echo "model $MODEL ready after $(( $(date +%s) - t0 )) s" | tee -a "$LOG"
 
 COMMON=(--pretrained_model_name_or_path="$MODEL" --instance_data_dir="$IMGS" --instance_prompt="a photo of sks dog"
         --resolution="$RES" --learning_rate=1e-4 --seed=0 --checkpointing_steps=100000 --rank=$RANK
-        --mixed_precision=bf16)
+        --mixed_precision=bf16 ${BENCH_EXTRA:-})  # BENCH_EXTRA: flags for both sides (gpu_dit_parts.sh)
 run_one() { label=$1; round=$2
   read -r kind limit flags <<< "$(args_of "$label")"
   out="$OUTD/runs/out_$label"; log="$OUTD/runs/${label}_r$round.log"

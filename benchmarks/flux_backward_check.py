@@ -1,6 +1,7 @@
 """Does one training forward + backward of a real-size Flux.1-dev transformer run on this GPU, per attention backend?
 
-A random-weight FluxTransformer2DModel (guidance embedding on) in bf16, 1024 px (4096 image + 512 text tokens),
+Settings: default; `checkpointing` (default attention, gradient checkpointing: the memory of the backward, not its
+kernels); cuDNN attention off; flash off; memory-efficient attention only. A random-weight FluxTransformer2DModel (guidance embedding on) in bf16, 1024 px (4096 image + 512 text tokens),
 batch 1; every weight frozen but the patch embedding's, so the backward carries activation gradients through all 57
 blocks as LoRA training does. Each backend setting runs in its own process (an illegal memory access ends a CUDA
 context), and CUDA_LAUNCH_BLOCKING=1 makes a failing kernel raise at its own call. Prints one line per setting:
@@ -22,7 +23,7 @@ import time
 import traceback
 from pathlib import Path
 
-SETTINGS = ("default", "no-cudnn", "no-flash", "efficient-only")
+SETTINGS = ("default", "checkpointing", "no-cudnn", "no-flash", "efficient-only")
 
 
 def one(setting: str, tokens: int) -> int:
@@ -46,6 +47,8 @@ def one(setting: str, tokens: int) -> int:
     torch.set_default_dtype(torch.float32)
     model.requires_grad_(False)
     model.x_embedder.weight.requires_grad_(True)
+    if setting == "checkpointing":  # default attention, activations recomputed in the backward
+        model.enable_gradient_checkpointing()
     side = int(tokens ** 0.5)
     inputs = transformer_inputs(model, image_tokens=(side, side), text_tokens=512)
     try:
@@ -59,7 +62,11 @@ def one(setting: str, tokens: int) -> int:
               flush=True)
         return 0
     except RuntimeError as err:  # torch.AcceleratorError is one
-        print(f"CHECK {setting} failed: {str(err).splitlines()[0]}", flush=True)
+        try:  # an out-of-memory cuBLAS workspace shows as a peak near the card's size
+            peak = f" (peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB)"
+        except RuntimeError:
+            peak = ""
+        print(f"CHECK {setting} failed{peak}: {str(err).splitlines()[0]}", flush=True)
         traceback.print_exc(limit=-6)
         return 1
 

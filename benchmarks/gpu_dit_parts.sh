@@ -18,7 +18,9 @@ if [ ! -s "$PICKED" ]; then
 fi
 [ -s "$PICKED" ] || { echo "error: no attention setting ran a Flux.1 training backward (see $OUTD/backward_check.txt)" >&2; rm -f "$PICKED"; exit 1; }
 export BENCH_SDPA; BENCH_SDPA=$(cat "$PICKED"); export PYTHONPATH=$PWD/benchmarks/sdpa_site:${PYTHONPATH:-}
-echo "attention setting for both sides: $BENCH_SDPA"
+export BENCH_EXTRA=""  # both scripts' flag when only a recomputed backward runs
+[ "$BENCH_SDPA" = checkpointing ] && BENCH_EXTRA="--gradient_checkpointing"
+echo "attention setting for both sides: $BENCH_SDPA ${BENCH_EXTRA}"
 case $PART in
   train) ROUNDS=${ROUNDS:-2} MODEL=/tmp/bench_flux1 IMGS=/tmp/bench_imgs_flux1 RUNS=${RUNS:-"ref_bs1 ours_bs1"} \
            bash benchmarks/bench_train_sd.sh flux1 "$OUTD" ;;
