@@ -117,6 +117,14 @@ def train_dit(cfg: SDTrainConfig, acc: Any, pipe: Any, family: str, dtype: torch
         if main_proc:
             print("note: no kohya (ComfyUI) file with --train_text_encoder (it holds the transformer only); "
                   "adapter_diffusers.safetensors holds the text encoders too")
+    if device.type == "cuda" and torch.backends.cuda.cudnn_sdp_enabled():
+        # cuDNN's attention backward failed at Flux.1's size on an H200 (torch 2.11, "mha_graph.execute ...
+        # is_good()"; diffusers' own training script dies alike), flash and memory-efficient attention ran it:
+        # benchmarks/flux_backward_check.py, docs/benchmarks.md
+        torch.backends.cuda.enable_cudnn_sdp(False)
+        if main_proc:
+            print("note: cuDNN attention is off for DiT training (its backward fails at real DiT sizes on "
+                  "torch 2.11); PyTorch's flash / memory-efficient attention run instead")
     transformer = pipe.transformer
     if fsdp is None:
         pipe.to(device)
