@@ -311,36 +311,44 @@ class LoRALayer(nn.Module):
         if not names:
             return None
         targets = dict(self._base_weights())
-        if not check and list(targets) == ["weight"]:
-            product = self._low_rank_product(names, strengths)
-            if product is not None:
-                return self._merge_product_(names, strengths, *product)
+        # One plain low-rank product in the weight's dtype: one addmm writes W + factor * B @ A straight into the
+        # weight (fp32 accumulation and sum, one rounding, as below), without the fp32 copies of the weight.
+        product = self._low_rank_product(names, strengths) if not check and list(targets) == ["weight"] else None
         new: dict[str, torch.Tensor] = {}
         bad = None
         with torch.no_grad():
-            deltas = {n: self.delta(n) for n in names}  # once per adapter, not once per weight it touches
-            for key, w in targets.items():
-                acc = w.detach().to(torch.float32, copy=True)  # never alias the weight itself
-                for n in names:
-                    d = deltas[n].get(key)
-                    if d is not None:
-                        acc.add_(d.to(acc.device), alpha=strengths[n])
-                cast = acc.to(w.dtype)
-                flag = ~torch.isfinite(cast).all()
-                bad = flag if bad is None else bad | flag
-                new[key] = cast
-            if check and bool(bad):
-                raise FloatingPointError(
-                    f"merging adapter(s) {names} would put NaN/Inf into {', '.join(targets)}; weights left unchanged")
+            if product is None:
+                deltas = {n: self.delta(n) for n in names}  # once per adapter, not once per weight it touches
+                for key, w in targets.items():
+                    acc = w.detach().to(torch.float32, copy=True)  # never alias the weight itself
+                    for n in names:
+                        d = deltas[n].get(key)
+                        if d is not None:
+                            acc.add_(d.to(acc.device), alpha=strengths[n])
+                    cast = acc.to(w.dtype)
+                    flag = ~torch.isfinite(cast).all()
+                    bad = flag if bad is None else bad | flag
+                    new[key] = cast
+                if check and bool(bad):
+                    raise FloatingPointError(f"merging adapter(s) {names} would put NaN/Inf into "
+                                             f"{', '.join(targets)}; weights left unchanged")
             # Unchecked merges keep what `undo_merge_` needs until the caller has checked the flag (merge_lora then
             # drops it with `drop_undo_`); checked merges need no undo.
             self._undo = None if check else (
                 {k: (None if k not in self._backup else w.detach().clone()) for k, w in targets.items()},
                 dict(self.merged))
             for key, w in targets.items():
-                if key not in self._backup:
+                first = key not in self._backup
+                if first:
                     self._backup[key] = w.detach().clone()
-                w.data.copy_(new[key])
+                if product is None:
+                    w.data.copy_(new[key])
+                elif first:
+                    torch.addmm(self._backup[key], product[0], product[1], alpha=product[2], out=w.data)
+                else:
+                    w.data.addmm_(product[0], product[1], alpha=product[2])
+            if product is not None:
+                bad = ~torch.isfinite(targets["weight"]).all()
         for n in names:
             self.merged[n] = strengths[n]
         self._refresh()
@@ -349,28 +357,8 @@ class LoRALayer(nn.Module):
     def _low_rank_product(self, names: list[str], strengths: dict[str, float]
                           ) -> tuple[torch.Tensor, torch.Tensor, float] | None:
         """(B, A, factor) when merging `names` is W + factor * B @ A with B, A 2-d in W's dtype and device (one
-        plain LoRA adapter): `_merge_product_` then does it in one addmm. None: the general path."""
+        plain LoRA adapter): `merge_` then does it in one addmm. None: the general path."""
         return None
-
-    def _merge_product_(self, names: list[str], strengths: dict[str, float], b: torch.Tensor, a: torch.Tensor,
-                        factor: float) -> torch.Tensor:
-        """merge_ (unchecked) of one low-rank product: one addmm writes W + factor * B @ A into the weight, the
-        product accumulated and added in fp32 and rounded once to the weight's dtype, as the general path does,
-        without its fp32 copies of the weight (a third of the memory traffic and kernels on a large model)."""
-        w = self.base.weight
-        with torch.no_grad():
-            first = "weight" not in self._backup
-            self._undo = ({"weight": None if first else w.detach().clone()}, dict(self.merged))
-            if first:
-                self._backup["weight"] = w.detach().clone()
-                torch.addmm(self._backup["weight"], b, a, alpha=factor, out=w.data)
-            else:
-                w.data.addmm_(b, a, alpha=factor)
-            bad = ~torch.isfinite(w).all()
-        for n in names:
-            self.merged[n] = strengths[n]
-        self._refresh()
-        return bad
 
     def undo_merge_(self) -> None:
         """Undo the last `merge_` exactly (weights and merged state as they were before it)."""
