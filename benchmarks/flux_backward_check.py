@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import runpy
 import subprocess
 import sys
 import time
@@ -34,13 +35,8 @@ def one(setting: str, tokens: int) -> int:
 
     from lora_vision.models.dit import transformer_inputs
 
-    cuda = torch.backends.cuda
-    if setting in ("no-cudnn", "efficient-only"):
-        cuda.enable_cudnn_sdp(False)
-    if setting in ("no-flash", "efficient-only"):
-        cuda.enable_flash_sdp(False)
-    if setting == "efficient-only":
-        cuda.enable_math_sdp(False)
+    os.environ["BENCH_SDPA"] = setting  # the backends each setting turns off: one table, the benchmarks' site hook
+    runpy.run_path(str(Path(__file__).resolve().parent / "sdpa_site" / "sitecustomize.py"))
     torch.set_default_dtype(torch.bfloat16)
     with torch.device("cuda"):
         model = FluxTransformer2DModel(guidance_embeds=True)
