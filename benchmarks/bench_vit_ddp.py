@@ -110,4 +110,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from lora_vision.training.checkpoint import end_process_group
+
+    try:
+        main()
+    finally:
+        end_process_group()

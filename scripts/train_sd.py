@@ -40,8 +40,8 @@ from lora_vision.models.sd import (TINY_PIPELINES, base_tag, detect_family, load
 from lora_vision.models.dit import DIT_KINDS  # noqa: E402
 from lora_vision.data.dreambooth import make_buckets  # noqa: E402
 from lora_vision.generation.images import save_png  # noqa: E402
-from lora_vision.training.checkpoint import (CheckpointError, find_checkpoint, new_run_id,  # noqa: E402
-                                             prepare_output_dir, trim_log)
+from lora_vision.training.checkpoint import (CheckpointError, end_process_group, find_checkpoint,  # noqa: E402
+                                             new_run_id, prepare_output_dir, trim_log)
 from lora_vision.training.config import config_to_dict, load_config, save_config  # noqa: E402
 from lora_vision.training.optim import eval_mode  # noqa: E402
 from lora_vision.training.sd.caching import prepare_data  # noqa: E402
@@ -340,4 +340,8 @@ def open_tensorboard(folder: Path):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        code = main()
+    finally:
+        end_process_group()
+    sys.exit(code)

@@ -39,7 +39,7 @@ from lora_vision.lora.config import ConfigError
 from lora_vision.lora.weight_init import WEIGHT_INITS, init_from_weights_
 from lora_vision.models.vit import freeze_to, load_vit, lora_targets
 from lora_vision.training.checkpoint import (StopOnInterrupt, TrainableWeights, TrainingInterrupted, check_resume_step,
-                                             find_checkpoint, new_run_id, prepare_output_dir, restore_rng)
+                                             end_process_group, find_checkpoint, new_run_id, prepare_output_dir, restore_rng)
 from lora_vision.training.vit.compare import write_comparison
 from lora_vision.training.vit.config import MODES, ViTTrainConfig
 from lora_vision.training.vit.run import (RunState, evaluated_weights, export, interrupted_error,
@@ -375,3 +375,5 @@ if __name__ == "__main__":
         print("\ninterrupted; the checkpoints already written are complete and kept (resume with "
               "--resume_from_checkpoint latest)", file=sys.stderr)
         sys.exit(130)
+    finally:
+        end_process_group()

@@ -191,6 +191,16 @@ class TrainingInterrupted(Exception):
     """Training stopped on Ctrl-C after saving a checkpoint; the message says where and how to resume."""
 
 
+def end_process_group() -> None:
+    """Destroy the process group of a multi-process run (torchrun / accelerate launch) before the process exits.
+    Left to the interpreter's exit, gloo's threads could die mid-teardown (`terminate called without an active
+    exception`, SIGABRT) after the run had finished and written everything, so the launcher reported a failure.
+    Nothing happens in a single process; it is local to the process, no collective (a rank that returns early does
+    not wait for the others)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 class StopOnInterrupt:
     """While active, the first Ctrl-C (SIGINT) only sets `requested`: the training loop stops at the end of the
     current step, saves a checkpoint and exits; a second Ctrl-C interrupts at once (KeyboardInterrupt). Outside the
