@@ -162,17 +162,23 @@ class Variant:
         return statistics.median(times)
 
     def profile(self, folder: str) -> None:
-        """Where the time goes: device kernels of 3 more steps, by total time, to profile_<kind>.txt."""
+        """Where the time goes: the kernels of 3 more steps by category and the top ones, to profile_<kind>.md
+        (the table train_sd.py's --profile_steps writes, lora_vision.training.profiling.kernel_table)."""
         from torch.profiler import ProfilerActivity, profile as prof
 
+        from lora_vision.training.profiling import kernel_table
+
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.dev == "cuda" else [])
+        timing.sync(self.dev)
         with prof(activities=acts) as p:
+            t0 = time.perf_counter()
             for _ in range(3):
                 self.step()
             timing.sync(self.dev)
-        key = "self_cuda_time_total" if self.dev == "cuda" else "self_cpu_time_total"
-        with open(os.path.join(folder, f"profile_{self.kind}.txt"), "w") as f:
-            f.write(p.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=70))
+            wall = time.perf_counter() - t0
+        table = kernel_table(p.key_averages(), self.dev == "cuda", 3, wall)
+        with open(os.path.join(folder, f"profile_{self.kind}.md"), "w") as f:
+            f.write(f"# {self.kind}: where the step's time goes\n\ncommand: {timing.command_line()}\n\n{table}")
 
     def row(self, ms_per_round: list[float], peak_gib: float | None) -> dict:
         ms = statistics.median(ms_per_round)

@@ -284,6 +284,7 @@ def train(cfg: SDTrainConfig) -> int:
                       writer, t_start=_T_START, static_s=static_s)
     stopped_at = run_steps(acc, cfg, steps, bar, optimizer, schedule, base_lrs, log, checkpoints, hooks.after_step,
                            hooks.validate)
+    hooks.finish()
     if stopped_at is not None:
         if main_proc:
             print(interrupted_message(cfg, stopped_at, __file__, world), file=sys.stderr)

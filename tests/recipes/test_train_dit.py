@@ -68,8 +68,11 @@ def test_a_few_steps_train_every_family_and_write_all_files(train_sd, images, tm
 
 def test_first_step_and_step_times_are_reported_as_in_the_sd_recipe(train_sd, images, tmp_path, capsys):
     # --time_steps used to be accepted and ignored on a DiT run; the first-step line was SD-only
-    assert train_sd.main(dit_args("tiny-flux", images, tmp_path / "out", 12, "--time_steps")) == 0
+    assert train_sd.main(dit_args("tiny-flux", images, tmp_path / "out", 12, "--time_steps", "--profile_steps",
+                                  "2")) == 0
     out = capsys.readouterr().out
+    table = (tmp_path / "out" / "profile" / "kernels.md").read_text()  # --profile_steps reaches the DiT loop too
+    assert "Steps 6-7 of the run" in table and "| GEMM |" in table, table[:600]
     first = [line for line in out.splitlines() if "first step done" in line]
     assert len(first) == 1 and "imports and setup" in first[0], first
     steps = [line for line in out.splitlines() if line.startswith("STEPS ours")]

@@ -153,3 +153,21 @@ def test_time_to_the_first_step_is_printed_once(train_sd, instance_dir, tmp_path
     m = re.fullmatch(r"first step done ([\d.]+) s after start \(imports and setup ([\d.]+) s, first step ([\d.]+) s\)",
                      lines[0])  # on the CPU no static step is built before the first one
     assert m and float(m[1]) >= float(m[2]) > 0, lines[0]
+
+
+def test_profile_steps_write_where_the_step_time_goes_and_a_short_run_still_writes_its_part(train_sd, instance_dir,
+                                                                                           tmp_path, capsys):
+    # 5 warm-up steps, then 4 profiled steps asked for but the run ends after 2 of them: finish() writes those
+    out = tmp_path / "out"
+    assert train_sd.main(base_args("tiny-sd1", instance_dir, out, steps=7) + ["--profile_steps", "4"]) == 0
+    table = (out / "profile" / "kernels.md").read_text()
+    assert "Steps 6-7 of the run (after 5 steps of warm-up), CPU." in table, table[:500]
+    assert re.search(r"2 steps: wall [\d.]+ ms per step, CPU ops \(self time\) busy [\d.]+ ms per step", table)
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in table.splitlines() if line.startswith("| ")}
+    assert "convolution" in rows and "GEMM" in rows, table  # the UNet's convolutions and attention projections
+    import gzip
+    trace = json.loads(gzip.decompress((out / "profile" / "trace.json.gz").read_bytes()))
+    assert any("conv" in e.get("name", "") for e in trace["traceEvents"])
+    assert "profile/kernels.md (2 profiled steps)" in capsys.readouterr().out
+    assert train_sd.main(base_args("tiny-sd1", instance_dir, tmp_path / "bad", steps=7) + ["--profile_steps", "-1"]) == 2
+    assert "profile_steps=-1: expected 0 (off) or a number of steps to profile" in capsys.readouterr().err

@@ -234,6 +234,7 @@ def train_dit(cfg: SDTrainConfig, acc: Any, pipe: Any, family: str, dtype: torch
                       sampling=lambda: text_encoders_on(pipe, device))  # validation images: text encoders back
     stopped_at = run_steps(acc, cfg, steps, bar, optimizer, schedule, base_lrs, log, checkpoints, hooks.after_step,
                            hooks.validate)
+    hooks.finish()
     if stopped_at is not None:
         if main_proc:
             print(interrupted_message(cfg, stopped_at, script, world), file=sys.stderr)

@@ -29,7 +29,8 @@ RESUMABLE_CHANGES: frozenset[str] = frozenset({
     "max_train_steps", "checkpointing_steps", "checkpoints_total_limit", "resume_from_checkpoint", "output_dir",
     "overwrite_output_dir",
     "validation_prompt", "num_validation_images", "validation_steps", "validation_inference_steps",
-    "strength_sweep", "logging_steps", "report_to", "export_kohya", "save_peft", "time_steps", "cuda_graph", "compile",
+    "strength_sweep", "logging_steps", "report_to", "export_kohya", "save_peft", "time_steps", "profile_steps",
+    "cuda_graph", "compile",
     "sample_batch_size", "class_inference_steps", "num_class_images", "logging_dir", "num_threads", "ema_cpu",
 })
 
@@ -288,6 +289,10 @@ class SDTrainConfig(TrainingFeatures, AdapterKindFields):
     unet, 'out/peft/unet')). Settings peft cannot rebuild are refused before training."""
     time_steps: bool = False
     """Time every step with CUDA events and print a STEPS line (benchmarks)."""
+    profile_steps: int = 0
+    """Profile this many steps after 5 warm-up steps (torch.profiler) and write where the step's time goes to
+    output_dir/profile/kernels.md (kernel categories and top kernels per step, the device's busy share of the wall
+    time) and a Chrome trace, profile/trace.json.gz; 0: off."""
     num_threads: int | None = None
     """CPU threads of torch; None: 1 for the built-in tiny model on CPU unless OMP_NUM_THREADS is set, else torch's."""
 
@@ -328,6 +333,8 @@ class SDTrainConfig(TrainingFeatures, AdapterKindFields):
                 out.append(f"{name}={getattr(self, name)}: expected a number > 0")
         if self.seed < 0:
             out.append(f"seed={self.seed}: expected an integer >= 0")
+        if self.profile_steps < 0:
+            out.append(f"profile_steps={self.profile_steps}: expected 0 (off) or a number of steps to profile")
         if self.bucket_step > 0 and self.bucket_step % 8:
             out.append(f"bucket_step={self.bucket_step}: expected a multiple of 8 (the VAE works on 8x8 pixel blocks)")
         elif self.bucketing and self.resolution and self.bucket_step > 0 and self.resolution % self.bucket_step:

@@ -34,6 +34,7 @@ from ..checkpoint import (CheckpointError, StopOnInterrupt, load_checkpoint, rea
                           restore_rng, resume_command, rng_state, save_checkpoint)
 from ..ema import EMA
 from ..first_step import report_first_step
+from ..profiling import StepProfiler
 from ..optim import eval_mode
 from .caching import BatchSampler, BucketCache, TextTable
 from .captions import CaptionVariants
@@ -427,6 +428,9 @@ class StepHooks:
         self.pipe, self.prompt, self.resolution, self.out, self.writer = pipe, prompt, resolution, out, writer
         self.t_start, self.static_s, self.sampling = t_start, static_s, sampling
         self.events: list = []
+        self.profiler = (StepProfiler(cfg.profile_steps, start, device, out / "profile",
+                                      header=f"command: {' '.join(sys.argv)}") if cfg.profile_steps and main_proc
+                         else None)
 
     def after_step(self, step: int, t_step: float) -> None:
         cfg = self.cfg
@@ -439,6 +443,13 @@ class StepHooks:
                 self.log.record_validation(step + 1, self.val_loss())
         if cfg.time_steps:
             self.events.append(step_stamp(self.device))
+        if self.profiler is not None:
+            self.profiler.after_step(step)
+
+    def finish(self) -> None:
+        """After the loop: the profile of a run that ended before its last profiled step is written too."""
+        if self.profiler is not None:
+            self.profiler.finish()
 
     def validate(self, done: int) -> None:
         cfg = self.cfg
