@@ -286,3 +286,27 @@ def test_train_text_encoder_is_refused_where_the_family_has_no_clip_encoder(trai
     assert train_sd.main(dit_args("tiny-qwen-image", images, out, 1, "--train_text_encoder")) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "CLIP encoders of Flux.1 and SD 3.x" in err[0]
+
+
+def test_cudnn_attention_is_off_for_a_cuda_run_and_put_back_after_it(capsys):
+    """The DiT recipe turns cuDNN attention off on CUDA (its backward failed at Flux.1's size) for the run only: a
+    caller that trains in its own process and then generates gets its setting back, also when the run fails."""
+    from lora_vision.training.dit.train import cudnn_attention_off
+
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    with pytest.raises(RuntimeError, match="mid-run"):
+        with cudnn_attention_off(torch.device("cuda"), say=True):
+            assert not torch.backends.cuda.cudnn_sdp_enabled()
+            raise RuntimeError("mid-run")
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    assert "note: cuDNN attention is off for DiT training" in capsys.readouterr().out
+    with cudnn_attention_off(torch.device("cpu"), say=True):  # a CPU run leaves it alone and says nothing
+        assert torch.backends.cuda.cudnn_sdp_enabled()
+    assert capsys.readouterr().out == ""
+    torch.backends.cuda.enable_cudnn_sdp(False)  # a caller's own choice is kept, not turned back on
+    try:
+        with cudnn_attention_off(torch.device("cuda"), say=True):
+            pass
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(True)

@@ -5,11 +5,12 @@ pieces (LossLog, Checkpoints, resume, the static step) and the files written are
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -95,11 +96,7 @@ def check_dit_config(cfg: SDTrainConfig, family: str, resolution: int) -> None:
 def train_dit(cfg: SDTrainConfig, acc: Any, pipe: Any, family: str, dtype: torch.dtype, ckpt: Path | None,
               threads: str, script: str, t_start: float | None = None) -> int:
     """Train a LoRA on `pipe.transformer` as configured; returns the exit status (0, or 130 when interrupted)."""
-    from accelerate.utils import gather_object
-
     device, main_proc = acc.device, acc.is_main_process
-    rank, world = acc.process_index, acc.num_processes
-    out = Path(cfg.output_dir)
     resolution = cfg.resolution or int(pipe.default_sample_size) * int(pipe.vae_scale_factor)
     check_dit_config(cfg, family, resolution)
     why = quantize_unsupported_reason(cfg.quantize_base, device)
@@ -117,14 +114,36 @@ def train_dit(cfg: SDTrainConfig, acc: Any, pipe: Any, family: str, dtype: torch
         if main_proc:
             print("note: no kohya (ComfyUI) file with --train_text_encoder (it holds the transformer only); "
                   "adapter_diffusers.safetensors holds the text encoders too")
-    if device.type == "cuda" and torch.backends.cuda.cudnn_sdp_enabled():
-        # cuDNN's attention backward failed at Flux.1's size on an H200 (torch 2.11, "mha_graph.execute ...
-        # is_good()"; diffusers' own training script dies alike), flash and memory-efficient attention ran it:
-        # benchmarks/flux_backward_check.py, docs/benchmarks.md
+    with cudnn_attention_off(device, main_proc):
+        return _train(cfg, acc, pipe, family, dtype, ckpt, threads, script, t_start, fsdp, resolution)
+
+
+@contextlib.contextmanager
+def cudnn_attention_off(device: torch.device, say: bool) -> Iterator[None]:
+    """cuDNN's attention off on CUDA for the run, put back as it was afterwards (a caller that trains in its own
+    process and then generates gets its setting back). Its backward failed at Flux.1's size on an H200 (torch 2.11,
+    "mha_graph.execute ... is_good()"; diffusers' own training script dies alike); flash and memory-efficient
+    attention ran it: benchmarks/flux_backward_check.py, docs/benchmarks.md."""
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    if device.type == "cuda" and before:
         torch.backends.cuda.enable_cudnn_sdp(False)
-        if main_proc:
+        if say:
             print("note: cuDNN attention is off for DiT training (its backward fails at real DiT sizes on "
                   "torch 2.11); PyTorch's flash / memory-efficient attention run instead")
+    try:
+        yield
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before)
+
+
+def _train(cfg: SDTrainConfig, acc: Any, pipe: Any, family: str, dtype: torch.dtype, ckpt: Path | None,
+           threads: str, script: str, t_start: float | None, fsdp: Any, resolution: int) -> int:
+    """train_dit's run, its settings checked."""
+    from accelerate.utils import gather_object
+
+    device, main_proc = acc.device, acc.is_main_process
+    rank, world = acc.process_index, acc.num_processes
+    out = Path(cfg.output_dir)
     transformer = pipe.transformer
     if fsdp is None:
         pipe.to(device)
