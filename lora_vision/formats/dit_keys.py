@@ -9,11 +9,13 @@ transformer's modules and puts the pieces together.
 
 from __future__ import annotations
 
+import math
 from typing import Mapping
 
 import torch
 
 from ..io import AdapterFileError
+from ..lora import kinds
 from ..lora.kinds import kind_of
 from ..lora.ops import layer_tensors
 from ..lora.spec import LayerSpec
@@ -227,6 +229,8 @@ def _import_kind(mod: str, kind: str, g: Mapping[str, torch.Tensor], factors: di
     if isinstance(spec, list):
         report.invalid += spec
         return
+    if not target.swap and _split_kind(source, mod, spec, names, info, live, out, report):
+        return
     weight = None
     if spec.weight_dependent:  # DoRA, OFT, ...: the update needs the native (fused) weight
         if not live or info.weight is None:
@@ -264,6 +268,50 @@ def _import_kind(mod: str, kind: str, g: Mapping[str, torch.Tensor], factors: di
     what = "output halves swapped" if swap else "rows split"
     report.split.append(f"{mod} -> {', '.join(done)} ({spec.label} over the native weight, {how}{what}, applied as "
                         "full diffs)")
+
+
+def _split_kind(source: str, mod: str, spec: LayerSpec, names: tuple[str, ...], info: ComponentInfo | None,
+                live: bool, out: dict[str, torch.Tensor], report: ImportReport) -> bool:
+    """A kind on a fused native module, kept as that kind on each live part where its algebra splits by rows
+    (LayerSpec.split_rows: LoRA+DoRA, LoHa, LoKr whose w2 rows divide the parts, full diff, (IA)^3): the factors
+    stay about the size of the file's instead of a dense diff per part (gigabytes for a real Flux.1 LoKr). False
+    when the kind does not split there (the caller applies it as full diffs). A DoRA or (IA)^3 part runs on its
+    own rows of the weight, so no weight is needed here."""
+    shape = kinds.update_shape(spec.kind, spec.all_factors)
+    if shape is None:
+        return False
+    try:
+        sizes = _part_rows(f"{source}: {mod}", names, info, shape[0], math.prod(shape[1:]))
+    except ValueError as e:
+        report.invalid.append(f"{mod}: {spec.label} update {tuple(shape)}: {e}")
+        return True
+    parts, how = spec.split_rows(sizes), f"{spec.label} split by rows, kept as {spec.label}"
+    low = kinds.lokr_low_rank(spec.all_factors) if parts is None and spec.kind == "lokr" else None
+    if low is not None:  # kron(w1, w2) as the exact LoRA (w1_a x w2_a)(w1_b x w2_b), whose B splits by rows
+        b, a = low
+        extra = {kinds.DORA: spec.factors[kinds.DORA]} if kinds.DORA in spec.factors else {}
+        as_lora = LayerSpec(a, b, spec.scaling * a.shape[0], "lora", "lora", extra)
+        parts = as_lora.split_rows(sizes)
+        how = (f"{spec.label} as the exact rank-{a.shape[0]} {as_lora.label} (w1_a x w2_a)(w1_b x w2_b), split by "
+               "rows")
+        spec = as_lora
+    if parts is None:
+        return False
+    whole = spec.all_factors
+    done = []
+    for name, part in zip(names, parts):
+        own = [t for n, t in part.all_factors.items() if torch.is_tensor(t) and t.shape != whole[n].shape]
+        if not part.weight_dependent and not any(t.any() for t in own):
+            continue  # this part is not adapted in the file (its rows of the split factors are zero)
+        if live:
+            problems = part.check(info.modules[name][1])
+            if problems:
+                report.invalid += [f"{mod} -> {name}: {p}" for p in problems]
+                continue
+        _put_layer(out, report, name, part)
+        done.append(name.rsplit(".", 1)[-1])
+    report.split.append(f"{mod} -> {', '.join(done)} ({how})")
+    return True
 
 
 def _put_layer(out: dict[str, torch.Tensor], report: ImportReport, name: str, spec: LayerSpec) -> None:

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import torch
 
@@ -323,6 +323,12 @@ def check(kind: str, factors: Factors, weight_shape: tuple[int, ...] | None, wha
     return problems
 
 
+def update_shape(kind: str, factors: Factors) -> tuple[int, ...] | None:
+    """The shape of the update the factors make on their own, None when it takes the weight's shape (OFT, BOFT,
+    (IA)^3). Raises KindError when the factors do not fit together."""
+    return _product_shape(kind, factors, None)
+
+
 def _product_shape(kind: str, f: Factors, ws: tuple[int, ...] | None) -> tuple[int, ...] | None:
     """The shape of the update the factors make (for shape checks; None when it is the weight's own shape)."""
     if kind == "lora":
@@ -427,6 +433,82 @@ def update(kind: str, factors: Factors, scale: float, alpha: float, weight: torc
     if DORA in f:
         d = _dora(w, w + d, f[DORA])
     return d if shape is not None else d.reshape(d.shape[0], -1)
+
+
+def split_rows(kind: str, factors: Factors, sizes: Sequence[int]) -> list[dict[str, torch.Tensor]] | None:
+    """The factors of each block of consecutive output rows of the update (blocks of `sizes` rows, in order): each
+    block the same kind, making exactly those rows of the update at every strength and, for DoRA and (IA)^3, from
+    its own rows of the weight. Used where a file adapts a fused module (BFL's qkv) that the model holds as parts.
+    None when the kind does not split there: OFT / BOFT (rotations mix rows), a LoKr whose second factor's rows
+    do not divide every block, a DoRA magnitude per input column (its norm runs over all rows), a norm layer.
+
+    Split: LoRA's B (its Tucker core and A shared), LoHa's w1_a / w2_a (the rows of the Hadamard halves), LoKr's w1
+    (or w1_a; kron(w1, w2) rows are w1's rows times w2's), full diff's rows, (IA)^3's per-row vector (a per-column
+    one is shared), diff_b and a per-row DoRA magnitude. The pieces are views and the unsplit factors are shared by
+    the parts, as the q / k / v of a split LoRA share its A (io.write_safetensors writes shared storage in full)."""
+    total = sum(sizes)
+    if kind in ("oft", "boft", "norm") or not sizes or min(sizes) <= 0:
+        return None
+    f = dict(factors)
+    split: dict[str, tuple[int, list[int]]] = {}  # factor -> (axis, block sizes along it)
+    if DORA in f:
+        if not dora_on_out(f[DORA], total):
+            return None
+        split[DORA] = (0, list(sizes))
+    if f.get("diff_b") is not None:
+        split["diff_b"] = (0, list(sizes))
+    if kind == "lora":
+        split["B"] = (0, list(sizes))
+    elif kind == "loha":
+        for a, t in (("hada_w1_a", "hada_t1"), ("hada_w2_a", "hada_t2")):
+            split[a] = (1 if f.get(t) is not None else 0, list(sizes))  # Tucker: a is (r, out)
+    elif kind == "lokr":
+        c = _lokr_part_shape(f, "w2")[0]
+        if any(n % c for n in sizes):
+            return None
+        split["lokr_w1" if f.get("lokr_w1") is not None else "lokr_w1_a"] = (0, [n // c for n in sizes])
+    elif kind == "full":
+        split["diff"] = (0, list(sizes))
+    elif kind == "ia3":
+        if not _on_input(f):
+            split["weight"] = (0, list(sizes))
+    else:
+        return None
+    for name, (axis, blocks) in split.items():
+        if f[name].shape[axis] != sum(blocks):
+            return None  # the factors make another number of rows than the blocks add up to
+    pieces = {name: f[name].split(blocks, axis) for name, (axis, blocks) in split.items()}
+    return [{n: pieces[n][i] if n in pieces else t for n, t in f.items()} for i in range(len(sizes))]
+
+
+def lokr_low_rank(factors: Factors) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(B, A) in float32 with B @ A = kron(w1, w2) exactly (a LoKr's update before its scale): by
+    (P1 Q1) kron (P2 Q2) = (P1 kron P2)(Q1 kron Q2), with P, Q = w_a, w_b, or w, I for an undecomposed factor. The
+    rank is (r1 or w1's columns) x (r2 or w2's columns). Products of bf16 / fp16 factors are exact in float32. None
+    with a Tucker core (a convolution) or a rank that is not below both sides of the update (a dense one is then no
+    bigger). Where a LoKr does not split by rows (split_rows), its rows split as this LoRA's B."""
+    if factors.get("lokr_t2") is not None:
+        return None
+    sides = []
+    for which in ("w1", "w2"):
+        full = factors.get(f"lokr_{which}")
+        if full is not None:
+            sides.append((full.float(), torch.eye(full.shape[1])))
+        else:
+            sides.append((factors[f"lokr_{which}_a"].float(), factors[f"lokr_{which}_b"].float().flatten(1)))
+    (p1, q1), (p2, q2) = sides
+    rank = p1.shape[1] * p2.shape[1]
+    out, inp = p1.shape[0] * p2.shape[0], q1.shape[1] * q2.shape[1]
+    if rank >= min(out, inp):
+        return None
+    dtype = next(t.dtype for n, t in factors.items() if n.startswith("lokr_w"))
+    return tuple(_narrow(torch.kron(x, y), dtype) for x, y in ((p1, p2), (q1, q2)))  # type: ignore[return-value]
+
+
+def _narrow(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`t` in `dtype` when that holds it exactly (a kron with an identity copies values), else as it is."""
+    small = t.to(dtype)
+    return small if small.float().equal(t) else t
 
 
 BIAS_FACTORS = {"lora": "diff_b", "full": "diff_b", "norm": "b_norm"}

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -171,6 +171,19 @@ class LayerSpec:
             return (self.B.float().flatten(1) @ self.A.float().flatten(1)) * self.scaling
         d = _kinds.update(self.kind, self.all_factors, self.scaling, self.alpha, weight)
         return d.reshape(d.shape[0], -1)
+
+    def split_rows(self, sizes: Sequence[int]) -> "list[LayerSpec] | None":
+        """This layer as one layer per block of consecutive output rows (`sizes`, in order), each of the same kind,
+        alpha and rule, whose updates stacked are this update at every strength (lora.kinds.split_rows says which
+        kinds split and where); None when the kind does not split there."""
+        parts = _kinds.split_rows(self.kind, self.all_factors, sizes)
+        if parts is None:
+            return None
+        out = []
+        for f in parts:
+            a, b = (f.pop("A"), f.pop("B")) if self.kind == "lora" else (None, None)
+            out.append(LayerSpec(a, b, self.alpha, self.rule, self.kind, f))
+        return out
 
     def bias_delta(self) -> torch.Tensor | None:
         """The update of the layer's bias at strength 1 (full `diff_b`, norm `b_norm`), None for other kinds."""

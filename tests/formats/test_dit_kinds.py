@@ -1,7 +1,8 @@
 """Adapter kinds (LoKr, LoHa, full diff, DoRA) in DiT files (formats/dit_keys.py): every family's tiny pipeline
 reads them through the same name maps as LoRA. On a live module the kind is kept whole; on a fused native module
 (BFL / MMDiT / NextDiT qkv, Flux.1's linear1) or a swapped one (final_layer.adaLN_modulation.1) the kind's update
-over the native weight is split into full diffs. The oracle is lycoris-lora: a LyCORIS module on a Linear holding
+over the native weight is split by rows, kept as that kind where its algebra allows (a LoKr whose second factor's
+rows divide the parts, LoHa, full diff, DoRA) and as full diffs otherwise. The oracle is lycoris-lora: a LyCORIS module on a Linear holding
 the native weight, its merged weight minus the weight is the update, written into a fresh transformer by hand."""
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ NATIVE = {
 # kind -> (LyCORIS class, options, the file's prefix and separator: each kind in another dialect)
 KINDS = {
     "lokr": (lokr.LokrModule, {"factor": 4, "lora_dim": 2, "alpha": 2.0}, "lora_unet_", "_"),
+    # factor 3: w2 has a part's rows (qkv) or 16 (linear1 of 224 rows), so the fused LoKr splits into LoKr parts
+    "lokr-rows": (lokr.LokrModule, {"factor": 3, "lora_dim": 2, "alpha": 2.0}, "lora_unet_", "_"),
     "loha": (loha.LohaModule, {"lora_dim": 2, "alpha": 2.0}, "diffusion_model.", "."),
     "full": (ly_full.FullModule, {}, "", "."),
     "dora": (locon.LoConModule, {"lora_dim": 2, "alpha": 1.0, "weight_decompose": True}, "lycoris_", "_"),
@@ -130,6 +133,7 @@ def test_kind_in_native_names_matches_lycoris_at_strength_and_fuses_exactly(pipe
     raw, updates = _file(family, kind, pipe)
     inputs = transformer_inputs(pipe.transformer)
     before = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
+    rows_of = {p: pipe.transformer.get_submodule(p).weight.shape[0] for _, parts, _ in NATIVE[family] for p in parts}
     with torch.no_grad():
         base = transformer_output(pipe.transformer, inputs)
         want = {s: transformer_output(_hand_merged(pipe, updates, s), inputs) for s in (0.5, 1.0)}
@@ -137,8 +141,20 @@ def test_kind_in_native_names_matches_lycoris_at_strength_and_fuses_exactly(pipe
     src = report.source_report
     assert src.ok, src
     fused_natives = [n for n, parts, swap in NATIVE[family] if len(parts) > 1 or swap]
-    assert len(src.split) == len(fused_natives) and all("applied as full diffs" in s for s in src.split)
-    label = {"lokr": "LoKr", "loha": "LoHa", "full": "full diff", "dora": "LoRA+DoRA"}[kind]
+    assert len(src.split) == len(fused_natives)
+    label = {"lokr": "LoKr", "lokr-rows": "LoKr", "loha": "LoHa", "full": "full diff", "dora": "LoRA+DoRA"}[kind]
+    for native, parts, swap in NATIVE[family]:  # split by rows where the kind's algebra allows, else full diffs
+        if len(parts) == 1 and not swap:
+            continue
+        line = [x for x in src.split if native.replace(".", "_") in x.replace(".", "_")]
+        rows = [rows_of[p] for p in parts]
+        w2 = next((t for k, t in raw.items() if native.replace(".", "_") in k.replace(".", "_")
+                   and k.endswith(("lokr_w2", "lokr_w2_a"))), None)
+        keeps = not swap and (w2 is None or all(n % w2.shape[0] == 0 for n in rows))
+        # a LoKr that does not split by rows splits as its exact LoRA (w1 x w2_a)(I x w2_b) when w2 is decomposed
+        low = not swap and not keeps and any(k.endswith("lokr_w2_a") for k in raw if native.replace(".", "_") in k)
+        said = f"kept as {label})" if keeps else ("split by rows)" if low else "applied as full diffs)")
+        assert len(line) == 1 and said in line[0] and ("exact rank-" in line[0]) == low, line
     whole = sum(1 for _, parts, swap in NATIVE[family] if len(parts) == 1 and not swap)
     assert src.kinds.get(label, 0) >= whole
     for strength in (0.5, 1.0):
@@ -251,10 +267,15 @@ def test_lokr_on_a_qkv_that_does_not_split_and_half_a_kind_are_named_and_refused
     assert any("50 rows do not split" in s for s in loaded.skipped)
 
 
-def test_dora_over_a_fused_qkv_needs_the_model(pipes):
+def test_dora_over_a_fused_qkv_splits_without_the_model_and_a_swapped_module_needs_it(pipes):
+    # LyCORIS' DoRA magnitude is per output row: each q / k / v part takes its rows and runs on its own weight rows,
+    # so no model is needed; the swapped final modulation is worked out over the native weight, which needs it
     pipe = _pipe(pipes, "flux1")
     raw, _ = _file("flux1", "dora", pipe)
     _, report = load_any(dict(raw))
-    assert any("depends on the base weights; give the model" in u for u in report.unsupported)
+    assert len(report.unsupported) == 1 and "final_layer_adaLN_modulation_1" in report.unsupported[0]
+    assert "depends on the base weights; give the model" in report.unsupported[0]
+    fused = [s for s in report.split if "kept as LoRA+DoRA" in s]
+    assert len(fused) == 2 and any("to_q, to_k, to_v, proj_mlp" in s for s in fused), report.split
     _, report = load_any(dict(raw), models={"transformer": pipe.transformer}, strict=True)
     assert any("computed with the model's weights" in s for s in report.split)

@@ -304,3 +304,108 @@ def test_lora_with_a_bias_update_runs_merges_and_unmerges_exactly():
     with pytest.raises(Exception, match=r"diff_b has shape \(4,\) but the layer's bias is \(5,\)"):
         lv.inject_lora(nn.Sequential(nn.Linear(6, 5)), layers={"0": LayerSpec(a, b, 4.0, "lora", "lora",
                                                                               {"diff_b": torch.zeros(4)})})
+
+
+# ---- one kind split by output rows (a fused file module onto the model's parts) --------------------------------
+
+def _split_cases() -> dict[str, tuple[str, dict[str, torch.Tensor]]]:
+    g = torch.Generator().manual_seed(0)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g)
+
+    out, inp = 24, 10
+    return {
+        "lora": ("lora", {"A": r(3, inp), "B": r(out, 3), "diff_b": r(out)}),
+        "lora+dora": ("lora", {"A": r(3, inp), "B": r(out, 3), "dora_scale": r(out, 1).abs() + 0.5}),
+        "loha": ("loha", {"hada_w1_a": r(out, 2), "hada_w1_b": r(2, inp), "hada_w2_a": r(out, 2),
+                          "hada_w2_b": r(2, inp)}),
+        "lokr full w1": ("lokr", {"lokr_w1": r(4, 2), "lokr_w2": r(6, 5)}),
+        "lokr w1_a/w1_b, w2_a/w2_b": ("lokr", {"lokr_w1_a": r(4, 2), "lokr_w1_b": r(2, 2), "lokr_w2_a": r(6, 2),
+                                              "lokr_w2_b": r(2, 5)}),
+        "lokr+dora": ("lokr", {"lokr_w1": r(4, 2), "lokr_w2": r(6, 5), "dora_scale": r(out).abs() + 0.5}),
+        "full": ("full", {"diff": r(out, inp), "diff_b": r(out)}),
+        "ia3 per row": ("ia3", {"weight": r(out)}),
+        "ia3 per column": ("ia3", {"weight": r(inp), "on_input": torch.tensor(True)}),
+    }
+
+
+@pytest.mark.parametrize("case", list(_split_cases()))
+def test_a_kind_split_by_rows_makes_the_same_update_part_by_part(case, tmp_path):
+    from lora_vision.lora.spec import LayerSpec
+
+    kind, f = _split_cases()[case]
+    f = dict(f)
+    a, b = (f.pop("A"), f.pop("B")) if kind == "lora" else (None, None)
+    spec = LayerSpec(a, b, 2.0, "lora", kind, f)
+    weight = torch.randn(24, 10, generator=torch.Generator().manual_seed(1))
+    sizes = [6, 12, 6]  # LoKr: w2 has 6 rows, so each block is whole rows of w1
+    parts = spec.split_rows(sizes)
+    assert parts is not None and len(parts) == 3
+    assert all(p.kind == spec.kind and p.label == spec.label and p.scaling == spec.scaling for p in parts)
+    w_parts = weight.split(sizes, 0)
+    for p, w in zip(parts, w_parts):
+        assert not p.check(tuple(w.shape)), p.check(tuple(w.shape))
+    got = torch.cat([p.delta(w if p.weight_dependent else None) for p, w in zip(parts, w_parts)], 0)
+    torch.testing.assert_close(got, spec.delta(weight if spec.weight_dependent else None), atol=1e-5, rtol=1e-5)
+    if spec.bias_delta() is not None:
+        torch.testing.assert_close(torch.cat([p.bias_delta() for p in parts]), spec.bias_delta())
+    # the parts share the unsplit factors and view the split ones; they are saved side by side all the same
+    from lora_vision.io import read_safetensors, write_safetensors
+    from lora_vision.lora.ops import layer_tensors
+
+    flat = {f"p{i}.{k}": t for i, p in enumerate(parts) for k, t in layer_tensors(f"p{i}", p).items()}
+    back, _ = read_safetensors(write_safetensors(tmp_path / "parts.safetensors", flat))
+    assert back.keys() == flat.keys() and all(torch.equal(back[k], flat[k]) for k in flat)
+
+
+def test_kinds_that_do_not_split_at_the_rows_say_so():
+    from lora_vision.lora.spec import LayerSpec
+
+    g = torch.Generator().manual_seed(0)
+    lokr = LayerSpec(None, None, 1.0, "lora", "lokr", {"lokr_w1": torch.randn(4, 2, generator=g),
+                                                      "lokr_w2": torch.randn(6, 5, generator=g)})
+    assert lokr.split_rows([8, 8, 8]) is None  # 8 rows are not whole rows of w1 (w2 has 6)
+    oft = LayerSpec(None, None, 1.0, "lora", "oft", {"oft_blocks": torch.zeros(4, 6, 6)})
+    assert oft.split_rows([12, 12]) is None  # rotations mix the rows of a block
+    dora_in = LayerSpec(torch.randn(2, 10, generator=g), torch.randn(24, 2, generator=g), 2.0, "lora", "lora",
+                        {"dora_scale": torch.rand(1, 10, generator=g) + 0.5})
+    assert dora_in.split_rows([12, 12]) is None  # a per-column magnitude's norm runs over all rows
+    lora = LayerSpec(torch.randn(2, 10, generator=g), torch.randn(24, 2, generator=g), 2.0)
+    assert lora.split_rows([12, 10]) is None and lora.split_rows([24, 0]) is None
+
+
+@pytest.mark.parametrize("w1_split, w2_split", [(False, True), (True, True), (True, False)])
+def test_lokr_as_its_exact_low_rank_lora(w1_split, w2_split):
+    """kron(w1_a w1_b, w2_a w2_b) = (w1_a x w2_a)(w1_b x w2_b): the LoRA a LoKr on a fused module splits as when
+    its w2 rows do not divide the parts; bf16 factors give the same update as the LoKr's own rule."""
+    from lora_vision.lora.kinds import lokr_low_rank
+    from lora_vision.lora.spec import LayerSpec
+
+    g = torch.Generator().manual_seed(3)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g).to(torch.bfloat16)
+
+    f = {}
+    f.update({"lokr_w1_a": r(8, 2), "lokr_w1_b": r(2, 4)} if w1_split else {"lokr_w1": r(8, 4)})
+    f.update({"lokr_w2_a": r(21, 2), "lokr_w2_b": r(2, 16)} if w2_split else {"lokr_w2": r(21, 16)})
+    b, a = lokr_low_rank(f)
+    spec = LayerSpec(None, None, 2.0, "lora", "lokr", f)
+    k = (2 if w1_split else 4) * (2 if w2_split else 16)
+    assert b.shape == (168, k) and a.shape == (k, 64)
+    torch.testing.assert_close(b.float() @ a.float(), spec.delta() / spec.scaling, atol=1e-5, rtol=1e-5)
+    as_lora = LayerSpec(a, b, spec.scaling * k)
+    torch.testing.assert_close(as_lora.delta(), spec.delta(), atol=1e-5, rtol=1e-5)
+    if not w1_split:  # A = I x w2_b copies bf16 values: kept in bf16; B's products need float32
+        assert a.dtype == torch.bfloat16 and b.dtype == torch.float32
+
+
+def test_lokr_without_a_smaller_low_rank_form_has_none():
+    from lora_vision.lora.kinds import lokr_low_rank
+
+    full = {"lokr_w1": torch.randn(4, 4), "lokr_w2": torch.randn(6, 8)}  # rank 4 x 8 = 32 = the 32 inputs
+    assert lokr_low_rank(full) is None
+    tucker = {"lokr_w1": torch.randn(4, 4), "lokr_w2_a": torch.randn(2, 6), "lokr_w2_b": torch.randn(2, 8),
+              "lokr_t2": torch.randn(2, 2, 3, 3)}
+    assert lokr_low_rank(tucker) is None
