@@ -100,5 +100,7 @@ for p in "${PARTS[@]}"; do
   echo "== $p exit $? after $(( $(date +%s) - T0 )) s" | tee -a "$SLOG"
   { echo; echo "### $p"; echo; tail -60 "$WORK/$p/output.md"; } >> "$SLOG"
 done
-tar -czf "$OUTD/results_$CALL.tar.gz" -C "$WORK" --exclude='*.safetensors' --exclude='out_*' . 2>> "$SLOG"
+# Chrome traces stay out (the device returns files of 16 MiB at most); each profile's kernels.md goes in
+tar -czf "$OUTD/results_$CALL.tar.gz" -C "$WORK" --exclude='*.safetensors' --exclude='out_*' --exclude='trace.json.gz' \
+  . 2>> "$SLOG"
 echo "total $(( $(date +%s) - T0 )) s" | tee -a "$SLOG"

@@ -220,6 +220,8 @@ def test_bench_train_sd_flux1_cpu_smoke_builds_the_model_and_trains_the_referenc
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert len(list((tmp_path / "imgs").glob("*.png"))) == 8 and (tmp_path / "flux" / "model_index.json").exists()
     assert [line for line in (tmp_path / "table_flux1.md").read_text().splitlines() if line.startswith("| ours_bs1 |")]
+    # where the step's time goes (issue #16): the profile of steps 6-10 is kept beside the table
+    assert "Steps 6-10 of the run" in (tmp_path / "profiles" / "ours_bs1_r1" / "kernels.md").read_text()
     # the same modules as diffusers' train_dreambooth_lora_flux.py's default target_modules, counted by peft
     from diffusers import FluxTransformer2DModel
     from peft import LoraConfig
