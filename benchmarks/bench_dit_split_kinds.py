@@ -4,7 +4,8 @@ proj_mlp): the tensors the read adapter holds against the file's, and the read t
 A LoKr / LoHa file in BFL names (kohya sd-scripts and ComfyUI write Flux.1 so) adapts the fused `img_attn.qkv`,
 `txt_attn.qkv` (3 x 3072 rows) and `linear1` (3 x 3072 + 12288 rows) of the real-size Flux.1 (hidden 3072). The
 reader splits each fused update by rows into the live modules: as parts of the same kind where the kind's algebra
-allows (lora.kinds.split_rows), else as a dense full diff per part (float32). Random factors at LyCORIS' shapes
+allows (lora.kinds.split_rows: every LoKr, a part that cuts through w2's rows as a window of the kron), else as a
+dense full diff per part (float32). Random factors at LyCORIS' shapes
 (factor -1: qkv 96 x 96 output blocks, linear1 128 x 168; rank 16), written as bf16 safetensors, read with
 `read_adapter` (no model, the parts' sizes from the names), interleaved over rounds.
 
@@ -60,13 +61,12 @@ def build(kind: str, double: int, single: int, rank: int, path: Path) -> None:
 
 def _how(line: str) -> str:
     """A report.split line in short: how the fused module's parts are held."""
-    m = re.search(r"exact (rank-\d+ \S+)", line)
-    if m:
-        return f"split as an exact {m.group(1)}"
     if "full diffs" in line:
         return "dense full diffs"
-    m = re.search(r"kept as ([^)]+)", line)
-    return f"split, kept as {m.group(1)}" if m else line
+    m = re.search(r"kept as ([\w+]+)", line)
+    if not m:
+        return line
+    return f"kept as {m.group(1)}" + (" (parts cutting through w2's rows as windows)" if "window" in line else "")
 
 
 def read_once(path: Path) -> tuple[float, int, list[str]]:

@@ -372,3 +372,15 @@ def test_kinds_size_quality_failed_run_exits_1_naming_the_setting_and_the_recipe
     assert err.startswith("kinds_size_quality.py: error: lora r1 (lr 0.003, seed 0) failed with exit code 1: "
                           "train_sd.py: error: load_sd_pipeline got"), err
     assert "no_model" in err and not (tmp_path / "r.json").exists()
+
+
+def test_bench_dit_split_kinds_smoke_reads_kinds_at_the_file_size():
+    done = _run("benchmarks/bench_dit_split_kinds.py", "--double", "1", "--single", "1", "--rounds", "1")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("command: python benchmarks/bench_dit_split_kinds.py --double 1")
+    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ") for line in done.stdout.splitlines()
+            if line.startswith(("| lokr |", "| loha |"))}
+    assert set(rows) == {"lokr", "loha"}
+    for kind, cells in rows.items():  # the read adapter holds no more than the file: no dense diffs
+        assert float(cells[2]) <= float(cells[1]) + 0.05, cells
+    assert "window" in rows["lokr"][4] and "dense" not in " ".join(rows["lokr"] + rows["loha"])

@@ -13,10 +13,10 @@ import torch
 from ..adapter import Adapter
 from ..io import write_safetensors
 from ..lora.ops import layer_tensors, parse_canonical
-from ..lora.spec import split_key
+from ..lora.spec import LayerSpec, split_key
 from ..metadata import AdapterMetadata
 from .dit_detect import _u, declared_family, family_of_modules, family_of_names
-from .dit_fused import _fuse, _swap_halves, _swaps
+from .dit_fused import _fuse, _swap_halves, _swaps, join_lokr
 from .dit_tables import COMPONENT, FAMILIES, Family
 from .kohya import _output_dtype, kind_tensors, lycoris_args
 from .diffusers import provenance
@@ -107,7 +107,11 @@ def dit_kohya_tensors(adapter: Adapter, family: str | None = None, dtype: torch.
             tensors[f"{key}.lora_up.weight"] = b
             tensors[f"{key}.alpha"] = torch.tensor(float(alpha))
     natives = _one_to_one(FAMILIES[fam])
+    joined, used = _joined_lokrs(kinds, FAMILIES[fam])
+    tensors.update(joined)
     for live, spec in kinds.items():
+        if live in used:
+            continue
         native = natives(live)
         key = "lora_unet_" + _u(native) if native is not None else "lycoris_" + _u(live)
         tensors.update(kind_tensors(key, spec))
@@ -124,6 +128,33 @@ def dit_kohya_tensors(adapter: Adapter, family: str | None = None, dtype: torch.
         meta["ss_network_module"] = "lycoris.kohya"
         meta["ss_network_args"] = json.dumps(lycoris_args(written))
     return tensors, meta
+
+
+def _joined_lokrs(kinds: Mapping[str, LayerSpec], fam: Family) -> tuple[dict[str, torch.Tensor], set[str]]:
+    """The LoKr of each fused native module whose parts are windows of it (read from a BFL file whose w2 rows do
+    not divide the parts, lora.kinds.split_rows), put back together and written under its native name
+    (`lora_unet_<native>`), as the file had it; no other tool reads a window. Returns the tensors and the live
+    names they cover; a window no fused module takes is a ValueError."""
+    windows = {k for k, sp in kinds.items() if "lokr_rows" in sp.factors}
+    tensors: dict[str, torch.Tensor] = {}
+    used: set[str] = set()
+    for _group, native_t, live_t, _swap in (_native_rows(fam) if windows else []):
+        if len(live_t) < 2:
+            continue
+        for name in sorted(windows - used):
+            for template in live_t:
+                m = re.fullmatch(re.escape(template).replace(r"\{\}", r"(\d+)"), name)
+                if m:
+                    lives = [t.format(*m.groups()) for t in live_t]
+                    native = native_t.format(*m.groups())
+                    spec = join_lokr([kinds.get(n) for n in lives], lives, native)
+                    tensors.update(kind_tensors("lora_unet_" + _u(native), spec))
+                    used.update(lives)
+                    break
+    if windows - used:
+        raise ValueError(f"LoKr window(s) {sorted(windows - used)[:3]} belong to no fused {fam.label} module; "
+                         "they cannot be written")
+    return tensors, used
 
 
 def _one_to_one(fam: Family) -> Callable[[str], str | None]:

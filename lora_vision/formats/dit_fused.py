@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from ..lora.kinds import DORA, lokr_window, update_shape
+from ..lora.spec import LayerSpec
 from .common import BaseMismatchError, ComponentInfo
 
 
@@ -111,3 +113,45 @@ def _rows_of(name: str, part: dict | None, width: int, mlp_rows: int | None, nat
                              "linear1 is unknown; adapt proj_mlp too (it may be zero) or export to diffusers")
         return mlp_rows
     return width
+
+
+def join_lokr(parts: list[LayerSpec | None], names: list[str], native: str) -> LayerSpec:
+    """The LoKr of a fused native module, put back together from its parts as split_rows left them: each part
+    holds the w1 rows it touches and, where it cuts through w2's rows, its window (`lokr_rows`); the parts share
+    w2, alpha and rule. Overlapping w1 rows must agree; a per-row DoRA magnitude is stacked. Raises ValueError
+    naming the module when the parts are not one LoKr's (a part missing, another w2, rows that do not line up)."""
+    where = f"{native} ({', '.join(n.rsplit('.', 1)[-1] for n in names)})"
+    if any(p is None or p.kind != "lokr" for p in parts):
+        raise ValueError(f"{where}: a LoKr part is a window of the fused module's LoKr, but not every part is a "
+                         "LoKr; the fused LoKr cannot be written back")
+    first = parts[0].factors
+    w1 = "lokr_w1" if "lokr_w1" in first else "lokr_w1_a"
+    shared = [n for n in first if n not in (w1, DORA, "lokr_rows")]
+    for p in parts[1:]:
+        same = (p.alpha, p.rule) == (parts[0].alpha, parts[0].rule) and set(p.factors) - {"lokr_rows"} == \
+            set(first) - {"lokr_rows"} and all(torch.equal(p.factors[n], first[n]) for n in shared)
+        if not same:
+            raise ValueError(f"{where}: the LoKr parts have other w2 factors, alphas or rules; they are not one LoKr")
+    c = update_shape("lokr", {n: t for n, t in first.items() if n != "lokr_rows"})[0] // first[w1].shape[0]
+    sizes = [update_shape("lokr", p.factors)[0] for p in parts]
+    if sum(sizes) % c:
+        raise ValueError(f"{where}: {sum(sizes)} rows are not whole rows of w1 (w2 has {c})")
+    rows = torch.zeros(sum(sizes) // c, *first[w1].shape[1:], dtype=first[w1].dtype)
+    seen = torch.zeros(rows.shape[0], dtype=torch.bool)
+    at = 0
+    for p, size in zip(parts, sizes):
+        start = (lokr_window(p.factors) or (0, 0))[0]
+        top, off = divmod(at - start, c) if at >= start else (-1, 1)
+        block = p.factors[w1]
+        if off or top < 0 or top + block.shape[0] > rows.shape[0]:
+            raise ValueError(f"{where}: a part's rows do not line up with w1's rows")
+        old = seen[top:top + block.shape[0]]
+        if not torch.equal(rows[top:top + block.shape[0]][old], block[old]):
+            raise ValueError(f"{where}: the parts disagree on the w1 rows they share")
+        rows[top:top + block.shape[0]] = block
+        seen[top:top + block.shape[0]] = True
+        at += size
+    factors = {n: first[n] for n in shared} | {w1: rows}
+    if DORA in first:
+        factors[DORA] = torch.cat([p.factors[DORA] for p in parts], 0)
+    return LayerSpec(None, None, parts[0].alpha, parts[0].rule, "lokr", factors)

@@ -273,8 +273,8 @@ def _import_kind(mod: str, kind: str, g: Mapping[str, torch.Tensor], factors: di
 def _split_kind(source: str, mod: str, spec: LayerSpec, names: tuple[str, ...], info: ComponentInfo | None,
                 live: bool, out: dict[str, torch.Tensor], report: ImportReport) -> bool:
     """A kind on a fused native module, kept as that kind on each live part where its algebra splits by rows
-    (LayerSpec.split_rows: LoRA+DoRA, LoHa, LoKr whose w2 rows divide the parts, full diff, (IA)^3): the factors
-    stay about the size of the file's instead of a dense diff per part (gigabytes for a real Flux.1 LoKr). False
+    (LayerSpec.split_rows: LoRA+DoRA, LoHa, LoKr, full diff, (IA)^3): the factors stay about the size of the
+    file's instead of a dense diff per part (gigabytes for a real Flux.1 LoKr). False
     when the kind does not split there (the caller applies it as full diffs). A DoRA or (IA)^3 part runs on its
     own rows of the weight, so no weight is needed here."""
     shape = kinds.update_shape(spec.kind, spec.all_factors)
@@ -285,22 +285,16 @@ def _split_kind(source: str, mod: str, spec: LayerSpec, names: tuple[str, ...], 
     except ValueError as e:
         report.invalid.append(f"{mod}: {spec.label} update {tuple(shape)}: {e}")
         return True
-    parts, how = spec.split_rows(sizes), f"{spec.label} split by rows, kept as {spec.label}"
-    low = kinds.lokr_low_rank(spec.all_factors) if parts is None and spec.kind == "lokr" else None
-    if low is not None:  # kron(w1, w2) as the exact LoRA (w1_a x w2_a)(w1_b x w2_b), whose B splits by rows
-        b, a = low
-        extra = {kinds.DORA: spec.factors[kinds.DORA]} if kinds.DORA in spec.factors else {}
-        as_lora = LayerSpec(a, b, spec.scaling * a.shape[0], "lora", "lora", extra)
-        parts = as_lora.split_rows(sizes)
-        how = (f"{spec.label} as the exact rank-{a.shape[0]} {as_lora.label} (w1_a x w2_a)(w1_b x w2_b), split by "
-               "rows")
-        spec = as_lora
+    parts = spec.split_rows(sizes)
     if parts is None:
         return False
+    windows = sum("lokr_rows" in p.factors for p in parts)  # LoKr parts that cut through w2's rows
+    how = f"{spec.label} split by rows, kept as {spec.label}" + (
+        f"; {windows} part(s) as a window of kron(w1, w2)" if windows else "")
     whole = spec.all_factors
     done = []
     for name, part in zip(names, parts):
-        own = [t for n, t in part.all_factors.items() if torch.is_tensor(t) and t.shape != whole[n].shape]
+        own = [t for n, t in part.all_factors.items() if n in whole and t is not whole[n]]  # its slices
         if not part.weight_dependent and not any(t.any() for t in own):
             continue  # this part is not adapted in the file (its rows of the split factors are zero)
         if live:

@@ -337,6 +337,10 @@ def kohya_tensors(adapter: Adapter, base: str, dtype: torch.dtype | None = None,
 def kind_tensors(key: str, spec: LayerSpec) -> dict[str, torch.Tensor]:
     """The tensors of one layer of another kind than plain LoRA as LyCORIS writes them: `<key>.<factor>` (LoRA's
     A / B / Tucker core as lora_down / lora_up / lora_mid) and `<key>.alpha` for the kinds that have one."""
+    if "lokr_rows" in spec.factors:
+        raise ValueError(f"{key}: a window of a LoKr on a fused DiT module (lokr_rows, read from a BFL file), which "
+                         "no other tool reads; the DiT kohya export (export(..., 'kohya') of a DiT adapter) writes "
+                         "the fused LoKr back")
     out = {f"{key}.{_SUFFIX.get(n, n)}": t for n, t in spec.all_factors.items()}
     if get_kind(spec.kind).uses_alpha:  # (IA)^3, full and norm have none in LyCORIS files
         out[key + ".alpha"] = torch.tensor(float(spec.alpha))

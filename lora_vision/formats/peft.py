@@ -36,8 +36,8 @@ from ..metadata import AdapterMetadata
 from . import naming
 from .common import ComponentInfo, ImportReport, alpha_value, fit_pair, put
 from .diffusers import _pattern_value, peft_alpha, provenance
-from .peft_kinds import (MAGNITUDE, PEFT_TYPES, PREFIX, kind_label, lokr_state, loha_state, lora_view, lycoris_scale,
-                         magnitude_problem, our_magnitude, peft_type, scaled_spec, split_key)
+from .peft_kinds import (MAGNITUDE, PEFT_TYPES, PREFIX, PeftExportError, kind_label, lokr_state, loha_state, lora_view,
+                         lycoris_scale, magnitude_problem, our_magnitude, peft_type, scaled_spec, split_key)
 
 # Measured with peft 0.21.2 (tests/formats/test_peft_format.py): its MultiheadAttention layer applies the out_proj
 # LoRA twice (forward and merge_and_unload alike). We write out_proj's B halved and double it on import, so the
@@ -278,6 +278,11 @@ def peft_state(adapter: Adapter, comp: str, weights: Mapping[str, tuple[int, ...
     layers = adapter.layers(comp)
     if all(spec.is_plain for spec in layers.values()):
         return (*_lora_tensors(adapter.state_dict_for(comp)), {"peft_type": "LORA", "use_dora": False})
+    windows = [k for k, spec in layers.items() if "lokr_rows" in spec.factors]
+    if windows:
+        raise PeftExportError(f"{comp}.{windows[0]}: a window of a LoKr on a fused module (lokr_rows, read from a "
+                              f"BFL file; {len(windows)} such layer(s)); peft's LoKr cannot hold one: export it with "
+                              "the DiT kohya export, which writes the fused LoKr back")
     kind, _ = peft_type(layers, comp)
     if kind == "LOHA":
         return loha_state(layers, comp)

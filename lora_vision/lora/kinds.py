@@ -48,6 +48,7 @@ import torch
 Factors = Mapping[str, torch.Tensor]
 
 DORA = "dora_scale"
+INTEGER_FACTORS = ("on_input", "lokr_rows")  # flags and indices, not weights: never cast, scaled or checked as such
 LORA_FACTORS = ("A", "B", "lora_mid", DORA)  # A and B are LayerSpec.A / LayerSpec.B
 
 
@@ -81,7 +82,9 @@ KINDS: dict[str, Kind] = {k.name: k for k in (
     # stored at strength 1 (its scale folded in), as ComfyUI reads `diff_b` next to a LoRA pair.
     Kind("lora", "LoRA", (("A", "B"),), ("lora_mid", DORA, "diff_b")),
     Kind("loha", "LoHa", (("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"),), ("hada_t1", "hada_t2", DORA)),
-    Kind("lokr", "LoKr", (), ("lokr_t2", DORA),
+    # lokr_rows [start, stop]: the layer is rows start:stop of kron(w1, w2), a part of a LoKr on a fused module
+    # (BFL's linear1) whose w2 rows do not divide the parts (split_rows); no other tool's file has it
+    Kind("lokr", "LoKr", (), ("lokr_t2", DORA, "lokr_rows"),
          alternatives=(("lokr_w1", ("lokr_w1_a", "lokr_w1_b")), ("lokr_w2", ("lokr_w2_a", "lokr_w2_b")))),
     Kind("oft", "OFT", (), ("rescale",), alternatives=(("oft_blocks", ("oft_diag",)),), weight_dependent=True),
     Kind("boft", "BOFT", (), ("rescale",), alternatives=(("oft_blocks", ("oft_diag",)),), weight_dependent=True),
@@ -222,7 +225,25 @@ def _lokr_shape(f: Factors, wshape: tuple[int, ...]) -> tuple[int, ...]:
     if len(s1) != 2:
         raise KindError("lokr_w1 must be a matrix")
     out, cols = s1[0] * s2[0], s1[1] * math.prod(s2[1:])
+    window = lokr_window(f)
+    if window is not None:
+        start, stop = window
+        if not 0 <= start < stop <= out:
+            raise KindError(f"lokr_rows [{start}, {stop}) is not a window of the {out} rows of kron(w1, w2)")
+        out = stop - start
     return (out, cols)
+
+
+def lokr_window(f: Factors) -> tuple[int, int] | None:
+    """(start, stop) of a LoKr part's `lokr_rows`, None for a whole LoKr. Raises KindError when it is not two
+    integers."""
+    t = f.get("lokr_rows")
+    if t is None:
+        return None
+    if t.is_floating_point() or t.numel() != 2:
+        raise KindError(f"lokr_rows must be two integers [start, stop]; got {t.dtype} of shape {tuple(t.shape)}")
+    start, stop = (int(v) for v in t.reshape(-1).tolist())
+    return start, stop
 
 
 def _oft_factor(f: Factors) -> torch.Tensor:
@@ -302,7 +323,7 @@ def check(kind: str, factors: Factors, weight_shape: tuple[int, ...] | None, wha
     problems: list[str] = []
     for n in k.factor_names:
         t = factors.get(n)
-        if t is not None and n != "on_input" and not t.is_floating_point():
+        if t is not None and n not in INTEGER_FACTORS and not t.is_floating_point():
             problems.append(f"{n} has dtype {t.dtype}; expected a floating point tensor")
     if problems:
         return problems
@@ -408,6 +429,9 @@ def update(kind: str, factors: Factors, scale: float, alpha: float, weight: torc
     elif kind == "lokr":
         w1, w2 = _lokr_part(f, "w1"), _lokr_part(f, "w2")
         d = torch.kron(w1, w2.flatten(1))
+        window = lokr_window(f)
+        if window is not None:
+            d = d[window[0]:window[1]]
     elif kind == "oft":
         d = _oft_apply(w, _oft_rotation(f, w.shape[0], alpha))
     elif kind == "boft":
@@ -439,11 +463,12 @@ def split_rows(kind: str, factors: Factors, sizes: Sequence[int]) -> list[dict[s
     """The factors of each block of consecutive output rows of the update (blocks of `sizes` rows, in order): each
     block the same kind, making exactly those rows of the update at every strength and, for DoRA and (IA)^3, from
     its own rows of the weight. Used where a file adapts a fused module (BFL's qkv) that the model holds as parts.
-    None when the kind does not split there: OFT / BOFT (rotations mix rows), a LoKr whose second factor's rows
-    do not divide every block, a DoRA magnitude per input column (its norm runs over all rows), a norm layer.
+    None when the kind does not split there: OFT / BOFT (rotations mix rows), a DoRA magnitude per input column
+    (its norm runs over all rows), a norm layer.
 
     Split: LoRA's B (its Tucker core and A shared), LoHa's w1_a / w2_a (the rows of the Hadamard halves), LoKr's w1
-    (or w1_a; kron(w1, w2) rows are w1's rows times w2's), full diff's rows, (IA)^3's per-row vector (a per-column
+    (or w1_a) rows each block touches (a block that cuts through w2's rows keeps its window, `lokr_rows`), full
+    diff's rows, (IA)^3's per-row vector (a per-column
     one is shared), diff_b and a per-row DoRA magnitude. The pieces are views and the unsplit factors are shared by
     the parts, as the q / k / v of a split LoRA share its A (io.write_safetensors writes shared storage in full)."""
     total = sum(sizes)
@@ -463,10 +488,7 @@ def split_rows(kind: str, factors: Factors, sizes: Sequence[int]) -> list[dict[s
         for a, t in (("hada_w1_a", "hada_t1"), ("hada_w2_a", "hada_t2")):
             split[a] = (1 if f.get(t) is not None else 0, list(sizes))  # Tucker: a is (r, out)
     elif kind == "lokr":
-        c = _lokr_part_shape(f, "w2")[0]
-        if any(n % c for n in sizes):
-            return None
-        split["lokr_w1" if f.get("lokr_w1") is not None else "lokr_w1_a"] = (0, [n // c for n in sizes])
+        return _split_lokr(f, list(sizes), split)
     elif kind == "full":
         split["diff"] = (0, list(sizes))
     elif kind == "ia3":
@@ -481,34 +503,29 @@ def split_rows(kind: str, factors: Factors, sizes: Sequence[int]) -> list[dict[s
     return [{n: pieces[n][i] if n in pieces else t for n, t in f.items()} for i in range(len(sizes))]
 
 
-def lokr_low_rank(factors: Factors) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(B, A) in float32 with B @ A = kron(w1, w2) exactly (a LoKr's update before its scale): by
-    (P1 Q1) kron (P2 Q2) = (P1 kron P2)(Q1 kron Q2), with P, Q = w_a, w_b, or w, I for an undecomposed factor. The
-    rank is (r1 or w1's columns) x (r2 or w2's columns). Products of bf16 / fp16 factors are exact in float32. None
-    with a Tucker core (a convolution) or a rank that is not below both sides of the update (a dense one is then no
-    bigger). Where a LoKr does not split by rows (split_rows), its rows split as this LoRA's B."""
-    if factors.get("lokr_t2") is not None:
+def _split_lokr(f: dict, sizes: list[int], split: dict) -> list[dict[str, torch.Tensor]] | None:
+    """split_rows of a LoKr: row i of kron(w1, w2) is w1's row i // c times w2's row i % c (c = w2's rows), so a
+    block takes the w1 rows it touches; a block that does not start and end on a multiple of c also keeps
+    `lokr_rows`, its window into their kron. Its DoRA magnitude splits by rows (`split`)."""
+    if f.get("lokr_rows") is not None or sum(sizes) != _lokr_shape(f, ())[0]:
         return None
-    sides = []
-    for which in ("w1", "w2"):
-        full = factors.get(f"lokr_{which}")
-        if full is not None:
-            sides.append((full.float(), torch.eye(full.shape[1])))
-        else:
-            sides.append((factors[f"lokr_{which}_a"].float(), factors[f"lokr_{which}_b"].float().flatten(1)))
-    (p1, q1), (p2, q2) = sides
-    rank = p1.shape[1] * p2.shape[1]
-    out, inp = p1.shape[0] * p2.shape[0], q1.shape[1] * q2.shape[1]
-    if rank >= min(out, inp):
-        return None
-    dtype = next(t.dtype for n, t in factors.items() if n.startswith("lokr_w"))
-    return tuple(_narrow(torch.kron(x, y), dtype) for x, y in ((p1, p2), (q1, q2)))  # type: ignore[return-value]
-
-
-def _narrow(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """`t` in `dtype` when that holds it exactly (a kron with an identity copies values), else as it is."""
-    small = t.to(dtype)
-    return small if small.float().equal(t) else t
+    c = _lokr_part_shape(f, "w2")[0]
+    name = "lokr_w1" if f.get("lokr_w1") is not None else "lokr_w1_a"
+    for n, (axis, blocks) in split.items():
+        if f[n].shape[axis] != sum(blocks):
+            return None
+    pieces = {n: f[n].split(blocks, axis) for n, (axis, blocks) in split.items()}
+    parts, at = [], 0
+    for i, size in enumerate(sizes):
+        first, start = divmod(at, c)
+        count = -(-(start + size) // c)
+        part = {n: pieces[n][i] if n in pieces else t for n, t in f.items()}
+        part[name] = f[name][first:first + count]
+        if start or size != count * c:
+            part["lokr_rows"] = torch.tensor([start, start + size])
+        parts.append(part)
+        at += size
+    return parts
 
 
 BIAS_FACTORS = {"lora": "diff_b", "full": "diff_b", "norm": "b_norm"}

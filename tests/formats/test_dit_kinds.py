@@ -1,8 +1,8 @@
 """Adapter kinds (LoKr, LoHa, full diff, DoRA) in DiT files (formats/dit_keys.py): every family's tiny pipeline
 reads them through the same name maps as LoRA. On a live module the kind is kept whole; on a fused native module
 (BFL / MMDiT / NextDiT qkv, Flux.1's linear1) or a swapped one (final_layer.adaLN_modulation.1) the kind's update
-over the native weight is split by rows, kept as that kind where its algebra allows (a LoKr whose second factor's
-rows divide the parts, LoHa, full diff, DoRA) and as full diffs otherwise. The oracle is lycoris-lora: a LyCORIS module on a Linear holding
+is split by rows and kept as that kind (a LoKr part that cuts through w2's rows keeps its window of kron(w1, w2));
+the swapped one is worked out over the native weight into full diffs. The oracle is lycoris-lora: a LyCORIS module on a Linear holding
 the native weight, its merged weight minus the weight is the update, written into a fresh transformer by hand."""
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ NATIVE = {
 # kind -> (LyCORIS class, options, the file's prefix and separator: each kind in another dialect)
 KINDS = {
     "lokr": (lokr.LokrModule, {"factor": 4, "lora_dim": 2, "alpha": 2.0}, "lora_unet_", "_"),
-    # factor 3: w2 has a part's rows (qkv) or 16 (linear1 of 224 rows), so the fused LoKr splits into LoKr parts
+    # factor 3: w2 has a part's rows (qkv) or 16 (linear1 of 224 rows): whole w1 rows per part, no windows
     "lokr-rows": (lokr.LokrModule, {"factor": 3, "lora_dim": 2, "alpha": 2.0}, "lora_unet_", "_"),
     "loha": (loha.LohaModule, {"lora_dim": 2, "alpha": 2.0}, "diffusion_model.", "."),
     "full": (ly_full.FullModule, {}, "", "."),
@@ -150,11 +150,10 @@ def test_kind_in_native_names_matches_lycoris_at_strength_and_fuses_exactly(pipe
         rows = [rows_of[p] for p in parts]
         w2 = next((t for k, t in raw.items() if native.replace(".", "_") in k.replace(".", "_")
                    and k.endswith(("lokr_w2", "lokr_w2_a"))), None)
-        keeps = not swap and (w2 is None or all(n % w2.shape[0] == 0 for n in rows))
-        # a LoKr that does not split by rows splits as its exact LoRA (w1 x w2_a)(I x w2_b) when w2 is decomposed
-        low = not swap and not keeps and any(k.endswith("lokr_w2_a") for k in raw if native.replace(".", "_") in k)
-        said = f"kept as {label})" if keeps else ("split by rows)" if low else "applied as full diffs)")
-        assert len(line) == 1 and said in line[0] and ("exact rank-" in line[0]) == low, line
+        # every kind splits by rows; a LoKr part that cuts through w2's rows keeps a window of kron(w1, w2)
+        windowed = not swap and w2 is not None and any(n % w2.shape[0] for n in rows)
+        said = f"kept as {label}" if not swap else "applied as full diffs)"
+        assert len(line) == 1 and said in line[0] and ("as a window of kron(w1, w2)" in line[0]) == windowed, line
     whole = sum(1 for _, parts, swap in NATIVE[family] if len(parts) == 1 and not swap)
     assert src.kinds.get(label, 0) >= whole
     for strength in (0.5, 1.0):
@@ -279,3 +278,34 @@ def test_dora_over_a_fused_qkv_splits_without_the_model_and_a_swapped_module_nee
     assert len(fused) == 2 and any("to_q, to_k, to_v, proj_mlp" in s for s in fused), report.split
     _, report = load_any(dict(raw), models={"transformer": pipe.transformer}, strict=True)
     assert any("computed with the model's weights" in s for s in report.split)
+
+
+def test_lokr_windows_write_back_the_fused_file_exactly_and_other_formats_refuse_them(pipes, tmp_path):
+    """A BFL LoKr whose w2 rows cut through the parts (factor 4: 24 rows over q / k / v of 32, 56 over linear1)
+    reads as LoKr windows, which hold the file's factors; the kohya export puts each fused LoKr back bit for bit,
+    our own format keeps the windows, and peft (which cannot hold one) refuses naming the layer."""
+    pipe = _pipe(pipes, "flux1")
+    raw, _ = _file("flux1", "lokr", pipe)
+    adapter, report = load_any(dict(raw), models={"transformer": pipe.transformer}, strict=True)
+    windows = [k for k, sp in adapter.layers("transformer").items() if "lokr_rows" in sp.factors]
+    assert len(windows) == 7, windows  # q, k, v of double block 0 and q, k, v, proj_mlp of single block 1
+    # held as the file's factors (views of them), no dense diff per part (32 x 32 here)
+    layers = adapter.layers("transformer")
+    assert max(t.numel() for k in windows for t in layers[k].factors.values()) <= max(t.numel() for t in raw.values())
+    path = export(adapter, "kohya", tmp_path / "k.safetensors", base="flux1", dtype=torch.float32)
+    written = load_file(path)
+    for native in ("lora_unet_double_blocks_0_img_attn_qkv", "lora_unet_single_blocks_1_linear1"):
+        for suffix in ("lokr_w1", "lokr_w2_a", "lokr_w2_b", "alpha"):
+            assert torch.equal(written[f"{native}.{suffix}"], raw[f"{native}.{suffix}"].float()), (native, suffix)
+    assert not any("lokr_rows" in k or (k.startswith("lycoris_") and "transformer_blocks" in k) for k in written)
+    inputs = transformer_inputs(pipe.transformer)
+    outs = []
+    for source in (dict(raw), path, export(adapter, "lora_vision", tmp_path / "own.safetensors")):
+        p = _pipe(pipes, "flux1")
+        load_adapter(p, source, name="k", strength=1.0)
+        with torch.no_grad():
+            outs.append(transformer_output(p.transformer, inputs))
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(outs[2], outs[0], atol=0, rtol=0)
+    with pytest.raises(Exception, match="a window of a LoKr on a fused module"):
+        export(adapter, "peft", tmp_path / "peft")

@@ -324,6 +324,10 @@ def _split_cases() -> dict[str, tuple[str, dict[str, torch.Tensor]]]:
         "lokr w1_a/w1_b, w2_a/w2_b": ("lokr", {"lokr_w1_a": r(4, 2), "lokr_w1_b": r(2, 2), "lokr_w2_a": r(6, 2),
                                               "lokr_w2_b": r(2, 5)}),
         "lokr+dora": ("lokr", {"lokr_w1": r(4, 2), "lokr_w2": r(6, 5), "dora_scale": r(out).abs() + 0.5}),
+        # w2 has 8 rows: the blocks of 6, 12, 6 cut through them, so parts keep a window of their kron
+        "lokr windows": ("lokr", {"lokr_w1": r(3, 2), "lokr_w2_a": r(8, 2), "lokr_w2_b": r(2, 5)}),
+        "lokr windows+dora": ("lokr", {"lokr_w1_a": r(3, 2), "lokr_w1_b": r(2, 2), "lokr_w2": r(8, 5),
+                                       "dora_scale": r(out).abs() + 0.5}),
         "full": ("full", {"diff": r(out, inp), "diff_b": r(out)}),
         "ia3 per row": ("ia3", {"weight": r(out)}),
         "ia3 per column": ("ia3", {"weight": r(inp), "on_input": torch.tensor(True)}),
@@ -339,9 +343,10 @@ def test_a_kind_split_by_rows_makes_the_same_update_part_by_part(case, tmp_path)
     a, b = (f.pop("A"), f.pop("B")) if kind == "lora" else (None, None)
     spec = LayerSpec(a, b, 2.0, "lora", kind, f)
     weight = torch.randn(24, 10, generator=torch.Generator().manual_seed(1))
-    sizes = [6, 12, 6]  # LoKr: w2 has 6 rows, so each block is whole rows of w1
+    sizes = [6, 12, 6]  # LoKr: whole rows of w1 where w2 has 6 rows, windows where it has 8
     parts = spec.split_rows(sizes)
     assert parts is not None and len(parts) == 3
+    assert ("windows" in case) == any("lokr_rows" in p.factors for p in parts)
     assert all(p.kind == spec.kind and p.label == spec.label and p.scaling == spec.scaling for p in parts)
     w_parts = weight.split(sizes, 0)
     for p, w in zip(parts, w_parts):
@@ -365,7 +370,9 @@ def test_kinds_that_do_not_split_at_the_rows_say_so():
     g = torch.Generator().manual_seed(0)
     lokr = LayerSpec(None, None, 1.0, "lora", "lokr", {"lokr_w1": torch.randn(4, 2, generator=g),
                                                       "lokr_w2": torch.randn(6, 5, generator=g)})
-    assert lokr.split_rows([8, 8, 8]) is None  # 8 rows are not whole rows of w1 (w2 has 6)
+    assert lokr.split_rows([8, 8, 7]) is None  # 23 rows of a 24-row update
+    window = lokr.split_rows([8, 8, 8])[1]
+    assert window.split_rows([4, 4]) is None  # a window is not split again
     oft = LayerSpec(None, None, 1.0, "lora", "oft", {"oft_blocks": torch.zeros(4, 6, 6)})
     assert oft.split_rows([12, 12]) is None  # rotations mix the rows of a block
     dora_in = LayerSpec(torch.randn(2, 10, generator=g), torch.randn(24, 2, generator=g), 2.0, "lora", "lora",
@@ -375,37 +382,14 @@ def test_kinds_that_do_not_split_at_the_rows_say_so():
     assert lora.split_rows([12, 10]) is None and lora.split_rows([24, 0]) is None
 
 
-@pytest.mark.parametrize("w1_split, w2_split", [(False, True), (True, True), (True, False)])
-def test_lokr_as_its_exact_low_rank_lora(w1_split, w2_split):
-    """kron(w1_a w1_b, w2_a w2_b) = (w1_a x w2_a)(w1_b x w2_b): the LoRA a LoKr on a fused module splits as when
-    its w2 rows do not divide the parts; bf16 factors give the same update as the LoKr's own rule."""
-    from lora_vision.lora.kinds import lokr_low_rank
+@pytest.mark.parametrize("rows, says", [(torch.tensor([20, 30]), "is not a window of the 24 rows"),
+                                        (torch.tensor([5, 5]), "is not a window of the 24 rows"),
+                                        (torch.tensor([0.0, 8.0]), "lokr_rows must be two integers"),
+                                        (torch.tensor([0, 8, 16]), "lokr_rows must be two integers")])
+def test_a_bad_lokr_window_is_named(rows, says):
     from lora_vision.lora.spec import LayerSpec
 
-    g = torch.Generator().manual_seed(3)
-
-    def r(*shape):
-        return torch.randn(*shape, generator=g).to(torch.bfloat16)
-
-    f = {}
-    f.update({"lokr_w1_a": r(8, 2), "lokr_w1_b": r(2, 4)} if w1_split else {"lokr_w1": r(8, 4)})
-    f.update({"lokr_w2_a": r(21, 2), "lokr_w2_b": r(2, 16)} if w2_split else {"lokr_w2": r(21, 16)})
-    b, a = lokr_low_rank(f)
-    spec = LayerSpec(None, None, 2.0, "lora", "lokr", f)
-    k = (2 if w1_split else 4) * (2 if w2_split else 16)
-    assert b.shape == (168, k) and a.shape == (k, 64)
-    torch.testing.assert_close(b.float() @ a.float(), spec.delta() / spec.scaling, atol=1e-5, rtol=1e-5)
-    as_lora = LayerSpec(a, b, spec.scaling * k)
-    torch.testing.assert_close(as_lora.delta(), spec.delta(), atol=1e-5, rtol=1e-5)
-    if not w1_split:  # A = I x w2_b copies bf16 values: kept in bf16; B's products need float32
-        assert a.dtype == torch.bfloat16 and b.dtype == torch.float32
-
-
-def test_lokr_without_a_smaller_low_rank_form_has_none():
-    from lora_vision.lora.kinds import lokr_low_rank
-
-    full = {"lokr_w1": torch.randn(4, 4), "lokr_w2": torch.randn(6, 8)}  # rank 4 x 8 = 32 = the 32 inputs
-    assert lokr_low_rank(full) is None
-    tucker = {"lokr_w1": torch.randn(4, 4), "lokr_w2_a": torch.randn(2, 6), "lokr_w2_b": torch.randn(2, 8),
-              "lokr_t2": torch.randn(2, 2, 3, 3)}
-    assert lokr_low_rank(tucker) is None
+    spec = LayerSpec(None, None, 1.0, "lora", "lokr", {"lokr_w1": torch.ones(4, 2), "lokr_w2": torch.ones(6, 5),
+                                                       "lokr_rows": rows})
+    problems = spec.check((8, 10))
+    assert len(problems) == 1 and says in problems[0], problems
