@@ -468,9 +468,9 @@ def split_rows(kind: str, factors: Factors, sizes: Sequence[int]) -> list[dict[s
 
     Split: LoRA's B (its Tucker core and A shared), LoHa's w1_a / w2_a (the rows of the Hadamard halves), LoKr's w1
     (or w1_a) rows each block touches (a block that cuts through w2's rows keeps its window, `lokr_rows`), full
-    diff's rows, (IA)^3's per-row vector (a per-column
-    one is shared), diff_b and a per-row DoRA magnitude. The pieces are views and the unsplit factors are shared by
-    the parts, as the q / k / v of a split LoRA share its A (io.write_safetensors writes shared storage in full)."""
+    diff's rows, (IA)^3's per-row vector (a per-column one is shared), diff_b and a per-row DoRA magnitude. The
+    pieces are views and the unsplit factors are shared by the parts, as the q / k / v of a split LoRA share its A
+    (io.write_safetensors writes shared storage in full)."""
     total = sum(sizes)
     if kind in ("oft", "boft", "norm") or not sizes or min(sizes) <= 0:
         return None
@@ -488,7 +488,8 @@ def split_rows(kind: str, factors: Factors, sizes: Sequence[int]) -> list[dict[s
         for a, t in (("hada_w1_a", "hada_t1"), ("hada_w2_a", "hada_t2")):
             split[a] = (1 if f.get(t) is not None else 0, list(sizes))  # Tucker: a is (r, out)
     elif kind == "lokr":
-        return _split_lokr(f, list(sizes), split)
+        if f.get("lokr_rows") is not None or total != _lokr_shape(f, ())[0]:
+            return None  # a window is not split again
     elif kind == "full":
         split["diff"] = (0, list(sizes))
     elif kind == "ia3":
@@ -500,32 +501,26 @@ def split_rows(kind: str, factors: Factors, sizes: Sequence[int]) -> list[dict[s
         if f[name].shape[axis] != sum(blocks):
             return None  # the factors make another number of rows than the blocks add up to
     pieces = {name: f[name].split(blocks, axis) for name, (axis, blocks) in split.items()}
-    return [{n: pieces[n][i] if n in pieces else t for n, t in f.items()} for i in range(len(sizes))]
+    parts = [{n: pieces[n][i] if n in pieces else t for n, t in f.items()} for i in range(len(sizes))]
+    if kind == "lokr":
+        _lokr_windows(f, list(sizes), parts)
+    return parts
 
 
-def _split_lokr(f: dict, sizes: list[int], split: dict) -> list[dict[str, torch.Tensor]] | None:
-    """split_rows of a LoKr: row i of kron(w1, w2) is w1's row i // c times w2's row i % c (c = w2's rows), so a
-    block takes the w1 rows it touches; a block that does not start and end on a multiple of c also keeps
-    `lokr_rows`, its window into their kron. Its DoRA magnitude splits by rows (`split`)."""
-    if f.get("lokr_rows") is not None or sum(sizes) != _lokr_shape(f, ())[0]:
-        return None
+def _lokr_windows(f: Factors, sizes: list[int], parts: list[dict[str, torch.Tensor]]) -> None:
+    """The LoKr part of split_rows: row i of kron(w1, w2) is w1's row i // c times w2's row i % c (c = w2's
+    rows), so each part takes the w1 (or w1_a) rows it touches, and a part that does not start and end on a
+    multiple of c also keeps `lokr_rows`, its window into their kron."""
     c = _lokr_part_shape(f, "w2")[0]
     name = "lokr_w1" if f.get("lokr_w1") is not None else "lokr_w1_a"
-    for n, (axis, blocks) in split.items():
-        if f[n].shape[axis] != sum(blocks):
-            return None
-    pieces = {n: f[n].split(blocks, axis) for n, (axis, blocks) in split.items()}
-    parts, at = [], 0
-    for i, size in enumerate(sizes):
+    at = 0
+    for part, size in zip(parts, sizes):
         first, start = divmod(at, c)
         count = -(-(start + size) // c)
-        part = {n: pieces[n][i] if n in pieces else t for n, t in f.items()}
         part[name] = f[name][first:first + count]
         if start or size != count * c:
             part["lokr_rows"] = torch.tensor([start, start + size])
-        parts.append(part)
         at += size
-    return parts
 
 
 BIAS_FACTORS = {"lora": "diff_b", "full": "diff_b", "norm": "b_norm"}
