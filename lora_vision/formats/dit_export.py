@@ -13,6 +13,7 @@ import torch
 from ..adapter import Adapter
 from ..io import write_safetensors
 from ..lora.ops import layer_tensors, parse_canonical
+from ..lora.kinds import LOKR_ROWS
 from ..lora.spec import LayerSpec, split_key
 from ..metadata import AdapterMetadata
 from .dit_detect import _u, declared_family, family_of_modules, family_of_names
@@ -135,7 +136,7 @@ def _joined_lokrs(kinds: Mapping[str, LayerSpec], fam: Family) -> tuple[dict[str
     not divide the parts, lora.kinds.split_rows), put back together and written under its native name
     (`lora_unet_<native>`), as the file had it; no other tool reads a window. Returns the tensors and the live
     names they cover; a window no fused module takes is a ValueError."""
-    windows = {k for k, sp in kinds.items() if "lokr_rows" in sp.factors}
+    windows = {k for k, sp in kinds.items() if LOKR_ROWS in sp.factors}
     tensors: dict[str, torch.Tensor] = {}
     used: set[str] = set()
     for _group, native_t, live_t, _swap in (_native_rows(fam) if windows else []):
@@ -143,7 +144,7 @@ def _joined_lokrs(kinds: Mapping[str, LayerSpec], fam: Family) -> tuple[dict[str
             continue
         for name in sorted(windows - used):
             for template in live_t:
-                m = re.fullmatch(re.escape(template).replace(r"\{\}", r"(\d+)"), name)
+                m = _live_pattern(template).fullmatch(name)
                 if m:
                     lives = [t.format(*m.groups()) for t in live_t]
                     native = native_t.format(*m.groups())
@@ -157,13 +158,19 @@ def _joined_lokrs(kinds: Mapping[str, LayerSpec], fam: Family) -> tuple[dict[str
     return tensors, used
 
 
+def _live_pattern(template: str) -> re.Pattern:
+    """A live-name template of the family tables (`transformer_blocks.{}.attn.to_q`) as a regex, the block index a
+    group."""
+    return re.compile(re.escape(template).replace(r"\{\}", r"(\d+)"))
+
+
 def _one_to_one(fam: Family) -> Callable[[str], str | None]:
     """live module name -> its native name, for the rows where one native module is one live module with the same
     output layout (not fused, not swapped); None for the others."""
     rows = []
     for _group, native_t, live_t, swap in _native_rows(fam):
         if len(live_t) == 1 and not swap:
-            rows.append((re.compile(re.escape(live_t[0]).replace(r"\{\}", r"(\d+)")), native_t))
+            rows.append((_live_pattern(live_t[0]), native_t))
 
     def native(live: str) -> str | None:
         for pattern, native_t in rows:

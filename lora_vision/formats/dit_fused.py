@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ..lora.kinds import DORA, lokr_window, update_shape
+from ..lora.kinds import DORA, LOKR_ROWS, lokr_block_rows, lokr_window, update_shape
 from ..lora.spec import LayerSpec
 from .common import BaseMismatchError, ComponentInfo
 
@@ -126,13 +126,13 @@ def join_lokr(parts: list[LayerSpec | None], names: list[str], native: str) -> L
                          "LoKr; the fused LoKr cannot be written back")
     first = parts[0].factors
     w1 = "lokr_w1" if "lokr_w1" in first else "lokr_w1_a"
-    shared = [n for n in first if n not in (w1, DORA, "lokr_rows")]
+    shared = [n for n in first if n not in (w1, DORA, LOKR_ROWS)]
     for p in parts[1:]:
-        same = (p.alpha, p.rule) == (parts[0].alpha, parts[0].rule) and set(p.factors) - {"lokr_rows"} == \
-            set(first) - {"lokr_rows"} and all(torch.equal(p.factors[n], first[n]) for n in shared)
+        same = (p.alpha, p.rule) == (parts[0].alpha, parts[0].rule) and set(p.factors) - {LOKR_ROWS} == \
+            set(first) - {LOKR_ROWS} and all(torch.equal(p.factors[n], first[n]) for n in shared)
         if not same:
             raise ValueError(f"{where}: the LoKr parts have other w2 factors, alphas or rules; they are not one LoKr")
-    c = update_shape("lokr", {n: t for n, t in first.items() if n != "lokr_rows"})[0] // first[w1].shape[0]
+    c = lokr_block_rows(first)
     sizes = [update_shape("lokr", p.factors)[0] for p in parts]
     if sum(sizes) % c:
         raise ValueError(f"{where}: {sum(sizes)} rows are not whole rows of w1 (w2 has {c})")

@@ -274,9 +274,9 @@ def _split_kind(source: str, mod: str, spec: LayerSpec, names: tuple[str, ...], 
                 live: bool, out: dict[str, torch.Tensor], report: ImportReport) -> bool:
     """A kind on a fused native module, kept as that kind on each live part where its algebra splits by rows
     (LayerSpec.split_rows: LoRA+DoRA, LoHa, LoKr, full diff, (IA)^3): the factors stay about the size of the
-    file's instead of a dense diff per part (gigabytes for a real Flux.1 LoKr). False
-    when the kind does not split there (the caller applies it as full diffs). A DoRA or (IA)^3 part runs on its
-    own rows of the weight, so no weight is needed here."""
+    file's instead of a dense diff per part (gigabytes for a real Flux.1 LoKr). False when the kind does not split
+    there (the caller applies it as full diffs). A DoRA or (IA)^3 part runs on its own rows of the weight, so no
+    weight is needed here."""
     shape = kinds.update_shape(spec.kind, spec.all_factors)
     if shape is None:
         return False
@@ -288,7 +288,7 @@ def _split_kind(source: str, mod: str, spec: LayerSpec, names: tuple[str, ...], 
     parts = spec.split_rows(sizes)
     if parts is None:
         return False
-    windows = sum("lokr_rows" in p.factors for p in parts)  # LoKr parts that cut through w2's rows
+    windows = sum(kinds.LOKR_ROWS in p.factors for p in parts)  # LoKr parts that cut through w2's rows
     how = f"{spec.label} split by rows, kept as {spec.label}" + (
         f"; {windows} part(s) as a window of kron(w1, w2)" if windows else "")
     whole = spec.all_factors

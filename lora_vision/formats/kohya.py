@@ -39,7 +39,7 @@ from ..adapter import Adapter, check_token, embedding_tensors
 from ..io import AdapterFileError, write_safetensors
 from ..metadata import AdapterMetadata
 from . import naming
-from ..lora.kinds import check as check_kind, get_kind, kind_of, known_factor, rank_of
+from ..lora.kinds import LOKR_ROWS, check as check_kind, get_kind, kind_of, known_factor, rank_of
 from ..lora.ops import layer_tensors
 from ..lora.spec import LayerSpec, split_key
 from .common import NORM_TYPES, ComponentInfo, ImportReport, alpha_value, fit_pair, guess_base, is_unsupported, put
@@ -337,7 +337,7 @@ def kohya_tensors(adapter: Adapter, base: str, dtype: torch.dtype | None = None,
 def kind_tensors(key: str, spec: LayerSpec) -> dict[str, torch.Tensor]:
     """The tensors of one layer of another kind than plain LoRA as LyCORIS writes them: `<key>.<factor>` (LoRA's
     A / B / Tucker core as lora_down / lora_up / lora_mid) and `<key>.alpha` for the kinds that have one."""
-    if "lokr_rows" in spec.factors:
+    if LOKR_ROWS in spec.factors:
         raise ValueError(f"{key}: a window of a LoKr on a fused DiT module (lokr_rows, read from a BFL file), which "
                          "no other tool reads; the DiT kohya export (export(..., 'kohya') of a DiT adapter) writes "
                          "the fused LoKr back")

@@ -29,7 +29,7 @@ from torch import nn
 
 from ..adapter import Adapter
 from ..io import AdapterFileError, atomic_write_text, read_safetensors, replace_dir, write_safetensors
-from ..lora.kinds import DORA, check as check_kind, describe, get_kind, kind_of
+from ..lora.kinds import DORA, LOKR_ROWS, check as check_kind, describe, get_kind, kind_of
 from ..lora.ops import layer_tensors, parse_canonical
 from ..lora.spec import LayerSpec
 from ..metadata import AdapterMetadata
@@ -278,7 +278,7 @@ def peft_state(adapter: Adapter, comp: str, weights: Mapping[str, tuple[int, ...
     layers = adapter.layers(comp)
     if all(spec.is_plain for spec in layers.values()):
         return (*_lora_tensors(adapter.state_dict_for(comp)), {"peft_type": "LORA", "use_dora": False})
-    windows = [k for k, spec in layers.items() if "lokr_rows" in spec.factors]
+    windows = [k for k, spec in layers.items() if LOKR_ROWS in spec.factors]
     if windows:
         raise PeftExportError(f"{comp}.{windows[0]}: a window of a LoKr on a fused module (lokr_rows, read from a "
                               f"BFL file; {len(windows)} such layer(s)); peft's LoKr cannot hold one: export it with "

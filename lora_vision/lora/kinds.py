@@ -48,7 +48,8 @@ import torch
 Factors = Mapping[str, torch.Tensor]
 
 DORA = "dora_scale"
-INTEGER_FACTORS = ("on_input", "lokr_rows")  # flags and indices, not weights: never cast, scaled or checked as such
+LOKR_ROWS = "lokr_rows"  # a LoKr part's window [start, stop) into kron(w1, w2); see split_rows
+INTEGER_FACTORS = ("on_input", LOKR_ROWS)  # flags and indices, not weights: never cast, scaled or checked as such
 LORA_FACTORS = ("A", "B", "lora_mid", DORA)  # A and B are LayerSpec.A / LayerSpec.B
 
 
@@ -84,7 +85,7 @@ KINDS: dict[str, Kind] = {k.name: k for k in (
     Kind("loha", "LoHa", (("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"),), ("hada_t1", "hada_t2", DORA)),
     # lokr_rows [start, stop]: the layer is rows start:stop of kron(w1, w2), a part of a LoKr on a fused module
     # (BFL's linear1) whose w2 rows do not divide the parts (split_rows); no other tool's file has it
-    Kind("lokr", "LoKr", (), ("lokr_t2", DORA, "lokr_rows"),
+    Kind("lokr", "LoKr", (), ("lokr_t2", DORA, LOKR_ROWS),
          alternatives=(("lokr_w1", ("lokr_w1_a", "lokr_w1_b")), ("lokr_w2", ("lokr_w2_a", "lokr_w2_b")))),
     Kind("oft", "OFT", (), ("rescale",), alternatives=(("oft_blocks", ("oft_diag",)),), weight_dependent=True),
     Kind("boft", "BOFT", (), ("rescale",), alternatives=(("oft_blocks", ("oft_diag",)),), weight_dependent=True),
@@ -234,10 +235,15 @@ def _lokr_shape(f: Factors, wshape: tuple[int, ...]) -> tuple[int, ...]:
     return (out, cols)
 
 
+def lokr_block_rows(f: Factors) -> int:
+    """The rows of a LoKr's w2: kron(w1, w2) is w1's rows, each a block of this many rows."""
+    return _lokr_part_shape(f, "w2")[0]
+
+
 def lokr_window(f: Factors) -> tuple[int, int] | None:
     """(start, stop) of a LoKr part's `lokr_rows`, None for a whole LoKr. Raises KindError when it is not two
     integers."""
-    t = f.get("lokr_rows")
+    t = f.get(LOKR_ROWS)
     if t is None:
         return None
     if t.is_floating_point() or t.numel() != 2:
@@ -488,7 +494,7 @@ def split_rows(kind: str, factors: Factors, sizes: Sequence[int]) -> list[dict[s
         for a, t in (("hada_w1_a", "hada_t1"), ("hada_w2_a", "hada_t2")):
             split[a] = (1 if f.get(t) is not None else 0, list(sizes))  # Tucker: a is (r, out)
     elif kind == "lokr":
-        if f.get("lokr_rows") is not None or total != _lokr_shape(f, ())[0]:
+        if f.get(LOKR_ROWS) is not None or total != _lokr_shape(f, ())[0]:
             return None  # a window is not split again
     elif kind == "full":
         split["diff"] = (0, list(sizes))
@@ -511,7 +517,7 @@ def _lokr_windows(f: Factors, sizes: list[int], parts: list[dict[str, torch.Tens
     """The LoKr part of split_rows: row i of kron(w1, w2) is w1's row i // c times w2's row i % c (c = w2's
     rows), so each part takes the w1 (or w1_a) rows it touches, and a part that does not start and end on a
     multiple of c also keeps `lokr_rows`, its window into their kron."""
-    c = _lokr_part_shape(f, "w2")[0]
+    c = lokr_block_rows(f)
     name = "lokr_w1" if f.get("lokr_w1") is not None else "lokr_w1_a"
     at = 0
     for part, size in zip(parts, sizes):
@@ -519,7 +525,7 @@ def _lokr_windows(f: Factors, sizes: list[int], parts: list[dict[str, torch.Tens
         count = -(-(start + size) // c)
         part[name] = f[name][first:first + count]
         if start or size != count * c:
-            part["lokr_rows"] = torch.tensor([start, start + size])
+            part[LOKR_ROWS] = torch.tensor([start, start + size])
         at += size
 
 
