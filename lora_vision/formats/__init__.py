@@ -26,7 +26,7 @@ from ..lora.spec import SCALING_RULES, layer_key, split_key
 from ..metadata import FORMAT_VERSION, AdapterMetadata, scaling_entries
 from . import naming
 from .common import (NORM_TYPES, AdapterMismatchError, BaseMismatchError, ComponentInfo, ImportReport, describe_models,
-                     fit_pair, guess_base, put)
+                     fit_pair, guess_base, part_weight_shape, put)
 from .detect import FORMATS, classify_keys, detect_format
 from .diffusers import export_diffusers, import_diffusers
 from .dit_control import widened_inputs
@@ -196,9 +196,9 @@ def import_native(raw: Mapping[str, torch.Tensor], infos: Mapping[str, Component
             else:  # another kind (lora.kinds): its factors as stored, checked against the live weight
                 if live_info:
                     mtype, wshape = found
-                    problems = spec.check(tuple(wshape) if wshape else None)
+                    problems = spec.check(part_weight_shape(mtype, wshape, part) if wshape else None)
                     if problems:
-                        report.invalid += [f"{comp}.{live}: {q}" for q in problems]
+                        report.invalid += [f"{comp}.{live_key}: {q}" for q in problems]
                         continue
                 out.update({f"{comp}.{k}": t for k, t in layer_tensors(live_key, spec).items()})
             rule = info_meta.rule(comp, key)

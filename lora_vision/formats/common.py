@@ -113,6 +113,14 @@ def _weight_shape(m: nn.Module) -> tuple[int, ...]:
     return tuple(m.weight.shape)
 
 
+def part_weight_shape(mtype: str, wshape: tuple[int, ...], part: str) -> tuple[int, ...]:
+    """The weight shape a layer on `part` (q / k / v / o) of a module sees: a MultiheadAttention's part is one
+    (d, d) block of its (3d, d) in_proj_weight (or out_proj.weight); a module without parts, its own weight."""
+    if part and mtype == "MultiheadAttention":
+        return (wshape[1], wshape[1])
+    return tuple(wshape)
+
+
 def standard_unet_info(layout: str) -> ComponentInfo:
     """ComponentInfo of a standard full-size UNet layout ("sd1", "sd2", "sdxl"), for files loaded without a model."""
     return ComponentInfo(naming.standard_unet_modules(layout), unet_config=naming.STANDARD_UNET_CONFIGS[layout],

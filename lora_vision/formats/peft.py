@@ -31,7 +31,7 @@ from ..adapter import Adapter
 from ..io import AdapterFileError, atomic_write_text, read_safetensors, replace_dir, write_safetensors
 from ..lora.kinds import DORA, LOKR_ROWS, check as check_kind, describe, get_kind, kind_of
 from ..lora.ops import layer_tensors, parse_canonical
-from ..lora.spec import LayerSpec
+from ..lora.spec import LayerSpec, split_key as split_layer_key
 from ..metadata import AdapterMetadata
 from . import naming
 from .common import ComponentInfo, ImportReport, alpha_value, fit_pair, put
@@ -278,6 +278,13 @@ def peft_state(adapter: Adapter, comp: str, weights: Mapping[str, tuple[int, ...
     layers = adapter.layers(comp)
     if all(spec.is_plain for spec in layers.values()):
         return (*_lora_tensors(adapter.state_dict_for(comp)), {"peft_type": "LORA", "use_dora": False})
+    on_parts = [k for k, spec in layers.items() if not spec.is_plain and _attention_part(k, weights)]
+    if on_parts:
+        raise PeftExportError(f"{comp}.{on_parts[0]}: a {layers[on_parts[0]].label} layer on a part of an "
+                              f"nn.MultiheadAttention (torchvision's attention; {len(on_parts)} such layer(s)); "
+                              "peft's LoHa, LoKr and DoRA do not go on nn.MultiheadAttention: keep it in our own "
+                              "format (--to lora_vision), or turn it into plain LoRA (lora-vision convert FILE "
+                              "--rank N --base MODEL --to peft)")
     windows = [k for k, spec in layers.items() if LOKR_ROWS in spec.factors]
     if windows:
         raise PeftExportError(f"{comp}.{windows[0]}: a window of a LoKr on a fused module (lokr_rows, read from a "
@@ -292,6 +299,16 @@ def peft_state(adapter: Adapter, comp: str, weights: Mapping[str, tuple[int, ...
     tensors, targets = _lora_tensors(state)
     tensors.update({f"{PREFIX}{mod}.{MAGNITUDE}": m for mod, m in magnitudes.items()})
     return tensors, targets, {"peft_type": "LORA", "use_dora": bool(magnitudes)}
+
+
+def _attention_part(key: str, weights: Mapping[str, tuple[int, ...]] | None) -> bool:
+    """True when layer `key` is the q / k / v / o part of a fused attention (torchvision's nn.MultiheadAttention),
+    not a Linear of that name (T5's q / k / v / o): no module of the model when the model is known, else under
+    torchvision's name for it (`self_attention`, as _lora_tensors reads it)."""
+    mod, part = split_layer_key(key)
+    if not part:
+        return False
+    return key not in weights if weights is not None else mod.endswith("self_attention")
 
 
 def _lora_tensors(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, tuple[int, float]]]:

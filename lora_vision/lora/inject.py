@@ -19,7 +19,7 @@ from torch import nn
 
 from .config import LoRAConfig, TargetError, matches
 from .layers import (NORMS, LoRAConv2d, LoRAFusedLinear, LoRALayer, LoRALinear, LoRAMultiheadAttention, LoRANorm,
-                     StrengthTable, lora_layers)
+                     StrengthTable, lora_layers, mha_part_weight)
 from .ops import LoRAStateDictError, canonical_layers, merge_lora
 from .kinds import BIAS_FACTORS, fresh_factors, get_kind
 from .spec import FUSED_PARTS, LayerSpec, layer_key, split_key
@@ -281,8 +281,9 @@ def inject_lora(model: nn.Module, config: LoRAConfig | None = None, name: str = 
         else:
             dev = str(_device(layer.base))
             table = tables.get(dev) or tables.setdefault(dev, StrengthTable(name))
-        if first.spec is not None:  # any other kind: its factors as given (or freshly initialised)
-            layer.add_kind_adapter(name, first.spec, table, label + mod_name, trainable, first.dropout)
+        if first.spec is not None:  # any other kind: its factors as given (or freshly initialised), part by part
+            layer.add_kind_adapter(name, {p: pt.spec for p, pt in parts.items()}, table, label + mod_name, trainable,
+                                   first.dropout)
             if layer is not mod:
                 replace_module(model, mod_name, layer, parent)
             adapted.append(mod_name)
@@ -325,22 +326,28 @@ def _plan_config(model: nn.Module, config: LoRAConfig) -> dict:
         part = _Part(config.rank_for(mod_name, k), config.alpha_for(mod_name, k), config.rule, config.dropout,
                      config.init)
         split = config.split_qkv
+        parts = {"": part}
         if config.adapter_type != "lora":
             base = mod.base if isinstance(mod, LoRALayer) else mod
-            if not isinstance(base, (nn.Linear, nn.Conv2d)) or isinstance(mod, LoRAFusedLinear):
-                # MultiheadAttention's forward reads in_proj_weight and out_proj.weight itself: a kind would need
-                # one layer on each inside one wrapper, which the kind layers (one update per module) do not have.
+            if isinstance(mod, LoRAFusedLinear) or not isinstance(base, (nn.Linear, nn.Conv2d, nn.MultiheadAttention)):
                 raise TargetError(f"{mod_name}: adapter_type={config.adapter_type!r} goes on Linear and Conv2d "
-                                  f"modules (a fused qkv Linear included, as one layer), not on a "
-                                  f"{type(mod).__name__}; exclude it or use adapter_type='lora'")
-            # A fused qkv Linear (timm) takes the kind over its whole (3d, d) weight, as one Linear.
+                                  f"modules (a fused qkv Linear included, as one layer) and on the q / k / v / o "
+                                  f"parts of a MultiheadAttention, not on a {type(mod).__name__}; exclude it or use "
+                                  "adapter_type='lora'")
+            # A fused qkv Linear (timm) takes the kind over its whole (3d, d) weight, as one Linear; a
+            # MultiheadAttention takes one per part (`fused_parts`), each on its (d, d) block.
             split = False
-            a, b, kind, factors = fresh_factors(config.adapter_type, base.weight.detach(), part.rank,
-                                                factor=config.lokr_factor, decompose_both=config.decompose_both,
-                                                full_rank=config.full_rank, init=config.init)
-            part.spec = LayerSpec(a, b, part.alpha, part.rule, kind, factors)
+            weights = {"": base.weight} if not isinstance(base, nn.MultiheadAttention) else \
+                {p: mha_part_weight(base, p) for p in FUSED_PARTS if p in config.fused_parts}
+            parts = {}
+            for p, w in weights.items():
+                a, b, kind, factors = fresh_factors(config.adapter_type, w.detach(), part.rank,
+                                                    factor=config.lokr_factor, decompose_both=config.decompose_both,
+                                                    full_rank=config.full_rank, init=config.init)
+                parts[p] = _Part(part.rank, part.alpha, part.rule, part.dropout, part.init,
+                                 spec=LayerSpec(a, b, part.alpha, part.rule, kind, factors))
         wrap = (lambda n=mod_name, m=mod, split=split: _wrap(n, m, config.fused_parts, split))
-        plan[mod_name] = (mod, {"": part}, wrap, None)
+        plan[mod_name] = (mod, parts, wrap, None)
     return plan
 
 
@@ -372,9 +379,9 @@ def _plan_layers(model: nn.Module, layers: Mapping[str, LayerSpec], name: str, d
         parts = {}
         kind_spec = next((sp for sp in specs.values() if not sp.is_plain), None)
         if kind_spec is not None:
-            part = _plan_kind(mod_name, mod, specs, dev, dtype, trainable, dropout, problems)
-            if part is not None:
-                plan[mod_name] = (mod, {"": part}, lambda n=mod_name, m=mod: _wrap(n, m, FUSED_PARTS, False), parent)
+            kind_parts = _plan_kind(mod_name, mod, specs, dev, dtype, trainable, dropout, problems)
+            if kind_parts is not None:
+                plan[mod_name] = (mod, kind_parts, lambda n=mod_name, m=mod: _wrap(n, m, FUSED_PARTS, False), parent)
             continue
         for part, s in specs.items():
             label = layer_key(mod_name, part)
@@ -420,11 +427,25 @@ def _plan_checked(model: nn.Module, layers: Mapping[str, LayerSpec], dropout: fl
     return plan
 
 
-def kind_problems(module: nn.Module, spec: LayerSpec) -> list[str]:
-    """Why a layer of another kind than plain LoRA cannot go on `module` (a plain module or a wrapper), one line
-    each naming the factors and shapes; empty when it fits. The one check every loader of kinds uses."""
+def kind_problems(module: nn.Module, spec: LayerSpec, part: str = "") -> list[str]:
+    """Why a layer of another kind than plain LoRA cannot go on `module` (a plain module or a wrapper; `part`: q / k /
+    v / o of a MultiheadAttention), one line each naming the factors and shapes; empty when it fits. The one check
+    every loader of kinds uses."""
     base = module.base if isinstance(module, LoRALayer) else module
     kind = get_kind(spec.kind)
+    bias_factor = BIAS_FACTORS.get(spec.kind)
+    given = spec.factors.get(bias_factor) if bias_factor else None
+    if isinstance(base, nn.MultiheadAttention):
+        if part not in FUSED_PARTS:
+            return [f"{spec.label} layers on a MultiheadAttention go on its parts {FUSED_PARTS}, not on the whole "
+                    "module"]
+        if kind.norm_layers or given is not None:
+            return [f"{spec.label} layers with norm or bias updates do not go on a MultiheadAttention part"]
+        if not base._qkv_same_embed_dim:
+            return ["a MultiheadAttention with kdim / vdim other than embed_dim (no packed in_proj_weight)"]
+        return spec.check(tuple(mha_part_weight(base, part).shape))
+    if part:
+        return [f"{spec.label} layers go on Linear and Conv2d modules only, not on a {type(base).__name__} part"]
     if kind.norm_layers:
         if not isinstance(base, NORMS):
             return [f"{spec.label} layers (w_norm / b_norm) go on LayerNorm and GroupNorm modules only, not on a "
@@ -437,8 +458,6 @@ def kind_problems(module: nn.Module, spec: LayerSpec) -> list[str]:
     if isinstance(base, nn.Conv2d) and (base.groups != 1 or base.padding_mode != "zeros"):
         return [f"{spec.label} needs a Conv2d with groups=1 and zero padding"]
     bad = spec.check(tuple(base.weight.shape))
-    bias_factor = BIAS_FACTORS.get(spec.kind)
-    given = spec.factors.get(bias_factor) if bias_factor else None
     if given is not None and getattr(base, "bias", None) is None:
         bad.append(f"{bias_factor} {tuple(given.shape)} updates a bias the layer does not have")
     elif given is not None and tuple(given.shape) != tuple(base.bias.shape):
@@ -447,33 +466,38 @@ def kind_problems(module: nn.Module, spec: LayerSpec) -> list[str]:
 
 
 def _plan_kind(mod_name: str, mod: nn.Module, specs: dict[str, LayerSpec], dev: torch.device,
-               dtype: torch.dtype | None, trainable: bool, dropout: float, problems: list[str]) -> "_Part | None":
-    """Check a layer of another kind than plain LoRA against its module; its factors on the module's device."""
-    spec = specs.get("")
-    if spec is None or len(specs) > 1:
-        base = mod.base if isinstance(mod, LoRALayer) else mod
-        problems.append(f"{mod_name}: {next(iter(specs.values())).label} layers go on Linear and Conv2d modules "
-                        f"only, not on a {type(base).__name__} part")
+               dtype: torch.dtype | None, trainable: bool, dropout: float,
+               problems: list[str]) -> "dict[str, _Part] | None":
+    """Check the layer(s) of another kind than plain LoRA on one module (one per part on a MultiheadAttention)
+    against it; their factors on the module's device, {part: _Part}."""
+    kinds = {s.label for s in specs.values()}
+    if len(kinds) > 1:
+        problems.append(f"{mod_name}: parts of one module with different kinds {sorted(kinds)}; one adapter has one "
+                        "kind per module")
         return None
-    bad = kind_problems(mod, spec)
-    if bad:
-        problems += [f"{mod_name}: {b}" for b in bad]
-        return None
-    moved: dict[str, torch.Tensor] = {}
-    for n, t in spec.all_factors.items():
-        if t.is_floating_point():
-            if trainable and not bool(torch.isfinite(t).all()):
-                bad.append(f"{n} contains NaN/Inf")
-            m = t.to(dev, dtype or t.dtype)
-            moved[n] = m.clone() if trainable and m is t else m  # never train the caller's tensor
-        else:
-            moved[n] = t.to(dev)
-    if bad:
-        problems += [f"{mod_name}: {b}" for b in bad]
-        return None
-    a, b = (moved.pop("A"), moved.pop("B")) if spec.kind == "lora" else (None, None)
-    given = LayerSpec(a, b, spec.alpha, spec.rule, spec.kind, moved)
-    return _Part(spec.rank, spec.alpha, spec.rule, dropout, spec=given)
+    out = {}
+    for part, spec in specs.items():
+        label = layer_key(mod_name, part)
+        bad = kind_problems(mod, spec, part)
+        if bad:
+            problems += [f"{label}: {b}" for b in bad]
+            continue
+        moved: dict[str, torch.Tensor] = {}
+        for n, t in spec.all_factors.items():
+            if t.is_floating_point():
+                if trainable and not bool(torch.isfinite(t).all()):
+                    bad.append(f"{n} contains NaN/Inf")
+                m = t.to(dev, dtype or t.dtype)
+                moved[n] = m.clone() if trainable and m is t else m  # never train the caller's tensor
+            else:
+                moved[n] = t.to(dev)
+        if bad:
+            problems += [f"{label}: {b}" for b in bad]
+            continue
+        a, b = (moved.pop("A"), moved.pop("B")) if spec.kind == "lora" else (None, None)
+        given = LayerSpec(a, b, spec.alpha, spec.rule, spec.kind, moved)
+        out[part] = _Part(spec.rank, spec.alpha, spec.rule, dropout, spec=given)
+    return out if len(out) == len(specs) else None
 
 
 def inject_lora_from_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], name: str = "default",

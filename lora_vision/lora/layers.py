@@ -7,9 +7,10 @@ tensor: changing the strength of an adapter is one small copy, and under torch.c
 changes, so nothing recompiles.
 
 Other adapter kinds (LoHa, LoKr, DoRA, Tucker LoCon, OFT, BOFT, (IA)^3, full diff; see lora.kinds) live in the same
-wrappers around nn.Linear and nn.Conv2d: their factors are parameters in `kind_factors[name]`, `kinds[name]` says
-the kind, and `lora_A[name]` / `lora_B[name]` hold empty placeholders so that every "which adapters does this
-layer have" question keeps one answer. Such an adapter runs unfused as
+wrappers around nn.Linear and nn.Conv2d (and on the q / k / v / o parts of nn.MultiheadAttention, one layer per
+part): their factors are parameters in `kind_factors[name]` (per part on attention), `kinds[name]` says the kind, and
+`lora_A[name]` / `lora_B[name]` hold empty placeholders so that every "which adapters does this layer have" question
+keeps one answer. Such an adapter runs unfused as
 h = base(x) + strength * (x through Δ), Δ = LayerSpec.delta(W) rebuilt from the factors at every forward (nothing
 cached, so training works), and its table slot holds the strength alone (the scale is inside Δ). Norm-layer updates
 (`w_norm` / `b_norm`) live in `LoRANorm`, around nn.LayerNorm and nn.GroupNorm: the norm is affine in its weight
@@ -19,7 +20,7 @@ and bias, so x through Δ is the same normalisation with weight w_norm and bias 
 from __future__ import annotations
 
 import math
-from typing import Iterator
+from typing import Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -160,37 +161,58 @@ class LoRALayer(nn.Module):
         self.active.append(name)
         self._refresh()
 
-    def add_kind_adapter(self, name: str, spec: LayerSpec, table: StrengthTable, layer_name: str,
+    def add_kind_adapter(self, name: str, specs: Mapping[str, LayerSpec], table: StrengthTable, layer_name: str,
                          trainable: bool, dropout: float = 0.0) -> None:
-        """Create adapter `name` of any kind from `spec` (its factors become this layer's parameters, used as given:
-        the caller has placed them on the right device and dtype) and register it in `table` at scale 1."""
+        """Create adapter `name` of any kind from `specs` ({part: LayerSpec}: {"": spec} for a plain module, q / k /
+        v / o for a MultiheadAttention; one kind, alpha and rule), its factors this layer's parameters, used as given
+        (the caller has placed them on the right device and dtype), registered in `table` at scale 1."""
         if name in self.lora_A:
             raise ValueError(f"adapter {name!r} already exists in {layer_name}; remove it first or use another name")
-        norm = _kinds.get_kind(spec.kind).norm_layers
-        if norm != isinstance(self.base, NORMS) or isinstance(self, _FusedLoRA) or not isinstance(
-                self.base, (nn.Linear, nn.Conv2d, *NORMS)):
-            where = "LayerNorm and GroupNorm" if norm else "Linear and Conv2d"
-            raise KindError(f"{layer_name}: {spec.label} layers go on {where} modules only, not on a "
-                            f"{type(self.base).__name__}")
-        params = nn.ParameterDict()
-        for n, t in spec.all_factors.items():
-            params[n] = nn.Parameter(t, requires_grad=trainable and t.is_floating_point())
+        self._check_kind_parts(specs, layer_name)
+        first = next(iter(specs.values()))
+        stores = {}
+        for part, spec in specs.items():
+            params = nn.ParameterDict()
+            for n, t in spec.all_factors.items():
+                params[n] = nn.Parameter(t, requires_grad=trainable and t.is_floating_point())
+            stores[part] = params
         if "kind_factors" not in self._modules:
             self.kind_factors = nn.ModuleDict()
-        self.kind_factors[name] = params
-        self.kinds[name] = spec.kind
-        dev = self.base.weight.device
+        self.kind_factors[name] = stores[""] if set(stores) == {""} else nn.ModuleDict(stores)
+        self.kinds[name] = first.kind
+        dev = next(self.base.parameters()).device
         self.lora_A[name] = nn.Parameter(torch.empty(0, device=dev), requires_grad=False)
         self.lora_B[name] = nn.Parameter(torch.empty(0, device=dev), requires_grad=False)
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.ranks[name], self.alphas[name], self.rules[name] = spec.rank, float(spec.alpha), spec.rule
+        self.ranks[name], self.alphas[name], self.rules[name] = first.rank, float(first.alpha), first.rule
         self.tables[name] = (table, table.add_slot(layer_name, 1.0))
         self.active.append(name)
         self._refresh()
 
-    def kind_spec(self, name: str, detach: bool = True) -> LayerSpec:
-        """Adapter `name` (a kind adapter) as a LayerSpec; `detach=False` keeps the parameters (for training)."""
-        f = {n: (p.detach() if detach else p) for n, p in self.kind_factors[name].items()}
+    def _check_kind_parts(self, specs: Mapping[str, LayerSpec], layer_name: str) -> None:
+        """Raise KindError unless `specs` fits this layer: one spec on the whole module."""
+        spec = next(iter(specs.values()))
+        norm = _kinds.get_kind(spec.kind).norm_layers
+        if set(specs) != {""} or norm != isinstance(self.base, NORMS) or isinstance(self, _FusedLoRA) or \
+                not isinstance(self.base, (nn.Linear, nn.Conv2d, *NORMS)):
+            where = "LayerNorm and GroupNorm" if norm else "Linear and Conv2d"
+            part = " part" if set(specs) != {""} else ""
+            raise KindError(f"{layer_name}: {spec.label} layers go on {where} modules only, not on a "
+                            f"{type(self.base).__name__}{part}")
+
+    def kind_parts(self, name: str) -> tuple[str, ...]:
+        """The parts kind adapter `name` has factors on: ("",) for a plain module (q / k / v / o on attention)."""
+        return ("",)
+
+    def kind_params(self, name: str, part: str = "") -> nn.ParameterDict:
+        """The factors of kind adapter `name` on `part`, as this layer's parameters."""
+        return self.kind_factors[name]
+
+    def kind_spec(self, name: str, detach: bool = True, part: str | None = None) -> LayerSpec:
+        """Adapter `name` (a kind adapter) on `part` (default: its first) as a LayerSpec; `detach=False` keeps the
+        parameters (for training)."""
+        params = self.kind_params(name, self.kind_parts(name)[0] if part is None else part)
+        f = {n: (p.detach() if detach else p) for n, p in params.items()}
         kind = self.kinds[name]
         a, b = (f.pop("A"), f.pop("B")) if kind == "lora" else (None, None)
         return LayerSpec(a, b, self.alphas[name], self.rules[name], kind, f)
@@ -283,14 +305,14 @@ class LoRALayer(nn.Module):
     def specs(self, name: str) -> dict[str, LayerSpec]:
         """Adapter `name` as one LayerSpec per canonical sub-module suffix (detached views of A and B)."""
         if name in self.kinds:
-            return {"": self.kind_spec(name)}
+            return {p: self.kind_spec(name, part=p) for p in self.kind_parts(name)}
         return {part: LayerSpec(a.detach(), b.detach(), self.alphas[name], self.rules[name])
                 for part, (a, b) in self.lora_pairs(name).items()}
 
     def adapter_parameters(self, name: str) -> list[nn.Parameter]:
         """The trainable tensors of adapter `name`: A and B, or the factors of another kind."""
         if name in self.kinds:
-            return list(self.kind_factors[name].values())
+            return [t for p in self.kind_parts(name) for t in self.kind_params(name, p).values()]
         return [self.lora_A[name], self.lora_B[name]]
 
     def _refuse_kind(self, name: str, what: str) -> None:
@@ -577,10 +599,12 @@ class _FusedLoRA(LoRALayer):
         return self.lora_A[name][idx].reshape(-1, self.d_in)
 
     def lora_pairs(self, name: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        self._refuse_kind(name, "an (A, B) pair")
         a, b = self.lora_A[name], self.lora_B[name]
         return {p: (a[i], b[i]) for i, p in enumerate(self.parts)}
 
     def load_pair_(self, name: str, suffix: str, a: torch.Tensor, b: torch.Tensor) -> None:
+        self._refuse_kind(name, "an (A, B) pair")
         i = self.parts.index(suffix)
         with torch.no_grad():
             self.lora_A[name][i].copy_(a)
@@ -621,11 +645,25 @@ class LoRAFusedLinear(_FusedLoRA):
         return out
 
 
+def mha_part_weight(mha: nn.MultiheadAttention, part: str,
+                    saved: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """The (d, d) weight of one part of a MultiheadAttention: q / k / v's rows of in_proj_weight, or
+    out_proj.weight; `saved` ({"in_proj_weight": ..., "out_proj.weight": ...}, e.g. a wrapper's merge backup) is read
+    in place of the live weights it holds."""
+    saved = saved or {}
+    if part == "o":
+        return saved.get("out_proj.weight", mha.out_proj.weight)
+    i, d = _QKV.index(part), mha.embed_dim
+    return saved.get("in_proj_weight", mha.in_proj_weight)[i * d:(i + 1) * d]
+
+
 class LoRAMultiheadAttention(_FusedLoRA):
     """LoRA around nn.MultiheadAttention (torchvision ViT) with adapters on q, k, v and out_proj (o).
 
     MultiheadAttention's forward reads `in_proj_weight` and `out_proj.weight` directly, so wrapping a child Linear
     is not enough: this wrapper adds the low-rank updates to those weights and calls the functional attention.
+    Adapters of other kinds (LoHa, LoKr, DoRA; lora.kinds) sit on the parts one by one, each part's (d, d) block
+    of the weights being one Linear weight for its kind (`kind_factors[name][part]`).
     """
 
     part_names = ("q", "k", "v", "o")
@@ -637,12 +675,55 @@ class LoRAMultiheadAttention(_FusedLoRA):
         self.batch_first = base.batch_first
 
     def _base_weights(self) -> Iterator[tuple[str, nn.Parameter]]:
-        if any(p in self.parts for p in _QKV):
+        used = set(self.parts).union(*(self.kind_parts(n) for n in self.kinds))
+        if used & set(_QKV):
             yield "in_proj_weight", self.base.in_proj_weight
-        if "o" in self.parts:
+        if "o" in used:
             yield "out_proj.weight", self.base.out_proj.weight
 
+    # ---- other kinds, part by part -------------------------------------------------------------------
+    def _check_kind_parts(self, specs: Mapping[str, LayerSpec], layer_name: str) -> None:
+        bad = [p for p in specs if p not in self.part_names]
+        kinds = {s.kind for s in specs.values()}
+        spec = next(iter(specs.values()))
+        if bad or not specs:
+            raise KindError(f"{layer_name}: {spec.label} layers on a MultiheadAttention go on its parts "
+                            f"{self.part_names}, got {bad or 'none'}")
+        if len(kinds) > 1 or len({(s.alpha, s.rule) for s in specs.values()}) > 1:
+            raise KindError(f"{layer_name}: the parts of one adapter on a MultiheadAttention have one kind, alpha "
+                            f"and rule; got {sorted(kinds)}")
+        if _kinds.get_kind(spec.kind).norm_layers or any(f in s.factors for s in specs.values()
+                                                         for f in _kinds.BIAS_FACTORS.values()):
+            raise KindError(f"{layer_name}: {spec.label} layers with norm or bias updates do not go on a "
+                            "MultiheadAttention")
+
+    def kind_parts(self, name: str) -> tuple[str, ...]:
+        return tuple(self.kind_factors[name])
+
+    def kind_params(self, name: str, part: str = "") -> nn.ParameterDict:
+        return self.kind_factors[name][part]
+
+    def part_weight(self, part: str) -> torch.Tensor:
+        """The base weight of one part before any merge (see mha_part_weight)."""
+        return mha_part_weight(self.base, part, self._backup)
+
+    def _kind_delta(self, name: str, detach: bool = True) -> dict[str, torch.Tensor]:
+        deltas = {}
+        for p in self.kind_parts(name):
+            spec, w = self.kind_spec(name, detach, p), self.part_weight(p).detach()
+            deltas[p] = spec.delta(w if spec.weight_dependent else None).reshape(w.shape).float()
+        out = {}
+        if any(p in deltas for p in _QKV):
+            zero = self.base.in_proj_weight.new_zeros(self.d, self.d_in, dtype=torch.float32)
+            out["in_proj_weight"] = torch.cat([deltas.get(p, zero) for p in _QKV], dim=0)
+        if "o" in deltas:
+            out["out_proj.weight"] = deltas["o"]
+        return out
+
+    # ---- LoRA ----------------------------------------------------------------------------------------
     def delta(self, name: str) -> dict[str, torch.Tensor]:
+        if name in self.kinds:
+            return self._kind_delta(name)
         out = {}
         qkv = self._qkv_delta(name, self.base.in_proj_weight)
         if qkv is not None:
@@ -655,8 +736,15 @@ class LoRAMultiheadAttention(_FusedLoRA):
         m = self.base
         w_in, w_out = m.in_proj_weight, m.out_proj.weight
         for name in self._run:
-            a, b = self.lora_A[name], self.lora_B[name]
             f = self.factor(name, w_in.device)
+            if name in self.kinds:  # differentiable in the factors, rebuilt at every call (training works)
+                d = self._kind_delta(name, detach=False)
+                if "in_proj_weight" in d:
+                    w_in = w_in + (d["in_proj_weight"] * f).to(w_in.dtype)
+                if "out_proj.weight" in d:
+                    w_out = w_out + (d["out_proj.weight"] * f).to(w_out.dtype)
+                continue
+            a, b = self.lora_A[name], self.lora_B[name]
             if any(p in self.parts for p in _QKV):
                 w_in = w_in + (self._qkv_B(name) @ self._qkv_A(name) * f).to(w_in.dtype)
             if "o" in self.parts:

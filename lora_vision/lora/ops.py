@@ -330,12 +330,14 @@ def load_lora_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor
     for mod_name, layer in lora_layers(model):
         if name not in layer.lora_A:
             continue
-        if name in layer.kinds:  # LoHa, LoKr, DoRA, ...: every factor by name, shape and alpha
-            present.add((mod_name, ""))
-            got = _kind_entry(layer, name, mod_name, kind_sd.pop(mod_name, None), entries.pop((mod_name, ""), None),
-                              state_dict.get(f"{mod_name}.alpha"), report)
-            if got is not None:
-                kind_todo.append((layer, got))
+        if name in layer.kinds:  # LoHa, LoKr, DoRA, ...: every factor by name, shape and alpha, part by part
+            for part in layer.kind_parts(name):
+                key = layer_key(mod_name, part)
+                present.add((mod_name, part))
+                got = _kind_entry(layer, name, part, key, kind_sd.pop(key, None), entries.pop((mod_name, part), None),
+                                  state_dict.get(f"{key}.alpha"), report)
+                if got is not None:
+                    kind_todo.append((layer.kind_params(name, part), got))
             continue
         for suffix, (a, b) in layer.lora_pairs(name).items():
             key = (mod_name, suffix)
@@ -369,17 +371,17 @@ def load_lora_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor
     for layer, suffix, e in todo:
         layer.load_pair_(name, suffix, e["A"], e["B"])
     with torch.no_grad():
-        for layer, factors in kind_todo:
+        for params, factors in kind_todo:
             for n, t in factors.items():
-                layer.kind_factors[name][n].copy_(t)
+                params[n].copy_(t)
     return report
 
 
-def _kind_entry(layer: LoRALayer, name: str, label: str, given: dict | None, plain: dict | None,
+def _kind_entry(layer: LoRALayer, name: str, part: str, label: str, given: dict | None, plain: dict | None,
                 alpha: torch.Tensor | None, report: LoadReport) -> dict[str, torch.Tensor] | None:
-    """The factors of a kind adapter's layer from a state dict, checked against the layer (names, shapes, alpha,
-    values); problems go to `report`."""
-    kind, params = layer.kinds[name], layer.kind_factors[name]
+    """The factors of a kind adapter's layer (its `part`) from a state dict, checked against the layer (names,
+    shapes, alpha, values); problems go to `report`."""
+    kind, params = layer.kinds[name], layer.kind_params(name, part)
     if given is None and plain is None:
         report.missing.append(label)
         return None

@@ -230,11 +230,33 @@ def test_vit_kind_on_timm_fused_qkv_trains_as_one_linear(adapter_type, data, tmp
     # outputs == W + delta and the loss going down: tests/lora/test_kinds_core.py::test_kind_on_timm_fused_qkv_*
 
 
-def test_vit_kind_on_torchvision_attention_is_refused_naming_it(data, tmp_path):  # noqa: F811
+@pytest.mark.parametrize("adapter_type", ["loha", "dora"])
+def test_vit_kind_on_torchvision_trains_per_part_and_resumes(adapter_type, data, tmp_path):  # noqa: F811
+    import shutil
+
+    common = ["--model_name_or_path", "tiny-torchvision", "--adapter_type", adapter_type, "--max_train_steps", "6",
+              "--checkpointing_steps", "3", "--save_peft", "false", "--learning_rate", "1e-2"]
+    full = _run(tmp_path / "a", data, *common)
+    (tmp_path / "b").mkdir()
+    shutil.copytree(tmp_path / "a" / "checkpoint-3", tmp_path / "b" / "checkpoint-3")
+    resumed = _run(tmp_path / "b", data, *common, "--resume_from_checkpoint", "latest")
+    a, b = (Adapter.load(tmp_path / x / "adapter.safetensors") for x in "ab")
+    assert a.tensors.keys() == b.tensors.keys() and all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
+    assert resumed["history"] == full["history"]
+    layers = a.layers("model")
+    assert set(a.kinds()) == {LABEL[adapter_type]}
+    attn = [k for k in layers if ".self_attention." in k]  # one layer per part of each nn.MultiheadAttention
+    assert {k.rsplit(".", 1)[1] for k in attn} == {"q", "k", "v", "o"} and len(attn) == 8
+    # trained away from the zero start (DoRA: its B; LoHa: its update)
+    assert all((layers[k].B if adapter_type == "dora" else layers[k].delta(None)).abs().max() > 0 for k in attn)
+    # outputs against lycoris-lora, fuse / unfuse, save and reload: tests/lora/test_kinds_attention.py
+
+
+def test_vit_kind_on_torchvision_with_save_peft_is_refused_naming_the_fix(data, tmp_path):  # noqa: F811
     from lora_vision.lora.config import ConfigError
 
     with pytest.raises(ConfigError, match=r"adapter_type='lokr' on a torchvision ViT .*MultiheadAttention.*"
-                                          r"in_proj_weight and out_proj.weight.*timm ViT"):
+                                          r"--save_peft false"):
         train_vit.main(["--train_dir", str(data), "--output_dir", str(tmp_path), "--model_name_or_path",
-                        "tiny-torchvision", "--adapter_type", "lokr", "--save_peft", "false"])
+                        "tiny-torchvision", "--adapter_type", "lokr"])
     assert not any(tmp_path.iterdir())

@@ -184,11 +184,10 @@ class ViTTrainConfig(TrainingFeatures, AdapterKindFields):
         out += self.kind_problems()
         family = self.model_name_or_path.split(":", 1)[0].removeprefix("tiny-")
         kinds = [k for k in (self.adapter_type, *self.compare_variants) if k in KIND_VARIANTS]
-        if kinds and family == "torchvision":
-            out.append(f"adapter_type={self.adapter_type!r} on a torchvision ViT ({self.model_name_or_path}): its "
-                       "attention is an nn.MultiheadAttention, whose forward reads in_proj_weight and out_proj.weight "
-                       "itself, which LoHa / LoKr / DoRA layers do not go on; use a transformers or timm ViT (e.g. "
-                       "tiny-hf, tiny-timm or google/vit-base-patch16-224) or --adapter_type lora")
+        if kinds and family == "torchvision" and self.save_peft:
+            out.append(f"adapter_type={kinds[0]!r} on a torchvision ViT ({self.model_name_or_path}) with --save_peft: "
+                       "its attention is an nn.MultiheadAttention, which peft's LoHa, LoKr and DoRA layers do not go "
+                       "on; add --save_peft false (adapter.safetensors holds the adapter) or use --adapter_type lora")
         if self.mode not in MODES:
             out.append(f"mode={self.mode!r}: expected one of {MODES}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
