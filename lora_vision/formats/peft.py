@@ -31,7 +31,7 @@ from ..adapter import Adapter
 from ..io import AdapterFileError, atomic_write_text, read_safetensors, replace_dir, write_safetensors
 from ..lora.kinds import DORA, LOKR_ROWS, check as check_kind, describe, get_kind, kind_of
 from ..lora.ops import layer_tensors, parse_canonical
-from ..lora.spec import LayerSpec, split_key as split_layer_key
+from ..lora.spec import LayerSpec, layer_key, split_key as split_layer_key
 from ..metadata import AdapterMetadata
 from . import naming
 from .common import ComponentInfo, ImportReport, alpha_value, fit_pair, put
@@ -277,8 +277,8 @@ def peft_state(adapter: Adapter, comp: str, weights: Mapping[str, tuple[int, ...
     and mixtures raise PeftExportError. `weights`: module -> weight shape, when the model is known."""
     layers = adapter.layers(comp)
     if all(spec.is_plain for spec in layers.values()):
-        return (*_lora_tensors(adapter.state_dict_for(comp)), {"peft_type": "LORA", "use_dora": False})
-    on_parts = [k for k, spec in layers.items() if not spec.is_plain and _attention_part(k, weights)]
+        return (*_lora_tensors(adapter.state_dict_for(comp), weights), {"peft_type": "LORA", "use_dora": False})
+    on_parts = [k for k, spec in layers.items() if not spec.is_plain and _fused_part(*split_layer_key(k), weights)]
     if on_parts:
         raise PeftExportError(f"{comp}.{on_parts[0]}: a {layers[on_parts[0]].label} layer on a part of an "
                               f"nn.MultiheadAttention (torchvision's attention; {len(on_parts)} such layer(s)); "
@@ -296,24 +296,26 @@ def peft_state(adapter: Adapter, comp: str, weights: Mapping[str, tuple[int, ...
     if kind == "LOKR":
         return lokr_state(layers, comp, weights)
     state, magnitudes = lora_view(layers, comp)
-    tensors, targets = _lora_tensors(state)
+    tensors, targets = _lora_tensors(state, weights)
     tensors.update({f"{PREFIX}{mod}.{MAGNITUDE}": m for mod, m in magnitudes.items()})
     return tensors, targets, {"peft_type": "LORA", "use_dora": bool(magnitudes)}
 
 
-def _attention_part(key: str, weights: Mapping[str, tuple[int, ...]] | None) -> bool:
-    """True when layer `key` is the q / k / v / o part of a fused attention (torchvision's nn.MultiheadAttention),
-    not a Linear of that name (T5's q / k / v / o): no module of the model when the model is known, else under
-    torchvision's name for it (`self_attention`, as _lora_tensors reads it)."""
-    mod, part = split_layer_key(key)
+def _fused_part(mod: str, part: str, weights: Mapping[str, tuple[int, ...]] | None) -> bool:
+    """True when `part` (q / k / v / o) of `mod` is a part of a fused projection (torchvision's nn.MultiheadAttention,
+    timm's qkv Linear), False for a Linear of that name (T5's q / k / v / o): no module of the model when the model
+    is known, else the names torchvision and timm give the fused modules (`self_attention`, `qkv`)."""
     if not part:
         return False
-    return key not in weights if weights is not None else mod.endswith("self_attention")
+    return f"{mod}.{part}" not in weights if weights is not None else mod.endswith(("self_attention", "qkv"))
 
 
-def _lora_tensors(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, tuple[int, float]]]:
-    """PEFT LoRA tensors (prefixed) and (rank, alpha) per PEFT target module of a canonical plain-LoRA state dict."""
-    entries = parse_canonical(state)
+def _lora_tensors(state: Mapping[str, torch.Tensor], weights: Mapping[str, tuple[int, ...]] | None = None
+                  ) -> tuple[dict[str, torch.Tensor], dict[str, tuple[int, float]]]:
+    """PEFT LoRA tensors (prefixed) and (rank, alpha) per PEFT target module of a canonical plain-LoRA state dict
+    (`weights`: module -> weight shape, when the model is known; see _fused_part)."""
+    entries = {(m, p) if _fused_part(m, p, weights) else (layer_key(m, p), ""): e
+               for (m, p), e in parse_canonical(state).items()}
     tensors: dict[str, torch.Tensor] = {}
     targets: dict[str, tuple[int, float]] = {}
     fused = sorted({m for (m, p) in entries if p})
@@ -394,7 +396,7 @@ def _write_peft(adapter: Adapter, path: Path, model: nn.Module | None, modules_t
             _write_peft(sub, path / c, None, None, None, base_model_name_or_path, dtype)
         return
     comp = comps[0]
-    weights = {n: tuple(getattr(m, "weight").shape) for n, m in model.named_modules()
+    weights = {n: tuple(m.weight.shape) for n, m in naming.adaptable_modules(model).items()
                if isinstance(getattr(m, "weight", None), torch.Tensor)} if model is not None else None
     tensors, targets, fields = peft_state(adapter, comp, weights)
     full = dict(adapter.full_state_dict_for(comp))

@@ -157,3 +157,36 @@ def test_sd_adapter_as_peft_folders_per_component(tmp_path):
         assert (te(ids).last_hidden_state - ours.text_encoder(ids).last_hidden_state).abs().max() < TOL
     back, report = load_any(path)
     assert report.format == "peft" and all(torch.equal(back.tensors[k], ad.tensors[k]) for k in ad.tensors)
+
+
+def _tiny_t5():
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    return T5EncoderModel(T5Config(vocab_size=40, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+                                   relative_attention_num_buckets=8, is_encoder_decoder=False,
+                                   feed_forward_proj="gated-gelu", decoder_start_token_id=0)).eval()
+
+
+@pytest.mark.parametrize("with_model", [False, True])
+def test_t5_linears_named_q_k_v_o_stay_linears_in_peft(with_model, tmp_path):
+    """T5's attention Linears are named q, k, v and o, the letters of fused parts: they stay four Linear targets
+    (they used to be written as one MultiheadAttention adapter on `SelfAttention`, which peft cannot load)."""
+    from peft import PeftModel
+
+    from lora_vision.formats.peft import export_peft
+
+    m = _tiny_t5()
+    inject_lora(m, LoRAConfig(rank=3, alpha=5, targets=("SelfAttention.q", "SelfAttention.k", "SelfAttention.v",
+                                                        "SelfAttention.o")))
+    randomize_lora(m, seed=1, std=0.2)
+    ad = Adapter.from_models({"text_encoder_2": m})
+    path = export_peft(ad, tmp_path / "t5", model=m if with_model else None)
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    assert sorted(cfg["target_modules"]) == sorted(f"encoder.block.{i}.layer.0.SelfAttention.{p}"
+                                                   for i in range(2) for p in "qkvo")
+    ids = torch.tensor([[3, 7, 11, 2, 5]])
+    theirs = PeftModel.from_pretrained(_tiny_t5(), str(path)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(input_ids=ids).last_hidden_state, m(input_ids=ids).last_hidden_state,
+                                   atol=1e-5, rtol=1e-5)
