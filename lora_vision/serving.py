@@ -32,7 +32,7 @@ from torch import nn
 
 from .adapter import Adapter
 from .formats import read_adapter
-from .lora.inject import replace_module
+from .lora.inject import ModuleNames, replace_module
 from .lora.spec import LayerSpec, split_key
 from .pipeline import block_of, parse_block_strengths
 from .pipeline.adapters import DENOISERS
@@ -154,7 +154,9 @@ class AdapterServer:
             if comp not in self.components:
                 raise KeyError(f"adapter {name!r} has weights for {comp!r} but the pipeline has no such component "
                                f"(it has {list(self.components)})")
-            parsed = {split_key(k): _servable(name, f"{comp}.{k}", spec) for k, spec in adapter.layers(comp).items()}
+            named = ModuleNames(self.components[comp])  # T5's `SelfAttention.q` is a Linear, not a fused part
+            parsed = {split_key(k, named): _servable(name, f"{comp}.{k}", spec)
+                      for k, spec in adapter.layers(comp).items()}
             parts = [f"{m}.{p}" for (m, p) in parsed if p]
             if parts:
                 raise ValueError(f"adapter {name!r}: fused-part entries such as {parts[0]} are not served; "

@@ -118,3 +118,31 @@ def test_generate_refuses_an_sd_adapter_on_flux_under_strict(tmp_path, capsys) -
     assert rc in (1, 2) and "Traceback" not in err
     assert "unet" in err and "FluxPipeline" in err
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("*.png"))
+
+
+def test_server_serves_t5_linears_named_q_and_o() -> None:
+    """T5's attention Linears are named q / k / v / o, the letters of fused parts: the server takes them as Linear
+    layers (it used to refuse the adapter as holding "fused-part entries") and matches the pipeline loader."""
+    pipe = build_tiny_dit("tiny-flux")
+    t5 = copy.deepcopy(pipe.text_encoder_2)
+    lv.inject_lora(t5, lv.LoRAConfig(rank=2, targets=("SelfAttention.q", "SelfAttention.o")))
+    with torch.no_grad():
+        for key, p in t5.named_parameters():
+            if "lora_B" in key:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(0)) * 0.3)
+    adapter = Adapter.from_models({"text_encoder_2": t5})
+    ids = torch.tensor([[3, 7, 11, 2, 5]])
+    load_adapter(pipe, adapter, name="t", strength=0.7)
+    with torch.no_grad():
+        want = pipe.text_encoder_2(input_ids=ids).last_hidden_state
+    unload_adapter(pipe, "t")
+    server = AdapterServer(pipe)
+    server.add("t", adapter)
+    server.prepare()
+    server.activate("t", strength=0.7)
+    with torch.no_grad():
+        got = pipe.text_encoder_2(input_ids=ids).last_hidden_state
+        server.activate(None)
+        off = pipe.text_encoder_2(input_ids=ids).last_hidden_state
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert (got - off).abs().max() > 1e-3  # the adapter does something

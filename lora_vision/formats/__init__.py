@@ -173,6 +173,8 @@ def import_native(raw: Mapping[str, torch.Tensor], infos: Mapping[str, Component
         for key, spec in specs.items():
             mod, part = split_key(key)
             live = naming.te_to_live(mod, has) if has is not None else mod
+            if part and live_info and info.module_of(layer_key(live, part)) is not None:
+                live, part = layer_key(live, part), ""  # a Linear named q / k / v / o (T5's), not a fused part
             found = info.module_of(live) if live_info else None
             if live_info and found is None:
                 report.not_found.append(f"{comp}.{live}")

@@ -322,28 +322,28 @@ def load_lora_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor
     """
     _require(model, name)
     plain_sd, kind_sd = _split_kind_keys(state_dict)
-    entries = parse_canonical(plain_sd)
+    # By the key as written: a Linear named q / k / v / o (T5's) and a fused module's part both read back
+    entries = {layer_key(m, p): e for (m, p), e in parse_canonical(plain_sd).items()}
     report = LoadReport()
     todo = []
-    kind_todo: list[tuple[LoRALayer, dict[str, torch.Tensor]]] = []
-    present: set[tuple[str, str]] = set()
+    kind_todo: list[tuple[nn.ParameterDict, dict[str, torch.Tensor]]] = []
+    present: set[str] = set()
     for mod_name, layer in lora_layers(model):
         if name not in layer.lora_A:
             continue
         if name in layer.kinds:  # LoHa, LoKr, DoRA, ...: every factor by name, shape and alpha, part by part
             for part in layer.kind_parts(name):
                 key = layer_key(mod_name, part)
-                present.add((mod_name, part))
-                got = _kind_entry(layer, name, part, key, kind_sd.pop(key, None), entries.pop((mod_name, part), None),
+                present.add(key)
+                got = _kind_entry(layer, name, part, key, kind_sd.pop(key, None), entries.pop(key, None),
                                   state_dict.get(f"{key}.alpha"), report)
                 if got is not None:
                     kind_todo.append((layer.kind_params(name, part), got))
             continue
         for suffix, (a, b) in layer.lora_pairs(name).items():
-            key = (mod_name, suffix)
-            present.add(key)
-            label = f"{mod_name}.{suffix}" if suffix else mod_name
-            e = entries.get(key)
+            label = layer_key(mod_name, suffix)
+            present.add(label)
+            e = entries.get(label)
             if e is None:
                 report.missing.append(label)
                 continue
@@ -364,7 +364,7 @@ def load_lora_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor
                 continue
             report.matched.append(label)
             todo.append((layer, suffix, e))
-    report.unexpected = [f"{m}.{p}" if p else m for (m, p) in entries if (m, p) not in present] + list(kind_sd)
+    report.unexpected = [k for k in entries if k not in present] + list(kind_sd)
     if strict and not report.ok:
         raise LoRAStateDictError(f"LoRA state dict does not fit adapter {name!r} of {type(model).__name__}:\n"
                                  + str(report))

@@ -190,3 +190,31 @@ def test_t5_linears_named_q_k_v_o_stay_linears_in_peft(with_model, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(theirs(input_ids=ids).last_hidden_state, m(input_ids=ids).last_hidden_state,
                                    atol=1e-5, rtol=1e-5)
+
+
+def test_t5_linears_named_q_and_o_round_trip_through_the_canonical_state_dict():
+    """load_lora_state_dict (checkpoint resume) and load_any with the model match `…SelfAttention.q` as written,
+    not as the `q` part of a fused `SelfAttention` (they used to report every such layer both missing and
+    unexpected, or the file as made for another base)."""
+    from lora_vision.lora.ops import LoRAStateDictError, load_lora_state_dict, lora_state_dict
+
+    cfg = LoRAConfig(rank=2, targets=("SelfAttention.q", "SelfAttention.o"))
+    m, other = _tiny_t5(), _tiny_t5()
+    for model in (m, other):
+        inject_lora(model, cfg)
+    randomize_lora(m, seed=3)
+    sd = lora_state_dict(m)
+    report = load_lora_state_dict(other, sd)
+    assert report.ok and len(report.matched) == 4
+    ids = torch.tensor([[3, 7, 11, 2]])
+    with torch.no_grad():
+        assert torch.equal(other(input_ids=ids).last_hidden_state, m(input_ids=ids).last_hidden_state)
+    # read against the model (load_any with models=): the same four Linear layers, none reported missing
+    _, read = load_any(Adapter.from_models({"text_encoder_2": m}).tensors, models={"text_encoder_2": _tiny_t5()},
+                       strict=True)
+    assert sorted(read.matched) == sorted(f"text_encoder_2.encoder.block.{i}.layer.0.SelfAttention.{p}"
+                                          for i in range(2) for p in "qo")
+    sd["encoder.block.0.layer.0.SelfAttention.k.lora_A.weight"] = torch.zeros(2, 32)
+    sd["encoder.block.0.layer.0.SelfAttention.k.lora_B.weight"] = torch.zeros(32, 2)
+    with pytest.raises(LoRAStateDictError, match=r"unexpected \(1\): encoder\.block\.0\.layer\.0\.SelfAttention\.k"):
+        load_lora_state_dict(other, sd)
