@@ -123,3 +123,25 @@ def test_bf16_lora_product_matches_float32_and_keeps_float32_grads():
     assert rel < 1e-2, rel
     out.float().sum().backward()
     assert lora.lora_A["default"].grad.dtype == torch.float32 and lora.lora_B["default"].grad.abs().sum() > 0
+
+
+def test_gathered_inputs_draw_timesteps_uniformly_and_latents_from_the_cached_distribution():
+    """What each step trains on: timesteps uniform over the scheduler's whole range (a constant or a narrow
+    timestep sampler fails; the recipe-level quality test catches a constant one only by a thin margin), standard
+    normal noise, and latents drawn as mean + std * N(0, 1) of the rows asked for."""
+    g = torch.Generator().manual_seed(0)
+    mean, std = torch.randn(4, 4, 8, 8, generator=g), 0.1 + torch.rand(4, 4, 8, 8, generator=g)
+    cache = BucketCache((64, 64), mean, std, torch.tensor([0, 1, 0, 1]), torch.zeros(4, 6))
+    settings = StepSettings("epsilon", 1000, 5.0, 0.1, 1.0, 1.0, False)
+    gen = torch.Generator().manual_seed(1)
+    draws = [gather_inputs([(cache, torch.tensor([0, 3]))], gen, settings) for _ in range(2000)]
+    t = torch.cat([x.timesteps for x in draws])
+    assert t.dtype == torch.long and int(t.min()) >= 0 and int(t.max()) <= 999
+    counts = torch.bincount(t // 100, minlength=10).float()  # 4000 draws in 10 bins of 100 timesteps
+    assert (counts - 400).abs().max() < 80, counts.tolist()  # about 5 standard deviations of a fair bin
+    assert int(t.min()) < 10 and int(t.max()) > 989
+    noise = torch.cat([x.noise for x in draws])
+    assert abs(float(noise.mean())) < 0.01 and abs(float(noise.std()) - 1) < 0.01
+    lat = torch.stack([x.latents for x in draws])  # (draws, rows, C, H, W)
+    z = (lat - mean[[0, 3]]) / std[[0, 3]]
+    assert abs(float(z.mean())) < 0.01 and abs(float(z.std()) - 1) < 0.01
