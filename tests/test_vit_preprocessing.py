@@ -105,48 +105,79 @@ def test_crop_scale_flag_takes_two_numbers(tmp_path: Path) -> None:
                                                                                                          False)
 
 
+def _weight_init_model(family: str):
+    from lora_vision.models.tiny import build_tiny_hf_vit, build_tiny_timm_vit, build_tiny_torchvision_vit
+
+    build, preset, probe = {"hf": (build_tiny_hf_vit, "hf-vit-attn-mlp", "vit.layers.0.attention.q_proj"),
+                            "timm": (build_tiny_timm_vit, "timm-vit-attn-mlp", "blocks.0.attn.qkv"),
+                            "tv": (build_tiny_torchvision_vit, "tv-vit-attn-mlp",
+                                   "encoder.layers.encoder_layer_0.self_attention")}[family]
+    return lambda: build(4, 32, 0).eval(), preset, probe
+
+
+def _logits(model, x):
+    out = model(x) if not hasattr(model, "vit") else model(pixel_values=x)
+    return getattr(out, "logits", out)
+
+
+@pytest.mark.parametrize("family", ["hf", "timm", "tv"])
 @pytest.mark.parametrize("method", ["pissa", "olora"])
-def test_weight_init_keeps_the_start_and_exports_a_delta_for_the_original_base(method: str) -> None:
+def test_weight_init_keeps_the_start_and_exports_a_delta_for_the_original_base(method: str, family: str) -> None:
+    """PiSSA / OLoRA on plain Linear layers and, part by part, on fused projections (timm's qkv Linear, torchvision's
+    nn.MultiheadAttention): the same output at the start, and the exported rank-2r adapter on the ORIGINAL base
+    gives the trained model."""
     import lora_vision as lv
     from lora_vision.adapter import Adapter
+    from lora_vision.lora.layers import part_weight
     from lora_vision.lora.weight_init import init_from_weights_, to_plain_delta_
-    from lora_vision.models.tiny import build_tiny_hf_vit
 
+    build, preset, probe = _weight_init_model(family)
     x = torch.randn(3, 3, 32, 32)
-    model, original = build_tiny_hf_vit(4, 32, 0).eval(), build_tiny_hf_vit(4, 32, 0).eval()
+    model, original = build(), build()
     with torch.no_grad():
-        before = model(pixel_values=x).logits
-    lv.inject_lora(model, lv.LoRAConfig(rank=2, alpha=4, targets="hf-vit-attn-mlp"))
+        before = _logits(model, x)
+    lv.inject_lora(model, lv.LoRAConfig(rank=2, alpha=4, targets=preset))
     starts = init_from_weights_(model, method)
-    q = model.vit.layers[0].attention.q_proj
-    assert not torch.equal(q.base.weight, original.vit.layers[0].attention.q_proj.weight)  # the residual
-    assert q.lora_B["default"].abs().sum() > 0  # B does not start at zero
+    layer = model.get_submodule(probe)
+    parts = list(layer.lora_pairs("default"))
+    assert {k for k in starts if k.startswith(probe)} == {f"{probe}.{p}" if p else probe for p in parts}
+    for p in parts:
+        assert not torch.equal(part_weight(layer, p), part_weight(original.get_submodule(probe), p))  # residual
+        assert layer.lora_pairs("default")[p][1].abs().sum() > 0  # B does not start at zero
     with torch.no_grad():
-        torch.testing.assert_close(model(pixel_values=x).logits, before, atol=1e-5, rtol=1e-5)  # same start
-        for p in lv.lora_parameters(model):  # "training"
-            p.add_(torch.randn_like(p) * 0.05)
-        trained = model(pixel_values=x).logits
+        torch.testing.assert_close(_logits(model, x), before, atol=1e-5, rtol=1e-5)  # same start
+        for prm in lv.lora_parameters(model):  # "training"
+            prm.add_(torch.randn_like(prm) * 0.05)
+        trained = _logits(model, x)
     assert (trained - before).abs().max() > 1e-3
     assert to_plain_delta_(model, starts) == len(starts)
-    assert torch.equal(q.base.weight, original.vit.layers[0].attention.q_proj.weight)  # bit for bit
+    restored = model.get_submodule(probe).base
+    assert all(torch.equal(a, b) for a, b in zip(restored.state_dict().values(),
+                                                 original.get_submodule(probe).state_dict().values()))  # bit for bit
     adapter = Adapter.from_models({"model": model})
     assert set(adapter.ranks().values()) == {4}  # rank 2r
     adapter.apply_to({"model": original})  # the ORIGINAL base + the exported adapter = the trained model
     with torch.no_grad():
-        torch.testing.assert_close(original(pixel_values=x).logits, trained, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(_logits(original, x), trained, atol=1e-5, rtol=1e-5)
 
 
-def test_weight_init_refuses_fused_layers_before_changing_anything() -> None:
+def test_weight_init_refuses_convolutions_and_too_large_ranks_before_changing_anything() -> None:
     import lora_vision as lv
     from lora_vision.lora.weight_init import init_from_weights_
-    from lora_vision.models.tiny import build_tiny_timm_vit
+    from lora_vision.models.tiny import build_tiny_torchvision_vit
 
-    model = build_tiny_timm_vit(4, 32, 0)
-    lv.inject_lora(model, lv.LoRAConfig(rank=2, targets="timm-vit-attn"))
+    model = build_tiny_torchvision_vit(4, 32, 0)
+    lv.inject_lora(model, lv.LoRAConfig(rank=2, targets=("conv_proj", "self_attention")))
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(ValueError, match="pissa initialisation needs plain Linear layers.*fused or attention"):
+    with pytest.raises(ValueError, match=r"pissa initialisation needs Linear layers.*not plain LoRA on a Linear: "
+                                         r"\['conv_proj'\]"):
         init_from_weights_(model, "pissa")
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    wide = build_tiny_torchvision_vit(4, 32, 0)
+    lv.inject_lora(wide, lv.LoRAConfig(rank=33, targets=("self_attention",)))
+    with pytest.raises(ValueError, match=r"too large rank: \['encoder\.layers\.encoder_layer_0\.self_attention\.q "
+                                         r"\(rank 33 > 32\)'"):
+        init_from_weights_(wide, "olora")
 
 
 def test_loraplus_param_groups_give_B_ratio_times_the_rate() -> None:

@@ -19,7 +19,7 @@ from torch import nn
 
 from .config import LoRAConfig, TargetError, matches
 from .layers import (NORMS, LoRAConv2d, LoRAFusedLinear, LoRALayer, LoRALinear, LoRAMultiheadAttention, LoRANorm,
-                     StrengthTable, lora_layers, mha_part_weight)
+                     StrengthTable, lora_layers, part_weight)
 from .ops import LoRAStateDictError, canonical_layers, merge_lora
 from .kinds import BIAS_FACTORS, fresh_factors, get_kind
 from .spec import FUSED_PARTS, LayerSpec, layer_key, split_key
@@ -338,7 +338,7 @@ def _plan_config(model: nn.Module, config: LoRAConfig) -> dict:
             # MultiheadAttention takes one per part (`fused_parts`), each on its (d, d) block.
             split = False
             weights = {"": base.weight} if not isinstance(base, nn.MultiheadAttention) else \
-                {p: mha_part_weight(base, p) for p in FUSED_PARTS if p in config.fused_parts}
+                {p: part_weight(base, p) for p in FUSED_PARTS if p in config.fused_parts}
             parts = {}
             for p, w in weights.items():
                 a, b, kind, factors = fresh_factors(config.adapter_type, w.detach(), part.rank,
@@ -443,7 +443,7 @@ def kind_problems(module: nn.Module, spec: LayerSpec, part: str = "") -> list[st
             return [f"{spec.label} layers with norm or bias updates do not go on a MultiheadAttention part"]
         if not base._qkv_same_embed_dim:
             return ["a MultiheadAttention with kdim / vdim other than embed_dim (no packed in_proj_weight)"]
-        return spec.check(tuple(mha_part_weight(base, part).shape))
+        return spec.check(tuple(part_weight(base, part).shape))
     if part:
         return [f"{spec.label} layers go on Linear and Conv2d modules only, not on a {type(base).__name__} part"]
     if kind.norm_layers:

@@ -645,16 +645,25 @@ class LoRAFusedLinear(_FusedLoRA):
         return out
 
 
-def mha_part_weight(mha: nn.MultiheadAttention, part: str,
-                    saved: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
-    """The (d, d) weight of one part of a MultiheadAttention: q / k / v's rows of in_proj_weight, or
-    out_proj.weight; `saved` ({"in_proj_weight": ..., "out_proj.weight": ...}, e.g. a wrapper's merge backup) is read
-    in place of the live weights it holds."""
+def part_weight(module: nn.Module, part: str = "", saved: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """The weight one adapted part of `module` (a plain module, or a wrapper: its base) reads: the module's own
+    weight for "", q / k / v's rows of a MultiheadAttention's in_proj_weight or of a fused qkv Linear's weight, and
+    a MultiheadAttention's out_proj.weight for o. A view: writing into it writes the module's weight. `saved`
+    ({"weight": ...}, {"in_proj_weight": ..., "out_proj.weight": ...}: a wrapper's merge backup) is read in place of
+    the live weights it holds."""
+    base = module.base if isinstance(module, LoRALayer) else module
     saved = saved or {}
-    if part == "o":
-        return saved.get("out_proj.weight", mha.out_proj.weight)
-    i, d = _QKV.index(part), mha.embed_dim
-    return saved.get("in_proj_weight", mha.in_proj_weight)[i * d:(i + 1) * d]
+    if isinstance(base, nn.MultiheadAttention):
+        if part == "o":
+            return saved.get("out_proj.weight", base.out_proj.weight)
+        w, d = saved.get("in_proj_weight", base.in_proj_weight), base.embed_dim
+    else:
+        w = saved.get("weight", base.weight)
+        if not part:
+            return w
+        d = w.shape[0] // 3
+    i = _QKV.index(part)
+    return w[i * d:(i + 1) * d]
 
 
 class LoRAMultiheadAttention(_FusedLoRA):
@@ -704,8 +713,8 @@ class LoRAMultiheadAttention(_FusedLoRA):
         return self.kind_factors[name][part]
 
     def part_weight(self, part: str) -> torch.Tensor:
-        """The base weight of one part before any merge (see mha_part_weight)."""
-        return mha_part_weight(self.base, part, self._backup)
+        """The base weight of one part before any merge (see part_weight)."""
+        return part_weight(self.base, part, self._backup)
 
     def _kind_delta(self, name: str, detach: bool = True) -> dict[str, torch.Tensor]:
         deltas = {}

@@ -15,7 +15,7 @@ from lora_vision.formats import load_any
 from lora_vision.formats.peft import PeftExportError, export_peft
 from lora_vision.lora.config import LoRAConfig
 from lora_vision.lora.inject import inject_lora
-from lora_vision.lora.layers import LoRAMultiheadAttention, mha_part_weight
+from lora_vision.lora.layers import LoRAMultiheadAttention, part_weight
 from lora_vision.lora.ops import LoRAStateDictError, load_lora_state_dict, lora_parameters, lora_state_dict
 from lora_vision.models.tiny import build_tiny_torchvision_vit
 
@@ -43,7 +43,7 @@ def _lycoris_parts(mha: nn.MultiheadAttention, cls, opts: dict, kind: str):
     """{part: merged (d, d) weight} and our canonical state dict of the same factors."""
     merged, sd = {}, {}
     for i, part in enumerate(PARTS):
-        w = mha_part_weight(mha, part).detach().clone()
+        w = part_weight(mha, part).detach().clone()
         org = nn.Linear(w.shape[1], w.shape[0], bias=False)
         org.weight.data.copy_(w)
         mod = _lycoris(cls, org, opts, seed=i)
@@ -79,7 +79,7 @@ def test_kind_on_attention_parts_matches_lycoris(case, tmp_path):
     cid, cls, opts, kind, label = case
     model = _vit()
     mha = model.get_submodule(ATTN)
-    base_w = {p: mha_part_weight(mha, p).detach().clone().float() for p in PARTS}
+    base_w = {p: part_weight(mha, p).detach().clone().float() for p in PARTS}
     merged, sd = _lycoris_parts(mha, cls, opts, kind)
     assert all((merged[p] - base_w[p]).abs().max() > 1e-3 for p in PARTS)  # every part really changes
     x = torch.randn(3, 17, mha.embed_dim, generator=torch.Generator().manual_seed(5))

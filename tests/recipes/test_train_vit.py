@@ -225,3 +225,34 @@ def test_eval_reads_the_base_model_of_a_peft_folder(data: Path, tmp_path: Path) 
                           "--dataloader_num_workers", "0", "--output_json", str(tmp_path / "p.json")]) == 0
     result = json.loads((tmp_path / "p.json").read_text())
     assert result["model"] == BASE and result["top1"] == pytest.approx(m["top1"])
+
+
+@pytest.mark.parametrize("model", ["tiny-timm", "tiny-torchvision"])
+def test_weight_init_on_fused_attention_exports_files_that_give_the_trained_model(model: str, data: Path,
+                                                                                   tmp_path: Path) -> None:
+    """--init pissa on timm's fused qkv and torchvision's nn.MultiheadAttention (part by part): the adapter file
+    and the peft folder on the ORIGINAL base give what the recipe trained (its merged/ model)."""
+    from peft import PeftModel
+
+    from lora_vision.adapter import Adapter
+    from lora_vision.models.vit import load_vit
+
+    _run(tmp_path, data, "--model_name_or_path", model, "--init", "pissa", "--max_train_steps", "3",
+         "--learning_rate", "1e-2", "--save_merged", "true")
+    adapter = Adapter.load(tmp_path / "adapter.safetensors")
+    classes = json.loads(adapter.metadata["lora_vision.classes"])
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+    def fresh():
+        return load_vit(model, len(classes), None, classes).model.eval()
+
+    trained = fresh()
+    trained.load_state_dict(read_safetensors(tmp_path / "merged" / "model.safetensors")[0])  # head included
+    ours = fresh()
+    adapter.apply_to({"model": ours})
+    theirs = PeftModel.from_pretrained(fresh(), str(tmp_path / "peft")).eval()
+    with torch.no_grad():
+        want = trained(x)
+        torch.testing.assert_close(ours(x), want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(theirs(x), want, atol=1e-5, rtol=1e-5)
+        assert (want - fresh()(x)).abs().max() > 1e-4  # trained away from the base
