@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The worked example of README "What did the adapter learn? lora-vision analyze", offline on a CPU:
-# the main job (configs/tiny.yaml: rank 8 on the UNet transformer blocks of the pretrained tiny model) with two
-# seeds, `lora-vision analyze` on the pair against the tiny base, then the PNGs shrunk to 128-colour palettes for
-# docs/img/analyze/.
+# the main job's UNet part (configs/tiny.yaml, --train_text_encoder false: rank 8 on the UNet transformer blocks of the
+# pretrained tiny model) with two seeds, `lora-vision analyze` on the pair against the tiny base, then the PNGs shrunk
+# to 128-colour palettes for docs/img/analyze/.
 #   bash docs/examples/analyze_tiny.sh [WORK_DIR]    (default outputs/analyze_example; about a minute per run on 2 idle cores)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -10,7 +10,7 @@ WORK=${1:-outputs/analyze_example}
 
 train() {  # name seed
     [ -f "$WORK/$1/adapter.safetensors" ] || python scripts/train_sd.py --output_dir "$WORK/$1" --seed "$2" \
-        --class_data_dir "$WORK/class_images_seed$2"
+        --class_data_dir "$WORK/class_images_seed$2" --train_text_encoder false
 }
 train r8_seed0 0
 train r8_seed1 1
