@@ -214,7 +214,7 @@ def expected_shapes(module: nn.Module, rank: int, part: str = "") -> tuple[tuple
     base = module.base if isinstance(module, LoRALayer) else module
     if isinstance(base, nn.MultiheadAttention):
         d = base.embed_dim
-        return ((rank, d), (d, rank)) if part in FUSED_PARTS else None
+        return ((rank, d), (d, rank)) if part in FUSED_PARTS and base._qkv_same_embed_dim else None
     if part:
         if isinstance(base, nn.Linear) and base.out_features % 3 == 0 and part in ("q", "k", "v"):
             return (rank, base.in_features), (base.out_features // 3, rank)
@@ -322,13 +322,16 @@ def _plan_config(model: nn.Module, config: LoRAConfig) -> dict:
     _, chosen = resolve_targets(model, config)
     plan = {}
     for mod_name, mod in chosen.items():
+        base = mod.base if isinstance(mod, LoRALayer) else mod
+        if isinstance(base, nn.MultiheadAttention) and not base._qkv_same_embed_dim:
+            raise TargetError(f"{mod_name}: a MultiheadAttention with kdim / vdim other than embed_dim has no packed "
+                              "in_proj_weight, which the adapters go on; exclude it")
         k = _kernel(mod)
         part = _Part(config.rank_for(mod_name, k), config.alpha_for(mod_name, k), config.rule, config.dropout,
                      config.init)
         split = config.split_qkv
         parts = {"": part}
         if config.adapter_type != "lora":
-            base = mod.base if isinstance(mod, LoRALayer) else mod
             if isinstance(mod, LoRAFusedLinear) or not isinstance(base, (nn.Linear, nn.Conv2d, nn.MultiheadAttention)):
                 raise TargetError(f"{mod_name}: adapter_type={config.adapter_type!r} goes on Linear and Conv2d "
                                   f"modules (a fused qkv Linear included, as one layer) and on the q / k / v / o "

@@ -656,6 +656,9 @@ def part_weight(module: nn.Module, part: str = "", saved: Mapping[str, torch.Ten
     if isinstance(base, nn.MultiheadAttention):
         if part == "o":
             return saved.get("out_proj.weight", base.out_proj.weight)
+        if not base._qkv_same_embed_dim:
+            raise ValueError(f"a MultiheadAttention with kdim={base.kdim}, vdim={base.vdim} other than embed_dim="
+                             f"{base.embed_dim} has no packed in_proj_weight to take a {part} part from")
         w, d = saved.get("in_proj_weight", base.in_proj_weight), base.embed_dim
     else:
         w = saved.get("weight", base.weight)

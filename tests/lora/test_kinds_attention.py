@@ -13,7 +13,7 @@ from lora_vision import merge_lora, set_strength, unmerge_lora
 from lora_vision.adapter import Adapter
 from lora_vision.formats import load_any
 from lora_vision.formats.peft import PeftExportError, export_peft
-from lora_vision.lora.config import LoRAConfig
+from lora_vision.lora.config import LoRAConfig, TargetError
 from lora_vision.lora.inject import inject_lora
 from lora_vision.lora.layers import LoRAMultiheadAttention, part_weight
 from lora_vision.lora.ops import LoRAStateDictError, load_lora_state_dict, lora_parameters, lora_state_dict
@@ -184,3 +184,13 @@ def test_kinds_on_attention_are_refused_where_they_cannot_go():
     with pytest.raises(LoRAStateDictError, match="go on its parts"):
         Adapter({f"model.{k}": t for k, t in whole.items()}).apply_to({"model": model})
     assert not any(isinstance(m, LoRAMultiheadAttention) for m in model.modules())  # nothing changed
+
+
+def test_an_attention_without_a_packed_weight_is_refused_by_name_before_anything_changes():
+    """nn.MultiheadAttention with kdim / vdim other than embed_dim keeps q, k and v in separate weights: no adapter
+    goes on it, and the error names it before any module of the model is wrapped."""
+    model = nn.ModuleDict({"fc": nn.Linear(16, 16), "attn": nn.MultiheadAttention(16, 2, kdim=8, vdim=8)})
+    for adapter_type in ("lora", "loha"):
+        with pytest.raises(TargetError, match=r"^attn: a MultiheadAttention with kdim / vdim other than embed_dim"):
+            inject_lora(model, LoRAConfig(targets=("fc", "attn"), rank=2, adapter_type=adapter_type))
+        assert isinstance(model["fc"], nn.Linear) and isinstance(model["attn"], nn.MultiheadAttention)
