@@ -601,3 +601,14 @@ def test_merge_with_factors_in_the_weight_dtype_is_the_fp32_sum_rounded_once(dty
     with pytest.raises(FloatingPointError, match="0"):
         lv.merge_lora(m)
     assert torch.equal(layer.base.weight, w0) and not layer.merged
+
+
+@pytest.mark.parametrize("conv", [dict(groups=2), dict(padding=1, padding_mode="reflect")], ids=["groups", "padding"])
+def test_a_module_no_wrapper_takes_is_named_before_the_model_changes(conv):
+    """A grouped or reflect-padded convolution among the targets: a TargetError naming it, raised before any other
+    target is wrapped or the base frozen (it used to wrap the modules before it, then fail without the name)."""
+    model = nn.ModuleDict({"fc": nn.Linear(16, 16), "conv": nn.Conv2d(4, 4, 3, **conv)})
+    with pytest.raises(lv.TargetError, match=r"^conv: LoRAConv2d supports"):
+        lv.inject_lora(model, lv.LoRAConfig(targets=("fc", "conv"), rank=2))
+    assert type(model["fc"]) is nn.Linear and type(model["conv"]) is nn.Conv2d
+    assert all(p.requires_grad for p in model.parameters())
