@@ -269,10 +269,10 @@ def inject_lora(model: nn.Module, config: LoRAConfig | None = None, name: str = 
         plan = _plan_layers(model, layers, name, dtype, dropout, trainable)
     # Every wrapper is built before the model changes: a module no wrapper takes (a grouped or padded convolution,
     # ...) is an error naming it, with nothing wrapped or frozen yet.
-    layers = {}
+    wrappers = {}
     for mod_name, (mod, _, wrap, _) in plan.items():
         try:
-            layers[mod_name] = mod if isinstance(mod, LoRALayer) else wrap()
+            wrappers[mod_name] = mod if isinstance(mod, LoRALayer) else wrap()
         except ValueError as e:
             raise TargetError(str(e) if str(e).startswith(mod_name) else f"{mod_name}: {e}") from None
     if freeze_base:
@@ -282,7 +282,7 @@ def inject_lora(model: nn.Module, config: LoRAConfig | None = None, name: str = 
     shared = StrengthTable(name) if own else None
     adapted: list[str] = []
     for mod_name, (mod, parts, _, parent) in plan.items():
-        layer = layers[mod_name]
+        layer = wrappers[mod_name]
         first = next(iter(parts.values()))
         if shared is not None:
             table = shared
