@@ -359,3 +359,25 @@ def test_peft_folder_of_a_vit_adapter_gives_the_same_numbers(tmp_path) -> None:
     for key in a:
         assert b[key]["singular_values"] == pytest.approx(a[key]["singular_values"], rel=1e-5)
         assert report["similarity"]["layers"][key]["phi_diag"][-1] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_base_weights_find_t5_linears_named_q_and_attention_parts():
+    """The base weight of `…SelfAttention.q` is T5's Linear of that name (it used to be looked up as the q part of a
+    fused `SelfAttention` and not found); torchvision's attention parts still take their block of in_proj_weight."""
+    from transformers import T5Config, T5EncoderModel
+
+    from lora_vision.analysis.sources import BaseWeights
+    from lora_vision.models.tiny import build_tiny_torchvision_vit
+
+    t5 = T5EncoderModel(T5Config(vocab_size=40, d_model=32, d_kv=8, d_ff=37, num_layers=1, num_heads=4,
+                                 relative_attention_num_buckets=8, is_encoder_decoder=False))
+    vit = build_tiny_torchvision_vit(4, 32, 0)
+    base = BaseWeights("test", {"text_encoder_2": t5.state_dict().get, "model": vit.state_dict().get})
+    q = t5.encoder.block[0].layer[0].SelfAttention.q.weight
+    assert torch.equal(base.weight("text_encoder_2.encoder.block.0.layer.0.SelfAttention.q", 32), q)
+    attn = vit.encoder.layers[0].self_attention
+    assert torch.equal(base.weight("model.encoder.layers.encoder_layer_0.self_attention.k", 32),
+                       attn.in_proj_weight[32:64])
+    assert torch.equal(base.weight("model.encoder.layers.encoder_layer_0.self_attention.o", 32),
+                       attn.out_proj.weight)
+    assert base.weight("model.encoder.layers.encoder_layer_0.self_attention.x", 32) is None

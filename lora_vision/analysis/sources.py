@@ -149,18 +149,16 @@ class BaseWeights:
         `in_proj_weight`), `o` is MultiheadAttention's `out_proj.weight`.
         """
         comp, _, rest = layer_key.partition(".")
-        mod, part = rest, ""
-        head, _, last = rest.rpartition(".")
-        if last in _QKV + ("o",) and head:
-            mod, part = head, last
+        for name in _name_variants(rest):  # the module itself first: T5's Linears are named q, k, v and o
+            t = self._get(comp, f"{name}.weight")
+            if t is not None:
+                return t.detach().float().cpu().flatten(1)
+        mod, _, part = rest.rpartition(".")
+        if part not in _QKV + ("o",) or not mod:
+            return None
         for name in _name_variants(mod):
-            if part == "o":
-                cands = [f"{name}.out_proj.weight", f"{name}.weight"]
-            elif part:
-                cands = [f"{name}.in_proj_weight", f"{name}.weight"]
-            else:
-                cands = [f"{name}.weight"]
-            for cand in cands:
+            packed = f"{name}.out_proj.weight" if part == "o" else f"{name}.in_proj_weight"
+            for cand in (packed, f"{name}.weight"):
                 t = self._get(comp, cand)
                 if t is None:
                     continue
