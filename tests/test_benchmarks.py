@@ -91,6 +91,17 @@ def test_bench_layer_cpu_smoke():
     assert "| lora_vision |" in done.stdout and "per-round ratio" in done.stdout
 
 
+def test_bench_vit_kinds_cpu_smoke_times_every_kind_against_lora():
+    done = _run("benchmarks/bench_vit_kinds_cpu.py", "--model", "tiny-torchvision", "--rounds", "1", "--repeats", "1",
+                "--threads", "1")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("command: python benchmarks/bench_vit_kinds_cpu.py --model tiny-torchvision")
+    rows = {line.split("|")[1].strip(): line for line in done.stdout.splitlines() if line.startswith("| ")}
+    for kind in ("loha", "lokr", "dora"):  # each against plain LoRA (training) and the base (inference)
+        assert "| lora train step |" in rows[f"{kind} train step"]
+        assert "| base forward |" in rows[f"{kind} forward"]
+
+
 def test_bench_layer_cpu_rejects_zero_rounds():
     done = _run("benchmarks/bench_layer_cpu.py", "--rounds", "0")
     assert done.returncode == 2 and "--rounds 0" in done.stderr and "Traceback" not in done.stderr
