@@ -217,15 +217,19 @@ class LoRALayer(nn.Module):
         a, b = (f.pop("A"), f.pop("B")) if kind == "lora" else (None, None)
         return LayerSpec(a, b, self.alphas[name], self.rules[name], kind, f)
 
-    def _base_weight(self) -> torch.Tensor:
-        """The weight before any merge (weight-dependent kinds rebuild their update from it)."""
-        return self._backup.get("weight", self.base.weight)
+    def part_weight(self, part: str = "") -> torch.Tensor:
+        """The base weight `part` reads ("" for the whole module) before any merge (see the function part_weight):
+        weight-dependent kinds rebuild their update from it."""
+        return part_weight(self.base, part, self._backup)
+
+    def _kind_update(self, name: str, part: str = "", detach: bool = True) -> torch.Tensor:
+        """Kind adapter `name`'s update of `part`'s weight at strength 1, in that weight's shape."""
+        spec, w = self.kind_spec(name, detach, part), self.part_weight(part).detach()
+        return spec.delta(w if spec.weight_dependent else None).reshape(w.shape)
 
     def _kind_delta(self, name: str, detach: bool = True) -> dict[str, torch.Tensor]:
-        spec = self.kind_spec(name, detach)
-        w = self._base_weight().detach()
-        out = {"weight": spec.delta(w if spec.weight_dependent else None).reshape(w.shape)}
-        bias = spec.bias_delta()
+        out = {"weight": self._kind_update(name, "", detach)}
+        bias = self.kind_spec(name, detach).bias_delta()
         if bias is not None:
             out["bias"] = bias
         return out
@@ -701,9 +705,10 @@ class LoRAMultiheadAttention(_FusedLoRA):
         if bad or not specs:
             raise KindError(f"{layer_name}: {spec.label} layers on a MultiheadAttention go on its parts "
                             f"{self.part_names}, got {bad or 'none'}")
-        if len(kinds) > 1 or len({(s.alpha, s.rule) for s in specs.values()}) > 1:
+        scales = {(s.alpha, s.rule) for s in specs.values()}
+        if len(kinds) > 1 or len(scales) > 1:
             raise KindError(f"{layer_name}: the parts of one adapter on a MultiheadAttention have one kind, alpha "
-                            f"and rule; got {sorted(kinds)}")
+                            f"and rule; got kinds {sorted(kinds)}, (alpha, rule) {sorted(scales)}")
         if _kinds.get_kind(spec.kind).norm_layers or any(f in s.factors for s in specs.values()
                                                          for f in _kinds.BIAS_FACTORS.values()):
             raise KindError(f"{layer_name}: {spec.label} layers with norm or bias updates do not go on a "
@@ -715,15 +720,8 @@ class LoRAMultiheadAttention(_FusedLoRA):
     def kind_params(self, name: str, part: str = "") -> nn.ParameterDict:
         return self.kind_factors[name][part]
 
-    def part_weight(self, part: str) -> torch.Tensor:
-        """The base weight of one part before any merge (see part_weight)."""
-        return part_weight(self.base, part, self._backup)
-
     def _kind_delta(self, name: str, detach: bool = True) -> dict[str, torch.Tensor]:
-        deltas = {}
-        for p in self.kind_parts(name):
-            spec, w = self.kind_spec(name, detach, p), self.part_weight(p).detach()
-            deltas[p] = spec.delta(w if spec.weight_dependent else None).reshape(w.shape).float()
+        deltas = {p: self._kind_update(name, p, detach).float() for p in self.kind_parts(name)}
         out = {}
         if any(p in deltas for p in _QKV):
             zero = self.base.in_proj_weight.new_zeros(self.d, self.d_in, dtype=torch.float32)
