@@ -103,4 +103,9 @@ done
 # Chrome traces stay out (the device returns files of 16 MiB at most); each profile's kernels.md goes in
 tar -czf "$OUTD/results_$CALL.tar.gz" -C "$WORK" --exclude='*.safetensors' --exclude='out_*' --exclude='trace.json.gz' \
   . 2>> "$SLOG"
+# The profiles also come back on their own: the tarball of call d (the Flux.1 model folder's logs and images) went
+# over the file limit once, and its kernels.md with it.
+find "$WORK" -name kernels.md | while read -r k; do
+  rel=${k#"$WORK"/}; cp "$k" "$OUTD/kernels_${rel//\//_}"
+done
 echo "total $(( $(date +%s) - T0 )) s" | tee -a "$SLOG"
