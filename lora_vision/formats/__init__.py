@@ -171,10 +171,10 @@ def import_native(raw: Mapping[str, torch.Tensor], infos: Mapping[str, Component
         if comp.startswith("text_encoder"):
             has = info.has_text_model if info is not None else naming.default_has_text_model(comp)
         for key, spec in specs.items():
-            mod, part = split_key(key)
-            live = naming.te_to_live(mod, has) if has is not None else mod
-            if part and live_info and info.module_of(layer_key(live, part)) is not None:
-                live, part = layer_key(live, part), ""  # a Linear named q / k / v / o (T5's), not a fused part
+            # With the model, a key that names a module itself is that module (T5's Linears named q / k / v / o),
+            # not a fused module's part (split_key)
+            live, part = split_key(naming.te_to_live(key, has) if has is not None else key,
+                                   info.modules if live_info else None)
             found = info.module_of(live) if live_info else None
             if live_info and found is None:
                 report.not_found.append(f"{comp}.{live}")
@@ -191,7 +191,7 @@ def import_native(raw: Mapping[str, torch.Tensor], infos: Mapping[str, Component
                     continue
                 if live_info and not part:
                     mtype, wshape = found
-                    a, b = fit_pair(f"{source}: {comp}.{mod}", mtype, wshape, a, b, True)
+                    a, b = fit_pair(f"{source}: {comp}.{key}", mtype, wshape, a, b, True)
                 put(out, comp, live_key, a, b, spec.alpha)
                 if a is not spec.A or b is not spec.B:
                     spec = spec.with_factors(a, b)
