@@ -222,14 +222,16 @@ class LoRALayer(nn.Module):
         weight-dependent kinds rebuild their update from it."""
         return part_weight(self.base, part, self._backup)
 
-    def _kind_update(self, name: str, part: str = "", detach: bool = True) -> torch.Tensor:
-        """Kind adapter `name`'s update of `part`'s weight at strength 1, in that weight's shape."""
-        spec, w = self.kind_spec(name, detach, part), self.part_weight(part).detach()
+    def _kind_update(self, spec: LayerSpec, part: str = "") -> torch.Tensor:
+        """The update of `part`'s weight at strength 1 of a kind adapter's `spec` (kind_spec), in that weight's
+        shape."""
+        w = self.part_weight(part).detach()
         return spec.delta(w if spec.weight_dependent else None).reshape(w.shape)
 
     def _kind_delta(self, name: str, detach: bool = True) -> dict[str, torch.Tensor]:
-        out = {"weight": self._kind_update(name, "", detach)}
-        bias = self.kind_spec(name, detach).bias_delta()
+        spec = self.kind_spec(name, detach)
+        out = {"weight": self._kind_update(spec)}
+        bias = spec.bias_delta()
         if bias is not None:
             out["bias"] = bias
         return out
@@ -721,7 +723,7 @@ class LoRAMultiheadAttention(_FusedLoRA):
         return self.kind_factors[name][part]
 
     def _kind_delta(self, name: str, detach: bool = True) -> dict[str, torch.Tensor]:
-        deltas = {p: self._kind_update(name, p, detach).float() for p in self.kind_parts(name)}
+        deltas = {p: self._kind_update(self.kind_spec(name, detach, p), p).float() for p in self.kind_parts(name)}
         out = {}
         if any(p in deltas for p in _QKV):
             zero = self.base.in_proj_weight.new_zeros(self.d, self.d_in, dtype=torch.float32)
