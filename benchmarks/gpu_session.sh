@@ -2,6 +2,10 @@
 # The GPU numbers of issues #15-#18 on one H200, in device calls of under 10 minutes each (a device call runs at
 # most 600 s), each table with the exact command at the top of its output.
 #
+#   a: #17 ViT-B/16 ours vs peft per precision mode, adapter operations, generation with adapters
+#   b: #18 the captured step with Prodigy / schedule-free / Adafactor (graph_optim_check.py: captured vs the
+#      packages' eager step; then their speed against AdamW), and #16's profile of our Flux.1 step (ours only)
+#   c: #17 --compile at batch 16 and the batch-16 profile; #18 pivotal tuning's step
 #   d: #16 DreamBooth on a real-size random-weight Flux.1 at 1024 px, ours against diffusers'
 #      train_dreambooth_lora_flux.py (.ref/), one round (ROUNDS=2 when a call has the time), then the low-memory
 #      mode (--quantize_base none/fp8/nf4, 20 steps each: peak memory, loss-curve cost); benchmarks/gpu_dit_parts.sh
@@ -23,7 +27,7 @@ CALL=${1:-}
 LIMIT=${LIMIT:-600}  # seconds a device call may run
 case $CALL in
   a) PARTS=(vit ops generate) ;;
-  b) PARTS=(features) ;;
+  b) PARTS=(graphoptim features ditprofile) ;;
   c) PARTS=(compile) ;;
   d) PARTS=(dittrain lowmem) ;;
   e) PARTS=(ditops) ;;
@@ -37,8 +41,9 @@ BUDGET=${BUDGET:-570}  # leave time to pack the results inside the call's limit
 
 # part -> estimated seconds, then the command (run from the repository root)
 estimate() { case $1 in
-  vit) echo 170 ;; ops) echo 120 ;; generate) echo 240 ;; features) echo 480 ;; compile) echo 500 ;;
-  ditops) echo 150 ;; dittrain) echo 340 ;; lowmem) echo 230 ;; esac; }
+  vit) echo 170 ;; ops) echo 120 ;; generate) echo 240 ;; features) echo 300 ;; compile) echo 500 ;;
+  ditops) echo 150 ;; dittrain) echo 340 ;; lowmem) echo 230 ;; graphoptim) echo 60 ;; ditprofile) echo 180 ;;
+esac; }
 command_of() { case $1 in
   vit) echo "python3 benchmarks/bench_vit.py --batch 128 --steps 20 --warmup 5 --rounds 5 --variants" \
             "peft,ours-fp32,peft-bf16,ours-bf16,peft-purebf16,ours-purebf16 --profile peft-purebf16,ours-purebf16" \
@@ -47,8 +52,10 @@ command_of() { case $1 in
             "--out $WORK/ops" ;;
   generate) echo "python3 benchmarks/bench_generate.py --size sd15 --rounds 5 --iters 20 --steps 30 --batches 1,4" \
                  "--out $WORK/generate" ;;
-  features) echo "env ROUNDS=2 STEPS_SCALE=0.5 RUNS=\"ours_bs4 ours_bs4_ema ours_bs4_loraplus ours_bs4_prodigy" \
-                 "ours_bs4_schedulefree ours_bs4_adafactor\" bash benchmarks/bench_train_sd.sh sd15 $WORK/features" ;;
+  graphoptim) echo "python3 benchmarks/graph_optim_check.py --steps 12" ;;
+  features) echo "env ROUNDS=2 STEPS_SCALE=0.5 RUNS=\"ours_bs4 ours_bs4_prodigy ours_bs4_schedulefree" \
+                 "ours_bs4_adafactor\" bash benchmarks/bench_train_sd.sh sd15 $WORK/features" ;;
+  ditprofile) echo "env ROUNDS=1 RUNS=ours_bs1 SDPA_PICK=no-cudnn bash benchmarks/gpu_dit_parts.sh train $WORK/ditprofile" ;;
   compile) echo "env ROUNDS=1 RUNS=\"ours_bs16 ours_bs16_compile ours_bs4 ours_bs4_pivotal\" COMPILE_TIMEOUT=380" \
                 "bash benchmarks/bench_train_sd.sh sd15 $WORK/compile" ;;
   ditops) echo "python3 benchmarks/bench_dit_adapter_ops.py --model flux1 --device cuda --dtype bf16 --rounds 3" \

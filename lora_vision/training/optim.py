@@ -11,6 +11,8 @@ from typing import Iterable, Iterator, Mapping
 import torch
 from torch import nn
 
+from .optim_graph import GRAPH_OPTIMIZERS
+
 SCHEDULES: tuple[str, ...] = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
                               "polynomial")
 
@@ -36,7 +38,9 @@ def build_optimizer(groups: list[dict], *, betas: tuple[float, float], weight_de
     """The optimizer `name` (one of OPTIMIZERS) over parameter groups ({"params": [...], "lr": float}).
 
     adamw: on CUDA the fused kernel is used; `capturable=True` keeps step counters and the learning rate on the
-    device (lr becomes a tensor) so the optimizer step can be captured in a CUDA graph. adamw8bit (or `use_8bit`):
+    device (lr becomes a tensor) so the optimizer step can be captured in a CUDA graph. With `capturable=True`,
+    prodigy, schedulefree and adafactor are the re-implementations of training/optim_graph.py (the same updates
+    and state_dict layout as the packages, no host reads inside the step; the package is then not needed). adamw8bit (or `use_8bit`):
     bitsandbytes' AdamW8bit. prodigy: prodigyopt's Prodigy (learning rates near 1.0; it estimates the step size).
     schedulefree: schedulefree's AdamWScheduleFree, returned in train mode (see `eval_mode`). adafactor: torch's
     Adafactor (factored second moments; betas and eps are not used). A missing package is an ImportError naming it.
@@ -44,6 +48,13 @@ def build_optimizer(groups: list[dict], *, betas: tuple[float, float], weight_de
     name = "adamw8bit" if use_8bit else name
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; expected one of {', '.join(OPTIMIZERS)}")
+    if capturable and name in GRAPH_OPTIMIZERS:  # the same updates, with no host reads inside the step
+        kwargs = {"weight_decay": weight_decay} if name == "adafactor" else dict(betas=betas,
+                                                                                 weight_decay=weight_decay, eps=eps)
+        optimizer = GRAPH_OPTIMIZERS[name](groups, **kwargs)
+        if name == "schedulefree":
+            optimizer.train()
+        return optimizer
     if name == "adamw8bit":
         bnb = _optional_module(name)
         return bnb.optim.AdamW8bit(groups, betas=betas, weight_decay=weight_decay, eps=eps)

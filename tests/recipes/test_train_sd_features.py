@@ -101,6 +101,19 @@ def test_lr_per_component_flag_syntax_and_bad_keys(train_sd, tmp_path, capsys):
     assert "did you mean 'unet.up'" in err and "did you mean 'prodigy'" in err
 
 
+def test_prodigy_with_unequal_learning_rates_is_refused(train_sd, tmp_path, capsys):
+    """Prodigy estimates one step size for all groups; prodigyopt raises at its first step when their rates
+    differ, so the config says so before anything loads, naming each option that makes them differ."""
+    assert train_sd.main(["--optimizer", "prodigy", "--learning_rate", "1.0", "--loraplus_lr_ratio", "16",
+                          "--lr_per_component", "unet.up=0.5", "--output_dir", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "optimizer='prodigy' with loraplus_lr_ratio, lr_per_component:" in err
+    from lora_vision.training.config import load_config
+
+    load_config(SDTrainConfig, ["--optimizer", "prodigy", "--learning_rate", "1.0", "--lr_per_component",
+                                "unet.up=1.0", "--instance_data_dir", "x"])  # the same rate everywhere: fine
+
+
 @pytest.mark.parametrize("name", ["prodigy", "schedulefree", "adafactor"])
 def test_each_optimizer_trains(name):
     models = _unet_models()

@@ -102,6 +102,28 @@ def test_static_step_equals_eager_step():
     assert max(p.abs().max().item() for p in p_eager[1::2]) > 0  # B moved away from zero
 
 
+@pytest.mark.parametrize("name", ["prodigy", "schedulefree", "adafactor"])
+def test_static_step_with_a_graph_optimizer_equals_the_package_eagerly(name):
+    """The static step with the capturable optimizer (training/optim_graph.py, its host part run by the step
+    before each replay) trains as the eager step with the package does (prodigyopt, schedulefree, torch): the
+    check benchmarks/graph_optim_check.py runs captured on a GPU, here uncaptured."""
+    import importlib.util
+    from pathlib import Path
+
+    pytest.importorskip({"prodigy": "prodigyopt", "schedulefree": "schedulefree"}.get(name, "torch"))
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "graph_optim_check.py"
+    spec = importlib.util.spec_from_file_location("graph_optim_check", path)
+    check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check)
+    cpu = torch.device("cpu")
+    l_eager, p_eager, start, how_eager = check.one_run(name, False, 8, cpu)
+    l_static, p_static, _, how = check.one_run(name, True, 8, cpu)
+    assert "optim_graph" in how and "optim_graph" not in how_eager
+    assert l_eager == pytest.approx(l_static, abs=1e-5)
+    assert max((a - b).abs().max().item() for a, b in zip(p_eager, p_static)) <= 1e-5
+    assert max((a - b).abs().max().item() for a, b in zip(p_eager, start)) > 1e-5  # the weights moved
+
+
 def test_bf16_lora_product_matches_float32_and_keeps_float32_grads():
     torch.manual_seed(0)
     base = torch.nn.Linear(64, 48)

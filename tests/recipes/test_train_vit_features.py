@@ -114,3 +114,10 @@ def test_feature_flags_are_shared_and_checked() -> None:
         load_config(ViTTrainConfig, ["--optimizer", "prodigi", "--ema_decay", "1.5", "--use_ema", "--init", "pissa"])
     text = str(err.value)
     assert "did you mean 'prodigy'" in text and "ema_decay=1.5" in text and "use_ema with init=pissa" in text
+
+
+def test_prodigy_with_loraplus_is_refused_before_anything_loads() -> None:
+    """Prodigy estimates one step size: the package stops at its first step when groups' rates differ."""
+    with pytest.raises(ConfigError, match="optimizer='prodigy' with LoRA\\+"):
+        load_config(ViTTrainConfig, ["--optimizer", "prodigy", "--loraplus_lr_ratio", "16"])
+    load_config(ViTTrainConfig, ["--optimizer", "prodigy", "--loraplus_lr_ratio", "1"])  # one rate: fine

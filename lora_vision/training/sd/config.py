@@ -361,6 +361,16 @@ class SDTrainConfig(TrainingFeatures, AdapterKindFields):
             out.append(f"use_8bit_adam with optimizer={self.optimizer!r}: give only one of them")
         if self.loraplus_lr_ratio is not None and not self.loraplus_lr_ratio > 0:
             out.append(f"loraplus_lr_ratio={self.loraplus_lr_ratio}: expected a number > 0 (e.g. 16) or None")
+        if self.optimizer == "prodigy":  # it estimates one step size: the package refuses unequal group rates
+            uneven = [name for name, bad in (
+                ("loraplus_lr_ratio", self.loraplus_lr_ratio not in (None, 1)),
+                ("lr_per_component", any(v != self.learning_rate for v in self.lr_per_component.values())),
+                ("text_encoder_lr", (self.train_text_encoder or self.train_text_encoder_ti)
+                 and self.text_encoder_lr not in (None, self.learning_rate))) if bad]
+            if uneven:
+                out.append(f"optimizer='prodigy' with {', '.join(uneven)}: Prodigy estimates one step size for all "
+                           "trained tensors, so they all need the same learning rate; leave these out or pick "
+                           "another optimizer")
         for key, lr in self.lr_per_component.items():
             if key not in LR_KEYS:
                 close = difflib.get_close_matches(str(key), LR_KEYS, n=1)

@@ -83,8 +83,9 @@ def check_distributed(acc: Any, family: str | None = None) -> None:
 
 def graph_off_reason(cfg: SDTrainConfig, device: torch.device, one_bucket: bool, dtype: torch.dtype) -> str | None:
     """Why the whole step cannot be one CUDA graph on this run (None: it can). It needs CUDA, one
-    batch shape, no accumulation, no gradient checkpointing, plain AdamW (the others keep step counts and step
-    sizes on the host), no fp16 (its scaler syncs) and no dropout. EMA, LoRA+ and per-block learning rates do
+    batch shape, no accumulation, no gradient checkpointing, no 8-bit AdamW (AdamW is torch's capturable fused
+    kernel; Prodigy, schedule-free and Adafactor those of training/optim_graph.py), no fp16 (its scaler syncs)
+    and no dropout. EMA, LoRA+ and per-block learning rates do
     not stop it: the EMA update runs after each replay, the learning rates are device tensors per group. Nor do
     the loss options: Huber thresholds, debiased and min-SNR weights and masks are device ops on the step's
     buffers, and multires noise is drawn with the other random numbers, outside the graph; nor caption shuffle and
@@ -95,8 +96,7 @@ def graph_off_reason(cfg: SDTrainConfig, device: torch.device, one_bucket: bool,
     checks = [(one_bucket, "more than one batch shape (buckets)"),
               (cfg.gradient_accumulation_steps == 1, "gradient accumulation"),
               (not cfg.gradient_checkpointing, "gradient checkpointing"),
-              (not cfg.use_8bit_adam and cfg.optimizer == "adamw",
-               f"--optimizer {'adamw8bit' if cfg.use_8bit_adam else cfg.optimizer} (only adamw can be captured)"),
+              (not cfg.use_8bit_adam and cfg.optimizer != "adamw8bit", "--optimizer adamw8bit (bitsandbytes)"),
               (dtype != torch.float16, "fp16 (its loss scaler syncs)"), (cfg.lora_dropout == 0, "LoRA dropout")]
     reasons = [why for ok, why in checks if not ok]
     return ", ".join(reasons) if reasons else None

@@ -221,6 +221,10 @@ class StaticStep:
                           example.mask.clone() if example.mask is not None else None)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.loss = torch.zeros((), device=example.latents.device)
+        # an optimizer of training/optim_graph.py: its host bookkeeping runs here, before each step, outside a graph
+        self.prepare = getattr(optimizer, "prepare_step", None)
+        if self.prepare is not None:
+            optimizer.prepared_outside = True
 
     def shape(self) -> tuple:
         """The input shape this step was built for."""
@@ -246,6 +250,8 @@ class StaticStep:
 
     def run(self) -> torch.Tensor:
         """One training step on the current buffers; returns the loss (a device tensor)."""
+        if self.prepare is not None:
+            self.prepare()
         if self.graph is not None:
             self.graph.replay()
             return self.loss
@@ -258,19 +264,26 @@ class StaticStep:
         had_state = {id(p) for p in self.params if self.optimizer.state.get(p)}
         saved_state = {id(p): {k: v.clone() for k, v in self.optimizer.state[p].items() if torch.is_tensor(v)}
                        for p in self.params if id(p) in had_state}
+        snapshot = getattr(self.optimizer, "snapshot", None)
+        saved_optimizer = snapshot() if snapshot is not None else None  # host counters and device scalars too
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(warmup):
+                if self.prepare is not None:
+                    self.prepare()
                 self._body()
         torch.cuda.current_stream().wait_stream(side)
         with torch.no_grad():  # undo the warm-up updates: the same tensors, their values from before
             for p, v in zip(self.params, saved_params):
                 p.copy_(v)
-            for p in self.params:
-                for k, v in self.optimizer.state[p].items():
-                    if torch.is_tensor(v):
-                        v.copy_(saved_state[id(p)][k]) if id(p) in had_state else v.zero_()
+            if saved_optimizer is not None:
+                self.optimizer.restore(saved_optimizer)
+            else:
+                for p in self.params:
+                    for k, v in self.optimizer.state[p].items():
+                        if torch.is_tensor(v):
+                            v.copy_(saved_state[id(p)][k]) if id(p) in had_state else v.zero_()
         self.optimizer.zero_grad(set_to_none=True)
         graph = torch.cuda.CUDAGraph()
         # several processes: NCCL's watchdog thread polls its events while this thread captures, which the global

@@ -156,6 +156,11 @@ class ViTTrainConfig(TrainingFeatures, AdapterKindFields):
             out.append(f"init={self.init} applies to --mode lora, not {self.mode}")
         if self.loraplus_lr_ratio is not None and not self.loraplus_lr_ratio > 0:
             out.append(f"loraplus_lr_ratio={self.loraplus_lr_ratio}: expected a number > 0 or None")
+        loraplus = self.loraplus_lr_ratio not in (None, 1) or "loraplus" in self.compare_variants
+        if self.optimizer == "prodigy" and loraplus:
+            out.append("optimizer='prodigy' with LoRA+ (loraplus_lr_ratio, or loraplus in compare_variants): Prodigy "
+                       "estimates one step size for all trained tensors, so they all need the same learning rate; "
+                       "leave LoRA+ out or pick another optimizer")
         bad = [v for v in self.compare_variants if v not in VARIANTS]
         if bad:
             out.append(f"compare_variants={list(bad)}: expected some of {VARIANTS}")
