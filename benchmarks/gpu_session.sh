@@ -5,7 +5,8 @@
 #   a: #17 ViT-B/16 ours vs peft per precision mode, adapter operations, generation with adapters
 #   b: #18 the captured step with Prodigy / schedule-free / Adafactor (graph_optim_check.py: captured vs the
 #      packages' eager step; then their speed against AdamW), and #16's profile of our Flux.1 step (ours only)
-#   c: #17 --compile at batch 16 and the batch-16 profile; #18 pivotal tuning's step
+#   c: #17 --compile (regional) at batch 16, cold and then with the kernel cache of round 1, and the batch-16
+#      profile; #18 pivotal tuning's step
 #   d: #16 DreamBooth on a real-size random-weight Flux.1 at 1024 px, ours against diffusers'
 #      train_dreambooth_lora_flux.py (.ref/), one round (ROUNDS=2 when a call has the time), then the low-memory
 #      mode (--quantize_base none/fp8/nf4, 20 steps each: peak memory, loss-curve cost); benchmarks/gpu_dit_parts.sh
@@ -56,7 +57,7 @@ command_of() { case $1 in
   features) echo "env ROUNDS=2 STEPS_SCALE=0.5 RUNS=\"ours_bs4 ours_bs4_prodigy ours_bs4_schedulefree" \
                  "ours_bs4_adafactor\" bash benchmarks/bench_train_sd.sh sd15 $WORK/features" ;;
   ditprofile) echo "env ROUNDS=1 RUNS=ours_bs1 SDPA_PICK=no-cudnn bash benchmarks/gpu_dit_parts.sh train $WORK/ditprofile" ;;
-  compile) echo "env ROUNDS=1 RUNS=\"ours_bs16 ours_bs16_compile ours_bs4 ours_bs4_pivotal\" COMPILE_TIMEOUT=380" \
+  compile) echo "env ROUNDS=2 RUNS=\"ours_bs16 ours_bs16_compile ours_bs4 ours_bs4_pivotal\" COMPILE_TIMEOUT=300" \
                 "bash benchmarks/bench_train_sd.sh sd15 $WORK/compile" ;;
   ditops) echo "python3 benchmarks/bench_dit_adapter_ops.py --model flux1 --device cuda --dtype bf16 --rounds 3" \
                "--repeats 4 --out $WORK/ditops" ;;

@@ -50,8 +50,9 @@ from lora_vision.training.sd.config import SDTrainConfig, kohya_folder_note  # n
 from lora_vision.training.sd.lora import add_lora, check_peft_folders, optimization, save_adapter  # noqa: E402
 from lora_vision.training.sd.pivotal import NewTokens  # noqa: E402
 from lora_vision.training.sd.loop import (Checkpoints, LossLog, StepHooks, TrainingDiverged,  # noqa: E402
-                                          TrainingSteps, check_distributed, dump_held_weights, graph_off_reason,
-                                          interrupted_message, report_step_times, resume_from, run_steps)
+                                          TrainingSteps, check_distributed, compile_cache_dir, dump_held_weights,
+                                          graph_off_reason, interrupted_message, report_step_times, resume_from,
+                                          run_steps)
 from lora_vision.training.sd.losses import alphas_cumprod  # noqa: E402
 from lora_vision.training.sd.samples import generate_class_images, strength_sweep  # noqa: E402
 from lora_vision.training.sd.step import StepSettings, clip_and_step  # noqa: E402
@@ -264,7 +265,8 @@ def train(cfg: SDTrainConfig) -> int:
     static_s = None  # seconds capturing the step as a CUDA graph (compiling included under --compile)
     if use_graph or cfg.compile:
         t_static = time.perf_counter()
-        steps.use_static(capture=use_graph, compile_unet=cfg.compile, verbose=main_proc)
+        steps.use_static(capture=use_graph, compile_unet=cfg.compile, verbose=main_proc,
+                         cache_dir=compile_cache_dir(cfg.compile_cache_dir) if cfg.compile else None)
         static_s = time.perf_counter() - t_static if use_graph else None  # uncaptured: compiles in the first step
 
     writer = open_tensorboard(out / cfg.logging_dir) if cfg.report_to == "tensorboard" and main_proc else None

@@ -26,8 +26,8 @@ from ..optim import eval_mode
 from ..sd.caching import prepare_data
 from ..sd.config import SDTrainConfig
 from ..sd.lora import add_lora, optimization, save_adapter
-from ..sd.loop import (Checkpoints, LossLog, StepHooks, dump_held_weights, graph_off_reason, interrupted_message,
-                       report_step_times, resume_from, run_steps)
+from ..sd.loop import (Checkpoints, LossLog, StepHooks, compile_cache_dir, dump_held_weights, graph_off_reason,
+                       interrupted_message, report_step_times, resume_from, run_steps)
 from ..sd.samples import generate_class_images, strength_sweep
 from ..sd.step import clip_and_step
 from .encode import (CLIP_ENCODERS, dit_text_table, latent_encoder, live_clip_text, offload_text_encoders,
@@ -231,7 +231,8 @@ def _train(cfg: SDTrainConfig, acc: Any, pipe: Any, family: str, dtype: torch.dt
     static_s = None
     if use_graph or cfg.compile:
         t_static = time.perf_counter()
-        steps.use_static(capture=use_graph, compile_unet=cfg.compile, verbose=main_proc)
+        steps.use_static(capture=use_graph, compile_unet=cfg.compile, verbose=main_proc,
+                         cache_dir=compile_cache_dir(cfg.compile_cache_dir) if cfg.compile else None)
         static_s = time.perf_counter() - t_static if use_graph else None  # uncaptured: compiles in the first step
     val_loss = (FlowValidationLoss(transformer, data.held_out_cache, data.table, settings, dtype,
                                    cfg.train_batch_size, cfg.seed + 2)

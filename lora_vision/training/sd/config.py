@@ -30,7 +30,7 @@ RESUMABLE_CHANGES: frozenset[str] = frozenset({
     "overwrite_output_dir",
     "validation_prompt", "num_validation_images", "validation_steps", "validation_inference_steps",
     "strength_sweep", "logging_steps", "report_to", "export_kohya", "save_peft", "time_steps", "profile_steps",
-    "cuda_graph", "compile",
+    "cuda_graph", "compile", "compile_cache_dir",
     "sample_batch_size", "class_inference_steps", "num_class_images", "logging_dir", "num_threads", "ema_cpu",
 })
 
@@ -278,7 +278,11 @@ class SDTrainConfig(TrainingFeatures, AdapterKindFields):
     cuda_graph: bool = True
     """Capture the whole training step in a CUDA graph when possible (CUDA, one bucket, no accumulation)."""
     compile: bool = False
-    """torch.compile the UNet."""
+    """torch.compile the denoiser's repeated blocks (regional compilation: the UNet's transformer blocks, a DiT's
+    double and single blocks), the compiled kernels cached in compile_cache_dir for the next run."""
+    compile_cache_dir: str | None = None
+    """Where --compile keeps its compiled kernels between runs (TORCHINDUCTOR_CACHE_DIR); default
+    $XDG_CACHE_HOME/lora_vision/torch_compile (~/.cache/lora_vision/torch_compile)."""
     channels_last: bool = True
     """Use channels_last memory format for the UNet on CUDA."""
     export_kohya: bool | None = None

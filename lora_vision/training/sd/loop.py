@@ -81,6 +81,39 @@ def check_distributed(acc: Any, family: str | None = None) -> None:
                          "a DiT too large for one GPU")
 
 
+def compile_cache_dir(configured: str | None) -> Path:
+    """The folder where torch.compile keeps its compiled kernels between runs (--compile_cache_dir; default
+    $XDG_CACHE_HOME/lora_vision/torch_compile, else ~/.cache/lora_vision/torch_compile)."""
+    if configured:
+        return Path(configured).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lora_vision" / "torch_compile"
+
+
+def compile_regions(model: nn.Module, cache_dir: Path | None = None, **compile_kwargs: Any) -> int:
+    """Regional compilation: torch.compile each of the model's repeated blocks in place (diffusers'
+    `_repeated_blocks`: the UNet's BasicTransformerBlock, Flux.1's double and single blocks, ...), not the whole
+    model, so the compiler sees a few distinct blocks instead of one graph of all of them. Blocks of one class with
+    other shapes (the UNet's widths) get their own compiled version: the recompile limit is raised to fit them.
+    With `cache_dir`, inductor's kernels and graphs are kept there (TORCHINDUCTOR_CACHE_DIR), so a later run with
+    the same model and shapes loads them instead of compiling. `compile_kwargs` go to torch.compile. Returns the
+    number of blocks compiled; a model without `_repeated_blocks` (or none of them inside) is compiled whole (0)."""
+    if cache_dir is not None:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir)
+    names = set(getattr(model, "_repeated_blocks", None) or ())
+    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    if not blocks:
+        model.forward = torch.compile(model.forward, **compile_kwargs)
+        return 0
+    dynamo = torch._dynamo.config
+    for limit in ("recompile_limit", "cache_size_limit"):  # the name changed across torch versions
+        if hasattr(dynamo, limit):
+            setattr(dynamo, limit, max(getattr(dynamo, limit), 64))
+    for block in blocks:
+        block.compile(**compile_kwargs)
+    return len(blocks)
+
+
 def graph_off_reason(cfg: SDTrainConfig, device: torch.device, one_bucket: bool, dtype: torch.dtype) -> str | None:
     """Why the whole step cannot be one CUDA graph on this run (None: it can). It needs CUDA, one
     batch shape, no accumulation, no gradient checkpointing, no 8-bit AdamW (AdamW is torch's capturable fused
@@ -191,12 +224,16 @@ class TrainingSteps:
         self.update(self.params, self.optimizer, self.max_grad_norm, self.scaler)
         return total
 
-    def use_static(self, capture: bool, compile_unet: bool, verbose: bool) -> None:
-        """Switch to the static step (torch.compile'd with `compile_unet`; captured as a CUDA graph with `capture`,
-        falling back to the eager step when capture fails). Building it draws an example batch: the random
-        generators are put back afterwards, so the training sees the same numbers as without it."""
+    def use_static(self, capture: bool, compile_unet: bool, verbose: bool, cache_dir: Path | None = None) -> None:
+        """Switch to the static step (its repeated blocks torch.compile'd with `compile_unet`, compile_regions,
+        kernels cached in `cache_dir`; captured as a CUDA graph with `capture`, falling back to the eager step when
+        capture fails). Building it draws an example batch: the random generators are put back afterwards, so the
+        training sees the same numbers as without it."""
         if compile_unet:
-            self.unet.forward = torch.compile(self.unet.forward)
+            blocks = compile_regions(self.unet, cache_dir)
+            if verbose:
+                what = f"{blocks} repeated blocks of the denoiser (regional)" if blocks else "the whole denoiser"
+                print(f"torch.compile: {what}" + (f"; kernels cached in {cache_dir}" if cache_dir else ""))
         saved_rng = self.generator.get_state(), self.data_rng.bit_generator.state
         self.static = StaticStep(self.loss_of, self.params, self.optimizer, self.max_grad_norm,
                                  self.next_inputs()[0], self.bucket)
