@@ -58,6 +58,9 @@ from lora_vision.training.sd.samples import generate_class_images, strength_swee
 from lora_vision.training.sd.step import StepSettings, clip_and_step  # noqa: E402
 from lora_vision.training.sd.validation_loss import ValidationLoss  # noqa: E402
 from lora_vision.training.sd import metrics as sd_metrics  # noqa: E402
+from lora_vision.training.first_step import mark  # noqa: E402
+
+mark("imports")
 from lora_vision.training.dit.train import train_dit  # noqa: E402
 
 TINY_PROMPT = "a photo of sks toy"
@@ -164,6 +167,7 @@ def train(cfg: SDTrainConfig) -> int:
     rank, world = acc.process_index, acc.num_processes
     out = Path(cfg.output_dir)
     ckpt, threads, dtype, pipe, family = start_run(cfg, acc, out)
+    mark("model load")
     if family in DIT_KINDS.values():  # Flux.1/2, SD 3.x, Qwen-Image, Z-Image: flow matching (training/dit)
         return train_dit(cfg, acc, pipe, family, dtype, ckpt, threads, __file__, t_start=_T_START)
     from lora_vision.training.dit.train import check_unet_config
@@ -172,6 +176,7 @@ def train(cfg: SDTrainConfig) -> int:
     if sdxl and dtype == torch.float16:
         pipe.vae.to(torch.float32)  # SDXL's VAE overflows in fp16
     pipe.to(device)
+    mark("to the device")
     unet, vae = pipe.unet, pipe.vae
     text_encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if sdxl else [])
     tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if sdxl else [])
@@ -206,6 +211,7 @@ def train(cfg: SDTrainConfig) -> int:
     prompt_of = tokens.rewrite if tokens else (lambda text: text)
     data = prepare_data(cfg, resolution, tokenizers, text_encoders, vae, sdxl, dtype, rank, world, gather_object,
                         verbose=main_proc, rewrite=tokens.rewrite_captions if tokens else None)
+    mark("class images and caching" if cfg.with_prior_preservation else "caching")
     if tokens and main_proc:
         print(f"pivotal tuning: {cfg.token_abstraction!r} in the prompts and captions is {''.join(tokens.names)}, "
               f"new tokens trained as text embeddings ({len(tokens.names)} per text encoder)")

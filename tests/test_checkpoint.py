@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from lora_vision.lora import LoRAConfig, inject_lora, lora_parameters
+from lora_vision.training import first_step
 from lora_vision.training.first_step import report_first_step
 from lora_vision.training.checkpoint import (CheckpointError, TrainableWeights, find_checkpoint, list_checkpoints,
                                              load_checkpoint, prepare_output_dir, read_state, restore_rng, rng_state,
@@ -183,12 +184,28 @@ FIRST_STEP_LINE = re.compile(r"first step done ([\d.]+) s after start \(imports 
 
 
 def test_first_step_parts_add_up_to_the_time_since_start(capsys):
+    first_step._MARKS.clear()  # marks another test's run left
     now = time.perf_counter()
     line = report_first_step(torch.device("cpu"), now - 10.0, now - 3.0, compiled=False, static_s=2.0, prefix="[x] ")
     assert capsys.readouterr().out == line + "\n" and line.startswith("[x] first step done")
     total, setup, what, built, first, compile_note = FIRST_STEP_LINE.search(line).groups()
     assert what == "capture" and float(built) == 2.0 and compile_note is None
     assert abs(float(setup) - 5.0) < 0.05 and 3.0 <= float(first) < 3.5 and 10.0 <= float(total) < 10.5
+
+
+def test_start_up_phases_split_the_setup_and_are_used_up(capsys, monkeypatch):
+    first_step._MARKS.clear()
+    now = time.perf_counter()
+    monkeypatch.setattr(first_step, "_MARKS", [("too early", now - 20.0), ("imports", now - 8.0),
+                                                ("model load", now - 5.5)])
+    line = report_first_step(torch.device("cpu"), now - 10.0, now - 3.0, compiled=False, static_s=2.0)
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == line
+    # the setup ends where the capture began (now - 5): imports 2.0, model load 2.5, other setup 0.5
+    assert out[1] == "start-up: imports 2.0 s, model load 2.5 s, other setup 0.5 s"
+    assert first_step._MARKS == []
+    report_first_step(torch.device("cpu"), now - 10.0, now - 3.0, compiled=False)
+    assert len(capsys.readouterr().out.splitlines()) == 1  # no marks: no start-up line
 
 
 def test_first_step_without_a_static_step_a_compiled_first_step_says_it_holds_the_compile():

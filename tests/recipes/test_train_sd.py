@@ -148,11 +148,18 @@ def test_sd2_v_prediction_with_accumulation_and_checkpointing(train_sd, instance
 
 def test_time_to_the_first_step_is_printed_once(train_sd, instance_dir, tmp_path, capsys):
     assert train_sd.main(base_args("tiny-sd1", instance_dir, tmp_path / "out", steps=2)) == 0
-    lines = [line for line in capsys.readouterr().out.splitlines() if "first step done" in line]
+    out = capsys.readouterr().out.splitlines()
+    lines = [line for line in out if "first step done" in line]
     assert len(lines) == 1, lines
     m = re.fullmatch(r"first step done ([\d.]+) s after start \(imports and setup ([\d.]+) s, first step ([\d.]+) s\)",
                      lines[0])  # on the CPU no static step is built before the first one
     assert m and float(m[1]) >= float(m[2]) > 0, lines[0]
+    # the line after it splits the setup into its phases, which add up to it
+    phases = out[out.index(lines[0]) + 1]
+    assert re.fullmatch(r"start-up: (.+ [\d.]+ s, )+other setup [\d.]+ s", phases), phases
+    assert "model load" in phases and "to the device" in phases and "caching" in phases
+    total = sum(float(x) for x in re.findall(r"([\d.]+) s", phases))
+    assert abs(total - float(m[2])) <= 0.1 + 0.05 * phases.count(","), (phases, lines[0])
 
 
 def test_profile_steps_write_where_the_step_time_goes_and_a_short_run_still_writes_its_part(train_sd, instance_dir,
