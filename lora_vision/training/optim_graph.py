@@ -210,7 +210,6 @@ class Prodigy(GraphOptimizer):
         k = group["k"]
         bias = ((1 - beta2 ** (k + 1)) ** 0.5) / (1 - beta1 ** (k + 1)) if group["use_bias_correction"] else 1.0
         self._scalar(0, "lr_bias", lr * bias, torch.float64)
-        self._lr = lr
         for g in self.param_groups:
             g["k"] = k + 1
 
