@@ -219,7 +219,7 @@ def load_sd_pipeline(
         raise ValueError(f"the weights of {name_or_path!r} cannot be loaded: {bad[0]}"
                          + (f" (and {len(bad) - 1} more file(s))" if len(bad) > 1 else "")
                          + "; re-download or re-save the model")
-    kwargs: dict[str, Any] = {"torch_dtype": torch_dtype, "variant": variant}
+    kwargs: dict[str, Any] = {"dtype": torch_dtype, "variant": variant}  # diffusers 0.42 deprecates torch_dtype
     cls = {"StableDiffusionPipeline": StableDiffusionPipeline,
            "StableDiffusionXLPipeline": StableDiffusionXLPipeline}.get(class_name, DiffusionPipeline)
     if class_name == "StableDiffusionPipeline":
