@@ -28,7 +28,7 @@ CALL=${1:-}
 LIMIT=${LIMIT:-600}  # seconds a device call may run
 case $CALL in
   a) PARTS=(vit ops generate) ;;
-  b) PARTS=(graphoptim features ditprofile) ;;
+  b) PARTS=(graphoptim ditprofile features) ;;
   c) PARTS=(compile) ;;
   d) PARTS=(dittrain lowmem) ;;
   e) PARTS=(ditops) ;;
@@ -54,7 +54,7 @@ command_of() { case $1 in
   generate) echo "python3 benchmarks/bench_generate.py --size sd15 --rounds 5 --iters 20 --steps 30 --batches 1,4" \
                  "--out $WORK/generate" ;;
   graphoptim) echo "python3 benchmarks/graph_optim_check.py --steps 12" ;;
-  features) echo "env ROUNDS=2 STEPS_SCALE=0.5 RUNS=\"ours_bs4 ours_bs4_prodigy ours_bs4_schedulefree" \
+  features) echo "env ROUNDS=${FEATURE_ROUNDS:-2} STEPS_SCALE=0.5 RUNS=\"ours_bs4 ours_bs4_prodigy ours_bs4_schedulefree" \
                  "ours_bs4_adafactor\" bash benchmarks/bench_train_sd.sh sd15 $WORK/features" ;;
   ditprofile) echo "env ROUNDS=1 RUNS=ours_bs1 SDPA_PICK=no-cudnn bash benchmarks/gpu_dit_parts.sh train $WORK/ditprofile" ;;
   compile) echo "env ROUNDS=2 RUNS=\"ours_bs16 ours_bs16_compile ours_bs4 ours_bs4_pivotal\" COMPILE_TIMEOUT=300" \
