@@ -35,6 +35,14 @@ case $CALL in
   *) echo "error: call '$CALL': expected a, b, c, d or e (bash benchmarks/gpu_session.sh a|b|c|d|e; the calls are" \
           "listed at the top of benchmarks/gpu_session.sh)" >&2; exit 2 ;;
 esac
+# ONLY="part part": run only these parts of the call, in this order (a call cut short by the device time left)
+if [ -n "${ONLY:-}" ]; then
+  read -r -a ONLY_PARTS <<< "$ONLY"
+  for p in "${ONLY_PARTS[@]}"; do
+    [[ " ${PARTS[*]} " == *" $p "* ]] || { echo "error: ONLY names part '$p', which call $CALL does not have (${PARTS[*]})" >&2; exit 2; }
+  done
+  PARTS=("${ONLY_PARTS[@]}")
+fi
 OUTD=${OUT:-/tmp/gpu17_out}
 WORK=${WORK:-/tmp/gpu17_work}/$CALL
 T0=$(date +%s)

@@ -325,6 +325,12 @@ def test_gpu_session_dry_run_plans_every_number_of_issues_15_to_18_within_the_ca
     assert not Path("/nonexistent/out").exists()
     done = _bash("benchmarks/gpu_session.sh", "f", timeout=60)
     assert done.returncode == 2 and "expected a, b, c, d or e" in done.stderr
+    # ONLY: a call cut short runs the parts it names, in that order, and refuses parts of other calls
+    done = _bash("benchmarks/gpu_session.sh", "b", timeout=60, DRY_RUN="1", ONLY="features graphoptim")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.index("- features") < done.stdout.index("- graphoptim") and "ditprofile" not in done.stdout
+    done = _bash("benchmarks/gpu_session.sh", "b", timeout=60, DRY_RUN="1", ONLY="vit")
+    assert done.returncode == 2 and "ONLY names part 'vit', which call b does not have" in done.stderr
 
 
 def test_gpu_dit_parts_runs_the_reference_and_the_quantized_modes_and_refuses_other_parts(tmp_path):
