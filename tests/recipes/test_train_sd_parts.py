@@ -200,3 +200,21 @@ def test_compile_regions_compiles_each_repeated_block_and_keeps_the_function(tmp
     torch._dynamo.reset()
     assert results[0][0] == pytest.approx(results[1][0], abs=1e-6)
     assert max((a - b).abs().max().item() for a, b in zip(results[0][1], results[1][1])) <= 1e-6
+
+
+def test_a_released_static_step_gives_the_optimizer_its_host_part_back():
+    """A capture that fails hands the run to the eager step (TrainingSteps.use_static): the captured optimizer must
+    then advance its own counters in step() again, or it would repeat its first step's numbers."""
+    unet, params, _, cache, table, settings, ac = _setup()
+    opt = build_optimizer([{"params": params, "lr": 1e-2}], betas=(0.9, 0.999), weight_decay=0.0, eps=1e-8,
+                          name="schedulefree", capturable=True)
+    example = gather_inputs([(cache, torch.tensor([0, 1]))], torch.Generator().manual_seed(9), settings)
+    step = StaticStep(lambda x: step_loss(unet, x, table, [], ac, settings, torch.float32), params, opt, 1.0, example)
+    assert opt.prepared_outside
+    step.release()
+    assert not opt.prepared_outside and step.prepare is None
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    opt.step()
+    assert opt.param_groups[0]["k"] == 2  # each step() prepared itself

@@ -249,6 +249,7 @@ class TrainingSteps:
                 all_agree(False, self.device)
             if failed:
                 print(f"warning: CUDA graph capture failed ({failed}); using the eager step", file=sys.stderr)
+                self.static.release()
                 self.static = None
             elif verbose:
                 print("training step captured as one CUDA graph"

@@ -226,6 +226,13 @@ class StaticStep:
         if self.prepare is not None:
             optimizer.prepared_outside = True
 
+    def release(self) -> None:
+        """Hand the optimizer back to the eager step (a capture that failed): a training/optim_graph.py optimizer
+        runs its host part inside step() again."""
+        if self.prepare is not None:
+            self.optimizer.prepared_outside = False
+            self.prepare = None
+
     def shape(self) -> tuple:
         """The input shape this step was built for."""
         return tuple(self.buf.latents.shape), self.buf.n_instance
@@ -268,22 +275,24 @@ class StaticStep:
         saved_optimizer = snapshot() if snapshot is not None else None  # host counters and device scalars too
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(warmup):
-                if self.prepare is not None:
-                    self.prepare()
-                self._body()
-        torch.cuda.current_stream().wait_stream(side)
-        with torch.no_grad():  # undo the warm-up updates: the same tensors, their values from before
-            for p, v in zip(self.params, saved_params):
-                p.copy_(v)
-            if saved_optimizer is not None:
-                self.optimizer.restore(saved_optimizer)
-            else:
-                for p in self.params:
-                    for k, v in self.optimizer.state[p].items():
-                        if torch.is_tensor(v):
-                            v.copy_(saved_state[id(p)][k]) if id(p) in had_state else v.zero_()
+        try:
+            with torch.cuda.stream(side):
+                for _ in range(warmup):
+                    if self.prepare is not None:
+                        self.prepare()
+                    self._body()
+        finally:  # also when a warm-up step fails: the eager step that takes over starts from the same weights
+            torch.cuda.current_stream().wait_stream(side)
+            with torch.no_grad():  # undo the warm-up updates: the same tensors, their values from before
+                for p, v in zip(self.params, saved_params):
+                    p.copy_(v)
+                if saved_optimizer is not None:
+                    self.optimizer.restore(saved_optimizer)
+                else:
+                    for p in self.params:
+                        for k, v in self.optimizer.state[p].items():
+                            if torch.is_tensor(v):
+                                v.copy_(saved_state[id(p)][k]) if id(p) in had_state else v.zero_()
         self.optimizer.zero_grad(set_to_none=True)
         graph = torch.cuda.CUDAGraph()
         # several processes: NCCL's watchdog thread polls its events while this thread captures, which the global
