@@ -41,9 +41,10 @@ def one_run(name: str, captured: bool, steps: int, device: torch.device) -> tupl
                           weight_decay=1e-2, eps=1e-8, name=name, capturable=captured)
     g = torch.Generator().manual_seed(1)
     cache = BucketCache((64, 64), torch.randn(5, 4, 8, 8, generator=g).to(device),
-                        (0.1 * torch.rand(5, 4, 8, 8, generator=g)).to(device), torch.tensor([0, 1, 0, 1, 0]).to(device),
-                        torch.zeros(5, 6, device=device))
-    table = TextTable(["a", "b"], [torch.zeros(2, 77, dtype=torch.long)], torch.randn(2, 77, 32, generator=g).to(device))
+                        (0.1 * torch.rand(5, 4, 8, 8, generator=g)).to(device),
+                        torch.tensor([0, 1, 0, 1, 0]).to(device), torch.zeros(5, 6, device=device))
+    table = TextTable(["a", "b"], [torch.zeros(2, 77, dtype=torch.long)],
+                      torch.randn(2, 77, 32, generator=g).to(device))
     settings = StepSettings("epsilon", 1000, 5.0, 0.1, 1.0, 1.0, False)
     ac = alphas_cumprod(pipe.scheduler, device)
     gen = torch.Generator(device=device).manual_seed(7)

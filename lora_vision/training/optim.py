@@ -40,10 +40,11 @@ def build_optimizer(groups: list[dict], *, betas: tuple[float, float], weight_de
     adamw: on CUDA the fused kernel is used; `capturable=True` keeps step counters and the learning rate on the
     device (lr becomes a tensor) so the optimizer step can be captured in a CUDA graph. With `capturable=True`,
     prodigy, schedulefree and adafactor are the re-implementations of training/optim_graph.py (the same updates
-    and state_dict layout as the packages, no host reads inside the step; the package is then not needed). adamw8bit (or `use_8bit`):
-    bitsandbytes' AdamW8bit. prodigy: prodigyopt's Prodigy (learning rates near 1.0; it estimates the step size).
-    schedulefree: schedulefree's AdamWScheduleFree, returned in train mode (see `eval_mode`). adafactor: torch's
-    Adafactor (factored second moments; betas and eps are not used). A missing package is an ImportError naming it.
+    and state_dict layout as the packages, no host reads inside the step; the package is then not needed).
+    adamw8bit (or `use_8bit`): bitsandbytes' AdamW8bit. prodigy: prodigyopt's Prodigy (learning rates near 1.0;
+    it estimates the step size). schedulefree: schedulefree's AdamWScheduleFree, returned in train mode (see
+    `eval_mode`). adafactor: torch's Adafactor (factored second moments; betas and eps are not used). A missing
+    package is an ImportError naming it.
     """
     name = "adamw8bit" if use_8bit else name
     if name not in OPTIMIZERS:

@@ -172,7 +172,6 @@ class Prodigy(GraphOptimizer):
         super().__init__(params, defaults)
 
     def _init_state(self) -> None:
-        g0 = self.param_groups[0]
         for gi, stacks in enumerate(self._stacks):
             for stack in stacks:
                 flat = (math.prod(stack.shape),)  # the package keeps s and p0 flattened
@@ -181,10 +180,11 @@ class Prodigy(GraphOptimizer):
                 if self.param_groups[gi]["betas"][0] > 0:
                     stack.buffer(self.state, "exp_avg")
                 stack.buffer(self.state, "exp_avg_sq")
-        for key in ("d", "d_max", "d_numerator"):
-            self._scalar(0, key, float(g0[key]), torch.float64)
+        self._after_load()
 
     def _after_load(self) -> None:
+        """d, d_max and the numerator from the groups' floats into the device scalars (at the start and after
+        load_state_dict)."""
         for key in ("d", "d_max", "d_numerator"):
             self._scalar(0, key, float(self.param_groups[0][key]), torch.float64)
 

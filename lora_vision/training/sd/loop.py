@@ -115,15 +115,14 @@ def compile_regions(model: nn.Module, cache_dir: Path | None = None, **compile_k
 
 
 def graph_off_reason(cfg: SDTrainConfig, device: torch.device, one_bucket: bool, dtype: torch.dtype) -> str | None:
-    """Why the whole step cannot be one CUDA graph on this run (None: it can). It needs CUDA, one
-    batch shape, no accumulation, no gradient checkpointing, no 8-bit AdamW (AdamW is torch's capturable fused
-    kernel; Prodigy, schedule-free and Adafactor those of training/optim_graph.py), no fp16 (its scaler syncs)
-    and no dropout. EMA, LoRA+ and per-block learning rates do
-    not stop it: the EMA update runs after each replay, the learning rates are device tensors per group. Nor do
-    the loss options: Huber thresholds, debiased and min-SNR weights and masks are device ops on the step's
-    buffers, and multires noise is drawn with the other random numbers, outside the graph; nor caption shuffle and
-    dropout: the step reads text rows chosen (and, for shuffled captions, encoded into scratch rows) before it. Nor
-    do several processes: their gradients are averaged by the GradientBucket's all-reduce inside the graph."""
+    """Why the whole step cannot be one CUDA graph on this run (None: it can). It needs CUDA, one batch shape, no
+    accumulation, no gradient checkpointing, no 8-bit AdamW (AdamW is torch's capturable fused kernel; Prodigy,
+    schedule-free and Adafactor those of training/optim_graph.py), no fp16 (its scaler syncs) and no dropout. EMA, LoRA+
+    and per-block learning rates do not stop it: the EMA update runs after each replay, the learning rates are device
+    tensors per group. Nor do the loss options: Huber thresholds, debiased and min-SNR weights and masks are device ops
+    on the step's buffers, and multires noise is drawn with the other random numbers, outside the graph; nor caption
+    shuffle and dropout: the step reads text rows chosen (and, for shuffled captions, encoded into scratch rows) before
+    it. Nor do several processes: their gradients are averaged by the GradientBucket's all-reduce inside the graph."""
     if not cfg.cuda_graph or device.type != "cuda":
         return None if cfg.cuda_graph and device.type == "cuda" else "not on CUDA or --cuda_graph false"
     checks = [(one_bucket, "more than one batch shape (buckets)"),
