@@ -4,13 +4,16 @@
 #
 #   a: #17 ViT-B/16 ours vs peft per precision mode, adapter operations, generation with adapters
 #   b: #18 the captured step with Prodigy / schedule-free / Adafactor (graph_optim_check.py: captured vs the
-#      packages' eager step; then their speed against AdamW), and #16's profile of our Flux.1 step (ours only)
+#      packages' eager step; then their speed against AdamW)
 #   c: #17 --compile (regional) at batch 16, cold and then with the kernel cache of round 1, and the batch-16
 #      profile; #18 pivotal tuning's step
 #   d: #16 DreamBooth on a real-size random-weight Flux.1 at 1024 px, ours against diffusers'
 #      train_dreambooth_lora_flux.py (.ref/), one round (ROUNDS=2 when a call has the time), then the low-memory
 #      mode (--quantize_base none/fp8/nf4, 20 steps each: peak memory, loss-curve cost); benchmarks/gpu_dit_parts.sh
-#   e: #15 adapter operations on the real-size Flux.1 transformer against diffusers + peft
+#   e: #15 adapter operations on the real-size Flux.1 transformer against diffusers + peft, and #16's profile of
+#      our Flux.1 step (ours only)
+#   f: what a session with time for one call still needs: the #18 float64/float32 check, #17's ViT table, and
+#      --compile cold and cached at batch 16 only (COMPILE_RUNS="ours_bs16 ours_bs16_compile")
 #
 # Before the calls, here (the device has no diffusers, prodigyopt or schedulefree; nothing can be fetched there):
 #   bash benchmarks/gpu_wheels.sh                      # pure-Python wheels into .whl/ (git-ignored)
@@ -28,11 +31,12 @@ CALL=${1:-}
 LIMIT=${LIMIT:-600}  # seconds a device call may run
 case $CALL in
   a) PARTS=(vit ops generate) ;;
-  b) PARTS=(graphoptim ditprofile features) ;;
+  b) PARTS=(graphoptim features) ;;
   c) PARTS=(compile) ;;
   d) PARTS=(dittrain lowmem) ;;
-  e) PARTS=(ditops) ;;
-  *) echo "error: call '$CALL': expected a, b, c, d or e (bash benchmarks/gpu_session.sh a|b|c|d|e; the calls are" \
+  e) PARTS=(ditops ditprofile) ;;
+  f) PARTS=(graphoptim vit compile); COMPILE_RUNS=${COMPILE_RUNS:-ours_bs16 ours_bs16_compile} ;;
+  *) echo "error: call '$CALL': expected a, b, c, d, e or f (bash benchmarks/gpu_session.sh a|...|f; the calls are" \
           "listed at the top of benchmarks/gpu_session.sh)" >&2; exit 2 ;;
 esac
 # ONLY="part part": run only these parts of the call, in this order (a call cut short by the device time left)
@@ -50,8 +54,9 @@ BUDGET=${BUDGET:-570}  # leave time to pack the results inside the call's limit
 
 # part -> estimated seconds, then the command (run from the repository root)
 estimate() { case $1 in
-  vit) echo 170 ;; ops) echo 120 ;; generate) echo 240 ;; features) echo 300 ;; compile) echo 500 ;;
-  ditops) echo 150 ;; dittrain) echo 340 ;; lowmem) echo 230 ;; graphoptim) echo 60 ;; ditprofile) echo 180 ;;
+  vit) echo 170 ;; ops) echo 120 ;; generate) echo 240 ;; features) echo 300 ;;
+  compile) [ "${COMPILE_RUNS:-}" = "ours_bs16 ours_bs16_compile" ] && echo 280 || echo 500 ;;
+  ditops) echo 150 ;; dittrain) echo 340 ;; lowmem) echo 230 ;; graphoptim) echo 110 ;; ditprofile) echo 280 ;;
 esac; }
 command_of() { case $1 in
   vit) echo "python3 benchmarks/bench_vit.py --batch 128 --steps 20 --warmup 5 --rounds 5 --variants" \
@@ -65,7 +70,8 @@ command_of() { case $1 in
   features) echo "env ROUNDS=${FEATURE_ROUNDS:-2} STEPS_SCALE=0.5 RUNS=\"ours_bs4 ours_bs4_prodigy ours_bs4_schedulefree" \
                  "ours_bs4_adafactor\" bash benchmarks/bench_train_sd.sh sd15 $WORK/features" ;;
   ditprofile) echo "env ROUNDS=1 RUNS=ours_bs1 SDPA_PICK=no-cudnn bash benchmarks/gpu_dit_parts.sh train $WORK/ditprofile" ;;
-  compile) echo "env ROUNDS=2 RUNS=\"ours_bs16 ours_bs16_compile ours_bs4 ours_bs4_pivotal\" COMPILE_TIMEOUT=300" \
+  compile) echo "env ROUNDS=2 RUNS=\"${COMPILE_RUNS:-ours_bs16 ours_bs16_compile ours_bs4 ours_bs4_pivotal}\"" \
+                "COMPILE_TIMEOUT=300" \
                 "bash benchmarks/bench_train_sd.sh sd15 $WORK/compile" ;;
   ditops) echo "python3 benchmarks/bench_dit_adapter_ops.py --model flux1 --device cuda --dtype bf16 --rounds 3" \
                "--repeats 4 --out $WORK/ditops" ;;

@@ -303,7 +303,7 @@ def test_bench_multi_gpu_cpu_smoke_prints_the_table(tmp_path):
 
 def test_gpu_session_dry_run_plans_every_number_of_issues_15_to_18_within_the_call_limit():
     plans = {}
-    for call in "abcde":
+    for call in "abcdef":
         done = _bash("benchmarks/gpu_session.sh", call, timeout=60, DRY_RUN="1", OUT="/nonexistent/out")
         assert done.returncode == 0, done.stderr
         plans[call] = done.stdout
@@ -315,7 +315,7 @@ def test_gpu_session_dry_run_plans_every_number_of_issues_15_to_18_within_the_ca
     assert "ours_bs16 ours_bs16_compile" in plans["c"]
     # 18: the captured step with the new optimizers, checked against the packages, then timed against the plain
     # step, interleaved over rounds (EMA and LoRA+ were measured in the first call b); 16: our Flux.1 profile
-    assert "graph_optim_check.py" in plans["b"] and "RUNS=ours_bs1 SDPA_PICK=no-cudnn" in plans["b"]
+    assert "graph_optim_check.py" in plans["b"] and "RUNS=ours_bs1 SDPA_PICK=no-cudnn" in plans["e"]
     for run in ("ours_bs4", "ours_bs4_prodigy", "ours_bs4_schedulefree", "ours_bs4_adafactor"):
         assert run in plans["b"].split("round order:")[1], run
     assert plans["b"].count("round order:") == 2
@@ -323,12 +323,15 @@ def test_gpu_session_dry_run_plans_every_number_of_issues_15_to_18_within_the_ca
     assert "gpu_dit_parts.sh train" in plans["d"] and "gpu_dit_parts.sh lowmem" in plans["d"]
     assert "bench_dit_adapter_ops.py --model flux1 --device cuda" in plans["e"]
     assert not Path("/nonexistent/out").exists()
-    done = _bash("benchmarks/gpu_session.sh", "f", timeout=60)
-    assert done.returncode == 2 and "expected a, b, c, d or e" in done.stderr
+    # f: one call for a session with time for one: the check, the ViT table, compile cold and cached at batch 16
+    assert "graph_optim_check.py" in plans["f"] and "peft-purebf16,ours-purebf16" in plans["f"]
+    assert 'RUNS="ours_bs16 ours_bs16_compile" COMPILE_TIMEOUT=300' in plans["f"]
+    done = _bash("benchmarks/gpu_session.sh", "g", timeout=60)
+    assert done.returncode == 2 and "expected a, b, c, d, e or f" in done.stderr
     # ONLY: a call cut short runs the parts it names, in that order, and refuses parts of other calls
     done = _bash("benchmarks/gpu_session.sh", "b", timeout=60, DRY_RUN="1", ONLY="features graphoptim")
     assert done.returncode == 0, done.stderr
-    assert done.stdout.index("- features") < done.stdout.index("- graphoptim") and "ditprofile" not in done.stdout
+    assert done.stdout.index("- features") < done.stdout.index("- graphoptim") and "compile" not in done.stdout
     done = _bash("benchmarks/gpu_session.sh", "b", timeout=60, DRY_RUN="1", ONLY="vit")
     assert done.returncode == 2 and "ONLY names part 'vit', which call b does not have" in done.stderr
 
