@@ -172,12 +172,14 @@ def read_train_log(path: str) -> tuple[dict[str, list[float]], dict[str, float]]
 
 
 _FIRST = re.compile(r"first step done ([\d.]+) s after start(?: \(imports and setup ([\d.]+) s, "
-                    r"(?:[a-z +]+ ([\d.]+) s, )?first step ([\d.]+) s)?")  # the reference's line: start only
+                    r"(?:[a-z +]+?( failed after)? ([\d.]+) s(?:, eager step)?, )?first step ([\d.]+) s)?")
+# the reference's line: start only; a capture that failed: "capture failed after X s, eager step"
 
 
 def read_first_steps(path: str) -> dict[str, dict[str, list[float]]]:
-    """{label: {"start": [s], "capture": [s]}} per round from the recipes' `first step done ...` lines (the time to
-    the first step and the static step's capture, which holds the compile under --compile with a CUDA graph)."""
+    """{label: {"start": [s], "capture": [s], "failed": [n]}} per round from the recipes' `first step done ...` lines
+    (the time to the first step and the static step's capture, which holds the compile under --compile with a CUDA
+    graph; "failed" counts the rounds whose capture failed, so that run stepped eagerly)."""
     out: dict[str, dict[str, list[float]]] = {}
     label = None
     with open(path) as f:
@@ -186,11 +188,22 @@ def read_first_steps(path: str) -> dict[str, dict[str, list[float]]]:
                 label = line[3:].split()[0].split("@")[0]
             m = _FIRST.search(line)
             if m and label:
-                row = out.setdefault(label, {"start": [], "capture": []})
+                row = out.setdefault(label, {"start": [], "capture": [], "failed": []})
                 row["start"].append(float(m.group(1)))
+                if m.group(4) is not None:
+                    row["capture"].append(float(m.group(4)))
                 if m.group(3) is not None:
-                    row["capture"].append(float(m.group(3)))
+                    row["failed"].append(1.0)
     return out
+
+
+def capture_cell(first: dict[str, list[float]]) -> str:
+    """The capture (+ compile) seconds over the rounds, and how many rounds' capture failed (stepped eagerly)."""
+    if not first.get("capture"):
+        return ""
+    failed = len(first.get("failed", []))
+    note = f"; FAILED in {failed} of {len(first['capture'])} round(s): eager step" if failed else ""
+    return spread(first["capture"], 1) + note
 
 
 def train_log_table(path: str, limit: float) -> str:
@@ -207,8 +220,7 @@ def train_log_table(path: str, limit: float) -> str:
                      f"share of limit ({limit:g} img/s)": f"{100 * statistics.median(rates[label]) / limit:.1f}%",
                      "first step after start s": spread(firsts[label]["start"], 1) if firsts.get(label, {}).get(
                          "start") else "",
-                     "capture (+ compile) s": spread(firsts[label]["capture"], 1) if firsts.get(label, {}).get(
-                         "capture") else ""}
+                     "capture (+ compile) s": capture_cell(firsts.get(label, {}))}
              for label in rates}
     return markdown_table(rates, "images/s", refs, extra, digits=1)
 

@@ -289,7 +289,8 @@ def train(cfg: SDTrainConfig) -> int:
                               run_id, ema, tokens)
     hooks = StepHooks(cfg, device, main_proc, start, optimizer, log, ema, val_loss, pipe,
                       prompt_of(cfg.validation_prompt) if cfg.validation_prompt else None, resolution, out,
-                      writer, t_start=_T_START, static_s=static_s)
+                      writer, t_start=_T_START, static_s=static_s,
+                      capture_failed=steps.capture_failed)
     stopped_at = run_steps(acc, cfg, steps, bar, optimizer, schedule, base_lrs, log, checkpoints, hooks.after_step,
                            hooks.validate)
     hooks.finish()

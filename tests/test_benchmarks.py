@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -177,6 +178,26 @@ def test_train_log_table_reports_the_first_step_and_capture_per_round(tmp_path):
         for r, (start, cap) in enumerate([(40.0, 30.0), (50.0, 40.0), (45.0, 35.0)])))
     row = [line for line in timing.train_log_table(str(log), 470).splitlines() if line.startswith("| ours_bs16")][0]
     assert "| 45.0 (40.0-50.0) | 35.0 (30.0-40.0) |" in row
+
+
+def test_train_log_table_says_when_a_run_s_capture_failed(tmp_path):
+    """A run whose capture failed stepped eagerly: its row says so (the recipes' first-step line, as printed)."""
+    import torch
+
+    from lora_vision.training.first_step import report_first_step
+
+    now = time.perf_counter()
+    failed = report_first_step(torch.device("cpu"), now - 28.0, now - 0.5, compiled=False, static_s=1.7,
+                               capture_failed=True)
+    assert "capture failed after 1.7 s, eager step, first step" in failed
+    ok = report_first_step(torch.device("cpu"), now - 28.0, now - 0.5, compiled=False, static_s=1.7)
+    log = tmp_path / "bench.log"
+    log.write_text(f"== ours_bs1@r1\n{failed}\nSTEPS ours n=19 median_s=0.6 steps_per_s=1.5 peak_alloc_gib=44.6\n"
+                   f"== ours_bs1@r2\n{ok}\nSTEPS ours n=19 median_s=0.5 steps_per_s=2.0 peak_alloc_gib=44.6\n")
+    firsts = timing.read_first_steps(str(log))["ours_bs1"]
+    assert firsts["capture"] == [1.7, 1.7] and firsts["failed"] == [1.0]
+    row = [line for line in timing.train_log_table(str(log), 4).splitlines() if line.startswith("| ours_bs1")][0]
+    assert "FAILED in 1 of 2 round(s): eager step" in row
 
 
 def test_step_timer_times_a_reference_script_s_optimizer_steps_in_the_recipes_format(tmp_path):

@@ -33,13 +33,15 @@ def phases_line(t_start: float, t_end: float) -> str | None:
 
 
 def report_first_step(device: torch.device, t_start: float, t_step: float, compiled: bool,
-                      static_s: float | None = None, prefix: str = "") -> str:
+                      static_s: float | None = None, prefix: str = "", capture_failed: bool = False) -> str:
     """Print and return `first step done X s after start (imports and setup Y s, [capture Z s, ]first step W s)`.
 
     `t_start` is the process start (taken before the heavy imports), `t_step` when the first step began (after
     `static_s` seconds capturing the static step, None when nothing was captured). Under --compile the compile
     time is in the capture when there is one (its warm-up steps compile), otherwise in the first step (said as
-    `compile included`). The one sync waits for the first step's queued device work; call it once, after that step.
+    `compile included`). `capture_failed`: the capture was tried for `static_s` seconds and failed, so the run
+    steps eagerly (said so, not counted as a capture). The one sync waits for the first step's queued device work;
+    call it once, after that step.
     """
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -47,7 +49,9 @@ def report_first_step(device: torch.device, t_start: float, t_step: float, compi
     built = static_s or 0.0
     parts = [f"imports and setup {t_step - t_start - built:.1f} s"]
     if static_s is not None:
-        parts.append(f"{'compile + capture' if compiled else 'capture'} {static_s:.1f} s")
+        what = "compile + capture" if compiled else "capture"
+        parts.append(f"{what} failed after {static_s:.1f} s, eager step" if capture_failed
+                     else f"{what} {static_s:.1f} s")
     parts.append(f"first step {now - t_step:.1f} s" + (", compile included" if compiled and static_s is None else ""))
     line = f"{prefix}first step done {now - t_start:.1f} s after start ({', '.join(parts)})"
     print(line, flush=True)

@@ -8,6 +8,7 @@ the inputs and the loss of flow matching: the noise levels travel in `Inputs.tim
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -69,6 +70,24 @@ def gather_flow_inputs(parts: list[tuple[BucketCache, torch.Tensor]], generator:
                   torch.cat([c.time_ids[rows] for c, rows in parts]), parts[0][1].shape[0], gather_masks(parts))
 
 
+@functools.lru_cache(maxsize=64)
+def position_ids(pipeline_class: Any, family: str, batch: int, height: int, width: int, text_len: int,
+                 device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(text ids, image ids) of Flux.1 / Flux.2 for latents of (height, width) and text_len text tokens, made by
+    the pipeline's own helpers and kept on the device per shape. They depend only on the shapes; the helpers build
+    them on the host, and a copy from the host inside a CUDA-graph capture fails (unpinned memory), so the step
+    makes them once, in the capture's warm-up, and reuses the same tensors after (they are never written).
+    `dtype` is the ids' dtype for Flux.1; Flux.2's are integers (its helpers')."""
+    if family == "flux1":
+        img = pipeline_class._prepare_latent_image_ids(batch, height // 2, width // 2, device, dtype)
+        return torch.zeros(text_len, 3, device=device, dtype=dtype), img
+    if family == "flux2":
+        img = pipeline_class._prepare_latent_ids(torch.empty(batch, 1, height, width, device="meta"))
+        txt = pipeline_class._prepare_text_ids(torch.empty(batch, text_len, 1, device="meta"))
+        return txt.to(device), img.to(device)
+    raise ValueError(f"position_ids is for flux1 and flux2, not {family!r}")
+
+
 def predict(transformer: nn.Module, noisy: torch.Tensor, sigmas: torch.Tensor, hidden: torch.Tensor,
             pooled: torch.Tensor | None, mask: torch.Tensor, settings: FlowSettings) -> torch.Tensor:
     """The transformer's velocity prediction (B, C, H, W) for noisy latents (B, C, H, W) at noise levels sigmas,
@@ -86,16 +105,14 @@ def predict(transformer: nn.Module, noisy: torch.Tensor, sigmas: torch.Tensor, h
         return -torch.stack(list(out))[:, :, 0]
     if fam == "flux1":
         packed = cls._pack_latents(noisy, b, c, h, w)
-        img_ids = cls._prepare_latent_image_ids(b, h // 2, w // 2, dev, dtype)
-        txt_ids = torch.zeros(hidden.shape[1], 3, device=dev, dtype=dtype)
+        txt_ids, img_ids = position_ids(cls, fam, b, h, w, hidden.shape[1], dev, dtype)
         guidance = (torch.full((b,), settings.guidance_scale, device=dev, dtype=torch.float32)
                     if settings.guidance_scale is not None else None)
         out = transformer(hidden_states=packed, timestep=t, guidance=guidance, pooled_projections=pooled,
                           encoder_hidden_states=hidden, txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
         return cls._unpack_latents(out, h * 8, w * 8, 8)  # _unpack_latents wants pixels and the VAE factor
     if fam == "flux2":
-        latent_ids = cls._prepare_latent_ids(noisy).to(dev)
-        txt_ids = cls._prepare_text_ids(hidden).to(dev)
+        txt_ids, latent_ids = position_ids(cls, fam, b, h, w, hidden.shape[1], dev, torch.int64)
         out = transformer(hidden_states=cls._pack_latents(noisy), timestep=t, guidance=None,
                           encoder_hidden_states=hidden, txt_ids=txt_ids, img_ids=latent_ids, return_dict=False)[0]
         return out.permute(0, 2, 1).reshape(b, c, h, w)

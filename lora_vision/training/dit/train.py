@@ -250,7 +250,7 @@ def _train(cfg: SDTrainConfig, acc: Any, pipe: Any, family: str, dtype: torch.dt
                               run_id, ema)
 
     hooks = StepHooks(cfg, device, main_proc, start, optimizer, log, ema, val_loss, pipe, cfg.validation_prompt,
-                      resolution, out, t_start=t_start, static_s=static_s,
+                      resolution, out, t_start=t_start, static_s=static_s, capture_failed=steps.capture_failed,
                       sampling=lambda: text_encoders_on(pipe, device))  # validation images: text encoders back
     stopped_at = run_steps(acc, cfg, steps, bar, optimizer, schedule, base_lrs, log, checkpoints, hooks.after_step,
                            hooks.validate)

@@ -171,6 +171,7 @@ class TrainingSteps:
         fp16_cuda = dtype == torch.float16 and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda") if fp16_cuda else None  # fp16 gradients need loss scaling
         self.static: StaticStep | None = None
+        self.capture_failed = False  # use_static tried to capture the step and fell back to the eager one
         self.captions = captions
         # the instance rows' prompt rows on the host, for the caption variants (one copy at the start)
         self.text_rows = {s: c.text_row.cpu().numpy() for s, c in inst_cache.items()} if captions else {}
@@ -250,6 +251,7 @@ class TrainingSteps:
                 print(f"warning: CUDA graph capture failed ({failed}); using the eager step", file=sys.stderr)
                 self.static.release()
                 self.static = None
+                self.capture_failed = True
             elif verbose:
                 print("training step captured as one CUDA graph"
                       + (f" (with the gradients' all-reduce over {self.world} processes)" if self.bucket else ""))
@@ -459,11 +461,12 @@ class StepHooks:
                  optimizer: torch.optim.Optimizer, log: LossLog, ema: EMA | None, val_loss: Callable | None,
                  pipe: Any, prompt: str | None, resolution: int, out: Path, writer: Any = None,
                  t_start: float | None = None, static_s: float | None = None,
-                 sampling: Callable[[], Any] | None = None) -> None:
+                 sampling: Callable[[], Any] | None = None, capture_failed: bool = False) -> None:
         self.cfg, self.device, self.main_proc, self.start = cfg, device, main_proc, start
         self.optimizer, self.log, self.ema, self.val_loss = optimizer, log, ema, val_loss
         self.pipe, self.prompt, self.resolution, self.out, self.writer = pipe, prompt, resolution, out, writer
         self.t_start, self.static_s, self.sampling = t_start, static_s, sampling
+        self.capture_failed = capture_failed
         self.events: list = []
         self.profiler = (StepProfiler(cfg.profile_steps, start, device, out / "profile",
                                       header=f"command: {' '.join(sys.argv)}") if cfg.profile_steps and main_proc
@@ -472,7 +475,8 @@ class StepHooks:
     def after_step(self, step: int, t_step: float) -> None:
         cfg = self.cfg
         if step == self.start and self.main_proc and self.t_start is not None:  # one sync (issue #17)
-            report_first_step(self.device, self.t_start, t_step, cfg.compile, self.static_s)
+            report_first_step(self.device, self.t_start, t_step, cfg.compile, self.static_s,
+                              capture_failed=self.capture_failed)
         if self.ema is not None:
             self.ema.update()
         if self.val_loss is not None and ((step + 1) % cfg.validation_steps == 0 or step + 1 == cfg.max_train_steps):
