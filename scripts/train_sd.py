@@ -146,6 +146,9 @@ def start_run(cfg: SDTrainConfig, acc, out: Path) -> tuple:
     if cfg.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     dtype = parse_dtype(cfg.mixed_precision, "--mixed_precision")
+    # diffusers imports its modules on first use: done here, the start-up line tells them from reading the weights
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline  # noqa: F401
+    mark("diffusers imports")
     pipe = load_sd_pipeline(cfg.pretrained_model_name_or_path, torch_dtype=None if dtype == torch.float32 else dtype,
                             variant=cfg.variant)
     family = detect_family(pipe)
@@ -163,6 +166,7 @@ def train(cfg: SDTrainConfig) -> int:
 
     # ---- build ---------------------------------------------------------------------------------------------
     acc = Accelerator()
+    mark("accelerator")  # with CUDA's start on a GPU
     device, main_proc = acc.device, acc.is_main_process
     rank, world = acc.process_index, acc.num_processes
     out = Path(cfg.output_dir)
