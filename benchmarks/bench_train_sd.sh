@@ -43,8 +43,9 @@ if [ "$MODE" = flux1 ]; then  # the reference's default LoRA modules (its target
   REF_SCRIPT=$REF_DIR/train_dreambooth_lora_flux.py; RANK=16; BS1_REF=30; BS1_OURS=30
   OURS_FLAGS=("--unet_targets=re:.*transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)|ff\.net\.(0\.proj|2)|ff_context\.net\.(0\.proj|2))")
   REF_FLAGS=(--guidance_scale=1 --max_sequence_length=512)
-  # --profile_steps: where the step's time goes (issue #16), steps 6-10, inside the 10 warm-up steps the timing drops
-  OURS_FLAGS+=(--guidance_scale=1 --max_sequence_length=512 --profile_steps=5)
+  # --profile_steps: where the step's time goes (issue #16), steps 6-10, inside the 10 warm-up steps the timing drops;
+  # writing the 12 B model's Chrome trace takes about 80 s of the run, FLUX_PROFILE_STEPS=0 leaves it out
+  OURS_FLAGS+=(--guidance_scale=1 --max_sequence_length=512 --profile_steps="${FLUX_PROFILE_STEPS:-5}")
 fi
 steps() { awk -v n="$1" -v s="$SCALE" 'BEGIN { v = int(n * s); print (v < 14 ? 14 : v) }'; }
 

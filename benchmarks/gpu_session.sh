@@ -10,10 +10,14 @@
 #   d: #16 DreamBooth on a real-size random-weight Flux.1 at 1024 px, ours against diffusers'
 #      train_dreambooth_lora_flux.py (.ref/), one round (ROUNDS=2 when a call has the time), then the low-memory
 #      mode (--quantize_base none/fp8/nf4, 20 steps each: peak memory, loss-curve cost); benchmarks/gpu_dit_parts.sh
+#      (DIT_ROUNDS=2 FLUX_PROFILE_STEPS=0 ONLY=dittrain: two interleaved rounds, no profile, in one call)
 #   e: #15 adapter operations on the real-size Flux.1 transformer against diffusers + peft, and #16's profile of
 #      our Flux.1 step (ours only)
 #   f: what a session with time for one call still needs: the #18 float64/float32 check, #17's ViT table, and
 #      --compile cold and cached at batch 16 only (COMPILE_RUNS="ours_bs16 ours_bs16_compile")
+#   g: what #17 still needs after a-f: end to end at batch 4 against the reference (ref_bs4, .ref carried), pivotal
+#      tuning's step and the start-up split on the GPU (COMPILE_RUNS="ref_bs4 ours_bs4 ours_bs4_pivotal"), then
+#      generation with adapters in a captured graph
 #
 # Before the calls, here (the device has no diffusers, prodigyopt or schedulefree; nothing can be fetched there):
 #   bash benchmarks/gpu_wheels.sh                      # pure-Python wheels into .whl/ (git-ignored)
@@ -36,7 +40,8 @@ case $CALL in
   d) PARTS=(dittrain lowmem) ;;
   e) PARTS=(ditops ditprofile) ;;
   f) PARTS=(graphoptim vit compile); COMPILE_RUNS=${COMPILE_RUNS:-ours_bs16 ours_bs16_compile} ;;
-  *) echo "error: call '$CALL': expected a, b, c, d, e or f (bash benchmarks/gpu_session.sh a|...|f; the calls are" \
+  g) PARTS=(compile generate); COMPILE_RUNS=${COMPILE_RUNS:-ref_bs4 ours_bs4 ours_bs4_pivotal} ;;
+  *) echo "error: call '$CALL': expected a, b, c, d, e, f or g (bash benchmarks/gpu_session.sh a|...|g; the calls are" \
           "listed at the top of benchmarks/gpu_session.sh)" >&2; exit 2 ;;
 esac
 # ONLY="part part": run only these parts of the call, in this order (a call cut short by the device time left)
@@ -55,8 +60,9 @@ BUDGET=${BUDGET:-570}  # leave time to pack the results inside the call's limit
 # part -> estimated seconds, then the command (run from the repository root)
 estimate() { case $1 in
   vit) echo 170 ;; ops) echo 120 ;; generate) echo 240 ;; features) echo 300 ;;
-  compile) [ "${COMPILE_RUNS:-}" = "ours_bs16 ours_bs16_compile" ] && echo 280 || echo 500 ;;
-  ditops) echo 150 ;; dittrain) echo 340 ;; lowmem) echo 230 ;; graphoptim) echo 110 ;; ditprofile) echo 280 ;;
+  compile) case ${COMPILE_RUNS:-} in "ours_bs16 ours_bs16_compile") echo 280 ;; *compile*|"") echo 500 ;; *) echo 300 ;;
+           esac ;;
+  ditops) echo 150 ;; dittrain) [ "${DIT_ROUNDS:-1}" = 1 ] && echo 340 || echo 420 ;; lowmem) echo 230 ;; graphoptim) echo 110 ;; ditprofile) echo 280 ;;
 esac; }
 command_of() { case $1 in
   vit) echo "python3 benchmarks/bench_vit.py --batch 128 --steps 20 --warmup 5 --rounds 5 --variants" \
@@ -75,7 +81,7 @@ command_of() { case $1 in
                 "bash benchmarks/bench_train_sd.sh sd15 $WORK/compile" ;;
   ditops) echo "python3 benchmarks/bench_dit_adapter_ops.py --model flux1 --device cuda --dtype bf16 --rounds 3" \
                "--repeats 4 --out $WORK/ditops" ;;
-  dittrain) echo "env ROUNDS=1 bash benchmarks/gpu_dit_parts.sh train $WORK/dittrain" ;;
+  dittrain) echo "env ROUNDS=${DIT_ROUNDS:-1} bash benchmarks/gpu_dit_parts.sh train $WORK/dittrain" ;;
   lowmem) echo "env STEPS=20 MODES=\"none fp8 nf4\" bash benchmarks/gpu_dit_parts.sh lowmem $WORK/lowmem" ;;
 esac; }
 

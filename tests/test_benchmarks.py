@@ -324,7 +324,7 @@ def test_bench_multi_gpu_cpu_smoke_prints_the_table(tmp_path):
 
 def test_gpu_session_dry_run_plans_every_number_of_issues_15_to_18_within_the_call_limit():
     plans = {}
-    for call in "abcdef":
+    for call in "abcdefg":
         done = _bash("benchmarks/gpu_session.sh", call, timeout=60, DRY_RUN="1", OUT="/nonexistent/out")
         assert done.returncode == 0, done.stderr
         plans[call] = done.stdout
@@ -347,8 +347,10 @@ def test_gpu_session_dry_run_plans_every_number_of_issues_15_to_18_within_the_ca
     # f: one call for a session with time for one: the check, the ViT table, compile cold and cached at batch 16
     assert "graph_optim_check.py" in plans["f"] and "peft-purebf16,ours-purebf16" in plans["f"]
     assert 'RUNS="ours_bs16 ours_bs16_compile" COMPILE_TIMEOUT=300' in plans["f"]
-    done = _bash("benchmarks/gpu_session.sh", "g", timeout=60)
-    assert done.returncode == 2 and "expected a, b, c, d, e or f" in done.stderr
+    # g: end to end at batch 4 against the reference, pivotal tuning, then generation in a captured graph
+    assert 'RUNS="ref_bs4 ours_bs4 ours_bs4_pivotal"' in plans["g"] and "bench_generate.py" in plans["g"]
+    done = _bash("benchmarks/gpu_session.sh", "h", timeout=60)
+    assert done.returncode == 2 and "expected a, b, c, d, e, f or g" in done.stderr
     # ONLY: a call cut short runs the parts it names, in that order, and refuses parts of other calls
     done = _bash("benchmarks/gpu_session.sh", "b", timeout=60, DRY_RUN="1", ONLY="features graphoptim")
     assert done.returncode == 0, done.stderr
