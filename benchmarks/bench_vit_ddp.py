@@ -112,7 +112,9 @@ def main() -> None:
 if __name__ == "__main__":
     from lora_vision.training.checkpoint import end_process_group
 
+    ok = False
     try:
         main()
+        ok = True
     finally:
-        end_process_group()
+        end_process_group(clean=ok)

@@ -354,8 +354,9 @@ def open_tensorboard(folder: Path):
 
 
 if __name__ == "__main__":
+    code = 1
     try:
         code = main()
     finally:
-        end_process_group()
+        end_process_group(clean=code == 0)  # a clean end: the processes leave together
     sys.exit(code)

@@ -363,8 +363,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    code = 1
     try:
-        sys.exit(main())
+        code = main()
+        sys.exit(code)
     except (ConfigError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
@@ -376,4 +378,4 @@ if __name__ == "__main__":
               "--resume_from_checkpoint latest)", file=sys.stderr)
         sys.exit(130)
     finally:
-        end_process_group()
+        end_process_group(clean=code == 0)  # a clean end: the processes leave together

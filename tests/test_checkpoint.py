@@ -17,9 +17,9 @@ import torch
 from lora_vision.lora import LoRAConfig, inject_lora, lora_parameters
 from lora_vision.training import first_step
 from lora_vision.training.first_step import report_first_step
-from lora_vision.training.checkpoint import (CheckpointError, TrainableWeights, find_checkpoint, list_checkpoints,
-                                             load_checkpoint, prepare_output_dir, read_state, restore_rng, rng_state,
-                                             save_checkpoint, trim_log)
+from lora_vision.training.checkpoint import (CheckpointError, TrainableWeights, end_process_group, find_checkpoint,
+                                             list_checkpoints, load_checkpoint, prepare_output_dir, read_state,
+                                             restore_rng, rng_state, save_checkpoint, trim_log)
 
 
 def _run_state():
@@ -218,3 +218,28 @@ def test_first_step_without_a_static_step_a_compiled_first_step_says_it_holds_th
     assert "compile + capture 1.5 s" in line and "compile included" not in line
     line = report_first_step(torch.device("cpu"), now - 4.0, now - 1.0, compiled=True, static_s=0.0)
     assert "compile + capture 0.0 s" in line and "compile included" not in line
+
+
+def _end_after(rank: int, init: str, clean: bool, delay_s: float, times: "dict") -> None:
+    torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    torch.distributed.all_reduce(torch.ones(4))  # a collective, as a run has had
+    if rank == 0:
+        time.sleep(delay_s)  # the main process writing its files
+    t0 = time.perf_counter()
+    end_process_group(clean=clean, timeout_s=30)
+    times[rank] = (time.perf_counter() - t0, torch.distributed.is_initialized())
+
+
+@pytest.mark.parametrize("clean", [True, False])
+def test_end_process_group_lets_the_processes_leave_together_only_after_a_clean_run(tmp_path, clean):
+    ctx = torch.multiprocessing.get_context("spawn")
+    with ctx.Manager() as manager:
+        times = manager.dict()
+        torch.multiprocessing.start_processes(_end_after, args=(f"file://{tmp_path / 'rdv'}", clean, 2.0, times),
+                                              nprocs=2, join=True, start_method="spawn")
+        times = dict(times)
+    assert not times[0][1] and not times[1][1], "a process group was left for the interpreter's exit"
+    if clean:  # rank 1 waited for rank 0's writing at the barrier
+        assert times[1][0] > 1.5, times
+    else:  # an error or Ctrl-C: nobody waits for the others
+        assert times[1][0] < 1.5, times

@@ -18,6 +18,7 @@ resumes (`resume_command`).
 
 from __future__ import annotations
 
+import datetime
 import json
 import re
 import shlex
@@ -191,14 +192,28 @@ class TrainingInterrupted(Exception):
     """Training stopped on Ctrl-C after saving a checkpoint; the message says where and how to resume."""
 
 
-def end_process_group() -> None:
+def end_process_group(clean: bool = False, timeout_s: float = 120.0) -> None:
     """Destroy the process group of a multi-process run (torchrun / accelerate launch) before the process exits.
     Left to the interpreter's exit, gloo's threads could die mid-teardown (`terminate called without an active
     exception`, SIGABRT) after the run had finished and written everything, so the launcher reported a failure.
-    Nothing happens in a single process; it is local to the process, no collective (a rank that returns early does
-    not wait for the others)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    It still happened, rarely, when one rank tore its connections down while another was still writing its files:
+    so on a `clean` exit (every rank ends its run normally) the ranks first meet at a barrier and leave together.
+    On gloo the barrier is `monitored_barrier` with `timeout_s`; it raises nothing here, so a rank that failed
+    costs the others that wait at most, never a hang. Without `clean` (an error, Ctrl-C) no rank waits for the
+    others. Nothing happens in a single process."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if clean and dist.get_world_size() > 1:
+        try:
+            if dist.get_backend() == "gloo":
+                dist.monitored_barrier(timeout=datetime.timedelta(seconds=timeout_s))
+            else:
+                dist.barrier()
+        except Exception as err:  # noqa: BLE001 - a peer that failed: tear down anyway, and say so
+            print(f"note: not every process reached the end of the run ({str(err).splitlines()[0][:200]}); "
+                  "closing this one's connections", file=sys.stderr)
+    dist.destroy_process_group()
 
 
 class StopOnInterrupt:
