@@ -101,3 +101,51 @@ def test_bad_peft_folders(tmp_path):
     (tmp_path / "c").mkdir()
     with pytest.raises(AdapterFileError, match="adapter_config"):
         detect_format(tmp_path / "c")
+
+
+def _raw_file(path, entries, data: bytes):
+    """A safetensors file written by hand: `entries` {name: (dtype, shape, start, end)} over `data`."""
+    header = {k: {"dtype": d, "shape": s, "data_offsets": [a, b]} for k, (d, s, a, b) in entries.items()}
+    text = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data)
+    return path
+
+
+def test_one_read_of_the_data_gives_what_safetensors_gives_for_every_dtype(tmp_path):
+    from safetensors.torch import load_file
+
+    from lora_vision.io import read_safetensors
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {f"t.{dt}".replace("torch.", ""): (torch.randn(3, 5, generator=g) * 20).to(dt)
+               for dt in (torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32,
+                          torch.int16, torch.int8, torch.uint8, torch.bool, torch.float8_e4m3fn, torch.float8_e5m2)}
+    tensors |= {"scalar": torch.tensor(4.0), "empty": torch.zeros(0, 7), "odd": torch.ones(3, dtype=torch.int8)}
+    path = _save(tmp_path / "all.safetensors", tensors)
+    ours, _ = read_safetensors(path, check_finite=False)
+    ref = load_file(str(path))
+    assert ours.keys() == ref.keys()
+    for k in ref:
+        assert ours[k].dtype == ref[k].dtype and ours[k].shape == ref[k].shape, k
+        assert torch.equal(ours[k].reshape(-1).view(torch.uint8), ref[k].reshape(-1).view(torch.uint8)), k
+
+
+def test_hand_written_files_whose_tensors_do_not_tile_the_data_are_refused(tmp_path):
+    from lora_vision.io import read_safetensors
+
+    data = torch.arange(8, dtype=torch.float32).numpy().tobytes()  # 32 bytes
+    cases = {
+        "overlap": ({"a": ("F32", [4], 0, 16), "b": ("F32", [4], 8, 24)}, "starts at byte 8"),
+        "gap": ({"a": ("F32", [2], 0, 8), "b": ("F32", [4], 16, 32)}, "starts at byte 16"),
+        "short": ({"a": ("F32", [4], 0, 16)}, "end at byte 16 but the data region has 32"),
+        "size": ({"a": ("F32", [3], 0, 16), "b": ("F32", [4], 16, 32)}, "needs 12 bytes, the file gives it 16"),
+        "shape": ({"a": ("F32", "4", 0, 16), "b": ("F32", [4], 16, 32)}, "no valid shape"),
+    }
+    for name, (entries, words) in cases.items():
+        with pytest.raises(AdapterFileError, match=words):
+            read_safetensors(_raw_file(tmp_path / f"{name}.safetensors", entries, data))
+    # an F32 tensor at an offset that is not a multiple of 4 (old writers) is read from its own aligned copy
+    data = bytes([7]) + torch.tensor([1.5, -2.0]).numpy().tobytes()
+    t, _ = read_safetensors(_raw_file(tmp_path / "odd.safetensors", {"u": ("U8", [1], 0, 1),
+                                                                      "f": ("F32", [2], 1, 9)}, data))
+    assert t["f"].tolist() == [1.5, -2.0] and t["u"].tolist() == [7] and t["f"].data_ptr() % 4 == 0
