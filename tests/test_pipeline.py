@@ -344,3 +344,36 @@ def test_a_file_naming_the_inside_of_a_wrapper_is_not_found_and_changes_nothing(
     assert all(torch.equal(v, weights(pipe)[k]) for k, v in before.items())
     report = load_adapter(pipe, bad, name="b", strict=False)
     assert report.modules == {"unet": [kv.removeprefix("unet.")]} and report.skipped == [f"{q}.base"]
+
+
+def test_factors_packed_into_one_transfer_equal_the_ones_moved_one_by_one(monkeypatch):
+    """The load path packs the LoRA pairs bound for another device (a GPU) into one buffer and one copy; here it is
+    forced on the CPU (a cast to bf16) and checked against the per-tensor path, factor by factor and by output."""
+    import functools
+
+    import lora_vision.pipeline.adapters as adapters
+
+    adapter = make_adapter("sd1", 3)
+    plain = {k: v for k, v in adapter.tensors.items() if ".conv" not in k and "resnets" not in k}
+    adapter = Adapter(plain, dict(adapter.metadata))
+    pipes = {}
+    for pack in (False, True):
+        pipe = new_pipe("sd1").to(torch.bfloat16)
+        monkeypatch.setattr(adapters, "_move_factors", functools.partial(adapters._move_factors, pack=pack))
+        load_adapter(pipe, adapter, name="a")
+        monkeypatch.undo()
+        pipes[pack] = pipe
+    layers = {pack: dict(lora_layers(p.unet)) | {"te." + k: v for k, v in lora_layers(p.text_encoder)}
+              for pack, p in pipes.items()}
+    assert layers[True].keys() == layers[False].keys() and len(layers[True]) > 20
+    storages = set()
+    for name, layer in layers[True].items():
+        other = layers[False][name]
+        for t, u in ((layer.lora_A["a"], other.lora_A["a"]), (layer.lora_B["a"], other.lora_B["a"])):
+            assert t.dtype == u.dtype == torch.bfloat16 and torch.equal(t, u), name
+            storages.add(t.untyped_storage().data_ptr())
+    assert len(storages) == 1, "the packed path did not run: the factors are not views of one buffer"
+    x = torch.randn(1, 4, 8, 8, dtype=torch.bfloat16)
+    hidden = torch.randn(1, 77, pipes[True].unet.config.cross_attention_dim, dtype=torch.bfloat16)
+    outs = [pipes[p].unet(x, 10, encoder_hidden_states=hidden).sample for p in (False, True)]
+    assert torch.equal(outs[0], outs[1])
