@@ -158,7 +158,7 @@ class Bench:
 
     def record(self, label: str, unet, pipe, out: Path | None = None) -> None:
         """Register a configuration for the interleaved rounds of `measure` (nothing is timed here)."""
-        if "eager" in self.args.skip and not label.startswith("compiled"):
+        if "eager" in self.args.skip and not label.startswith(("compiled", "captured")):
             return
         self.configs[label] = (unet, pipe)
 
@@ -210,7 +210,7 @@ def main() -> None:
     ap.add_argument("--compile_backend", default="inductor")
     ap.add_argument("--no_generate", action="store_true", help="UNet steps only")
     ap.add_argument("--skip", default="", help="comma list of sections to skip: eager (timings of the eager "
-                    "configurations), peft, compile")
+                    "configurations), peft, compile, captured (CUDA graphs, lora_vision.captured)")
     ap.add_argument("--out", default="bench_generate_out")
     args = ap.parse_args()
     if args.rounds < 1 or args.iters < 1:
@@ -299,6 +299,25 @@ def main() -> None:
     RESULTS["served_strength_ms"] = median_ms(lambda: server.set_strength(0.8), 100, warmup=5)
     server.activate("a")
 
+    # CUDA graphs (lora_vision.captured): base, ours unfused and served slots, each over its eager UNet above
+    captured = {}
+    if "captured" not in skip and args.device.startswith("cuda"):
+        from lora_vision.captured import CapturedModel
+
+        for label, src in (("captured base", base_p), ("captured ours unfused", pipe),
+                           ("captured base, fused qkv", base_qkv), ("captured served + hot-swap", p)):
+            model = CapturedModel(src.unet)
+            t = time.perf_counter()
+            for images in args.batches:
+                bench.unet_step(model, images)
+            sync()
+            RESULTS.setdefault("capture_s", {})[label] = time.perf_counter() - t
+            bench.record(label, model, with_parts(src, model, src.text_encoder))
+            captured[label] = model
+        RESULTS["agreement"]["captured ours unfused vs ours unfused (max rel diff)"] = max_rel_diff(
+            bench.unet_step(captured["captured ours unfused"], args.batches[0]), ref_a)
+        save(out)
+
     # diffusers + peft on the same files
     if "peft" not in skip and "eager" not in skip:
         ref = with_parts(pipe, copy.deepcopy(pristine_unet), copy.deepcopy(pristine_te))
@@ -348,6 +367,22 @@ def main() -> None:
     # the timed rounds: every configuration, interleaved
     bench.measure(out)
 
+    # hot swaps on the captured served UNet: the graphs stay valid (no new capture) and follow the switches
+    if captured:
+        model = captured["captured served + hot-swap"]
+        before = model.captures
+        for step in (lambda: server.activate("b"), lambda: server.set_strength(0.6), lambda: server.activate(None),
+                     lambda: server.activate("a", 1.2, 0.5), lambda: server.activate("b", 1.0, block_strengths="up=0")):
+            step()
+            for images in args.batches:
+                bench.unet_step(model, images)
+        RESULTS["captures_after_warmup"] = model.captures - before
+        RESULTS["captured_switch_ms"] = median_ms(switch, 100, warmup=5)
+        server.activate("a")
+        RESULTS["agreement"]["captured served vs ours unfused (max rel diff)"] = max_rel_diff(
+            bench.unet_step(model, args.batches[0]), ref_a)
+        save(out)
+
     # hot swaps on the compiled served UNet: no recompiles after the warm-up
     if "compile" not in skip:
         pp, counter = served_compiled
@@ -368,7 +403,8 @@ def main() -> None:
     print_table()
 
 
-REFS = {"served eager, fused qkv": "base, fused qkv", "compiled served + hot-swap": "compiled base, fused qkv"}
+REFS = {"served eager, fused qkv": "base, fused qkv", "compiled served + hot-swap": "compiled base, fused qkv",
+        "captured ours unfused": "captured base", "captured served + hot-swap": "captured base, fused qkv"}
 
 
 def print_table() -> None:

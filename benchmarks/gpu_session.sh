@@ -17,7 +17,10 @@
 #      --compile cold and cached at batch 16 only (COMPILE_RUNS="ours_bs16 ours_bs16_compile")
 #   g: what #17 still needs after a-f: end to end at batch 4 against the reference (ref_bs4, .ref carried), pivotal
 #      tuning's step and the start-up split on the GPU (COMPILE_RUNS="ref_bs4 ours_bs4 ours_bs4_pivotal"), then
-#      generation with adapters in a captured graph
+#      generation with adapters (call a's part: eager, compiled and peft rows)
+#   h: #17's inference in CUDA graphs (lora_vision.captured): the GPU test of tests/test_captured.py, adapter load /
+#      apply / fuse after the one-read loader and the one-transfer move, and generation with the captured rows
+#      (compile and peft rows left out: measured in call a's first run)
 #
 # Before the calls, here (the device has no diffusers, prodigyopt or schedulefree; nothing can be fetched there):
 #   bash benchmarks/gpu_wheels.sh                      # pure-Python wheels into .whl/ (git-ignored)
@@ -41,7 +44,8 @@ case $CALL in
   e) PARTS=(ditops ditprofile) ;;
   f) PARTS=(graphoptim vit compile); COMPILE_RUNS=${COMPILE_RUNS:-ours_bs16 ours_bs16_compile} ;;
   g) PARTS=(compile generate); COMPILE_RUNS=${COMPILE_RUNS:-ref_bs4 ours_bs4 ours_bs4_pivotal} ;;
-  *) echo "error: call '$CALL': expected a, b, c, d, e, f or g (bash benchmarks/gpu_session.sh a|...|g; the calls are" \
+  h) PARTS=(captest ops gencap) ;;
+  *) echo "error: call '$CALL': expected a, b, c, d, e, f, g or h (bash benchmarks/gpu_session.sh a|...|h; the calls are" \
           "listed at the top of benchmarks/gpu_session.sh)" >&2; exit 2 ;;
 esac
 # ONLY="part part": run only these parts of the call, in this order (a call cut short by the device time left)
@@ -59,7 +63,7 @@ BUDGET=${BUDGET:-570}  # leave time to pack the results inside the call's limit
 
 # part -> estimated seconds, then the command (run from the repository root)
 estimate() { case $1 in
-  vit) echo 170 ;; ops) echo 120 ;; generate) echo 240 ;; features) echo 300 ;;
+  vit) echo 170 ;; ops) echo 120 ;; generate) echo 240 ;; features) echo 300 ;; captest) echo 40 ;; gencap) echo 220 ;;
   compile) case ${COMPILE_RUNS:-} in "ours_bs16 ours_bs16_compile") echo 280 ;; *compile*|"") echo 500 ;; *) echo 300 ;;
            esac ;;
   ditops) echo 150 ;; dittrain) [ "${DIT_ROUNDS:-1}" = 1 ] && echo 340 || echo 420 ;; lowmem) echo 230 ;; graphoptim) echo 110 ;; ditprofile) echo 280 ;;
@@ -73,6 +77,9 @@ command_of() { case $1 in
   generate) echo "python3 benchmarks/bench_generate.py --size sd15 --rounds 5 --iters 20 --steps 30 --batches 1,4" \
                  "--out $WORK/generate" ;;
   graphoptim) echo "python3 benchmarks/graph_optim_check.py --steps 12" ;;
+  captest) echo "python3 -m pytest -q -o addopts= -p no:cacheprovider tests/test_captured.py" ;;
+  gencap) echo "python3 benchmarks/bench_generate.py --size sd15 --rounds 3 --iters 20 --steps 30 --batches 1,4" \
+               "--skip compile,peft --out $WORK/gencap" ;;
   features) echo "env ROUNDS=${FEATURE_ROUNDS:-2} STEPS_SCALE=0.5 RUNS=\"ours_bs4 ours_bs4_prodigy ours_bs4_schedulefree" \
                  "ours_bs4_adafactor\" bash benchmarks/bench_train_sd.sh sd15 $WORK/features" ;;
   ditprofile) echo "env ROUNDS=1 RUNS=ours_bs1 SDPA_PICK=no-cudnn bash benchmarks/gpu_dit_parts.sh train $WORK/ditprofile" ;;
@@ -91,7 +98,7 @@ if [ "${DRY_RUN:-0}" = 1 ]; then
   for p in "${PARTS[@]}"; do
     cmd=$(command_of "$p"); est=$(estimate "$p"); total=$(( total + est ))
     echo "- $p (~$est s): $cmd"
-    script=$(grep -oE "benchmarks/[a-z_0-9]+\.(py|sh)" <<< "$cmd" | head -1)
+    script=$(grep -oE "(benchmarks|tests)/[a-z_0-9]+\.(py|sh)" <<< "$cmd" | head -1)
     [ -f "$script" ] || { echo "error: part $p needs $script, which is not in this checkout" >&2; exit 1; }
     case $cmd in *bench_train_sd.sh*)  # the runs it names exist, and their round orders
       eval "CHECK_ONLY=1 ${cmd#env }" | sed 's/^/    /' || { echo "error: part $p names runs bench_train_sd.sh does not have" >&2; exit 1; } ;;

@@ -33,6 +33,7 @@ from torch import nn
 from .adapter import Adapter
 from .formats import read_adapter
 from .lora.inject import ModuleNames, replace_module
+from .lora.layers import layout_changed
 from .lora.spec import LayerSpec, split_key
 from .pipeline import block_of, parse_block_strengths
 from .pipeline.adapters import DENOISERS
@@ -204,6 +205,7 @@ class AdapterServer:
         for name, ents in self._pending.items():
             self._resident[name] = self._stage(ents)
         self._pending.clear()
+        layout_changed()  # the slot modules replaced the plain ones: graphs captured before are stale
         return len(self._slots)
 
     def _build_component(self, comp: str, modules: list[str]) -> None:

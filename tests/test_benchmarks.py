@@ -324,7 +324,7 @@ def test_bench_multi_gpu_cpu_smoke_prints_the_table(tmp_path):
 
 def test_gpu_session_dry_run_plans_every_number_of_issues_15_to_18_within_the_call_limit():
     plans = {}
-    for call in "abcdefg":
+    for call in "abcdefgh":
         done = _bash("benchmarks/gpu_session.sh", call, timeout=60, DRY_RUN="1", OUT="/nonexistent/out")
         assert done.returncode == 0, done.stderr
         plans[call] = done.stdout
@@ -349,8 +349,10 @@ def test_gpu_session_dry_run_plans_every_number_of_issues_15_to_18_within_the_ca
     assert 'RUNS="ours_bs16 ours_bs16_compile" COMPILE_TIMEOUT=300' in plans["f"]
     # g: end to end at batch 4 against the reference, pivotal tuning, then generation in a captured graph
     assert 'RUNS="ref_bs4 ours_bs4 ours_bs4_pivotal"' in plans["g"] and "bench_generate.py" in plans["g"]
-    done = _bash("benchmarks/gpu_session.sh", "h", timeout=60)
-    assert done.returncode == 2 and "expected a, b, c, d, e, f or g" in done.stderr
+    # h: the captured generation rows, the GPU test of the captured model, adapter operations after the loader work
+    assert "tests/test_captured.py" in plans["h"] and "--skip compile,peft" in plans["h"]
+    done = _bash("benchmarks/gpu_session.sh", "i", timeout=60)
+    assert done.returncode == 2 and "expected a, b, c, d, e, f, g or h" in done.stderr
     # ONLY: a call cut short runs the parts it names, in that order, and refuses parts of other calls
     done = _bash("benchmarks/gpu_session.sh", "b", timeout=60, DRY_RUN="1", ONLY="features graphoptim")
     assert done.returncode == 0, done.stderr

@@ -35,6 +35,20 @@ _QKV = ("q", "k", "v")
 NORMS = (nn.LayerNorm, nn.GroupNorm)
 """The normalisation layers norm-kind updates (w_norm / b_norm) go on."""
 # LoRALayer attributes that hold plain Python data (see LoRALayer.__setattr__).
+_LAYOUT = [0]
+
+
+def layout_changed() -> None:
+    """Say that the modules a forward runs have changed (an adapter added, removed, switched, merged or disabled;
+    slots installed): graphs captured before (lora_vision.captured) are stale."""
+    _LAYOUT[0] += 1
+
+
+def layout_generation() -> int:
+    """A number that changes with every layout_changed(): a captured graph keeps the one it was recorded under."""
+    return _LAYOUT[0]
+
+
 _PLAIN_STATE = frozenset({"ranks", "alphas", "rules", "tables", "active", "merged", "disabled", "_backup", "_undo",
                           "_run", "kinds", "in_features", "out_features", "parts", "d", "d_in", "batch_first",
                           "compute_dtype"})
@@ -291,6 +305,7 @@ class LoRALayer(nn.Module):
 
     def _refresh(self) -> None:
         self._run = () if self.disabled else tuple(n for n in self.active if n not in self.merged)
+        layout_changed()
 
     def factor(self, name: str, device: torch.device) -> torch.Tensor:
         """0-dim tensor strength * scaling of adapter `name` on `device`."""
