@@ -72,14 +72,15 @@ command_of() { case $1 in
   vit) echo "python3 benchmarks/bench_vit.py --batch 128 --steps 20 --warmup 5 --rounds 5 --variants" \
             "peft,ours-fp32,peft-bf16,ours-bf16,peft-purebf16,ours-purebf16 --profile peft-purebf16,ours-purebf16" \
             "--out $WORK/vit" ;;
-  ops) echo "python3 benchmarks/bench_adapter_ops.py --model sd15 --device cuda --dtype bf16 --rounds 5 --repeats 6" \
+  ops) echo "python3 benchmarks/bench_adapter_ops.py --model sd15 --device cuda --dtype bf16 --rounds ${OPS_ROUNDS:-5}" \
+            "--repeats ${OPS_REPEATS:-6}" \
             "--out $WORK/ops" ;;
   generate) echo "python3 benchmarks/bench_generate.py --size sd15 --rounds 5 --iters 20 --steps 30 --batches 1,4" \
                  "--out $WORK/generate" ;;
   graphoptim) echo "python3 benchmarks/graph_optim_check.py --steps 12" ;;
   captest) echo "python3 -m pytest -q -o addopts= -p no:cacheprovider tests/test_captured.py" ;;
-  gencap) echo "python3 benchmarks/bench_generate.py --size sd15 --rounds 3 --iters 20 --steps 30 --batches 1,4" \
-               "--skip compile,peft --out $WORK/gencap" ;;
+  gencap) echo "python3 benchmarks/bench_generate.py --size sd15 --rounds ${GEN_ROUNDS:-3} --iters 20 --steps 30" \
+               "--batches 1,4 --skip compile,peft ${GEN_EXTRA:-} --out $WORK/gencap" ;;
   features) echo "env ROUNDS=${FEATURE_ROUNDS:-2} STEPS_SCALE=0.5 RUNS=\"ours_bs4 ours_bs4_prodigy ours_bs4_schedulefree" \
                  "ours_bs4_adafactor\" bash benchmarks/bench_train_sd.sh sd15 $WORK/features" ;;
   ditprofile) echo "env ROUNDS=1 RUNS=ours_bs1 SDPA_PICK=no-cudnn bash benchmarks/gpu_dit_parts.sh train $WORK/ditprofile" ;;
