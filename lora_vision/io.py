@@ -261,6 +261,7 @@ def _tensors_from_data(path: str | os.PathLike, header: dict, header_len: int) -
     if pos != len(data):
         raise AdapterFileError(f"{path}: the tensors end at byte {pos} but the data region has {len(data)} bytes")
     raw = torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+    typed: dict[torch.dtype, torch.Tensor] = {}  # the region seen as each dtype: one as_strided per tensor
     out = {}
     for key, info in entries.items():
         dtype, shape = _ST_DTYPES[info["dtype"]], info.get("shape")
@@ -274,10 +275,17 @@ def _tensors_from_data(path: str | os.PathLike, header: dict, header_len: int) -
         if end - start != numel * item:
             raise AdapterFileError(f"{path}: tensor {key!r} of shape {shape} in {info['dtype']} needs "
                                    f"{numel * item} bytes, the file gives it {end - start}")
-        part = raw[start:end]
         if start % item:  # not aligned for its dtype (an old writer): its own aligned copy
-            part = part.clone()
-        out[key] = part.view(dtype).view(shape)
+            out[key] = raw[start:end].clone().view(dtype).view(shape)
+            continue
+        base = typed.get(dtype)
+        if base is None:
+            base = typed[dtype] = raw[:len(raw) - len(raw) % item].view(dtype)
+        strides, acc = [], 1
+        for d in reversed(shape):
+            strides.append(acc)
+            acc *= max(d, 1)
+        out[key] = base.as_strided(shape, strides[::-1], start // item)
     return out
 
 

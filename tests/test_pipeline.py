@@ -346,9 +346,11 @@ def test_a_file_naming_the_inside_of_a_wrapper_is_not_found_and_changes_nothing(
     assert report.modules == {"unet": [kv.removeprefix("unet.")]} and report.skipped == [f"{q}.base"]
 
 
-def test_factors_packed_into_one_transfer_equal_the_ones_moved_one_by_one(monkeypatch):
-    """The load path packs the LoRA pairs bound for another device (a GPU) into one buffer and one copy; here it is
-    forced on the CPU (a cast to bf16) and checked against the per-tensor path, factor by factor and by output."""
+@pytest.mark.parametrize("source", ["file", "memory"])
+def test_factors_packed_into_one_transfer_equal_the_ones_moved_one_by_one(monkeypatch, tmp_path, source):
+    """The load path moves the LoRA pairs bound for another device (a GPU) in one copy: a file's data region whole
+    (the factors are views of it), an in-memory adapter's factors packed into one buffer. Here it is forced on the
+    CPU (a cast to bf16) and checked against the per-tensor path, factor by factor and by output."""
     import functools
 
     import lora_vision.pipeline.adapters as adapters
@@ -356,6 +358,8 @@ def test_factors_packed_into_one_transfer_equal_the_ones_moved_one_by_one(monkey
     adapter = make_adapter("sd1", 3)
     plain = {k: v for k, v in adapter.tensors.items() if ".conv" not in k and "resnets" not in k}
     adapter = Adapter(plain, dict(adapter.metadata))
+    if source == "file":
+        adapter = adapter.save(tmp_path / "a.safetensors")
     pipes = {}
     for pack in (False, True):
         pipe = new_pipe("sd1").to(torch.bfloat16)
@@ -366,14 +370,44 @@ def test_factors_packed_into_one_transfer_equal_the_ones_moved_one_by_one(monkey
     layers = {pack: dict(lora_layers(p.unet)) | {"te." + k: v for k, v in lora_layers(p.text_encoder)}
               for pack, p in pipes.items()}
     assert layers[True].keys() == layers[False].keys() and len(layers[True]) > 20
-    storages = set()
+    storages, factor_bytes = {}, 0
     for name, layer in layers[True].items():
         other = layers[False][name]
         for t, u in ((layer.lora_A["a"], other.lora_A["a"]), (layer.lora_B["a"], other.lora_B["a"])):
             assert t.dtype == u.dtype == torch.bfloat16 and torch.equal(t, u), name
-            storages.add(t.untyped_storage().data_ptr())
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            factor_bytes += t.numel() * t.element_size()
     assert len(storages) == 1, "the packed path did not run: the factors are not views of one buffer"
+    # a file's region went over whole (its alphas too); an in-memory adapter's factors alone
+    assert (next(iter(storages.values())) > factor_bytes) == (source == "file")
     x = torch.randn(1, 4, 8, 8, dtype=torch.bfloat16)
     hidden = torch.randn(1, 77, pipes[True].unet.config.cross_attention_dim, dtype=torch.bfloat16)
     outs = [pipes[p].unet(x, 10, encoder_hidden_states=hidden).sample for p in (False, True)]
     assert torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_file_with_a_nan_or_an_overflow_is_refused_naming_the_tensor(tmp_path, dtype):
+    """The finite check of the load looks at the file's whole buffer first; what it finds is named tensor by
+    tensor, and a value that overflows the pipeline's dtype (fp16) counts too."""
+    from lora_vision.io import AdapterFileError
+
+    adapter = make_adapter("sd1", 4)
+    key = next(k for k in adapter.tensors if k.startswith("unet.") and k.endswith("lora_B.weight"))
+    bad = dict(adapter.tensors)
+    bad[key] = bad[key].clone()
+    bad[key][0, 0] = float("nan")
+    path = Adapter(bad, dict(adapter.metadata)).save(tmp_path / "nan.safetensors")
+    pipe = new_pipe("sd1").to(dtype)
+    before = weights(pipe)
+    with pytest.raises(AdapterFileError, match=re.escape(key.split(".lora_B")[0].split(".", 1)[1])):
+        load_adapter(pipe, path, name="a")
+    assert not list_adapters(pipe) and all(torch.equal(before[k], v) for k, v in weights(pipe).items())
+    big = dict(adapter.tensors)
+    big[key] = big[key].clone()
+    big[key][0, 0] = 1e6  # finite in the file, inf in fp16
+    path = Adapter(big, dict(adapter.metadata)).save(tmp_path / "big.safetensors")
+    half = new_pipe("sd1").to(torch.float16)
+    with pytest.raises(AdapterFileError, match="overflow"):
+        load_adapter(half, path, name="a")
+    load_adapter(new_pipe("sd1").to(dtype), path, name="a")  # fits float32 and bf16

@@ -126,11 +126,15 @@ def _no_fused(st: _State, what: str) -> None:
 # ---- loading ---------------------------------------------------------------------------------------------------
 
 def _check_finite(moved: dict[str, torch.Tensor], source: str) -> None:
-    """Refuse NaN/Inf weights; one fused norm per tensor list and a single sync."""
+    """Refuse NaN/Inf weights; one check of the buffer they view when they share one (the one-transfer load),
+    else one fused norm per tensor list; a single sync. Only when that finds something, tensor by tensor."""
     if not moved:
         return
     vals = list(moved.values())
-    if bool(torch.isfinite(torch.stack([n.float() for n in torch._foreach_norm(vals)])).all()):
+    whole = _whole_buffer(vals)
+    if whole is not None and bool(torch.isfinite(whole).all()):
+        return
+    if whole is None and bool(torch.isfinite(torch.stack([n.float() for n in torch._foreach_norm(vals)])).all()):
         return
     bad = [k for k, t in moved.items() if not bool(torch.isfinite(t).all())]
     if bad:
@@ -336,12 +340,30 @@ def _move_factors(plan: Mapping[str, Mapping[str, tuple[nn.Module, LayerSpec]]],
                 out[live] = _to(spec, w.device, want)
     for (device, want), items in groups.items():
         tensors = [t for _, _, spec in items for t in (spec.A, spec.B)]
-        flat = torch.cat([t.reshape(-1) for t in tensors]).to(device, want)  # one conversion, one transfer
-        pieces = iter(flat.split([t.numel() for t in tensors]))
+        whole = _whole_buffer(tensors)
+        if whole is not None:  # views of one buffer (a file as read): it goes over whole, then each view is taken
+            dev = whole.to(device).to(want)
+            views = iter([dev.as_strided(t.shape, t.stride(), t.storage_offset()) for t in tensors])
+        else:
+            flat = torch.cat([t.reshape(-1) for t in tensors]).to(device, want)  # one conversion, one transfer
+            views = iter([p.view(t.shape) for p, t in zip(flat.split([t.numel() for t in tensors]), tensors)])
         for comp, live, spec in items:
-            a, b = next(pieces).view(spec.A.shape), next(pieces).view(spec.B.shape)
-            moved[comp][live] = spec.with_factors(a, b)
+            moved[comp][live] = spec.with_factors(next(views), next(views))
     return moved
+
+
+def _whole_buffer(tensors: Sequence[torch.Tensor], most: float = 4.0) -> torch.Tensor | None:
+    """The one storage all `tensors` view, as a flat tensor of their dtype, when they share it (a file read by
+    io.read_safetensors), have one dtype and together cover at least 1/`most` of it; else None."""
+    first = tensors[0]
+    ptr, dtype = first.untyped_storage().data_ptr(), first.dtype
+    if any(t.dtype != dtype or t.untyped_storage().data_ptr() != ptr for t in tensors):
+        return None
+    storage = first.untyped_storage()
+    n = storage.nbytes() // first.element_size()
+    if not n or n > most * sum(t.numel() for t in tensors):  # mostly other data: copy the factors alone
+        return None
+    return torch.empty(0, dtype=dtype, device=first.device).set_(storage, 0, (n,), (1,))
 
 
 def _to(spec: LayerSpec, device: torch.device, dtype: torch.dtype) -> LayerSpec:
