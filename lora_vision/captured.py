@@ -14,8 +14,8 @@ what an earlier one returned).
 What a graph holds is what ran when it was recorded. Changing tensors in place keeps it valid: AdapterServer's
 activate / set_strength, `pipeline.set_adapter_strength` (one strength table per device). A change of the modules
 that run (loading, unloading, switching or fusing adapters through lora_vision.pipeline, AdapterServer.prepare)
-moves `lora.layers.layout_generation()`, and the next call records new graphs; anything else that changes the
-model (new weights by assignment, hooks) needs `reset()`.
+moves `lora.layers.layout_generation()`, and the next call records new graphs; so does moving or casting the
+model (`.to()`); anything else that changes the model (new weights by assignment, hooks) needs `reset()`.
 
 Runs eagerly, as the model itself: on the CPU, with gradients enabled, and for an input signature whose capture
 failed (a warning says why, once).
@@ -58,6 +58,11 @@ class CapturedModel(nn.Module):
             return super().__getattr__(name)
         except AttributeError:
             return getattr(self._modules["model"], name)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> "CapturedModel":
+        # .to() / .half() / .cuda() give the weights new memory: graphs recorded before would read the old one
+        self.reset()
+        return super()._apply(fn, recurse)
 
     def reset(self) -> None:
         """Drop every graph: the next call of each signature records again."""

@@ -40,6 +40,9 @@ def test_on_the_cpu_the_captured_model_is_the_model_itself(adapters):
     assert pipe.unet.model is unet
     np.testing.assert_array_equal(_images(pipe), ref)
     assert pipe.unet.captures == 0  # nothing to capture without CUDA
+    pipe.unet._graphs["recorded before"] = object()  # as a GPU run leaves it
+    pipe.unet.to(torch.float64)  # new memory for every weight: what was recorded is dropped
+    assert not pipe.unet._graphs and unet.dtype == torch.float64
     with pytest.raises(ValueError, match="warmup=0"):
         CapturedModel(unet, warmup=0)
 
