@@ -236,8 +236,8 @@ _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, 
 
 
 def _tensors_from_data(path: str | os.PathLike, header: dict, header_len: int) -> dict[str, torch.Tensor] | None:
-    """The tensors of a validated safetensors file from one read of its data region, each a view of it (an
-    adapter's thousand small tensors load several times faster than through one read per tensor). None where
+    """The tensors of a validated safetensors file from one read of its data region, each floating tensor a view of
+    it (an adapter's thousand small tensors load several times faster than through one read per tensor). None where
     this reader does not apply (a big-endian machine, a dtype it does not know): the caller uses safetensors."""
     import sys
 
@@ -285,7 +285,10 @@ def _tensors_from_data(path: str | os.PathLike, header: dict, header_len: int) -
         for d in reversed(shape):
             strides.append(acc)
             acc *= max(d, 1)
-        out[key] = base.as_strided(shape, strides[::-1], start // item)
+        view = base.as_strided(shape, strides[::-1], start // item)
+        # integer tensors (RNG states, step counts) get their own storage: torch's generators read a state from
+        # the start of its storage, not from a view's offset; they are a few bytes
+        out[key] = view if dtype.is_floating_point else view.clone()
     return out
 
 
