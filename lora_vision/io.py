@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import struct
+import sys
 import tempfile
 from pathlib import Path
 from typing import Iterator, Mapping
@@ -239,8 +240,6 @@ def _tensors_from_data(path: str | os.PathLike, header: dict, header_len: int) -
     """The tensors of a validated safetensors file from one read of its data region, each floating tensor a view of
     it (an adapter's thousand small tensors load several times faster than through one read per tensor). None where
     this reader does not apply (a big-endian machine, a dtype it does not know): the caller uses safetensors."""
-    import sys
-
     entries = {k: v for k, v in header.items() if k != "__metadata__"}
     if sys.byteorder != "little" or any(v.get("dtype") not in _ST_DTYPES for v in entries.values()):
         return None
@@ -271,7 +270,7 @@ def _tensors_from_data(path: str | os.PathLike, header: dict, header_len: int) -
         numel = 1
         for d in shape:
             numel *= d
-        item = torch.empty(0, dtype=dtype).element_size()
+        item = dtype.itemsize
         if end - start != numel * item:
             raise AdapterFileError(f"{path}: tensor {key!r} of shape {shape} in {info['dtype']} needs "
                                    f"{numel * item} bytes, the file gives it {end - start}")
