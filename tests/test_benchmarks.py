@@ -142,6 +142,17 @@ def test_bench_adapter_ops_smoke(tmp_path):
     assert "fuse_ms: lora_vision" in done.stdout
 
 
+def test_profile_load_splits_each_load_and_counts_the_collector():
+    done = _run("benchmarks/profile_load.py", "--model", "tiny", "--device", "cpu", "--dtype", "fp32", "--loads", "1",
+                "--peft_cycles", "1")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("command: ")
+    lines = [ln for ln in done.stdout.splitlines() if " load " in ln]
+    assert len(lines) == 4 and "after 1 diffusers + peft loads load 1:" in lines[-1], lines
+    for part in ("read_adapter", "_plan", "_move_factors", "_check_finite", "inject_lora", "garbage collector"):
+        assert all(part in ln for ln in lines), part
+
+
 @pytest.mark.slow
 def test_bench_generate_smoke(tmp_path):
     done = _run("benchmarks/bench_generate.py", "--size", "tiny", "--device", "cpu", "--iters", "1", "--steps", "2",
