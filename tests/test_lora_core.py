@@ -552,11 +552,16 @@ def test_find_module_and_module_names_agree_with_named_modules():
 
 
 def test_plain_wrappers_carry_no_kind_module_until_a_kind_adapter_comes():
-    """A plain LoRA wrapper has only base, A, B and dropout as children (one module less to build on every load and
-    to walk on every fuse); the first LoHa adapter brings kind_factors, and both adapters save, merge and go."""
+    """A plain LoRA wrapper without dropout has only base, A and B as children (fewer modules to build on every load
+    and to walk on every fuse); an adapter with dropout brings lora_dropout, the first LoHa adapter kind_factors, and
+    the adapters save, merge and go."""
     model = Toy()
     lv.inject_lora(model, lv.LoRAConfig(rank=2, targets=("fc",)))
-    assert [n for n, _ in model.fc.named_children()] == ["base", "lora_A", "lora_B", "lora_dropout"]
+    assert [n for n, _ in model.fc.named_children()] == ["base", "lora_A", "lora_B"]
+    lv.inject_lora(model, lv.LoRAConfig(rank=2, targets=("fc",), dropout=0.5), name="d")
+    assert list(model.fc.lora_dropout) == ["d"] and isinstance(model.fc.lora_dropout["d"], nn.Dropout)
+    lv.remove_lora(model, "d")
+    assert "d" not in model.fc.lora_dropout and "d" not in model.fc.lora_A
     lv.inject_lora(model, lv.LoRAConfig(rank=2, targets=("fc",), adapter_type="loha"), name="h")
     assert "kind_factors" in dict(model.fc.named_children())
     assert any(k.startswith("fc.kind_factors.h.") for k in model.state_dict())

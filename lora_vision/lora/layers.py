@@ -125,7 +125,6 @@ class LoRALayer(nn.Module):
         self.base = base
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
-        self.lora_dropout = nn.ModuleDict()
         self.ranks: dict[str, int] = {}
         self.alphas: dict[str, float] = {}
         self.rules: dict[str, str] = {}
@@ -138,7 +137,8 @@ class LoRALayer(nn.Module):
         self._run: tuple[str, ...] = ()
         self.kinds: dict[str, str] = {}
         # `kind_factors` (name -> ParameterDict of that adapter's factors) is created with the first adapter of
-        # another kind (add_kind_adapter): plain LoRA layers do without the extra module.
+        # another kind (add_kind_adapter), `lora_dropout` (name -> nn.Dropout) with the first adapter that has
+        # dropout (_add_dropout): plain LoRA layers and loaded adapters do without the extra modules.
 
     def __setattr__(self, name: str, value: object) -> None:
         # The bookkeeping above is plain data, set on every load (one wrapper per adapted layer) and every switch
@@ -169,7 +169,7 @@ class LoRALayer(nn.Module):
             a, b = weights
         self.lora_A[name] = nn.Parameter(a, requires_grad=weights is None)
         self.lora_B[name] = nn.Parameter(b, requires_grad=weights is None)
-        self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self._add_dropout(name, dropout)
         self.ranks[name], self.alphas[name], self.rules[name] = rank, float(alpha), rule
         self.tables[name] = (table, table.add_slot(layer_name, _scaling(alpha, rank, rule)))
         self.active.append(name)
@@ -197,7 +197,7 @@ class LoRALayer(nn.Module):
         dev = next(self.base.parameters()).device
         self.lora_A[name] = nn.Parameter(torch.empty(0, device=dev), requires_grad=False)
         self.lora_B[name] = nn.Parameter(torch.empty(0, device=dev), requires_grad=False)
-        self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self._add_dropout(name, dropout)
         self.ranks[name], self.alphas[name], self.rules[name] = first.rank, float(first.alpha), first.rule
         self.tables[name] = (table, table.add_slot(layer_name, 1.0))
         self.active.append(name)
@@ -257,12 +257,12 @@ class LoRALayer(nn.Module):
             # A LoRA pair with a bias update (lora.kinds): the low-rank product, no full-size Δ per call.
             dtype = self.compute_dtype or torch.float32
             a, b, bias = (f[n].to(dtype) for n in ("A", "B", "diff_b"))
-            h = self.lora_dropout[name](_cast_in(x, a))
+            h = self._dropout(name, _cast_in(x, a))
             y = F.linear(F.linear(h, a.to(h.dtype)) * self.scaling(name), b.to(h.dtype), bias.to(h.dtype))
             return out + (y * self.factor(name, out.device)).to(out.dtype)
         d = self._kind_delta(name, detach=False)
         dtype = self.compute_dtype or torch.float32
-        h = self.lora_dropout[name](_cast_in(x, d["weight"].to(dtype)))
+        h = self._dropout(name, _cast_in(x, d["weight"].to(dtype)))
         w, bias = d["weight"].to(h.dtype), d.get("bias")
         bias = bias.to(h.dtype) if bias is not None else None
         c = self.base
@@ -276,12 +276,26 @@ class LoRALayer(nn.Module):
             y = F.linear(h, w, bias)
         return out + (y * self.factor(name, out.device)).to(out.dtype)
 
+    def _add_dropout(self, name: str, p: float) -> None:
+        if p > 0:
+            if "lora_dropout" not in self._modules:
+                self.lora_dropout = nn.ModuleDict()
+            self.lora_dropout[name] = nn.Dropout(p)
+
+    def _dropout(self, name: str, h: torch.Tensor) -> torch.Tensor:
+        """Adapter `name`'s dropout on its input (in training mode), or `h` itself when it has none."""
+        drops = self._modules.get("lora_dropout")
+        return drops[name](h) if drops is not None and name in drops else h
+
     def delete_adapter(self, name: str) -> None:
         """Remove adapter `name` (unmerging it first if it was merged)."""
         if name in self.merged:
             self.unmerge_()
-        for d in (self.lora_A, self.lora_B, self.lora_dropout):
+        for d in (self.lora_A, self.lora_B):
             del d[name]
+        drops = self._modules.get("lora_dropout")
+        if drops is not None and name in drops:
+            del drops[name]
         for d in (self.ranks, self.alphas, self.rules, self.tables):
             d.pop(name)
         if name in self.kinds:
@@ -511,7 +525,7 @@ class LoRALinear(LoRALayer):
                 out = self._kind_out(name, x, out)
                 continue
             a, b = self._pair(name)
-            h = self.lora_dropout[name](_cast_in(x, a))
+            h = self._dropout(name, _cast_in(x, a))
             # Scale the small (..., r) intermediate, not the output, and let one addmm add B's product to the
             # base output: no extra full-size elementwise passes.
             low = F.linear(h, a) * self.factor(name, out.device)
@@ -554,7 +568,7 @@ class LoRAConv2d(LoRALayer):
                 out = self._kind_out(name, x, out)
                 continue
             a, b = self._pair(name)
-            h = self.lora_dropout[name](_cast_in(x, a))
+            h = self._dropout(name, _cast_in(x, a))
             h = F.conv2d(h, a, None, c.stride, c.padding, c.dilation)
             out = out + (F.conv2d(h, b) * self.factor(name, out.device)).to(out.dtype)
         return out
@@ -659,7 +673,7 @@ class LoRAFusedLinear(_FusedLoRA):
         out = self.base(x)
         for name in self._run:
             a = self.lora_A[name]
-            h = self.lora_dropout[name](_cast_in(x, a))
+            h = self._dropout(name, _cast_in(x, a))
             # One (P*r, in) product for all parts, then one block-diagonal (3d, P*r) product.
             low = F.linear(F.linear(h, a.reshape(-1, self.d_in)), self._qkv_B(name))
             out = out + (low * self.factor(name, out.device)).to(out.dtype)
