@@ -225,12 +225,17 @@ def run_rounds(libs, device, dtype, step, rounds: int, repeats: int, outputs: di
     return per_round
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def model_arguments(ap: argparse.ArgumentParser) -> None:
+    """--model, --device, --dtype, --rank: the pipeline and adapters of this benchmark (profile_load.py too)."""
     ap.add_argument("--model", choices=("sd15", "tiny"), default="sd15")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
     ap.add_argument("--rank", type=int, default=16)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    model_arguments(ap)
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds (ours, diffusers, ours, ...)")
     ap.add_argument("--repeats", type=int, default=6, help="loads per round; switches/strengths are 2x this")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))

@@ -49,10 +49,7 @@ def timed_parts(acc: dict) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", choices=("sd15", "tiny"), default="sd15")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
-    ap.add_argument("--rank", type=int, default=16)
+    ops.model_arguments(ap)
     ap.add_argument("--loads", type=int, default=4, help="timed loads per block")
     ap.add_argument("--peft_cycles", type=int, default=0, help="diffusers + peft loads before the second block")
     args = ap.parse_args()
